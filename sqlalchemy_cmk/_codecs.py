@@ -1,0 +1,159 @@
+"""Plaintext encodings: a Python value <-> the bytes that get encrypted.
+
+Each encoding starts with a one-byte tag, so a column whose declared type changed is caught as
+a configuration error instead of decoding into a wrong value. The encodings are independent of
+the database dialect: a row copied from SQLite to PostgreSQL still decrypts.
+"""
+
+from __future__ import annotations
+
+import datetime
+import decimal
+import json
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import types as sqltypes
+
+from .errors import ConfigurationError, InvalidValueError
+
+
+@dataclass(frozen=True)
+class Codec:
+    name: str
+    tag: int
+    encode: Callable[[Any], bytes]
+    decode: Callable[[bytes], Any]
+    accepts: tuple[type, ...]
+
+
+def _str_enc(v: str) -> bytes:
+    return v.encode()
+
+
+def _str_dec(b: bytes) -> str:
+    return b.decode()
+
+
+def _bytes_dec(b: bytes) -> bytes:
+    return b
+
+
+def _int_enc(v: int) -> bytes:
+    return str(int(v)).encode()
+
+
+def _dec_enc(v: decimal.Decimal | int | float) -> bytes:
+    return str(decimal.Decimal(v) if not isinstance(v, float) else decimal.Decimal(repr(v))).encode()
+
+
+def _bool_enc(v: bool) -> bytes:
+    return b"\x01" if v else b"\x00"
+
+
+def _bool_dec(b: bytes) -> bool:
+    if b not in (b"\x00", b"\x01"):
+        raise ValueError("not a boolean")
+    return b == b"\x01"
+
+
+def _iso_enc(v: datetime.date | datetime.time) -> bytes:
+    return v.isoformat().encode()
+
+
+def _json_enc(v: Any) -> bytes:
+    return json.dumps(v, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+
+
+def _uuid_enc(v: uuid.UUID | str) -> bytes:
+    return (v if isinstance(v, uuid.UUID) else uuid.UUID(v)).bytes
+
+
+_STR = Codec("str", 1, _str_enc, _str_dec, (str,))
+_BYTES = Codec("bytes", 2, bytes, _bytes_dec, (bytes, bytearray, memoryview))
+_INT = Codec("int", 3, _int_enc, lambda b: int(b.decode()), (int,))
+_DECIMAL = Codec("decimal", 4, _dec_enc, lambda b: decimal.Decimal(b.decode()), (decimal.Decimal, int, float))
+_FLOAT_DECIMAL = Codec("decimal", 4, _dec_enc, lambda b: float(b.decode()), (decimal.Decimal, int, float))
+_BOOL = Codec("bool", 5, _bool_enc, _bool_dec, (bool,))
+_DATE = Codec("date", 6, _iso_enc, lambda b: datetime.date.fromisoformat(b.decode()), (datetime.date,))
+_DATETIME = Codec(
+    "datetime", 7, _iso_enc, lambda b: datetime.datetime.fromisoformat(b.decode()), (datetime.datetime,)
+)
+_TIME = Codec("time", 8, _iso_enc, lambda b: datetime.time.fromisoformat(b.decode()), (datetime.time,))
+_JSON = Codec("json", 9, _json_enc, json.loads, (object,))
+_UUID = Codec("uuid", 10, _uuid_enc, lambda b: uuid.UUID(bytes=b), (uuid.UUID,))
+_UUID_STR = Codec("uuid", 10, _uuid_enc, lambda b: str(uuid.UUID(bytes=b)), (uuid.UUID, str))
+
+SUPPORTED = "String, Text, Unicode, LargeBinary, Integer, BigInteger, Numeric, Float, Boolean, Date, DateTime, Time, JSON, Uuid"
+
+
+def codec_for(underlying: sqltypes.TypeEngine[Any]) -> Codec:
+    """Pick the codec for an underlying SQLAlchemy type; ConfigurationError for others."""
+    t = underlying
+    # Order matters: Enum is a String, Boolean is not an Integer but Float is a Numeric.
+    if isinstance(t, (sqltypes.Enum, sqltypes.ARRAY, sqltypes.Interval)):
+        pass
+    elif isinstance(t, sqltypes.Boolean):
+        return _BOOL
+    elif isinstance(t, sqltypes.Integer):
+        return _INT
+    elif isinstance(t, sqltypes.Numeric):
+        return _DECIMAL if t.asdecimal else _FLOAT_DECIMAL
+    elif isinstance(t, sqltypes.DateTime):
+        return _DATETIME
+    elif isinstance(t, sqltypes.Date):
+        return _DATE
+    elif isinstance(t, sqltypes.Time):
+        return _TIME
+    elif isinstance(t, sqltypes.JSON):
+        return _JSON
+    elif isinstance(t, sqltypes.Uuid):
+        return _UUID if t.as_uuid else _UUID_STR
+    elif isinstance(t, sqltypes._Binary):
+        return _BYTES
+    elif isinstance(t, sqltypes.String):
+        return _STR
+    raise ConfigurationError(
+        f"EncryptedType cannot encrypt {type(t).__name__} columns; supported: {SUPPORTED}"
+    )
+
+
+def encode(codec: Codec, value: Any, *, table: str, column: str) -> bytes:
+    # bool is an int; an Integer column given True is almost surely a bug, so refuse it.
+    if not isinstance(value, codec.accepts) or (isinstance(value, bool) and codec.tag in (3, 4)):
+        raise InvalidValueError(
+            f"{table}.{column} is encrypted as {codec.name} and cannot store a "
+            f"{type(value).__name__}",
+            table=table,
+            column=column,
+        )
+    try:
+        return bytes([codec.tag]) + codec.encode(value)
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise InvalidValueError(
+            f"{table}.{column}: value of type {type(value).__name__} cannot be encoded as "
+            f"{codec.name} ({type(exc).__name__})",
+            table=table,
+            column=column,
+        ) from None
+
+
+def decode(codec: Codec, data: bytes, *, table: str, column: str) -> Any:
+    if not data or data[0] != codec.tag:
+        raise ConfigurationError(
+            f"{table}.{column} holds a value that was not written as {codec.name}: was the "
+            "column's underlying type changed? Migrate the data before changing the type.",
+            table=table,
+            column=column,
+        )
+    try:
+        return codec.decode(data[1:])
+    except (ValueError, TypeError) as exc:
+        raise ConfigurationError(
+            f"{table}.{column}: authenticated value does not decode as {codec.name} "
+            f"({type(exc).__name__})",
+            table=table,
+            column=column,
+        ) from None

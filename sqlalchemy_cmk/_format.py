@@ -1,0 +1,151 @@
+"""Stored formats, version 1. Any change here must keep the golden vectors in tests passing.
+
+The companion value (one per row and table, in the ``EDEKType`` column)::
+
+    offset  size  field
+    0       1     version, 0x01
+    1       16    row id: random, binds each value to this row
+    17      2     T, length of the tenant id (big-endian, 1..1024)
+    19      T     tenant id, UTF-8
+    ..      1     P, length of the provider scheme (1..64)
+    ..      P     provider scheme, ASCII (``local``, ``aws-kms``...)
+    ..      2     K, length of the key reference (1..2048)
+    ..      K     key reference, UTF-8 (``local://acme``)
+    ..      2     W, length of the wrapped data key (1..8192)
+    ..      W     wrapped data key, as the provider returned it
+    (end)         nothing may follow
+
+Bytes 17 to the end are the *envelope*: everything needed to unwrap the data key. Rows written
+in one write-key window share an envelope (and so a cache entry), but never a row id.
+
+An encrypted value (one per encrypted column)::
+
+    offset  size  field
+    0       1     version, 0x01
+    1       12    nonce, random
+    13      n+16  AES-256-GCM ciphertext of (codec tag || encoded value), then the 16-byte tag
+
+and its associated data, never stored, rebuilt from the row::
+
+    b"sqlalchemy-cmk\\x01" || u16 len || tenant || u16 len || table || u16 len || column || row id
+
+so a value moved to another row, column, table or tenant fails authentication.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from .errors import ConfigurationError, DecryptionError
+
+VERSION = 1
+ROW_ID_SIZE = 16
+NONCE_SIZE = 12
+TAG_SIZE = 16
+DEK_SIZE = 32
+
+_VERSION_BYTE = bytes([VERSION])
+_AAD_MAGIC = b"sqlalchemy-cmk\x01"
+_U16 = struct.Struct(">H")
+_MAX_TENANT = 1024
+_MAX_PROVIDER = 64
+_MAX_KEY_REF = 2048
+_MAX_WRAPPED = 8192
+# version + nonce + codec tag + GCM tag: anything shorter cannot be a value we wrote.
+_MIN_VALUE = 1 + NONCE_SIZE + 1 + TAG_SIZE
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """A parsed envelope: who the data key belongs to and how to unwrap it."""
+
+    tenant: str
+    provider: str
+    key_ref: str
+    wrapped: bytes
+
+
+def _lp(data: bytes) -> bytes:
+    return _U16.pack(len(data)) + data
+
+
+def encode_envelope(tenant: str, provider: str, key_ref: str, wrapped: bytes) -> bytes:
+    """Serialize an envelope; raises ConfigurationError for fields out of bounds."""
+    t, p, k = tenant.encode(), provider.encode("ascii"), key_ref.encode()
+    if not (0 < len(t) <= _MAX_TENANT and 0 < len(p) <= _MAX_PROVIDER):
+        raise ConfigurationError("tenant id or provider scheme empty or too long", tenant=tenant)
+    if not (0 < len(k) <= _MAX_KEY_REF and 0 < len(wrapped) <= _MAX_WRAPPED):
+        raise ConfigurationError(
+            "key reference or wrapped key empty or too long", tenant=tenant, key_ref=key_ref
+        )
+    return _lp(t) + bytes([len(p)]) + p + _lp(k) + _lp(wrapped)
+
+
+def parse_envelope(data: bytes) -> Envelope:
+    """Parse an envelope; every malformation raises the same opaque DecryptionError."""
+    try:
+        pos = 0
+        (n,) = _U16.unpack_from(data, pos)
+        pos += 2
+        tenant = data[pos : pos + n]
+        pos += n
+        p = data[pos]
+        pos += 1
+        provider = data[pos : pos + p]
+        pos += p
+        (k,) = _U16.unpack_from(data, pos)
+        pos += 2
+        key_ref = data[pos : pos + k]
+        pos += k
+        (w,) = _U16.unpack_from(data, pos)
+        pos += 2
+        wrapped = data[pos : pos + w]
+        pos += w
+        if (
+            pos != len(data)
+            or not (0 < n <= _MAX_TENANT and len(tenant) == n)
+            or not (0 < p <= _MAX_PROVIDER and len(provider) == p)
+            or not (0 < k <= _MAX_KEY_REF and len(key_ref) == k)
+            or not (0 < w <= _MAX_WRAPPED and len(wrapped) == w)
+        ):
+            raise ValueError
+        return Envelope(tenant.decode(), provider.decode("ascii"), key_ref.decode(), bytes(wrapped))
+    except (ValueError, IndexError, struct.error, UnicodeDecodeError):
+        raise DecryptionError("stored key envelope is malformed") from None
+
+
+def encode_companion(row_id: bytes, envelope: bytes) -> bytes:
+    return _VERSION_BYTE + row_id + envelope
+
+
+def split_companion(data: bytes) -> tuple[bytes, bytes]:
+    """Return (row id, envelope bytes) of a companion value, checking version and length."""
+    if not isinstance(data, bytes) or len(data) < 1 + ROW_ID_SIZE + 8 or data[0] != VERSION:
+        raise DecryptionError("stored companion value is malformed or of an unknown version")
+    return data[1 : 1 + ROW_ID_SIZE], data[1 + ROW_ID_SIZE :]
+
+
+def aad_prefix(tenant: str, table: str, column: str) -> bytes:
+    """The row-independent part of a value's associated data; the row id completes it."""
+    return _AAD_MAGIC + _lp(tenant.encode()) + _lp(table.encode()) + _lp(column.encode())
+
+
+def seal(aead: AESGCM, nonce: bytes, aad: bytes, plaintext: bytes) -> bytes:
+    return _VERSION_BYTE + nonce + aead.encrypt(nonce, plaintext, aad)
+
+
+def open_(aead: AESGCM, aad: bytes, value: bytes) -> bytes:
+    """Decrypt a stored value; every failure raises the same opaque DecryptionError."""
+    if len(value) < _MIN_VALUE or value[0] != VERSION:
+        raise DecryptionError("stored value is malformed or of an unknown version")
+    try:
+        return aead.decrypt(value[1 : 1 + NONCE_SIZE], value[1 + NONCE_SIZE :], aad)
+    except InvalidTag:
+        raise DecryptionError(
+            "stored value failed authentication: tampered, moved from another row, column or "
+            "tenant, or written under another key"
+        ) from None

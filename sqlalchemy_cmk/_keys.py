@@ -1,0 +1,353 @@
+"""Data keys: creation, wrapping, unwrapping, and the bounded cache in between.
+
+Two caches, both bounded in time by ``cache_ttl`` so that a revocation takes effect within it:
+
+* the *write key* of each tenant, reused for at most ``write_key_max_uses`` value encryptions
+  and ``write_key_max_age`` seconds, so that one flush of many rows costs one wrap. With random
+  96-bit nonces, NIST SP 800-38D allows 2**32 encryptions per key; the default of 2**20 leaves the
+  collision probability below 2**-57.
+* the *read cache*: unwrapped data keys by envelope, LRU-bounded to ``cache_max_entries``.
+
+What Python can wipe: the data key is kept in a ``bytearray`` that is overwritten with zeros on
+eviction. What it cannot: the ``bytes`` the provider returned (immutable; dropped at once but
+left to the allocator), and the copy inside the ``AESGCM`` object (held by the cryptography
+library's Rust code, freed when the object is collected). The cache bounds how long a key is
+*used*; it does not promise the memory is scrubbed.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from . import _format
+from .audit import AuditSink, make_event
+from .context import TenantContext
+from .errors import (
+    CMKError,
+    ConfigurationError,
+    DecryptionError,
+    KeyAccessDeniedError,
+    KeyAccessError,
+    KeyNotFoundError,
+    KMSUnavailableError,
+    TenantNotConfiguredError,
+)
+from .providers import KeyProvider
+
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True)
+class TenantKeys:
+    """A tenant's key references: the primary encrypts, all of them may decrypt."""
+
+    primary: str
+    accepted: frozenset[str]
+
+
+@dataclass(frozen=True)
+class CachePolicy:
+    """Limits on how long and how much a data key is used without asking the KMS again."""
+
+    ttl: float = 60.0
+    max_entries: int = 1000
+    write_key_max_age: float | None = None
+    write_key_max_uses: int = 2**20
+
+    def __post_init__(self) -> None:
+        if self.ttl < 0 or self.max_entries < 1 or self.write_key_max_uses < 1:
+            raise ConfigurationError("cache_ttl >= 0, cache_max_entries >= 1, write_key_max_uses >= 1")
+        if self.write_key_max_uses > 2**32:
+            raise ConfigurationError("write_key_max_uses above 2**32 breaks AES-GCM's nonce bound")
+        if self.write_key_max_age is not None and self.write_key_max_age > self.ttl:
+            raise ConfigurationError(
+                "write_key_max_age must not exceed cache_ttl: revocation is promised within "
+                "cache_ttl, and a write key outliving it would keep writing after a revocation"
+            )
+
+    @property
+    def write_age(self) -> float:
+        return self.ttl if self.write_key_max_age is None else self.write_key_max_age
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Bounded retries of transient KMS errors, with exponential backoff and full jitter."""
+
+    attempts: int = 3
+    backoff: float = 0.05
+    deadline: float = 10.0
+    max_concurrency: int = 8
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1 or self.backoff < 0 or self.deadline <= 0 or self.max_concurrency < 1:
+            raise ConfigurationError("retry attempts >= 1, backoff >= 0, deadline > 0, concurrency >= 1")
+
+
+@dataclass(eq=False)
+class DataKey:
+    """An unwrapped data key and where it came from. Never logged, never persisted."""
+
+    tenant: str
+    provider: str
+    key_ref: str
+    envelope: bytes
+    aead: AESGCM
+    material: bytearray
+    expires_at: float
+    uses: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __repr__(self) -> str:  # no key bytes, no EDEK bytes
+        return f"DataKey(tenant={self.tenant!r}, key_ref={self.key_ref!r})"
+
+    def wipe(self) -> None:
+        self.material[:] = bytes(len(self.material))
+
+
+_OUTCOMES: tuple[tuple[type[CMKError], str], ...] = (
+    (KeyAccessDeniedError, "denied"),
+    (KeyNotFoundError, "not_found"),
+    (KMSUnavailableError, "unavailable"),
+)
+
+
+def outcome_of(exc: BaseException) -> str:
+    for cls, name in _OUTCOMES:
+        if isinstance(exc, cls):
+            return name
+    return "error"
+
+
+class KeyManager:
+    """Wraps and unwraps data keys through providers, with caching, retries and audit."""
+
+    def __init__(
+        self,
+        providers: Mapping[str, KeyProvider],
+        tenants: Mapping[str, TenantKeys],
+        cache: CachePolicy,
+        retry: RetryPolicy,
+        audit: Sequence[AuditSink],
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        rng: Callable[[int], bytes] = os.urandom,
+    ) -> None:
+        self._providers = dict(providers)
+        self._tenants = dict(tenants)
+        self._cache_policy = cache
+        self._retry = retry
+        self._audit = tuple(audit)
+        self._clock = clock
+        self.rng = rng
+        self._lock = threading.Lock()
+        self._read: OrderedDict[bytes, DataKey] = OrderedDict()
+        self._write: dict[str, DataKey] = {}
+
+    # -- tenants -------------------------------------------------------------------------------
+
+    def tenant_keys(self, tenant: str) -> TenantKeys:
+        keys = self._tenants.get(tenant)
+        if keys is None:
+            raise TenantNotConfiguredError(
+                f"tenant {tenant!r} has no key reference: add it to CMK(tenant_keys=...)",
+                tenant=tenant,
+            )
+        return keys
+
+    def emit(self, ctx: TenantContext | None, operation: str, outcome: str, tenant: str | None, **kw: object) -> None:
+        if self._audit:
+            event = make_event(ctx, operation, outcome, tenant, **kw)
+            for sink in self._audit:
+                sink(event)
+
+    # -- write keys ----------------------------------------------------------------------------
+
+    def write_key(self, tenant: str, uses: int, ctx: TenantContext | None) -> DataKey:
+        """The tenant's current write key, reserving ``uses`` encryptions under it."""
+        now = self._clock()
+        with self._lock:
+            key = self._write.get(tenant)
+            if key is not None and key.expires_at > now and key.uses + uses <= self._cache_policy.write_key_max_uses:
+                key.uses += uses
+                return key
+        primary = self.tenant_keys(tenant).primary
+        if uses > self._cache_policy.write_key_max_uses:
+            raise ConfigurationError(
+                f"one batch of {uses} encryptions exceeds write_key_max_uses; flush in smaller batches",
+                tenant=tenant,
+            )
+        key = self._wrap_new(tenant, primary, ctx)
+        key.uses = uses
+        with self._lock:
+            old = self._write.get(tenant)
+            self._write[tenant] = key
+            self._remember(key)
+        # The old write key may still be in the read cache; only its write window is over.
+        del old
+        return key
+
+    def _wrap_new(self, tenant: str, key_ref: str, ctx: TenantContext | None) -> DataKey:
+        scheme = key_ref.partition("://")[0]
+        provider = self._providers[scheme]
+        material = bytearray(self.rng(_format.DEK_SIZE))
+        started = self._clock()
+        try:
+            wrapped = self._call(
+                lambda: provider.wrap_key(key_ref, bytes(material), {"tenant": tenant}),
+                tenant, key_ref, scheme,
+            )
+        except CMKError as exc:
+            material[:] = bytes(len(material))
+            self.emit(ctx, "wrap", outcome_of(exc), tenant, key_ref=key_ref, provider=scheme,
+                      error=type(exc).__name__, duration_ms=(self._clock() - started) * 1000)
+            raise
+        self.emit(ctx, "wrap", "ok", tenant, key_ref=key_ref, provider=scheme,
+                  duration_ms=(self._clock() - started) * 1000)
+        envelope = _format.encode_envelope(tenant, scheme, key_ref, wrapped)
+        return DataKey(tenant, scheme, key_ref, envelope, AESGCM(material), material,
+                       expires_at=started + min(self._cache_policy.write_age, self._cache_policy.ttl))
+
+    # -- read keys -----------------------------------------------------------------------------
+
+    def read_keys(self, envelopes: Iterable[bytes], ctx: TenantContext | None) -> dict[bytes, DataKey]:
+        """Data keys for the given envelopes: from the cache, else unwrapped, concurrently.
+
+        Raises the first error met (in envelope order) after all unwraps have finished, so no
+        thread is left running.
+        """
+        now = self._clock()
+        found: dict[bytes, DataKey] = {}
+        missing: list[bytes] = []
+        with self._lock:
+            for env in envelopes:
+                if env in found:
+                    continue
+                key = self._read.get(env)
+                if key is not None and key.expires_at > now:
+                    self._read.move_to_end(env)
+                    found[env] = key
+                elif env not in missing:
+                    missing.append(env)
+        if not missing:
+            return found
+        if len(missing) == 1:
+            results: list[DataKey | CMKError] = [self._unwrap_or_error(missing[0], ctx)]
+        else:
+            workers = min(len(missing), self._retry.max_concurrency)
+            with ThreadPoolExecutor(workers, thread_name_prefix="sqlalchemy-cmk-unwrap") as pool:
+                results = list(pool.map(lambda e: self._unwrap_or_error(e, ctx), missing))
+        for env, res in zip(missing, results):
+            if isinstance(res, CMKError):
+                raise res
+            found[env] = res
+        return found
+
+    def _unwrap_or_error(self, envelope: bytes, ctx: TenantContext | None) -> DataKey | CMKError:
+        try:
+            return self._unwrap(envelope, ctx)
+        except CMKError as exc:
+            return exc
+
+    def _unwrap(self, envelope: bytes, ctx: TenantContext | None) -> DataKey:
+        env = _format.parse_envelope(envelope)
+        keys = self.tenant_keys(env.tenant)
+        if env.key_ref not in keys.accepted:
+            raise TenantNotConfiguredError(
+                f"a row of tenant {env.tenant!r} is wrapped under {env.key_ref!r}, which is not "
+                "one of the tenant's configured keys: add it to the tenant's accepted keys if "
+                "the tenant moved keys, otherwise treat the row as suspect",
+                tenant=env.tenant, key_ref=env.key_ref, provider=env.provider,
+            )
+        provider = self._providers.get(env.provider)
+        if provider is None or not env.key_ref.startswith(env.provider + "://"):
+            raise ConfigurationError(
+                f"no provider for scheme {env.provider!r} is configured",
+                tenant=env.tenant, key_ref=env.key_ref, provider=env.provider,
+            )
+        started = self._clock()
+        try:
+            raw = self._call(
+                lambda: provider.unwrap_key(env.key_ref, env.wrapped, {"tenant": env.tenant}),
+                env.tenant, env.key_ref, env.provider,
+            )
+            if len(raw) != _format.DEK_SIZE:
+                raise DecryptionError("unwrapped data key has the wrong size", tenant=env.tenant,
+                                      key_ref=env.key_ref, provider=env.provider)
+        except CMKError as exc:
+            self.emit(ctx, "unwrap", outcome_of(exc), env.tenant, key_ref=env.key_ref,
+                      provider=env.provider, error=type(exc).__name__,
+                      duration_ms=(self._clock() - started) * 1000)
+            raise
+        self.emit(ctx, "unwrap", "ok", env.tenant, key_ref=env.key_ref, provider=env.provider,
+                  duration_ms=(self._clock() - started) * 1000)
+        material = bytearray(raw)
+        del raw
+        key = DataKey(env.tenant, env.provider, env.key_ref, envelope, AESGCM(material), material,
+                      expires_at=started + self._cache_policy.ttl)
+        with self._lock:
+            self._remember(key)
+        return key
+
+    def _remember(self, key: DataKey) -> None:
+        # Caller holds self._lock.
+        if self._cache_policy.ttl <= 0:
+            return
+        old = self._read.pop(key.envelope, None)
+        if old is not None and old is not key:
+            old.wipe()
+        self._read[key.envelope] = key
+        while len(self._read) > self._cache_policy.max_entries:
+            _, evicted = self._read.popitem(last=False)
+            if self._write.get(evicted.tenant) is not evicted:
+                evicted.wipe()
+
+    def forget(self, tenant: str | None = None) -> int:
+        """Drop (and zero) cached keys of one tenant, or of all; returns how many were dropped."""
+        with self._lock:
+            victims = [e for e, k in self._read.items() if tenant is None or k.tenant == tenant]
+            dropped = {id(self._read[e]): self._read.pop(e) for e in victims}
+            for t in [t for t in self._write if tenant is None or t == tenant]:
+                k = self._write.pop(t)
+                dropped[id(k)] = k
+        for k in dropped.values():
+            k.wipe()
+        return len(dropped)
+
+    # -- retries -------------------------------------------------------------------------------
+
+    def _call(self, fn: Callable[[], _T], tenant: str, key_ref: str, scheme: str) -> _T:
+        deadline = self._clock() + self._retry.deadline
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return fn()
+            except KMSUnavailableError as exc:
+                delay = random.uniform(0, self._retry.backoff * 2 ** (attempt - 1))  # noqa: S311
+                if not exc.retryable or attempt >= self._retry.attempts or self._clock() + delay > deadline:
+                    raise KMSUnavailableError(
+                        f"KMS for tenant {tenant!r} unavailable after {attempt} attempt(s): {exc}",
+                        tenant=tenant, key_ref=key_ref, provider=scheme,
+                    ) from exc
+                time.sleep(delay)
+            except CMKError as exc:
+                if exc.tenant is None:
+                    exc.tenant = tenant
+                raise
+            except Exception as exc:
+                # A provider that leaks an unmapped SDK error still fails closed, typed.
+                raise KeyAccessError(
+                    f"provider {scheme!r} failed for tenant {tenant!r}: {type(exc).__name__}",
+                    tenant=tenant, key_ref=key_ref, provider=scheme,
+                ) from exc

@@ -1,0 +1,89 @@
+"""Audit events: one for every use of a tenant's key, for the tenant's SIEM.
+
+Operations:
+    ``wrap``: a new data key was wrapped by the tenant's KMS (a KMS round-trip).
+    ``unwrap``: a stored data key was unwrapped by the tenant's KMS (a KMS round-trip).
+    ``encrypt``: rows were encrypted for the tenant (``rows`` says how many, ``columns`` which).
+    ``decrypt``: rows were decrypted for the tenant, whether the key came from the KMS or the
+        cache, so that every access is recorded, not only the KMS calls.
+
+Outcomes: ``ok``, ``denied``, ``not_found``, ``unavailable``, ``mismatch``, ``error``.
+
+A sink is any callable taking an :class:`AuditEvent`. A sink that raises stops the access: an
+access that cannot be audited does not happen. Events carry no plaintext, key or EDEK bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from .context import TenantContext
+
+__all__ = ["AuditEvent", "AuditSink", "LoggingAuditSink"]
+
+_EMPTY: Mapping[str, str] = MappingProxyType({})
+
+
+@dataclass(frozen=True)
+class AuditEvent:
+    """One audited use of a tenant's key. Field meanings follow :class:`TenantContext`."""
+
+    operation: str
+    outcome: str
+    tenant: str | None
+    key_ref: str | None = None
+    provider: str | None = None
+    table: str | None = None
+    columns: tuple[str, ...] = ()
+    rows: int = 0
+    duration_ms: float = 0.0
+    error: str | None = None
+    actor: str | None = None
+    data_label: str | None = None
+    source_ip: str | None = None
+    object_id: str | None = None
+    request_id: str | None = None
+    extra: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
+    timestamp: float = field(default_factory=time.time)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict of the event."""
+        d = asdict(self)
+        d["extra"] = dict(self.extra)
+        d["columns"] = list(self.columns)
+        return d
+
+
+AuditSink = Callable[[AuditEvent], None]
+
+
+class LoggingAuditSink:
+    """Writes each event as one JSON line to a stdlib logger (default ``sqlalchemy_cmk.audit``)."""
+
+    def __init__(self, logger: str | logging.Logger = "sqlalchemy_cmk.audit", level: int = logging.INFO):
+        self._logger = logging.getLogger(logger) if isinstance(logger, str) else logger
+        self._level = level
+
+    def __call__(self, event: AuditEvent) -> None:
+        if self._logger.isEnabledFor(self._level):
+            self._logger.log(self._level, json.dumps(event.to_dict(), sort_keys=True))
+
+
+def make_event(
+    ctx: TenantContext | None, operation: str, outcome: str, tenant: str | None, **fields: Any
+) -> AuditEvent:
+    """Build an event, copying the audit metadata of the tenant context."""
+    if ctx is not None:
+        fields.setdefault("actor", ctx.actor)
+        fields.setdefault("data_label", ctx.data_label)
+        fields.setdefault("source_ip", ctx.source_ip)
+        fields.setdefault("object_id", ctx.object_id)
+        fields.setdefault("request_id", ctx.request_id)
+        fields.setdefault("extra", ctx.extra)
+    return AuditEvent(operation=operation, outcome=outcome, tenant=tenant, **fields)

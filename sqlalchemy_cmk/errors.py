@@ -1,0 +1,146 @@
+"""The errors sqlalchemy-cmk raises.
+
+Every error derives from :class:`CMKError`, so ``except CMKError`` catches all of them. They mix
+in SQLAlchemy's ``DontWrapMixin``: raised while a statement executes, they reach the caller as
+themselves, not wrapped in ``sqlalchemy.exc.StatementError``.
+
+The tree::
+
+    CMKError
+    ├── ConfigurationError          the application is set up wrongly; fix code or config
+    │   └── TenantNotConfiguredError    no key reference for the tenant (or key not allowed)
+    ├── TenantContextError
+    │   ├── NoTenantError               encrypted data touched with no tenant in context
+    │   └── TenantMismatchError         a row of tenant A read or written under tenant B
+    ├── KeyAccessError              the tenant's KMS refused or could not serve a key
+    │   ├── KeyAccessDeniedError        revoked, disabled, forbidden: the tenant said no
+    │   ├── KeyNotFoundError            the KMS does not know the key reference
+    │   └── KMSUnavailableError         network, throttling, 5xx, after bounded retries
+    ├── DecryptionError             stored bytes failed to parse or authenticate (opaque)
+    ├── PlaintextWriteError         a write path that would store plaintext; nothing was sent
+    └── InvalidValueError           a value that the column's underlying type cannot hold
+
+Messages and attributes name the tenant, table, column, key reference and provider where they
+are known, and what to do; they never carry plaintext, key bytes or ciphertext.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy.exc import DontWrapMixin
+
+__all__ = [
+    "CMKError",
+    "ConfigurationError",
+    "DecryptionError",
+    "InvalidValueError",
+    "KMSUnavailableError",
+    "KeyAccessDeniedError",
+    "KeyAccessError",
+    "KeyNotFoundError",
+    "NoTenantError",
+    "PlaintextWriteError",
+    "TenantContextError",
+    "TenantMismatchError",
+    "TenantNotConfiguredError",
+]
+
+
+class CMKError(DontWrapMixin, Exception):
+    """Root of every error raised by sqlalchemy-cmk.
+
+    Attributes:
+        tenant: The tenant concerned, when known.
+        key_ref: The key reference (a URI such as ``local://acme``), when known.
+        provider: The provider scheme (``local``, ``aws-kms``...), when known.
+        table: The table concerned, when known.
+        column: The column concerned, when known.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        tenant: str | None = None,
+        key_ref: str | None = None,
+        provider: str | None = None,
+        table: str | None = None,
+        column: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.tenant = tenant
+        self.key_ref = key_ref
+        self.provider = provider
+        self.table = table
+        self.column = column
+
+
+class ConfigurationError(CMKError):
+    """The application is configured wrongly (a model, a key file, a limit)."""
+
+
+class TenantNotConfiguredError(ConfigurationError):
+    """The tenant has no key reference, or a stored key reference is not one of its keys."""
+
+
+class TenantContextError(CMKError):
+    """The tenant context does not allow the operation."""
+
+
+class NoTenantError(TenantContextError):
+    """Encrypted data was read or written with no tenant in context."""
+
+
+class TenantMismatchError(TenantContextError):
+    """A row that belongs to one tenant was read or written in another tenant's context.
+
+    Usually a query that forgot ``WHERE tenant_id = ...``. Attributes: ``tenant`` is the context
+    tenant, ``row_tenant`` the tenant the row is bound to.
+    """
+
+    def __init__(self, message: str, *, row_tenant: str, **kwargs: str | None) -> None:
+        super().__init__(message, **kwargs)
+        self.row_tenant = row_tenant
+
+
+class KeyAccessError(CMKError):
+    """The tenant's key could not be used."""
+
+
+class KeyAccessDeniedError(KeyAccessError):
+    """The KMS refused: the key is revoked, disabled, or the caller is not allowed to use it."""
+
+
+class KeyNotFoundError(KeyAccessError):
+    """The KMS does not know the key reference."""
+
+
+class KMSUnavailableError(KeyAccessError):
+    """The KMS could not be reached or answered with a transient error, after bounded retries.
+
+    Attributes:
+        retryable: True when trying again later may succeed (always True unless a provider
+            knows better).
+    """
+
+    retryable = True
+
+
+class DecryptionError(CMKError):
+    """Stored bytes failed to parse or authenticate.
+
+    Deliberately opaque, as in Fernet: a truncated value, a flipped bit, a value copied from
+    another row, column or tenant, and a wrong key all raise this same error, so that the error
+    does not tell an attacker which check failed.
+    """
+
+
+class PlaintextWriteError(CMKError):
+    """A statement would have written a value into an encrypted column without encrypting it.
+
+    Nothing was sent to the database. Write through the ORM unit of work (``session.add``,
+    attribute changes, ``session.execute(insert(Model), [...])``), which encrypts.
+    """
+
+
+class InvalidValueError(CMKError):
+    """A value does not fit the encrypted column's underlying type (a ``str`` for an Integer)."""

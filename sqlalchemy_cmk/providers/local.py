@@ -1,0 +1,171 @@
+"""A provider whose master keys live in a file or an environment variable.
+
+For development, demos, tests and single-tenant installs where the operator holds the key. It is
+not customer-managed: the master keys sit with the application. Use a cloud provider for CMK.
+
+Key references are ``local://<name>``. The key file is JSON, ``{"keys": {"<name>": "<base64 of
+32 random bytes>"}}``; :meth:`LocalKeyProvider.generate_key_file` writes one.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import os
+import threading
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from ..errors import ConfigurationError, DecryptionError, KeyAccessDeniedError, KeyNotFoundError
+
+__all__ = ["LocalKeyProvider"]
+
+_SCHEME = "local"
+_PREFIX = "local://"
+_WRAP_VERSION = b"\x01"
+_WRAP_AAD = b"sqlalchemy-cmk/local-wrap/v1"
+
+
+def _aad(name: str, context: Mapping[str, str]) -> bytes:
+    # JSON with sorted keys: an unambiguous encoding of the context, name included.
+    return _WRAP_AAD + json.dumps([name, sorted(context.items())]).encode()
+
+
+def _check_key(name: str, key: bytes) -> None:
+    if len(key) != 32:
+        raise ConfigurationError(
+            f"local master key {name!r} must be 32 bytes (base64 of 32 random bytes), "
+            f"got {len(key)}; generate one with LocalKeyProvider.generate_key_file()"
+        )
+    if len(set(key)) < 8:
+        raise ConfigurationError(
+            f"local master key {name!r} is weak (too few distinct bytes); generate a random one"
+        )
+
+
+class LocalKeyProvider:
+    """Wraps data keys with AES-256-GCM under named master keys held in memory.
+
+    ``revoke(name)`` makes the provider refuse that key as a KMS would when the tenant revokes
+    it, so demos and tests can show revocation without a cloud account.
+    """
+
+    scheme = _SCHEME
+
+    def __init__(self, keys: Mapping[str, bytes]) -> None:
+        """Args:
+            keys: Key name -> 32 random bytes.
+
+        Raises:
+            ConfigurationError: no keys, or a key of the wrong size or visibly not random.
+        """
+        if not keys:
+            raise ConfigurationError("LocalKeyProvider needs at least one master key")
+        for name, key in keys.items():
+            _check_key(name, key)
+        self._aeads = {name: AESGCM(key) for name, key in keys.items()}
+        self._revoked: set[str] = set()
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"LocalKeyProvider(keys={sorted(self._aeads)!r})"
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str]) -> LocalKeyProvider:
+        """Load master keys from a JSON key file (see the module docstring)."""
+        p = Path(path)
+        try:
+            doc = json.loads(p.read_text())
+        except FileNotFoundError:
+            raise ConfigurationError(
+                f"key file {p} does not exist; create one with "
+                "LocalKeyProvider.generate_key_file(path, [names])"
+            ) from None
+        except (OSError, ValueError) as exc:
+            raise ConfigurationError(f"key file {p} is unreadable or not JSON: {exc}") from None
+        if not isinstance(doc, dict) or not isinstance(doc.get("keys"), dict):
+            raise ConfigurationError(f'key file {p} must hold {{"keys": {{"name": "base64"}}}}')
+        return cls(_decode_keys(doc["keys"], str(p)))
+
+    @classmethod
+    def from_env(cls, variable: str = "SQLALCHEMY_CMK_LOCAL_KEYS") -> LocalKeyProvider:
+        """Load master keys from an environment variable: ``name=base64,name2=base64``."""
+        raw = os.environ.get(variable)
+        if not raw:
+            raise ConfigurationError(f"environment variable {variable} is not set or empty")
+        pairs: dict[str, str] = {}
+        for item in raw.split(","):
+            name, sep, value = item.strip().partition("=")
+            if not sep or not name:
+                raise ConfigurationError(f"{variable} must be name=base64[,name=base64...]")
+            pairs[name] = value
+        return cls(_decode_keys(pairs, variable))
+
+    @staticmethod
+    def generate_key_file(path: str | os.PathLike[str], names: Iterable[str]) -> Path:
+        """Write a key file with a fresh random key per name (mode 0600); refuse to overwrite."""
+        p = Path(path)
+        keys = {n: base64.b64encode(os.urandom(32)).decode() for n in names}
+        fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            json.dump({"keys": keys}, fh, indent=2)
+        return p
+
+    def revoke(self, name: str) -> None:
+        """Refuse the key from now on, as a KMS does after the tenant revokes it."""
+        with self._lock:
+            self._revoked.add(name)
+
+    def restore(self, name: str) -> None:
+        """Accept a revoked key again."""
+        with self._lock:
+            self._revoked.discard(name)
+
+    def _aead(self, key_ref: str) -> tuple[str, AESGCM]:
+        if not key_ref.startswith(_PREFIX):
+            raise KeyNotFoundError(
+                f"{key_ref!r} is not a local:// key reference", key_ref=key_ref, provider=_SCHEME
+            )
+        name = key_ref[len(_PREFIX) :]
+        aead = self._aeads.get(name)
+        if aead is None:
+            raise KeyNotFoundError(
+                f"no local master key named {name!r}", key_ref=key_ref, provider=_SCHEME
+            )
+        if name in self._revoked:
+            raise KeyAccessDeniedError(
+                f"local master key {name!r} is revoked", key_ref=key_ref, provider=_SCHEME
+            )
+        return name, aead
+
+    def wrap_key(self, key_ref: str, data_key: bytes, context: Mapping[str, str]) -> bytes:
+        name, aead = self._aead(key_ref)
+        nonce = os.urandom(12)
+        return _WRAP_VERSION + nonce + aead.encrypt(nonce, data_key, _aad(name, context))
+
+    def unwrap_key(self, key_ref: str, wrapped: bytes, context: Mapping[str, str]) -> bytes:
+        name, aead = self._aead(key_ref)
+        if len(wrapped) != 1 + 12 + 32 + 16 or wrapped[:1] != _WRAP_VERSION:
+            raise DecryptionError("wrapped key is malformed", key_ref=key_ref, provider=_SCHEME)
+        try:
+            return aead.decrypt(wrapped[1:13], wrapped[13:], _aad(name, context))
+        except InvalidTag:
+            raise DecryptionError(
+                "wrapped key failed authentication", key_ref=key_ref, provider=_SCHEME
+            ) from None
+
+
+def _decode_keys(raw: Mapping[str, object], where: str) -> dict[str, bytes]:
+    keys: dict[str, bytes] = {}
+    for name, value in raw.items():
+        if not isinstance(value, str):
+            raise ConfigurationError(f"{where}: key {name!r} must be a base64 string")
+        try:
+            keys[name] = base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError):
+            raise ConfigurationError(f"{where}: key {name!r} is not valid base64") from None
+    return keys
