@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Table
+from sqlalchemy import LargeBinary, Table
 
 from . import _codecs, _format
 from ._keys import CachePolicy, DataKey, KeyManager, RetryPolicy, TenantKeys
@@ -193,7 +193,9 @@ class CMK:
             self._check_tenants({e for _, e in splits}, ctx, [j.table for j in old])
             keys = self._keys.read_keys([e for _, e in splits], ctx)
         n_values = sum(len(j.values) for j in jobs)
-        write_key = self._keys.write_key(tenant, sum(len(j.values) for j in new), ctx) if new else None
+        write_key = (
+            self._keys.write_key(tenant, sum(len(j.values) for j in new), ctx) if new else None
+        )
         nonces = rng(_format.NONCE_SIZE * n_values)
         row_ids = rng(_format.ROW_ID_SIZE * len(new))
         n = r = 0
@@ -219,8 +221,15 @@ class CMK:
             rows_by_table[job.table] += 1
             cols_by_table[job.table].update(c.name for c in job.values)
         for table, count in rows_by_table.items():
-            self._keys.emit(ctx, "encrypt", "ok", tenant, table=table,
-                            columns=tuple(sorted(cols_by_table[table])), rows=count)
+            self._keys.emit(
+                ctx,
+                "encrypt",
+                "ok",
+                tenant,
+                table=table,
+                columns=tuple(sorted(cols_by_table[table])),
+                rows=count,
+            )
 
     def open(self, jobs: Sequence[OpenJob], ctx: TenantContext | None) -> None:
         """Decrypt every job in place. Checks tenants first: nothing is unwrapped for a row of
@@ -240,7 +249,7 @@ class CMK:
         keys = self._keys.read_keys([e for _, e in splits], ctx)
         counts: dict[tuple[str, str], int] = defaultdict(int)
         cols: dict[tuple[str, str], set[str]] = defaultdict(set)
-        for job, (row_id, env) in zip(jobs, splits):
+        for job, (row_id, env) in zip(jobs, splits, strict=True):
             key = keys[env]
             tenant = tenant_of[env]
             plain = {}
@@ -253,8 +262,16 @@ class CMK:
             cols[(tenant, job.table)].update(c.name for c in job.values)
         ms = (time.monotonic() - started) * 1000
         for (tenant, table), count in counts.items():
-            self._keys.emit(ctx, "decrypt", "ok", tenant, table=table, rows=count,
-                            columns=tuple(sorted(cols[(tenant, table)])), duration_ms=ms)
+            self._keys.emit(
+                ctx,
+                "decrypt",
+                "ok",
+                tenant,
+                table=table,
+                rows=count,
+                columns=tuple(sorted(cols[(tenant, table)])),
+                duration_ms=ms,
+            )
 
     def _check_tenants(
         self, envelopes: set[bytes], ctx: TenantContext, tables: Sequence[str]
@@ -268,7 +285,9 @@ class CMK:
                         f"a row of {tables[0]!r} belongs to tenant {tenant!r} but the context "
                         f"tenant is {ctx.tenant_id!r}: filter the query by tenant (or use "
                         "cross_tenant_context() for deliberate multi-tenant reads)",
-                        row_tenant=tenant, tenant=ctx.tenant_id, table=tables[0],
+                        row_tenant=tenant,
+                        tenant=ctx.tenant_id,
+                        table=tables[0],
                     )
         return tenant_of
 
@@ -294,7 +313,9 @@ class CMK:
         ]
         self.seal(jobs, ctx)
         return [
-            EncryptedDocument(j.new_companion or b"", {c.name: ct for c, ct in (j.sealed or {}).items()})
+            EncryptedDocument(
+                j.new_companion or b"", {c.name: ct for c, ct in (j.sealed or {}).items()}
+            )
             for j in jobs
         ]
 
@@ -342,21 +363,25 @@ class CMK:
         out = dict(row)
         if spec is None:
             return out
-        values = {c: out[c.name].ciphertext for c in spec.columns
-                  if isinstance(out.get(c.name), EncryptedValue)}
+        values = {
+            c: out[c.name].ciphertext
+            for c in spec.columns
+            if isinstance(out.get(c.name), EncryptedValue)
+        }
         if not values:
             return out
         companion = out.get(spec.companion_name)
         if companion is None:
-            raise DecryptionError(f"row of {spec.table!r} has encrypted values but no EDEK",
-                                  table=spec.table)
+            raise DecryptionError(
+                f"row of {spec.table!r} has encrypted values but no EDEK", table=spec.table
+            )
         job = OpenJob(spec.table, companion, values)
         self.open([job], require_context())
         out.update({c.name: v for c, v in (job.plain or {}).items()})
         return out
 
 
-_BYTES_CODEC = _codecs.codec_for(_codecs.sqltypes.LargeBinary())
+_BYTES_CODEC = _codecs.codec_for(LargeBinary())
 
 
 @functools.lru_cache(maxsize=4096)
@@ -381,7 +406,7 @@ def _tenant_keys(
             raise ConfigurationError(
                 f"key reference {ref!r} of tenant {tenant!r} needs a provider for scheme "
                 f"{scheme!r}; configured: {sorted(providers)}",
-                tenant=tenant, key_ref=ref,
+                tenant=tenant,
+                key_ref=ref,
             )
     return TenantKeys(ref_list[0], frozenset(ref_list))
-

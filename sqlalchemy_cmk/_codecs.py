@@ -46,7 +46,9 @@ def _int_enc(v: int) -> bytes:
 
 
 def _dec_enc(v: decimal.Decimal | int | float) -> bytes:
-    return str(decimal.Decimal(v) if not isinstance(v, float) else decimal.Decimal(repr(v))).encode()
+    return str(
+        decimal.Decimal(v) if not isinstance(v, float) else decimal.Decimal(repr(v))
+    ).encode()
 
 
 def _bool_enc(v: bool) -> bytes:
@@ -74,19 +76,34 @@ def _uuid_enc(v: uuid.UUID | str) -> bytes:
 _STR = Codec("str", 1, _str_enc, _str_dec, (str,))
 _BYTES = Codec("bytes", 2, bytes, _bytes_dec, (bytes, bytearray, memoryview))
 _INT = Codec("int", 3, _int_enc, lambda b: int(b.decode()), (int,))
-_DECIMAL = Codec("decimal", 4, _dec_enc, lambda b: decimal.Decimal(b.decode()), (decimal.Decimal, int, float))
-_FLOAT_DECIMAL = Codec("decimal", 4, _dec_enc, lambda b: float(b.decode()), (decimal.Decimal, int, float))
-_BOOL = Codec("bool", 5, _bool_enc, _bool_dec, (bool,))
-_DATE = Codec("date", 6, _iso_enc, lambda b: datetime.date.fromisoformat(b.decode()), (datetime.date,))
-_DATETIME = Codec(
-    "datetime", 7, _iso_enc, lambda b: datetime.datetime.fromisoformat(b.decode()), (datetime.datetime,)
+_DECIMAL = Codec(
+    "decimal", 4, _dec_enc, lambda b: decimal.Decimal(b.decode()), (decimal.Decimal, int, float)
 )
-_TIME = Codec("time", 8, _iso_enc, lambda b: datetime.time.fromisoformat(b.decode()), (datetime.time,))
+_FLOAT_DECIMAL = Codec(
+    "decimal", 4, _dec_enc, lambda b: float(b.decode()), (decimal.Decimal, int, float)
+)
+_BOOL = Codec("bool", 5, _bool_enc, _bool_dec, (bool,))
+_DATE = Codec(
+    "date", 6, _iso_enc, lambda b: datetime.date.fromisoformat(b.decode()), (datetime.date,)
+)
+_DATETIME = Codec(
+    "datetime",
+    7,
+    _iso_enc,
+    lambda b: datetime.datetime.fromisoformat(b.decode()),
+    (datetime.datetime,),
+)
+_TIME = Codec(
+    "time", 8, _iso_enc, lambda b: datetime.time.fromisoformat(b.decode()), (datetime.time,)
+)
 _JSON = Codec("json", 9, _json_enc, json.loads, (object,))
 _UUID = Codec("uuid", 10, _uuid_enc, lambda b: uuid.UUID(bytes=b), (uuid.UUID,))
 _UUID_STR = Codec("uuid", 10, _uuid_enc, lambda b: str(uuid.UUID(bytes=b)), (uuid.UUID, str))
 
-SUPPORTED = "String, Text, Unicode, LargeBinary, Integer, BigInteger, Numeric, Float, Boolean, Date, DateTime, Time, JSON, Uuid"
+SUPPORTED = (
+    "String, Text, Unicode, LargeBinary, Integer, BigInteger, Numeric, Float, Boolean, "
+    "Date, DateTime, Time, JSON, Uuid"
+)
 
 
 def codec_for(underlying: sqltypes.TypeEngine[Any]) -> Codec:

@@ -66,7 +66,9 @@ class CachePolicy:
 
     def __post_init__(self) -> None:
         if self.ttl < 0 or self.max_entries < 1 or self.write_key_max_uses < 1:
-            raise ConfigurationError("cache_ttl >= 0, cache_max_entries >= 1, write_key_max_uses >= 1")
+            raise ConfigurationError(
+                "cache_ttl >= 0, cache_max_entries >= 1, write_key_max_uses >= 1"
+            )
         if self.write_key_max_uses > 2**32:
             raise ConfigurationError("write_key_max_uses above 2**32 breaks AES-GCM's nonce bound")
         if self.write_key_max_age is not None and self.write_key_max_age > self.ttl:
@@ -91,7 +93,9 @@ class RetryPolicy:
 
     def __post_init__(self) -> None:
         if self.attempts < 1 or self.backoff < 0 or self.deadline <= 0 or self.max_concurrency < 1:
-            raise ConfigurationError("retry attempts >= 1, backoff >= 0, deadline > 0, concurrency >= 1")
+            raise ConfigurationError(
+                "retry attempts >= 1, backoff >= 0, deadline > 0, concurrency >= 1"
+            )
 
 
 @dataclass(eq=False)
@@ -165,7 +169,14 @@ class KeyManager:
             )
         return keys
 
-    def emit(self, ctx: TenantContext | None, operation: str, outcome: str, tenant: str | None, **kw: object) -> None:
+    def emit(
+        self,
+        ctx: TenantContext | None,
+        operation: str,
+        outcome: str,
+        tenant: str | None,
+        **kw: object,
+    ) -> None:
         if self._audit:
             event = make_event(ctx, operation, outcome, tenant, **kw)
             for sink in self._audit:
@@ -178,13 +189,18 @@ class KeyManager:
         now = self._clock()
         with self._lock:
             key = self._write.get(tenant)
-            if key is not None and key.expires_at > now and key.uses + uses <= self._cache_policy.write_key_max_uses:
+            if (
+                key is not None
+                and key.expires_at > now
+                and key.uses + uses <= self._cache_policy.write_key_max_uses
+            ):
                 key.uses += uses
                 return key
         primary = self.tenant_keys(tenant).primary
         if uses > self._cache_policy.write_key_max_uses:
             raise ConfigurationError(
-                f"one batch of {uses} encryptions exceeds write_key_max_uses; flush in smaller batches",
+                f"one batch of {uses} encryptions exceeds write_key_max_uses; "
+                "flush in smaller batches",
                 tenant=tenant,
             )
         key = self._wrap_new(tenant, primary, ctx)
@@ -205,22 +221,48 @@ class KeyManager:
         try:
             wrapped = self._call(
                 lambda: provider.wrap_key(key_ref, bytes(material), {"tenant": tenant}),
-                tenant, key_ref, scheme,
+                tenant,
+                key_ref,
+                scheme,
             )
         except CMKError as exc:
             material[:] = bytes(len(material))
-            self.emit(ctx, "wrap", outcome_of(exc), tenant, key_ref=key_ref, provider=scheme,
-                      error=type(exc).__name__, duration_ms=(self._clock() - started) * 1000)
+            self.emit(
+                ctx,
+                "wrap",
+                outcome_of(exc),
+                tenant,
+                key_ref=key_ref,
+                provider=scheme,
+                error=type(exc).__name__,
+                duration_ms=(self._clock() - started) * 1000,
+            )
             raise
-        self.emit(ctx, "wrap", "ok", tenant, key_ref=key_ref, provider=scheme,
-                  duration_ms=(self._clock() - started) * 1000)
+        self.emit(
+            ctx,
+            "wrap",
+            "ok",
+            tenant,
+            key_ref=key_ref,
+            provider=scheme,
+            duration_ms=(self._clock() - started) * 1000,
+        )
         envelope = _format.encode_envelope(tenant, scheme, key_ref, wrapped)
-        return DataKey(tenant, scheme, key_ref, envelope, AESGCM(material), material,
-                       expires_at=started + min(self._cache_policy.write_age, self._cache_policy.ttl))
+        return DataKey(
+            tenant,
+            scheme,
+            key_ref,
+            envelope,
+            AESGCM(material),
+            material,
+            expires_at=started + min(self._cache_policy.write_age, self._cache_policy.ttl),
+        )
 
     # -- read keys -----------------------------------------------------------------------------
 
-    def read_keys(self, envelopes: Iterable[bytes], ctx: TenantContext | None) -> dict[bytes, DataKey]:
+    def read_keys(
+        self, envelopes: Iterable[bytes], ctx: TenantContext | None
+    ) -> dict[bytes, DataKey]:
         """Data keys for the given envelopes: from the cache, else unwrapped, concurrently.
 
         Raises the first error met (in envelope order) after all unwraps have finished, so no
@@ -247,7 +289,7 @@ class KeyManager:
             workers = min(len(missing), self._retry.max_concurrency)
             with ThreadPoolExecutor(workers, thread_name_prefix="sqlalchemy-cmk-unwrap") as pool:
                 results = list(pool.map(lambda e: self._unwrap_or_error(e, ctx), missing))
-        for env, res in zip(missing, results):
+        for env, res in zip(missing, results, strict=True):
             if isinstance(res, CMKError):
                 raise res
             found[env] = res
@@ -267,34 +309,65 @@ class KeyManager:
                 f"a row of tenant {env.tenant!r} is wrapped under {env.key_ref!r}, which is not "
                 "one of the tenant's configured keys: add it to the tenant's accepted keys if "
                 "the tenant moved keys, otherwise treat the row as suspect",
-                tenant=env.tenant, key_ref=env.key_ref, provider=env.provider,
+                tenant=env.tenant,
+                key_ref=env.key_ref,
+                provider=env.provider,
             )
         provider = self._providers.get(env.provider)
         if provider is None or not env.key_ref.startswith(env.provider + "://"):
             raise ConfigurationError(
                 f"no provider for scheme {env.provider!r} is configured",
-                tenant=env.tenant, key_ref=env.key_ref, provider=env.provider,
+                tenant=env.tenant,
+                key_ref=env.key_ref,
+                provider=env.provider,
             )
         started = self._clock()
         try:
             raw = self._call(
                 lambda: provider.unwrap_key(env.key_ref, env.wrapped, {"tenant": env.tenant}),
-                env.tenant, env.key_ref, env.provider,
+                env.tenant,
+                env.key_ref,
+                env.provider,
             )
             if len(raw) != _format.DEK_SIZE:
-                raise DecryptionError("unwrapped data key has the wrong size", tenant=env.tenant,
-                                      key_ref=env.key_ref, provider=env.provider)
+                raise DecryptionError(
+                    "unwrapped data key has the wrong size",
+                    tenant=env.tenant,
+                    key_ref=env.key_ref,
+                    provider=env.provider,
+                )
         except CMKError as exc:
-            self.emit(ctx, "unwrap", outcome_of(exc), env.tenant, key_ref=env.key_ref,
-                      provider=env.provider, error=type(exc).__name__,
-                      duration_ms=(self._clock() - started) * 1000)
+            self.emit(
+                ctx,
+                "unwrap",
+                outcome_of(exc),
+                env.tenant,
+                key_ref=env.key_ref,
+                provider=env.provider,
+                error=type(exc).__name__,
+                duration_ms=(self._clock() - started) * 1000,
+            )
             raise
-        self.emit(ctx, "unwrap", "ok", env.tenant, key_ref=env.key_ref, provider=env.provider,
-                  duration_ms=(self._clock() - started) * 1000)
+        self.emit(
+            ctx,
+            "unwrap",
+            "ok",
+            env.tenant,
+            key_ref=env.key_ref,
+            provider=env.provider,
+            duration_ms=(self._clock() - started) * 1000,
+        )
         material = bytearray(raw)
         del raw
-        key = DataKey(env.tenant, env.provider, env.key_ref, envelope, AESGCM(material), material,
-                      expires_at=started + self._cache_policy.ttl)
+        key = DataKey(
+            env.tenant,
+            env.provider,
+            env.key_ref,
+            envelope,
+            AESGCM(material),
+            material,
+            expires_at=started + self._cache_policy.ttl,
+        )
         with self._lock:
             self._remember(key)
         return key
@@ -335,10 +408,16 @@ class KeyManager:
                 return fn()
             except KMSUnavailableError as exc:
                 delay = random.uniform(0, self._retry.backoff * 2 ** (attempt - 1))  # noqa: S311
-                if not exc.retryable or attempt >= self._retry.attempts or self._clock() + delay > deadline:
+                if (
+                    not exc.retryable
+                    or attempt >= self._retry.attempts
+                    or self._clock() + delay > deadline
+                ):
                     raise KMSUnavailableError(
                         f"KMS for tenant {tenant!r} unavailable after {attempt} attempt(s): {exc}",
-                        tenant=tenant, key_ref=key_ref, provider=scheme,
+                        tenant=tenant,
+                        key_ref=key_ref,
+                        provider=scheme,
                     ) from exc
                 time.sleep(delay)
             except CMKError as exc:
@@ -349,5 +428,7 @@ class KeyManager:
                 # A provider that leaks an unmapped SDK error still fails closed, typed.
                 raise KeyAccessError(
                     f"provider {scheme!r} failed for tenant {tenant!r}: {type(exc).__name__}",
-                    tenant=tenant, key_ref=key_ref, provider=scheme,
+                    tenant=tenant,
+                    key_ref=key_ref,
+                    provider=scheme,
                 ) from exc

@@ -74,7 +74,9 @@ def decrypt_states(cmk: CMK, states: list[InstanceState[Any]]) -> None:
     for state in states:
         d = state.dict
         for t in mapper_spec(state.mapper).tables:
-            values = {c: v.ciphertext for c in t.columns if type(v := d.get(c.key)) is EncryptedValue}
+            values = {
+                c: v.ciphertext for c in t.columns if type(v := d.get(c.key)) is EncryptedValue
+            }
             if not values:
                 continue
             companion = d.get(t.companion_key)
@@ -85,8 +87,10 @@ def decrypt_states(cmk: CMK, states: list[InstanceState[Any]]) -> None:
         if any(j.companion is None for _, _, j in jobs):
             from .errors import DecryptionError
 
-            raise DecryptionError("a row holds encrypted values but its EDEK column is NULL "
-                                  "or was not loaded (do not defer the EDEK column)")
+            raise DecryptionError(
+                "a row holds encrypted values but its EDEK column is NULL "
+                "or was not loaded (do not defer the EDEK column)"
+            )
         cmk.open([j for _, _, j in jobs], current_context())
     except BaseException:
         # Leave no ciphertext behind in loaded objects: expire what could not be decrypted, so a
@@ -129,7 +133,9 @@ def _do_orm_execute(cmk: CMK, orm_state: ORMExecuteState) -> Any:
 # -- flush ---------------------------------------------------------------------------------------
 
 
-def _before_flush(cmk: CMK, session: Session, flush_context: UOWTransaction, instances: Any) -> None:
+def _before_flush(
+    cmk: CMK, session: Session, flush_context: UOWTransaction, instances: Any
+) -> None:
     session.info[_INFO_KEY] = cmk
     jobs: list[tuple[InstanceState[Any], str, SealJob]] = []
     for obj in list(session.new) + list(session.dirty):
@@ -156,7 +162,9 @@ def _before_flush(cmk: CMK, session: Session, flush_context: UOWTransaction, ins
     ctx = require_context()
     cmk.seal([j for _, _, j in jobs], ctx)
     # Only now, with every value sealed, touch the instances.
-    pending: list[tuple[InstanceState[Any], str, object, object]] = session.info.setdefault(_PENDING_KEY, [])
+    pending: list[tuple[InstanceState[Any], str, object, object]] = session.info.setdefault(
+        _PENDING_KEY, []
+    )
     for state, companion_key, job in jobs:
         d = state.dict
         for col, ct in (job.sealed or {}).items():
@@ -184,8 +192,8 @@ def _bulk_insert(cmk: CMK, orm_state: ORMExecuteState) -> Any:
     mapper = orm_state.bind_mapper
     if mapper is None or not mapper_spec(mapper).tables or not orm_state.parameters:
         return None
-    params = orm_state.parameters
-    rows = params if isinstance(params, list) else [params]
+    params: Any = orm_state.parameters
+    rows: list[dict[str, Any]] = params if isinstance(params, list) else [params]
     jobs: list[tuple[int, str, SealJob]] = []
     for i, row in enumerate(rows):
         for t in mapper_spec(mapper).tables:

@@ -66,7 +66,9 @@ AuditSink = Callable[[AuditEvent], None]
 class LoggingAuditSink:
     """Writes each event as one JSON line to a stdlib logger (default ``sqlalchemy_cmk.audit``)."""
 
-    def __init__(self, logger: str | logging.Logger = "sqlalchemy_cmk.audit", level: int = logging.INFO):
+    def __init__(
+        self, logger: str | logging.Logger = "sqlalchemy_cmk.audit", level: int = logging.INFO
+    ):
         self._logger = logging.getLogger(logger) if isinstance(logger, str) else logger
         self._level = level
 

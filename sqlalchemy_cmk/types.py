@@ -77,7 +77,9 @@ class EncryptedType(sqltypes.TypeDecorator[Any]):
     impl = sqltypes.LargeBinary
     cache_ok = True
 
-    def __init__(self, underlying: type[sqltypes.TypeEngine[Any]] | sqltypes.TypeEngine[Any]) -> None:
+    def __init__(
+        self, underlying: type[sqltypes.TypeEngine[Any]] | sqltypes.TypeEngine[Any]
+    ) -> None:
         super().__init__()
         self.underlying: sqltypes.TypeEngine[Any] = (
             underlying() if isinstance(underlying, type) else underlying
