@@ -280,7 +280,14 @@ class CMK:
         if not ctx.cross_tenant:
             for tenant in set(tenant_of.values()):
                 if tenant != ctx.tenant_id:
-                    self._keys.emit(ctx, "decrypt", "mismatch", tenant, table=tables[0])
+                    self._keys.emit(
+                        ctx,
+                        "decrypt",
+                        "mismatch",
+                        tenant,
+                        table=tables[0],
+                        error="TenantMismatchError",
+                    )
                     raise TenantMismatchError(
                         f"a row of {tables[0]!r} belongs to tenant {tenant!r} but the context "
                         f"tenant is {ctx.tenant_id!r}: filter the query by tenant (or use "

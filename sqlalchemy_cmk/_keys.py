@@ -126,6 +126,13 @@ _OUTCOMES: tuple[tuple[type[CMKError], str], ...] = (
 )
 
 
+_HINTS: dict[type[CMKError], str] = {
+    KeyAccessDeniedError: "the tenant's KMS refused (key revoked, disabled or access not "
+    "granted); the tenant's data stays unreadable until the tenant restores access",
+    KeyNotFoundError: "the tenant's KMS does not know this key; check the tenant's key reference",
+}
+
+
 def outcome_of(exc: BaseException) -> str:
     for cls, name in _OUTCOMES:
         if isinstance(exc, cls):
@@ -420,6 +427,14 @@ class KeyManager:
                         provider=scheme,
                     ) from exc
                 time.sleep(delay)
+            except (KeyAccessDeniedError, KeyNotFoundError) as exc:
+                hint = _HINTS[type(exc) if type(exc) in _HINTS else KeyAccessDeniedError]
+                raise type(exc)(
+                    f"tenant {tenant!r}, key {key_ref!r}: {exc}; {hint}",
+                    tenant=tenant,
+                    key_ref=key_ref,
+                    provider=scheme,
+                ) from exc
             except CMKError as exc:
                 if exc.tenant is None:
                     exc.tenant = tenant

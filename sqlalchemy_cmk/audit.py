@@ -19,7 +19,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from types import MappingProxyType
 from typing import Any
 
@@ -54,7 +54,7 @@ class AuditEvent:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict of the event."""
-        d = asdict(self)
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
         d["extra"] = dict(self.extra)
         d["columns"] = list(self.columns)
         return d

@@ -1,0 +1,27 @@
+"""The demo in the README runs, and shows what it promises."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_demo_runs_and_shows_revocation() -> None:
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "demo.py")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
+    assert "app reads ssn='123-45-6789'" in out
+    # The raw bytes shown are ciphertext, never the plaintext (hex of the SSN would betray it).
+    assert "123-45-6789".encode().hex() not in out
+    assert "TenantMismatchError" in out
+    assert "KeyAccessDeniedError" in out
+    assert "globex is unaffected and still reads ['Grace']" in out
+    assert "acme reads ['123-45-6789', '987-65-4321']" in out
+    assert '"operation": "unwrap", "outcome": "denied"' in out
