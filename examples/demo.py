@@ -70,13 +70,12 @@ def main() -> None:
         "acme": [("Ada", "123-45-6789"), ("Alan", "987-65-4321")],
         "globex": [("Grace", "555-12-3456")],
     }.items():
-        with tenant_context(tenant, actor="demo-user", request_id=f"req-{tenant}"):
-            with Session() as s:
-                s.add_all(
-                    Patient(tenant_id=tenant, name=n, ssn=ssn, notes={"allergies": ["penicillin"]})
-                    for n, ssn in people
-                )
-                s.commit()
+        with tenant_context(tenant, actor="demo-user", request_id=f"req-{tenant}"), Session() as s:
+            s.add_all(
+                Patient(tenant_id=tenant, name=n, ssn=ssn, notes={"allergies": ["penicillin"]})
+                for n, ssn in people
+            )
+            s.commit()
 
     print("\n2. What the database holds vs what the application reads")
     with engine.connect() as conn:

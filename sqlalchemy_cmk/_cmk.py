@@ -5,15 +5,16 @@ from __future__ import annotations
 import functools
 import time
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
+from cryptography.exceptions import InvalidTag
 from sqlalchemy import LargeBinary, Table
 
 from . import _codecs, _format
 from ._keys import CachePolicy, DataKey, KeyManager, RetryPolicy, TenantKeys
-from ._mapping import ColumnSpec, table_spec
+from ._mapping import ColumnSpec, TableSpec, table_spec
 from .audit import AuditSink, LoggingAuditSink
 from .context import TenantContext, require_context
 from .errors import (
@@ -46,27 +47,13 @@ class EncryptedDocument:
         return f"EncryptedDocument(fields={sorted(self.fields)!r})"
 
 
-@dataclass
-class SealJob:
-    """One table row to encrypt: its values by column, and its companion if it has one."""
+class SealRow(NamedTuple):
+    """One table row to encrypt: the values of ``columns`` in ``values`` (a dict by key)."""
 
-    table: str
-    values: dict[ColumnSpec, Any]
-    companion: bytes | None = None
-    # Filled by CMK.seal():
-    new_companion: bytes | None = None
-    sealed: dict[ColumnSpec, bytes] | None = None
-
-
-@dataclass
-class OpenJob:
-    """One table row to decrypt: its companion and ciphertexts by column."""
-
-    table: str
-    companion: bytes
-    values: dict[ColumnSpec, bytes]
-    # Filled by CMK.open():
-    plain: dict[ColumnSpec, Any] | None = None
+    values: Mapping[str, Any]
+    table: TableSpec
+    columns: Sequence[ColumnSpec]
+    companion: bytes | None  # the row's companion if it has one (an update), else None
 
 
 class CMK:
@@ -179,89 +166,165 @@ class CMK:
             )
         return ctx.tenant_id
 
-    def seal(self, jobs: Sequence[SealJob], ctx: TenantContext) -> None:
-        """Encrypt every job in place, for the context tenant: one wrap at most per window."""
-        if not jobs:
-            return
+    def seal(
+        self, rows: Sequence[SealRow], ctx: TenantContext
+    ) -> list[tuple[bytes | None, list[bytes]]]:
+        """Encrypt rows for the context tenant: one wrap at most per write window.
+
+        Returns, per row, the new companion (``None`` if the row keeps its own) and the
+        ciphertexts of its ``columns`` in order. Raises before returning anything if any row
+        cannot be sealed.
+        """
+        if not rows:
+            return []
         tenant = self._tenant_for_write(ctx)
-        rng = self._keys.rng
-        new = [j for j in jobs if j.companion is None]
-        old = [j for j in jobs if j.companion is not None]
+        old = {r.companion[1 + _format.ROW_ID_SIZE :] for r in rows if r.companion is not None}
         keys: dict[bytes, DataKey] = {}
         if old:
-            splits = [_format.split_companion(j.companion) for j in old]  # type: ignore[arg-type]
-            self._check_tenants({e for _, e in splits}, ctx, [j.table for j in old])
-            keys = self._keys.read_keys([e for _, e in splits], ctx)
-        n_values = sum(len(j.values) for j in jobs)
-        write_key = (
-            self._keys.write_key(tenant, sum(len(j.values) for j in new), ctx) if new else None
-        )
+            for r in rows:
+                if r.companion is not None:
+                    _format.split_companion(r.companion)
+            self._check_tenants(old, ctx, rows[0].table.table, "encrypt")
+            keys = self._keys.read_keys(old, ctx)
+        n_new_values = sum(len(r.columns) for r in rows if r.companion is None)
+        n_values = sum(len(r.columns) for r in rows)
+        n_new = sum(1 for r in rows if r.companion is None)
+        write_key = self._keys.write_key(tenant, n_new_values, ctx) if n_new else None
+        rng = self._keys.rng
         nonces = rng(_format.NONCE_SIZE * n_values)
-        row_ids = rng(_format.ROW_ID_SIZE * len(new))
-        n = r = 0
-        rows_by_table: dict[str, int] = defaultdict(int)
-        cols_by_table: dict[str, set[str]] = defaultdict(set)
-        for job in jobs:
-            if job.companion is None:
+        row_ids = rng(_format.ROW_ID_SIZE * n_new)
+        version = _format.VERSION_BYTE
+        n = r_i = 0
+        out: list[tuple[bytes | None, list[bytes]]] = []
+        counts: dict[str, int] = defaultdict(int)
+        cols: dict[str, set[str]] = defaultdict(set)
+        for row in rows:
+            t = row.table
+            if row.companion is None:
                 assert write_key is not None
                 key = write_key
-                row_id = row_ids[r : r + _format.ROW_ID_SIZE]
-                r += _format.ROW_ID_SIZE
-                job.new_companion = _format.encode_companion(row_id, key.envelope)
+                row_id = row_ids[r_i : r_i + _format.ROW_ID_SIZE]
+                r_i += _format.ROW_ID_SIZE
+                companion: bytes | None = version + row_id + key.envelope
             else:
-                row_id, env = _format.split_companion(job.companion)
-                key = keys[env]
-            sealed = {}
-            for col, value in job.values.items():
-                pt = _codecs.encode(col.codec, value, table=job.table, column=col.name)
-                aad = _aad_prefix(tenant, job.table, col.name) + row_id
-                sealed[col] = _format.seal(key.aead, nonces[n : n + _format.NONCE_SIZE], aad, pt)
+                row_id = row.companion[1 : 1 + _format.ROW_ID_SIZE]
+                key = keys[row.companion[1 + _format.ROW_ID_SIZE :]]
+                companion = None
+            encrypt = key.aead.encrypt
+            values = row.values
+            cts = []
+            for c in row.columns:
+                pt = _codecs.encode(c.codec, values[c.key], table=t.table, column=c.name)
+                nonce = nonces[n : n + _format.NONCE_SIZE]
                 n += _format.NONCE_SIZE
-            job.sealed = sealed
-            rows_by_table[job.table] += 1
-            cols_by_table[job.table].update(c.name for c in job.values)
-        for table, count in rows_by_table.items():
+                aad = _aad_prefix(tenant, t.table, c.name) + row_id
+                cts.append(version + nonce + encrypt(nonce, pt, aad))
+            out.append((companion, cts))
+            counts[t.table] += 1
+            cols[t.table].update(c.name for c in row.columns)
+        for table, count in counts.items():
             self._keys.emit(
                 ctx,
                 "encrypt",
                 "ok",
                 tenant,
                 table=table,
-                columns=tuple(sorted(cols_by_table[table])),
+                columns=tuple(sorted(cols[table])),
                 rows=count,
             )
+        return out
 
-    def open(self, jobs: Sequence[OpenJob], ctx: TenantContext | None) -> None:
-        """Decrypt every job in place. Checks tenants first: nothing is unwrapped for a row of
-        another tenant. Distinct data keys are unwrapped once each, concurrently."""
-        if not jobs:
+    def open(
+        self,
+        dicts: Sequence[dict[str, Any]],
+        tables: Sequence[TableSpec],
+        ctx: TenantContext | None,
+    ) -> None:
+        """Decrypt, in place, the ``EncryptedValue`` items of each row dict (``dicts[i]`` is a
+        row of ``tables[i]``).
+
+        Tenants are checked first: nothing is unwrapped for a row of another tenant. Distinct
+        data keys are unwrapped once each, concurrently. On error, some rows may already be
+        decrypted; callers discard or expire them.
+
+        This is the hot path of every load: parallel lists instead of tuples, no per-value
+        function calls but the cipher's, so that few objects the garbage collector tracks are
+        allocated per row.
+        """
+        split = 1 + _format.ROW_ID_SIZE
+        min_companion = split + 8
+        envelopes: dict[bytes, None] = {}
+        for d, t in zip(dicts, tables, strict=True):
+            companion = d.get(t.companion_key)
+            if companion is None:
+                if any(type(d.get(c.key)) is EncryptedValue for c in t.columns):
+                    raise DecryptionError(
+                        f"a row of {t.table!r} holds encrypted values but its EDEK column is "
+                        "NULL or was not loaded (do not defer the EDEK column)",
+                        table=t.table,
+                    )
+                continue
+            if type(companion) is not bytes or len(companion) < min_companion or companion[0] != 1:
+                raise DecryptionError(
+                    "stored companion value is malformed or of an unknown version"
+                )
+            envelopes[companion[split:]] = None
+        if not envelopes:
             return
         if ctx is None:
-            tables = sorted({j.table for j in jobs})
+            names = sorted({t.table for t in tables})
             raise NoTenantError(
-                f"encrypted rows of {', '.join(tables)} loaded with no tenant in context: wrap "
+                f"encrypted rows of {', '.join(names)} loaded with no tenant in context: wrap "
                 "the work in `with tenant_context(tenant_id, ...)`",
-                table=tables[0],
+                table=names[0],
             )
         started = time.monotonic()
-        splits = [_format.split_companion(j.companion) for j in jobs]
-        tenant_of = self._check_tenants({e for _, e in splits}, ctx, [j.table for j in jobs])
-        keys = self._keys.read_keys([e for _, e in splits], ctx)
-        counts: dict[tuple[str, str], int] = defaultdict(int)
-        cols: dict[tuple[str, str], set[str]] = defaultdict(set)
-        for job, (row_id, env) in zip(jobs, splits, strict=True):
-            key = keys[env]
-            tenant = tenant_of[env]
-            plain = {}
-            for col, ct in job.values.items():
-                aad = _aad_prefix(tenant, job.table, col.name) + row_id
-                pt = _format.open_(key.aead, aad, ct)
-                plain[col] = _codecs.decode(col.codec, pt, table=job.table, column=col.name)
-            job.plain = plain
-            counts[(tenant, job.table)] += 1
-            cols[(tenant, job.table)].update(c.name for c in job.values)
+        tenant_of = self._check_tenants(envelopes, ctx, tables[0].table, "decrypt")
+        keys = self._keys.read_keys(envelopes, ctx)
+        # envelope -> table -> ([(column, AAD prefix)], decrypt, [rows decrypted])
+        plans: dict[bytes, dict[TableSpec, list[Any]]] = {}
+        enc_value = EncryptedValue
+        min_value = _format.MIN_VALUE
+        for d, t in zip(dicts, tables, strict=True):
+            companion = d.get(t.companion_key)
+            if companion is None:
+                continue
+            env = companion[split:]
+            by_table = plans.get(env)
+            if by_table is None:
+                by_table = plans[env] = {}
+            plan = by_table.get(t)
+            if plan is None:
+                tenant = tenant_of[env]
+                cols = [(c, _aad_prefix(tenant, t.table, c.name)) for c in t.columns]
+                plan = by_table[t] = [cols, keys[env].aead.decrypt, 0]
+            plan[2] += 1
+            row_id = companion[1:split]
+            decrypt = plan[1]
+            for c, prefix in plan[0]:
+                v = d.get(c.key)
+                if type(v) is not enc_value:
+                    continue
+                if len(v) < min_value or v[0] != 1:
+                    raise DecryptionError("stored value is malformed or of an unknown version")
+                try:
+                    pt = decrypt(v[1:13], v[13:], prefix + row_id)
+                except InvalidTag:
+                    raise DecryptionError(_format.AUTH_FAILED, table=t.table) from None
+                codec = c.codec
+                try:
+                    if pt[0] != codec.tag:
+                        raise ValueError
+                    d[c.key] = codec.decode(pt[1:])
+                except (ValueError, TypeError):
+                    d[c.key] = _codecs.decode(codec, pt, table=t.table, column=c.name)
         ms = (time.monotonic() - started) * 1000
-        for (tenant, table), count in counts.items():
+        per_tenant: dict[tuple[str, str], list[Any]] = {}
+        for env, by_table in plans.items():
+            for t, plan in by_table.items():
+                entry = per_tenant.setdefault((tenant_of[env], t.table), [0, t.column_names])
+                entry[0] += plan[2]
+        for (tenant, table), (count, names) in per_tenant.items():
             self._keys.emit(
                 ctx,
                 "decrypt",
@@ -269,12 +332,12 @@ class CMK:
                 tenant,
                 table=table,
                 rows=count,
-                columns=tuple(sorted(cols[(tenant, table)])),
+                columns=names,
                 duration_ms=ms,
             )
 
     def _check_tenants(
-        self, envelopes: set[bytes], ctx: TenantContext, tables: Sequence[str]
+        self, envelopes: Iterable[bytes], ctx: TenantContext, table: str, operation: str
     ) -> dict[bytes, str]:
         tenant_of = {e: _format.parse_envelope(e).tenant for e in envelopes}
         if not ctx.cross_tenant:
@@ -282,19 +345,19 @@ class CMK:
                 if tenant != ctx.tenant_id:
                     self._keys.emit(
                         ctx,
-                        "decrypt",
+                        operation,
                         "mismatch",
                         tenant,
-                        table=tables[0],
+                        table=table,
                         error="TenantMismatchError",
                     )
                     raise TenantMismatchError(
-                        f"a row of {tables[0]!r} belongs to tenant {tenant!r} but the context "
+                        f"a row of {table!r} belongs to tenant {tenant!r} but the context "
                         f"tenant is {ctx.tenant_id!r}: filter the query by tenant (or use "
                         "cross_tenant_context() for deliberate multi-tenant reads)",
                         row_tenant=tenant,
                         tenant=ctx.tenant_id,
-                        table=tables[0],
+                        table=table,
                     )
         return tenant_of
 
@@ -312,18 +375,17 @@ class CMK:
         Raises:
             NoTenantError: no tenant in context.
             KeyAccessDeniedError, KMSUnavailableError: the tenant's KMS refused or failed.
+            InvalidValueError: a field value is not bytes.
         """
         ctx = require_context()
-        jobs = [
-            SealJob(namespace, {_field(name): value for name, value in doc.items()})
-            for doc in documents
-        ]
-        self.seal(jobs, ctx)
+        rows = []
+        for doc in documents:
+            spec = _doc_spec(namespace, tuple(sorted(doc)))
+            rows.append(SealRow(doc, spec, spec.columns, None))
+        sealed = self.seal(rows, ctx)
         return [
-            EncryptedDocument(
-                j.new_companion or b"", {c.name: ct for c, ct in (j.sealed or {}).items()}
-            )
-            for j in jobs
+            EncryptedDocument(companion or b"", dict(zip(row.table.column_names, cts, strict=True)))
+            for row, (companion, cts) in zip(rows, sealed, strict=True)
         ]
 
     def encrypt_document(
@@ -338,16 +400,19 @@ class CMK:
         """Decrypt documents written by :meth:`encrypt_documents`, for the context tenant.
 
         Raises:
+            NoTenantError: no tenant in context.
             TenantMismatchError: a document belongs to another tenant.
             DecryptionError: an EDEK or field was altered, truncated or moved.
         """
         ctx = require_context()
-        jobs = [
-            OpenJob(namespace, doc.edek, {_field(k): v for k, v in doc.fields.items()})
-            for doc in documents
-        ]
-        self.open(jobs, ctx)
-        return [{c.name: v for c, v in (j.plain or {}).items()} for j in jobs]
+        rows = []
+        for doc in documents:
+            spec = _doc_spec(namespace, tuple(sorted(doc.fields)))
+            d: dict[str, Any] = {k: EncryptedValue(v) for k, v in doc.fields.items()}
+            d[spec.companion_key] = doc.edek
+            rows.append((d, spec))
+        self.open([d for d, _ in rows], [spec for _, spec in rows], ctx)
+        return [{c.name: d[c.key] for c in spec.columns} for d, spec in rows]
 
     def decrypt_document(
         self, document: EncryptedDocument, *, namespace: str = "document"
@@ -356,7 +421,7 @@ class CMK:
         return self.decrypt_documents([document], namespace=namespace)[0]
 
     def decrypt_row(self, table: Table, row: Mapping[str, Any]) -> dict[str, Any]:
-        """Decrypt the encrypted columns of a row read through Core.
+        """Decrypt the encrypted columns of a row read through Core, in the tenant's context.
 
         Args:
             table: The ``Table`` the row comes from.
@@ -366,34 +431,22 @@ class CMK:
         Returns:
             A copy of ``row`` with each encrypted column decrypted.
         """
-        spec = table_spec(table)
         out = dict(row)
-        if spec is None:
-            return out
-        values = {
-            c: out[c.name].ciphertext
-            for c in spec.columns
-            if isinstance(out.get(c.name), EncryptedValue)
-        }
-        if not values:
-            return out
-        companion = out.get(spec.companion_name)
-        if companion is None:
-            raise DecryptionError(
-                f"row of {spec.table!r} has encrypted values but no EDEK", table=spec.table
-            )
-        job = OpenJob(spec.table, companion, values)
-        self.open([job], require_context())
-        out.update({c.name: v for c, v in (job.plain or {}).items()})
+        spec = table_spec(table)
+        if spec is not None:
+            self.open([out], [spec], require_context())
         return out
 
 
 _BYTES_CODEC = _codecs.codec_for(LargeBinary())
+_DOC_EDEK_KEY = "\x00edek"  # cannot clash with a field name a caller would choose
 
 
-@functools.lru_cache(maxsize=4096)
-def _field(name: str) -> ColumnSpec:
-    return ColumnSpec(name, name, _BYTES_CODEC)
+@functools.lru_cache(maxsize=1024)
+def _doc_spec(namespace: str, fields: tuple[str, ...]) -> TableSpec:
+    return TableSpec(
+        namespace, _DOC_EDEK_KEY, "edek", tuple(ColumnSpec(f, f, _BYTES_CODEC) for f in fields)
+    )
 
 
 def _tenant_keys(

@@ -20,21 +20,13 @@ from sqlalchemy import types as sqltypes
 from .errors import ConfigurationError, InvalidValueError
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Codec:
     name: str
     tag: int
     encode: Callable[[Any], bytes]
     decode: Callable[[bytes], Any]
     accepts: tuple[type, ...]
-
-
-def _str_enc(v: str) -> bytes:
-    return v.encode()
-
-
-def _str_dec(b: bytes) -> str:
-    return b.decode()
 
 
 def _bytes_dec(b: bytes) -> bytes:
@@ -73,7 +65,7 @@ def _uuid_enc(v: uuid.UUID | str) -> bytes:
     return (v if isinstance(v, uuid.UUID) else uuid.UUID(v)).bytes
 
 
-_STR = Codec("str", 1, _str_enc, _str_dec, (str,))
+_STR = Codec("str", 1, str.encode, bytes.decode, (str,))
 _BYTES = Codec("bytes", 2, bytes, _bytes_dec, (bytes, bytearray, memoryview))
 _INT = Codec("int", 3, _int_enc, lambda b: int(b.decode()), (int,))
 _DECIMAL = Codec(

@@ -48,7 +48,7 @@ NONCE_SIZE = 12
 TAG_SIZE = 16
 DEK_SIZE = 32
 
-_VERSION_BYTE = bytes([VERSION])
+VERSION_BYTE = bytes([VERSION])
 _AAD_MAGIC = b"sqlalchemy-cmk\x01"
 _U16 = struct.Struct(">H")
 _MAX_TENANT = 1024
@@ -56,7 +56,13 @@ _MAX_PROVIDER = 64
 _MAX_KEY_REF = 2048
 _MAX_WRAPPED = 8192
 # version + nonce + codec tag + GCM tag: anything shorter cannot be a value we wrote.
-_MIN_VALUE = 1 + NONCE_SIZE + 1 + TAG_SIZE
+MIN_VALUE = 1 + NONCE_SIZE + 1 + TAG_SIZE
+
+
+AUTH_FAILED = (
+    "stored value failed authentication: tampered, moved from another row, column or tenant, "
+    "or written under another key"
+)
 
 
 @dataclass(frozen=True)
@@ -119,7 +125,7 @@ def parse_envelope(data: bytes) -> Envelope:
 
 
 def encode_companion(row_id: bytes, envelope: bytes) -> bytes:
-    return _VERSION_BYTE + row_id + envelope
+    return VERSION_BYTE + row_id + envelope
 
 
 def split_companion(data: bytes) -> tuple[bytes, bytes]:
@@ -135,17 +141,14 @@ def aad_prefix(tenant: str, table: str, column: str) -> bytes:
 
 
 def seal(aead: AESGCM, nonce: bytes, aad: bytes, plaintext: bytes) -> bytes:
-    return _VERSION_BYTE + nonce + aead.encrypt(nonce, plaintext, aad)
+    return VERSION_BYTE + nonce + aead.encrypt(nonce, plaintext, aad)
 
 
 def open_(aead: AESGCM, aad: bytes, value: bytes) -> bytes:
     """Decrypt a stored value; every failure raises the same opaque DecryptionError."""
-    if len(value) < _MIN_VALUE or value[0] != VERSION:
+    if len(value) < MIN_VALUE or value[0] != VERSION:
         raise DecryptionError("stored value is malformed or of an unknown version")
     try:
         return aead.decrypt(value[1 : 1 + NONCE_SIZE], value[1 + NONCE_SIZE :], aad)
     except InvalidTag:
-        raise DecryptionError(
-            "stored value failed authentication: tampered, moved from another row, column or "
-            "tenant, or written under another key"
-        ) from None
+        raise DecryptionError(AUTH_FAILED) from None

@@ -15,14 +15,14 @@ from .errors import ConfigurationError
 from .types import EDEKType, EncryptedType
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # identity hash: specs are cached singletons
 class ColumnSpec:
     key: str  # attribute key on the mapped class (the column name for Core tables)
     name: str  # column name in the database; bound into the associated data
     codec: Codec
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class TableSpec:
     table: str  # table name (without schema); bound into the associated data
     companion_key: str

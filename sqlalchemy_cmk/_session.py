@@ -25,8 +25,8 @@ from sqlalchemy import event
 from sqlalchemy.orm import Mapper, ORMExecuteState, Session, UOWTransaction
 from sqlalchemy.orm.state import InstanceState
 
-from ._cmk import CMK, OpenJob, SealJob
-from ._mapping import mapper_spec
+from ._cmk import CMK, SealRow
+from ._mapping import TableSpec, mapper_spec
 from .context import current_context, require_context
 from .types import EncryptedValue, Sealed
 
@@ -70,41 +70,30 @@ def _listen_mappers(mappers: Any) -> None:
 
 
 def decrypt_states(cmk: CMK, states: list[InstanceState[Any]]) -> None:
-    jobs: list[tuple[InstanceState[Any], str, OpenJob]] = []
+    dicts: list[dict[str, Any]] = []
+    tables: list[TableSpec] = []
+    tables_of: dict[Mapper[Any], tuple[TableSpec, ...]] = {}
     for state in states:
-        d = state.dict
-        for t in mapper_spec(state.mapper).tables:
-            values = {
-                c: v.ciphertext for c in t.columns if type(v := d.get(c.key)) is EncryptedValue
-            }
-            if not values:
-                continue
-            companion = d.get(t.companion_key)
-            jobs.append((state, t.companion_key, OpenJob(t.table, companion, values)))  # type: ignore[arg-type]
-    if not jobs:
+        mapper = state.mapper
+        specs = tables_of.get(mapper)
+        if specs is None:
+            specs = tables_of[mapper] = mapper_spec(mapper).tables
+        for t in specs:
+            dicts.append(state.dict)
+            tables.append(t)
+    if not dicts:
         return
     try:
-        if any(j.companion is None for _, _, j in jobs):
-            from .errors import DecryptionError
-
-            raise DecryptionError(
-                "a row holds encrypted values but its EDEK column is NULL "
-                "or was not loaded (do not defer the EDEK column)"
-            )
-        cmk.open([j for _, _, j in jobs], current_context())
+        cmk.open(dicts, tables, current_context())
     except BaseException:
-        # Leave no ciphertext behind in loaded objects: expire what could not be decrypted, so a
-        # later access reloads and raises again instead of returning an opaque value.
-        for state, _, job in jobs:
-            session = state.session
-            obj = state.obj()
+        # Leave no ciphertext (nor half a batch of plaintext) in loaded objects: expire the
+        # encrypted attributes, so a later access reloads and raises again.
+        for state in states:
+            session, obj = state.session, state.obj()
             if session is not None and obj is not None and state.key is not None:
-                session.expire(obj, [c.key for c in job.values])
+                keys = [c.key for t in tables_of[state.mapper] for c in t.columns]
+                session.expire(obj, keys)
         raise
-    for state, _, job in jobs:
-        d = state.dict
-        for col, value in (job.plain or {}).items():
-            d[col.key] = value
 
 
 def _do_orm_execute(cmk: CMK, orm_state: ORMExecuteState) -> Any:
@@ -137,43 +126,62 @@ def _before_flush(
     cmk: CMK, session: Session, flush_context: UOWTransaction, instances: Any
 ) -> None:
     session.info[_INFO_KEY] = cmk
-    jobs: list[tuple[InstanceState[Any], str, SealJob]] = []
+    rows: list[SealRow] = []
+    targets: list[tuple[InstanceState[Any], TableSpec]] = []
+    tables_of: dict[Mapper[Any], tuple[TableSpec, ...]] = {}
     for obj in list(session.new) + list(session.dirty):
         state: InstanceState[Any] = obj._sa_instance_state
-        spec = mapper_spec(state.mapper)
-        if not spec.tables:
+        mapper = state.mapper
+        tables = tables_of.get(mapper)
+        if tables is None:
+            tables = tables_of[mapper] = mapper_spec(mapper).tables
+        if not tables:
             continue
-        _listen_mappers([state.mapper])
-        d, committed, is_new = state.dict, state.committed_state, state.key is None
-        for t in spec.tables:
-            values: dict[Any, Any] = {}
-            for c in t.columns:
-                v = d.get(c.key)
-                if v is None or type(v) is Sealed or type(v) is EncryptedValue:
-                    continue
-                if is_new or (c.key in committed and committed[c.key] != v):
-                    values[c] = v
-            if not values:
-                continue
-            companion = None if is_new else _companion_of(obj, t.companion_key)
-            jobs.append((state, t.companion_key, SealJob(t.table, values, companion)))
-    if not jobs:
+        d = state.dict
+        if state.key is None:  # new
+            for t in tables:
+                cols = [
+                    c
+                    for c in t.columns
+                    if (v := d.get(c.key)) is not None and type(v) is not Sealed
+                ]
+                if cols:
+                    rows.append(SealRow(d, t, cols, None))
+                    targets.append((state, t))
+            continue
+        committed = state.committed_state
+        for t in tables:
+            cols = [
+                c
+                for c in t.columns
+                if c.key in committed
+                and (v := d.get(c.key)) is not None
+                and type(v) is not Sealed
+                and type(v) is not EncryptedValue
+                and committed[c.key] != v
+            ]
+            if cols:
+                rows.append(SealRow(d, t, cols, _companion_of(obj, t.companion_key)))
+                targets.append((state, t))
+    if not rows:
         return
-    ctx = require_context()
-    cmk.seal([j for _, _, j in jobs], ctx)
+    sealed = cmk.seal(rows, require_context())
     # Only now, with every value sealed, touch the instances.
-    pending: list[tuple[InstanceState[Any], str, object, object]] = session.info.setdefault(
+    pending: list[tuple[dict[str, Any], str, Sealed, Any]] = session.info.setdefault(
         _PENDING_KEY, []
     )
-    for state, companion_key, job in jobs:
+    for row, (state, t), (companion, cts) in zip(rows, targets, sealed, strict=True):
         d = state.dict
-        for col, ct in (job.sealed or {}).items():
-            sealed = Sealed(ct)
-            pending.append((state, col.key, sealed, d[col.key]))
-            d[col.key] = sealed
-        if job.new_companion is not None:
-            obj = state.obj()
-            setattr(obj, companion_key, job.new_companion)
+        for c, ct in zip(row.columns, cts, strict=True):
+            box = Sealed(ct)
+            pending.append((d, c.key, box, d[c.key]))
+            d[c.key] = box
+        if companion is None:
+            continue
+        if state.key is None:
+            d[t.companion_key] = companion  # an INSERT reads the dict; no history needed
+        else:
+            setattr(state.obj(), t.companion_key, companion)
 
 
 def _companion_of(obj: Any, key: str) -> bytes | None:
@@ -183,9 +191,9 @@ def _companion_of(obj: Any, key: str) -> bytes | None:
 
 
 def _restore(session: Session, *args: Any) -> None:
-    for state, key, sealed, plain in session.info.pop(_PENDING_KEY, ()):
-        if state.dict.get(key) is sealed:
-            state.dict[key] = plain
+    for d, key, box, plain in session.info.pop(_PENDING_KEY, ()):
+        if d.get(key) is box:
+            d[key] = plain
 
 
 def _bulk_insert(cmk: CMK, orm_state: ORMExecuteState) -> Any:
@@ -193,21 +201,24 @@ def _bulk_insert(cmk: CMK, orm_state: ORMExecuteState) -> Any:
     if mapper is None or not mapper_spec(mapper).tables or not orm_state.parameters:
         return None
     params: Any = orm_state.parameters
-    rows: list[dict[str, Any]] = params if isinstance(params, list) else [params]
-    jobs: list[tuple[int, str, SealJob]] = []
-    for i, row in enumerate(rows):
+    new_rows: list[dict[str, Any]] = [
+        dict(p) for p in (params if isinstance(params, list) else [params])
+    ]
+    rows: list[SealRow] = []
+    dicts: list[dict[str, Any]] = []
+    for d in new_rows:
         for t in mapper_spec(mapper).tables:
-            values = {c: row[c.key] for c in t.columns if row.get(c.key) is not None}
-            if values:
-                jobs.append((i, t.companion_key, SealJob(t.table, values)))
-    if not jobs:
+            cols = [c for c in t.columns if d.get(c.key) is not None]
+            if cols:
+                rows.append(SealRow(d, t, cols, None))
+                dicts.append(d)
+    if not rows:
         return None
-    cmk.seal([j for _, _, j in jobs], require_context())
-    new_rows = [dict(r) for r in rows]
-    for i, companion_key, job in jobs:
-        new_rows[i][companion_key] = job.new_companion
-        for col, ct in (job.sealed or {}).items():
-            new_rows[i][col.key] = Sealed(ct)
+    sealed = cmk.seal(rows, require_context())
+    for d, row, (companion, cts) in zip(dicts, rows, sealed, strict=True):
+        d[row.table.companion_key] = companion
+        for c, ct in zip(row.columns, cts, strict=True):
+            d[c.key] = Sealed(ct)
     return orm_state.invoke_statement(params=new_rows if isinstance(params, list) else new_rows[0])
 
 

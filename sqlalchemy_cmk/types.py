@@ -40,26 +40,20 @@ class Sealed:
         return f"<sealed {len(self.data)} bytes>"
 
 
-class EncryptedValue:
-    """Ciphertext as read from the database, not (yet) decrypted.
+class EncryptedValue(bytes):
+    """Ciphertext as read from the database, not (yet) decrypted: the stored bytes, as is.
 
     Seen when an encrypted column is read outside an installed session (Core ``select()``, a
-    session without hooks); decrypt such rows with :meth:`sqlalchemy_cmk.CMK.decrypt_row`.
+    session without hooks); decrypt such rows with :meth:`sqlalchemy_cmk.CMK.decrypt_row`. Its
+    repr shows only the length.
     """
 
-    __slots__ = ("ciphertext",)
-
-    def __init__(self, ciphertext: bytes) -> None:
-        self.ciphertext = ciphertext
+    __slots__ = ()
 
     def __repr__(self) -> str:
-        return f"<EncryptedValue: {len(self.ciphertext)} bytes, decrypt with CMK.decrypt_row()>"
+        return f"<EncryptedValue: {len(self)} bytes, decrypt with CMK.decrypt_row()>"
 
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, EncryptedValue) and other.ciphertext == self.ciphertext
-
-    def __hash__(self) -> int:
-        return hash(self.ciphertext)
+    __str__ = __repr__
 
 
 class EncryptedType(sqltypes.TypeDecorator[Any]):
@@ -106,9 +100,27 @@ class EncryptedType(sqltypes.TypeDecorator[Any]):
         )
 
     def process_result_value(self, value: Any, dialect: Dialect) -> EncryptedValue | None:
-        if value is None:
-            return None
-        return EncryptedValue(bytes(value))
+        return None if value is None else EncryptedValue(value)
+
+    def bind_processor(self, dialect: Dialect) -> Any:
+        return _flat_bind_processor(self, dialect)
+
+    def result_processor(self, dialect: Dialect, coltype: object) -> Any:
+        # One flat function instead of TypeDecorator's chain: this runs for every loaded value.
+        impl = self.impl_instance.result_processor(dialect, coltype)
+        wrap = EncryptedValue
+        if impl is None:
+
+            def process(value: Any) -> EncryptedValue | None:
+                return None if value is None else wrap(value)
+
+        else:
+
+            def process(value: Any) -> EncryptedValue | None:
+                value = impl(value)
+                return None if value is None else wrap(value)
+
+        return process
 
     def compare_values(self, x: Any, y: Any) -> bool:
         return bool(x == y)
@@ -133,6 +145,25 @@ class EDEKType(sqltypes.TypeDecorator[bytes]):
 
     def process_result_value(self, value: Any, dialect: Dialect) -> bytes | None:
         return value if value is None or type(value) is bytes else bytes(value)
+
+    def bind_processor(self, dialect: Dialect) -> Any:
+        return _flat_bind_processor(self, dialect)
+
+
+# Drivers known to take plain bytes for binary columns; others keep the impl's DBAPI wrapper.
+_BYTES_NATIVE = frozenset({"sqlite", "postgresql", "mysql", "mariadb"})
+
+
+def _flat_bind_processor(typ: sqltypes.TypeDecorator[Any], dialect: Dialect) -> Any:
+    """One flat function instead of TypeDecorator's chain: this runs for every written value."""
+    if dialect.name not in _BYTES_NATIVE:
+        return sqltypes.TypeDecorator.bind_processor(typ, dialect)
+    guard = typ.process_bind_param
+
+    def process(value: Any) -> Any:
+        return value.data if type(value) is Sealed else guard(value, dialect)
+
+    return process
 
 
 class EncryptedMixin:

@@ -19,7 +19,7 @@ def test_demo_runs_and_shows_revocation() -> None:
     ).stdout
     assert "app reads ssn='123-45-6789'" in out
     # The raw bytes shown are ciphertext, never the plaintext (hex of the SSN would betray it).
-    assert "123-45-6789".encode().hex() not in out
+    assert b"123-45-6789".hex() not in out
     assert "TenantMismatchError" in out
     assert "KeyAccessDeniedError" in out
     assert "globex is unaffected and still reads ['Grace']" in out
