@@ -186,23 +186,36 @@ class CMK:
                     _format.split_companion(r.companion)
             self._check_tenants(old, ctx, rows[0].table.table, "encrypt")
             keys = self._keys.read_keys(old, ctx)
-        n_new_values = sum(len(r.columns) for r in rows if r.companion is None)
+        # New rows take the tenant's write key; a batch larger than one key may serve is split
+        # over as many keys as needed (one wrap each).
+        write_keys: list[DataKey] = []
+        chunk = 0
+        for r in rows:
+            if r.companion is None:
+                if chunk and chunk + len(r.columns) > self._keys.max_uses:
+                    write_keys.append(self._keys.write_key(tenant, chunk, ctx))
+                    chunk = 0
+                chunk += len(r.columns)
+        if chunk:
+            write_keys.append(self._keys.write_key(tenant, chunk, ctx))
         n_values = sum(len(r.columns) for r in rows)
         n_new = sum(1 for r in rows if r.companion is None)
-        write_key = self._keys.write_key(tenant, n_new_values, ctx) if n_new else None
         rng = self._keys.rng
         nonces = rng(_format.NONCE_SIZE * n_values)
         row_ids = rng(_format.ROW_ID_SIZE * n_new)
         version = _format.VERSION_BYTE
-        n = r_i = 0
+        n = r_i = k_i = key_uses = 0
         out: list[tuple[bytes | None, list[bytes]]] = []
         counts: dict[str, int] = defaultdict(int)
         cols: dict[str, set[str]] = defaultdict(set)
         for row in rows:
             t = row.table
             if row.companion is None:
-                assert write_key is not None
-                key = write_key
+                key = write_keys[k_i]
+                if key_uses and key_uses + len(row.columns) > self._keys.max_uses:
+                    k_i += 1
+                    key, key_uses = write_keys[k_i], 0
+                key_uses += len(row.columns)
                 row_id = row_ids[r_i : r_i + _format.ROW_ID_SIZE]
                 r_i += _format.ROW_ID_SIZE
                 companion: bytes | None = version + row_id + key.envelope
@@ -316,7 +329,7 @@ class CMK:
                     if pt[0] != codec.tag:
                         raise ValueError
                     d[c.key] = codec.decode(pt[1:])
-                except (ValueError, TypeError):
+                except (ValueError, TypeError, ArithmeticError):
                     d[c.key] = _codecs.decode(codec, pt, table=t.table, column=c.name)
         ms = (time.monotonic() - started) * 1000
         per_tenant: dict[tuple[str, str], list[Any]] = {}

@@ -101,14 +101,15 @@ SUPPORTED = (
 def codec_for(underlying: sqltypes.TypeEngine[Any]) -> Codec:
     """Pick the codec for an underlying SQLAlchemy type; ConfigurationError for others."""
     t = underlying
-    # Order matters: Enum is a String, Boolean is not an Integer but Float is a Numeric.
+    # Order matters: Enum is a String. Float is not a Numeric in SQLAlchemy 2.1 (both derive
+    # from NumericCommon) but was in 2.0, so both are named.
     if isinstance(t, (sqltypes.Enum, sqltypes.ARRAY, sqltypes.Interval)):
         pass
     elif isinstance(t, sqltypes.Boolean):
         return _BOOL
     elif isinstance(t, sqltypes.Integer):
         return _INT
-    elif isinstance(t, sqltypes.Numeric):
+    elif isinstance(t, (sqltypes.Numeric, sqltypes.Float)):
         return _DECIMAL if t.asdecimal else _FLOAT_DECIMAL
     elif isinstance(t, sqltypes.DateTime):
         return _DATETIME
@@ -130,8 +131,13 @@ def codec_for(underlying: sqltypes.TypeEngine[Any]) -> Codec:
 
 
 def encode(codec: Codec, value: Any, *, table: str, column: str) -> bytes:
-    # bool is an int; an Integer column given True is almost surely a bug, so refuse it.
-    if not isinstance(value, codec.accepts) or (isinstance(value, bool) and codec.tag in (3, 4)):
+    # bool is an int and datetime is a date: an Integer column given True, or a Date column
+    # given a datetime (whose time would not decode as a date), is almost surely a bug.
+    if (
+        not isinstance(value, codec.accepts)
+        or (isinstance(value, bool) and codec.tag in (_INT.tag, _DECIMAL.tag))
+        or (isinstance(value, datetime.datetime) and codec.tag == _DATE.tag)
+    ):
         raise InvalidValueError(
             f"{table}.{column} is encrypted as {codec.name} and cannot store a "
             f"{type(value).__name__}",
@@ -159,7 +165,7 @@ def decode(codec: Codec, data: bytes, *, table: str, column: str) -> Any:
         )
     try:
         return codec.decode(data[1:])
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, ArithmeticError) as exc:  # decimal.InvalidOperation too
         raise ConfigurationError(
             f"{table}.{column}: authenticated value does not decode as {codec.name} "
             f"({type(exc).__name__})",

@@ -119,7 +119,10 @@ def parse_envelope(data: bytes) -> Envelope:
             or not (0 < w <= _MAX_WRAPPED and len(wrapped) == w)
         ):
             raise ValueError
-        return Envelope(tenant.decode(), provider.decode("ascii"), key_ref.decode(), bytes(wrapped))
+        env = Envelope(tenant.decode(), provider.decode("ascii"), key_ref.decode(), bytes(wrapped))
+        if not env.key_ref.startswith(env.provider + "://"):
+            raise ValueError  # the recorded provider must be the key reference's scheme
+        return env
     except (ValueError, IndexError, struct.error, UnicodeDecodeError):
         raise DecryptionError("stored key envelope is malformed") from None
 

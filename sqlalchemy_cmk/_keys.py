@@ -108,7 +108,8 @@ class DataKey:
     envelope: bytes
     aead: AESGCM
     material: bytearray
-    expires_at: float
+    expires_at: float  # end of its use for reading (cache_ttl)
+    write_until: float = 0.0  # end of its use for new rows (write_key_max_age)
     uses: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -191,33 +192,31 @@ class KeyManager:
 
     # -- write keys ----------------------------------------------------------------------------
 
+    @property
+    def max_uses(self) -> int:
+        return self._cache_policy.write_key_max_uses
+
     def write_key(self, tenant: str, uses: int, ctx: TenantContext | None) -> DataKey:
-        """The tenant's current write key, reserving ``uses`` encryptions under it."""
+        """The tenant's current write key, reserving ``uses`` (<= ``max_uses``) encryptions."""
         now = self._clock()
         with self._lock:
             key = self._write.get(tenant)
-            if (
-                key is not None
-                and key.expires_at > now
-                and key.uses + uses <= self._cache_policy.write_key_max_uses
-            ):
+            if key is not None and key.write_until > now and key.uses + uses <= self.max_uses:
                 key.uses += uses
                 return key
-        primary = self.tenant_keys(tenant).primary
-        if uses > self._cache_policy.write_key_max_uses:
+        if uses > self.max_uses:
             raise ConfigurationError(
-                f"one batch of {uses} encryptions exceeds write_key_max_uses; "
-                "flush in smaller batches",
-                tenant=tenant,
+                f"one row needs {uses} encryptions, more than write_key_max_uses", tenant=tenant
             )
-        key = self._wrap_new(tenant, primary, ctx)
+        key = self._wrap_new(tenant, self.tenant_keys(tenant).primary, ctx)
         key.uses = uses
         with self._lock:
             old = self._write.get(tenant)
             self._write[tenant] = key
             self._remember(key)
-        # The old write key may still be in the read cache; only its write window is over.
-        del old
+            # The old write key lives on in the read cache if it is still there; else wipe it.
+            if old is not None and self._read.get(old.envelope) is not old:
+                old.wipe()
         return key
 
     def _wrap_new(self, tenant: str, key_ref: str, ctx: TenantContext | None) -> DataKey:
@@ -262,7 +261,8 @@ class KeyManager:
             envelope,
             AESGCM(material),
             material,
-            expires_at=started + min(self._cache_policy.write_age, self._cache_policy.ttl),
+            expires_at=started + self._cache_policy.ttl,
+            write_until=started + self._cache_policy.write_age,
         )
 
     # -- read keys -----------------------------------------------------------------------------

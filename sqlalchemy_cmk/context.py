@@ -70,19 +70,27 @@ def require_context() -> TenantContext:
     return ctx
 
 
+_tokens: contextvars.ContextVar[tuple[contextvars.Token[TenantContext | None], ...]] = (
+    contextvars.ContextVar("sqlalchemy_cmk_tokens", default=())
+)
+
+
 class _ContextManager:
-    """Sets a :class:`TenantContext` for a ``with`` block or for each call of a function."""
+    """Sets a :class:`TenantContext` for a ``with`` block or for each call of a function.
+
+    One object may be entered by many threads and tasks at once: the tokens that undo each
+    ``with`` live in a context variable, not on the object.
+    """
 
     def __init__(self, ctx: TenantContext) -> None:
         self._ctx = ctx
-        self._tokens: list[contextvars.Token[TenantContext | None]] = []
 
     @property
     def context(self) -> TenantContext:
         return self._ctx
 
     def __enter__(self) -> TenantContext:
-        self._tokens.append(_current.set(self._ctx))
+        _tokens.set((*_tokens.get(), _current.set(self._ctx)))
         return self._ctx
 
     def __exit__(
@@ -91,10 +99,19 @@ class _ContextManager:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        _current.reset(self._tokens.pop())
+        stack = _tokens.get()
+        _tokens.set(stack[:-1])
+        _current.reset(stack[-1])
 
     def __call__(self, func: _F) -> _F:
         ctx = self._ctx
+        if inspect.isgeneratorfunction(func) or inspect.isasyncgenfunction(func):
+            # A generator's body runs on each resumption, under its consumer's context; setting
+            # ours only while the generator object is created would protect nothing.
+            raise ConfigurationError(
+                f"tenant_context() cannot decorate the generator function {func.__qualname__}: "
+                "open `with tenant_context(...)` inside its body instead"
+            )
         # A coroutine function must set the context when it runs, not when it is called.
         if inspect.iscoroutinefunction(func):
 

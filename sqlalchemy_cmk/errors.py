@@ -26,6 +26,8 @@ are known, and what to do; they never carry plaintext, key bytes or ciphertext.
 
 from __future__ import annotations
 
+from typing import Any
+
 from sqlalchemy.exc import DontWrapMixin
 
 __all__ = [
@@ -72,6 +74,11 @@ class CMKError(DontWrapMixin, Exception):
         self.provider = provider
         self.table = table
         self.column = column
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Keyword-only attributes are not in args: rebuild from the message and the state, so
+        # errors survive pickling (multiprocessing, task queues) and copying.
+        return (_rebuild, (type(self), str(self), self.__dict__.copy()))
 
 
 class ConfigurationError(CMKError):
@@ -144,3 +151,10 @@ class PlaintextWriteError(CMKError):
 
 class InvalidValueError(CMKError):
     """A value does not fit the encrypted column's underlying type (a ``str`` for an Integer)."""
+
+
+def _rebuild(cls: type[CMKError], message: str, state: dict[str, Any]) -> CMKError:
+    err = cls.__new__(cls)
+    Exception.__init__(err, message)
+    err.__dict__.update(state)
+    return err

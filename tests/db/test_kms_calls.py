@@ -18,7 +18,6 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 
 from sqlalchemy_cmk import (
     CMK,
-    ConfigurationError,
     EncryptedMixin,
     EncryptedType,
     TenantMismatchError,
@@ -198,16 +197,17 @@ def test_write_key_uses_count_values_not_rows(make_env: Callable[..., Env]) -> N
     assert env.calls() == (2, 0)
 
 
-def test_one_flush_larger_than_write_key_max_uses_is_refused_and_writes_nothing(
+def test_one_flush_larger_than_write_key_max_uses_is_split_over_keys(
     make_env: Callable[..., Env],
 ) -> None:
-    # Current behaviour: a flush is never split across write keys, so a flush of more values
-    # than write_key_max_uses fails (ConfigurationError, "flush in smaller batches").
+    # 25 values with at most 10 per key: one flush, three wraps, 10 + 10 + 5 values per key.
     env = make_env(write_key_max_uses=10)
-    with pytest.raises(ConfigurationError):
-        env.write(ACME, [f"pt:{i}" for i in range(25)])
-    assert env.calls() == (0, 0)
-    assert env.count() == 0
+    values = [f"pt:{i}" for i in range(25)]
+    env.write(ACME, values)
+    assert env.calls() == (3, 0)
+    envelopes = Counter(c[ENVELOPE] for c in env.companions())
+    assert sorted(envelopes.values()) == [5, 10, 10]
+    assert env.read(ACME) == values
 
 
 def test_tenant_mismatch_is_raised_before_any_unwrap(env: Env) -> None:

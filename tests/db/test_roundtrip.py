@@ -21,7 +21,6 @@ from sqlalchemy.orm import (
 )
 
 from sqlalchemy_cmk import (
-    ConfigurationError,
     DecryptionError,
     EncryptedMixin,
     EncryptedType,
@@ -426,12 +425,6 @@ def test_falsy_values_do_not_leak_as_null_or_plain(env: Env) -> None:
         assert stored not in (b"", b"0", b"\x00", b"false", b"[]")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ConfigurationError,
-    reason="BUG: _codecs.codec_for rejects Float/Double: in SQLAlchemy 2.1 Float is no longer a "
-    "Numeric subclass (both derive NumericCommon), so the isinstance(t, Numeric) branch misses it",
-)
 def test_float_round_trips(engine: Engine) -> None:
     class FloatBase(DeclarativeBase):
         pass

@@ -124,12 +124,6 @@ def test_float_special_values_round_trip_for_floats():
     assert out == 0.0 and math.copysign(1, out) == -1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: under SQLAlchemy 2.1 Float is no longer a Numeric subclass (both derive from "
-    "NumericCommon), so codec_for() refuses Float and Double although SUPPORTED lists Float "
-    "(_codecs.py codec_for)",
-)
 @pytest.mark.parametrize("t", [Float(), Double()], ids=["Float", "Double"])
 def test_float_columns_are_supported(t: sqltypes.TypeEngine[Any]):
     assert dec(t, enc(t, 0.1)) == 0.1
@@ -199,11 +193,6 @@ def test_authenticated_garbage_is_a_configuration_error(t, data: bytes):
         dec(t, data)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: decimal.InvalidOperation is not a ValueError, so an undecodable Numeric "
-    "payload escapes _codecs.decode() raw instead of as ConfigurationError",
-)
 def test_authenticated_garbage_numeric_is_a_configuration_error():
     with pytest.raises(ConfigurationError):
         dec(Numeric(), b"\x04abc")
@@ -302,13 +291,6 @@ def test_json_refuses_circular_structures():
         enc(JSON(), loop)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a datetime is a date, so EncryptedType(Date) accepts it and stores its full "
-    "isoformat; reading it back then fails with ConfigurationError ('does not decode as "
-    "date'). Plain Date columns truncate it; this should truncate or raise InvalidValueError "
-    "at write time (_codecs.py _DATE / encode)",
-)
 def test_datetime_into_date_column_is_truncated_or_refused():
     try:
         data = enc(Date(), datetime.datetime(2024, 1, 2, 3, 4))

@@ -108,20 +108,7 @@ def test_catching_the_root_catches_everything():
 
 @pytest.mark.parametrize(
     "cls",
-    [
-        pytest.param(
-            c,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="BUG: TenantMismatchError cannot be pickled or copied: its required "
-                "keyword-only row_tenant is not in args, so unpickling calls "
-                "TenantMismatchError('msg') -> TypeError (errors.py)",
-            ),
-        )
-        if c is errors.TenantMismatchError
-        else c
-        for c in ALL
-    ],
+    ALL,
     ids=lambda c: c.__name__,
 )
 def test_errors_survive_pickle_and_copy(cls: type[errors.CMKError]):

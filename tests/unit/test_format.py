@@ -63,9 +63,9 @@ def test_envelope_layout_matches_the_documented_format():
     [
         ("acme", "local", "local://acme", WRAPPED),
         ("Zoë-🔑", "aws-kms", "aws-kms://arn:aws:kms:eu-west-1:1:key/ü", b"\x00"),
-        ("t" * 1024, "p" * 64, "k" * 2048, b"w" * 8192),  # every field at its maximum
-        ("t", "p", "k", b"w"),  # and at its minimum
-        ("ä" * 512, "p", "é" * 1024, b"w"),  # limits count UTF-8 bytes
+        ("t" * 1024, "p" * 64, "p" * 64 + "://" + "k" * 1981, b"w" * 8192),  # every maximum
+        ("t", "p", "p://", b"w"),  # and the minimum (a key reference is at least "scheme://")
+        ("ä" * 512, "p", "p://" + "é" * 1022, b"w"),  # limits count UTF-8 bytes
     ],
 )
 def test_envelope_round_trip(tenant: str, provider: str, key_ref: str, wrapped: bytes):
