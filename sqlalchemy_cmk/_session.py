@@ -21,13 +21,14 @@ import contextvars
 import weakref
 from typing import Any
 
-from sqlalchemy import event
+from sqlalchemy import event, select, tuple_
 from sqlalchemy.orm import Mapper, ORMExecuteState, Session, UOWTransaction
 from sqlalchemy.orm.state import InstanceState
 
 from ._cmk import CMK, SealRow
 from ._mapping import TableSpec, mapper_spec
 from .context import current_context, require_context
+from .errors import PlaintextWriteError
 from .types import EncryptedValue, Sealed
 
 _INFO_KEY = "sqlalchemy_cmk"
@@ -84,6 +85,7 @@ def decrypt_states(cmk: CMK, states: list[InstanceState[Any]]) -> None:
     if not dicts:
         return
     try:
+        _load_missing_companions(states, tables_of)
         cmk.open(dicts, tables, current_context())
     except BaseException:
         # Leave no ciphertext (nor half a batch of plaintext) in loaded objects: expire the
@@ -94,6 +96,39 @@ def decrypt_states(cmk: CMK, states: list[InstanceState[Any]]) -> None:
                 keys = [c.key for t in tables_of[state.mapper] for c in t.columns]
                 session.expire(obj, keys)
         raise
+
+
+def _load_missing_companions(
+    states: list[InstanceState[Any]], tables_of: dict[Mapper[Any], tuple[TableSpec, ...]]
+) -> None:
+    """Fetch the companions that a ``load_only``/``defer`` left out, one query per table."""
+    missing: dict[tuple[Mapper[Any], TableSpec], list[InstanceState[Any]]] = {}
+    for state in states:
+        d = state.dict
+        for t in tables_of[state.mapper]:
+            if (
+                t.companion_key not in d
+                and state.key is not None
+                and any(type(d.get(c.key)) is EncryptedValue for c in t.columns)
+            ):
+                missing.setdefault((state.mapper, t), []).append(state)
+    for (mapper, t), group in missing.items():
+        session = group[0].session
+        if session is None:
+            return
+        pk = mapper.primary_key
+        companion = mapper.columns[t.companion_key]
+        by_ident = {state.key[1]: state for state in group if state.key is not None}
+        idents = list(by_ident)
+        with session.no_autoflush:
+            for i in range(0, len(idents), 500):
+                chunk = idents[i : i + 500]
+                where = pk[0].in_([k[0] for k in chunk]) if len(pk) == 1 else tuple_(*pk).in_(chunk)
+                for row in session.execute(select(*pk, companion).where(where)):
+                    found = by_ident.get(tuple(row[: len(pk)]))
+                    if found is not None:
+                        found.dict[t.companion_key] = row[-1]
+                        found.committed_state.pop(t.companion_key, None)
 
 
 def _do_orm_execute(cmk: CMK, orm_state: ORMExecuteState) -> Any:
@@ -200,6 +235,13 @@ def _bulk_insert(cmk: CMK, orm_state: ORMExecuteState) -> Any:
     mapper = orm_state.bind_mapper
     if mapper is None or not mapper_spec(mapper).tables or not orm_state.parameters:
         return None
+    if getattr(orm_state.statement, "_post_values_clause", None) is not None:
+        # ON CONFLICT / ON DUPLICATE KEY: a conflicting row would keep its old EDEK and row id
+        # while taking values sealed under new ones, and could never be decrypted again.
+        raise PlaintextWriteError(
+            f"upserts into {mapper.class_.__name__}, which has encrypted columns, cannot keep "
+            "an existing row readable: load the row and change it, or insert new rows only"
+        )
     params: Any = orm_state.parameters
     new_rows: list[dict[str, Any]] = [
         dict(p) for p in (params if isinstance(params, list) else [params])

@@ -21,7 +21,6 @@ from sqlalchemy.orm import (
 )
 
 from sqlalchemy_cmk import (
-    DecryptionError,
     EncryptedMixin,
     EncryptedType,
     tenant_context,
@@ -183,14 +182,6 @@ def test_deferred_encrypted_column_decrypts_on_access(env: Env) -> None:
             assert p.id == row_id
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=DecryptionError,
-    reason="BUG: load_only(Model.encrypted_col) defers the companion cmk_edek implicitly, and "
-    "_session.decrypt_states then raises DecryptionError ('EDEK column is NULL or was not "
-    "loaded (do not defer the EDEK column)'); the hooks should load the companion themselves, "
-    "and a usage error should not be reported as DecryptionError (meant for tampering)",
-)
 def test_load_only_of_an_encrypted_column(env: Env) -> None:
     with tenant_context("acme"):
         add(env, Patient(tenant_id="acme", ssn="load-only-ssn", age=3))
@@ -198,6 +189,15 @@ def test_load_only_of_an_encrypted_column(env: Env) -> None:
             p = s.scalars(select(Patient).options(load_only(Patient.ssn))).one()
             assert p.ssn == "load-only-ssn"
             assert p.age == 3
+
+
+def test_load_only_fetches_the_companions_of_many_rows(env: Env) -> None:
+    with tenant_context("acme"):
+        for i in range(5):
+            add(env, Patient(tenant_id="acme", ssn=f"lo-{i}", age=i))
+        with env.Session() as s:
+            rows = s.scalars(select(Patient).options(load_only(Patient.ssn))).all()
+            assert sorted((p.ssn, p.age) for p in rows) == [(f"lo-{i}", i) for i in range(5)]
 
 
 def test_many_rows_in_one_query(env: Env) -> None:

@@ -12,7 +12,6 @@ from sqlalchemy import Engine, create_engine, func, insert, select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from sqlalchemy_cmk import (
-    CMKError,
     DecryptionError,
     EncryptedValue,
     NoTenantError,
@@ -196,26 +195,15 @@ def test_merge_of_detached_object_encrypts(env: Env, row_id: int) -> None:
         assert (p.ssn, p.notes, p.age) == ("MERGED-SSN", NOTES, 44)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=DecryptionError,
-    reason="BUG: an ORM bulk upsert (insert(Model).on_conflict_do_update(set_={'ssn': "
-    "excluded.ssn}) with a list of dicts) is sealed by _session._bulk_insert under a NEW row id "
-    "and data key, but the conflicting row keeps its old cmk_edek: the upserted value can never "
-    "be decrypted again (silent data loss). It should be refused, or kept readable.",
-)
 def test_upsert_never_leaves_an_undecryptable_row(env: Env, row_id: int) -> None:
     dialect_insert = postgresql.insert if env.engine.dialect.name == "postgresql" else sqlite.insert
     stmt = dialect_insert(Patient)
     stmt = stmt.on_conflict_do_update(index_elements=[Patient.id], set_={"ssn": stmt.excluded.ssn})
     with tenant_context("acme"), env.Session() as s:
-        try:
+        with pytest.raises(PlaintextWriteError, match="upserts"):
             s.execute(stmt, [{"id": row_id, "tenant_id": "acme", "ssn": "UPSERTED-SSN"}])
-            s.commit()
-            expected = "UPSERTED-SSN"
-        except CMKError:
-            s.rollback()
-            expected = SSN
+        s.rollback()
+        expected = SSN
     env.cmk.forget_tenant()
     with tenant_context("acme"), env.Session() as s:
         p = s.get(Patient, row_id)
