@@ -20,6 +20,7 @@ from .context import TenantContext, require_context
 from .errors import (
     ConfigurationError,
     DecryptionError,
+    InvalidValueError,
     NoTenantError,
     TenantMismatchError,
 )
@@ -227,7 +228,15 @@ class CMK:
             values = row.values
             cts = []
             for c in row.columns:
-                pt = _codecs.encode(c.codec, values[c.key], table=t.table, column=c.name)
+                value = values[c.key]
+                if c.max_length is not None and len(value) > c.max_length:
+                    raise InvalidValueError(
+                        f"{t.table}.{c.name} holds at most {c.max_length} characters, "
+                        f"got {len(value)}",
+                        table=t.table,
+                        column=c.name,
+                    )
+                pt = _codecs.encode(c.codec, value, table=t.table, column=c.name)
                 nonce = nonces[n : n + _format.NONCE_SIZE]
                 n += _format.NONCE_SIZE
                 aad = _aad_prefix(tenant, t.table, c.name) + row_id

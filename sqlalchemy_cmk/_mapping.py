@@ -20,6 +20,7 @@ class ColumnSpec:
     key: str  # attribute key on the mapped class (the column name for Core tables)
     name: str  # column name in the database; bound into the associated data
     codec: Codec
+    max_length: int | None = None  # String(n): enforced here, since the stored column is binary
 
 
 @dataclass(frozen=True, eq=False)
@@ -66,7 +67,12 @@ def _table_spec(table: FromClause, keys: dict[str, str] | None, owner: str) -> T
             table=name,
         )
     cols = tuple(
-        ColumnSpec(mapped[c.name], c.name, c.type.codec)  # type: ignore[attr-defined]
+        ColumnSpec(
+            mapped[c.name],
+            c.name,
+            c.type.codec,  # type: ignore[attr-defined]
+            getattr(c.type.underlying, "length", None),  # type: ignore[attr-defined]
+        )
         for c in encrypted
     )
     return TableSpec(name, mapped[comp.name], comp.name, cols)

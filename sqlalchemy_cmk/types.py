@@ -43,9 +43,10 @@ class Sealed:
 class EncryptedValue(bytes):
     """Ciphertext as read from the database, not (yet) decrypted: the stored bytes, as is.
 
-    Seen when an encrypted column is read outside an installed session (Core ``select()``, a
-    session without hooks); decrypt such rows with :meth:`sqlalchemy_cmk.CMK.decrypt_row`. Its
-    repr shows only the length.
+    Seen when an encrypted column is read other than as part of an ORM entity: Core
+    ``select()``, a column-only ORM query such as ``select(Patient.ssn)``, a session without
+    the hooks. Select the companion column too and decrypt with
+    :meth:`sqlalchemy_cmk.CMK.decrypt_row`. Its repr shows only the length.
     """
 
     __slots__ = ()

@@ -109,8 +109,18 @@ class LocalKeyProvider:
     def generate_key_file(path: str | os.PathLike[str], names: Iterable[str]) -> Path:
         """Write a key file with a fresh random key per name (mode 0600); refuse to overwrite."""
         p = Path(path)
+        if isinstance(names, str):
+            raise ConfigurationError("generate_key_file() takes a list of key names, not a str")
         keys = {n: base64.b64encode(os.urandom(32)).decode() for n in names}
-        fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        if not keys:
+            raise ConfigurationError("generate_key_file() needs at least one key name")
+        try:
+            fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            raise ConfigurationError(
+                f"key file {p} exists; refusing to overwrite master keys (data under them would "
+                "become unreadable)"
+            ) from None
         with os.fdopen(fd, "w") as fh:
             json.dump({"keys": keys}, fh, indent=2)
         return p

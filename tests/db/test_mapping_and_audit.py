@@ -40,6 +40,7 @@ from sqlalchemy_cmk import (
 )
 
 from .models import (
+    AllTypes,
     Env,
     Patient,
     assert_absent,
@@ -169,6 +170,18 @@ def test_value_of_wrong_type_in_bulk_insert_is_refused(env: Env) -> None:
             )
         s.rollback()
     assert count(env) == 0
+
+
+def test_declared_string_length_is_enforced(env: Env) -> None:
+    # The stored column is binary, so the database cannot enforce String(n): the type does.
+    with tenant_context("acme"), env.Session() as s:
+        s.add(AllTypes(s="x" * 201))
+        with pytest.raises(InvalidValueError, match=r"all_types\.s holds at most 200") as info:
+            s.commit()
+        s.rollback()
+        assert "xxxx" not in str(info.value)
+        s.add(AllTypes(s="x" * 200))
+        s.commit()
 
 
 # -- audit -----------------------------------------------------------------------------------

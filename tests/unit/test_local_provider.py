@@ -182,7 +182,7 @@ def test_generate_key_file(tmp_path: Path):
 def test_generate_key_file_refuses_to_overwrite(tmp_path: Path):
     path = LocalKeyProvider.generate_key_file(tmp_path / "keys.json", ["acme"])
     before = path.read_bytes()
-    with pytest.raises((FileExistsError, ConfigurationError)):
+    with pytest.raises(ConfigurationError, match="refusing to overwrite"):
         LocalKeyProvider.generate_key_file(path, ["acme"])
     assert path.read_bytes() == before
 
@@ -190,7 +190,7 @@ def test_generate_key_file_refuses_to_overwrite(tmp_path: Path):
 def test_generate_key_file_does_not_follow_a_symlink(tmp_path: Path):
     target = tmp_path / "elsewhere.json"
     (tmp_path / "keys.json").symlink_to(target)
-    with pytest.raises((FileExistsError, ConfigurationError)):
+    with pytest.raises(ConfigurationError, match="refusing to overwrite"):
         LocalKeyProvider.generate_key_file(tmp_path / "keys.json", ["acme"])
     assert not target.exists()
 
@@ -296,3 +296,10 @@ def test_repr_has_no_key_bytes(provider: LocalKeyProvider):
     for key in (KEY_A, KEY_B):
         for form in (b64(key), key.hex(), repr(key), repr(key)[2:-1]):
             assert form not in text
+
+
+def test_generate_key_file_refuses_a_str_of_names(tmp_path: Path) -> None:
+    # "acme" would otherwise become four keys named a, c, m, e.
+    with pytest.raises(ConfigurationError, match="list of key names"):
+        LocalKeyProvider.generate_key_file(tmp_path / "k.json", "acme")
+    assert not (tmp_path / "k.json").exists()
