@@ -13,7 +13,7 @@ from cryptography.exceptions import InvalidTag
 from sqlalchemy import LargeBinary, Table
 
 from . import _codecs, _format
-from ._keys import CachePolicy, DataKey, KeyManager, RetryPolicy, TenantKeys
+from ._keys import CachePolicy, DataKey, KeyManager, RetryPolicy
 from ._mapping import ColumnSpec, TableSpec, table_spec
 from .audit import AuditSink, LoggingAuditSink
 from .context import TenantContext, require_context
@@ -25,6 +25,7 @@ from .errors import (
     TenantMismatchError,
 )
 from .providers import KeyProvider
+from .registry import KeyRegistry, StaticKeyRegistry
 from .types import EncryptedValue
 
 __all__ = ["CMK", "EncryptedDocument"]
@@ -65,6 +66,8 @@ class CMK:
         providers: Providers, one per URI scheme; a tenant's key reference picks one.
         tenant_keys: Tenant id -> key reference, or a sequence of them whose first is the
             primary (encrypts new data) and the rest are still accepted for reading.
+        registry: Instead of ``tenant_keys``, a :class:`~sqlalchemy_cmk.registry.KeyRegistry`
+            (e.g. the database-backed one), consulted on every wrap and unwrap.
         cache_ttl: Seconds an unwrapped data key is used without asking the KMS again; the bound
             on how long a revocation takes to bite. 0 disables caching (one KMS call per flush
             and per load).
@@ -89,7 +92,8 @@ class CMK:
         provider: KeyProvider | None = None,
         *,
         providers: Sequence[KeyProvider] = (),
-        tenant_keys: Mapping[str, str | Sequence[str]],
+        tenant_keys: Mapping[str, str | Sequence[str]] | None = None,
+        registry: KeyRegistry | None = None,
         cache_ttl: float = 60.0,
         cache_max_entries: int = 1000,
         write_key_max_age: float | None = None,
@@ -108,15 +112,22 @@ class CMK:
             if p.scheme in by_scheme:
                 raise ConfigurationError(f"two providers serve the scheme {p.scheme!r}")
             by_scheme[p.scheme] = p
-        tenants = {t: _tenant_keys(t, refs, by_scheme) for t, refs in tenant_keys.items()}
+        if (tenant_keys is None) == (registry is None):
+            raise ConfigurationError("give CMK exactly one of tenant_keys= or registry=")
+        if registry is None:
+            assert tenant_keys is not None
+            registry = StaticKeyRegistry(tenant_keys)
         self._keys = KeyManager(
             by_scheme,
-            tenants,
+            registry,
             CachePolicy(cache_ttl, cache_max_entries, write_key_max_age, write_key_max_uses),
             RetryPolicy(retry_attempts, retry_backoff, kms_deadline, max_concurrency),
             [LoggingAuditSink()] if audit_sinks is None else audit_sinks,
         )
         self._installed: list[tuple[Any, list[tuple[str, Any]]]] = []
+        if isinstance(registry, StaticKeyRegistry):
+            for tenant in registry.tenants():  # fail at start-up, not at a tenant's first write
+                self._keys.tenant_keys(tenant)
 
     def __repr__(self) -> str:
         return f"<CMK providers={sorted(self._keys._providers)!r}>"
@@ -469,26 +480,3 @@ def _doc_spec(namespace: str, fields: tuple[str, ...]) -> TableSpec:
     return TableSpec(
         namespace, _DOC_EDEK_KEY, "edek", tuple(ColumnSpec(f, f, _BYTES_CODEC) for f in fields)
     )
-
-
-def _tenant_keys(
-    tenant: str, refs: str | Sequence[str], providers: Mapping[str, KeyProvider]
-) -> TenantKeys:
-    ref_list = [refs] if isinstance(refs, str) else list(refs)
-    if not isinstance(tenant, str) or not tenant or not ref_list:
-        raise ConfigurationError(f"tenant {tenant!r} needs a non-empty id and at least one key")
-    for ref in ref_list:
-        scheme, sep, rest = ref.partition("://") if isinstance(ref, str) else ("", "", "")
-        if not sep or not rest:
-            raise ConfigurationError(
-                f"key reference {ref!r} of tenant {tenant!r} is not a URI like local://name",
-                tenant=tenant,
-            )
-        if scheme not in providers:
-            raise ConfigurationError(
-                f"key reference {ref!r} of tenant {tenant!r} needs a provider for scheme "
-                f"{scheme!r}; configured: {sorted(providers)}",
-                tenant=tenant,
-                key_ref=ref,
-            )
-    return TenantKeys(ref_list[0], frozenset(ref_list))

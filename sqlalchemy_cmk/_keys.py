@@ -43,16 +43,9 @@ from .errors import (
     TenantNotConfiguredError,
 )
 from .providers import KeyProvider
+from .registry import KeyRegistry, TenantKeys, parse_key_ref
 
 _T = TypeVar("_T")
-
-
-@dataclass(frozen=True)
-class TenantKeys:
-    """A tenant's key references: the primary encrypts, all of them may decrypt."""
-
-    primary: str
-    accepted: frozenset[str]
 
 
 @dataclass(frozen=True)
@@ -147,7 +140,7 @@ class KeyManager:
     def __init__(
         self,
         providers: Mapping[str, KeyProvider],
-        tenants: Mapping[str, TenantKeys],
+        tenants: KeyRegistry | Mapping[str, TenantKeys],
         cache: CachePolicy,
         retry: RetryPolicy,
         audit: Sequence[AuditSink],
@@ -156,7 +149,9 @@ class KeyManager:
         rng: Callable[[int], bytes] = os.urandom,
     ) -> None:
         self._providers = dict(providers)
-        self._tenants = dict(tenants)
+        self._registry: KeyRegistry = (
+            tenants if isinstance(tenants, KeyRegistry) else _MappingRegistry(dict(tenants))
+        )
         self._cache_policy = cache
         self._retry = retry
         self._audit = tuple(audit)
@@ -169,12 +164,17 @@ class KeyManager:
     # -- tenants -------------------------------------------------------------------------------
 
     def tenant_keys(self, tenant: str) -> TenantKeys:
-        keys = self._tenants.get(tenant)
-        if keys is None:
-            raise TenantNotConfiguredError(
-                f"tenant {tenant!r} has no key reference: add it to CMK(tenant_keys=...)",
-                tenant=tenant,
-            )
+        """The tenant's keys from the registry, each with a configured provider."""
+        keys = self._registry.tenant_keys(tenant)
+        for ref in keys.accepted:
+            scheme, _ = parse_key_ref(ref, tenant)
+            if scheme not in self._providers:
+                raise ConfigurationError(
+                    f"key reference {ref!r} of tenant {tenant!r} needs a provider for scheme "
+                    f"{scheme!r}; configured: {sorted(self._providers)}",
+                    tenant=tenant,
+                    key_ref=ref,
+                )
         return keys
 
     def emit(
@@ -226,7 +226,7 @@ class KeyManager:
         started = self._clock()
         try:
             wrapped = self._call(
-                lambda: provider.wrap_key(key_ref, bytes(material), {"tenant": tenant}),
+                lambda: provider.wrap_key(key_ref, bytes(material), _wrap_context(tenant, ctx)),
                 tenant,
                 key_ref,
                 scheme,
@@ -447,3 +447,23 @@ class KeyManager:
                     key_ref=key_ref,
                     provider=scheme,
                 ) from exc
+
+
+def _wrap_context(tenant: str, ctx: TenantContext | None) -> dict[str, str]:
+    # The tenant binds; the data label is informational (AWS shows it in the tenant's
+    # CloudTrail) and the providers that send it record it in their wrapped bytes.
+    context = {"tenant": tenant}
+    if ctx is not None and ctx.data_label:
+        context["data_label"] = ctx.data_label
+    return context
+
+
+class _MappingRegistry:
+    def __init__(self, tenants: dict[str, TenantKeys]) -> None:
+        self._tenants = tenants
+
+    def tenant_keys(self, tenant: str) -> TenantKeys:
+        keys = self._tenants.get(tenant)
+        if keys is None:
+            raise TenantNotConfiguredError(f"tenant {tenant!r} has no key reference", tenant=tenant)
+        return keys

@@ -29,13 +29,24 @@ class KeyProvider(Protocol):
     scheme: str
 
     def wrap_key(self, key_ref: str, data_key: bytes, context: Mapping[str, str]) -> bytes:
-        """Encrypt ``data_key`` under the master key ``key_ref``, bound to ``context``.
+        """Encrypt ``data_key`` under the master key ``key_ref``, bound to the tenant.
 
-        ``context`` is authenticated, not secret (AWS EncryptionContext, GCP AAD): the same
-        mapping must be given to :meth:`unwrap_key`. It holds at least ``{"tenant": ...}``.
+        ``context`` always holds ``"tenant"``, which the provider must bind (AWS
+        EncryptionContext, GCP additional authenticated data, Vault derivation context...), so
+        that a wrapped key of one tenant never unwraps as another's. It may hold more,
+        informational entries (``"data_label"``); a provider that sends them to its KMS (for the
+        tenant's audit log) must record them in the bytes it returns, because
+        :meth:`unwrap_key` only gets ``{"tenant": ...}``.
         """
         ...
 
     def unwrap_key(self, key_ref: str, wrapped: bytes, context: Mapping[str, str]) -> bytes:
-        """Return the data key that :meth:`wrap_key` wrapped, or raise a mapped error."""
+        """Return the data key that :meth:`wrap_key` wrapped for ``context["tenant"]``.
+
+        Raises (mapped at the provider's boundary, always ``from`` the SDK error):
+            KeyAccessDeniedError: the KMS refused (revoked, disabled, forbidden).
+            KeyNotFoundError: the KMS does not know ``key_ref``.
+            KMSUnavailableError: network error, timeout, throttling, 5xx.
+            DecryptionError: ``wrapped`` is corrupt or bound to another tenant.
+        """
         ...

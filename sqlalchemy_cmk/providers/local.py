@@ -31,8 +31,9 @@ _WRAP_AAD = b"sqlalchemy-cmk/local-wrap/v1"
 
 
 def _aad(name: str, context: Mapping[str, str]) -> bytes:
-    # JSON with sorted keys: an unambiguous encoding of the context, name included.
-    return _WRAP_AAD + json.dumps([name, sorted(context.items())]).encode()
+    # Binds the key name and the tenant (the only binding entry of the context), as JSON: an
+    # unambiguous encoding.
+    return _WRAP_AAD + json.dumps([name, [["tenant", context.get("tenant", "")]]]).encode()
 
 
 def _check_key(name: str, key: bytes) -> None:

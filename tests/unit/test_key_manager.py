@@ -18,7 +18,8 @@ from sqlalchemy_cmk import (
     TenantNotConfiguredError,
     tenant_context,
 )
-from sqlalchemy_cmk._keys import CachePolicy, KeyManager, RetryPolicy, TenantKeys
+from sqlalchemy_cmk._keys import CachePolicy, KeyManager, RetryPolicy
+from sqlalchemy_cmk.registry import TenantKeys
 from sqlalchemy_cmk.testing import FakeKeyProvider
 
 ZERO = bytearray(32)

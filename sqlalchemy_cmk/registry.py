@@ -1,0 +1,91 @@
+"""Which keys each tenant has: one primary (encrypts new data) and any accepted (still decrypt).
+
+A tenant moves keys, or clouds, without downtime by making a new key its primary while the old
+one stays accepted until every row has been rewrapped.
+
+Backends implement :class:`KeyRegistry`. :class:`StaticKeyRegistry` is the in-code mapping that
+``CMK(tenant_keys=...)`` builds; ``sqlalchemy_cmk.registry_db.DatabaseKeyRegistry`` keeps tenants
+in an integrity-protected table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+from .errors import ConfigurationError, TenantNotConfiguredError
+
+__all__ = ["KeyRegistry", "StaticKeyRegistry", "TenantKeys", "parse_key_ref"]
+
+
+@dataclass(frozen=True)
+class TenantKeys:
+    """A tenant's key references.
+
+    Attributes:
+        primary: The key reference that wraps new data keys.
+        accepted: Every key reference whose data keys may be unwrapped (includes ``primary``).
+        credentials: Provider-specific references to credentials (a role ARN, a client id, a
+            secret name): never the credentials themselves.
+    """
+
+    primary: str
+    accepted: frozenset[str]
+    credentials: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.primary not in self.accepted:
+            raise ConfigurationError("a tenant's primary key must be among its accepted keys")
+
+
+@runtime_checkable
+class KeyRegistry(Protocol):
+    """Where ``CMK`` looks up a tenant's keys, on every wrap and unwrap (so cache if slow)."""
+
+    def tenant_keys(self, tenant: str) -> TenantKeys:
+        """Return the tenant's keys.
+
+        Raises:
+            TenantNotConfiguredError: unknown or disabled tenant.
+        """
+        ...
+
+
+def parse_key_ref(ref: object, tenant: str | None = None) -> tuple[str, str]:
+    """Split ``scheme://rest``; ConfigurationError naming the tenant if it is not such a URI."""
+    scheme, sep, rest = ref.partition("://") if isinstance(ref, str) else ("", "", "")
+    if not sep or not rest or not scheme:
+        raise ConfigurationError(
+            f"key reference {ref!r} of tenant {tenant!r} is not a URI like local://name",
+            tenant=tenant,
+        )
+    return scheme, rest
+
+
+class StaticKeyRegistry:
+    """Tenants defined in code: ``{"acme": "aws-kms://arn...", "globex": [primary, old, ...]}``."""
+
+    def __init__(self, tenant_keys: Mapping[str, str | Sequence[str]]) -> None:
+        self._tenants: dict[str, TenantKeys] = {}
+        for tenant, refs in tenant_keys.items():
+            ref_list = [refs] if isinstance(refs, str) else list(refs)
+            if not isinstance(tenant, str) or not tenant or not ref_list:
+                raise ConfigurationError(
+                    f"tenant {tenant!r} needs a non-empty id and at least one key"
+                )
+            for ref in ref_list:
+                parse_key_ref(ref, tenant)
+            self._tenants[tenant] = TenantKeys(ref_list[0], frozenset(ref_list))
+
+    def tenant_keys(self, tenant: str) -> TenantKeys:
+        keys = self._tenants.get(tenant)
+        if keys is None:
+            raise TenantNotConfiguredError(
+                f"tenant {tenant!r} has no key reference: add it to CMK(tenant_keys=...)",
+                tenant=tenant,
+            )
+        return keys
+
+    def tenants(self) -> list[str]:
+        return sorted(self._tenants)
