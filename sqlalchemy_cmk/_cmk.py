@@ -16,11 +16,15 @@ from . import _codecs, _format
 from ._keys import CachePolicy, DataKey, KeyManager, RetryPolicy
 from ._mapping import ColumnSpec, TableSpec, table_spec
 from .audit import AuditSink, LoggingAuditSink
-from .context import TenantContext, require_context
+from .context import TenantContext, require_context, tenant_context
 from .errors import (
+    CMKError,
     ConfigurationError,
     DecryptionError,
     InvalidValueError,
+    KeyAccessDeniedError,
+    KeyNotFoundError,
+    KMSUnavailableError,
     NoTenantError,
     TenantMismatchError,
 )
@@ -28,7 +32,7 @@ from .providers import KeyProvider
 from .registry import KeyRegistry, StaticKeyRegistry
 from .types import EncryptedValue
 
-__all__ = ["CMK", "EncryptedDocument"]
+__all__ = ["CMK", "EncryptedDocument", "TenantCheck"]
 
 _aad_prefix = functools.lru_cache(maxsize=65536)(_format.aad_prefix)
 
@@ -49,13 +53,60 @@ class EncryptedDocument:
         return f"EncryptedDocument(fields={sorted(self.fields)!r})"
 
 
-class SealRow(NamedTuple):
-    """One table row to encrypt: the values of ``columns`` in ``values`` (a dict by key)."""
+class CheckStep(NamedTuple):
+    name: str
+    ok: bool
+    detail: str
 
-    values: Mapping[str, Any]
-    table: TableSpec
-    columns: Sequence[ColumnSpec]
-    companion: bytes | None  # the row's companion if it has one (an update), else None
+
+@dataclass(frozen=True)
+class TenantCheck:
+    """What :meth:`CMK.check_tenant` found. ``ok`` is true when every step passed."""
+
+    tenant: str
+    key_ref: str | None
+    steps: tuple[CheckStep, ...]
+
+    @property
+    def ok(self) -> bool:
+        return all(step.ok for step in self.steps)
+
+    def __str__(self) -> str:
+        lines = [f"tenant {self.tenant}: {'OK' if self.ok else 'FAILED'}"]
+        lines += [f"  [{'ok' if s.ok else 'FAIL'}] {s.name}: {s.detail}" for s in self.steps]
+        return "\n".join(lines)
+
+
+_DIAGNOSES: tuple[tuple[type[CMKError], str], ...] = (
+    (
+        KeyAccessDeniedError,
+        "the tenant's KMS refused: the key is disabled, scheduled for deletion, or this "
+        "application's identity is not granted encrypt/decrypt on it (key policy, IAM role, "
+        "access policy); ask the tenant to check the grant described in docs/providers",
+    ),
+    (
+        KeyNotFoundError,
+        "the tenant's KMS does not know this key: check the key reference (region, project, "
+        "vault, version) the tenant gave",
+    ),
+    (
+        KMSUnavailableError,
+        "the tenant's KMS could not be reached or kept failing: check network egress, the "
+        "endpoint, credentials and throttling",
+    ),
+    (
+        DecryptionError,
+        "the KMS answered but the probe key did not round-trip: wrong key version or "
+        "algorithm, or an intercepting proxy",
+    ),
+)
+
+
+def _diagnose(exc: CMKError, key_ref: str) -> str:
+    for cls, hint in _DIAGNOSES:
+        if isinstance(exc, cls):
+            return f"{type(exc).__name__} for {key_ref}: {hint}"
+    return f"{type(exc).__name__} for {key_ref}: {exc}"
 
 
 class CMK:
@@ -101,7 +152,7 @@ class CMK:
         retry_attempts: int = 3,
         retry_backoff: float = 0.05,
         kms_deadline: float = 10.0,
-        max_concurrency: int = 8,
+        max_concurrency: int = 16,
         audit_sinks: Sequence[AuditSink] | None = None,
     ) -> None:
         all_providers = ([provider] if provider is not None else []) + list(providers)
@@ -168,6 +219,37 @@ class CMK:
         """
         return self._keys.forget(tenant)
 
+    def check_tenant(self, tenant: str, *, actor: str = "sqlalchemy-cmk check") -> TenantCheck:
+        """Prove a tenant's key works end to end, for onboarding and support.
+
+        Looks the tenant up, then wraps a random probe key under its primary key and unwraps it
+        again through the tenant's KMS (each step audited, nothing cached). Never raises for a
+        tenant-side problem: the result says what failed and what to do.
+        """
+        steps: list[CheckStep] = []
+        with tenant_context(tenant, actor=actor, data_label="onboarding-check") as ctx:
+            try:
+                keys = self._keys.tenant_keys(tenant)
+            except CMKError as exc:
+                steps.append(CheckStep("registry", False, f"{exc}"))
+                return TenantCheck(tenant, None, tuple(steps))
+            others = sorted(keys.accepted - {keys.primary})
+            steps.append(
+                CheckStep(
+                    "registry",
+                    True,
+                    f"primary {keys.primary}"
+                    + (f"; also accepted: {', '.join(others)}" if others else ""),
+                )
+            )
+            try:
+                ms = self._keys.probe(tenant, keys.primary, ctx)
+            except CMKError as exc:
+                steps.append(CheckStep("wrap+unwrap", False, _diagnose(exc, keys.primary)))
+            else:
+                steps.append(CheckStep("wrap+unwrap", True, f"probe key round trip in {ms:.0f} ms"))
+        return TenantCheck(tenant, keys.primary, tuple(steps))
+
     # -- sealing and opening rows (shared by the ORM hooks and the low-level API) -------------
 
     def _tenant_for_write(self, ctx: TenantContext) -> str:
@@ -179,93 +261,112 @@ class CMK:
         return ctx.tenant_id
 
     def seal(
-        self, rows: Sequence[SealRow], ctx: TenantContext
-    ) -> list[tuple[bytes | None, list[bytes]]]:
+        self,
+        dicts: Sequence[Mapping[str, Any]],
+        tables: Sequence[TableSpec],
+        columns: Sequence[Sequence[ColumnSpec]],
+        companions: Sequence[bytes | None],
+        ctx: TenantContext,
+    ) -> tuple[list[bytes | None], list[bytes]]:
         """Encrypt rows for the context tenant: one wrap at most per write window.
 
-        Returns, per row, the new companion (``None`` if the row keeps its own) and the
-        ciphertexts of its ``columns`` in order. Raises before returning anything if any row
-        cannot be sealed.
+        Row ``i`` is ``dicts[i]`` (values by attribute key), a row of ``tables[i]``; the values
+        of ``columns[i]`` that are not ``None`` are encrypted, under the row's own key if
+        ``companions[i]`` is given (an update), else under the tenant's write key.
+
+        Returns the new companion of each row (``None`` where the row keeps its own) and the
+        ciphertexts, flat, in row and column order. Raises before returning anything if any
+        value cannot be sealed. Parallel lists and flat results, because this runs for every
+        row of a flush and objects kept alive per row make the garbage collector run more.
         """
-        if not rows:
-            return []
         tenant = self._tenant_for_write(ctx)
-        old = {r.companion[1 + _format.ROW_ID_SIZE :] for r in rows if r.companion is not None}
+        split = 1 + _format.ROW_ID_SIZE
+        old = {comp[split:] for comp in companions if comp is not None}
         keys: dict[bytes, DataKey] = {}
         if old:
-            for r in rows:
-                if r.companion is not None:
-                    _format.split_companion(r.companion)
-            self._check_tenants(old, ctx, rows[0].table.table, "encrypt")
+            for comp in companions:
+                if comp is not None:
+                    _format.split_companion(comp)
+            self._check_tenants(old, ctx, tables[0].table, "encrypt")
             keys = self._keys.read_keys(old, ctx)
-        # New rows take the tenant's write key; a batch larger than one key may serve is split
-        # over as many keys as needed (one wrap each).
+        # Count the values; new rows share the tenant's write key, and a batch larger than one
+        # key may serve is split over as many keys as needed (one wrap each).
+        max_uses = self._keys.max_uses
         write_keys: list[DataKey] = []
-        chunk = 0
-        for r in rows:
-            if r.companion is None:
-                if chunk and chunk + len(r.columns) > self._keys.max_uses:
+        uses: list[int] = []
+        chunk = n_values = n_new = 0
+        for d, cols, comp in zip(dicts, columns, companions, strict=True):
+            k = 0
+            for c in cols:
+                if d.get(c.key) is not None:
+                    k += 1
+            uses.append(k)
+            n_values += k
+            if comp is None:
+                n_new += 1
+                if chunk and chunk + k > max_uses:
                     write_keys.append(self._keys.write_key(tenant, chunk, ctx))
                     chunk = 0
-                chunk += len(r.columns)
-        if chunk:
+                chunk += k
+        if chunk or n_new:
             write_keys.append(self._keys.write_key(tenant, chunk, ctx))
-        n_values = sum(len(r.columns) for r in rows)
-        n_new = sum(1 for r in rows if r.companion is None)
         rng = self._keys.rng
         nonces = rng(_format.NONCE_SIZE * n_values)
         row_ids = rng(_format.ROW_ID_SIZE * n_new)
         version = _format.VERSION_BYTE
+        str_codec = _codecs.STR
+        plans: dict[TableSpec, dict[ColumnSpec, tuple[bytes, bytes]]] = {}
+        counts: dict[TableSpec, int] = defaultdict(int)
+        used: set[ColumnSpec] = set()
+        new_companions: list[bytes | None] = []
+        cts: list[bytes] = []
         n = r_i = k_i = key_uses = 0
-        out: list[tuple[bytes | None, list[bytes]]] = []
-        counts: dict[str, int] = defaultdict(int)
-        cols: dict[str, set[str]] = defaultdict(set)
-        for row in rows:
-            t = row.table
-            if row.companion is None:
+        for d, t, cols, comp, k in zip(dicts, tables, columns, companions, uses, strict=True):
+            plan = plans.get(t)
+            if plan is None:
+                plan = plans[t] = {
+                    c: (bytes([c.codec.tag]), _aad_prefix(tenant, t.table, c.name))
+                    for c in t.columns
+                }
+            if comp is None:
                 key = write_keys[k_i]
-                if key_uses and key_uses + len(row.columns) > self._keys.max_uses:
+                if key_uses and key_uses + k > max_uses:
                     k_i += 1
                     key, key_uses = write_keys[k_i], 0
-                key_uses += len(row.columns)
+                key_uses += k
                 row_id = row_ids[r_i : r_i + _format.ROW_ID_SIZE]
                 r_i += _format.ROW_ID_SIZE
-                companion: bytes | None = version + row_id + key.envelope
+                new_companions.append(version + row_id + key.envelope)
             else:
-                row_id = row.companion[1 : 1 + _format.ROW_ID_SIZE]
-                key = keys[row.companion[1 + _format.ROW_ID_SIZE :]]
-                companion = None
+                row_id = comp[1:split]
+                key = keys[comp[split:]]
+                new_companions.append(None)
             encrypt = key.aead.encrypt
-            values = row.values
-            cts = []
-            for c in row.columns:
-                value = values[c.key]
-                if c.max_length is not None and len(value) > c.max_length:
-                    raise InvalidValueError(
-                        f"{t.table}.{c.name} holds at most {c.max_length} characters, "
-                        f"got {len(value)}",
-                        table=t.table,
-                        column=c.name,
-                    )
-                pt = _codecs.encode(c.codec, value, table=t.table, column=c.name)
+            for c in cols:
+                v = d.get(c.key)
+                if v is None:
+                    continue
+                tag, prefix = plan[c]
+                used.add(c)
+                if type(v) is str and c.codec is str_codec:
+                    if c.max_length is not None and len(v) > c.max_length:
+                        raise InvalidValueError(
+                            f"{t.table}.{c.name} holds at most {c.max_length} characters, "
+                            f"got {len(v)}",
+                            table=t.table,
+                            column=c.name,
+                        )
+                    pt = tag + v.encode()
+                else:
+                    pt = _codecs.encode(c.codec, v, table=t.table, column=c.name)
                 nonce = nonces[n : n + _format.NONCE_SIZE]
                 n += _format.NONCE_SIZE
-                aad = _aad_prefix(tenant, t.table, c.name) + row_id
-                cts.append(version + nonce + encrypt(nonce, pt, aad))
-            out.append((companion, cts))
-            counts[t.table] += 1
-            cols[t.table].update(c.name for c in row.columns)
-        for table, count in counts.items():
-            self._keys.emit(
-                ctx,
-                "encrypt",
-                "ok",
-                tenant,
-                table=table,
-                columns=tuple(sorted(cols[table])),
-                rows=count,
-            )
-        return out
+                cts.append(version + nonce + encrypt(nonce, pt, prefix + row_id))
+            counts[t] += 1
+        for t, count in counts.items():
+            names = tuple(sorted(c.name for c in t.columns if c in used))
+            self._keys.emit(ctx, "encrypt", "ok", tenant, table=t.table, columns=names, rows=count)
+        return new_companions, cts
 
     def open(
         self,
@@ -411,15 +512,25 @@ class CMK:
             InvalidValueError: a field value is not bytes.
         """
         ctx = require_context()
-        rows = []
+        specs = [_doc_spec(namespace, tuple(sorted(doc))) for doc in documents]
         for doc in documents:
-            spec = _doc_spec(namespace, tuple(sorted(doc)))
-            rows.append(SealRow(doc, spec, spec.columns, None))
-        sealed = self.seal(rows, ctx)
-        return [
-            EncryptedDocument(companion or b"", dict(zip(row.table.column_names, cts, strict=True)))
-            for row, (companion, cts) in zip(rows, sealed, strict=True)
-        ]
+            for name, value in doc.items():
+                if not isinstance(value, (bytes, bytearray, memoryview)):
+                    raise InvalidValueError(
+                        f"document field {name!r} must be bytes, not {type(value).__name__}",
+                        table=namespace,
+                        column=name,
+                    )
+        companions, cts = self.seal(
+            documents, specs, [t.columns for t in specs], [None] * len(specs), ctx
+        )
+        out, n = [], 0
+        for spec, companion in zip(specs, companions, strict=True):
+            k = len(spec.columns)
+            fields = dict(zip(spec.column_names, cts[n : n + k], strict=True))
+            out.append(EncryptedDocument(companion or b"", fields))
+            n += k
+        return out
 
     def encrypt_document(
         self, fields: Mapping[str, bytes], *, namespace: str = "document"

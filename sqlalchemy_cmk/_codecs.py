@@ -65,7 +65,7 @@ def _uuid_enc(v: uuid.UUID | str) -> bytes:
     return (v if isinstance(v, uuid.UUID) else uuid.UUID(v)).bytes
 
 
-_STR = Codec("str", 1, str.encode, bytes.decode, (str,))
+STR = Codec("str", 1, str.encode, bytes.decode, (str,))
 _BYTES = Codec("bytes", 2, bytes, _bytes_dec, (bytes, bytearray, memoryview))
 _INT = Codec("int", 3, _int_enc, lambda b: int(b.decode()), (int,))
 _DECIMAL = Codec(
@@ -124,7 +124,7 @@ def codec_for(underlying: sqltypes.TypeEngine[Any]) -> Codec:
     elif isinstance(t, sqltypes._Binary):
         return _BYTES
     elif isinstance(t, sqltypes.String):
-        return _STR
+        return STR
     raise ConfigurationError(
         f"EncryptedType cannot encrypt {type(t).__name__} columns; supported: {SUPPORTED}"
     )

@@ -82,7 +82,7 @@ class RetryPolicy:
     attempts: int = 3
     backoff: float = 0.05
     deadline: float = 10.0
-    max_concurrency: int = 8
+    max_concurrency: int = 16
 
     def __post_init__(self) -> None:
         if self.attempts < 1 or self.backoff < 0 or self.deadline <= 0 or self.max_concurrency < 1:
@@ -308,7 +308,28 @@ class KeyManager:
         except CMKError as exc:
             return exc
 
-    def _unwrap(self, envelope: bytes, ctx: TenantContext | None) -> DataKey:
+    def probe(self, tenant: str, key_ref: str, ctx: TenantContext | None) -> float:
+        """Wrap a fresh key under ``key_ref`` and unwrap it again, caching nothing; returns
+        the milliseconds it took. Raises what a wrap or an unwrap would."""
+        started = self._clock()
+        key = self._wrap_new(tenant, key_ref, ctx)
+        try:
+            back = self._unwrap(key.envelope, ctx, remember=False)
+            same = back.material == key.material
+            back.wipe()
+        finally:
+            key.wipe()
+        if not same:
+            raise DecryptionError(
+                "the KMS unwrapped a different key than it wrapped",
+                tenant=tenant,
+                key_ref=key_ref,
+            )
+        return (self._clock() - started) * 1000
+
+    def _unwrap(
+        self, envelope: bytes, ctx: TenantContext | None, *, remember: bool = True
+    ) -> DataKey:
         env = _format.parse_envelope(envelope)
         keys = self.tenant_keys(env.tenant)
         if env.key_ref not in keys.accepted:
@@ -375,8 +396,9 @@ class KeyManager:
             material,
             expires_at=started + self._cache_policy.ttl,
         )
-        with self._lock:
-            self._remember(key)
+        if remember:
+            with self._lock:
+                self._remember(key)
         return key
 
     def _remember(self, key: DataKey) -> None:

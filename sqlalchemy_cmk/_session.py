@@ -19,14 +19,15 @@ from __future__ import annotations
 
 import contextvars
 import weakref
+from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import event, select, tuple_
 from sqlalchemy.orm import Mapper, ORMExecuteState, Session, UOWTransaction
 from sqlalchemy.orm.state import InstanceState
 
-from ._cmk import CMK, SealRow
-from ._mapping import TableSpec, mapper_spec
+from ._cmk import CMK
+from ._mapping import ColumnSpec, TableSpec, mapper_spec
 from .context import current_context, require_context
 from .errors import PlaintextWriteError
 from .types import EncryptedValue, Sealed
@@ -161,31 +162,38 @@ def _before_flush(
     cmk: CMK, session: Session, flush_context: UOWTransaction, instances: Any
 ) -> None:
     session.info[_INFO_KEY] = cmk
-    rows: list[SealRow] = []
-    targets: list[tuple[InstanceState[Any], TableSpec]] = []
+    # Parallel lists, not per-row objects: see CMK.seal.
+    states: list[InstanceState[Any]] = []
+    dicts: list[dict[str, Any]] = []
+    tables: list[TableSpec] = []
+    columns: list[Sequence[ColumnSpec]] = []
+    companions: list[bytes | None] = []
     tables_of: dict[Mapper[Any], tuple[TableSpec, ...]] = {}
     for obj in list(session.new) + list(session.dirty):
         state: InstanceState[Any] = obj._sa_instance_state
         mapper = state.mapper
-        tables = tables_of.get(mapper)
-        if tables is None:
-            tables = tables_of[mapper] = mapper_spec(mapper).tables
-        if not tables:
+        specs = tables_of.get(mapper)
+        if specs is None:
+            specs = tables_of[mapper] = mapper_spec(mapper).tables
+        if not specs:
             continue
         d = state.dict
-        if state.key is None:  # new
-            for t in tables:
-                cols = [
-                    c
-                    for c in t.columns
-                    if (v := d.get(c.key)) is not None and type(v) is not Sealed
-                ]
-                if cols:
-                    rows.append(SealRow(d, t, cols, None))
-                    targets.append((state, t))
+        if state.key is None:  # new: every value that is set
+            for t in specs:
+                for c in t.columns:
+                    v = d.get(c.key)
+                    if v is not None and type(v) is not Sealed:
+                        break
+                else:
+                    continue
+                states.append(state)
+                dicts.append(d)
+                tables.append(t)
+                columns.append(t.columns)
+                companions.append(None)
             continue
         committed = state.committed_state
-        for t in tables:
+        for t in specs:
             cols = [
                 c
                 for c in t.columns
@@ -196,20 +204,35 @@ def _before_flush(
                 and committed[c.key] != v
             ]
             if cols:
-                rows.append(SealRow(d, t, cols, _companion_of(obj, t.companion_key)))
-                targets.append((state, t))
-    if not rows:
+                states.append(state)
+                dicts.append(d)
+                tables.append(t)
+                columns.append(cols)
+                companions.append(_companion_of(obj, t.companion_key))
+    if not dicts:
         return
-    sealed = cmk.seal(rows, require_context())
-    # Only now, with every value sealed, touch the instances.
-    pending: list[tuple[dict[str, Any], str, Sealed, Any]] = session.info.setdefault(
-        _PENDING_KEY, []
-    )
-    for row, (state, t), (companion, cts) in zip(rows, targets, sealed, strict=True):
-        d = state.dict
-        for c, ct in zip(row.columns, cts, strict=True):
-            box = Sealed(ct)
-            pending.append((d, c.key, box, d[c.key]))
+    new_companions, cts = cmk.seal(dicts, tables, columns, companions, require_context())
+    # Only now, with every value sealed, touch the instances. What to restore after the flush
+    # is kept as four flat lists.
+    pending = session.info.get(_PENDING_KEY)
+    if pending is None:
+        empty: tuple[list[dict[str, Any]], list[str], list[Sealed], list[Any]] = ([], [], [], [])
+        pending = session.info[_PENDING_KEY] = empty
+    p_dicts, p_keys, p_boxes, p_plain = pending
+    n = 0
+    for state, d, t, row_cols, companion in zip(
+        states, dicts, tables, columns, new_companions, strict=True
+    ):
+        for c in row_cols:
+            v = d.get(c.key)
+            if v is None:
+                continue
+            box = Sealed(cts[n])
+            n += 1
+            p_dicts.append(d)
+            p_keys.append(c.key)
+            p_boxes.append(box)
+            p_plain.append(v)
             d[c.key] = box
         if companion is None:
             continue
@@ -226,7 +249,10 @@ def _companion_of(obj: Any, key: str) -> bytes | None:
 
 
 def _restore(session: Session, *args: Any) -> None:
-    for d, key, box, plain in session.info.pop(_PENDING_KEY, ()):
+    pending = session.info.pop(_PENDING_KEY, None)
+    if pending is None:
+        return
+    for d, key, box, plain in zip(*pending, strict=True):
         if d.get(key) is box:
             d[key] = plain
 
@@ -246,21 +272,25 @@ def _bulk_insert(cmk: CMK, orm_state: ORMExecuteState) -> Any:
     new_rows: list[dict[str, Any]] = [
         dict(p) for p in (params if isinstance(params, list) else [params])
     ]
-    rows: list[SealRow] = []
     dicts: list[dict[str, Any]] = []
+    tables: list[TableSpec] = []
     for d in new_rows:
         for t in mapper_spec(mapper).tables:
-            cols = [c for c in t.columns if d.get(c.key) is not None]
-            if cols:
-                rows.append(SealRow(d, t, cols, None))
+            if any(d.get(c.key) is not None for c in t.columns):
                 dicts.append(d)
-    if not rows:
+                tables.append(t)
+    if not dicts:
         return None
-    sealed = cmk.seal(rows, require_context())
-    for d, row, (companion, cts) in zip(dicts, rows, sealed, strict=True):
-        d[row.table.companion_key] = companion
-        for c, ct in zip(row.columns, cts, strict=True):
-            d[c.key] = Sealed(ct)
+    companions, cts = cmk.seal(
+        dicts, tables, [t.columns for t in tables], [None] * len(dicts), require_context()
+    )
+    n = 0
+    for d, t, companion in zip(dicts, tables, companions, strict=True):
+        d[t.companion_key] = companion
+        for c in t.columns:
+            if d.get(c.key) is not None:
+                d[c.key] = Sealed(cts[n])
+                n += 1
     return orm_state.invoke_statement(params=new_rows if isinstance(params, list) else new_rows[0])
 
 

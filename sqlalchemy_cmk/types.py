@@ -28,16 +28,16 @@ from .errors import PlaintextWriteError
 __all__ = ["EDEKType", "EncryptedMixin", "EncryptedType", "EncryptedValue"]
 
 
-class Sealed:
-    """A value the hooks encrypted, on its way to the database. Internal."""
+class Sealed(bytes):
+    """A value the hooks encrypted, on its way to the database. Internal.
 
-    __slots__ = ("data",)
+    A bytes subclass without slots, so the garbage collector does not track one per value.
+    """
 
-    def __init__(self, data: bytes) -> None:
-        self.data = data
+    __slots__ = ()
 
     def __repr__(self) -> str:
-        return f"<sealed {len(self.data)} bytes>"
+        return f"<sealed {len(self)} bytes>"
 
 
 class EncryptedValue(bytes):
@@ -92,7 +92,7 @@ class EncryptedType(sqltypes.TypeDecorator[Any]):
         if value is None:
             return None
         if type(value) is Sealed:
-            return value.data
+            return bytes(value)
         raise PlaintextWriteError(
             "refusing to write an unencrypted value into an encrypted column: write through an "
             "installed session (session.add / attribute changes / session.execute(insert(Model), "
@@ -141,7 +141,7 @@ class EDEKType(sqltypes.TypeDecorator[bytes]):
         if value is None or type(value) is bytes:
             return value
         if type(value) is Sealed:
-            return value.data
+            return bytes(value)
         raise PlaintextWriteError("EDEK columns are written by sqlalchemy-cmk only")
 
     def process_result_value(self, value: Any, dialect: Dialect) -> bytes | None:
@@ -162,7 +162,7 @@ def _flat_bind_processor(typ: sqltypes.TypeDecorator[Any], dialect: Dialect) -> 
     guard = typ.process_bind_param
 
     def process(value: Any) -> Any:
-        return value.data if type(value) is Sealed else guard(value, dialect)
+        return bytes(value) if type(value) is Sealed else guard(value, dialect)
 
     return process
 

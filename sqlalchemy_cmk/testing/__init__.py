@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from .audit import AuditEvent
-from .errors import CMKError, DecryptionError, KeyAccessDeniedError, KMSUnavailableError
+from ..audit import AuditEvent
+from ..errors import CMKError, DecryptionError, KeyAccessDeniedError, KMSUnavailableError
 
 __all__ = ["FakeKeyProvider", "KMSCall", "MemoryAuditSink"]
 
