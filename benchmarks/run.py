@@ -1,0 +1,686 @@
+"""The benchmark scenarios and the command line (``python -m benchmarks --help``).
+
+Method, for every timed scenario:
+
+* one process, one engine per dialect, the variants of a scenario interleaved (plain, encrypted,
+  peer, ... in an order rotated every repeat) so that drift of the machine hits all of them alike;
+* one untimed warm-up run of each variant first (SQLAlchemy's statement caches, the data key
+  cache of the warm scenarios, the peer's lazy imports);
+* ``gc.collect()`` before each timed run, the garbage collector left enabled during it;
+* the reported ``seconds`` is the **median** of the repeats (``seconds_min`` and every sample are in
+  the JSON output).
+
+KMS: :class:`~sqlalchemy_cmk.testing.FakeKeyProvider`, with no latency for the warm scenarios
+(whose point is the ratio to plain columns) and 30 ms per call for the cold ones (whose point is
+the number of KMS round-trips). Audit: ``audit_sinks=[]`` unless the variant says otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import cProfile
+import gc
+import hashlib
+import io
+import json
+import logging
+import os
+import pathlib
+import platform
+import pstats
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import sqlalchemy
+from sqlalchemy import Engine, create_engine, delete, func, make_url, select, text
+from sqlalchemy.orm import Session, sessionmaker
+
+from sqlalchemy_cmk import CMK, LoggingAuditSink, cross_tenant_context, tenant_context
+from sqlalchemy_cmk.testing import FakeKeyProvider
+
+from ._models import Base, CmkNote, PeerNote, PlainNote, make_rows
+
+LOCAL_PG = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+PG_ENV = "SQLALCHEMY_CMK_BENCH_POSTGRES_URL"
+TENANT = "acme"
+KMS_LATENCY = 0.03
+CROSS_ROWS = 1000
+CROSS_TENANTS = 50
+
+# Targets (warm key cache), checked in the printed summary.
+TARGET_LOAD = 1.3  # ORM load, encrypted / plain, at most
+TARGET_INSERT = 1.25  # ORM insert, encrypted / plain, at most
+TARGET_PEER_SPEEDUP = 4.0  # ORM load, peer / encrypted, at least
+TARGET_CROSS_ROUND_TRIPS = 5.0  # cross-tenant cold load, wall time in KMS round-trips, about
+
+AUDIT_OFF = "off (audit_sinks=[])"
+AUDIT_WARNING = "default LoggingAuditSink, logger at WARNING (events built, not written)"
+AUDIT_INFO = "LoggingAuditSink at INFO, JSON lines to /dev/null"
+
+
+@dataclass
+class Result:
+    """One measured scenario variant; ``seconds`` is the median of ``samples``."""
+
+    name: str
+    scenario: str
+    variant: str
+    db: str
+    rows: int
+    seconds: float
+    seconds_min: float
+    samples: list[float]
+    ratio_vs_plain: float | None
+    kms_calls: int
+    audit: str
+    gc_full_collections: list[int]
+    speedup_vs_peer: float | None = None
+    kms_round_trips_of_wall_time: float | None = None
+    note: str = ""
+
+
+@dataclass
+class Variant:
+    """A way of storing the same rows: a model and the sessionmaker it is used through."""
+
+    key: str
+    model: type[Any]
+    sessions: sessionmaker[Session]
+    provider: FakeKeyProvider | None = None
+    audit: str = AUDIT_OFF
+    note: str = ""
+
+
+@dataclass
+class Sample:
+    """One timed run: wall seconds, KMS calls made, full (generation 2) collections during it."""
+
+    seconds: float = 0.0
+    kms_calls: int = 0
+    gc_full: int = 0
+
+
+@dataclass
+class Timing:
+    samples: list[float] = field(default_factory=list)
+    kms_calls: list[int] = field(default_factory=list)
+    gc_full: list[int] = field(default_factory=list)
+
+    def add(self, sample: Sample) -> None:
+        self.samples.append(sample.seconds)
+        self.kms_calls.append(sample.kms_calls)
+        self.gc_full.append(sample.gc_full)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.samples)
+
+
+# -- databases -----------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def sqlite_engine() -> Iterator[Engine]:
+    """A SQLite database in a temporary file (a file, like an application's, not ``:memory:``)."""
+    with tempfile.TemporaryDirectory(prefix="cmk-bench-") as tmp:
+        engine = create_engine(f"sqlite:///{tmp}/bench.db")
+        try:
+            yield engine
+        finally:
+            engine.dispose()
+
+
+@contextlib.contextmanager
+def postgresql_engine(server_url: str) -> Iterator[Engine]:
+    """A scratch database of our own on the server, dropped afterwards."""
+    name = f"cmk_bench_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(server_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    engine = create_engine(make_url(server_url).set(database=name))
+    try:
+        yield engine
+    finally:
+        engine.dispose()
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+def truncate(engine: Engine, model: type[Any]) -> None:
+    table = model.__table__
+    with engine.begin() as conn:
+        if engine.dialect.name == "postgresql":
+            conn.execute(text(f'TRUNCATE "{table.name}" RESTART IDENTITY'))
+        else:
+            conn.execute(delete(table))
+
+
+def count(engine: Engine, model: type[Any]) -> int:
+    with engine.connect() as conn:
+        return int(conn.execute(select(func.count()).select_from(model.__table__)).scalar_one())
+
+
+# -- one timed run -------------------------------------------------------------------------------
+
+
+def kms_calls(provider: FakeKeyProvider | None) -> int:
+    return len(provider.calls) if provider is not None else 0
+
+
+# --no-gc: the collector is switched off inside timed blocks (it is on by default, as in an app).
+KEEP_GC = True
+
+
+@contextlib.contextmanager
+def timed(profiler: cProfile.Profile | None) -> Iterator[Sample]:
+    """Time (and, given a profiler, profile) the block into the yielded sample."""
+    sample = Sample()
+
+    def on_gc(phase: str, info: dict[str, int]) -> None:
+        if phase == "start" and info["generation"] == 2:
+            sample.gc_full += 1
+
+    gc.callbacks.append(on_gc)
+    if not KEEP_GC:
+        gc.disable()
+    if profiler is not None:
+        profiler.enable()
+    started = time.perf_counter()
+    try:
+        yield sample
+    finally:
+        sample.seconds = time.perf_counter() - started
+        if profiler is not None:
+            profiler.disable()
+        gc.enable()
+        gc.callbacks.remove(on_gc)
+
+
+def run_insert(
+    engine: Engine,
+    v: Variant,
+    rows: Sequence[dict[str, Any]],
+    profiler: cProfile.Profile | None = None,
+) -> Sample:
+    """Insert ``rows`` through the ORM (one session, add_all, commit); the objects are built
+    before the clock starts, the session's creation, flush, commit and close are timed."""
+    truncate(engine, v.model)
+    objs = [v.model(**r) for r in rows]
+    gc.collect()
+    calls = kms_calls(v.provider)
+    with (
+        tenant_context(TENANT, actor="benchmark"),
+        timed(profiler) as sample,
+        v.sessions() as session,
+    ):
+        session.add_all(objs)
+        session.commit()
+    sample.kms_calls = kms_calls(v.provider) - calls
+    return sample
+
+
+def run_load(
+    v: Variant,
+    expect: int,
+    *,
+    context: Callable[[], contextlib.AbstractContextManager[Any]] | None = None,
+    limit: int | None = None,
+    check: Sequence[dict[str, Any]] | None = None,
+    profiler: cProfile.Profile | None = None,
+) -> Sample:
+    """Load every row with ``session.scalars(select(Model)).all()`` in a fresh session; only that
+    call is timed. ``check``: rows to compare the loaded values with (done after timing)."""
+    gc.collect()
+    calls = kms_calls(v.provider)
+    stmt = select(v.model) if limit is None else select(v.model).limit(limit)
+    ctx = context() if context is not None else tenant_context(TENANT, actor="benchmark")
+    with ctx, v.sessions() as session:
+        with timed(profiler) as sample:
+            objs = session.scalars(stmt).all()
+        if len(objs) != expect:
+            raise RuntimeError(f"{v.key}: loaded {len(objs)} rows, expected {expect}")
+        if check is not None:
+            got = sorted((o.title, o.body) for o in objs)
+            want = sorted((r["title"], r["body"]) for r in check)
+            if got != want:
+                raise RuntimeError(f"{v.key}: loaded values differ from the inserted ones")
+    sample.kms_calls = kms_calls(v.provider) - calls
+    return sample
+
+
+def interleaved(
+    keys: Sequence[str], repeats: int, run: Callable[[str], Sample]
+) -> dict[str, Timing]:
+    """One untimed warm-up of each key, then ``repeats`` rounds over all keys, the order rotated
+    every round so that no variant always runs first (or right after the same neighbour)."""
+    for k in keys:
+        run(k)
+    timings = {k: Timing() for k in keys}
+    for i in range(repeats):
+        shift = i % len(keys)
+        for k in [*keys[shift:], *keys[:shift]]:
+            timings[k].add(run(k))
+    return timings
+
+
+# -- scenarios -----------------------------------------------------------------------------------
+
+
+def _devnull_logger() -> logging.Logger:
+    logger = logging.getLogger("benchmarks.audit")
+    if not logger.handlers:
+        logger.addHandler(logging.StreamHandler(open(os.devnull, "w")))  # noqa: SIM115
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    return logger
+
+
+def warm_variants(engine: Engine) -> tuple[list[Variant], FakeKeyProvider]:
+    """plain; plain through a CMK-installed session; cmk with three audit setups; the peer."""
+    fake = FakeKeyProvider()  # no latency: these scenarios measure CPU cost against plain
+    keys = {TENANT: f"fake://{TENANT}"}
+
+    def installed(cmk: CMK) -> sessionmaker[Session]:
+        sessions = sessionmaker(engine)
+        cmk.install(sessions)
+        return sessions
+
+    cmk = CMK(fake, tenant_keys=keys, audit_sinks=[])
+    # The default sink (audit_sinks=None) logs at INFO to "sqlalchemy_cmk.audit"; with the
+    # logger at WARNING (Python's default) events are built and then dropped by the logger.
+    logging.getLogger("sqlalchemy_cmk.audit").setLevel(logging.WARNING)
+    cmk_warning = CMK(fake, tenant_keys=keys, audit_sinks=None)
+    cmk_info = CMK(fake, tenant_keys=keys, audit_sinks=[LoggingAuditSink(_devnull_logger())])
+    variants = [
+        Variant("plain", PlainNote, sessionmaker(engine), note="String columns, no CMK"),
+        Variant(
+            "plain, CMK installed",
+            PlainNote,
+            installed(CMK(fake, tenant_keys=keys, audit_sinks=[])),
+            note="unencrypted model in a session CMK is installed on",
+        ),
+        Variant("cmk", CmkNote, installed(cmk), fake),
+        Variant("cmk, audit log WARNING", CmkNote, installed(cmk_warning), fake, AUDIT_WARNING),
+        Variant("cmk, audit log INFO", CmkNote, installed(cmk_info), fake, AUDIT_INFO),
+        Variant(
+            "sqlalchemy-utils",
+            PeerNote,
+            sessionmaker(engine),
+            note="StringEncryptedType(String, key, AesGcmEngine)",
+        ),
+    ]
+    return variants, fake
+
+
+def _result(
+    scenario: str,
+    v: Variant,
+    db: str,
+    rows: int,
+    t: Timing,
+    plain: Timing | None,
+    **extra: Any,
+) -> Result:
+    return Result(
+        name=f"{scenario}/{v.key}",
+        scenario=scenario,
+        variant=v.key,
+        db=db,
+        rows=rows,
+        seconds=t.median,
+        seconds_min=min(t.samples),
+        samples=t.samples,
+        ratio_vs_plain=t.median / plain.median if plain is not None else None,
+        kms_calls=max(t.kms_calls),
+        audit=v.audit,
+        gc_full_collections=t.gc_full,
+        note=extra.pop("note", v.note),
+        **extra,
+    )
+
+
+def warm_scenarios(engine: Engine, db: str, n: int, repeats: int) -> list[Result]:
+    """ORM insert and ORM load of ``n`` rows, warm key cache, every variant."""
+    variants, _ = warm_variants(engine)
+    by_key = {v.key: v for v in variants}
+    keys = [v.key for v in variants]
+    rows = make_rows(n, [TENANT])
+    results: list[Result] = []
+
+    inserts = interleaved(keys, repeats, lambda k: run_insert(engine, by_key[k], rows))
+    for v in variants:
+        results.append(_result("orm_insert", v, db, n, inserts[v.key], inserts["plain"]))
+
+    for v in variants:  # every table holds the n rows of its last insert
+        if count(engine, v.model) != n:
+            raise RuntimeError(f"{v.key}: table does not hold the {n} inserted rows")
+        run_load(v, n, check=rows)  # correctness, once, untimed
+    loads = interleaved(keys, repeats, lambda k: run_load(by_key[k], n))
+    for v in variants:
+        results.append(_result("orm_load", v, db, n, loads[v.key], loads["plain"]))
+
+    for scenario, timings in (("orm_insert", inserts), ("orm_load", loads)):
+        peer = timings["sqlalchemy-utils"].median
+        for r in results:
+            if r.scenario == scenario and r.variant.startswith("cmk"):
+                r.speedup_vs_peer = peer / r.seconds
+    return results
+
+
+def cold_scenario(engine: Engine, db: str, n: int, repeats: int) -> list[Result]:
+    """ORM load of ``n`` rows with the key cache dropped before each run, 30 ms per KMS call."""
+    fake = FakeKeyProvider(latency=KMS_LATENCY)
+    cmk = CMK(fake, tenant_keys={TENANT: f"fake://{TENANT}"}, audit_sinks=[])
+    cold_sessions = sessionmaker(engine)
+    cmk.install(cold_sessions)
+    cold = Variant("cmk", CmkNote, cold_sessions, fake, note="cmk.forget_tenant() before each run")
+    plain = Variant("plain", PlainNote, sessionmaker(engine), note="String columns, no CMK")
+    rows = make_rows(n, [TENANT])
+    run_insert(engine, cold, rows)  # one flush, one write key: every row shares one envelope
+    if count(engine, PlainNote) != n:
+        run_insert(engine, plain, rows)
+
+    def run(k: str) -> Sample:
+        if k == "plain":
+            return run_load(plain, n)
+        cmk.forget_tenant()
+        return run_load(cold, n)
+
+    t = interleaved(["plain", "cmk"], repeats, run)
+    return [
+        _result("cold_load", cold, db, n, t["cmk"], t["plain"]),
+    ]
+
+
+def cross_tenant_scenario(engine: Engine, db: str, repeats: int) -> list[Result]:
+    """1,000 rows of 50 tenants (each its own data key) loaded cold in cross_tenant_context."""
+    tenants = [f"tenant{i:02d}" for i in range(CROSS_TENANTS)]
+    fake = FakeKeyProvider()  # latency set once the rows are written, to seed quickly
+    keys = {t: f"fake://{t}" for t in tenants}
+    cmk_default = CMK(fake, tenant_keys=keys, audit_sinks=[])
+    cmk_wide = CMK(fake, tenant_keys=keys, audit_sinks=[], max_concurrency=CROSS_TENANTS)
+    variants = {"plain": Variant("plain", PlainNote, sessionmaker(engine), note="LIMIT 1000")}
+    for key, cmk, note in (
+        ("cmk", cmk_default, "max_concurrency=16 (default)"),
+        (f"cmk, max_concurrency={CROSS_TENANTS}", cmk_wide, "one thread per tenant"),
+    ):
+        sessions = sessionmaker(engine)
+        cmk.install(sessions)
+        variants[key] = Variant(key, CmkNote, sessions, fake, note=note)
+
+    rows = make_rows(CROSS_ROWS, tenants)
+    truncate(engine, CmkNote)
+    for t in tenants:  # one session per tenant: 50 write keys, 50 envelopes
+        with tenant_context(t, actor="benchmark"), variants["cmk"].sessions() as session:
+            session.add_all([CmkNote(**r) for r in rows if r["tenant_id"] == t])
+            session.commit()
+    if count(engine, PlainNote) < CROSS_ROWS:  # --rows below 1,000
+        run_insert(engine, variants["plain"], rows)
+    fake.latency = KMS_LATENCY
+
+    def cross() -> contextlib.AbstractContextManager[Any]:
+        return cross_tenant_context(actor="benchmark")
+
+    def run(k: str) -> Sample:
+        if k == "plain":
+            return run_load(variants[k], CROSS_ROWS, limit=CROSS_ROWS)
+        cmk_default.forget_tenant()
+        cmk_wide.forget_tenant()
+        return run_load(variants[k], CROSS_ROWS, context=cross)
+
+    for v in variants.values():
+        if v.key != "plain":
+            cmk_default.forget_tenant()
+            cmk_wide.forget_tenant()
+            run_load(v, CROSS_ROWS, context=cross, check=rows)
+    timings = interleaved(list(variants), repeats, run)
+    return [
+        _result(
+            "cross_tenant_cold_load",
+            variants[k],
+            db,
+            CROSS_ROWS,
+            timings[k],
+            timings["plain"],
+            kms_round_trips_of_wall_time=timings[k].median / KMS_LATENCY,
+        )
+        for k in variants
+        if k != "plain"
+    ]
+
+
+def run_db(db: str, engine: Engine, n: int, repeats: int) -> list[Result]:
+    Base.metadata.drop_all(engine)
+    Base.metadata.create_all(engine)
+    results = warm_scenarios(engine, db, n, repeats)
+    results += cold_scenario(engine, db, n, repeats)
+    results += cross_tenant_scenario(engine, db, repeats)
+    return results
+
+
+# -- profiling -----------------------------------------------------------------------------------
+
+
+def profile(engine: Engine, what: str, n: int, top: int, keep_gc: bool) -> str:
+    """cProfile of the encrypted insert or load path (warm cache, 3 runs), sorted by tottime.
+
+    The garbage collector is off during the profiled runs unless ``keep_gc``: its pauses land on
+    whatever function happens to allocate, which hides where the code itself spends time.
+    """
+    Base.metadata.drop_all(engine)
+    Base.metadata.create_all(engine)
+    variants, _ = warm_variants(engine)
+    v = next(v for v in variants if v.key == "cmk")
+    rows = make_rows(n, [TENANT])
+    run_insert(engine, v, rows)
+    run_load(v, n, check=rows)  # warm-up, and a check that the rows decrypt
+    prof = cProfile.Profile()
+    global KEEP_GC
+    saved, KEEP_GC = KEEP_GC, keep_gc
+    try:
+        for _ in range(3):
+            if what == "insert":
+                run_insert(engine, v, rows, profiler=prof)
+            else:
+                run_load(v, n, profiler=prof)
+    finally:
+        KEEP_GC = saved
+    out = io.StringIO()
+    stats = pstats.Stats(prof, stream=out).sort_stats("tottime")
+    out.write(
+        f"== cmk {what} of {n:,} rows x3, {engine.dialect.name}, gc "
+        f"{'on' if keep_gc else 'off'}: top {top} by tottime ==\n"
+    )
+    stats.print_stats(top)
+    out.write("== the same, functions of sqlalchemy_cmk only ==\n")
+    stats.print_stats("sqlalchemy_cmk", top)
+    return out.getvalue()
+
+
+# -- report --------------------------------------------------------------------------------------
+
+
+def environment() -> dict[str, str]:
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(
+                ["git", *args], capture_output=True, text=True, check=True, timeout=10
+            ).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return "?"
+
+    import cryptography
+    import sqlalchemy_utils  # type: ignore[import-untyped]
+
+    import sqlalchemy_cmk
+
+    # Which library code was measured, even between commits: a digest of its sources.
+    digest = hashlib.sha256()
+    root = pathlib.Path(sqlalchemy_cmk.__file__).parent
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    dirty = git("status", "--porcelain", "--", "sqlalchemy_cmk")
+    return {
+        "python": platform.python_version(),
+        "sqlalchemy": sqlalchemy.__version__,
+        "cryptography": cryptography.__version__,
+        "sqlalchemy_utils": sqlalchemy_utils.__version__,
+        "cpus": str(os.cpu_count()),
+        "machine": platform.machine(),
+        "commit": git("rev-parse", "--short", "HEAD") + (" + local changes" if dirty else ""),
+        "library_sha256": digest.hexdigest()[:12],
+        "gc_while_timing": "on" if KEEP_GC else "off",
+    }
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "" if x is None else format(x, spec)
+
+
+def table(results: Sequence[Result]) -> str:
+    lines = [
+        "| scenario | db | variant | rows | median s | min s | x plain | x faster than peer "
+        "| KMS calls | full GCs | notes |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in results:
+        notes = [r.note] if r.note else []
+        if r.audit != AUDIT_OFF:
+            notes.append(f"audit: {r.audit}")
+        if r.kms_round_trips_of_wall_time is not None:
+            notes.append(f"= {r.kms_round_trips_of_wall_time:.1f} KMS round-trips of wall time")
+        lines.append(
+            f"| {r.scenario} | {r.db} | {r.variant} | {r.rows:,} | {r.seconds:.4f} "
+            f"| {r.seconds_min:.4f} | {_fmt(r.ratio_vs_plain, '.2f')} "
+            f"| {_fmt(r.speedup_vs_peer, '.1f')} | {r.kms_calls} "
+            f"| {statistics.median(r.gc_full_collections):g} | {'; '.join(notes)} |"
+        )
+    return "\n".join(lines)
+
+
+def verdicts(results: Sequence[Result]) -> str:
+    """One line per target and dialect: the measured value and MET / MISSED (by how much)."""
+
+    def at_most(value: float, target: float) -> str:
+        if value <= target:
+            return "MET"
+        return f"MISSED by {(value / target - 1) * 100:.0f}%"
+
+    lines = []
+    for db in dict.fromkeys(r.db for r in results):
+        by = {r.name: r for r in results if r.db == db}
+        load, insert = by["orm_load/cmk"], by["orm_insert/cmk"]
+        cold, cross = by["cold_load/cmk"], by["cross_tenant_cold_load/cmk"]
+        assert load.ratio_vs_plain is not None and insert.ratio_vs_plain is not None
+        assert load.speedup_vs_peer is not None
+        assert cross.kms_round_trips_of_wall_time is not None
+        speed = load.speedup_vs_peer
+        lines += [
+            f"- {db}: ORM load {load.ratio_vs_plain:.2f}x plain (target <= {TARGET_LOAD}x): "
+            f"{at_most(load.ratio_vs_plain, TARGET_LOAD)}",
+            f"- {db}: ORM insert {insert.ratio_vs_plain:.2f}x plain (target <= {TARGET_INSERT}x): "
+            f"{at_most(insert.ratio_vs_plain, TARGET_INSERT)}",
+            f"- {db}: ORM load {speed:.1f}x faster than sqlalchemy-utils (target >= "
+            f"{TARGET_PEER_SPEEDUP:.0f}x): "
+            + (
+                "MET"
+                if speed >= TARGET_PEER_SPEEDUP
+                else f"MISSED, {speed / TARGET_PEER_SPEEDUP * 100:.0f}% of it"
+            ),
+            f"- {db}: cold load {cold.kms_calls} KMS call(s) (expected 1): "
+            + ("MET" if cold.kms_calls == 1 else "MISSED"),
+            f"- {db}: cross-tenant cold load of {cross.rows:,} rows / {CROSS_TENANTS} tenants: "
+            f"{cross.kms_calls} KMS calls, {cross.kms_round_trips_of_wall_time:.1f} round-trips "
+            f"of wall time (target about {TARGET_CROSS_ROUND_TRIPS:.0f}, not {CROSS_TENANTS})",
+        ]
+    return "\n".join(lines)
+
+
+# -- command line --------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description="Benchmark sqlalchemy-cmk against plain columns and sqlalchemy-utils.",
+    )
+    parser.add_argument("--quick", action="store_true", help="1,000 rows, 3 repeats")
+    parser.add_argument("--db", choices=["sqlite", "postgresql", "both"], default="both")
+    parser.add_argument("--json", metavar="PATH", help="write the results as a JSON list")
+    parser.add_argument("--rows", type=int, help="rows per scenario (default 10,000; quick 1,000)")
+    parser.add_argument("--repeat", type=int, help="timed runs per variant (default 7; quick 3)")
+    parser.add_argument(
+        "--profile",
+        choices=["insert", "load"],
+        help="instead of the benchmark, cProfile the encrypted path (first --db only)",
+    )
+    parser.add_argument("--top", type=int, default=30, help="functions shown by --profile")
+    parser.add_argument(
+        "--profile-gc", action="store_true", help="keep the garbage collector on in --profile"
+    )
+    parser.add_argument(
+        "--no-gc",
+        action="store_true",
+        help="switch the garbage collector off while timing (default: on, as in an application)",
+    )
+    args = parser.parse_args(argv)
+    global KEEP_GC
+    KEEP_GC = not args.no_gc
+    n = args.rows or (1000 if args.quick else 10_000)
+    repeats = args.repeat or (3 if args.quick else 7)
+    if n < 1 or repeats < 1 or args.top < 1:
+        parser.error("--rows, --repeat and --top must be at least 1")
+    dbs = ["sqlite", "postgresql"] if args.db == "both" else [args.db]
+    pg_url = os.environ.get(PG_ENV, LOCAL_PG)
+
+    def engine_for(db: str) -> contextlib.AbstractContextManager[Engine]:
+        return sqlite_engine() if db == "sqlite" else postgresql_engine(pg_url)
+
+    if "postgresql" in dbs:
+        try:
+            probe = create_engine(pg_url)
+            with probe.connect() as conn:
+                conn.execute(text("select 1"))
+            probe.dispose()
+        except sqlalchemy.exc.OperationalError as exc:
+            where = make_url(pg_url).render_as_string()
+            print(f"PostgreSQL unreachable at {where} ({PG_ENV}): {exc.orig}", file=sys.stderr)
+            print("run with --db sqlite, or point the variable at a server", file=sys.stderr)
+            return 2
+
+    if args.profile:
+        with engine_for(dbs[0]) as engine:
+            print(profile(engine, args.profile, n, args.top, args.profile_gc))
+        return 0
+
+    env = environment()
+    print(
+        f"# sqlalchemy-cmk benchmark: {n:,} rows, median of {repeats} runs, "
+        f"gc {'on' if KEEP_GC else 'off'} while timing\n\n"
+        + ", ".join(f"{k} {v}" for k, v in env.items()),
+        flush=True,
+    )
+    results: list[Result] = []
+    for db in dbs:
+        started = time.perf_counter()
+        with engine_for(db) as engine:
+            results += run_db(db, engine, n, repeats)
+        print(f"({db}: {time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
+    print()
+    print(table(results))
+    print()
+    print(verdicts(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([{**asdict(r), "env": env} for r in results], f, indent=1)
+            f.write("\n")
+    return 0
