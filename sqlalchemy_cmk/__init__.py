@@ -7,6 +7,7 @@ See ``docs/design.md`` for the key hierarchy, formats, threat model and failure 
 
 from ._cmk import CMK as CMK
 from ._cmk import EncryptedDocument as EncryptedDocument
+from ._cmk import TenantCheck as TenantCheck
 from .audit import AuditEvent as AuditEvent
 from .audit import LoggingAuditSink as LoggingAuditSink
 from .context import TenantContext as TenantContext
@@ -23,6 +24,8 @@ from .errors import KeyNotFoundError as KeyNotFoundError
 from .errors import KMSUnavailableError as KMSUnavailableError
 from .errors import NoTenantError as NoTenantError
 from .errors import PlaintextWriteError as PlaintextWriteError
+from .errors import RegistryConflictError as RegistryConflictError
+from .errors import RegistryIntegrityError as RegistryIntegrityError
 from .errors import TenantContextError as TenantContextError
 from .errors import TenantMismatchError as TenantMismatchError
 from .errors import TenantNotConfiguredError as TenantNotConfiguredError
@@ -52,6 +55,9 @@ __all__ = [
     "LoggingAuditSink",
     "NoTenantError",
     "PlaintextWriteError",
+    "RegistryConflictError",
+    "RegistryIntegrityError",
+    "TenantCheck",
     "TenantContext",
     "TenantContextError",
     "TenantMismatchError",

@@ -8,7 +8,8 @@ The tree::
 
     CMKError
     ├── ConfigurationError          the application is set up wrongly; fix code or config
-    │   └── TenantNotConfiguredError    no key reference for the tenant (or key not allowed)
+    │   ├── TenantNotConfiguredError    no key reference for the tenant (or key not allowed)
+    │   └── RegistryIntegrityError      a key-registry row failed its integrity check
     ├── TenantContextError
     │   ├── NoTenantError               encrypted data touched with no tenant in context
     │   └── TenantMismatchError         a row of tenant A read or written under tenant B
@@ -18,6 +19,7 @@ The tree::
     │   └── KMSUnavailableError         network, throttling, 5xx, after bounded retries
     ├── DecryptionError             stored bytes failed to parse or authenticate (opaque)
     ├── PlaintextWriteError         a write path that would store plaintext; nothing was sent
+    ├── RegistryConflictError       a concurrent registry change won; nothing was written
     └── InvalidValueError           a value that the column's underlying type cannot hold
 
 Messages and attributes name the tenant, table, column, key reference and provider where they
@@ -41,6 +43,8 @@ __all__ = [
     "KeyNotFoundError",
     "NoTenantError",
     "PlaintextWriteError",
+    "RegistryConflictError",
+    "RegistryIntegrityError",
     "TenantContextError",
     "TenantMismatchError",
     "TenantNotConfiguredError",
@@ -146,6 +150,23 @@ class PlaintextWriteError(CMKError):
 
     Nothing was sent to the database. Write through the ORM unit of work (``session.add``,
     attribute changes, ``session.execute(insert(Model), [...])``), which encrypts.
+    """
+
+
+class RegistryIntegrityError(ConfigurationError):
+    """A registry row failed its integrity check: it was changed outside the registry API.
+
+    Either the row was tampered with (a key reference, the accepted list, the disabled flag or
+    the tenant id edited, rows swapped, an older row put back), or the registry secret is not
+    the one the rows were written with. The tenant is unusable until an operator with the secret
+    checks the row and writes it again through the API or the CLI.
+    """
+
+
+class RegistryConflictError(CMKError):
+    """Another writer changed the tenant's row between this writer's read and its write.
+
+    Nothing was written. Read the tenant again and retry the change if it still makes sense.
     """
 
 

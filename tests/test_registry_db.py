@@ -1,0 +1,659 @@
+"""The database key registry on SQLite and PostgreSQL: lookups, changes, CMK end to end, rows
+tampered with by someone who can write to the database but lacks the secret, optimistic
+concurrency, and the lookup cache."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, MetaData, String, event, select, text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+
+from sqlalchemy_cmk import (
+    CMK,
+    ConfigurationError,
+    EncryptedMixin,
+    EncryptedType,
+    TenantNotConfiguredError,
+    tenant_context,
+)
+from sqlalchemy_cmk._format import parse_envelope, split_companion
+from sqlalchemy_cmk.registry import KeyRegistry, TenantKeys
+from sqlalchemy_cmk.registry_db import (
+    DatabaseKeyRegistry,
+    RegistryConflictError,
+    RegistryIntegrityError,
+    TenantRecord,
+)
+from sqlalchemy_cmk.testing import FakeKeyProvider
+
+SECRET = os.urandom(32)
+ROLE = "arn:aws:iam::111122223333:role/acme-cmk"
+
+
+@pytest.fixture
+def registry(engine: Engine) -> DatabaseKeyRegistry:
+    reg = DatabaseKeyRegistry(engine, SECRET)
+    reg.create_table()
+    return reg
+
+
+def raw(engine: Engine, sql: str, **params: Any) -> list[Any]:
+    with engine.begin() as conn:
+        result = conn.execute(text(sql), params)
+        return list(result) if result.returns_rows else []
+
+
+def raw_row(engine: Engine, tenant: str) -> dict[str, Any]:
+    with engine.connect() as conn:
+        row = conn.execute(
+            text("select * from cmk_tenants where tenant_id = :t"), {"t": tenant}
+        ).one()
+    return dict(row._mapping)
+
+
+def put_row(engine: Engine, tenant: str, values: dict[str, Any]) -> None:
+    """What an attacker with write access does: overwrite a row's columns directly."""
+    cols = [c for c in values if c != "tenant_id"]
+    sets = ", ".join(f"{c} = :{c}" for c in cols)
+    raw(
+        engine,
+        f"update cmk_tenants set {sets} where tenant_id = :tid",
+        tid=tenant,
+        **{c: values[c] for c in cols},
+    )
+
+
+def count_queries(engine: Engine) -> list[str]:
+    seen: list[str] = []
+
+    @event.listens_for(engine, "before_cursor_execute")
+    def _record(*args: Any) -> None:
+        seen.append(args[2])
+
+    return seen
+
+
+# -- lookups and changes ---------------------------------------------------------------------
+
+
+def test_round_trip(registry: DatabaseKeyRegistry) -> None:
+    assert isinstance(registry, KeyRegistry)
+    rec = registry.add_tenant(
+        "acme",
+        "fake://acme-2",
+        accepted=["fake://acme-1"],
+        credentials={"role_arn": ROLE, "secret_name": "prod/acme/kms"},
+    )
+    assert rec.version == 1 and not rec.disabled
+    keys = registry.tenant_keys("acme")
+    assert keys == TenantKeys(
+        "fake://acme-2",
+        frozenset({"fake://acme-1", "fake://acme-2"}),
+        {"role_arn": ROLE, "secret_name": "prod/acme/kms"},
+    )
+    got = registry.get("acme")
+    assert got == rec
+    assert got.accepted == ("fake://acme-1", "fake://acme-2")
+    with pytest.raises(TypeError):  # cached records are shared: read-only
+        got.credentials["role_arn"] = "arn:aws:iam::999999999999:role/x"  # type: ignore[index]
+    registry.add_tenant("globex", "fake://globex")
+    assert [r.tenant for r in registry.list_tenants()] == ["acme", "globex"]
+    assert json.loads(json.dumps(got.to_dict()))["credentials"]["role_arn"] == ROLE
+    assert registry.verify() == []
+
+
+def test_unknown_and_disabled_tenants_are_refused_with_what_to_do(
+    registry: DatabaseKeyRegistry,
+) -> None:
+    with pytest.raises(TenantNotConfiguredError, match=r"not in the key registry.*tenants add"):
+        registry.tenant_keys("nobody")
+    registry.add_tenant("acme", "fake://acme")
+    rec = registry.disable("acme")
+    assert rec.disabled and rec.version == 2
+    with pytest.raises(TenantNotConfiguredError, match=r"disabled.*tenants enable acme") as info:
+        registry.tenant_keys("acme")
+    assert info.value.tenant == "acme"
+    assert registry.get("acme").disabled  # get() still shows it
+    assert registry.disable("acme").version == 2  # already disabled: no change, no new version
+    registry.enable("acme")
+    assert registry.tenant_keys("acme").primary == "fake://acme"
+
+
+def test_key_changes(registry: DatabaseKeyRegistry) -> None:
+    registry.add_tenant("acme", "fake://k1")
+    rec = registry.set_primary("acme", "fake://k2")
+    assert (rec.primary, rec.accepted, rec.version) == ("fake://k2", ("fake://k1", "fake://k2"), 2)
+    assert registry.set_primary("acme", "fake://k2").version == 2  # no-op
+    rec = registry.add_key("acme", "fake://k3")
+    assert rec.accepted == ("fake://k1", "fake://k2", "fake://k3") and rec.primary == "fake://k2"
+    rec = registry.remove_key("acme", "fake://k1")
+    assert rec.accepted == ("fake://k2", "fake://k3") and rec.version == 4
+    with pytest.raises(ConfigurationError, match=r"primary key.*set another primary first"):
+        registry.remove_key("acme", "fake://k2")
+    with pytest.raises(ConfigurationError, match="not one of tenant 'acme'"):
+        registry.remove_key("acme", "fake://k1")
+    assert registry.get("acme").version == 4
+    assert registry.tenant_keys("acme").accepted == {"fake://k2", "fake://k3"}
+    with pytest.raises(TenantNotConfiguredError):
+        registry.set_primary("nobody", "fake://x")
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (lambda r: r.add_tenant("acme", "not-a-uri"), "not a URI"),
+        (lambda r: r.add_tenant("acme", "fake://a", accepted=["nope"]), "not a URI"),
+        (lambda r: r.add_tenant("acme", "fake://a", accepted="fake://b"), "not a str"),
+        (lambda r: r.add_tenant("", "fake://a"), "non-empty"),
+        (lambda r: r.add_tenant("x" * 256, "fake://a"), "at most 255"),
+        (lambda r: r.add_tenant("acme", "fake://a", credentials={"client_secret": "s3"}), "secret"),
+        (lambda r: r.add_tenant("acme", "fake://a", credentials={"Password": "hunter2"}), "secret"),
+        (
+            lambda r: r.add_tenant("acme", "fake://a", credentials={"aws-secret-access-key": "x"}),
+            "looks like a secret",
+        ),
+        (
+            lambda r: r.add_tenant(
+                "acme", "fake://a", credentials={"cert": "-----BEGIN PRIVATE KEY-----\n..."}
+            ),
+            "looks like a secret",
+        ),
+        (lambda r: r.add_tenant("acme", "fake://a", credentials={"role_arn": ""}), "non-empty"),
+    ],
+)
+def test_invalid_changes_are_refused(
+    registry: DatabaseKeyRegistry, call: Callable[[DatabaseKeyRegistry], Any], match: str
+) -> None:
+    with pytest.raises(ConfigurationError, match=match):
+        call(registry)
+    assert registry.list_tenants() == []
+
+
+def test_adding_an_existing_tenant_is_refused(registry: DatabaseKeyRegistry) -> None:
+    registry.add_tenant("acme", "fake://acme")
+    with pytest.raises(ConfigurationError, match="already exists"):
+        registry.add_tenant("acme", "fake://attacker")
+    assert registry.tenant_keys("acme").primary == "fake://acme"
+
+
+@pytest.mark.parametrize(
+    ("secret", "match"),
+    [
+        (b"x" * 31, "at least 32"),
+        (b"\x00" * 64, "not random"),
+        ("a" * 44, "must be bytes"),
+    ],
+)
+def test_weak_secrets_are_refused(engine: Engine, secret: Any, match: str) -> None:
+    with pytest.raises(ConfigurationError, match=match):
+        DatabaseKeyRegistry(engine, secret)
+
+
+def test_repr_holds_no_secret(registry: DatabaseKeyRegistry) -> None:
+    assert SECRET.hex() not in repr(registry) and "cmk_tenants" in repr(registry)
+
+
+def test_table_goes_into_the_given_metadata_for_alembic(engine: Engine) -> None:
+    metadata = MetaData()
+    reg = DatabaseKeyRegistry(engine, SECRET, table_name="tenant_keys", metadata=metadata)
+    assert metadata.tables["tenant_keys"] is reg.table
+    metadata.create_all(engine)
+    reg.add_tenant("acme", "fake://acme")
+    assert reg.tenant_keys("acme").primary == "fake://acme"
+
+
+# -- CMK end to end --------------------------------------------------------------------------
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Note(EncryptedMixin, Base):
+    __tablename__ = "registry_notes"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(String(50))
+    body: Mapped[str] = mapped_column(EncryptedType(String(200)))
+
+
+def test_cmk_reads_and_writes_through_the_registry(
+    engine: Engine, registry: DatabaseKeyRegistry
+) -> None:
+    Base.metadata.create_all(engine)
+    kms = FakeKeyProvider()
+    cmk = CMK(kms, registry=registry, audit_sinks=[])
+    maker = sessionmaker(engine)
+    cmk.install(maker)
+    registry.add_tenant("acme", "fake://acme-1")
+    registry.add_tenant("globex", "fake://globex")
+
+    def write(tenant: str, body: str) -> int:
+        with tenant_context(tenant), maker() as s:
+            note = Note(tenant_id=tenant, body=body)
+            s.add(note)
+            s.commit()
+            return note.id
+
+    def read(tenant: str, note_id: int) -> str:
+        with tenant_context(tenant), maker() as s:
+            note = s.get(Note, note_id)
+            assert note is not None
+            return note.body
+
+    def key_ref_of(note_id: int) -> str:
+        with engine.connect() as conn:
+            edek = conn.execute(select(Note.cmk_edek).where(Note.id == note_id)).scalar_one()
+        return parse_envelope(split_companion(bytes(edek))[1]).key_ref
+
+    old = write("acme", "written under key 1")
+    other = write("globex", "globex's")
+    assert key_ref_of(old) == "fake://acme-1"
+
+    registry.set_primary("acme", "fake://acme-2")
+    cmk.forget_tenant("acme")  # drop CMK's write key wrapped under the old primary
+    new = write("acme", "written under key 2")
+    assert key_ref_of(new) == "fake://acme-2"
+    assert key_ref_of(write("globex", "still globex")) == "fake://globex"
+    cmk.forget_tenant()
+    assert read("acme", old) == "written under key 1"  # the old primary is still accepted
+    assert read("acme", new) == "written under key 2"
+    assert read("globex", other) == "globex's"
+
+    # Once the old key is removed, rows still under it no longer read; the rest do.
+    registry.remove_key("acme", "fake://acme-1")
+    cmk.forget_tenant()
+    with pytest.raises(TenantNotConfiguredError, match="not one of the tenant's configured keys"):
+        read("acme", old)
+    assert read("acme", new) == "written under key 2"
+
+    # A disabled tenant can neither write nor read.
+    registry.disable("acme")
+    cmk.forget_tenant()
+    with pytest.raises(TenantNotConfiguredError, match="disabled"):
+        read("acme", new)
+    with pytest.raises(TenantNotConfiguredError, match="disabled"):
+        write("acme", "refused")
+    assert cmk.check_tenant("acme").ok is False
+    assert cmk.check_tenant("globex").ok is True
+
+
+# -- tampering -------------------------------------------------------------------------------
+
+
+def _primary(engine: Engine) -> None:
+    raw(
+        engine,
+        "update cmk_tenants set primary_key_ref = 'fake://attacker' where tenant_id = 'acme'",
+    )
+
+
+def _primary_to_old_key(engine: Engine) -> None:
+    # Back to a key that is still accepted (say, one the tenant is retiring because it leaked).
+    raw(
+        engine,
+        "update cmk_tenants set primary_key_ref = 'fake://acme-old' where tenant_id = 'acme'",
+    )
+
+
+def _attacker_key_everywhere(engine: Engine) -> None:
+    refs = json.dumps(["fake://acme", "fake://acme-old", "fake://attacker"])
+    raw(
+        engine,
+        "update cmk_tenants set primary_key_ref = 'fake://attacker', accepted_key_refs = :r "
+        "where tenant_id = 'acme'",
+        r=refs,
+    )
+
+
+def _accepted(engine: Engine) -> None:
+    refs = json.dumps(["fake://acme", "fake://acme-old", "fake://attacker"])
+    raw(engine, "update cmk_tenants set accepted_key_refs = :r where tenant_id = 'acme'", r=refs)
+
+
+def _credentials(engine: Engine) -> None:
+    creds = json.dumps({"role_arn": "arn:aws:iam::999999999999:role/attacker"})
+    raw(engine, "update cmk_tenants set credentials = :c where tenant_id = 'acme'", c=creds)
+
+
+def _swap(engine: Engine) -> None:
+    # Every column but the id moves, MAC and version included: each row stays self-consistent.
+    acme, globex = raw_row(engine, "acme"), raw_row(engine, "globex")
+    put_row(engine, "acme", globex)
+    put_row(engine, "globex", acme)
+
+
+def _enable(engine: Engine) -> None:
+    raw(engine, "update cmk_tenants set disabled = :f where tenant_id = 'disabled'", f=False)
+
+
+def _version(engine: Engine) -> None:
+    raw(engine, "update cmk_tenants set version = version + 1 where tenant_id = 'acme'")
+
+
+def _updated_at(engine: Engine) -> None:
+    value = raw_row(engine, "acme")["updated_at"]  # a str on SQLite, a datetime on PostgreSQL
+    older = "2001" + value[4:] if isinstance(value, str) else value.replace(year=2001)
+    put_row(engine, "acme", {"updated_at": older})
+
+
+def _json_garbage(engine: Engine) -> None:
+    raw(engine, "update cmk_tenants set accepted_key_refs = '{not json' where tenant_id = 'acme'")
+
+
+def _forged_tenant(engine: Engine) -> None:
+    row = raw_row(engine, "acme")
+    row.update(tenant_id="forged", mac="00" * 32)
+    cols = ", ".join(row)
+    raw(
+        engine,
+        f"insert into cmk_tenants ({cols}) values ({', '.join(':' + c for c in row)})",
+        **row,
+    )
+
+
+def _renamed(engine: Engine) -> None:
+    # globex's row re-labelled as a new tenant "acme2": its MAC binds "globex".
+    raw(engine, "update cmk_tenants set tenant_id = 'acme2' where tenant_id = 'globex'")
+
+
+TAMPERING: dict[str, tuple[Callable[[Engine], None], str]] = {
+    "primary key ref": (_primary, "acme"),
+    "primary to an old accepted key": (_primary_to_old_key, "acme"),
+    "attacker key as primary and accepted": (_attacker_key_everywhere, "acme"),
+    "accepted list": (_accepted, "acme"),
+    "credential references": (_credentials, "acme"),
+    "swapped rows": (_swap, "acme"),
+    "re-enabled": (_enable, "disabled"),
+    "version": (_version, "acme"),
+    "updated_at": (_updated_at, "acme"),
+    "unparsable": (_json_garbage, "acme"),
+    "forged tenant": (_forged_tenant, "forged"),
+    "renamed tenant": (_renamed, "acme2"),
+}
+
+
+@pytest.fixture
+def three_tenants(registry: DatabaseKeyRegistry) -> DatabaseKeyRegistry:
+    registry.add_tenant(
+        "acme", "fake://acme", accepted=["fake://acme-old"], credentials={"role_arn": ROLE}
+    )
+    registry.add_tenant("globex", "fake://globex")
+    registry.add_tenant("disabled", "fake://disabled")
+    registry.disable("disabled")
+    return registry
+
+
+@pytest.mark.parametrize("kind", list(TAMPERING))
+def test_tampered_rows_are_refused(
+    engine: Engine, three_tenants: DatabaseKeyRegistry, kind: str
+) -> None:
+    registry = three_tenants
+    tamper, victim = TAMPERING[kind]
+    tamper(engine)
+    registry.invalidate()
+    with pytest.raises(RegistryIntegrityError, match="failed its integrity check") as info:
+        registry.tenant_keys(victim)
+    assert info.value.tenant == victim
+    assert isinstance(info.value, ConfigurationError)
+    # A fresh process with the secret refuses it too, and so do writes and listings.
+    fresh = DatabaseKeyRegistry(engine, SECRET)
+    with pytest.raises(RegistryIntegrityError):
+        fresh.tenant_keys(victim)
+    with pytest.raises(RegistryIntegrityError):
+        fresh.set_primary(victim, "fake://new")
+    with pytest.raises(RegistryIntegrityError):
+        fresh.list_tenants()
+    assert victim in {p.tenant for p in fresh.verify()}
+
+
+def test_untampered_tenants_keep_working_next_to_a_tampered_one(
+    engine: Engine, three_tenants: DatabaseKeyRegistry
+) -> None:
+    _primary(engine)
+    three_tenants.invalidate()
+    assert three_tenants.tenant_keys("globex").primary == "fake://globex"
+    assert [p.tenant for p in three_tenants.verify()] == ["acme"]
+
+
+def test_replayed_old_row_is_refused_by_a_process_that_saw_the_newer_one(
+    engine: Engine, registry: DatabaseKeyRegistry
+) -> None:
+    registry.add_tenant("acme", "fake://acme-1")
+    old = raw_row(engine, "acme")  # a genuine row with a valid MAC, at version 1
+    registry.set_primary("acme", "fake://acme-2")
+    registry.remove_key("acme", "fake://acme-1")  # e.g. key 1 was compromised
+    put_row(engine, "acme", old)
+    registry.invalidate()
+    with pytest.raises(RegistryIntegrityError, match=r"version 1, older than version 3.*replayed"):
+        registry.tenant_keys("acme")
+    with pytest.raises(RegistryIntegrityError, match="replayed"):
+        registry.add_key("acme", "fake://x")
+
+
+def test_replay_is_caught_across_processes_only_with_a_version_snapshot(
+    engine: Engine, registry: DatabaseKeyRegistry
+) -> None:
+    # The documented limit: the MAC alone cannot tell an old genuine row from the current one.
+    registry.add_tenant("acme", "fake://acme-1")
+    old = raw_row(engine, "acme")
+    registry.set_primary("acme", "fake://acme-2")
+    snapshot = {r.tenant: r.version for r in registry.list_tenants()}
+    put_row(engine, "acme", old)
+    fresh = DatabaseKeyRegistry(engine, SECRET)
+    assert fresh.tenant_keys("acme").primary == "fake://acme-1"  # not detectable by the MAC
+    problems = DatabaseKeyRegistry(engine, SECRET).verify(expected_versions=snapshot)
+    assert [p.tenant for p in problems] == ["acme"]
+    assert "the snapshot expects" in str(problems[0])
+    # A tenant deleted from the table is reported as well.
+    raw(engine, "delete from cmk_tenants where tenant_id = 'acme'")
+    problems = DatabaseKeyRegistry(engine, SECRET).verify(expected_versions=snapshot)
+    assert "missing" in str(problems[0])
+
+
+def test_a_different_secret_refuses_every_row(
+    engine: Engine, registry: DatabaseKeyRegistry
+) -> None:
+    registry.add_tenant("acme", "fake://acme")
+    other = DatabaseKeyRegistry(engine, os.urandom(32))
+    with pytest.raises(RegistryIntegrityError, match="different registry secret"):
+        other.tenant_keys("acme")
+    assert len(other.verify()) == 1
+
+
+def test_reseal_rotates_the_secret(engine: Engine, registry: DatabaseKeyRegistry) -> None:
+    registry.add_tenant("acme", "fake://acme")
+    registry.add_tenant("globex", "fake://globex")
+    registry.tenant_keys("acme")  # cached under the old secret: reseal drops the cache
+    new_secret = os.urandom(32)
+    assert registry.reseal(new_secret) == 2
+    assert registry.tenant_keys("acme").primary == "fake://acme"
+    assert registry.get("acme").version == 2
+    assert DatabaseKeyRegistry(engine, new_secret).verify() == []
+    old = DatabaseKeyRegistry(engine, SECRET)
+    assert len(old.verify()) == 2  # processes still on the old secret fail closed
+    with pytest.raises(ConfigurationError, match="at least 32"):
+        registry.reseal(b"short")
+
+
+def test_reseal_writes_nothing_when_a_row_is_tampered(
+    engine: Engine, registry: DatabaseKeyRegistry
+) -> None:
+    registry.add_tenant("acme", "fake://acme")
+    registry.add_tenant("globex", "fake://globex")
+    raw(engine, "update cmk_tenants set primary_key_ref = 'fake://x' where tenant_id = 'globex'")
+    with pytest.raises(RegistryIntegrityError, match="'globex'"):
+        registry.reseal(os.urandom(32))
+    assert DatabaseKeyRegistry(engine, SECRET).get("acme").version == 1  # rolled back
+
+
+def test_rows_copied_to_another_registry_table_are_refused(
+    engine: Engine, registry: DatabaseKeyRegistry
+) -> None:
+    registry.add_tenant("acme", "fake://acme")
+    other = DatabaseKeyRegistry(engine, SECRET, table_name="cmk_tenants_staging")
+    other.create_table()
+    row = raw_row(engine, "acme")
+    cols = ", ".join(row)
+    raw(
+        engine,
+        f"insert into cmk_tenants_staging ({cols}) values ({', '.join(':' + c for c in row)})",
+        **row,
+    )
+    with pytest.raises(RegistryIntegrityError):
+        other.tenant_keys("acme")
+
+
+# -- concurrency -----------------------------------------------------------------------------
+
+
+def test_expected_version_guards_a_change(registry: DatabaseKeyRegistry) -> None:
+    registry.add_tenant("acme", "fake://k1")
+    seen = registry.get("acme").version
+    registry.add_key("acme", "fake://k2")
+    with pytest.raises(RegistryConflictError, match=r"version 2, not 1.*nothing was written"):
+        registry.set_primary("acme", "fake://k3", expected_version=seen)
+    assert registry.get("acme").primary == "fake://k1"
+    assert registry.set_primary("acme", "fake://k3", expected_version=2).version == 3
+
+
+def test_concurrent_set_primary_one_wins_the_other_fails(
+    engine: Engine, registry: DatabaseKeyRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    registry.add_tenant("acme", "fake://k1")
+    other = DatabaseKeyRegistry(engine, SECRET)
+    real_load = DatabaseKeyRegistry._load
+    interleaved: list[TenantRecord] = []
+
+    def load_then_let_the_other_writer_in(self: Any, conn: Any, tenant: str) -> Any:
+        found = real_load(self, conn, tenant)
+        if not interleaved:  # between this writer's read and its write
+            interleaved.append(other.set_primary("acme", "fake://k-other"))
+        return found
+
+    monkeypatch.setattr(registry, "_load", load_then_let_the_other_writer_in.__get__(registry))
+    with pytest.raises(RegistryConflictError, match="changed after version 1 was read"):
+        registry.set_primary("acme", "fake://k-mine")
+    monkeypatch.undo()
+    rec = registry.get("acme")
+    assert rec.primary == "fake://k-other" and rec.version == 2
+    assert "fake://k-mine" not in rec.accepted
+
+
+def test_racing_writers_lose_no_update(engine: Engine, registry: DatabaseKeyRegistry) -> None:
+    registry.add_tenant("acme", "fake://k0")
+    outcomes: list[str] = []
+    barrier = threading.Barrier(4)
+
+    def writer(i: int) -> None:
+        reg = DatabaseKeyRegistry(engine, SECRET)
+        barrier.wait()
+        for j in range(5):
+            try:
+                reg.add_key("acme", f"fake://k{i}-{j}")
+                outcomes.append(f"fake://k{i}-{j}")
+            except RegistryConflictError:
+                outcomes.append("conflict")
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    won = [o for o in outcomes if o != "conflict"]
+    rec = registry.get("acme")
+    # Every change that reported success is in the row, and nothing else: no lost update.
+    assert rec.version == 1 + len(won)
+    assert set(rec.accepted) == {"fake://k0", *won}
+    assert len(outcomes) == 20
+
+
+# -- the lookup cache ------------------------------------------------------------------------
+
+
+def test_lookups_are_cached_for_the_ttl(engine: Engine, registry: DatabaseKeyRegistry) -> None:
+    now = [1000.0]
+    reader = DatabaseKeyRegistry(engine, SECRET, cache_ttl=30, clock=lambda: now[0])
+    registry.add_tenant("acme", "fake://k1")
+    queries = count_queries(engine)
+    assert reader.tenant_keys("acme").primary == "fake://k1"
+    assert len(queries) == 1
+    for _ in range(10):
+        reader.tenant_keys("acme")
+    assert len(queries) == 1  # served from the cache
+    registry.set_primary("acme", "fake://k2")  # another process's change
+    now[0] += 29
+    assert reader.tenant_keys("acme").primary == "fake://k1"  # not seen yet: within the TTL
+    now[0] += 2
+    assert reader.tenant_keys("acme").primary == "fake://k2"  # the TTL is the bound
+    registry.set_primary("acme", "fake://k3")
+    reader.invalidate("acme")
+    assert reader.tenant_keys("acme").primary == "fake://k3"  # at once after invalidate
+    registry.disable("acme")
+    reader.invalidate()
+    with pytest.raises(TenantNotConfiguredError, match="disabled"):
+        reader.tenant_keys("acme")
+
+
+def test_unknown_tenants_are_cached_too_and_own_writes_invalidate(
+    engine: Engine, registry: DatabaseKeyRegistry
+) -> None:
+    queries = count_queries(engine)
+    for _ in range(3):
+        with pytest.raises(TenantNotConfiguredError):
+            registry.tenant_keys("acme")
+    assert len(queries) == 1
+    registry.add_tenant("acme", "fake://k1")
+    assert registry.tenant_keys("acme").primary == "fake://k1"
+    registry.set_primary("acme", "fake://k2")
+    assert registry.tenant_keys("acme").primary == "fake://k2"
+
+
+def test_the_cache_is_bounded(engine: Engine, registry: DatabaseKeyRegistry) -> None:
+    for t in "abc":
+        registry.add_tenant(t, f"fake://{t}")
+    reader = DatabaseKeyRegistry(engine, SECRET, cache_max_entries=2)
+    queries = count_queries(engine)
+    for t in "abcc":
+        reader.tenant_keys(t)
+    assert len(queries) == 3  # c was cached
+    reader.tenant_keys("a")  # evicted by c (least recently used)
+    assert len(queries) == 4
+    with pytest.raises(ConfigurationError):
+        DatabaseKeyRegistry(engine, SECRET, cache_max_entries=0)
+
+
+def test_cache_ttl_zero_reads_every_time(engine: Engine, registry: DatabaseKeyRegistry) -> None:
+    registry.add_tenant("acme", "fake://k1")
+    reader = DatabaseKeyRegistry(engine, SECRET, cache_ttl=0)
+    queries = count_queries(engine)
+    reader.tenant_keys("acme")
+    reader.tenant_keys("acme")
+    assert len(queries) == 2
+
+
+# -- the documentation's example -------------------------------------------------------------
+
+
+def test_the_docs_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "registry.md").read_text()
+    code = doc.split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.setenv("DATABASE_URL", f"sqlite:///{tmp_path}/app.db")
+    monkeypatch.setenv("SQLALCHEMY_CMK_REGISTRY_SECRET", base64.b64encode(SECRET).decode())
+    keys = {n: base64.b64encode(os.urandom(32)).decode() for n in ("acme-2025", "acme-2026")}
+    monkeypatch.setenv("SQLALCHEMY_CMK_LOCAL_KEYS", ",".join(f"{n}={k}" for n, k in keys.items()))
+    namespace: dict[str, Any] = {}
+    try:
+        exec(compile(code, "docs/registry.md", "exec"), namespace)
+    finally:
+        if "engine" in namespace:
+            namespace["engine"].dispose()
+    assert namespace["registry"].get("acme").primary == "local://acme-2026"
