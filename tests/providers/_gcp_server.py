@@ -1,0 +1,389 @@
+"""A local Cloud KMS: ``google.cloud.kms.v1.KeyManagementService`` over gRPC, on loopback.
+
+It speaks the real wire protocol with the client library's own message types, so the real
+``KeyManagementServiceClient`` talks to it unchanged. What it implements, as Cloud KMS does:
+
+- ``Encrypt`` under the key's primary version and ``Decrypt`` with the version recorded in the
+  ciphertext: real AES-256-GCM under a random master key per version, with the request's
+  additional authenticated data as the GCM AAD.
+- The CRC32C integrity fields: request checksums are verified (INVALID_ARGUMENT on mismatch,
+  with Cloud KMS's wording), the ``verified_*`` flags are set only for checksums that were sent,
+  and responses carry ``ciphertext_crc32c``/``plaintext_crc32c``.
+- Key version states: ``UpdateCryptoKeyVersion`` (ENABLED/DISABLED), ``DestroyCryptoKeyVersion``
+  and ``RestoreCryptoKeyVersion``; a version that is not ENABLED gives FAILED_PRECONDITION.
+- Unknown keys give NOT_FOUND; :meth:`KmsServer.deny` (the tenant removed the IAM binding)
+  gives PERMISSION_DENIED.
+
+Faults, per key so that tests sharing the server stay independent: :meth:`KmsServer.corrupt`
+tampers with one field of the next responses (a flipped ciphertext or plaintext bit, a wrong
+checksum, a ``verified_*`` flag left false, another key's version name), :meth:`KmsServer.fail`
+answers with a status code, :meth:`KmsServer.delay` answers late.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import threading
+from collections import Counter
+from concurrent import futures
+from dataclasses import dataclass, field
+from typing import Any
+
+import google_crc32c
+import grpc
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from google.cloud import kms
+
+SERVICE = "google.cloud.kms.v1.KeyManagementService"
+State = kms.CryptoKeyVersion.CryptoKeyVersionState
+_CT_HEADER = struct.Struct(">BI")  # format byte, version id
+_MAX_DATA = 64 * 1024
+
+CORRUPTIONS = (
+    "ciphertext",  # Encrypt: a bit of the ciphertext flips after its checksum was computed
+    "ciphertext_crc32c",  # Encrypt: a wrong checksum
+    "verified_plaintext_crc32c",  # Encrypt: the flag stays false
+    "verified_additional_authenticated_data_crc32c",
+    "name",  # Encrypt: the response names a version of another key
+    "plaintext",  # Decrypt: a bit of the plaintext flips after its checksum was computed
+    "plaintext_crc32c",  # Decrypt: a wrong checksum
+)
+
+
+def crc32c(data: bytes) -> int:
+    return int(google_crc32c.value(data))
+
+
+class _Abort(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass
+class _Key:
+    versions: dict[int, tuple[AESGCM, Any]] = field(default_factory=dict)  # id -> (aead, state)
+    primary: int = 0
+    denied: bool = False
+    corrupt: str | None = None
+    fail: tuple[grpc.StatusCode, str, int] | None = None  # code, message, remaining
+    delay: float = 0.0
+
+
+class KmsServer:
+    """The server; ``start()`` binds 127.0.0.1 on a free port, ``stop()`` ends every thread."""
+
+    def __init__(self, workers: int = 8) -> None:
+        self._keys: dict[str, _Key] = {}
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._workers = workers
+        self._server: grpc.Server | None = None
+        self._pool: futures.ThreadPoolExecutor | None = None
+        self.address = ""
+        self.calls: Counter[str] = Counter()  # "Encrypt:<key name>" -> count
+        self.last_aad: dict[str, bytes] = {}  # key name -> AAD of its last Encrypt/Decrypt
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def start(self) -> str:
+        self._pool = futures.ThreadPoolExecutor(self._workers, thread_name_prefix="fake-kms")
+        server = grpc.server(self._pool)
+        handlers = {
+            "Encrypt": (self._encrypt, kms.EncryptRequest, kms.EncryptResponse),
+            "Decrypt": (self._decrypt, kms.DecryptRequest, kms.DecryptResponse),
+            "UpdateCryptoKeyVersion": (
+                self._update_version,
+                kms.UpdateCryptoKeyVersionRequest,
+                kms.CryptoKeyVersion,
+            ),
+            "DestroyCryptoKeyVersion": (
+                self._destroy_version,
+                kms.DestroyCryptoKeyVersionRequest,
+                kms.CryptoKeyVersion,
+            ),
+            "RestoreCryptoKeyVersion": (
+                self._restore_version,
+                kms.RestoreCryptoKeyVersionRequest,
+                kms.CryptoKeyVersion,
+            ),
+        }
+        server.add_generic_rpc_handlers(
+            (
+                grpc.method_handlers_generic_handler(
+                    SERVICE,
+                    {
+                        method: grpc.unary_unary_rpc_method_handler(
+                            self._guard(fn),
+                            request_deserializer=req.deserialize,
+                            response_serializer=resp.serialize,
+                        )
+                        for method, (fn, req, resp) in handlers.items()
+                    },
+                ),
+            )
+        )
+        port = server.add_insecure_port("127.0.0.1:0")
+        if not port:
+            self._pool.shutdown(wait=False)
+            raise RuntimeError("could not bind a port on 127.0.0.1")
+        server.start()
+        self._server = server
+        self.address = f"127.0.0.1:{port}"
+        return self.address
+
+    def stop(self) -> None:
+        self._stopping.set()  # wakes delayed handlers
+        if self._server is not None:
+            self._server.stop(grace=None).wait(5)
+            self._server = None
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+    # -- administration (what the tenant does in its project) ---------------------------------
+
+    def add_key(self, name: str) -> str:
+        """Create a CryptoKey with one ENABLED version; returns its resource name."""
+        with self._lock:
+            self._keys[name] = _Key()
+        self.rotate(name)
+        return name
+
+    def rotate(self, name: str) -> int:
+        """Add a version and make it primary; older versions still decrypt."""
+        with self._lock:
+            key = self._keys[name]
+            version = max(key.versions, default=0) + 1
+            key.versions[version] = (AESGCM(os.urandom(32)), State.ENABLED)
+            key.primary = version
+            return version
+
+    def set_state(self, name: str, state: Any, version: int | None = None) -> None:
+        """Set the state of one version, or of every version when ``version`` is None."""
+        with self._lock:
+            key = self._keys[name]
+            for v in [version] if version is not None else list(key.versions):
+                key.versions[v] = (key.versions[v][0], state)
+
+    def deny(self, name: str) -> None:
+        """The tenant removed the application's IAM binding on the key."""
+        with self._lock:
+            self._keys[name].denied = True
+
+    def allow(self, name: str) -> None:
+        with self._lock:
+            self._keys[name].denied = False
+
+    # -- faults --------------------------------------------------------------------------------
+
+    def corrupt(self, name: str, what: str | None) -> None:
+        """Tamper with ``what`` (one of CORRUPTIONS) in every response for the key; None stops."""
+        assert what is None or what in CORRUPTIONS, what
+        with self._lock:
+            self._keys[name].corrupt = what
+
+    def fail(self, name: str, code: grpc.StatusCode, times: int = 1, message: str = "") -> None:
+        """Answer the next ``times`` Encrypt/Decrypt calls for the key with ``code``."""
+        with self._lock:
+            self._keys[name].fail = (code, message or f"injected {code.name}", times)
+
+    def delay(self, name: str, seconds: float) -> None:
+        with self._lock:
+            self._keys[name].delay = seconds
+
+    # -- the RPCs ------------------------------------------------------------------------------
+
+    def _guard(self, fn: Any) -> Any:
+        def handler(request: Any, ctx: grpc.ServicerContext) -> Any:
+            try:
+                return fn(request)
+            except _Abort as exc:
+                ctx.abort(exc.code, exc.message)
+
+        return handler
+
+    def _usable_key(self, method: str, name: str, permission: str) -> _Key:
+        with self._lock:
+            self.calls[f"{method}:{name}"] += 1
+            key = self._keys.get(name)
+            if key is None:
+                raise _Abort(grpc.StatusCode.NOT_FOUND, f"CryptoKey {name} not found.")
+            fail = key.fail
+            if fail is not None:
+                code, message, remaining = fail
+                key.fail = (code, message, remaining - 1) if remaining > 1 else None
+            delay = key.delay
+        if delay:
+            self._stopping.wait(delay)
+        if fail is not None:
+            raise _Abort(fail[0], fail[1])
+        if key.denied:
+            raise _Abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"Permission '{permission}' denied on resource '{name}' (or it may not exist).",
+            )
+        return key
+
+    @staticmethod
+    def _check_crc(data: bytes, crc: int | None, field_name: str, data_name: str) -> bool:
+        if crc is None:
+            return False
+        if crc != crc32c(data):
+            raise _Abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"The checksum in field {field_name} did not match the data in field "
+                f"{data_name}. Please check your data and try again.",
+            )
+        return True
+
+    def _encrypt(self, req: kms.EncryptRequest) -> kms.EncryptResponse:
+        key = self._usable_key("Encrypt", req.name, "cloudkms.cryptoKeyVersions.useToEncrypt")
+        plaintext, aad = bytes(req.plaintext), bytes(req.additional_authenticated_data)
+        if not 0 < len(plaintext) <= _MAX_DATA or len(aad) > _MAX_DATA:
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "plaintext or AAD size out of range")
+        pt_ok = self._check_crc(plaintext, req.plaintext_crc32c, "plaintext_crc32c", "plaintext")
+        aad_ok = self._check_crc(
+            aad,
+            req.additional_authenticated_data_crc32c,
+            "additional_authenticated_data_crc32c",
+            "additional_authenticated_data",
+        )
+        with self._lock:
+            version = key.primary
+            aead, state = key.versions[version]
+            corrupt = key.corrupt
+            self.last_aad[req.name] = aad
+        version_name = f"{req.name}/cryptoKeyVersions/{version}"
+        if state != State.ENABLED:
+            raise _Abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"{version_name} is not enabled, current state is: {State(state).name}.",
+            )
+        nonce = os.urandom(12)
+        ciphertext = _CT_HEADER.pack(1, version) + nonce + aead.encrypt(nonce, plaintext, aad)
+        resp = kms.EncryptResponse(
+            name=version_name,
+            ciphertext=ciphertext,
+            ciphertext_crc32c=crc32c(ciphertext),
+            verified_plaintext_crc32c=pt_ok,
+            verified_additional_authenticated_data_crc32c=aad_ok,
+            protection_level=kms.ProtectionLevel.SOFTWARE,
+        )
+        if corrupt == "ciphertext":
+            resp.ciphertext = _flip(ciphertext)
+        elif corrupt == "ciphertext_crc32c":
+            resp.ciphertext_crc32c = (crc32c(ciphertext) + 1) % 2**32
+        elif corrupt == "verified_plaintext_crc32c":
+            resp.verified_plaintext_crc32c = False
+        elif corrupt == "verified_additional_authenticated_data_crc32c":
+            resp.verified_additional_authenticated_data_crc32c = False
+        elif corrupt == "name":
+            resp.name = f"{req.name}-other/cryptoKeyVersions/{version}"
+        return resp
+
+    def _decrypt(self, req: kms.DecryptRequest) -> kms.DecryptResponse:
+        key = self._usable_key("Decrypt", req.name, "cloudkms.cryptoKeyVersions.useToDecrypt")
+        ciphertext, aad = bytes(req.ciphertext), bytes(req.additional_authenticated_data)
+        self._check_crc(ciphertext, req.ciphertext_crc32c, "ciphertext_crc32c", "ciphertext")
+        self._check_crc(
+            aad,
+            req.additional_authenticated_data_crc32c,
+            "additional_authenticated_data_crc32c",
+            "additional_authenticated_data",
+        )
+        invalid = _Abort(
+            grpc.StatusCode.INVALID_ARGUMENT, "Decryption failed: the ciphertext is invalid."
+        )
+        if len(ciphertext) < _CT_HEADER.size + 12 + 16:
+            raise invalid
+        fmt, version = _CT_HEADER.unpack_from(ciphertext)
+        with self._lock:
+            found = key.versions.get(version) if fmt == 1 else None
+            corrupt = key.corrupt
+            primary = key.primary
+            self.last_aad[req.name] = aad
+        if found is None:
+            raise invalid
+        aead, state = found
+        if state != State.ENABLED:
+            raise _Abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"{req.name}/cryptoKeyVersions/{version} is not enabled, current state is: "
+                f"{State(state).name}.",
+            )
+        body = ciphertext[_CT_HEADER.size :]
+        try:
+            plaintext = aead.decrypt(body[:12], body[12:], aad)
+        except InvalidTag:
+            raise _Abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "Decryption failed: verify that 'name' refers to the correct CryptoKey.",
+            ) from None
+        resp = kms.DecryptResponse(
+            plaintext=plaintext,
+            plaintext_crc32c=crc32c(plaintext),
+            used_primary=version == primary,
+            protection_level=kms.ProtectionLevel.SOFTWARE,
+        )
+        if corrupt == "plaintext":
+            resp.plaintext = _flip(plaintext)
+        elif corrupt == "plaintext_crc32c":
+            resp.plaintext_crc32c = (crc32c(plaintext) + 1) % 2**32
+        return resp
+
+    def _version(self, version_name: str) -> tuple[str, int]:
+        key_name, sep, version = version_name.rpartition("/cryptoKeyVersions/")
+        with self._lock:
+            key = self._keys.get(key_name)
+            if not sep or key is None or not version.isdigit() or int(version) not in key.versions:
+                raise _Abort(grpc.StatusCode.NOT_FOUND, f"{version_name} not found.")
+        return key_name, int(version)
+
+    def _describe(self, key_name: str, version: int) -> kms.CryptoKeyVersion:
+        with self._lock:
+            state = self._keys[key_name].versions[version][1]
+        return kms.CryptoKeyVersion(
+            name=f"{key_name}/cryptoKeyVersions/{version}",
+            state=state,
+            protection_level=kms.ProtectionLevel.SOFTWARE,
+            algorithm=kms.CryptoKeyVersion.CryptoKeyVersionAlgorithm.GOOGLE_SYMMETRIC_ENCRYPTION,
+        )
+
+    def _update_version(self, req: kms.UpdateCryptoKeyVersionRequest) -> kms.CryptoKeyVersion:
+        key_name, version = self._version(req.crypto_key_version.name)
+        if list(req.update_mask.paths) != ["state"] or req.crypto_key_version.state not in (
+            State.ENABLED,
+            State.DISABLED,
+        ):
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "only state ENABLED/DISABLED")
+        with self._lock:
+            current = self._keys[key_name].versions[version][1]
+        if current not in (State.ENABLED, State.DISABLED):
+            raise _Abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"{req.crypto_key_version.name} is in state {State(current).name}.",
+            )
+        self.set_state(key_name, req.crypto_key_version.state, version)
+        return self._describe(key_name, version)
+
+    def _destroy_version(self, req: kms.DestroyCryptoKeyVersionRequest) -> kms.CryptoKeyVersion:
+        key_name, version = self._version(req.name)
+        self.set_state(key_name, State.DESTROY_SCHEDULED, version)
+        return self._describe(key_name, version)
+
+    def _restore_version(self, req: kms.RestoreCryptoKeyVersionRequest) -> kms.CryptoKeyVersion:
+        key_name, version = self._version(req.name)
+        with self._lock:
+            current = self._keys[key_name].versions[version][1]
+        if current != State.DESTROY_SCHEDULED:
+            raise _Abort(grpc.StatusCode.FAILED_PRECONDITION, f"{req.name} is not scheduled.")
+        self.set_state(key_name, State.DISABLED, version)
+        return self._describe(key_name, version)
+
+
+def _flip(data: bytes) -> bytes:
+    return data[:-1] + bytes([data[-1] ^ 1])
