@@ -1,0 +1,451 @@
+"""A local Azure Key Vault for the tests: HTTPS on 127.0.0.1, the REST API the SDK speaks.
+
+Enough of the Key Vault data plane (api-version 7.x) for ``azure-keyvault-keys``' ``KeyClient``
+and ``CryptographyClient``, with the real wire shapes:
+
+- the bearer challenge: a request without the expected token gets ``401`` and a
+  ``WWW-Authenticate: Bearer authorization=..., resource=...`` header, as Key Vault answers the
+  SDK's first, bodiless request to a vault;
+- ``GET /keys/{name}[/{version}]``: the key bundle (public JWK for RSA keys; no ``k`` for
+  ``oct-HSM`` keys, which never leave a Managed HSM);
+- ``POST /keys/{name}/{version}/wrapkey`` and ``/unwrapkey``: RSA-OAEP-256 for RSA keys and
+  ``A256KW`` (RFC 3394) for ``oct-HSM`` keys;
+- errors as Key Vault sends them: ``{"error": {"code", "message", "innererror": {"code"}}}``,
+  e.g. a disabled key answers every operation with ``403 Forbidden`` / ``KeyDisabled``, a
+  missing key ``404 KeyNotFound``, a ciphertext that does not decrypt ``400 BadParameter``.
+
+Test hooks: :meth:`KeyVaultServer.disable` / :meth:`enable` (the tenant disables its key),
+:meth:`deny` / :meth:`allow` (the tenant removes the app's role assignment: ``403
+ForbiddenByRbac``), :meth:`rotate` (a new key version becomes current), :meth:`fail_next`
+(inject ``5xx`` / ``429``), ``stall_seconds`` (answer late, for read timeouts) and per-operation
+counters.
+
+The TLS certificate is issued for 127.0.0.1 by a throwaway CA made with ``cryptography``;
+:attr:`KeyVaultServer.ca_file` is what the client's ``connection_verify`` needs.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import ipaddress
+import json
+import os
+import re
+import socket
+import ssl
+import threading
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.hazmat.primitives.keywrap import (
+    InvalidUnwrap,
+    aes_key_unwrap,
+    aes_key_wrap,
+)
+from cryptography.x509.oid import NameOID
+
+#: The token the test credential hands out; anything else is challenged.
+TOKEN = "test-token-for-the-local-key-vault"
+#: The Entra tenant the challenge names (any GUID: the credential is static).
+ENTRA_TENANT = "72f988bf-86f1-41af-91ab-2d7cd011db47"
+
+_OAEP256 = padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=None)
+_PATH = re.compile(
+    r"^/keys/(?P<name>[0-9A-Za-z-]+)(?:/(?P<version>[0-9A-Za-z]*))?(?:/(?P<op>wrapkey|unwrapkey))?/?$"
+)
+
+
+def _b64u(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _unb64u(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def _int_b64u(n: int) -> str:
+    return _b64u(n.to_bytes((n.bit_length() + 7) // 8, "big"))
+
+
+@dataclass
+class KeyVersion:
+    version: str
+    kty: str  # "RSA" or "oct-HSM"
+    private: rsa.RSAPrivateKey | None = None
+    secret: bytes | None = None
+    key_ops: list[str] = field(default_factory=lambda: ["wrapKey", "unwrapKey"])
+
+
+@dataclass
+class StoredKey:
+    versions: list[KeyVersion]
+    enabled: bool = True
+    denied: bool = False
+
+
+def make_tls(directory: Path) -> tuple[ssl.SSLContext, Path]:
+    """A CA and a server certificate for 127.0.0.1; returns the server context and the CA file."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "sqlalchemy-cmk test CA")])
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
+        )
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    ca_file = directory / "ca.pem"
+    ca_file.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    cert_file = directory / "server.pem"
+    cert_file.write_bytes(
+        cert.public_bytes(serialization.Encoding.PEM)
+        + key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(cert_file)
+    return context, ca_file
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, as the SDK's connection pool expects
+    # Without TCP_NODELAY every small response waits for the client's delayed ACK (~40 ms).
+    disable_nagle_algorithm = True
+    server: _HTTPServer
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        self._dispatch("GET")
+
+    def do_POST(self) -> None:
+        self._dispatch("POST")
+
+    def _send(
+        self, status: int, body: dict[str, Any] | None, headers: dict[str, str] | None = None
+    ) -> None:
+        payload = json.dumps(body).encode() if body is not None else b""
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json; charset=utf-8")
+        self.send_header("Content-Length", str(len(payload)))
+        self.send_header("x-ms-request-id", str(uuid.uuid4()))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def _error(self, status: int, code: str, message: str, inner: str | None = None) -> None:
+        error: dict[str, Any] = {"code": code, "message": message}
+        if inner:
+            error["innererror"] = {"code": inner}
+        self._send(status, {"error": error})
+
+    def _dispatch(self, method: str) -> None:
+        vault: KeyVaultServer = self.server.vault
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length) if length else b""
+        if self.headers.get("Authorization") != f"Bearer {vault.token}":
+            # The challenge the SDK elicits with its first, bodiless request to a vault.
+            vault.count("challenge")
+            self._send(
+                401,
+                {
+                    "error": {
+                        "code": "Unauthorized",
+                        "message": "AKV10000: Request is missing a Bearer or PoP token.",
+                    }
+                },
+                {
+                    "WWW-Authenticate": (
+                        f'Bearer authorization="https://login.microsoftonline.com/{ENTRA_TENANT}", '
+                        'resource="https://vault.azure.net"'
+                    )
+                },
+            )
+            return
+        if vault.stall_seconds:
+            time.sleep(vault.stall_seconds)
+        fault = vault.take_fault()
+        if fault is not None:
+            status, code = fault
+            headers = {"Retry-After": "0"} if status == 429 else None
+            self._send(status, {"error": {"code": code, "message": "injected fault"}}, headers)
+            return
+        match = _PATH.match(self.path.split("?", 1)[0])
+        if match is None:
+            self._error(404, "NotFound", "no such route")
+            return
+        name, version, op = match["name"], match["version"] or "", match["op"]
+        if (method == "GET") != (op is None):
+            self._error(405, "MethodNotAllowed", "method not allowed")
+            return
+        operation = op or "get"
+        vault.count(operation)
+        with vault.lock:
+            stored = vault.keys.get(name)
+            if stored is None:
+                self._error(
+                    404,
+                    "KeyNotFound",
+                    f"A key with (name/id) {name} was not found in this key vault.",
+                )
+                return
+            if stored.denied:
+                self._error(
+                    403,
+                    "Forbidden",
+                    "Caller is not authorized to perform action on resource. Action: "
+                    f"'Microsoft.KeyVault/vaults/keys/{operation}/action'",
+                    "ForbiddenByRbac",
+                )
+                return
+            if not stored.enabled:
+                op_name = {"get": "get", "wrapkey": "wrapKey", "unwrapkey": "unwrapKey"}[operation]
+                self._error(
+                    403,
+                    "Forbidden",
+                    f"Operation {op_name} is not allowed on a disabled key.",
+                    "KeyDisabled",
+                )
+                return
+            if version:
+                found = [v for v in stored.versions if v.version == version]
+                if not found:
+                    self._error(
+                        404, "KeyNotFound", f"A key with (name/id) {name}/{version} was not found."
+                    )
+                    return
+                key = found[0]
+            else:
+                key = stored.versions[-1]
+        vault.count(f"{operation}:{key.version}")
+        kid = f"{vault.url}/keys/{name}/{key.version}"
+        if op is None:
+            self._send(200, vault.bundle(kid, key))
+            return
+        try:
+            params = json.loads(raw)
+            alg, value = params["alg"], _unb64u(params["value"])
+        except (ValueError, KeyError, TypeError):
+            self._error(400, "BadParameter", "Property 'value' is required.")
+            return
+        wanted = "RSA-OAEP-256" if key.kty == "RSA" else "A256KW"
+        if alg != wanted:
+            self._error(400, "BadParameter", f"Invalid algorithm {alg} for key type {key.kty}.")
+            return
+        try:
+            if op == "wrapkey":
+                result = (
+                    key.private.public_key().encrypt(value, _OAEP256)
+                    if key.private is not None
+                    else aes_key_wrap(key.secret or b"", value)
+                )
+            elif key.private is not None:
+                result = key.private.decrypt(value, _OAEP256)
+            else:
+                result = aes_key_unwrap(key.secret or b"", value)
+        except (ValueError, InvalidUnwrap):
+            self._error(400, "BadParameter", "Bad Request")
+            return
+        self._send(200, {"kid": kid, "value": _b64u(result)})
+
+
+class _HTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+    vault: KeyVaultServer
+    tls: ssl.SSLContext
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        # TLS handshake in the handler thread (at first read), not in the accept loop.
+        sock, address = super().get_request()
+        return self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False), address
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass  # clients closing keep-alive connections mid-read are normal here
+
+
+class KeyVaultServer:
+    """A Key Vault on ``https://127.0.0.1:<free port>``; :meth:`start` / :meth:`stop` it."""
+
+    def __init__(self, directory: Path) -> None:
+        self.token = TOKEN
+        self.keys: dict[str, StoredKey] = {}
+        self.lock = threading.Lock()
+        self.counts: Counter[str] = Counter()
+        self.stall_seconds = 0.0
+        self._faults: list[tuple[int, str]] = []
+        context, self.ca_file = make_tls(directory)
+        self._server = _HTTPServer(("127.0.0.1", 0), _Handler)
+        self._server.vault = self
+        self._server.tls = context
+        self.port = self._server.server_address[1]
+        self.host = f"127.0.0.1:{self.port}"
+        self.url = f"https://{self.host}"
+        self._thread = threading.Thread(
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": 0.05},  # so that stop() returns promptly
+            name="azure-kv-test",
+            daemon=True,
+        )
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def start(self) -> KeyVaultServer:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(5)
+
+    # -- keys ------------------------------------------------------------------------------------
+
+    def create_rsa_key(self, name: str, key_ops: list[str] | None = None) -> str:
+        """Create ``name`` (or add a version); returns the new version."""
+        version = KeyVersion(uuid.uuid4().hex, "RSA", private=_rsa_key())
+        if key_ops is not None:
+            version.key_ops = key_ops
+        return self._add(name, version)
+
+    def create_oct_hsm_key(self, name: str) -> str:
+        return self._add(name, KeyVersion(uuid.uuid4().hex, "oct-HSM", secret=os.urandom(32)))
+
+    def import_rsa_key(self, name: str, private: rsa.RSAPrivateKey) -> str:
+        return self._add(name, KeyVersion(uuid.uuid4().hex, "RSA", private=private))
+
+    def rotate(self, name: str) -> str:
+        """A new version of ``name`` becomes current (older versions still unwrap)."""
+        with self.lock:
+            kty = self.keys[name].versions[-1].kty
+        return self.create_rsa_key(name) if kty == "RSA" else self.create_oct_hsm_key(name)
+
+    def _add(self, name: str, version: KeyVersion) -> str:
+        with self.lock:
+            self.keys.setdefault(name, StoredKey([])).versions.append(version)
+        return version.version
+
+    def public_key(self, name: str, version: str) -> rsa.RSAPublicKey:
+        with self.lock:
+            private = next(v for v in self.keys[name].versions if v.version == version).private
+        assert private is not None
+        return private.public_key()
+
+    def disable(self, name: str) -> None:
+        with self.lock:
+            self.keys[name].enabled = False
+
+    def enable(self, name: str) -> None:
+        with self.lock:
+            self.keys[name].enabled = True
+
+    def deny(self, name: str) -> None:
+        with self.lock:
+            self.keys[name].denied = True
+
+    def allow(self, name: str) -> None:
+        with self.lock:
+            self.keys[name].denied = False
+
+    # -- faults and counters ---------------------------------------------------------------------
+
+    def fail_next(self, count: int, status: int = 503, code: str = "ServiceUnavailable") -> None:
+        with self.lock:
+            self._faults.extend([(status, code)] * count)
+
+    def take_fault(self) -> tuple[int, str] | None:
+        with self.lock:
+            return self._faults.pop(0) if self._faults else None
+
+    def count(self, what: str) -> None:
+        with self.lock:
+            self.counts[what] += 1
+
+    def reset(self) -> None:
+        """Forget faults, counters and stalls (keys stay)."""
+        with self.lock:
+            self._faults.clear()
+            self.counts.clear()
+            self.stall_seconds = 0.0
+            for stored in self.keys.values():
+                stored.enabled, stored.denied = True, False
+
+    def bundle(self, kid: str, key: KeyVersion) -> dict[str, Any]:
+        jwk: dict[str, Any] = {"kid": kid, "kty": key.kty, "key_ops": key.key_ops}
+        if key.private is not None:
+            numbers = key.private.public_key().public_numbers()
+            jwk.update(n=_int_b64u(numbers.n), e=_int_b64u(numbers.e))
+        created = int(time.time()) - 60
+        return {
+            "key": jwk,
+            "attributes": {
+                "enabled": True,
+                "created": created,
+                "updated": created,
+                "recoveryLevel": "Recoverable+Purgeable",
+                "recoverableDays": 90,
+            },
+        }
+
+
+def _rsa_key() -> rsa.RSAPrivateKey:
+    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
