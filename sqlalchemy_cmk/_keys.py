@@ -308,6 +308,52 @@ class KeyManager:
         except CMKError as exc:
             return exc
 
+    def rewrap(self, envelope: bytes, ctx: TenantContext | None) -> bytes:
+        """The envelope of the same data key wrapped under its tenant's current primary key.
+
+        One unwrap (unless cached) and one wrap; the data key, and so every value encrypted
+        under it, is unchanged. Returns ``envelope`` itself if it already uses the primary.
+        """
+        env = _format.parse_envelope(envelope)
+        primary = self.tenant_keys(env.tenant).primary
+        if env.key_ref == primary:
+            return envelope
+        old = self.read_keys([envelope], ctx)[envelope]
+        scheme = primary.partition("://")[0]
+        provider = self._providers[scheme]
+        started = self._clock()
+        try:
+            wrapped = self._call(
+                lambda: provider.wrap_key(
+                    primary, bytes(old.material), _wrap_context(env.tenant, ctx)
+                ),
+                env.tenant,
+                primary,
+                scheme,
+            )
+        except CMKError as exc:
+            self.emit(
+                ctx,
+                "wrap",
+                outcome_of(exc),
+                env.tenant,
+                key_ref=primary,
+                provider=scheme,
+                error=type(exc).__name__,
+                duration_ms=(self._clock() - started) * 1000,
+            )
+            raise
+        self.emit(
+            ctx,
+            "wrap",
+            "ok",
+            env.tenant,
+            key_ref=primary,
+            provider=scheme,
+            duration_ms=(self._clock() - started) * 1000,
+        )
+        return _format.encode_envelope(env.tenant, scheme, primary, wrapped)
+
     def probe(self, tenant: str, key_ref: str, ctx: TenantContext | None) -> float:
         """Wrap a fresh key under ``key_ref`` and unwrap it again, caching nothing; returns
         the milliseconds it took. Raises what a wrap or an unwrap would."""

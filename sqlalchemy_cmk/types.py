@@ -16,6 +16,8 @@ visible to whoever reads the database. Declare the column ``nullable=False`` if 
 
 from __future__ import annotations
 
+import base64
+import binascii
 from typing import Any
 
 from sqlalchemy import types as sqltypes
@@ -23,9 +25,9 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import Mapped, mapped_column
 
 from ._codecs import Codec, codec_for
-from .errors import PlaintextWriteError
+from .errors import ConfigurationError, DecryptionError, PlaintextWriteError
 
-__all__ = ["EDEKType", "EncryptedMixin", "EncryptedType", "EncryptedValue"]
+__all__ = ["TEXT_MARKER", "EDEKType", "EncryptedMixin", "EncryptedType", "EncryptedValue"]
 
 
 class Sealed(bytes):
@@ -57,12 +59,24 @@ class EncryptedValue(bytes):
     __str__ = __repr__
 
 
+#: Prefix of an encrypted value stored as text (``storage="text"``): ``cmk:`` + base64(value).
+TEXT_MARKER = "cmk:"
+
+
 class EncryptedType(sqltypes.TypeDecorator[Any]):
-    """A column encrypted per tenant; stored as binary (BYTEA, BLOB).
+    """A column encrypted per tenant; stored as binary (BYTEA, BLOB), or as text.
 
     Args:
         underlying: The type of the plaintext (``String``, ``JSON``, ``DateTime(timezone=True)``
             ...), as a class or an instance. Values round-trip as that type's Python type.
+        storage: ``"binary"`` (default): the stored value as bytes. ``"text"``: the stored
+            value as ``cmk:`` + base64 in a text column, a third longer; this is how an
+            existing text column is encrypted in place, online (``migrations_helpers``).
+        allow_plaintext: Dual-read mode for a text column being encrypted in place: a stored
+            value without the ``cmk:`` prefix is plaintext from before the migration and is
+            returned as is (writes are always encrypted). Only with ``storage="text"`` and a
+            String/Text underlying type. Turn it off once ``verify`` reports no plaintext left:
+            from then on an unencrypted value raises ``DecryptionError`` on load.
 
     Example::
 
@@ -73,25 +87,48 @@ class EncryptedType(sqltypes.TypeDecorator[Any]):
     cache_ok = True
 
     def __init__(
-        self, underlying: type[sqltypes.TypeEngine[Any]] | sqltypes.TypeEngine[Any]
+        self,
+        underlying: type[sqltypes.TypeEngine[Any]] | sqltypes.TypeEngine[Any],
+        *,
+        storage: str = "binary",
+        allow_plaintext: bool = False,
     ) -> None:
         super().__init__()
         self.underlying: sqltypes.TypeEngine[Any] = (
             underlying() if isinstance(underlying, type) else underlying
         )
         self.codec: Codec = codec_for(self.underlying)
+        if storage not in ("binary", "text"):
+            raise ConfigurationError(f'storage must be "binary" or "text", not {storage!r}')
+        if allow_plaintext and (storage != "text" or self.codec.name != "str"):
+            raise ConfigurationError(
+                "allow_plaintext needs storage='text' and a String/Text underlying type: only "
+                "there can plaintext be told apart from ciphertext"
+            )
+        self.storage = storage
+        self.allow_plaintext = allow_plaintext
 
     def __repr__(self) -> str:
-        return f"EncryptedType({self.underlying!r})"
+        extra = "" if self.storage == "binary" else f", storage={self.storage!r}"
+        if self.allow_plaintext:
+            extra += ", allow_plaintext=True"
+        return f"EncryptedType({self.underlying!r}{extra})"
+
+    def load_dialect_impl(self, dialect: Dialect) -> sqltypes.TypeEngine[Any]:
+        if self.storage == "text":
+            return dialect.type_descriptor(sqltypes.Text())
+        return dialect.type_descriptor(sqltypes.LargeBinary())
 
     @property
     def python_type(self) -> type[Any]:
         return self.underlying.python_type
 
-    def process_bind_param(self, value: Any, dialect: Dialect) -> bytes | None:
+    def process_bind_param(self, value: Any, dialect: Dialect) -> bytes | str | None:
         if value is None:
             return None
         if type(value) is Sealed:
+            if self.storage == "text":
+                return TEXT_MARKER + base64.b64encode(value).decode("ascii")
             return bytes(value)
         raise PlaintextWriteError(
             "refusing to write an unencrypted value into an encrypted column: write through an "
@@ -100,13 +137,21 @@ class EncryptedType(sqltypes.TypeDecorator[Any]):
             "to its row's key"
         )
 
-    def process_result_value(self, value: Any, dialect: Dialect) -> EncryptedValue | None:
-        return None if value is None else EncryptedValue(value)
+    def process_result_value(self, value: Any, dialect: Dialect) -> Any:
+        if value is None:
+            return None
+        if self.storage == "binary":
+            return EncryptedValue(value)
+        return _from_text(value, self.allow_plaintext)
 
     def bind_processor(self, dialect: Dialect) -> Any:
+        if self.storage == "text":
+            return super().bind_processor(dialect)
         return _flat_bind_processor(self, dialect)
 
     def result_processor(self, dialect: Dialect, coltype: object) -> Any:
+        if self.storage == "text":
+            return super().result_processor(dialect, coltype)
         # One flat function instead of TypeDecorator's chain: this runs for every loaded value.
         impl = self.impl_instance.result_processor(dialect, coltype)
         wrap = EncryptedValue
@@ -125,6 +170,20 @@ class EncryptedType(sqltypes.TypeDecorator[Any]):
 
     def compare_values(self, x: Any, y: Any) -> bool:
         return bool(x == y)
+
+
+def _from_text(value: str, allow_plaintext: bool) -> Any:
+    if value.startswith(TEXT_MARKER):
+        try:
+            return EncryptedValue(base64.b64decode(value[len(TEXT_MARKER) :], validate=True))
+        except (binascii.Error, ValueError):
+            raise DecryptionError("stored value is malformed") from None
+    if allow_plaintext:
+        return value
+    raise DecryptionError(
+        "an encrypted column holds an unencrypted value: if the column is being encrypted in "
+        "place, declare it with allow_plaintext=True until the backfill's verify reports none"
+    )
 
 
 class EDEKType(sqltypes.TypeDecorator[bytes]):
