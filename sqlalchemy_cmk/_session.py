@@ -208,9 +208,10 @@ def _before_flush(
                 dicts.append(d)
                 tables.append(t)
                 columns.append(cols)
-                companions.append(_companion_of(obj, t.companion_key))
+                companions.append(None)  # read from the database below
     if not dicts:
         return
+    _current_companions(session, states, tables, companions)
     new_companions, cts = cmk.seal(dicts, tables, columns, companions, require_context())
     # Only now, with every value sealed, touch the instances. What to restore after the flush
     # is kept as four flat lists.
@@ -242,10 +243,40 @@ def _before_flush(
             setattr(state.obj(), t.companion_key, companion)
 
 
-def _companion_of(obj: Any, key: str) -> bytes | None:
-    # Loads the companion if it was expired (an object changed after commit without a reload).
-    value = getattr(obj, key)
-    return value if isinstance(value, bytes) else None
+def _current_companions(
+    session: Session,
+    states: list[InstanceState[Any]],
+    tables: list[TableSpec],
+    companions: list[bytes | None],
+) -> None:
+    """Fill in the companions of updated rows from the database, locking the rows (PostgreSQL).
+
+    Not from memory: a backfill, a key rotation or another session may have given the row a
+    companion since this session loaded it, and sealing under a stale one would strand the
+    row's other encrypted values. One query per table per flush; ``FOR UPDATE`` keeps the
+    companion from changing until this transaction ends (backfills skip locked rows).
+    """
+    groups: dict[tuple[Mapper[Any], TableSpec], dict[tuple[Any, ...], list[int]]] = {}
+    for i, (state, t) in enumerate(zip(states, tables, strict=True)):
+        if state.key is not None:
+            groups.setdefault((state.mapper, t), {}).setdefault(state.key[1], []).append(i)
+    with session.no_autoflush:
+        for (mapper, t), by_ident in groups.items():
+            pk = mapper.primary_key
+            companion = mapper.columns[t.companion_key]
+            idents = list(by_ident)
+            for n in range(0, len(idents), 500):
+                chunk = idents[n : n + 500]
+                where = pk[0].in_([k[0] for k in chunk]) if len(pk) == 1 else tuple_(*pk).in_(chunk)
+                query = select(*pk, companion).where(where).with_for_update()
+                for row in session.execute(query):
+                    current = row[-1]
+                    for i in by_ident.get(tuple(row[: len(pk)]), ()):
+                        companions[i] = current if isinstance(current, bytes) else None
+                        d = states[i].dict
+                        if d.get(t.companion_key) != companions[i]:
+                            d[t.companion_key] = companions[i]  # what the database holds
+                            states[i].committed_state.pop(t.companion_key, None)
 
 
 def _restore(session: Session, *args: Any) -> None:

@@ -116,7 +116,8 @@ class EncryptedType(sqltypes.TypeDecorator[Any]):
 
     def load_dialect_impl(self, dialect: Dialect) -> sqltypes.TypeEngine[Any]:
         if self.storage == "text":
-            return dialect.type_descriptor(sqltypes.Text())
+            # Not dialect.type_descriptor(Text()): PostgreSQL's would render VARCHAR.
+            return sqltypes.Text()
         return dialect.type_descriptor(sqltypes.LargeBinary())
 
     @property
