@@ -1,8 +1,88 @@
-"""Alembic helpers for sqlalchemy-cmk (operations and autogenerate support).
+"""Alembic helpers for sqlalchemy-cmk: operations that encrypt existing data, and autogenerate.
 
-Not yet implemented: the Alembic operations (``encrypt_column``, ``decrypt_column``,
-``rewrap_keys``, ``rotate_data_keys``) are tracked as their own issue. Until then, this package
-exposes nothing, rather than half-working operations.
+In ``env.py``::
+
+    import migrations_helpers
+
+    # The CMK the operations use (a CMK, or "module:attribute"); also registers
+    # op.encrypt_column, op.decrypt_column, op.rewrap_keys and op.rotate_data_keys.
+    migrations_helpers.configure("myapp.crypto:cmk")
+
+    def run_migrations_online():
+        ...
+        with connectable.connect() as connection:  # connect(), not begin(): see alembic_ops
+            context.configure(
+                connection=connection,
+                target_metadata=target_metadata,
+                transaction_per_migration=True,
+                render_item=migrations_helpers.render_item,
+                compare_type=migrations_helpers.compare_type,
+            )
+            with context.begin_transaction():
+                context.run_migrations()
+
+Then, in a migration: ``op.encrypt_column("patients", "ssn", tenant_column="tenant_id")``. See
+:mod:`migrations_helpers.alembic_ops` for what each operation does and
+:mod:`migrations_helpers.autogenerate` for the two hooks. The engine behind the operations is
+:mod:`migrations_helpers.backfill` (also used by the ``sqlalchemy-cmk`` CLI).
+
+The names below are loaded on first use: the CLI imports :mod:`migrations_helpers.backfill`, which
+must work without Alembic installed (Alembic is the ``migrations`` extra), and importing this
+package registers nothing with Alembic (call :func:`register` or :func:`configure`).
 """
 
-__all__: list[str] = []
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .alembic_ops import DecryptColumnOp as DecryptColumnOp
+    from .alembic_ops import EncryptColumnOp as EncryptColumnOp
+    from .alembic_ops import NothingToUndoOp as NothingToUndoOp
+    from .alembic_ops import RewrapKeysOp as RewrapKeysOp
+    from .alembic_ops import RotateDataKeysOp as RotateDataKeysOp
+    from .alembic_ops import configure as configure
+    from .alembic_ops import configured_cmk as configured_cmk
+    from .alembic_ops import register as register
+    from .autogenerate import compare_type as compare_type
+    from .autogenerate import render_item as render_item
+
+__all__ = [
+    "DecryptColumnOp",
+    "EncryptColumnOp",
+    "NothingToUndoOp",
+    "RewrapKeysOp",
+    "RotateDataKeysOp",
+    "compare_type",
+    "configure",
+    "configured_cmk",
+    "register",
+    "render_item",
+]
+
+_HOMES = {
+    "DecryptColumnOp": ".alembic_ops",
+    "EncryptColumnOp": ".alembic_ops",
+    "NothingToUndoOp": ".alembic_ops",
+    "RewrapKeysOp": ".alembic_ops",
+    "RotateDataKeysOp": ".alembic_ops",
+    "configure": ".alembic_ops",
+    "configured_cmk": ".alembic_ops",
+    "register": ".alembic_ops",
+    "compare_type": ".autogenerate",
+    "render_item": ".autogenerate",
+}
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(home, __name__), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
