@@ -15,13 +15,35 @@ Usage::
     sqlalchemy-cmk tenants reseal        (new secret from $SQLALCHEMY_CMK_NEW_REGISTRY_SECRET)
     sqlalchemy-cmk check-tenant TENANT --cmk module:attribute [--app-dir DIR] [--json]
 
+    sqlalchemy-cmk encrypt-column --table T --column C [--column C2 ...] --tenant-column TC
+                                  --cmk module:attribute [--workers N]
+    sqlalchemy-cmk decrypt-column --table T --column C ... --tenant-column TC --cmk ...
+                                  [--workers N]
+    sqlalchemy-cmk rewrap --table T --cmk ... [--tenant TENANT]
+    sqlalchemy-cmk rotate --table T --column C ... --tenant-column TC --cmk ... [--tenant TENANT]
+    sqlalchemy-cmk verify --table T --column C ... --tenant-column TC --cmk ... [--sample F]
+                          [--require-encrypted]
+    sqlalchemy-cmk status --table T --column C ...
+
+    (all take --database-url, --schema and --json; all but status also --companion-column,
+    --batch-size, --progress-every SECONDS and --no-progress)
+
+The migration commands (encrypt-column ... status) run the backfill engine of
+``migrations_helpers.backfill``, the one behind the Alembic operations, for tables too big to
+encrypt inside a migration; see docs/migrations.md. ``--workers N`` (encrypt-column,
+decrypt-column) starts N processes, each with its own engine, that partition the table through
+PostgreSQL's ``FOR UPDATE SKIP LOCKED``.
+Progress goes to stderr (a redrawn bar on a terminal, a plain line every few seconds
+otherwise), the final report to stdout (``--json`` for machines).
+
 The ``tenants`` commands take the database URL from ``--database-url`` or the environment
 variable ``SQLALCHEMY_CMK_DATABASE_URL``, and the registry secret (base64) only from the
 environment variable ``SQLALCHEMY_CMK_REGISTRY_SECRET``: a secret given as a command-line flag
 would land in shell history and in the process list.
 
 Exit status: 0 success; 1 the operation failed (a tampered row, a failed check, a conflict, an
-invalid change); 2 the command was invoked or configured wrongly (missing URL or secret, an
+invalid change, a row that did not verify, plaintext left under ``--require-encrypted``, a worker
+that died); 2 the command was invoked or configured wrongly (missing URL or secret, an
 unimportable ``--cmk``).
 """
 
@@ -30,19 +52,25 @@ from __future__ import annotations
 import argparse
 import base64
 import binascii
+import contextlib
 import importlib
 import json
 import os
 import sys
+import time
 from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from sqlalchemy import Engine, create_engine, make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError
+from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
 
 from .errors import CMKError, ConfigurationError
 from .registry_db import DatabaseKeyRegistry, RegistryIntegrityError, TenantRecord
+
+if TYPE_CHECKING:  # the core command does not need migrations_helpers at import
+    from migrations_helpers.backfill import Progress, Report
 
 __all__ = ["main"]
 
@@ -58,7 +86,10 @@ class UsageError(Exception):
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sqlalchemy-cmk",
-        description="Manage sqlalchemy-cmk's tenant key registry and check tenants' keys.",
+        description=(
+            "Manage the tenant key registry, check tenants' keys, and encrypt, verify and "
+            "re-key existing data (docs/migrations.md)."
+        ),
         epilog=f"The registry secret is read from ${SECRET_ENV} (base64), never from a flag.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -142,6 +173,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="directory to import MODULE from (default: the current directory)",
     )
+    _migration_parsers(commands, as_json)
     return parser
 
 
@@ -156,6 +188,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "check-tenant":
             return _check_tenant(args, out)
+        if args.command in _MIGRATION_COMMANDS:
+            return _migration(args, out)
         return _tenants(args, out)
     except UsageError as exc:
         print(f"sqlalchemy-cmk: error: {exc}", file=sys.stderr)
@@ -164,12 +198,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"sqlalchemy-cmk: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     except DBAPIError as exc:
+        hint = (
+            "do the table and columns exist?"
+            if args.command in _MIGRATION_COMMANDS
+            else "has `sqlalchemy-cmk tenants init` created the table?"
+        )
         print(
-            f"sqlalchemy-cmk: database error: {exc.orig}\n(is the URL right, and has "
-            "`sqlalchemy-cmk tenants init` created the table?)",
+            f"sqlalchemy-cmk: database error: {exc.orig}\n(is the URL right, and {hint})",
             file=sys.stderr,
         )
         return 1
+    except SQLAlchemyError as exc:  # e.g. NoSuchTableError from reflecting the table
+        print(f"sqlalchemy-cmk: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(
+            "\nsqlalchemy-cmk: interrupted"
+            + (
+                ": the committed batches stay done; run the same command again to finish"
+                if args.command in _MIGRATION_COMMANDS
+                else ""
+            ),
+            file=sys.stderr,
+        )
+        return 130
 
 
 # -- tenants ---------------------------------------------------------------------------------
@@ -401,6 +453,612 @@ def _check_tenant(args: argparse.Namespace, out: TextIO) -> int:
     else:
         print(str(result), file=out)
     return 0 if result.ok else 1
+
+
+# -- migrations: encrypt-column, decrypt-column, rewrap, rotate, verify, status ---------------
+
+_MIGRATION_COMMANDS = frozenset(
+    {"encrypt-column", "decrypt-column", "rewrap", "rotate", "verify", "status"}
+)
+ACTOR = "sqlalchemy-cmk migration"
+PROGRESS_EVERY = 5.0  # seconds between plain progress lines when stderr is not a terminal
+_REDRAW_EVERY = 0.1  # seconds between redraws of the progress bar on a terminal
+_MAX_FAILURES_SHOWN = 20
+_VERBS = {
+    "encrypt-column": ("encrypt", "encrypted"),
+    "decrypt-column": ("decrypt", "decrypted"),
+    "rewrap": ("rewrap", "rewrapped"),
+    "rotate": ("rotate", "re-encrypted under fresh data keys"),
+}
+
+
+def _positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
+    return number
+
+
+def _fraction(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
+    if not 0.0 < number <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {number}")
+    return number
+
+
+def _migration_parsers(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+    as_json: argparse.ArgumentParser,
+) -> None:
+    target = argparse.ArgumentParser(add_help=False)
+    target.add_argument(
+        "--database-url", help=f"SQLAlchemy URL of the application's database (default: ${URL_ENV})"
+    )
+    target.add_argument("--table", required=True, help="the table to work on")
+    target.add_argument("--schema", default=None, help="the table's schema")
+    columns = argparse.ArgumentParser(add_help=False)
+    columns.add_argument(
+        "--column",
+        dest="columns",
+        action="append",
+        required=True,
+        metavar="NAME",
+        help="a text column (repeat for several)",
+    )
+    batching = argparse.ArgumentParser(add_help=False)
+    batching.add_argument(
+        "--companion-column",
+        default="cmk_edek",
+        metavar="NAME",
+        help="the EDEK companion column (default: %(default)s)",
+    )
+    batching.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=1000,
+        metavar="N",
+        help="rows per batch, each in its own transaction (default: %(default)s)",
+    )
+    batching.add_argument(
+        "--progress-every",
+        type=float,
+        default=PROGRESS_EVERY,
+        metavar="SECONDS",
+        help="seconds between progress lines when stderr is not a terminal (default: %(default)s)",
+    )
+    batching.add_argument("--no-progress", action="store_true", help="print no progress")
+    keys = argparse.ArgumentParser(add_help=False)
+    keys.add_argument(
+        "--cmk",
+        required=True,
+        metavar="MODULE:ATTRIBUTE",
+        help="your CMK object (or a function returning it), e.g. myapp.crypto:cmk",
+    )
+    keys.add_argument(
+        "--app-dir",
+        default=".",
+        metavar="DIR",
+        help="directory to import MODULE from (default: the current directory)",
+    )
+    tenant_column = argparse.ArgumentParser(add_help=False)
+    tenant_column.add_argument(
+        "--tenant-column",
+        required=True,
+        metavar="NAME",
+        help="the column naming each row's tenant, whose key seals the row",
+    )
+    workers = argparse.ArgumentParser(add_help=False)
+    workers.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="processes to run, each with its own connection (PostgreSQL only above 1)",
+    )
+    one_tenant = argparse.ArgumentParser(add_help=False)
+    one_tenant.add_argument("--tenant", default=None, help="only this tenant's rows")
+
+    backfill = [target, columns, batching, keys, tenant_column, workers, as_json]
+    commands.add_parser(
+        "encrypt-column",
+        parents=backfill,
+        help="encrypt existing plaintext text columns in place, online (adds the companion)",
+    )
+    commands.add_parser(
+        "decrypt-column",
+        parents=backfill,
+        help="restore encrypted text columns to plaintext (the rollback)",
+    )
+    commands.add_parser(
+        "rewrap",
+        parents=[target, batching, keys, one_tenant, as_json],
+        help="re-wrap data keys under each tenant's current primary key (no re-encryption)",
+    )
+    commands.add_parser(
+        "rotate",  # one worker: a rotation walks the rows that exist when it starts, once
+        parents=[target, columns, batching, keys, tenant_column, one_tenant, as_json],
+        help="re-encrypt rows under fresh data keys (name every encrypted column of the table)",
+    )
+    p = commands.add_parser(
+        "verify",
+        parents=[target, columns, batching, keys, tenant_column, as_json],
+        help="decrypt every row (or a sample); exit 1 on any failure",
+    )
+    p.add_argument(
+        "--sample", type=_fraction, default=None, metavar="FRACTION", help="check only this share"
+    )
+    p.add_argument(
+        "--require-encrypted", action="store_true", help="also exit 1 when plaintext remains"
+    )
+    commands.add_parser(
+        "status",
+        parents=[target, columns, as_json],
+        help="count plaintext / encrypted / NULL values (SQL only, no keys needed)",
+    )
+
+
+@dataclass(frozen=True)
+class _Job:
+    """One backfill, as every worker process runs it (picklable: spawned workers get a copy)."""
+
+    command: str
+    url: str
+    cmk: str
+    app_dir: str
+    table: str
+    columns: tuple[str, ...]
+    tenant_column: str | None
+    tenant: str | None
+    companion_column: str
+    schema: str | None
+    batch_size: int
+
+
+def _migration_engine(url: str) -> Engine:
+    # hide_parameters: a failed statement's message must not carry the values (plaintext).
+    return create_engine(make_url(url), hide_parameters=True)
+
+
+def _migration(args: argparse.Namespace, out: TextIO) -> int:
+    from migrations_helpers import backfill  # lazily: the core command does not need it
+
+    url = args.database_url or os.environ.get(URL_ENV)
+    if not url:
+        raise UsageError(f"no database URL: pass --database-url or set ${URL_ENV}")
+    try:
+        engine = _migration_engine(url)
+    except (ArgumentError, ValueError) as exc:
+        raise UsageError(f"invalid database URL: {exc}") from None
+    except ImportError as exc:
+        raise UsageError(f"the database driver is not installed: {exc}") from None
+    try:
+        if args.command == "status":
+            return _status(engine, args, out)
+        workers: int = getattr(args, "workers", 1)
+        if workers > 1 and engine.dialect.name != "postgresql":
+            raise UsageError(
+                f"--workers {workers}: {engine.dialect.name} runs single-worker (parallel "
+                "workers partition the table with PostgreSQL's FOR UPDATE SKIP LOCKED); "
+                "use --workers 1"
+            )
+        cmk = _load_cmk(args.cmk, args.app_dir)
+        if args.command == "verify":
+            return _verify_table(engine, cmk, args, out)
+        job = _Job(
+            command=args.command,
+            url=url,
+            cmk=args.cmk,
+            app_dir=str(Path(args.app_dir).resolve()),
+            table=args.table,
+            columns=tuple(getattr(args, "columns", None) or ()),
+            tenant_column=getattr(args, "tenant_column", None),
+            tenant=getattr(args, "tenant", None),
+            companion_column=args.companion_column,
+            schema=args.schema,
+            batch_size=args.batch_size,
+        )
+        added = False
+        if job.command == "encrypt-column":  # before any worker starts: one ALTER, not N
+            added = backfill.ensure_companion(
+                engine, job.table, companion_column=job.companion_column, schema=job.schema
+            )
+        view = _progress_view(args, _VERBS[job.command][0] + " " + _fullname(args))
+        problems: list[str] = []
+        started = time.monotonic()
+        try:
+            if workers == 1:
+                report = _run_job(job, engine, cmk, lambda p: view.update(p.done, p.total))
+            else:
+                report, problems = _run_workers(job, workers, view)
+        finally:
+            view.close()
+        report.seconds = time.monotonic() - started
+        _print_report(report, job, workers, added, problems, args, out)
+        return 1 if problems else 0
+    finally:
+        engine.dispose()
+
+
+def _fullname(args: argparse.Namespace) -> str:
+    return f"{args.schema}.{args.table}" if args.schema else str(args.table)
+
+
+def _run_job(job: _Job, engine: Engine, cmk: Any, progress: Callable[[Progress], None]) -> Report:
+    """Run the job's backfill once, in this process."""
+    from migrations_helpers import backfill
+
+    if job.command == "rewrap":
+        return backfill.rewrap_keys(
+            engine,
+            cmk,
+            job.table,
+            tenant=job.tenant,
+            companion_column=job.companion_column,
+            schema=job.schema,
+            batch_size=job.batch_size,
+            progress=progress,
+            actor=ACTOR,
+        )
+    assert job.tenant_column is not None  # argparse requires it for the other commands
+    if job.command == "rotate":
+        return backfill.rotate_data_keys(
+            engine,
+            cmk,
+            job.table,
+            job.columns,
+            tenant_column=job.tenant_column,
+            tenant=job.tenant,
+            companion_column=job.companion_column,
+            schema=job.schema,
+            batch_size=job.batch_size,
+            progress=progress,
+            actor=ACTOR,
+        )
+    run = backfill.encrypt_columns if job.command == "encrypt-column" else backfill.decrypt_columns
+    return run(
+        engine,
+        cmk,
+        job.table,
+        job.columns,
+        tenant_column=job.tenant_column,
+        companion_column=job.companion_column,
+        schema=job.schema,
+        batch_size=job.batch_size,
+        progress=progress,
+        actor=ACTOR,
+    )
+
+
+def _describe(exc: BaseException) -> str:
+    """An error as one line, without data: a DBAPI error's statement and parameters left out."""
+    if isinstance(exc, DBAPIError):
+        return f"database error: {exc.orig}".strip()
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _worker(index: int, job: _Job, conn: Any) -> None:
+    """Body of one ``--workers`` process: its own engine and CMK, the same backfill as the others.
+
+    Runs in a spawned process, so it imports everything afresh (the CMK from ``job.cmk``).
+    Everything it has to say goes to the parent through ``conn``, its own pipe: no lock is
+    shared between workers, so one killed mid-message cannot block the others.
+    """
+    engine: Engine | None = None
+    try:
+        engine = _migration_engine(job.url)
+        cmk = _load_cmk(job.cmk, job.app_dir)
+        report = _run_job(job, engine, cmk, lambda p: conn.send(("progress", p.done, p.total)))
+        conn.send(("done", report))
+    except BaseException as exc:  # reported to the parent, which decides
+        with contextlib.suppress(OSError):  # unless the parent is gone
+            conn.send(("error", _describe(exc)))
+    finally:
+        conn.close()
+        if engine is not None:
+            engine.dispose()
+
+
+def _run_workers(job: _Job, count: int, view: _ProgressView) -> tuple[Report, list[str]]:
+    """Run ``job`` in ``count`` spawned processes at once; merge their reports.
+
+    No coordinator: each worker runs the whole backfill and PostgreSQL's ``SKIP LOCKED`` hands
+    each batch to one of them. Returns the merged report and one line per worker that failed
+    or died (the work it did is committed; running the command again finishes the rest).
+    """
+    import multiprocessing
+    from multiprocessing.connection import wait
+
+    from migrations_helpers.backfill import Report
+
+    context = multiprocessing.get_context("spawn")  # fork would copy engines and locks
+    processes: list[Any] = []
+    readers: dict[Any, int] = {}  # a worker's read end -> its index
+    done = [0] * count
+    totals: list[int | None] = [None] * count
+    reports: list[Report] = []
+    problems: list[str] = []
+    pending = set(range(count))  # workers that have not reported an outcome yet
+    try:
+        for i in range(count):
+            read_end, writer = context.Pipe(duplex=False)
+            process = context.Process(
+                target=_worker,
+                args=(i, job, writer),
+                name=f"sqlalchemy-cmk-worker-{i}",
+                daemon=True,
+            )
+            processes.append(process)
+            readers[read_end] = i
+            process.start()
+            writer.close()  # the worker holds the only write end: EOF when it exits
+        while readers:
+            for ready in wait(list(readers), timeout=1.0):
+                reader: Any = ready
+                i = readers[reader]
+                try:
+                    message = reader.recv()
+                except EOFError:  # the worker exited: after its outcome, or killed before
+                    del readers[reader]
+                    reader.close()
+                    if i in pending:
+                        pending.discard(i)
+                        processes[i].join(timeout=5)
+                        problems.append(
+                            f"worker {i} died (exit status {processes[i].exitcode}) without a "
+                            "report: its finished batches are committed; run the command again"
+                        )
+                    continue
+                if message[0] == "progress":
+                    done[i], totals[i] = message[1], message[2]
+                    known = [t for t in totals if t is not None]
+                    view.update(sum(done), max(known) if known else None)
+                elif message[0] == "done":
+                    reports.append(message[1])
+                    pending.discard(i)
+                else:
+                    problems.append(f"worker {i}: {message[1]}")
+                    pending.discard(i)
+    except BaseException:  # interrupted: stop the workers now; their open batches roll back
+        for process in processes:
+            if process.is_alive():
+                process.terminate()
+        raise
+    finally:
+        for reader in readers:
+            reader.close()
+        for process in processes:
+            if process.pid is None:
+                continue  # never started
+            process.join(timeout=10)
+            if process.is_alive():  # did not stop on SIGTERM
+                process.kill()
+                process.join()
+            process.close()
+    merged = Report(
+        operation=reports[0].operation if reports else _VERBS[job.command][0],
+        table=job.table,
+        columns=job.columns,
+    )
+    for report in reports:
+        merged.rows += report.rows
+        merged.conflicts += report.conflicts
+        merged.batches += report.batches
+        merged.passes = max(merged.passes, report.passes)
+        for tenant, rows in report.by_tenant.items():
+            merged.by_tenant[tenant] = merged.by_tenant.get(tenant, 0) + rows
+    return merged, problems
+
+
+def _print_report(
+    report: Report,
+    job: _Job,
+    workers: int,
+    companion_added: bool,
+    problems: list[str],
+    args: argparse.Namespace,
+    out: TextIO,
+) -> None:
+    if args.json:
+        doc = asdict(report)
+        doc.update(
+            workers=workers, companion_added=companion_added, ok=not problems, errors=problems
+        )
+        json.dump(doc, out, indent=2)
+        print(file=out)
+    else:
+        name = _fullname(args)
+        if companion_added:
+            print(f"added the companion column {job.companion_column} to {name}", file=out)
+        what = f"{name} ({', '.join(job.columns)})" if job.columns else name
+        rate = report.rows / report.seconds if report.seconds > 0 else 0.0
+        print(
+            f"{_VERBS[job.command][1]} {report.rows:,} row(s) of {what} in "
+            f"{report.seconds:.1f} s ({rate:,.0f} rows/s, {workers} worker(s)); "
+            f"{report.batches:,} batch(es), {report.passes} pass(es), "
+            f"{report.conflicts:,} compare-and-swap conflict(s) retried",
+            file=out,
+        )
+        for tenant, rows in sorted(report.by_tenant.items()):
+            print(f"  tenant {tenant}: {rows:,}", file=out)
+    for problem in problems:
+        print(f"sqlalchemy-cmk: {problem}", file=sys.stderr)
+    if problems:
+        print(
+            "sqlalchemy-cmk: not finished: the committed batches stay done; fix the cause and "
+            "run the same command again",
+            file=sys.stderr,
+        )
+
+
+def _verify_table(engine: Engine, cmk: Any, args: argparse.Namespace, out: TextIO) -> int:
+    from migrations_helpers import backfill
+
+    view = _progress_view(args, "verify " + _fullname(args))
+    try:
+        report = backfill.verify(
+            engine,
+            cmk,
+            args.table,
+            args.columns,
+            tenant_column=args.tenant_column,
+            companion_column=args.companion_column,
+            schema=args.schema,
+            batch_size=args.batch_size,
+            sample=args.sample,
+            progress=lambda p: view.update(p.done, p.total),
+        )
+    finally:
+        view.close()
+    encrypted = sum(report.encrypted_ok.values())
+    plaintext = sum(report.plaintext.values())
+    failed = sum(report.failed.values())
+    ok = report.ok and not (args.require_encrypted and plaintext)
+    if args.json:
+        doc = asdict(report)
+        doc.update(ok=ok, encrypted_ok_total=encrypted, plaintext_total=plaintext)
+        doc["failed_total"] = failed
+        json.dump(doc, out, indent=2)
+        print(file=out)
+        return 0 if ok else 1
+    tenants = sorted({*report.encrypted_ok, *report.plaintext, *report.failed})
+    rows = [
+        [
+            t,
+            f"{report.encrypted_ok.get(t, 0):,}",
+            f"{report.plaintext.get(t, 0):,}",
+            f"{report.failed.get(t, 0):,}",
+        ]
+        for t in tenants
+    ]
+    if rows:
+        _print_table(["TENANT", "OK", "PLAINTEXT", "FAILED"], rows, out)
+    for pk, tenant, error in report.failures[:_MAX_FAILURES_SHOWN]:
+        print(f"FAILED row {pk} (tenant {tenant}): {error}", file=out)
+    shown = min(len(report.failures), _MAX_FAILURES_SHOWN)
+    if failed > shown:
+        print(
+            f"... and {failed - shown:,} more failed row(s) (--json lists the first "
+            f"{len(report.failures):,})",
+            file=out,
+        )
+    sample = f" (a {args.sample:.0%} sample)" if args.sample else ""
+    print(
+        f"checked {report.checked:,} row(s) of {_fullname(args)} ({', '.join(args.columns)})"
+        f"{sample}: {encrypted:,} ok, {plaintext:,} plaintext, {failed:,} failed",
+        file=out,
+    )
+    if failed:
+        print(f"FAILED: {failed:,} row(s) did not decrypt", file=out)
+    elif not ok:
+        print(f"FAILED: {plaintext:,} plaintext value(s) remain (--require-encrypted)", file=out)
+    else:
+        print("OK" + (f" ({plaintext:,} plaintext left)" if plaintext else ""), file=out)
+    return 0 if ok else 1
+
+
+def _status(engine: Engine, args: argparse.Namespace, out: TextIO) -> int:
+    from migrations_helpers import backfill
+
+    report = backfill.status(engine, args.table, args.columns, schema=args.schema)
+    if args.json:
+        json.dump(asdict(report), out, indent=2)
+        print(file=out)
+        return 0
+    rows = [
+        [column, *(f"{counts.get(k, 0):,}" for k in ("plaintext", "encrypted", "null"))]
+        for column, counts in report.counts.items()
+    ]
+    _print_table(["COLUMN", "PLAINTEXT", "ENCRYPTED", "NULL"], rows, out)
+    left = sum(c.get("plaintext", 0) for c in report.counts.values())
+    print(
+        f"{_fullname(args)}: "
+        + (f"{left:,} plaintext value(s) left" if left else "no plaintext left"),
+        file=out,
+    )
+    return 0
+
+
+def _progress_view(args: argparse.Namespace, label: str) -> _ProgressView:
+    return _ProgressView(
+        label,
+        sys.stderr,
+        enabled=not args.no_progress,
+        every=max(0.0, args.progress_every),
+    )
+
+
+class _ProgressView:
+    """Rows done / total, rate and ETA on ``stream``: one line redrawn with ``\\r`` on a
+    terminal, a plain line every ``every`` seconds otherwise (logs, CI), and a last line at the
+    end."""
+
+    def __init__(self, label: str, stream: TextIO, *, enabled: bool, every: float) -> None:
+        self.label = label
+        self.stream = stream
+        self.enabled = enabled
+        self.tty = enabled and stream.isatty()
+        self.every = _REDRAW_EVERY if self.tty else every
+        self.started = time.monotonic()
+        self.last_shown = self.started
+        self.done = 0
+        self.total: int | None = None
+        self.updated = False  # an update arrived since the last line was shown
+        self.width = 0
+
+    def update(self, done: int, total: int | None) -> None:
+        if not self.enabled:
+            return
+        self.done, self.total, self.updated = done, total, True
+        now = time.monotonic()
+        if now - self.last_shown >= self.every:
+            self._show(now)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self.updated:
+            self._show(time.monotonic())
+        if self.tty and self.width:
+            self.stream.write("\n")
+            self.stream.flush()
+
+    def _show(self, now: float) -> None:
+        self.last_shown, self.updated = now, False
+        elapsed = max(now - self.started, 1e-9)
+        rate = self.done / elapsed
+        total = self.total
+        if total is not None and total > 0:
+            share = min(self.done / total, 1.0)
+            left = max(total - self.done, 0)
+            eta = _clock(left / rate) if rate > 0 else "?"
+            counts = f"{self.done:,}/{total:,} rows ({share:.1%})"
+        else:
+            share, eta, counts = 0.0, "?", f"{self.done:,} rows"
+        if self.tty:
+            filled = round(share * 24)
+            line = (
+                f"{self.label} [{'#' * filled}{'.' * (24 - filled)}] {counts} "
+                f"{rate:,.0f} rows/s ETA {eta}"
+            )
+            self.stream.write("\r" + line.ljust(self.width))
+            self.width = len(line)
+        else:
+            self.stream.write(
+                f"{self.label}: {counts}, {rate:,.0f} rows/s, ETA {eta}, "
+                f"elapsed {_clock(elapsed)}\n"
+            )
+        self.stream.flush()
+
+
+def _clock(seconds: float) -> str:
+    whole = int(seconds + 0.5)
+    return f"{whole // 3600}:{whole // 60 % 60:02d}:{whole % 60:02d}"
 
 
 if __name__ == "__main__":  # pragma: no cover
