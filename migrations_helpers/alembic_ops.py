@@ -47,7 +47,6 @@ summary per operation.
 
 from __future__ import annotations
 
-import importlib
 import logging
 import threading
 from collections.abc import Sequence
@@ -56,6 +55,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from sqlalchemy_cmk import CMK
+from sqlalchemy_cmk._cmk import load_cmk
 from sqlalchemy_cmk.errors import ConfigurationError
 from sqlalchemy_cmk.types import EDEKType
 
@@ -122,31 +122,7 @@ def configured_cmk() -> CMK | None:
 
 
 def _load(spec: CMK | str) -> CMK:
-    if isinstance(spec, CMK):
-        return spec
-    if not isinstance(spec, str):
-        raise ConfigurationError(
-            f"cmk must be a CMK or a 'module:attribute' string, not {type(spec).__name__}"
-        )
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise ConfigurationError(
-            f"cmk takes 'module:attribute', e.g. 'myapp.crypto:cmk'; got {spec!r}"
-        )
-    try:
-        obj: Any = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ConfigurationError(f"cannot import {module_name!r} for cmk={spec!r}: {exc}") from None
-    for part in attr.split("."):
-        try:
-            obj = getattr(obj, part)
-        except AttributeError:
-            raise ConfigurationError(f"{module_name!r} has no attribute {attr!r}") from None
-    if not isinstance(obj, CMK) and callable(obj):
-        obj = obj()  # a factory that builds the CMK
-    if not isinstance(obj, CMK):
-        raise ConfigurationError(f"cmk={spec!r} is a {type(obj).__name__}, not a CMK")
-    return obj
+    return load_cmk(spec)
 
 
 def _resolve(cmk: CMKSpec, operation: str) -> CMK:

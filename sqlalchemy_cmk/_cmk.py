@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import importlib
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
@@ -32,7 +33,7 @@ from .providers import KeyProvider
 from .registry import KeyRegistry, StaticKeyRegistry
 from .types import EncryptedValue
 
-__all__ = ["CMK", "EncryptedDocument", "TenantCheck"]
+__all__ = ["CMK", "EncryptedDocument", "TenantCheck", "load_cmk"]
 
 _aad_prefix = functools.lru_cache(maxsize=65536)(_format.aad_prefix)
 
@@ -591,3 +592,37 @@ def _doc_spec(namespace: str, fields: tuple[str, ...]) -> TableSpec:
     return TableSpec(
         namespace, _DOC_EDEK_KEY, "edek", tuple(ColumnSpec(f, f, _BYTES_CODEC) for f in fields)
     )
+
+
+def load_cmk(spec: CMK | str) -> CMK:
+    """A CMK given as itself or as ``"module:attribute"`` (an attribute that is a CMK, or a
+    function returning one), as the CLI and the Alembic operations take it.
+
+    Raises:
+        ConfigurationError: the string does not name an importable CMK; says what to write.
+    """
+    if isinstance(spec, CMK):
+        return spec
+    if not isinstance(spec, str):
+        raise ConfigurationError(
+            f"cmk must be a CMK or a 'module:attribute' string, not {type(spec).__name__}"
+        )
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ConfigurationError(
+            f"cmk takes 'module:attribute', e.g. 'myapp.crypto:cmk'; got {spec!r}"
+        )
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigurationError(f"cannot import {module_name!r} for {spec!r}: {exc}") from None
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise ConfigurationError(f"{module_name!r} has no attribute {attr!r}") from None
+    if not isinstance(obj, CMK) and callable(obj):
+        obj = obj()  # a factory that builds the CMK
+    if not isinstance(obj, CMK):
+        raise ConfigurationError(f"{spec!r} is a {type(obj).__name__}, not a CMK")
+    return obj

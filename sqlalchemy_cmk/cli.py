@@ -53,7 +53,6 @@ import argparse
 import base64
 import binascii
 import contextlib
-import importlib
 import json
 import os
 import sys
@@ -66,6 +65,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 from sqlalchemy import Engine, create_engine, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
 
+from ._cmk import load_cmk
 from .errors import CMKError, ConfigurationError
 from .registry_db import DatabaseKeyRegistry, RegistryIntegrityError, TenantRecord
 
@@ -416,26 +416,13 @@ def _print_table(header: list[str], rows: list[list[str]], out: TextIO) -> None:
 
 
 def _load_cmk(spec: str, app_dir: str) -> Any:
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise UsageError(f"--cmk takes MODULE:ATTRIBUTE, e.g. myapp.crypto:cmk; got {spec!r}")
     path = str(Path(app_dir).resolve())
     if path not in sys.path:
         sys.path.insert(0, path)  # a console script's sys.path does not hold the current directory
     try:
-        obj: Any = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise UsageError(f"cannot import {module_name!r} (from {path}): {exc}") from None
-    for part in attr.split("."):
-        try:
-            obj = getattr(obj, part)
-        except AttributeError:
-            raise UsageError(f"{module_name!r} has no attribute {attr!r}") from None
-    if not hasattr(obj, "check_tenant") and callable(obj):
-        obj = obj()  # a factory that builds the CMK
-    if not callable(getattr(obj, "check_tenant", None)):
-        raise UsageError(f"{spec} is not a CMK object (it has no check_tenant method)")
-    return obj
+        return load_cmk(spec)
+    except ConfigurationError as exc:
+        raise UsageError(f"--cmk {spec}: {exc} (imported from {path})") from None
 
 
 def _check_tenant(args: argparse.Namespace, out: TextIO) -> int:
