@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -510,14 +510,46 @@ def _summary(report: backfill.Report) -> None:
     )
 
 
-def _encrypt_column(operations: Operations, operation: EncryptColumnOp) -> backfill.Report:
-    name, table = "encrypt_column", operation.table_name
-    _refuse_offline(operations, name, table, "encrypt-column")
-    cmk = _resolve(operation.cmk, name)
+def _prepare(
+    operations: Operations,
+    name: str,
+    table: str,
+    command: str,
+    cmk: CMKSpec,
+    schema: str | None,
+    columns: tuple[str, ...],
+) -> tuple[CMK, sa.Connection, set[str]]:
+    """Checks shared by every operation, in an order that changes nothing when one fails:
+    online, a CMK, a transaction Alembic manages, the columns; returns (cmk, connection,
+    columns present)."""
+    _refuse_offline(operations, name, table, command)
+    resolved = _resolve(cmk, name)
     _check_transaction(operations)
     conn = operations.get_bind()
-    present = _check_columns(
-        conn, table, operation.schema, (*operation.columns, operation.tenant_column)
+    return resolved, conn, _check_columns(conn, table, schema, columns)
+
+
+def _backfill(
+    operations: Operations, run: Callable[..., backfill.Report], *args: Any, **kwargs: Any
+) -> backfill.Report:
+    # Commit the migration's transaction (and so its schema change) first: the backfill works
+    # in batches on connections of its own, which must see it.
+    with operations.get_context().autocommit_block():
+        report = run(*args, **kwargs)
+    _summary(report)
+    return report
+
+
+def _encrypt_column(operations: Operations, operation: EncryptColumnOp) -> backfill.Report:
+    table = operation.table_name
+    cmk, conn, present = _prepare(
+        operations,
+        "encrypt_column",
+        table,
+        "encrypt-column",
+        operation.cmk,
+        operation.schema,
+        (*operation.columns, operation.tenant_column),
     )
     if operation.companion_column not in present:
         operations.add_column(
@@ -525,99 +557,97 @@ def _encrypt_column(operations: Operations, operation: EncryptColumnOp) -> backf
             sa.Column(operation.companion_column, EDEKType(), nullable=True),
             schema=operation.schema,
         )
-    with operations.get_context().autocommit_block():
-        report = backfill.encrypt_columns(
-            conn.engine,
-            cmk,
-            table,
-            operation.columns,
-            tenant_column=operation.tenant_column,
-            companion_column=operation.companion_column,
-            schema=operation.schema,
-            batch_size=operation.batch_size,
-            progress=_progress("encrypt", table),
-        )
-    _summary(report)
-    return report
+    return _backfill(
+        operations,
+        backfill.encrypt_columns,
+        conn.engine,
+        cmk,
+        table,
+        operation.columns,
+        tenant_column=operation.tenant_column,
+        companion_column=operation.companion_column,
+        schema=operation.schema,
+        batch_size=operation.batch_size,
+        progress=_progress("encrypt", table),
+    )
 
 
 def _decrypt_column(operations: Operations, operation: DecryptColumnOp) -> backfill.Report:
-    name, table = "decrypt_column", operation.table_name
-    _refuse_offline(operations, name, table, "decrypt-column")
-    cmk = _resolve(operation.cmk, name)
-    _check_transaction(operations)
-    conn = operations.get_bind()
-    _check_columns(
-        conn,
+    table = operation.table_name
+    cmk, conn, _ = _prepare(
+        operations,
+        "decrypt_column",
         table,
+        "decrypt-column",
+        operation.cmk,
         operation.schema,
         (*operation.columns, operation.tenant_column, operation.companion_column),
     )
-    with operations.get_context().autocommit_block():
-        report = backfill.decrypt_columns(
-            conn.engine,
-            cmk,
-            table,
-            operation.columns,
-            tenant_column=operation.tenant_column,
-            companion_column=operation.companion_column,
-            schema=operation.schema,
-            batch_size=operation.batch_size,
-            progress=_progress("decrypt", table),
-        )
-    _summary(report)
-    return report
+    return _backfill(
+        operations,
+        backfill.decrypt_columns,
+        conn.engine,
+        cmk,
+        table,
+        operation.columns,
+        tenant_column=operation.tenant_column,
+        companion_column=operation.companion_column,
+        schema=operation.schema,
+        batch_size=operation.batch_size,
+        progress=_progress("decrypt", table),
+    )
 
 
 def _rewrap_keys(operations: Operations, operation: RewrapKeysOp) -> backfill.Report:
-    name, table = "rewrap_keys", operation.table_name
-    _refuse_offline(operations, name, table, "rewrap")
-    cmk = _resolve(operation.cmk, name)
-    _check_transaction(operations)
-    conn = operations.get_bind()
-    _check_columns(conn, table, operation.schema, (operation.companion_column,))
-    with operations.get_context().autocommit_block():
-        report = backfill.rewrap_keys(
-            conn.engine,
-            cmk,
-            table,
-            tenant=operation.tenant,
-            companion_column=operation.companion_column,
-            schema=operation.schema,
-            batch_size=operation.batch_size,
-            progress=_progress("rewrap", table),
-        )
-    _summary(report)
-    return report
+    table = operation.table_name
+    cmk, conn, _ = _prepare(
+        operations,
+        "rewrap_keys",
+        table,
+        "rewrap",
+        operation.cmk,
+        operation.schema,
+        (operation.companion_column,),
+    )
+    return _backfill(
+        operations,
+        backfill.rewrap_keys,
+        conn.engine,
+        cmk,
+        table,
+        tenant=operation.tenant,
+        companion_column=operation.companion_column,
+        schema=operation.schema,
+        batch_size=operation.batch_size,
+        progress=_progress("rewrap", table),
+    )
 
 
 def _rotate_data_keys(operations: Operations, operation: RotateDataKeysOp) -> backfill.Report:
-    name, table = "rotate_data_keys", operation.table_name
-    _refuse_offline(operations, name, table, "rotate")
-    cmk = _resolve(operation.cmk, name)
-    _check_transaction(operations)
-    conn = operations.get_bind()
-    _check_columns(
-        conn,
+    table = operation.table_name
+    cmk, conn, _ = _prepare(
+        operations,
+        "rotate_data_keys",
         table,
+        "rotate",
+        operation.cmk,
         operation.schema,
         (*operation.columns, operation.tenant_column, operation.companion_column),
     )
-    with operations.get_context().autocommit_block():
-        report = backfill.rotate_data_keys(
-            conn.engine,
-            cmk,
-            table,
-            operation.columns,
-            tenant_column=operation.tenant_column,
-            tenant=operation.tenant,
-            companion_column=operation.companion_column,
-            schema=operation.schema,
-            batch_size=operation.batch_size,
-            progress=_progress("rotate", table),
-        )
-    _summary(report)
-    return report
+    return _backfill(
+        operations,
+        backfill.rotate_data_keys,
+        conn.engine,
+        cmk,
+        table,
+        operation.columns,
+        tenant_column=operation.tenant_column,
+        tenant=operation.tenant,
+        companion_column=operation.companion_column,
+        schema=operation.schema,
+        batch_size=operation.batch_size,
+        progress=_progress("rotate", table),
+    )
 
 
 def _nothing_to_undo(operations: Operations, operation: NothingToUndoOp) -> None:
