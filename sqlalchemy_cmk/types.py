@@ -132,10 +132,11 @@ class EncryptedType(sqltypes.TypeDecorator[Any]):
                 return TEXT_MARKER + base64.b64encode(value).decode("ascii")
             return bytes(value)
         raise PlaintextWriteError(
-            "refusing to write an unencrypted value into an encrypted column: write through an "
-            "installed session (session.add / attribute changes / session.execute(insert(Model), "
-            "rows)); update() statements and Core inserts cannot encrypt, since a value is bound "
-            "to its row's key"
+            "refusing to send an unencrypted value for an encrypted column. To write, go "
+            "through an installed session (session.add / attribute changes / "
+            "session.execute(insert(Model), rows)); update() statements and Core inserts cannot "
+            "encrypt, since a value is bound to its row's key. To filter: encrypted values are "
+            "randomized, so WHERE col = value cannot match; filter on a plaintext column"
         )
 
     def process_result_value(self, value: Any, dialect: Dialect) -> Any:
