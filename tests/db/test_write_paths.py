@@ -211,6 +211,13 @@ def test_upsert_never_leaves_an_undecryptable_row(env: Env, row_id: int) -> None
         assert (p.ssn, p.age) == (expected, 44)
 
 
+def test_filtering_on_an_encrypted_column_is_refused_with_a_reason(env: Env) -> None:
+    expected = pytest.raises(PlaintextWriteError, match="filter on a plaintext column")
+    with tenant_context("acme"), env.Session() as s, expected as info:
+        s.scalars(select(Patient).where(Patient.ssn == "FILTER-SSN")).all()
+    assert "FILTER-SSN" not in str(info.value)
+
+
 def test_core_insert_is_refused(env: Env) -> None:
     with tenant_context("acme"), env.engine.connect() as conn:
         with pytest.raises(PlaintextWriteError):
