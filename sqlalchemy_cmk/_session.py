@@ -75,18 +75,23 @@ def decrypt_states(cmk: CMK, states: list[InstanceState[Any]]) -> None:
     dicts: list[dict[str, Any]] = []
     tables: list[TableSpec] = []
     tables_of: dict[Mapper[Any], tuple[TableSpec, ...]] = {}
+    deferred: list[InstanceState[Any]] = []  # companion not loaded (load_only, defer)
     for state in states:
         mapper = state.mapper
         specs = tables_of.get(mapper)
         if specs is None:
             specs = tables_of[mapper] = mapper_spec(mapper).tables
+        d = state.dict
         for t in specs:
-            dicts.append(state.dict)
+            dicts.append(d)
             tables.append(t)
+            if t.companion_key not in d:
+                deferred.append(state)
     if not dicts:
         return
     try:
-        _load_missing_companions(states, tables_of)
+        if deferred:
+            _load_missing_companions(deferred, tables_of)
         cmk.open(dicts, tables, current_context())
     except BaseException:
         # Leave no ciphertext (nor half a batch of plaintext) in loaded objects: expire the
