@@ -220,9 +220,31 @@ class KeyManager:
         return key
 
     def _wrap_new(self, tenant: str, key_ref: str, ctx: TenantContext | None) -> DataKey:
+        material = bytearray(self.rng(_format.DEK_SIZE))
+        started = self._clock()
+        try:
+            envelope = self._wrap(tenant, key_ref, material, ctx)
+        except CMKError:
+            material[:] = bytes(len(material))
+            raise
+        return DataKey(
+            tenant,
+            key_ref.partition("://")[0],
+            key_ref,
+            envelope,
+            AESGCM(material),
+            material,
+            expires_at=started + self._cache_policy.ttl,
+            write_until=started + self._cache_policy.write_age,
+        )
+
+    def _wrap(
+        self, tenant: str, key_ref: str, material: bytearray, ctx: TenantContext | None
+    ) -> bytes:
+        """Wrap ``material`` under ``key_ref`` through its provider (retried, audited); return
+        the envelope."""
         scheme = key_ref.partition("://")[0]
         provider = self._providers[scheme]
-        material = bytearray(self.rng(_format.DEK_SIZE))
         started = self._clock()
         try:
             wrapped = self._call(
@@ -232,7 +254,6 @@ class KeyManager:
                 scheme,
             )
         except CMKError as exc:
-            material[:] = bytes(len(material))
             self.emit(
                 ctx,
                 "wrap",
@@ -253,17 +274,7 @@ class KeyManager:
             provider=scheme,
             duration_ms=(self._clock() - started) * 1000,
         )
-        envelope = _format.encode_envelope(tenant, scheme, key_ref, wrapped)
-        return DataKey(
-            tenant,
-            scheme,
-            key_ref,
-            envelope,
-            AESGCM(material),
-            material,
-            expires_at=started + self._cache_policy.ttl,
-            write_until=started + self._cache_policy.write_age,
-        )
+        return _format.encode_envelope(tenant, scheme, key_ref, wrapped)
 
     # -- read keys -----------------------------------------------------------------------------
 
@@ -319,40 +330,7 @@ class KeyManager:
         if env.key_ref == primary:
             return envelope
         old = self.read_keys([envelope], ctx)[envelope]
-        scheme = primary.partition("://")[0]
-        provider = self._providers[scheme]
-        started = self._clock()
-        try:
-            wrapped = self._call(
-                lambda: provider.wrap_key(
-                    primary, bytes(old.material), _wrap_context(env.tenant, ctx)
-                ),
-                env.tenant,
-                primary,
-                scheme,
-            )
-        except CMKError as exc:
-            self.emit(
-                ctx,
-                "wrap",
-                outcome_of(exc),
-                env.tenant,
-                key_ref=primary,
-                provider=scheme,
-                error=type(exc).__name__,
-                duration_ms=(self._clock() - started) * 1000,
-            )
-            raise
-        self.emit(
-            ctx,
-            "wrap",
-            "ok",
-            env.tenant,
-            key_ref=primary,
-            provider=scheme,
-            duration_ms=(self._clock() - started) * 1000,
-        )
-        return _format.encode_envelope(env.tenant, scheme, primary, wrapped)
+        return self._wrap(env.tenant, primary, old.material, ctx)
 
     def probe(self, tenant: str, key_ref: str, ctx: TenantContext | None) -> float:
         """Wrap a fresh key under ``key_ref`` and unwrap it again, caching nothing; returns
