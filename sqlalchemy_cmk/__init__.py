@@ -14,6 +14,7 @@ from .context import TenantContext as TenantContext
 from .context import cross_tenant_context as cross_tenant_context
 from .context import current_context as current_context
 from .context import tenant_context as tenant_context
+from .errors import AuditError as AuditError
 from .errors import CMKError as CMKError
 from .errors import ConfigurationError as ConfigurationError
 from .errors import DecryptionError as DecryptionError
@@ -29,6 +30,7 @@ from .errors import RegistryIntegrityError as RegistryIntegrityError
 from .errors import TenantContextError as TenantContextError
 from .errors import TenantMismatchError as TenantMismatchError
 from .errors import TenantNotConfiguredError as TenantNotConfiguredError
+from .errors import UnsupportedQueryError as UnsupportedQueryError
 from .providers import KeyProvider as KeyProvider
 from .types import EDEKType as EDEKType
 from .types import EncryptedMixin as EncryptedMixin
@@ -37,6 +39,7 @@ from .types import EncryptedValue as EncryptedValue
 
 __all__ = [
     "CMK",
+    "AuditError",
     "AuditEvent",
     "CMKError",
     "ConfigurationError",
@@ -62,6 +65,7 @@ __all__ = [
     "TenantContextError",
     "TenantMismatchError",
     "TenantNotConfiguredError",
+    "UnsupportedQueryError",
     "cross_tenant_context",
     "current_context",
     "tenant_context",

@@ -19,6 +19,8 @@ The tree::
     │   └── KMSUnavailableError         network, throttling, 5xx, after bounded retries
     ├── DecryptionError             stored bytes failed to parse or authenticate (opaque)
     ├── PlaintextWriteError         a write path that would store plaintext; nothing was sent
+    ├── UnsupportedQueryError       a read that cannot work on ciphertext; nothing was sent
+    ├── AuditError                  an audit sink failed, so the access did not happen
     ├── RegistryConflictError       a concurrent registry change won; nothing was written
     └── InvalidValueError           a value that the column's underlying type cannot hold
 
@@ -33,6 +35,7 @@ from typing import Any
 from sqlalchemy.exc import DontWrapMixin
 
 __all__ = [
+    "AuditError",
     "CMKError",
     "ConfigurationError",
     "DecryptionError",
@@ -48,6 +51,7 @@ __all__ = [
     "TenantContextError",
     "TenantMismatchError",
     "TenantNotConfiguredError",
+    "UnsupportedQueryError",
 ]
 
 
@@ -150,6 +154,23 @@ class PlaintextWriteError(CMKError):
 
     Nothing was sent to the database. Write through the ORM unit of work (``session.add``,
     attribute changes, ``session.execute(insert(Model), [...])``), which encrypts.
+    """
+
+
+class UnsupportedQueryError(CMKError):
+    """A query uses an encrypted column where only plaintext could give an answer.
+
+    Comparisons, ``LIKE``, ``IN``, ``ORDER BY``, ``GROUP BY``, ``DISTINCT`` over the column,
+    aggregates and functions or casts of it would run on randomized ciphertext and silently
+    return wrong rows or a wrong order. Nothing was sent. Supported: selecting the column (the
+    hooks decrypt it), ``IS NULL`` / ``IS NOT NULL``, and entity-level ``DISTINCT``.
+    """
+
+
+class AuditError(CMKError):
+    """An audit sink raised: an access that cannot be audited does not happen.
+
+    The sink's own exception is the ``__cause__``; audit events carry no plaintext.
     """
 
 
