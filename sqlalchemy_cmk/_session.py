@@ -1,10 +1,22 @@
 """The session hooks: encrypt on flush, decrypt on load.
 
-Flush: ``before_flush`` encrypts every new or changed encrypted attribute and puts the sealed
-value in the instance's ``__dict__`` (so the mapper sends ciphertext), remembering the plaintext;
-``after_flush`` puts the plaintext back, and ``after_soft_rollback`` does so when the flush
-failed. Nothing is sent unless every value of the flush was sealed: a missing tenant or a KMS
-failure raises from ``before_flush``, before any SQL.
+Flush: ``before_flush`` seals every new or changed encrypted attribute (one batch, raising
+before any SQL if anything cannot be sealed) and keeps the sealed values aside; the mapper's
+``before_insert``/``before_update`` put them into the instances' ``__dict__`` (so the mapper
+sends ciphertext) only once the flush is under way, inside its transaction; ``after_flush`` puts
+the plaintext back, and ``after_soft_rollback`` does so when the flush failed. So an application
+listener that raises after ours, or a flush that fails, never leaves ciphertext in an instance.
+
+Tenants: a row is bound to the tenant in context when it enters the session (``add``, cascade,
+``merge`` of a new object) or, for a row loaded without a key, when it is loaded; a flush under
+any other tenant is refused with :class:`~sqlalchemy_cmk.TenantMismatchError`. A model may
+declare its tenant column (:func:`~sqlalchemy_cmk.tenant_column`): it is then filled from the
+context, checked against it on every write, and checked against the key's tenant on every load.
+
+Companions: only these hooks write them. A companion changed by anything else (``merge`` of a
+stale copy, an assignment) is put back before the flush; companions of updated rows are read
+again from the database under a lock (``FOR UPDATE``, or SQLite's write lock), by the primary
+key of the companion's own table, so a concurrent rotation or first write cannot strand values.
 
 Load: ``do_orm_execute`` runs each ORM SELECT with a collector in a context variable, so the
 mapper-level ``load``/``refresh`` events only note which instances arrived; once the result is
@@ -12,7 +24,7 @@ complete, all of them are decrypted together (distinct data keys unwrapped once 
 parallel). Streaming results (``yield_per``) are decrypted instance by instance instead.
 
 Listeners are attached to the user's sessionmaker (or session) by ``install``; the per-class
-``load``/``refresh`` listeners are inert outside an installed session.
+listeners are inert outside an installed session.
 """
 
 from __future__ import annotations
@@ -22,18 +34,30 @@ import weakref
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import event, select, tuple_
+from sqlalchemy import event, false, select, tuple_, update
 from sqlalchemy.orm import Mapper, ORMExecuteState, Session, UOWTransaction
+from sqlalchemy.orm.exc import StaleDataError
 from sqlalchemy.orm.state import InstanceState
 
+from . import _format
 from ._cmk import CMK
-from ._mapping import ColumnSpec, TableSpec, mapper_spec
-from .context import current_context, require_context
-from .errors import PlaintextWriteError
+from ._mapping import (
+    ColumnSpec,
+    MapperSpec,
+    RowLookup,
+    TableSpec,
+    has_encrypted_columns,
+    is_tenant_column,
+    mapper_spec,
+)
+from .context import TenantContext, current_context, require_context
+from .errors import NoTenantError, PlaintextWriteError, TenantMismatchError
 from .types import EncryptedValue, Sealed
 
 _INFO_KEY = "sqlalchemy_cmk"
-_PENDING_KEY = "sqlalchemy_cmk.pending"
+_PENDING_KEY = "sqlalchemy_cmk.pending"  # session.info: values swapped in, to restore
+_SWAP_KEY = "sqlalchemy_cmk.swap"  # session.info: values sealed, not yet swapped in
+_TENANT_KEY = "sqlalchemy_cmk.tenant"  # state.info: the tenant the row is bound to
 _ABSENT = object()
 
 _collector: contextvars.ContextVar[list[InstanceState[Any]] | None] = contextvars.ContextVar(
@@ -58,15 +82,23 @@ def _on_load(state: InstanceState[Any], context: Any, *args: Any) -> None:
 
 
 def _listen_mappers(mappers: Any) -> None:
-    """Attach load/refresh listeners to every mapper with encrypted columns in these registries."""
+    """Attach the per-class listeners to every mapper with encrypted columns in these
+    registries (the whole registry: relationship loads bring in other classes).
+
+    A model whose encrypted columns are misconfigured is listened too, and raises when it is
+    used, not when another model of its registry is queried.
+    """
     for m in mappers:
+        mapper_spec(m)  # the statement's own models: a misconfigured one raises here
         registry = m.registry
         if _registries_seen.get(registry) == len(registry.mappers):
             continue
         for mapper in registry.mappers:
-            if mapper not in _listened and mapper_spec(mapper).tables:
+            if mapper not in _listened and has_encrypted_columns(mapper):
                 event.listen(mapper, "load", _on_load, raw=True)
                 event.listen(mapper, "refresh", _on_load, raw=True)
+                event.listen(mapper, "before_insert", _swap_in, raw=True)
+                event.listen(mapper, "before_update", _swap_in, raw=True)
                 _listened.add(mapper)
         _registries_seen[registry] = len(registry.mappers)
 
@@ -74,67 +106,135 @@ def _listen_mappers(mappers: Any) -> None:
 def decrypt_states(cmk: CMK, states: list[InstanceState[Any]]) -> None:
     dicts: list[dict[str, Any]] = []
     tables: list[TableSpec] = []
-    tables_of: dict[Mapper[Any], tuple[TableSpec, ...]] = {}
+    specs_of: dict[Mapper[Any], MapperSpec] = {}
     deferred: list[InstanceState[Any]] = []  # companion not loaded (load_only, defer)
-    for state in states:
-        mapper = state.mapper
-        specs = tables_of.get(mapper)
-        if specs is None:
-            specs = tables_of[mapper] = mapper_spec(mapper).tables
-        d = state.dict
-        for t in specs:
-            dicts.append(d)
-            tables.append(t)
-            if t.companion_key not in d:
-                deferred.append(state)
-    if not dicts:
-        return
+    unkeyed: list[InstanceState[Any]] = []  # no companion yet: bound to the loading tenant
+    checked: list[tuple[InstanceState[Any], str, TableSpec]] = []  # declared tenant columns
     try:
+        for state in states:
+            mapper = state.mapper
+            spec = specs_of.get(mapper)
+            if spec is None:
+                spec = specs_of[mapper] = mapper_spec(mapper)
+            d = state.dict
+            for t in spec.tables:
+                dicts.append(d)
+                tables.append(t)
+                companion = d.get(t.companion_key, _ABSENT)
+                if companion is _ABSENT:
+                    deferred.append(state)
+                elif companion is None:
+                    unkeyed.append(state)
+                if spec.tenant_key is not None:
+                    checked.append((state, spec.tenant_key, t))
+        if not dicts:
+            return
         if deferred:
-            _load_missing_companions(deferred, tables_of)
-        cmk.open(dicts, tables, current_context())
+            _load_missing_companions(deferred, specs_of)
+        ctx = current_context()
+        if checked:
+            _check_loaded_tenants(checked, ctx)
+        cmk.open(dicts, tables, ctx)
+        if unkeyed and ctx is not None and ctx.tenant_id is not None:
+            for state in unkeyed:
+                state.info.setdefault(_TENANT_KEY, ctx.tenant_id)
     except BaseException:
         # Leave no ciphertext (nor half a batch of plaintext) in loaded objects: expire the
         # encrypted attributes, so a later access reloads and raises again.
         for state in states:
             session, obj = state.session, state.obj()
-            if session is not None and obj is not None and state.key is not None:
-                keys = [c.key for t in tables_of[state.mapper] for c in t.columns]
-                session.expire(obj, keys)
+            spec = specs_of.get(state.mapper)
+            if session is not None and obj is not None and state.key is not None and spec:
+                session.expire(obj, [c.key for t in spec.tables for c in t.columns])
         raise
 
 
+def _check_loaded_tenants(
+    checked: list[tuple[InstanceState[Any], str, TableSpec]], ctx: TenantContext | None
+) -> None:
+    """A declared tenant column must name the tenant the row's key is bound to."""
+    memo: dict[bytes, str] = {}
+    split = 1 + _format.ROW_ID_SIZE
+    for state, key, t in checked:
+        d = state.dict
+        companion = d.get(t.companion_key)
+        if type(companion) is not bytes and type(companion) is not Sealed:
+            continue
+        envelope = companion[split:]
+        owner = memo.get(envelope)
+        if owner is None:
+            _format.split_companion(bytes(companion))
+            owner = memo[envelope] = _format.parse_envelope(envelope).tenant
+        declared = d.get(key, _ABSENT)
+        if declared is _ABSENT:
+            continue  # not loaded: the row's key is still checked against the context
+        if declared != owner:
+            raise TenantMismatchError(
+                f"a row of {t.table!r} names another tenant in its tenant column than the one "
+                "its key belongs to: the row was moved or edited outside the application",
+                row_tenant=owner,
+                tenant=ctx.tenant_id if ctx is not None else None,
+                table=t.table,
+            )
+
+
+def _by_own_key(
+    session: Session,
+    mapper: Mapper[Any],
+    lookup: RowLookup,
+    idents: list[tuple[Any, ...]],
+    *,
+    lock: bool,
+) -> dict[tuple[Any, ...], Any]:
+    """Companions by identity, read by the primary key of the companion's own table.
+
+    Not by the mapper's primary key: in joined inheritance that is the base table's, and
+    selecting it with a subclass table's companion would join the two tables on nothing.
+    """
+    pk, index = lookup.pk, lookup.ident_index
+    found: dict[tuple[Any, ...], Any] = {}
+    for i in range(0, len(idents), 500):
+        chunk = idents[i : i + 500]
+        own = [tuple(ident[j] for j in index) for ident in chunk]
+        where = pk[0].in_([k[0] for k in own]) if len(pk) == 1 else tuple_(*pk).in_(own)
+        query = select(*pk, lookup.companion).where(where)
+        if lock:
+            query = query.with_for_update()
+        rows = {tuple(row[: len(pk)]): row[-1] for row in session.execute(query)}
+        for ident, key in zip(chunk, own, strict=True):
+            if key in rows:
+                found[ident] = rows[key]
+    return found
+
+
 def _load_missing_companions(
-    states: list[InstanceState[Any]], tables_of: dict[Mapper[Any], tuple[TableSpec, ...]]
+    states: list[InstanceState[Any]], specs_of: dict[Mapper[Any], MapperSpec]
 ) -> None:
     """Fetch the companions that a ``load_only``/``defer`` left out, one query per table."""
-    missing: dict[tuple[Mapper[Any], TableSpec], list[InstanceState[Any]]] = {}
+    missing: dict[tuple[Mapper[Any], int], list[InstanceState[Any]]] = {}
     for state in states:
         d = state.dict
-        for t in tables_of[state.mapper]:
+        spec = specs_of[state.mapper]
+        for n, t in enumerate(spec.tables):
             if (
                 t.companion_key not in d
                 and state.key is not None
                 and any(type(d.get(c.key)) is EncryptedValue for c in t.columns)
             ):
-                missing.setdefault((state.mapper, t), []).append(state)
-    for (mapper, t), group in missing.items():
+                missing.setdefault((state.mapper, n), []).append(state)
+    for (mapper, n), group in missing.items():
         session = group[0].session
         if session is None:
             return
-        pk = mapper.primary_key
-        companion = mapper.columns[t.companion_key]
+        spec = specs_of[mapper]
+        t, lookup = spec.tables[n], spec.lookups[n]
         by_ident = {state.key[1]: state for state in group if state.key is not None}
-        idents = list(by_ident)
         with session.no_autoflush:
-            for i in range(0, len(idents), 500):
-                chunk = idents[i : i + 500]
-                where = pk[0].in_([k[0] for k in chunk]) if len(pk) == 1 else tuple_(*pk).in_(chunk)
-                for row in session.execute(select(*pk, companion).where(where)):
-                    found = by_ident.get(tuple(row[: len(pk)]))
-                    if found is not None:
-                        found.dict[t.companion_key] = row[-1]
-                        found.committed_state.pop(t.companion_key, None)
+            found = _by_own_key(session, mapper, lookup, list(by_ident), lock=False)
+        for ident, companion in found.items():
+            state = by_ident[ident]
+            state.dict[t.companion_key] = companion
+            state.committed_state.pop(t.companion_key, None)
 
 
 def _do_orm_execute(cmk: CMK, orm_state: ORMExecuteState) -> Any:
@@ -163,42 +263,128 @@ def _do_orm_execute(cmk: CMK, orm_state: ORMExecuteState) -> Any:
 # -- flush ---------------------------------------------------------------------------------------
 
 
+def _on_pending(session: Session, obj: Any) -> None:
+    """Bind a new row to the tenant in context as it enters the session."""
+    state: InstanceState[Any] = obj._sa_instance_state
+    ctx = current_context()
+    if ctx is not None and ctx.tenant_id is not None and _binds_tenant(state.mapper):
+        state.info.setdefault(_TENANT_KEY, ctx.tenant_id)
+
+
+_binds: weakref.WeakKeyDictionary[Mapper[Any], bool] = weakref.WeakKeyDictionary()
+
+
+def _binds_tenant(mapper: Mapper[Any]) -> bool:
+    """Whether rows of this class are bound to a tenant: it has encrypted or tenant columns.
+    (Not ``mapper_spec``, which raises for a misconfigured model: that is for the flush.)"""
+    found = _binds.get(mapper)
+    if found is None:
+        found = _binds[mapper] = has_encrypted_columns(mapper) or any(
+            is_tenant_column(c) for c in mapper.columns
+        )
+    return found
+
+
+def _refuse_other_tenant(table: str, bound: str, tenant: str | None, how: str) -> None:
+    raise TenantMismatchError(
+        f"a row of {table!r} {how} another tenant than the context tenant {tenant!r}: flush "
+        "it in the tenant_context it was added or loaded under, or expunge it",
+        row_tenant=bound,
+        tenant=tenant,
+        table=table,
+    )
+
+
+def _check_tenant_column(
+    state: InstanceState[Any], key: str, table: str, ctx: TenantContext | None
+) -> None:
+    """The declared tenant column of a row being written must be the context tenant."""
+    tenant = ctx.tenant_id if ctx is not None else None
+    d = state.dict
+    if state.key is None:
+        if tenant is None:
+            raise NoTenantError(
+                f"a new row of {table!r} needs a tenant: write it inside "
+                "`with tenant_context(tenant_id)`",
+                table=table,
+            )
+        value = d.get(key)
+        if value is None:
+            obj = state.obj()
+            if obj is not None:
+                setattr(obj, key, tenant)
+        elif value != tenant:
+            _refuse_other_tenant(table, str(value), tenant, "names")
+        return
+    if key in state.committed_state:
+        old = state.committed_state[key]
+        if d.get(key) != old and isinstance(old, str):
+            raise TenantMismatchError(
+                f"a row of {table!r} cannot move to another tenant: its values are bound to "
+                "its tenant's key; copy it under the new tenant and delete the old row",
+                row_tenant=old,
+                tenant=tenant,
+                table=table,
+            )
+
+
+def _revert_companion(state: InstanceState[Any], key: str) -> None:
+    """Undo a change of a persistent row's companion that these hooks did not make."""
+    committed = state.committed_state
+    if key not in committed:
+        return
+    old = committed.pop(key)
+    if isinstance(old, bytes) or old is None:
+        state.dict[key] = old
+    else:  # never loaded: forget the new value, so nothing is written
+        state.dict.pop(key, None)
+
+
 def _before_flush(
     cmk: CMK, session: Session, flush_context: UOWTransaction, instances: Any
 ) -> None:
     session.info[_INFO_KEY] = cmk
+    _restore(session)  # a flush that failed before it began may have left values sealed
+    ctx = current_context()
     # Parallel lists, not per-row objects: see CMK.seal.
     states: list[InstanceState[Any]] = []
     dicts: list[dict[str, Any]] = []
     tables: list[TableSpec] = []
+    lookups: list[RowLookup] = []
     columns: list[Sequence[ColumnSpec]] = []
-    companions: list[bytes | None] = []
-    tables_of: dict[Mapper[Any], tuple[TableSpec, ...]] = {}
+    specs_of: dict[Mapper[Any], MapperSpec] = {}
     for obj in list(session.new) + list(session.dirty):
         state: InstanceState[Any] = obj._sa_instance_state
         mapper = state.mapper
-        specs = tables_of.get(mapper)
-        if specs is None:
-            specs = tables_of[mapper] = mapper_spec(mapper).tables
-        if not specs:
+        spec = specs_of.get(mapper)
+        if spec is None:
+            spec = specs_of[mapper] = mapper_spec(mapper)
+        if not spec.active:
             continue
+        if spec.tenant_key is not None:
+            name = spec.tables[0].table if spec.tables else mapper.local_table.description
+            _check_tenant_column(state, spec.tenant_key, str(name), ctx)
         d = state.dict
         if state.key is None:  # new: every value that is set
-            for t in specs:
+            for t, lookup in zip(spec.tables, spec.lookups, strict=True):
                 for c in t.columns:
                     v = d.get(c.key)
                     if v is not None and type(v) is not Sealed:
                         break
                 else:
+                    # No values: no key. A companion copied onto a new object is dropped.
+                    if d.get(t.companion_key) is not None:
+                        d[t.companion_key] = None
                     continue
                 states.append(state)
                 dicts.append(d)
                 tables.append(t)
+                lookups.append(lookup)
                 columns.append(t.columns)
-                companions.append(None)
             continue
         committed = state.committed_state
-        for t in specs:
+        for t, lookup in zip(spec.tables, spec.lookups, strict=True):
+            _revert_companion(state, t.companion_key)
             cols = [
                 c
                 for c in t.columns
@@ -212,19 +398,28 @@ def _before_flush(
                 states.append(state)
                 dicts.append(d)
                 tables.append(t)
+                lookups.append(lookup)
                 columns.append(cols)
-                companions.append(None)  # read from the database below
     if not dicts:
         return
-    _current_companions(session, states, tables, companions)
-    new_companions, cts = cmk.seal(dicts, tables, columns, companions, require_context())
-    # Only now, with every value sealed, touch the instances. What to restore after the flush
-    # is kept as four flat lists.
-    pending = session.info.get(_PENDING_KEY)
-    if pending is None:
-        empty: tuple[list[dict[str, Any]], list[str], list[Sealed], list[Any]] = ([], [], [], [])
-        pending = session.info[_PENDING_KEY] = empty
-    p_dicts, p_keys, p_boxes, p_plain = pending
+    ctx = require_context()
+    tenant = ctx.tenant_id
+    for state, t in zip(states, tables, strict=True):
+        bound = state.info.get(_TENANT_KEY)
+        if bound is None:
+            if tenant is not None:
+                state.info[_TENANT_KEY] = tenant
+        elif bound != tenant:
+            _refuse_other_tenant(t.table, bound, tenant, "was bound to")
+    _listen_mappers(specs_of)
+    companions = _current_companions(session, states, tables, lookups)
+    new_companions, cts = cmk.seal(dicts, tables, columns, companions, ctx)
+    # Only now, with every value sealed, touch the instances: companions go in at once, values
+    # wait for _swap_in, inside the flush.
+    s_dicts: list[dict[str, Any]] = []
+    s_keys: list[str] = []
+    s_boxes: list[Sealed] = []
+    s_plain: list[Any] = []
     n = 0
     for state, d, t, row_cols, companion in zip(
         states, dicts, tables, columns, new_companions, strict=True
@@ -233,71 +428,114 @@ def _before_flush(
             v = d.get(c.key)
             if v is None:
                 continue
-            box = Sealed(cts[n])
+            s_dicts.append(d)
+            s_keys.append(c.key)
+            s_boxes.append(Sealed(cts[n]))
+            s_plain.append(v)
             n += 1
-            p_dicts.append(d)
-            p_keys.append(c.key)
-            p_boxes.append(box)
-            p_plain.append(v)
-            d[c.key] = box
         if companion is None:
             continue
+        box = Sealed(companion)
+        s_dicts.append(d)
+        s_keys.append(t.companion_key)
+        s_boxes.append(box)
+        s_plain.append(companion)  # plain bytes again once the flush is over
         if state.key is None:
-            d[t.companion_key] = companion  # an INSERT reads the dict; no history needed
+            d[t.companion_key] = box  # an INSERT reads the dict; no history needed
         else:
-            setattr(state.obj(), t.companion_key, companion)
+            obj = state.obj()
+            if obj is not None:
+                setattr(obj, t.companion_key, box)
+    session.info[_SWAP_KEY] = (s_dicts, s_keys, s_boxes, s_plain)
+
+
+def _swap_in(mapper: Mapper[Any], connection: Any, state: InstanceState[Any]) -> None:
+    """Put the sealed values in place, at the first row the flush writes (inside its
+    transaction, so a failure from here on reaches ``after_soft_rollback``)."""
+    session = state.session
+    if session is None:
+        return
+    swap = session.info.pop(_SWAP_KEY, None)
+    if swap is None:
+        return
+    for d, key, box, plain in zip(*swap, strict=True):
+        if d.get(key) is plain:
+            d[key] = box
+        # else: changed after it was sealed; the type refuses the unsealed value at bind time
+    session.info[_PENDING_KEY] = swap
 
 
 def _current_companions(
     session: Session,
     states: list[InstanceState[Any]],
     tables: list[TableSpec],
-    companions: list[bytes | None],
-) -> None:
-    """Fill in the companions of updated rows from the database, locking the rows (PostgreSQL).
+    lookups: list[RowLookup],
+) -> list[bytes | None]:
+    """The companions of updated rows as the database holds them, locked until the
+    transaction ends; ``None`` for new rows and for rows without a key yet.
 
     Not from memory: a backfill, a key rotation or another session may have given the row a
     companion since this session loaded it, and sealing under a stale one would strand the
-    row's other encrypted values. One query per table per flush; ``FOR UPDATE`` keeps the
-    companion from changing until this transaction ends (backfills skip locked rows).
+    row's other values. The lock (``FOR UPDATE``; on SQLite, which has no row locks, the
+    database write lock, taken before reading) keeps the companion from changing until this
+    transaction ends, so two writers of a row's first companion cannot both win: the second
+    waits and reads the first's, or fails; backfills skip locked rows.
     """
-    groups: dict[tuple[Mapper[Any], TableSpec], dict[tuple[Any, ...], list[int]]] = {}
-    for i, (state, t) in enumerate(zip(states, tables, strict=True)):
+    companions: list[bytes | None] = [None] * len(states)
+    groups: dict[tuple[Mapper[Any], RowLookup, str], dict[tuple[Any, ...], list[int]]] = {}
+    for i, (state, t, lookup) in enumerate(zip(states, tables, lookups, strict=True)):
         if state.key is not None:
-            groups.setdefault((state.mapper, t), {}).setdefault(state.key[1], []).append(i)
+            by_ident = groups.setdefault((state.mapper, lookup, t.companion_key), {})
+            by_ident.setdefault(state.key[1], []).append(i)
+    if not groups:
+        return companions
     with session.no_autoflush:
-        for (mapper, t), by_ident in groups.items():
-            pk = mapper.primary_key
-            companion = mapper.columns[t.companion_key]
-            idents = list(by_ident)
-            for n in range(0, len(idents), 500):
-                chunk = idents[n : n + 500]
-                where = pk[0].in_([k[0] for k in chunk]) if len(pk) == 1 else tuple_(*pk).in_(chunk)
-                query = select(*pk, companion).where(where).with_for_update()
-                for row in session.execute(query):
-                    current = row[-1]
-                    for i in by_ident.get(tuple(row[: len(pk)]), ()):
-                        companions[i] = current if isinstance(current, bytes) else None
-                        d = states[i].dict
-                        if d.get(t.companion_key) != companions[i]:
-                            d[t.companion_key] = companions[i]  # what the database holds
-                            states[i].committed_state.pop(t.companion_key, None)
+        for (mapper, lookup, key), by_ident in groups.items():
+            if session.get_bind(mapper).dialect.name == "sqlite":
+                # Take the write lock first: a no-op write that matches no row.
+                table = lookup.companion.table
+                session.execute(
+                    update(table).where(false()).values({lookup.companion: Sealed(b"")})
+                )
+                found = _by_own_key(session, mapper, lookup, list(by_ident), lock=False)
+            else:
+                found = _by_own_key(session, mapper, lookup, list(by_ident), lock=True)
+            for ident, rows in by_ident.items():
+                if ident not in found:
+                    raise StaleDataError(
+                        f"a row of {lookup.companion.table.description!r} being updated was "
+                        "deleted by another transaction"
+                    )
+                current = found[ident]
+                current = bytes(current) if isinstance(current, bytes) else None
+                for i in rows:
+                    companions[i] = current
+                    d = states[i].dict
+                    if d.get(key) != current:
+                        d[key] = current  # what the database holds
+                    states[i].committed_state.pop(key, None)
+    return companions
 
 
 def _restore(session: Session, *args: Any) -> None:
-    pending = session.info.pop(_PENDING_KEY, None)
-    if pending is None:
-        return
-    for d, key, box, plain in zip(*pending, strict=True):
-        if d.get(key) is box:
-            d[key] = plain
+    """Put plaintext back where sealed values are (and plain bytes where sealed companions
+    are), after a flush, a failed one, or one that never began."""
+    for name in (_SWAP_KEY, _PENDING_KEY):
+        pending = session.info.pop(name, None)
+        if pending is not None:
+            for d, key, box, plain in zip(*pending, strict=True):
+                if d.get(key) is box:
+                    d[key] = plain
 
 
 def _bulk_insert(cmk: CMK, orm_state: ORMExecuteState) -> Any:
     mapper = orm_state.bind_mapper
-    if mapper is None or not mapper_spec(mapper).tables or not orm_state.parameters:
+    if mapper is None or not orm_state.parameters:
         return None
-    if getattr(orm_state.statement, "_post_values_clause", None) is not None:
+    spec = mapper_spec(mapper)
+    if not spec.active:
+        return None
+    if spec.tables and getattr(orm_state.statement, "_post_values_clause", None) is not None:
         # ON CONFLICT / ON DUPLICATE KEY: a conflicting row would keep its old EDEK and row id
         # while taking values sealed under new ones, and could never be decrypted again.
         raise PlaintextWriteError(
@@ -308,25 +546,44 @@ def _bulk_insert(cmk: CMK, orm_state: ORMExecuteState) -> Any:
     new_rows: list[dict[str, Any]] = [
         dict(p) for p in (params if isinstance(params, list) else [params])
     ]
+    ctx = current_context()
+    if spec.tenant_key is not None:
+        name = spec.tables[0].table if spec.tables else str(mapper.local_table.description)
+        tenant = ctx.tenant_id if ctx is not None else None
+        if tenant is None:
+            raise NoTenantError(
+                f"new rows of {name!r} need a tenant: write them inside "
+                "`with tenant_context(tenant_id)`",
+                table=name,
+            )
+        for d in new_rows:
+            value = d.get(spec.tenant_key)
+            if value is None:
+                d[spec.tenant_key] = tenant
+            elif value != tenant:
+                _refuse_other_tenant(name, str(value), tenant, "names")
     dicts: list[dict[str, Any]] = []
     tables: list[TableSpec] = []
     for d in new_rows:
-        for t in mapper_spec(mapper).tables:
+        for t in spec.tables:
             if any(d.get(c.key) is not None for c in t.columns):
                 dicts.append(d)
                 tables.append(t)
-    if not dicts:
+            else:
+                d.pop(t.companion_key, None)  # no values, no key: never a companion from outside
+    if dicts:
+        companions, cts = cmk.seal(
+            dicts, tables, [t.columns for t in tables], [None] * len(dicts), require_context()
+        )
+        n = 0
+        for d, t, companion in zip(dicts, tables, companions, strict=True):
+            d[t.companion_key] = Sealed(companion or b"")
+            for c in t.columns:
+                if d.get(c.key) is not None:
+                    d[c.key] = Sealed(cts[n])
+                    n += 1
+    elif spec.tenant_key is None:
         return None
-    companions, cts = cmk.seal(
-        dicts, tables, [t.columns for t in tables], [None] * len(dicts), require_context()
-    )
-    n = 0
-    for d, t, companion in zip(dicts, tables, companions, strict=True):
-        d[t.companion_key] = companion
-        for c in t.columns:
-            if d.get(c.key) is not None:
-                d[c.key] = Sealed(cts[n])
-                n += 1
     return orm_state.invoke_statement(params=new_rows if isinstance(params, list) else new_rows[0])
 
 
@@ -344,6 +601,7 @@ def install(cmk: CMK, target: Any) -> list[tuple[str, Any]]:
         ("before_flush", before_flush),
         ("after_flush", _restore),
         ("after_soft_rollback", _restore),
+        ("transient_to_pending", _on_pending),
         ("do_orm_execute", do_orm_execute),
     ]
     for name, fn in listeners:
