@@ -13,6 +13,7 @@ Usage::
     sqlalchemy-cmk tenants enable TENANT [--if-version N]
     sqlalchemy-cmk tenants verify [--expect SNAPSHOT.json] [--json]
     sqlalchemy-cmk tenants reseal        (new secret from $SQLALCHEMY_CMK_NEW_REGISTRY_SECRET)
+    sqlalchemy-cmk tenants upgrade-mac   (re-MAC rows written before registry_id existed)
     sqlalchemy-cmk check-tenant TENANT --cmk module:attribute [--app-dir DIR] [--json]
 
     sqlalchemy-cmk encrypt-column --table T --column C [--column C2 ...] --tenant-column TC
@@ -37,9 +38,12 @@ Progress goes to stderr (a redrawn bar on a terminal, a plain line every few sec
 otherwise), the final report to stdout (``--json`` for machines).
 
 The ``tenants`` commands take the database URL from ``--database-url`` or the environment
-variable ``SQLALCHEMY_CMK_DATABASE_URL``, and the registry secret (base64) only from the
-environment variable ``SQLALCHEMY_CMK_REGISTRY_SECRET``: a secret given as a command-line flag
-would land in shell history and in the process list.
+variable ``SQLALCHEMY_CMK_DATABASE_URL``, the registry identity (the application's
+``registry_id=``) from ``--registry-id`` or ``SQLALCHEMY_CMK_REGISTRY_ID``, and the registry
+secret (base64) only from the environment variable ``SQLALCHEMY_CMK_REGISTRY_SECRET``: a secret
+given as a command-line flag would land in shell history and in the process list. Tenant ids,
+key references and credentials are printed with anything non-printable escaped, so a stored
+value cannot forge a line of output.
 
 Exit status: 0 success; 1 the operation failed (a tampered row, a failed check, a conflict, an
 invalid change, a row that did not verify, plaintext left under ``--require-encrypted``, a worker
@@ -67,7 +71,12 @@ from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
 
 from ._cmk import load_cmk
 from .errors import CMKError, ConfigurationError
-from .registry_db import DatabaseKeyRegistry, RegistryIntegrityError, TenantRecord
+from .registry_db import (
+    DatabaseKeyRegistry,
+    RegistryIntegrityError,
+    TenantRecord,
+    tenant_id_problem,
+)
 
 if TYPE_CHECKING:  # the core command does not need migrations_helpers at import
     from migrations_helpers.backfill import Progress, Report
@@ -77,6 +86,7 @@ __all__ = ["main"]
 URL_ENV = "SQLALCHEMY_CMK_DATABASE_URL"
 SECRET_ENV = "SQLALCHEMY_CMK_REGISTRY_SECRET"  # noqa: S105 (the variable's name, not a secret)
 NEW_SECRET_ENV = "SQLALCHEMY_CMK_NEW_REGISTRY_SECRET"  # noqa: S105
+REGISTRY_ID_ENV = "SQLALCHEMY_CMK_REGISTRY_ID"
 
 
 class UsageError(Exception):
@@ -100,6 +110,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     db.add_argument("--table", default="cmk_tenants", help="registry table (default: %(default)s)")
     db.add_argument("--schema", default=None, help="schema of the registry table")
+    db.add_argument(
+        "--registry-id",
+        default=None,
+        help=f"this deployment's registry identity, the application's registry_id= "
+        f"(default: ${REGISTRY_ID_ENV})",
+    )
+    db.add_argument(
+        "--allow-v1-macs",
+        action="store_true",
+        help="also accept rows MACed before registry_id existed (only during the upgrade)",
+    )
     as_json = argparse.ArgumentParser(add_help=False)
     as_json.add_argument("--json", action="store_true", help="print JSON for machines")
     if_version = argparse.ArgumentParser(add_help=False)
@@ -155,6 +176,11 @@ def _parser() -> argparse.ArgumentParser:
         "reseal",
         parents=[db],
         help=f"rotate the registry secret: re-MAC every row under ${NEW_SECRET_ENV}",
+    )
+    sub.add_parser(
+        "upgrade-mac",
+        parents=[db],
+        help="re-MAC rows written before registry_id existed so that they bind it",
     )
 
     p = commands.add_parser(
@@ -262,13 +288,33 @@ def _credentials(items: Sequence[str]) -> dict[str, str]:
     return creds
 
 
+def _registry_id(args: argparse.Namespace) -> str:
+    registry_id = args.registry_id or os.environ.get(REGISTRY_ID_ENV)
+    if not registry_id:
+        raise UsageError(
+            f"no registry id: pass --registry-id or set ${REGISTRY_ID_ENV} to the registry_id= "
+            "the application gives DatabaseKeyRegistry (e.g. prod-eu)"
+        )
+    problem = tenant_id_problem(registry_id)
+    if problem is not None:
+        raise UsageError(f"registry id {registry_id!r} is refused: {problem}")
+    return registry_id
+
+
 def _tenants(args: argparse.Namespace, out: TextIO) -> int:
     secret = _secret()
+    registry_id = _registry_id(args)
     engine = _engine(args)
     try:
         try:
             registry = DatabaseKeyRegistry(
-                engine, secret, table_name=args.table, schema=args.schema, cache_ttl=0
+                engine,
+                secret,
+                registry_id=registry_id,
+                table_name=args.table,
+                schema=args.schema,
+                allow_v1_macs=args.allow_v1_macs,
+                cache_ttl=0,
             )
         except ConfigurationError as exc:
             raise UsageError(f"${SECRET_ENV}: {exc}") from None
@@ -298,11 +344,11 @@ def _list(registry: DatabaseKeyRegistry, args: argparse.Namespace, out: TextIO) 
         return 0
     rows = [
         [
-            r.tenant,
+            _cell(r.tenant),
             "disabled" if r.disabled else "enabled",
             str(r.version),
-            r.primary,
-            ", ".join(a for a in r.accepted if a != r.primary) or "-",
+            _cell(r.primary),
+            ", ".join(_cell(a) for a in r.accepted if a != r.primary) or "-",
             r.updated_at.strftime("%Y-%m-%d %H:%M:%SZ"),
         ]
         for r in records
@@ -349,7 +395,8 @@ def _verify(registry: DatabaseKeyRegistry, args: argparse.Namespace, out: TextIO
         print(file=out)
     elif problems:
         for p in problems:
-            print(f"TAMPERED {p.tenant}: {p}", file=out)
+            tenant = "?" if p.tenant is None else _cell(p.tenant)
+            print(f"TAMPERED {tenant}: {_printable(str(p))}", file=out)
         print(f"{len(problems)} bad row(s) in {registry.table.fullname}", file=out)
     else:
         print(f"all rows of {registry.table.fullname} verified", file=out)
@@ -372,6 +419,17 @@ def _reseal(registry: DatabaseKeyRegistry, args: argparse.Namespace, out: TextIO
     return 0
 
 
+def _upgrade_mac(registry: DatabaseKeyRegistry, args: argparse.Namespace, out: TextIO) -> int:
+    count = registry.upgrade_macs()
+    print(
+        f"{count} row(s) of {registry.table.fullname} upgraded to MAC version 2 (registry id "
+        f"{registry.registry_id!r}); every row now binds it: remove allow_v1_macs from the "
+        "application's configuration",
+        file=out,
+    )
+    return 0
+
+
 _TENANT_ACTIONS: dict[str, Callable[[DatabaseKeyRegistry, argparse.Namespace, TextIO], int]] = {
     "init": _init,
     "add": _add,
@@ -384,6 +442,7 @@ _TENANT_ACTIONS: dict[str, Callable[[DatabaseKeyRegistry, argparse.Namespace, Te
     "enable": _change(DatabaseKeyRegistry.enable, "enabled"),
     "verify": _verify,
     "reseal": _reseal,
+    "upgrade-mac": _upgrade_mac,
 }
 
 
@@ -394,16 +453,37 @@ def _print_record(
         json.dump(rec.to_dict(), out, indent=2)
         print(file=out)
         return 0
-    print(f"tenant {rec.tenant}" + (f": {verb} (version {rec.version})" if verb else ""), file=out)
-    others = [a for a in rec.accepted if a != rec.primary]
+    print(
+        f"tenant {_cell(rec.tenant)}" + (f": {verb} (version {rec.version})" if verb else ""),
+        file=out,
+    )
+    others = [_cell(a) for a in rec.accepted if a != rec.primary]
     print(f"  status:        {'disabled' if rec.disabled else 'enabled'}", file=out)
-    print(f"  primary:       {rec.primary}", file=out)
+    print(f"  primary:       {_cell(rec.primary)}", file=out)
     print(f"  also accepted: {', '.join(others) or '-'}", file=out)
     for name, value in sorted(rec.credentials.items()):
-        print(f"  credential:    {name}={value}", file=out)
+        print(f"  credential:    {_cell(name)}={_cell(value)}", file=out)
     if verb is None:
         print(f"  version:       {rec.version} ({rec.updated_at.isoformat()})", file=out)
     return 0
+
+
+def _printable(text: str) -> str:
+    """``text`` with every non-printable character (newline, NUL, bidi override...) escaped."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def _cell(value: str) -> str:
+    """A stored value as one unambiguous cell: as is when plain, else quoted and escaped.
+
+    A registry value cannot forge output: a newline would start a line that looks like another
+    tenant's, a space a column that looks like another field, U+202E reverse what follows.
+    """
+    if value and value.isprintable() and " " not in value:
+        return value
+    return repr(value)
 
 
 def _print_table(header: list[str], rows: list[list[str]], out: TextIO) -> None:

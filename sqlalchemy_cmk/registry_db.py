@@ -5,64 +5,87 @@ data keys), every accepted reference (may still unwrap), references to the crede
 provider uses for it (a role ARN, a client id, a secret *name*; never the secrets), a disabled
 flag, a version bumped by every change, and a MAC.
 
-The MAC is HMAC-SHA256 under a key derived (HKDF-SHA256, info ``sqlalchemy-cmk/registry/v1``)
-from an application secret that is *not* in the database. It covers every other column, the
-tenant id, the version and the table name, so that someone who can write to the database but
-does not hold the secret cannot point a tenant at a key they control, move one tenant's row to
-another, re-enable a disabled tenant or forge a new tenant: the row is refused with
-:class:`RegistryIntegrityError`. Putting back an *older* row (a replay) is refused by any registry
-object that has seen a newer version; a process that never saw it cannot tell (see
+The MAC is HMAC-SHA256 under a key derived (HKDF-SHA256) from an application secret that is
+*not* in the database. It covers every other column, the tenant id, the version and, since MAC
+version 2, the **registry identity** the application configures per deployment
+(``registry_id="prod-eu"``), the schema and the table name. So someone who can write to the
+database but does not hold the secret cannot point a tenant at a key they control, move one
+tenant's row to another, re-enable a disabled tenant, forge a new tenant, or bring in a row (or
+a whole table) from another deployment that shares the secret: the row is refused with
+:class:`RegistryIntegrityError`. Putting back an *older* row (a replay) is refused by any
+registry object that has seen a newer version; a process that never saw it cannot tell (see
 docs/registry.md for what this does and does not protect).
 
-The canonical encoding the MAC covers (all integers big-endian)::
+The canonical encodings the MACs cover (all integers big-endian; str = u32 length + UTF-8)::
 
-    "sqlalchemy-cmk/registry/v1"   domain separation, the same string as the HKDF info
-    str  table name                strings: u32 length + UTF-8 bytes
-    str  tenant id
+    v2 (written by every change)           v1 (read only while allow_v1_macs=True, or by
+                                               upgrade_macs(), which rewrites it as v2)
+    "sqlalchemy-cmk/registry/v2"           "sqlalchemy-cmk/registry/v1"   domain = HKDF info
+    str  registry id                       -
+    str  schema ("" for the default)       -
+    str  table name                        str  table name
+    str  tenant id                         (the same from here on)
     str  primary key reference
     u32  n, then n str             accepted key references, sorted, primary included
     u32  m, then m (str, str)      credential references, sorted by name
     u8   disabled (0 or 1)
     u64  version
     i64  updated_at                microseconds since the Unix epoch, UTC
+
+Stored in the ``mac`` column as ``"v2:"`` + the unpadded base64url of the 32-byte tag (46
+characters); a v1 MAC is 64 hexadecimal digits. The two versions use different HKDF keys and
+domains, so a tag of one can never pass as the other.
+
+Every row is parsed strictly before its MAC is checked, with the sizes and JSON nesting bounded
+first: a malformed row (a negative version, deeply nested JSON, a wrong type, bytes that are not
+UTF-8) is reported as a :class:`RegistryIntegrityError` like any other bad row, never as a parser
+or driver error.
 """
 
 from __future__ import annotations
 
+import base64
 import datetime
 import hashlib
 import hmac
 import json
 import logging
 import re
+import shlex
 import struct
 import threading
 import time
+import unicodedata
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
-from typing import Any
+from typing import Any, NamedTuple
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from sqlalchemy import (
     Boolean,
     Column,
+    ColumnElement,
     Connection,
     DateTime,
     Engine,
     Integer,
+    LargeBinary,
     MetaData,
-    RowMapping,
+    Select,
     String,
     Table,
     Text,
+    cast,
     insert,
     select,
+    type_coerce,
     update,
 )
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.types import NullType
 
 from .errors import (
     ConfigurationError,
@@ -77,16 +100,25 @@ __all__ = [
     "RegistryConflictError",
     "RegistryIntegrityError",
     "TenantRecord",
+    "tenant_id_problem",
 ]
 
 _log = logging.getLogger("sqlalchemy_cmk.registry")
 
-_DOMAIN = b"sqlalchemy-cmk/registry/v1"
+_DOMAIN_V1 = b"sqlalchemy-cmk/registry/v1"
+_DOMAIN_V2 = b"sqlalchemy-cmk/registry/v2"
+_MAC_V2_PREFIX = "v2:"
 _MIN_SECRET = 32
 _TENANT_MAX = 255
+# Bounds on what a row may hold, checked on write and, before any parsing, on read: a registry
+# row is a handful of short URIs, and a bound keeps a vandalized row from costing more than that.
+_REF_MAX = 2048  # a key reference, a credential name or value
+_JSON_MAX = 65_536  # the accepted_key_refs and credentials columns, as stored
 _U32 = struct.Struct(">I")
 _TAIL = struct.Struct(">BQq")  # disabled, version, updated_at
+_VERSION_MAX = 2**31 - 1  # the version column is a 32-bit INTEGER on every dialect
 _EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 
 # Credential names that announce a secret value rather than a reference to one. ``secret_name``,
 # ``secret_id``, ``client_id``, ``role_arn`` are references and pass.
@@ -145,6 +177,38 @@ class TenantRecord:
         }
 
 
+def tenant_id_problem(tenant: object) -> str | None:
+    """Why ``tenant`` is not a canonical tenant id, or None if it is one.
+
+    A tenant id is a non-empty ``str`` of at most 255 characters, in Unicode NFC, made of
+    printable characters only (``str.isprintable``: no control characters such as NUL, newline,
+    DEL or C1, no format characters such as bidi overrides or zero-width spaces, no separators
+    other than the ASCII space), not beginning or ending with a space. Ids are case-sensitive
+    and compared code point by code point (bytewise in UTF-8) on every dialect. The same rule
+    applies to ``registry_id``.
+    """
+    if not isinstance(tenant, str) or not tenant:
+        return "it must be a non-empty string"
+    if len(tenant) > _TENANT_MAX:
+        return f"it must be at most {_TENANT_MAX} characters long"
+    if not tenant.isprintable():
+        # Such characters make listings and log lines that look forged (a newline starts a new
+        # line, U+202E reverses the text after it), and PostgreSQL refuses NUL outright.
+        return (
+            "it contains a character that is not printable (a control character such as NUL, "
+            "newline or DEL, or a format character such as a bidi override or zero-width space)"
+        )
+    if tenant != tenant.strip(" "):
+        return "it begins or ends with a space"
+    nfc = unicodedata.normalize("NFC", tenant)
+    if nfc != tenant:
+        # Refused rather than normalized: the application looks tenants up with the exact id it
+        # is given, so a silently normalized row would never be found under the spelling that
+        # was added.
+        return f"it is not in Unicode normalization form NFC; its NFC form is {nfc!r}"
+    return None
+
+
 def _utc(value: datetime.datetime) -> datetime.datetime:
     # SQLite hands back naive datetimes: the registry only ever writes UTC.
     if value.tzinfo is None:
@@ -157,15 +221,21 @@ def _micros(value: datetime.datetime) -> int:
     return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
 
 
-def _canonical(table: str, rec: TenantRecord) -> bytes:
-    out = bytearray(_DOMAIN)
+def _canonical(domain: bytes, header: Iterable[str], rec: TenantRecord) -> bytes:
+    """The bytes a MAC covers: ``header`` (what binds the row to its table) then the row.
+
+    Raises ValueError (a ``UnicodeEncodeError``) or ``struct.error`` for a record that cannot
+    be encoded; records built by this module never are such.
+    """
+    out = bytearray(domain)
 
     def put(text: str) -> None:
         data = text.encode("utf-8")
         out.extend(_U32.pack(len(data)))
         out.extend(data)
 
-    put(table)
+    for item in header:
+        put(item)
     put(rec.tenant)
     put(rec.primary)
     accepted = sorted(set(rec.accepted))
@@ -181,18 +251,31 @@ def _canonical(table: str, rec: TenantRecord) -> bytes:
     return bytes(out)
 
 
-def _check_tenant_id(tenant: object) -> str:
-    if not isinstance(tenant, str) or not tenant or len(tenant) > _TENANT_MAX:
+def _check_tenant_id(tenant: object, what: str = "tenant id") -> str:
+    problem = tenant_id_problem(tenant)
+    if problem is not None:
         raise ConfigurationError(
-            f"tenant id {tenant!r} must be a non-empty string of at most {_TENANT_MAX} characters"
+            f"{what} {_shown(tenant)} is refused: {problem}",
+            tenant=tenant if what == "tenant id" and isinstance(tenant, str) else None,
         )
+    assert isinstance(tenant, str)
     return tenant
+
+
+def _check_text(value: str, what: str, tenant: str) -> str:
+    if len(value) > _REF_MAX or not value.isprintable():
+        raise ConfigurationError(
+            f"{what} {_shown(value)} of tenant {tenant!r} must be at most {_REF_MAX} printable "
+            "characters",
+            tenant=tenant,
+        )
+    return value
 
 
 def _check_ref(ref: object, tenant: str) -> str:
     parse_key_ref(ref, tenant)
     assert isinstance(ref, str)
-    return ref
+    return _check_text(ref, "key reference", tenant)
 
 
 def _check_credentials(credentials: Mapping[str, str] | None, tenant: str) -> dict[str, str]:
@@ -218,11 +301,24 @@ def _check_credentials(credentials: Mapping[str, str] | None, tenant: str) -> di
                 "secret in a secret manager), never the credentials themselves",
                 tenant=tenant,
             )
-        checked[name] = value
+        checked[_check_text(name, "credential name", tenant)] = _check_text(
+            value, "credential value", tenant
+        )
     return checked
 
 
-def _secret_key(secret: object) -> bytes:
+def _shown(value: object) -> str:
+    """A repr for messages: escapes every non-printable character, and is cut short."""
+    text = repr(value)
+    return text if len(text) <= 100 else text[:100] + "..."
+
+
+class _MacKeys(NamedTuple):
+    v1: bytes
+    v2: bytes
+
+
+def _secret_keys(secret: object) -> _MacKeys:
     if not isinstance(secret, bytes | bytearray):
         raise ConfigurationError(
             "the registry secret must be bytes, e.g. base64.b64decode(os.environ["
@@ -235,8 +331,13 @@ def _secret_key(secret: object) -> bytes:
         )
     if len(set(secret)) < 8:
         raise ConfigurationError("the registry secret is visibly not random")
-    hkdf = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=_DOMAIN)
-    return hkdf.derive(bytes(secret))
+
+    def derive(info: bytes) -> bytes:
+        return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(
+            bytes(secret)
+        )
+
+    return _MacKeys(derive(_DOMAIN_V1), derive(_DOMAIN_V2))
 
 
 def _table(metadata: MetaData, name: str, schema: str | None) -> Table:
@@ -250,10 +351,150 @@ def _table(metadata: MetaData, name: str, schema: str | None) -> Table:
         Column("disabled", Boolean, nullable=False),
         Column("version", Integer, nullable=False),
         Column("updated_at", DateTime(timezone=True), nullable=False),
-        Column("mac", String(64), nullable=False),  # hex HMAC-SHA256
+        Column("mac", String(64), nullable=False),  # "v2:" + base64url, or v1: hex
         schema=schema,
         comment="sqlalchemy-cmk tenant key registry; rows are HMAC-protected, edit via the API",
     )
+
+
+# -- reading rows strictly ---------------------------------------------------------------------
+
+
+class _Malformed(Exception):
+    """Internal: why a stored row does not parse (becomes a RegistryIntegrityError)."""
+
+
+def _raw_select(table: Table, dialect: str) -> Select[Any]:
+    """Every column as the driver returns it, without SQLAlchemy's result processing.
+
+    A vandalized value must become a reported bad row, not an exception while fetching: on
+    SQLite a column may hold any type, SQLAlchemy's DateTime processor raises on a bad string,
+    and the driver raises on TEXT that is not UTF-8, failing the whole result. So on SQLite the
+    text columns are read as BLOBs and decoded here; other dialects type their columns.
+    """
+    cols: list[ColumnElement[Any]] = []
+    for col in table.c:
+        if dialect == "sqlite" and isinstance(col.type, String | DateTime):
+            cols.append(cast(col, LargeBinary).label(col.name))
+        else:
+            cols.append(type_coerce(col, NullType()).label(col.name))
+    return select(*cols)
+
+
+def _text(value: object, what: str, limit: int) -> str:
+    if isinstance(value, bytes | bytearray | memoryview):  # SQLite, read as a BLOB
+        if len(value) > 4 * limit:
+            raise _Malformed(f"{what} is longer than {limit} characters")
+        try:
+            value = bytes(value).decode("utf-8")
+        except UnicodeDecodeError:
+            raise _Malformed(f"{what} is not UTF-8") from None
+    if not isinstance(value, str):
+        raise _Malformed(f"{what} is not text")
+    if len(value) > limit:
+        raise _Malformed(f"{what} is longer than {limit} characters")
+    return value
+
+
+def _nesting_exceeds(text: str, limit: int) -> bool:
+    """True when JSON ``text`` nests arrays/objects deeper than ``limit`` (a linear scan)."""
+    depth = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            if depth > limit:
+                return True
+        elif ch in "]}":
+            depth -= 1
+    return False
+
+
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        raise ValueError("duplicate name")
+    return out
+
+
+def _json(value: object, what: str) -> Any:
+    text = _text(value, what, _JSON_MAX)
+    # Bounded before parsing: a valid column is one flat list or object, and json.loads recurses
+    # once per level (RecursionError at about a thousand).
+    if _nesting_exceeds(text, 1):
+        raise _Malformed(f"{what} is nested JSON")
+    try:
+        return json.loads(text, object_pairs_hook=_unique_pairs)
+    except ValueError:  # JSONDecodeError, a duplicate name, an integer too long to convert
+        raise _Malformed(f"{what} is not valid JSON") from None
+
+
+def _timestamp(value: object) -> datetime.datetime:
+    if isinstance(value, bytes | bytearray | memoryview):
+        value = _text(value, "updated_at", 64)
+    if isinstance(value, str):  # SQLite stores "YYYY-MM-DD HH:MM:SS.ffffff"
+        try:
+            value = datetime.datetime.fromisoformat(value)
+        except ValueError:
+            raise _Malformed("updated_at is not a timestamp") from None
+    if not isinstance(value, datetime.datetime):
+        raise _Malformed("updated_at is not a timestamp")
+    try:
+        return _utc(value)
+    except OverflowError:  # a time zone that moves it past year 1 or 9999
+        raise _Malformed("updated_at is out of range") from None
+
+
+def _parse(row: Mapping[str, Any]) -> tuple[TenantRecord, str]:
+    """A stored row as a record and its stored MAC; ``_Malformed`` says why it cannot be one."""
+    tenant = _text(row["tenant_id"], "the tenant id", _TENANT_MAX)
+    problem = tenant_id_problem(tenant)
+    if problem is not None:
+        raise _Malformed(f"the tenant id is not canonical: {problem}")
+    primary = _text(row["primary_key_ref"], "the primary key reference", _REF_MAX)
+    accepted = _json(row["accepted_key_refs"], "accepted_key_refs")
+    if not isinstance(accepted, list) or not all(
+        isinstance(r, str) and len(r) <= _REF_MAX for r in accepted
+    ):
+        raise _Malformed("accepted_key_refs is not a list of key references")
+    if primary not in accepted:
+        raise _Malformed("the primary key reference is not among the accepted ones")
+    credentials = _json(row["credentials"], "credentials")
+    if not isinstance(credentials, dict) or not all(
+        len(k) <= _REF_MAX and isinstance(v, str) and len(v) <= _REF_MAX
+        for k, v in credentials.items()
+    ):
+        raise _Malformed("credentials is not an object of credential references")
+    disabled = row["disabled"]
+    # bool on PostgreSQL, 0/1 on SQLite; anything else is not a value the registry wrote.
+    if type(disabled) not in (bool, int) or disabled not in (0, 1):
+        raise _Malformed("disabled is not a boolean")
+    version = row["version"]
+    if type(version) is not int or not 1 <= version <= _VERSION_MAX:
+        raise _Malformed(f"version is not an integer from 1 to {_VERSION_MAX}")
+    mac = _text(row["mac"], "mac", 64)
+    rec = TenantRecord(
+        tenant,
+        primary,
+        tuple(sorted(set(accepted))),
+        credentials,
+        bool(disabled),
+        version,
+        _timestamp(row["updated_at"]),
+    )
+    return rec, mac
+
+
+# -- the registry --------------------------------------------------------------------------------
 
 
 class DatabaseKeyRegistry:
@@ -266,9 +507,21 @@ class DatabaseKeyRegistry:
         engine: The database holding the table (it may be the application's database).
         secret: At least 32 random bytes, kept outside the database (an environment variable or a
             secret manager). Every process that reads or writes the registry needs the same one.
+            Never share it between environments (staging and production).
+        registry_id: This deployment's registry identity, e.g. ``"prod-eu"``: part of every
+            row's MAC, so a row or a whole table copied from another deployment (another
+            schema, another database) is refused even if it shares the secret. Keep it in the
+            application's configuration, not only in the database; give every deployment its
+            own, and the CLI the same (``--registry-id`` / ``$SQLALCHEMY_CMK_REGISTRY_ID``).
+            Same rules as a tenant id (:func:`tenant_id_problem`).
         table_name: The table's name; part of every row's MAC, so renaming the table means
             re-adding its rows.
-        schema: The table's schema, when not the default one.
+        schema: The table's schema, when not the default one; part of every row's MAC too.
+        allow_v1_macs: Also accept rows whose MAC predates ``registry_id`` (MAC version 1), which
+            a copy from another deployment with the same secret and table name passes. Only for
+            the transition: set it while deploying this version, run :meth:`upgrade_macs`
+            (``sqlalchemy-cmk tenants upgrade-mac``), then remove it. Even with it, a tenant
+            whose version-2 row this object has seen is never accepted at version 1 again.
         cache_ttl: Seconds a looked-up tenant (found or not) is reused; the bound on how long a
             change made by another process takes to be seen here. 0 disables the cache.
         cache_max_entries: Most tenants cached at once (least recently used dropped first).
@@ -277,8 +530,8 @@ class DatabaseKeyRegistry:
         clock: Monotonic clock for the cache, injectable for tests.
 
     Raises:
-        ConfigurationError: a secret that is not bytes, too short or visibly not random, or
-            cache limits out of range.
+        ConfigurationError: a secret that is not bytes, too short or visibly not random, an
+            invalid ``registry_id``, or cache limits out of range.
     """
 
     def __init__(
@@ -286,8 +539,10 @@ class DatabaseKeyRegistry:
         engine: Engine,
         secret: bytes,
         *,
+        registry_id: str,
         table_name: str = "cmk_tenants",
         schema: str | None = None,
+        allow_v1_macs: bool = False,
         cache_ttl: float = 30.0,
         cache_max_entries: int = 10_000,
         metadata: MetaData | None = None,
@@ -295,9 +550,12 @@ class DatabaseKeyRegistry:
     ) -> None:
         if cache_ttl < 0 or cache_max_entries < 1:
             raise ConfigurationError("cache_ttl must be >= 0 and cache_max_entries >= 1")
-        self._mac_key = _secret_key(secret)
+        self.registry_id = _check_tenant_id(registry_id, "registry_id")
+        self._mac_keys = _secret_keys(secret)
         self._engine = engine
-        self._table_name = table_name
+        self._allow_v1 = bool(allow_v1_macs)
+        self._v1_header = (table_name,)
+        self._v2_header = (self.registry_id, schema or "", table_name)
         self.table: Table = _table(
             metadata if metadata is not None else MetaData(), table_name, schema
         )
@@ -308,9 +566,13 @@ class DatabaseKeyRegistry:
         self._cache: OrderedDict[str, tuple[float, TenantRecord | None]] = OrderedDict()
         # Highest version of each tenant's row this object has seen: an older row is a replay.
         self._seen: dict[str, int] = {}
+        # Tenants whose version-2 row this object has seen: never accepted at version 1 again.
+        self._seen_v2: set[str] = set()
 
     def __repr__(self) -> str:
-        return f"<DatabaseKeyRegistry table={self.table.fullname!r}>"
+        return (
+            f"<DatabaseKeyRegistry table={self.table.fullname!r} registry_id={self.registry_id!r}>"
+        )
 
     # -- schema --------------------------------------------------------------------------------
 
@@ -324,20 +586,18 @@ class DatabaseKeyRegistry:
         """The tenant's keys, from the cache or a verified row.
 
         Raises:
-            TenantNotConfiguredError: the tenant is not in the registry, or is disabled.
+            TenantNotConfiguredError: the tenant is not in the registry (a tenant id that is
+                not canonical never is), or is disabled.
             RegistryIntegrityError: the tenant's row failed its integrity check.
         """
         rec = self._lookup(tenant)
         if rec is None:
-            raise TenantNotConfiguredError(
-                f"tenant {tenant!r} is not in the key registry (table {self.table.fullname}): "
-                f"add it with `sqlalchemy-cmk tenants add {tenant} --key <key reference>`",
-                tenant=tenant,
-            )
+            raise self._unknown(tenant, advice=True)
         if rec.disabled:
             raise TenantNotConfiguredError(
                 f"tenant {tenant!r} is disabled in the key registry (table "
-                f"{self.table.fullname}): enable it with `sqlalchemy-cmk tenants enable {tenant}`",
+                f"{self.table.fullname}): enable it with `sqlalchemy-cmk tenants enable "
+                f"{shlex.quote(tenant)}`",
                 tenant=tenant,
             )
         return rec.keys
@@ -352,10 +612,7 @@ class DatabaseKeyRegistry:
         with self._engine.connect() as conn:
             found = self._load(conn, tenant)
         if found is None:
-            raise TenantNotConfiguredError(
-                f"tenant {tenant!r} is not in the key registry (table {self.table.fullname})",
-                tenant=tenant,
-            )
+            raise self._unknown(tenant)
         return found[0]
 
     def list_tenants(self) -> list[TenantRecord]:
@@ -365,13 +622,18 @@ class DatabaseKeyRegistry:
             RegistryIntegrityError: a row failed its integrity check (``verify()`` lists them all).
         """
         with self._engine.connect() as conn:
-            rows = conn.execute(select(self.table).order_by(self.table.c.tenant_id)).all()
-        return [self._verified(row._mapping)[0] for row in rows]
+            rows = self._rows(conn)
+        return [self._verified(row)[0] for row in rows]
 
     def verify(
         self, expected_versions: Mapping[str, int] | None = None
     ) -> list[RegistryIntegrityError]:
-        """Check every row's MAC; return one error per bad row (empty: all good).
+        """Check every row; return one error per bad row (empty: all good). Never raises for a row.
+
+        A row is bad when it does not parse (a wrong type, a negative version, nested or
+        oversized JSON, a tenant id that is not canonical), when its MAC does not match, when
+        its MAC is version 1 and ``allow_v1_macs`` is off, or when it is older than this object
+        or the snapshot has seen.
 
         Args:
             expected_versions: Tenant -> the lowest version its row may have, e.g. from a
@@ -382,12 +644,14 @@ class DatabaseKeyRegistry:
         problems: list[RegistryIntegrityError] = []
         present: set[str] = set()
         with self._engine.connect() as conn:
-            rows = conn.execute(select(self.table).order_by(self.table.c.tenant_id)).all()
+            rows = self._rows(conn)
         for row in rows:
             try:
-                rec = self._verified(row._mapping)[0]
+                rec = self._verified(row)[0]
             except RegistryIntegrityError as exc:
                 problems.append(exc)
+                if exc.tenant is not None:
+                    present.add(exc.tenant)
                 continue
             present.add(rec.tenant)
             floor = (expected_versions or {}).get(rec.tenant)
@@ -396,14 +660,13 @@ class DatabaseKeyRegistry:
                     self._rollback_error(rec.tenant, rec.version, floor, "the snapshot expects")
                 )
         for tenant in sorted(set(expected_versions or {}) - present):
-            if not any(p.tenant == tenant for p in problems):
-                problems.append(
-                    RegistryIntegrityError(
-                        f"tenant {tenant!r} is expected but missing from the key registry "
-                        f"(table {self.table.fullname}): the row was deleted",
-                        tenant=tenant,
-                    )
+            problems.append(
+                RegistryIntegrityError(
+                    f"tenant {tenant!r} is expected but missing from the key registry "
+                    f"(table {self.table.fullname}): the row was deleted",
+                    tenant=tenant,
                 )
+            )
         return problems
 
     def invalidate(self, tenant: str | None = None) -> None:
@@ -427,8 +690,9 @@ class DatabaseKeyRegistry:
         """Add a tenant with its primary key, any other accepted keys and credential references.
 
         Raises:
-            ConfigurationError: an invalid tenant id, key reference or credential (one that looks
-                like a secret), or a tenant that already exists.
+            ConfigurationError: an invalid tenant id (see :func:`tenant_id_problem`: a non-NFC
+                id is refused with its NFC form in the message, not normalized), key reference
+                or credential (one that looks like a secret), or a tenant that already exists.
         """
         _check_tenant_id(tenant)
         if isinstance(accepted, str):
@@ -524,43 +788,73 @@ class DatabaseKeyRegistry:
     def reseal(self, new_secret: bytes) -> int:
         """Rotate the registry secret: re-MAC every row under ``new_secret``; returns the count.
 
-        Every row is verified under the current secret first and all are rewritten in one
-        transaction (each version bumped), so a tampered row stops the rotation before anything
-        is written. Afterwards this object uses the new secret; every other process refuses the
-        rows until it is restarted with the new secret, so rotate in a maintenance window or
-        accept that lookups fail closed meanwhile.
+        Every row is verified under the current secret first (version-1 MACs only with
+        ``allow_v1_macs``) and all are rewritten, as version 2, in one transaction (each version
+        bumped), so a tampered row stops the rotation before anything is written. Afterwards
+        this object uses the new secret; every other process refuses the rows until it is
+        restarted with the new secret, so rotate in a maintenance window or accept that lookups
+        fail closed meanwhile.
 
         Raises:
             ConfigurationError: a weak ``new_secret``.
             RegistryIntegrityError: a row failed its check under the current secret.
             RegistryConflictError: a row changed during the rotation (nothing was written).
         """
-        new_key = _secret_key(new_secret)
+        new_keys = _secret_keys(new_secret)
+        count = self._rewrite(new_keys, self._allow_v1, only_v1=False, why="the rotation")
+        _log.info("key registry: %d rows resealed under a new secret", count)
+        return count
+
+    def upgrade_macs(self) -> int:
+        """Rewrite every version-1 row with a version-2 MAC, which binds ``registry_id``.
+
+        The upgrade step for tables written before ``registry_id`` existed. Each version-1 row
+        is verified under its version-1 MAC first (whatever ``allow_v1_macs`` says) and every
+        version-2 row under version 2; any bad row stops the upgrade before anything is written.
+        Upgraded rows get a new version. Idempotent: returns how many rows were upgraded (0 when
+        none was left). Version 1 cannot tell a row copied from another deployment sharing the
+        secret from your own, so review ``list_tenants()`` before upgrading: from then on the
+        rows are bound to this ``registry_id``.
+
+        Raises:
+            RegistryIntegrityError: a row failed its check (nothing was written).
+            RegistryConflictError: a row changed during the upgrade (nothing was written).
+        """
+        count = self._rewrite(self._mac_keys, True, only_v1=True, why="the MAC upgrade")
+        _log.info(
+            "key registry: %d rows upgraded to MAC version 2 (registry id %r)",
+            count,
+            self.registry_id,
+        )
+        return count
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _rewrite(self, keys: _MacKeys, allow_v1: bool, *, only_v1: bool, why: str) -> int:
         t = self.table
         now = self._now()
         with self._engine.begin() as conn:
-            rows = conn.execute(select(t).order_by(t.c.tenant_id)).all()
-            found = [self._verified(row._mapping) for row in rows]
+            found = [self._verified(row, allow_v1=allow_v1) for row in self._rows(conn)]
             written = []
-            for rec, mac in found:
+            for rec, mac, mac_version in found:
+                if only_v1 and mac_version != 1:
+                    continue
                 new = replace(rec, version=rec.version + 1, updated_at=now)
                 result = conn.execute(
                     update(t)
                     .where(t.c.tenant_id == rec.tenant, t.c.version == rec.version, t.c.mac == mac)
-                    .values(**self._columns(new, new_key))
+                    .values(**self._columns(new, keys))
                 )
                 if result.rowcount != 1:
-                    raise self._conflict(rec.tenant, "it changed during the rotation")
+                    raise self._conflict(rec.tenant, f"it changed during {why}")
                 written.append(new)
         with self._lock:
-            self._mac_key = new_key
+            self._mac_keys = keys
             self._cache.clear()
             for new in written:
                 self._seen[new.tenant] = max(self._seen.get(new.tenant, 0), new.version)
-        _log.info("key registry: %d rows resealed under a new secret", len(written))
+                self._seen_v2.add(new.tenant)
         return len(written)
-
-    # -- internals -----------------------------------------------------------------------------
 
     def _set_disabled(
         self, tenant: str, disabled: bool, expected_version: int | None
@@ -583,10 +877,7 @@ class DatabaseKeyRegistry:
         with self._engine.begin() as conn:
             found = self._load(conn, tenant)
             if found is None:
-                raise TenantNotConfiguredError(
-                    f"tenant {tenant!r} is not in the key registry (table {t.fullname})",
-                    tenant=tenant,
-                )
+                raise self._unknown(tenant)
             rec, mac = found
             if expected_version is not None and rec.version != expected_version:
                 raise self._conflict(
@@ -606,6 +897,23 @@ class DatabaseKeyRegistry:
         self._written(new, what)
         return new
 
+    def _unknown(self, tenant: object, *, advice: bool = False) -> TenantNotConfiguredError:
+        problem = tenant_id_problem(tenant)
+        if problem is not None:
+            why = f": it is not a valid tenant id ({problem})"
+        elif advice:
+            why = (
+                f": add it with `sqlalchemy-cmk tenants add {shlex.quote(str(tenant))} "
+                "--key <key reference>`"
+            )
+        else:
+            why = ""
+        return TenantNotConfiguredError(
+            f"tenant {_shown(tenant)} is not in the key registry (table "
+            f"{self.table.fullname}){why}",
+            tenant=tenant if isinstance(tenant, str) else None,
+        )
+
     def _conflict(self, tenant: str, why: str) -> RegistryConflictError:
         return RegistryConflictError(
             f"tenant {tenant!r} was changed by another writer ({why}); nothing was written: "
@@ -616,6 +924,7 @@ class DatabaseKeyRegistry:
     def _written(self, rec: TenantRecord, what: str) -> None:
         with self._lock:
             self._seen[rec.tenant] = max(self._seen.get(rec.tenant, 0), rec.version)
+            self._seen_v2.add(rec.tenant)
             self._cache.pop(rec.tenant, None)
         _log.info("key registry: tenant %r %s (version %d)", rec.tenant, what, rec.version)
 
@@ -627,6 +936,8 @@ class DatabaseKeyRegistry:
                 if hit is not None and hit[0] > now:
                     self._cache.move_to_end(tenant)
                     return hit[1]
+        if tenant_id_problem(tenant) is not None:
+            return None  # never in the table; not cached, so garbage cannot evict real tenants
         with self._engine.connect() as conn:
             found = self._load(conn, tenant)
         rec = None if found is None else found[0]
@@ -638,60 +949,100 @@ class DatabaseKeyRegistry:
                     self._cache.popitem(last=False)
         return rec
 
+    def _rows(self, conn: Connection, tenant: str | None = None) -> list[Mapping[str, Any]]:
+        stmt = _raw_select(self.table, conn.dialect.name)
+        if tenant is None:
+            stmt = stmt.order_by(self.table.c.tenant_id)
+        else:
+            stmt = stmt.where(self.table.c.tenant_id == tenant)
+        return [dict(row._mapping) for row in conn.execute(stmt)]
+
     def _load(self, conn: Connection, tenant: str) -> tuple[TenantRecord, str] | None:
-        row = conn.execute(select(self.table).where(self.table.c.tenant_id == tenant)).first()
-        if row is None:
+        # A tenant id that is not canonical is never in the table: "unknown", and never sent to
+        # the database (PostgreSQL refuses a NUL with a DataError).
+        if tenant_id_problem(tenant) is not None:
             return None
-        found = self._verified(row._mapping)
-        if found[0].tenant != tenant:  # a collation that matched another spelling
-            raise self._tampered(tenant, "its tenant id does not match")
-        return found
+        for row in self._rows(conn, tenant):
+            # Compared here, code point by code point: a case- or accent-insensitive collation
+            # may match other spellings, which are other tenants.
+            stored = row["tenant_id"]
+            if isinstance(stored, bytes | bytearray | memoryview):
+                if bytes(stored) != tenant.encode("utf-8"):
+                    continue
+            elif stored != tenant:
+                continue
+            rec, mac, _ = self._verified(row)
+            return rec, mac
+        return None
 
-    def _verified(self, row: RowMapping) -> tuple[TenantRecord, str]:
-        """Parse a row strictly and check its MAC and version; the record and its stored MAC."""
-        tenant = str(row["tenant_id"])
+    def _verified(
+        self, row: Mapping[str, Any], *, allow_v1: bool | None = None
+    ) -> tuple[TenantRecord, str, int]:
+        """Parse a raw row strictly, check its MAC and version; the record, stored MAC and MAC
+        version. Raises RegistryIntegrityError, and nothing else, for any bad row."""
+        stored_id = row["tenant_id"]
+        if isinstance(stored_id, bytes | bytearray | memoryview):
+            stored_id = bytes(stored_id).decode("utf-8", "replace")
+        tenant = stored_id if isinstance(stored_id, str) else None
         try:
-            accepted = json.loads(row["accepted_key_refs"])
-            credentials = json.loads(row["credentials"])
-            if not (
-                isinstance(accepted, list)
-                and all(isinstance(r, str) for r in accepted)
-                and isinstance(credentials, dict)
-                and all(isinstance(v, str) for v in credentials.values())
-                and isinstance(row["primary_key_ref"], str)
-                and isinstance(row["version"], int)
-                and isinstance(row["updated_at"], datetime.datetime)
-                and isinstance(row["mac"], str)
-            ):
-                raise ValueError("unexpected types")
-            rec = TenantRecord(
-                tenant,
-                row["primary_key_ref"],
-                tuple(sorted(set(accepted))),
-                credentials,
-                bool(row["disabled"]),
-                row["version"],
-                _utc(row["updated_at"]),
+            rec, mac = _parse(row)
+        except _Malformed as exc:
+            raise self._tampered(tenant, f"it does not parse: {exc}") from None
+        if allow_v1 is None:
+            allow_v1 = self._allow_v1
+        v1_form = mac.strip().lower()  # v1 was compared case- and blank-insensitively
+        mac_version = 1 if _HEX64.fullmatch(v1_form) else 2
+        try:
+            expected = self._mac(rec, mac_version)
+        except (ValueError, struct.error):  # e.g. a lone surrogate from a JSON "\ud800" escape
+            raise self._tampered(rec.tenant, "it does not parse: invalid Unicode") from None
+        given = v1_form if mac_version == 1 else mac
+        # As UTF-8 bytes: compare_digest refuses str with non-ASCII characters.
+        if not hmac.compare_digest(expected.encode(), given.encode("utf-8", "replace")):
+            raise self._tampered(rec.tenant, "its MAC does not match")
+        if mac_version == 1 and not allow_v1:
+            raise self._tampered(
+                rec.tenant,
+                "its MAC is version 1, which does not bind the registry id, and allow_v1_macs "
+                "is off. If this table was written before registry_id existed, run "
+                "`sqlalchemy-cmk tenants upgrade-mac` (DatabaseKeyRegistry.upgrade_macs)",
+                v1=True,
             )
-        except (ValueError, TypeError, ConfigurationError):
-            raise self._tampered(tenant, "it does not parse") from None
-        expected = hmac.new(self._mac_key, _canonical(self._table_name, rec), hashlib.sha256)
-        if not hmac.compare_digest(expected.hexdigest(), row["mac"].strip().lower()):
-            raise self._tampered(tenant, "its MAC does not match")
         with self._lock:
-            seen = self._seen.get(tenant, 0)
+            if mac_version == 1 and rec.tenant in self._seen_v2:
+                raise self._tampered(
+                    rec.tenant,
+                    "its MAC is version 1 but this process has seen the row at version 2: a "
+                    "version-1 row was put back",
+                    v1=True,
+                )
+            seen = self._seen.get(rec.tenant, 0)
             if rec.version < seen:
-                raise self._rollback_error(tenant, rec.version, seen)
-            self._seen[tenant] = rec.version
-        return rec, row["mac"]
+                raise self._rollback_error(rec.tenant, rec.version, seen)
+            self._seen[rec.tenant] = rec.version
+            if mac_version == 2:
+                self._seen_v2.add(rec.tenant)
+        return rec, mac, mac_version
 
-    def _tampered(self, tenant: str, why: str) -> RegistryIntegrityError:
+    def _tampered(
+        self, tenant: str | None, why: str, *, v1: bool = False
+    ) -> RegistryIntegrityError:
+        what = (
+            f"tenant {_shown(tenant)}"
+            if tenant is not None and len(tenant) <= _TENANT_MAX
+            else "a tenant whose id is not text or too long"
+        )
+        advice = (
+            ""
+            if v1
+            else ": it was changed outside sqlalchemy-cmk, copied from another registry, or "
+            "this process has a different registry secret or registry_id; refusing to use it. "
+            "Check the row, then write it again with the sqlalchemy-cmk CLI"
+        )
         return RegistryIntegrityError(
-            f"the key registry row of tenant {tenant!r} (table {self.table.fullname}) failed "
-            f"its integrity check ({why}): it was changed outside sqlalchemy-cmk, or this "
-            "process has a different registry secret; refusing to use it. Check the row, then "
-            "write it again with the sqlalchemy-cmk CLI",
-            tenant=tenant,
+            f"the key registry row of {what} (table {self.table.fullname}) failed its "
+            f"integrity check ({why}){advice}",
+            tenant=tenant if tenant is not None and len(tenant) <= _TENANT_MAX else None,
         )
 
     def _rollback_error(
@@ -704,10 +1055,13 @@ class DatabaseKeyRegistry:
             tenant=tenant,
         )
 
-    def _columns(self, rec: TenantRecord, mac_key: bytes | None = None) -> dict[str, Any]:
-        key = self._mac_key if mac_key is None else mac_key
-        mac = hmac.new(key, _canonical(self._table_name, rec), hashlib.sha256)
-        return {
+    def _columns(self, rec: TenantRecord, keys: _MacKeys | None = None) -> dict[str, Any]:
+        """The row to store for ``rec``, always with a version-2 MAC.
+
+        Raises:
+            ConfigurationError: the record would not fit the bounds a read enforces.
+        """
+        columns: dict[str, Any] = {
             "tenant_id": rec.tenant,
             "primary_key_ref": rec.primary,
             "accepted_key_refs": json.dumps(list(rec.accepted), separators=(",", ":")),
@@ -715,8 +1069,28 @@ class DatabaseKeyRegistry:
             "disabled": rec.disabled,
             "version": rec.version,
             "updated_at": rec.updated_at,
-            "mac": mac.hexdigest(),
+            "mac": self._mac(rec, 2, keys),
         }
+        for name in ("accepted_key_refs", "credentials"):
+            if len(columns[name]) > _JSON_MAX:
+                raise ConfigurationError(
+                    f"tenant {rec.tenant!r} has too many key or credential references: its "
+                    f"{name} would exceed {_JSON_MAX} characters",
+                    tenant=rec.tenant,
+                )
+        if rec.version > _VERSION_MAX:
+            raise ConfigurationError(f"tenant {rec.tenant!r} is at the highest version")
+        return columns
+
+    def _mac(self, rec: TenantRecord, mac_version: int, keys: _MacKeys | None = None) -> str:
+        """The MAC of ``rec`` as stored: v2 ``"v2:" + base64url``, v1 64 hex digits."""
+        keys = self._mac_keys if keys is None else keys
+        if mac_version == 1:
+            data = _canonical(_DOMAIN_V1, self._v1_header, rec)
+            return hmac.new(keys.v1, data, hashlib.sha256).hexdigest()
+        data = _canonical(_DOMAIN_V2, self._v2_header, rec)
+        tag = hmac.new(keys.v2, data, hashlib.sha256).digest()
+        return _MAC_V2_PREFIX + base64.urlsafe_b64encode(tag).decode().rstrip("=")
 
     @staticmethod
     def _now() -> datetime.datetime:

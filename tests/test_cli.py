@@ -38,6 +38,7 @@ def database_url(engine: Engine) -> str:
 def cli_env(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> Engine:
     monkeypatch.setenv("SQLALCHEMY_CMK_DATABASE_URL", database_url(engine))
     monkeypatch.setenv("SQLALCHEMY_CMK_REGISTRY_SECRET", base64.b64encode(SECRET).decode())
+    monkeypatch.setenv("SQLALCHEMY_CMK_REGISTRY_ID", "test-eu")
     assert main(["tenants", "init"]) == 0
     return engine
 
@@ -105,7 +106,7 @@ def test_tenant_lifecycle(cli_env: Engine, capsys: pytest.CaptureFixture[str]) -
     assert "status:        enabled" in out and "version:       3 (" in out
 
     # What the CLI wrote, the application's registry reads.
-    registry = DatabaseKeyRegistry(cli_env, SECRET)
+    registry = DatabaseKeyRegistry(cli_env, SECRET, registry_id="test-eu")
     assert registry.tenant_keys("acme").primary == "fake://acme-3"
     code, out, _ = run(capsys, "tenants", "verify")
     assert (code, out.strip()) == (0, "all rows of cmk_tenants verified")
@@ -204,6 +205,7 @@ def test_missing_or_bad_configuration_exits_2(
     code, _, err = run(capsys, "tenants", "list", "--database-url", url)
     assert code == 2 and "SQLALCHEMY_CMK_REGISTRY_SECRET" in err
     monkeypatch.setenv("SQLALCHEMY_CMK_REGISTRY_SECRET", base64.b64encode(SECRET).decode())
+    monkeypatch.setenv("SQLALCHEMY_CMK_REGISTRY_ID", "test-eu")
     code, _, err = run(capsys, "tenants", "list")
     assert code == 2 and "--database-url" in err and "SQLALCHEMY_CMK_DATABASE_URL" in err
     code, _, err = run(capsys, "tenants", "list", "--database-url", "not a url")
@@ -225,6 +227,7 @@ def test_missing_table_is_explained(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     monkeypatch.setenv("SQLALCHEMY_CMK_REGISTRY_SECRET", base64.b64encode(SECRET).decode())
+    monkeypatch.setenv("SQLALCHEMY_CMK_REGISTRY_ID", "test-eu")
     code, _, err = run(capsys, "tenants", "list", "--database-url", f"sqlite:///{tmp_path}/e.db")
     assert code == 1 and "tenants init" in err
 
@@ -270,7 +273,7 @@ def app_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]
 
                 engines.append(create_engine(os.environ["SQLALCHEMY_CMK_DATABASE_URL"]))
                 secret = base64.b64decode(os.environ["SQLALCHEMY_CMK_REGISTRY_SECRET"])
-                registry = DatabaseKeyRegistry(engines[-1], secret)
+                registry = DatabaseKeyRegistry(engines[-1], secret, registry_id="test-eu")
                 return CMK(provider, registry=registry, audit_sinks=[])
             """
         )
@@ -357,6 +360,7 @@ def test_onboarding_flow_through_the_console_script(
     reads the registry; the installed command is run as an operator would run it."""
     monkeypatch.setenv("SQLALCHEMY_CMK_DATABASE_URL", f"sqlite:///{tmp_path}/registry.db")
     monkeypatch.setenv("SQLALCHEMY_CMK_REGISTRY_SECRET", base64.b64encode(SECRET).decode())
+    monkeypatch.setenv("SQLALCHEMY_CMK_REGISTRY_ID", "test-eu")
     assert run(capsys, "tenants", "init")[0] == 0
     assert run(capsys, "tenants", "add", "acme", "--key", "local://acme")[0] == 0
     assert run(capsys, "tenants", "add", "revoked", "--key", "local://revoked")[0] == 0

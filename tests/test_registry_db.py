@@ -40,7 +40,7 @@ ROLE = "arn:aws:iam::111122223333:role/acme-cmk"
 
 @pytest.fixture
 def registry(engine: Engine) -> DatabaseKeyRegistry:
-    reg = DatabaseKeyRegistry(engine, SECRET)
+    reg = DatabaseKeyRegistry(engine, SECRET, registry_id="test-eu")
     reg.create_table()
     return reg
 
@@ -194,7 +194,7 @@ def test_adding_an_existing_tenant_is_refused(registry: DatabaseKeyRegistry) -> 
 )
 def test_weak_secrets_are_refused(engine: Engine, secret: Any, match: str) -> None:
     with pytest.raises(ConfigurationError, match=match):
-        DatabaseKeyRegistry(engine, secret)
+        DatabaseKeyRegistry(engine, secret, registry_id="test-eu")
 
 
 def test_repr_holds_no_secret(registry: DatabaseKeyRegistry) -> None:
@@ -203,7 +203,9 @@ def test_repr_holds_no_secret(registry: DatabaseKeyRegistry) -> None:
 
 def test_table_goes_into_the_given_metadata_for_alembic(engine: Engine) -> None:
     metadata = MetaData()
-    reg = DatabaseKeyRegistry(engine, SECRET, table_name="tenant_keys", metadata=metadata)
+    reg = DatabaseKeyRegistry(
+        engine, SECRET, registry_id="test-eu", table_name="tenant_keys", metadata=metadata
+    )
     assert metadata.tables["tenant_keys"] is reg.table
     metadata.create_all(engine)
     reg.add_tenant("acme", "fake://acme")
@@ -405,7 +407,7 @@ def test_tampered_rows_are_refused(
     assert info.value.tenant == victim
     assert isinstance(info.value, ConfigurationError)
     # A fresh process with the secret refuses it too, and so do writes and listings.
-    fresh = DatabaseKeyRegistry(engine, SECRET)
+    fresh = DatabaseKeyRegistry(engine, SECRET, registry_id="test-eu")
     with pytest.raises(RegistryIntegrityError):
         fresh.tenant_keys(victim)
     with pytest.raises(RegistryIntegrityError):
@@ -448,14 +450,18 @@ def test_replay_is_caught_across_processes_only_with_a_version_snapshot(
     registry.set_primary("acme", "fake://acme-2")
     snapshot = {r.tenant: r.version for r in registry.list_tenants()}
     put_row(engine, "acme", old)
-    fresh = DatabaseKeyRegistry(engine, SECRET)
+    fresh = DatabaseKeyRegistry(engine, SECRET, registry_id="test-eu")
     assert fresh.tenant_keys("acme").primary == "fake://acme-1"  # not detectable by the MAC
-    problems = DatabaseKeyRegistry(engine, SECRET).verify(expected_versions=snapshot)
+    problems = DatabaseKeyRegistry(engine, SECRET, registry_id="test-eu").verify(
+        expected_versions=snapshot
+    )
     assert [p.tenant for p in problems] == ["acme"]
     assert "the snapshot expects" in str(problems[0])
     # A tenant deleted from the table is reported as well.
     raw(engine, "delete from cmk_tenants where tenant_id = 'acme'")
-    problems = DatabaseKeyRegistry(engine, SECRET).verify(expected_versions=snapshot)
+    problems = DatabaseKeyRegistry(engine, SECRET, registry_id="test-eu").verify(
+        expected_versions=snapshot
+    )
     assert "missing" in str(problems[0])
 
 
@@ -463,7 +469,7 @@ def test_a_different_secret_refuses_every_row(
     engine: Engine, registry: DatabaseKeyRegistry
 ) -> None:
     registry.add_tenant("acme", "fake://acme")
-    other = DatabaseKeyRegistry(engine, os.urandom(32))
+    other = DatabaseKeyRegistry(engine, os.urandom(32), registry_id="test-eu")
     with pytest.raises(RegistryIntegrityError, match="different registry secret"):
         other.tenant_keys("acme")
     assert len(other.verify()) == 1
@@ -477,8 +483,8 @@ def test_reseal_rotates_the_secret(engine: Engine, registry: DatabaseKeyRegistry
     assert registry.reseal(new_secret) == 2
     assert registry.tenant_keys("acme").primary == "fake://acme"
     assert registry.get("acme").version == 2
-    assert DatabaseKeyRegistry(engine, new_secret).verify() == []
-    old = DatabaseKeyRegistry(engine, SECRET)
+    assert DatabaseKeyRegistry(engine, new_secret, registry_id="test-eu").verify() == []
+    old = DatabaseKeyRegistry(engine, SECRET, registry_id="test-eu")
     assert len(old.verify()) == 2  # processes still on the old secret fail closed
     with pytest.raises(ConfigurationError, match="at least 32"):
         registry.reseal(b"short")
@@ -492,14 +498,18 @@ def test_reseal_writes_nothing_when_a_row_is_tampered(
     raw(engine, "update cmk_tenants set primary_key_ref = 'fake://x' where tenant_id = 'globex'")
     with pytest.raises(RegistryIntegrityError, match="'globex'"):
         registry.reseal(os.urandom(32))
-    assert DatabaseKeyRegistry(engine, SECRET).get("acme").version == 1  # rolled back
+    assert (
+        DatabaseKeyRegistry(engine, SECRET, registry_id="test-eu").get("acme").version == 1
+    )  # rolled back
 
 
 def test_rows_copied_to_another_registry_table_are_refused(
     engine: Engine, registry: DatabaseKeyRegistry
 ) -> None:
     registry.add_tenant("acme", "fake://acme")
-    other = DatabaseKeyRegistry(engine, SECRET, table_name="cmk_tenants_staging")
+    other = DatabaseKeyRegistry(
+        engine, SECRET, registry_id="test-eu", table_name="cmk_tenants_staging"
+    )
     other.create_table()
     row = raw_row(engine, "acme")
     cols = ", ".join(row)
@@ -529,7 +539,7 @@ def test_concurrent_set_primary_one_wins_the_other_fails(
     engine: Engine, registry: DatabaseKeyRegistry, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     registry.add_tenant("acme", "fake://k1")
-    other = DatabaseKeyRegistry(engine, SECRET)
+    other = DatabaseKeyRegistry(engine, SECRET, registry_id="test-eu")
     real_load = DatabaseKeyRegistry._load
     interleaved: list[TenantRecord] = []
 
@@ -554,7 +564,7 @@ def test_racing_writers_lose_no_update(engine: Engine, registry: DatabaseKeyRegi
     barrier = threading.Barrier(4)
 
     def writer(i: int) -> None:
-        reg = DatabaseKeyRegistry(engine, SECRET)
+        reg = DatabaseKeyRegistry(engine, SECRET, registry_id="test-eu")
         barrier.wait()
         for j in range(5):
             try:
@@ -581,7 +591,9 @@ def test_racing_writers_lose_no_update(engine: Engine, registry: DatabaseKeyRegi
 
 def test_lookups_are_cached_for_the_ttl(engine: Engine, registry: DatabaseKeyRegistry) -> None:
     now = [1000.0]
-    reader = DatabaseKeyRegistry(engine, SECRET, cache_ttl=30, clock=lambda: now[0])
+    reader = DatabaseKeyRegistry(
+        engine, SECRET, registry_id="test-eu", cache_ttl=30, clock=lambda: now[0]
+    )
     registry.add_tenant("acme", "fake://k1")
     queries = count_queries(engine)
     assert reader.tenant_keys("acme").primary == "fake://k1"
@@ -620,7 +632,7 @@ def test_unknown_tenants_are_cached_too_and_own_writes_invalidate(
 def test_the_cache_is_bounded(engine: Engine, registry: DatabaseKeyRegistry) -> None:
     for t in "abc":
         registry.add_tenant(t, f"fake://{t}")
-    reader = DatabaseKeyRegistry(engine, SECRET, cache_max_entries=2)
+    reader = DatabaseKeyRegistry(engine, SECRET, registry_id="test-eu", cache_max_entries=2)
     queries = count_queries(engine)
     for t in "abcc":
         reader.tenant_keys(t)
@@ -628,12 +640,12 @@ def test_the_cache_is_bounded(engine: Engine, registry: DatabaseKeyRegistry) -> 
     reader.tenant_keys("a")  # evicted by c (least recently used)
     assert len(queries) == 4
     with pytest.raises(ConfigurationError):
-        DatabaseKeyRegistry(engine, SECRET, cache_max_entries=0)
+        DatabaseKeyRegistry(engine, SECRET, registry_id="test-eu", cache_max_entries=0)
 
 
 def test_cache_ttl_zero_reads_every_time(engine: Engine, registry: DatabaseKeyRegistry) -> None:
     registry.add_tenant("acme", "fake://k1")
-    reader = DatabaseKeyRegistry(engine, SECRET, cache_ttl=0)
+    reader = DatabaseKeyRegistry(engine, SECRET, registry_id="test-eu", cache_ttl=0)
     queries = count_queries(engine)
     reader.tenant_keys("acme")
     reader.tenant_keys("acme")
