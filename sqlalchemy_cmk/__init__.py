@@ -8,6 +8,7 @@ See ``docs/design.md`` for the key hierarchy, formats, threat model and failure 
 from ._cmk import CMK as CMK
 from ._cmk import EncryptedDocument as EncryptedDocument
 from ._cmk import TenantCheck as TenantCheck
+from ._mapping import tenant_column as tenant_column
 from .audit import AuditEvent as AuditEvent
 from .audit import LoggingAuditSink as LoggingAuditSink
 from .context import TenantContext as TenantContext
@@ -68,6 +69,7 @@ __all__ = [
     "UnsupportedQueryError",
     "cross_tenant_context",
     "current_context",
+    "tenant_column",
     "tenant_context",
 ]
 

@@ -326,6 +326,11 @@ def _check_tenant_column(
                 tenant=tenant,
                 table=table,
             )
+    if tenant is not None:  # in a cross-tenant context, whatever the row's tenant is
+        obj = state.obj()
+        value = d[key] if key in d else getattr(obj, key, None)  # loads it if expired
+        if value is not None and value != tenant:
+            _refuse_other_tenant(table, str(value), tenant, "names")
 
 
 def _revert_companion(state: InstanceState[Any], key: str) -> None:

@@ -1,0 +1,449 @@
+"""The session hooks keep each row under its own tenant and its own key, on every ORM path.
+
+Each case here once stored a row under the wrong tenant or left it unreadable (issue 7): a flush
+under another tenant than the row was added under, an unchecked tenant column, joined and
+single-table inheritance, ``load_only``, ``merge`` after a rotation, two writers of a row's first
+key, and an application listener that raised after ours. Every test checks the raw database.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import pytest
+from sqlalchemy import Engine, ForeignKey, Integer, String, Text, event, insert, select, text
+from sqlalchemy.orm import (
+    DeclarativeBase,
+    Mapped,
+    Session,
+    load_only,
+    mapped_column,
+    sessionmaker,
+)
+
+from sqlalchemy_cmk import (
+    CMK,
+    CMKError,
+    EDEKType,
+    EncryptedMixin,
+    EncryptedType,
+    NoTenantError,
+    TenantMismatchError,
+    cross_tenant_context,
+    tenant_column,
+    tenant_context,
+)
+from sqlalchemy_cmk.testing import FakeKeyProvider, MemoryAuditSink
+
+TENANTS = {"acme": "fake://acme", "globex": "fake://globex"}
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Customer(EncryptedMixin, Base):
+    """A model that declares its tenant column."""
+
+    __tablename__ = "si_customers"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    tenant_id: Mapped[str] = tenant_column(String(50))
+    email: Mapped[str | None] = mapped_column(EncryptedType(String))
+    note: Mapped[str | None] = mapped_column(String(50))
+
+
+class Plain(EncryptedMixin, Base):
+    """A model without a declared tenant column: the row's binding alone protects it."""
+
+    __tablename__ = "si_plain"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    ssn: Mapped[str | None] = mapped_column(EncryptedType(String))
+    age: Mapped[int | None] = mapped_column(EncryptedType(Integer))
+
+
+class Person(EncryptedMixin, Base):
+    """Joined-table inheritance, encrypted columns and a companion on both tables."""
+
+    __tablename__ = "si_people"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    kind: Mapped[str] = mapped_column(String(20))
+    a: Mapped[str | None] = mapped_column(EncryptedType(String))
+    __mapper_args__: ClassVar[dict[str, Any]] = {
+        "polymorphic_on": "kind",
+        "polymorphic_identity": "person",
+    }
+
+
+class Employee(Person):
+    __tablename__ = "si_employees"
+    id: Mapped[int] = mapped_column(ForeignKey("si_people.id"), primary_key=True)
+    b: Mapped[str | None] = mapped_column(EncryptedType(String))
+    emp_edek: Mapped[bytes | None] = mapped_column(EDEKType(), nullable=True)
+    __mapper_args__: ClassVar[dict[str, Any]] = {"polymorphic_identity": "employee"}
+
+
+class Vehicle(EncryptedMixin, Base):
+    """Single-table inheritance, the encrypted column only on a subclass."""
+
+    __tablename__ = "si_vehicles"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    kind: Mapped[str] = mapped_column(String(20))
+    __mapper_args__: ClassVar[dict[str, Any]] = {
+        "polymorphic_on": "kind",
+        "polymorphic_identity": "vehicle",
+    }
+
+
+class Car(Vehicle):
+    vin: Mapped[str | None] = mapped_column(EncryptedType(String), nullable=True)
+    __mapper_args__: ClassVar[dict[str, Any]] = {"polymorphic_identity": "car"}
+
+
+class Document(EncryptedMixin, Base):
+    """Text storage, so that the migration tools can rotate it."""
+
+    __tablename__ = "si_documents"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    tenant_id: Mapped[str] = tenant_column(String(50))
+    body: Mapped[str | None] = mapped_column(EncryptedType(Text, storage="text"))
+
+
+@dataclass
+class Env:
+    engine: Engine
+    Session: sessionmaker[Session]
+    cmk: CMK
+    kms: FakeKeyProvider
+
+    def raw(self, sql: str) -> list[Any]:
+        with self.engine.connect() as conn:
+            return [tuple(r) for r in conn.execute(text(sql))]
+
+    def dump(self) -> list[Any]:
+        """Everything the tables hold, for before/after comparisons."""
+        return [self.raw(f"select * from {t} order by 1") for t in sorted(Base.metadata.tables)]
+
+
+@pytest.fixture
+def env(engine: Engine) -> Iterator[Env]:
+    Base.metadata.create_all(engine)
+    kms = FakeKeyProvider()
+    cmk = CMK(kms, tenant_keys=TENANTS, audit_sinks=[MemoryAuditSink()])
+    maker = sessionmaker(engine)
+    cmk.install(maker)
+    yield Env(engine, maker, cmk, kms)
+
+
+def read(env: Env, model: type[Any], pk: int, tenant: str) -> Any:
+    with tenant_context(tenant), env.Session() as s:
+        obj = s.get(model, pk)
+        assert obj is not None
+        s.expunge(obj)
+        return obj
+
+
+def no_plaintext(env: Env, *secrets: str) -> None:
+    blob = repr(env.dump()).encode()
+    for secret in secrets:
+        assert secret.encode() not in blob, "plaintext reached the database"
+
+
+# -- a row keeps the tenant it was added under ---------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["commit", "autoflush", "flush"])
+def test_a_row_added_under_one_tenant_is_never_sealed_under_another(env: Env, how: str) -> None:
+    before = env.dump()
+    s = env.Session()
+    with tenant_context("acme"):
+        s.add(Plain(id=1, ssn="ACME-SSN-ADDED"))
+    with tenant_context("globex"), pytest.raises(TenantMismatchError) as info:
+        if how == "commit":
+            s.commit()
+        elif how == "autoflush":
+            s.scalars(select(Plain)).all()
+        else:
+            s.flush()
+    assert "acme" not in str(info.value), "the message may reach globex's users"
+    assert info.value.row_tenant == "acme"
+    s.rollback()
+    assert env.dump() == before
+    # Under its own tenant it goes through.
+    with tenant_context("acme"):
+        s.add(Plain(id=1, ssn="ACME-SSN-ADDED"))
+        s.commit()
+    s.close()
+    assert read(env, Plain, 1, "acme").ssn == "ACME-SSN-ADDED"
+    with pytest.raises(TenantMismatchError):
+        read(env, Plain, 1, "globex")
+
+
+def test_a_row_loaded_without_a_key_stays_with_the_loading_tenant(env: Env) -> None:
+    with tenant_context("acme"), env.Session() as s:
+        s.add(Plain(id=1))  # no encrypted values: no key yet
+        s.commit()
+    with env.Session() as s:
+        with tenant_context("acme"):
+            row = s.get(Plain, 1)
+            assert row is not None
+        row.ssn = "WHOSE-IS-THIS"
+        with tenant_context("globex"), pytest.raises(TenantMismatchError):
+            s.flush()
+        s.rollback()
+    assert env.raw("select cmk_edek, ssn from si_plain") == [(None, None)]
+
+
+# -- a declared tenant column is checked on every write and load ---------------------------------
+
+
+def test_declared_tenant_column_is_filled_from_the_context(env: Env) -> None:
+    with tenant_context("acme"), env.Session() as s:
+        s.add(Customer(id=1, email="filled@acme.example"))
+        s.commit()
+    assert env.raw("select tenant_id from si_customers") == [("acme",)]
+    assert read(env, Customer, 1, "acme").email == "filled@acme.example"
+
+
+@pytest.mark.parametrize("how", ["add", "bulk"])
+def test_declared_tenant_column_naming_another_tenant_is_refused(env: Env, how: str) -> None:
+    before = env.dump()
+    with tenant_context("acme"), env.Session() as s:
+        with pytest.raises(TenantMismatchError):
+            if how == "add":
+                s.add(Customer(id=1, tenant_id="globex", email="wrong@globex.example"))
+                s.flush()
+            else:
+                s.execute(
+                    insert(Customer), [{"id": 1, "tenant_id": "globex", "email": "wrong@g.example"}]
+                )
+        s.rollback()
+    assert env.dump() == before
+
+
+def test_declared_tenant_column_is_checked_for_plain_updates_and_cannot_change(env: Env) -> None:
+    with tenant_context("globex"), env.Session() as s:
+        s.add(Customer(id=1, email="g@globex.example"))
+        s.commit()
+    before = env.dump()
+    with env.Session() as s:
+        with cross_tenant_context(actor="ops"):
+            row = s.get(Customer, 1)
+            assert row is not None
+        row.note = "touched by acme"
+        with tenant_context("acme"), pytest.raises(TenantMismatchError):
+            s.flush()
+        s.rollback()
+    with tenant_context("globex"), env.Session() as s:
+        row = s.get(Customer, 1)
+        assert row is not None
+        row.tenant_id = "acme"
+        with pytest.raises(TenantMismatchError):
+            s.flush()
+        s.rollback()
+    assert env.dump() == before
+
+
+def test_new_rows_of_a_tenant_model_need_a_tenant(env: Env) -> None:
+    with env.Session() as s:
+        s.add(Customer(id=1, note="no context"))
+        with pytest.raises(NoTenantError):
+            s.flush()
+        s.rollback()
+    assert env.raw("select count(*) from si_customers") == [(0,)]
+
+
+def test_a_tenant_column_edited_in_the_database_is_refused_on_load(env: Env) -> None:
+    with tenant_context("acme"), env.Session() as s:
+        s.add(Customer(id=1, email="moved@acme.example"))
+        s.commit()
+    with env.engine.begin() as conn:
+        conn.execute(text("update si_customers set tenant_id = 'globex'"))
+    with (
+        cross_tenant_context(actor="export"),
+        env.Session() as s,
+        pytest.raises(TenantMismatchError),
+    ):
+        s.scalars(select(Customer)).all()
+
+
+# -- companions are found by the row's own table, for every mapping ------------------------------
+
+
+def test_joined_inheritance_updates_use_each_rows_own_companion(env: Env) -> None:
+    with tenant_context("acme"), env.Session() as s:
+        s.add_all([Employee(id=1, a="A1-ACME", b="B1-ACME"), Employee(id=2, a="A2", b="B2")])
+        s.commit()
+    with tenant_context("globex"), env.Session() as s:
+        s.add(Employee(id=3, a="A3-GLOBEX", b="B3-GLOBEX"))
+        s.commit()
+    for tenant, pk in (("acme", 1), ("acme", 2), ("globex", 3)):
+        with tenant_context(tenant), env.Session() as s:
+            row = s.get(Employee, pk)
+            assert row is not None
+            row.b = f"B{pk}-UPDATED"
+            row.a = f"A{pk}-UPDATED"
+            s.commit()
+    for tenant, pk in (("acme", 1), ("acme", 2), ("globex", 3)):
+        row = read(env, Employee, pk, tenant)
+        assert (row.a, row.b) == (f"A{pk}-UPDATED", f"B{pk}-UPDATED")
+    with tenant_context("acme"), env.Session() as s:
+        query = select(Employee).options(load_only(Employee.b)).where(Employee.id < 3)
+        rows = s.scalars(query.order_by(Employee.id)).all()
+        assert [r.b for r in rows] == ["B1-UPDATED", "B2-UPDATED"]
+    no_plaintext(env, "B1-UPDATED", "A3-GLOBEX")
+
+
+def test_single_table_inheritance_with_a_subclass_encrypted_column(env: Env) -> None:
+    with tenant_context("acme"), env.Session() as s:
+        s.add_all([Car(id=1, vin="VIN-SECRET-1"), Vehicle(id=2)])
+        s.commit()
+    with tenant_context("acme"), env.Session() as s:
+        assert s.scalars(select(Car)).one().vin == "VIN-SECRET-1"
+        assert len(s.scalars(select(Vehicle)).all()) == 2
+        car = s.get(Car, 1)
+        assert car is not None
+        car.vin = "VIN-SECRET-2"
+        s.commit()
+    assert read(env, Car, 1, "acme").vin == "VIN-SECRET-2"
+    no_plaintext(env, "VIN-SECRET-1", "VIN-SECRET-2")
+
+
+def test_a_misconfigured_model_does_not_break_its_registrys_other_models(env: Env) -> None:
+    class Other(DeclarativeBase):
+        pass
+
+    class Good(EncryptedMixin, Other):
+        __tablename__ = "si_good"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        secret: Mapped[str | None] = mapped_column(EncryptedType(String))
+
+    class Broken(Other):  # no companion column
+        __tablename__ = "si_broken"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        secret: Mapped[str | None] = mapped_column(EncryptedType(String))
+
+    Other.metadata.create_all(env.engine)
+    with tenant_context("acme"), env.Session() as s:
+        s.add(Good(id=1, secret="GOOD"))
+        s.commit()
+        assert s.scalars(select(Good)).one().secret == "GOOD"
+        with pytest.raises(CMKError, match="Broken"):
+            s.scalars(select(Broken)).all()
+
+
+# -- only the hooks write companions -------------------------------------------------------------
+
+
+def test_merge_of_a_stale_copy_after_a_rotation_loses_nothing(env: Env) -> None:
+    from migrations_helpers import backfill
+
+    with tenant_context("acme"), env.Session() as s:
+        s.add(Document(id=1, body="BODY-BEFORE-ROTATION"))
+        s.commit()
+    stale = read(env, Document, 1, "acme")
+    report = backfill.rotate_data_keys(
+        env.engine, env.cmk, "si_documents", ["body"], tenant_column="tenant_id"
+    )
+    assert report.rows == 1
+    (rotated,) = env.raw("select cmk_edek from si_documents")
+    with tenant_context("acme"), env.Session() as s:
+        merged = s.merge(stale)
+        assert merged.body == "BODY-BEFORE-ROTATION"
+        s.commit()
+    assert env.raw("select cmk_edek from si_documents") == [rotated]
+    assert read(env, Document, 1, "acme").body == "BODY-BEFORE-ROTATION"
+    # And an explicit assignment of a companion is not written either.
+    with tenant_context("acme"), env.Session() as s:
+        doc = s.get(Document, 1)
+        assert doc is not None
+        doc.cmk_edek = stale.cmk_edek
+        doc.body = "BODY-AFTER"
+        s.commit()
+    assert read(env, Document, 1, "acme").body == "BODY-AFTER"
+
+
+def test_a_companion_copied_onto_a_new_row_without_values_is_dropped(env: Env) -> None:
+    with tenant_context("acme"), env.Session() as s:
+        s.add(Plain(id=1, ssn="FIRST"))
+        s.commit()
+    copied = env.raw("select cmk_edek from si_plain")[0][0]
+    with tenant_context("acme"), env.Session() as s:
+        s.add(Plain(id=2, cmk_edek=bytes(copied)))
+        s.commit()
+    assert env.raw("select cmk_edek from si_plain where id = 2") == [(None,)]
+
+
+def test_two_writers_of_a_rows_first_key_both_keep_their_values(env: Env) -> None:
+    """Both sessions see the row without a key; the second must wait and use the first's."""
+    with tenant_context("acme"), env.Session() as s:
+        s.add(Plain(id=1))
+        s.commit()
+    first = env.Session()
+    second = env.Session()
+    with tenant_context("acme"):
+        a = first.get(Plain, 1)
+        b = second.get(Plain, 1)
+        assert a is not None and b is not None
+        a.ssn = "SSN-FROM-FIRST"
+        b.age = 41
+        first.flush()  # holds the row (or, on SQLite, the database) until it commits
+    errors: list[BaseException] = []
+
+    @tenant_context("acme")
+    def write_second() -> None:
+        try:
+            second.commit()
+        except BaseException as exc:
+            errors.append(exc)
+
+    worker = threading.Thread(target=write_second)
+    worker.start()
+    worker.join(0.5)
+    assert worker.is_alive(), "the second writer must wait for the first"
+    first.commit()
+    worker.join(30)
+    first.close()
+    second.close()
+    assert not errors, errors
+    row = read(env, Plain, 1, "acme")
+    assert (row.ssn, row.age) == ("SSN-FROM-FIRST", 41)
+
+
+# -- nothing sealed stays in an instance ---------------------------------------------------------
+
+
+def test_an_application_listener_that_raises_leaves_plaintext_in_the_instances(env: Env) -> None:
+    def veto(session: Session, flush_context: Any, instances: Any) -> None:
+        raise RuntimeError("application veto")
+
+    event.listen(env.Session, "before_flush", veto)
+    try:
+        with tenant_context("acme"), env.Session() as s:
+            p = Plain(id=1, ssn="STILL-PLAIN")
+            s.add(p)
+            with pytest.raises(RuntimeError):
+                s.flush()
+            assert p.ssn == "STILL-PLAIN"
+            with pytest.raises(RuntimeError):
+                s.flush()
+            assert p.ssn == "STILL-PLAIN"
+    finally:
+        event.remove(env.Session, "before_flush", veto)
+    assert env.raw("select count(*) from si_plain") == [(0,)]
+
+
+def test_a_failed_flush_leaves_plaintext_and_a_retry_succeeds(env: Env) -> None:
+    with tenant_context("acme"), env.Session() as s:
+        s.add(Plain(id=1, ssn="TAKEN"))
+        s.commit()
+    with tenant_context("acme"), env.Session() as s:
+        dup = Plain(id=1, ssn="DUPLICATE-KEY")
+        s.add(dup)
+        with pytest.raises(Exception, match=r"(?i)unique|duplicate"):
+            s.flush()
+        s.rollback()
+        assert dup.ssn == "DUPLICATE-KEY"
+    no_plaintext(env, "DUPLICATE-KEY", "TAKEN")
