@@ -3,6 +3,16 @@
 Each encoding starts with a one-byte tag, so a column whose declared type changed is caught as
 a configuration error instead of decoding into a wrong value. The encodings are independent of
 the database dialect: a row copied from SQLite to PostgreSQL still decrypts.
+
+Values are made to round-trip as the plain column would on PostgreSQL, whatever the dialect:
+``Numeric(p, s)`` rounds to its scale (ties away from zero, as PostgreSQL's numeric does) and
+refuses values with more than ``p - s`` integer digits; ``DateTime(timezone=True)`` refuses naive
+datetimes and ``DateTime()`` refuses aware ones (PostgreSQL would silently shift or drop the
+offset); a ``str`` subclass is length-checked like a ``str`` (in ``CMK.seal``).
+
+No error raised here chains an exception that may hold the value: Python's own (a
+``UnicodeEncodeError`` keeps the whole string, a ``JSONDecodeError`` the whole document) are
+caught and our error is raised outside the handler, so ``__context__`` stays empty.
 """
 
 from __future__ import annotations
@@ -18,6 +28,10 @@ from typing import Any
 from sqlalchemy import types as sqltypes
 
 from .errors import ConfigurationError, InvalidValueError
+
+
+class Refused(ValueError):
+    """An encoder's refusal, with a reason that names no part of the value."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -41,6 +55,43 @@ def _dec_enc(v: decimal.Decimal | int | float) -> bytes:
     return str(
         decimal.Decimal(v) if not isinstance(v, float) else decimal.Decimal(repr(v))
     ).encode()
+
+
+def _numeric_enc(precision: int | None, scale: int) -> Callable[[Any], bytes]:
+    """Round to ``scale`` places as PostgreSQL's ``numeric(p, s)`` does (half away from zero)
+    and refuse what would overflow it ("numeric field overflow" there)."""
+    quantum = decimal.Decimal(1).scaleb(-scale)
+    context = decimal.Context(prec=max(precision or 0, 28) + scale + 2, rounding="ROUND_HALF_UP")
+
+    def encode(v: decimal.Decimal | int | float) -> bytes:
+        d = decimal.Decimal(v) if not isinstance(v, float) else decimal.Decimal(repr(v))
+        if d.is_nan():
+            return b"NaN"  # PostgreSQL's numeric(p, s) stores NaN
+        if d.is_infinite():
+            raise Refused(f"infinity does not fit Numeric({precision}, {scale})")
+        q = d.quantize(quantum, context=context)
+        if precision is not None and q and q.adjusted() >= precision - scale:
+            raise Refused(
+                f"the value has more than {precision - scale} integer digits "
+                f"(Numeric({precision}, {scale}))"
+            )
+        return str(q).encode()
+
+    return encode
+
+
+def _datetime_enc(aware: bool) -> Callable[[datetime.datetime], bytes]:
+    def encode(v: datetime.datetime) -> bytes:
+        if (v.utcoffset() is not None) != aware:
+            raise Refused(
+                "DateTime(timezone=True) needs an aware datetime (give it a tzinfo)"
+                if aware
+                else "DateTime() takes naive datetimes: convert to naive UTC, or declare "
+                "DateTime(timezone=True) to keep the offset"
+            )
+        return v.isoformat().encode()
+
+    return encode
 
 
 def _bool_enc(v: bool) -> bytes:
@@ -78,13 +129,14 @@ _BOOL = Codec("bool", 5, _bool_enc, _bool_dec, (bool,))
 _DATE = Codec(
     "date", 6, _iso_enc, lambda b: datetime.date.fromisoformat(b.decode()), (datetime.date,)
 )
-_DATETIME = Codec(
-    "datetime",
-    7,
-    _iso_enc,
-    lambda b: datetime.datetime.fromisoformat(b.decode()),
-    (datetime.datetime,),
-)
+
+
+def _datetime_dec(b: bytes) -> datetime.datetime:
+    return datetime.datetime.fromisoformat(b.decode())
+
+
+_DATETIME = Codec("datetime", 7, _datetime_enc(False), _datetime_dec, (datetime.datetime,))
+_DATETIME_TZ = Codec("datetime", 7, _datetime_enc(True), _datetime_dec, (datetime.datetime,))
 _TIME = Codec(
     "time", 8, _iso_enc, lambda b: datetime.time.fromisoformat(b.decode()), (datetime.time,)
 )
@@ -110,9 +162,32 @@ def codec_for(underlying: sqltypes.TypeEngine[Any]) -> Codec:
     elif isinstance(t, sqltypes.Integer):
         return _INT
     elif isinstance(t, (sqltypes.Numeric, sqltypes.Float)):
-        return _DECIMAL if t.asdecimal else _FLOAT_DECIMAL
+        base = _DECIMAL if t.asdecimal else _FLOAT_DECIMAL
+        precision, scale = getattr(t, "precision", None), getattr(t, "scale", None)
+        if isinstance(t, sqltypes.Float) or (precision is None and scale is None):
+            return base
+        if scale is None:
+            scale = 0  # NUMERIC(p) is NUMERIC(p, 0) on PostgreSQL
+        if not (isinstance(scale, int) and 0 <= scale <= 1000) or not (
+            precision is None or (isinstance(precision, int) and 0 < precision <= 1000)
+        ):
+            raise ConfigurationError(
+                f"EncryptedType(Numeric({precision}, {scale})): precision must be 1..1000 and "
+                "scale 0..1000, as PostgreSQL's numeric takes"
+            )
+        if precision is not None and scale > precision:
+            raise ConfigurationError(
+                f"EncryptedType(Numeric({precision}, {scale})): the scale exceeds the precision"
+            )
+        return Codec(
+            base.name,
+            base.tag,
+            _numeric_enc(precision, scale),
+            base.decode,
+            base.accepts,
+        )
     elif isinstance(t, sqltypes.DateTime):
-        return _DATETIME
+        return _DATETIME_TZ if t.timezone else _DATETIME
     elif isinstance(t, sqltypes.Date):
         return _DATE
     elif isinstance(t, sqltypes.Time):
@@ -146,13 +221,15 @@ def encode(codec: Codec, value: Any, *, table: str, column: str) -> bytes:
         )
     try:
         return bytes([codec.tag]) + codec.encode(value)
-    except (ValueError, TypeError, OverflowError) as exc:
-        raise InvalidValueError(
-            f"{table}.{column}: value of type {type(value).__name__} cannot be encoded as "
-            f"{codec.name} ({type(exc).__name__})",
-            table=table,
-            column=column,
-        ) from None
+    except Refused as exc:
+        why = str(exc)
+    except Exception as exc:  # whatever a value's own methods raise
+        # Only the exception's type: its args may hold the value (UnicodeEncodeError does).
+        why = f"value of type {type(value).__name__} cannot be encoded as {codec.name} " + (
+            f"({type(exc).__name__})"
+        )
+    # Raised outside the handler, so the exception above is not kept as __context__.
+    raise InvalidValueError(f"{table}.{column}: {why}", table=table, column=column)
 
 
 def decode(codec: Codec, data: bytes, *, table: str, column: str) -> Any:
@@ -165,10 +242,11 @@ def decode(codec: Codec, data: bytes, *, table: str, column: str) -> Any:
         )
     try:
         return codec.decode(data[1:])
-    except (ValueError, TypeError, ArithmeticError) as exc:  # decimal.InvalidOperation too
-        raise ConfigurationError(
-            f"{table}.{column}: authenticated value does not decode as {codec.name} "
-            f"({type(exc).__name__})",
-            table=table,
-            column=column,
-        ) from None
+    except (ValueError, TypeError, ArithmeticError, RecursionError) as exc:
+        error = type(exc).__name__  # decimal.InvalidOperation is an ArithmeticError
+    # Outside the handler: a JSONDecodeError or UnicodeDecodeError holds the plaintext.
+    raise ConfigurationError(
+        f"{table}.{column}: authenticated value does not decode as {codec.name} ({error})",
+        table=table,
+        column=column,
+    )

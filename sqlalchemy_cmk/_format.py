@@ -55,6 +55,7 @@ _MAX_TENANT = 1024
 _MAX_PROVIDER = 64
 _MAX_KEY_REF = 2048
 _MAX_WRAPPED = 8192
+MAX_WRAPPED = _MAX_WRAPPED  # the most a provider's wrapped key may hold
 # version + nonce + codec tag + GCM tag: anything shorter cannot be a value we wrote.
 MIN_VALUE = 1 + NONCE_SIZE + 1 + TAG_SIZE
 
@@ -81,7 +82,16 @@ def _lp(data: bytes) -> bytes:
 
 def encode_envelope(tenant: str, provider: str, key_ref: str, wrapped: bytes) -> bytes:
     """Serialize an envelope; raises ConfigurationError for fields out of bounds."""
-    t, p, k = tenant.encode(), provider.encode("ascii"), key_ref.encode()
+    try:
+        t, p, k = tenant.encode(), provider.encode("ascii"), key_ref.encode()
+    except UnicodeEncodeError:
+        t = p = k = b""  # refused below, outside the handler: no error chained to this one
+    if not (t and p and k):
+        raise ConfigurationError(
+            "tenant id, provider scheme or key reference is empty or not encodable (a lone "
+            "surrogate, or a non-ASCII scheme)",
+            tenant=tenant,
+        )
     if not (0 < len(t) <= _MAX_TENANT and 0 < len(p) <= _MAX_PROVIDER):
         raise ConfigurationError("tenant id or provider scheme empty or too long", tenant=tenant)
     if not (0 < len(k) <= _MAX_KEY_REF and 0 < len(wrapped) <= _MAX_WRAPPED):
@@ -124,7 +134,10 @@ def parse_envelope(data: bytes) -> Envelope:
             raise ValueError  # the recorded provider must be the key reference's scheme
         return env
     except (ValueError, IndexError, struct.error, UnicodeDecodeError):
-        raise DecryptionError("stored key envelope is malformed") from None
+        pass
+    # Raised outside the handler, so the error does not carry a UnicodeDecodeError (which holds
+    # the stored bytes) as its __context__.
+    raise DecryptionError("stored key envelope is malformed")
 
 
 def encode_companion(row_id: bytes, envelope: bytes) -> bytes:

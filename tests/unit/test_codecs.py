@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import decimal
 import math
+import pickle
 import uuid
 import zoneinfo
 from typing import Any
@@ -333,3 +334,132 @@ def test_codec_for(t: sqltypes.TypeEngine[Any], name: str):
 def test_unsupported_types_are_refused(t: sqltypes.TypeEngine[Any]):
     with pytest.raises(ConfigurationError, match="supported: String"):
         _codecs.codec_for(t)
+
+
+# -- values round-trip as the plain column would on PostgreSQL (issue 7) -----------------------
+
+
+@pytest.mark.parametrize(
+    ("t", "value", "expected"),
+    [
+        (Numeric(12, 2), decimal.Decimal("1.23456"), decimal.Decimal("1.23")),
+        (Numeric(12, 2), decimal.Decimal("0.125"), decimal.Decimal("0.13")),  # ties away from 0
+        (Numeric(12, 2), decimal.Decimal("-0.125"), decimal.Decimal("-0.13")),
+        (Numeric(12, 2), decimal.Decimal("1.2"), decimal.Decimal("1.20")),
+        (Numeric(12, 2), 7, decimal.Decimal("7.00")),
+        (Numeric(12, 2), 1.005, decimal.Decimal("1.01")),  # the float's repr, as PostgreSQL
+        (Numeric(12, 2), decimal.Decimal("9999999999.994"), decimal.Decimal("9999999999.99")),
+        (Numeric(3), decimal.Decimal("12.5"), decimal.Decimal("13")),  # NUMERIC(p) = (p, 0)
+        (Numeric(12, 2, asdecimal=False), 1.23456, 1.23),
+        (Numeric(scale=2), decimal.Decimal("12345678901.678"), decimal.Decimal("12345678901.68")),
+        (Numeric(), decimal.Decimal("1.23456"), decimal.Decimal("1.23456")),  # no scale: as is
+    ],
+    ids=lambda x: repr(x)[:30],
+)
+def test_numeric_is_rounded_to_its_scale(t: sqltypes.TypeEngine[Any], value: Any, expected: Any):
+    out = dec(t, enc(t, value))
+    assert out == expected and type(out) is type(expected)
+    if isinstance(expected, decimal.Decimal):
+        assert str(out) == str(expected)  # the scale too, as PostgreSQL returns it
+
+
+def test_numeric_nan_is_kept_as_postgresql_does():
+    assert dec(Numeric(12, 2), enc(Numeric(12, 2), decimal.Decimal("NaN"))).is_nan()
+
+
+@pytest.mark.parametrize(
+    ("t", "value"),
+    [
+        (Numeric(12, 2), decimal.Decimal("1e10")),
+        (Numeric(12, 2), decimal.Decimal("9999999999.995")),  # rounds up into an 11th digit
+        (Numeric(12, 2), decimal.Decimal("Infinity")),
+        (Numeric(12, 2), -math.inf),
+        (Numeric(3), 1000),
+    ],
+    ids=lambda x: repr(x)[:30],
+)
+def test_numeric_overflow_is_refused(t: sqltypes.TypeEngine[Any], value: Any):
+    with pytest.raises(InvalidValueError) as info:
+        enc(t, value)
+    assert str(value) not in str(info.value)
+
+
+@pytest.mark.parametrize("t", [Numeric(2, 3), Numeric(0, 0), Numeric(12, -1)], ids=repr)
+def test_numeric_the_database_would_refuse_is_refused_at_declaration(t: sqltypes.TypeEngine[Any]):
+    with pytest.raises(ConfigurationError, match="Numeric"):
+        _codecs.codec_for(t)
+
+
+def test_naive_datetime_is_refused_for_a_timezone_column():
+    with pytest.raises(InvalidValueError, match="aware") as info:
+        enc(DateTime(timezone=True), datetime.datetime(2024, 1, 2, 3, 4))
+    assert "2024" not in str(info.value)
+
+
+def test_aware_datetime_is_refused_for_a_naive_column():
+    # PostgreSQL would shift it to the session's time zone and drop the offset; SQLite would
+    # keep it: neither round-trips the same, so the value is refused.
+    with pytest.raises(InvalidValueError, match="naive"):
+        enc(DateTime(), datetime.datetime(2024, 1, 2, 3, 4, tzinfo=UTC))
+
+
+# -- no plaintext in errors, in any part of the chain (issue 7) ---------------------------------
+
+PLAINTEXT = "s3cret-plaintext"
+
+
+def chain(exc: BaseException) -> list[BaseException]:
+    out: list[BaseException] = []
+    seen: BaseException | None = exc
+    while seen is not None:
+        out.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    return out
+
+
+@pytest.mark.parametrize(
+    ("t", "value"),
+    [
+        (String(), "abc\ud800" + PLAINTEXT),
+        (Text(), PLAINTEXT + "\udc80"),
+        (JSON(), {"k": PLAINTEXT + "\ud800"}),
+        (JSON(), {"k": PLAINTEXT, "n": math.nan}),
+        (JSON(), {"k": PLAINTEXT, "o": object()}),
+        (JSON(), {PLAINTEXT: {1, 2}}),
+        (Uuid(as_uuid=False), PLAINTEXT),
+        (Numeric(12, 2), decimal.Decimal("1" * 20)),
+    ],
+    ids=lambda x: repr(x)[:25],
+)
+def test_refusals_hold_no_plaintext(t: sqltypes.TypeEngine[Any], value: Any):
+    with pytest.raises(InvalidValueError) as info:
+        enc(t, value)
+    err = info.value
+    assert chain(err) == [err], "nothing chained: a UnicodeEncodeError would hold the value"
+    assert err.__context__ is None and err.__cause__ is None
+    text = str(err) + repr(err) + repr(err.args) + repr(pickle.dumps(err))
+    assert PLAINTEXT not in text and "1" * 20 not in text
+
+
+def test_deeply_nested_json_is_refused_typed():
+    deep: Any = PLAINTEXT
+    for _ in range(100_000):
+        deep = [deep]
+    with pytest.raises(InvalidValueError):
+        enc(JSON(), deep)
+
+
+@pytest.mark.parametrize(
+    ("t", "data"),
+    [
+        (JSON(), b"\x09{" + PLAINTEXT.encode()),  # a JSONDecodeError keeps the document
+        (String(), b"\x01\xff" + PLAINTEXT.encode()),  # a UnicodeDecodeError keeps the bytes
+        (JSON(), b"\x09" + b"[" * 100_000 + b"]" * 100_000),  # RecursionError
+    ],
+    ids=["json", "utf8", "deep-json"],
+)
+def test_decode_errors_hold_no_plaintext(t: sqltypes.TypeEngine[Any], data: bytes):
+    with pytest.raises(ConfigurationError) as info:
+        dec(t, data)
+    assert chain(info.value) == [info.value]
+    assert PLAINTEXT not in repr(pickle.dumps(info.value))
