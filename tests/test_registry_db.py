@@ -5,15 +5,18 @@ concurrency, and the lookup cache."""
 from __future__ import annotations
 
 import base64
+import datetime
 import json
 import os
 import threading
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, MetaData, String, event, select, text
+from sqlalchemy import Engine, MetaData, String, create_engine, event, insert, select, text
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 from sqlalchemy_cmk import (
@@ -669,3 +672,501 @@ def test_the_docs_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
         if "engine" in namespace:
             namespace["engine"].dispose()
     assert namespace["registry"].get("acme").primary == "local://acme-2026"
+
+
+# -- registry identity: rows from another deployment ------------------------------------------
+
+GOLDEN_SECRET = bytes(range(32))
+GOLDEN_RECORD = {
+    "tenant_id": "acme",
+    "primary_key_ref": "fake://acme-2",
+    "accepted_key_refs": '["fake://acme-1","fake://acme-2"]',
+    "credentials": '{"role_arn":"arn:aws:iam::111122223333:role/acme-cmk"}',
+    "disabled": False,
+    "version": 3,
+    "updated_at": datetime.datetime(2025, 1, 2, 3, 4, 5, 123456, tzinfo=datetime.timezone.utc),
+}
+# Computed by ec93feb (the release before registry_id) for GOLDEN_RECORD in table cmk_tenants:
+# such rows must keep verifying (with allow_v1_macs) and upgrade.
+GOLDEN_V1_MAC = "36206c910a23900ef4efe18422b9840a2c353ad4fb9e03da052db284e6090c39"
+# The same record under MAC version 2 with registry_id="prod-eu", default schema.
+GOLDEN_V2_MAC = "v2:rW8miSFlarmiSX8QwYkp-HgsXc3NFgHcGbtRwlH3Pok"
+
+
+@pytest.fixture
+def elsewhere(engine: Engine, tmp_path: Path) -> Iterator[Engine]:
+    """Another deployment's database: same table names, reached by another engine."""
+    if engine.dialect.name == "sqlite":
+        other = create_engine(f"sqlite:///{tmp_path}/staging.db")
+    else:
+        schema = f"s_{uuid.uuid4().hex[:10]}"
+        with engine.begin() as conn:
+            conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+        other = create_engine(engine.url, connect_args={"options": f"-csearch_path={schema}"})
+    yield other
+    other.dispose()
+
+
+def copy_rows(source: Engine, target: Engine, table: str = "cmk_tenants") -> None:
+    """What an attacker does: every column of every row, MAC included, into the other table."""
+    with source.connect() as conn:
+        rows = [dict(r._mapping) for r in conn.execute(text(f"select * from {table}"))]
+    with target.begin() as conn:
+        for row in rows:
+            conn.execute(text(f"delete from {table} where tenant_id = :t"), {"t": row["tenant_id"]})
+            cols = ", ".join(row)
+            conn.execute(
+                text(f"insert into {table} ({cols}) values ({', '.join(':' + c for c in row)})"),
+                row,
+            )
+
+
+def test_a_row_from_another_deployment_sharing_the_secret_is_refused(
+    engine: Engine, elsewhere: Engine, registry: DatabaseKeyRegistry
+) -> None:
+    # Staging and production share the secret and the table name: the mistake the docs warn of.
+    registry.add_tenant("acme", "fake://acme-prod")
+    registry.add_tenant("globex", "fake://globex")
+    staging = DatabaseKeyRegistry(elsewhere, SECRET, registry_id="staging-eu")
+    staging.create_table()
+    staging.add_tenant("acme", "fake://attacker")  # whoever runs staging chose this key
+    copy_rows(elsewhere, engine)
+
+    fresh = DatabaseKeyRegistry(engine, SECRET, registry_id="test-eu")
+    with pytest.raises(RegistryIntegrityError, match="MAC does not match") as info:
+        fresh.tenant_keys("acme")
+    assert info.value.tenant == "acme"
+    assert fresh.tenant_keys("globex").primary == "fake://globex"
+    assert [p.tenant for p in fresh.verify()] == ["acme"]
+
+    # The application's data keys are never wrapped under the attacker's key.
+    kms = FakeKeyProvider()
+    cmk = CMK(kms, registry=fresh, audit_sinks=[])
+    assert cmk.check_tenant("acme").ok is False
+    assert not any(call.key_ref == "fake://attacker" for call in kms.calls)
+
+
+def test_a_whole_registry_copied_from_another_deployment_is_refused(
+    engine: Engine, elsewhere: Engine
+) -> None:
+    # The table is created in production, then replaced wholesale by staging's rows: the
+    # identity lives in the application's configuration, not in the copied table.
+    prod = DatabaseKeyRegistry(engine, SECRET, registry_id="prod-eu")
+    prod.create_table()
+    staging = DatabaseKeyRegistry(elsewhere, SECRET, registry_id="staging-eu")
+    staging.create_table()
+    for tenant in ("acme", "globex"):
+        staging.add_tenant(tenant, f"fake://staging-{tenant}")
+    copy_rows(elsewhere, engine)
+    assert sorted(p.tenant for p in prod.verify()) == ["acme", "globex"]
+    for tenant in ("acme", "globex"):
+        with pytest.raises(RegistryIntegrityError):
+            prod.tenant_keys(tenant)
+    with pytest.raises(RegistryIntegrityError):
+        prod.list_tenants()
+    # The same configuration as staging reads them: only the identity differs.
+    same = DatabaseKeyRegistry(engine, SECRET, registry_id="staging-eu")
+    assert [r.tenant for r in same.list_tenants()] == ["acme", "globex"]
+
+
+def test_the_mac_binds_the_schema(engine: Engine) -> None:
+    # The same registry_id, secret and table name, another schema: still another registry.
+    if engine.dialect.name == "sqlite":
+        pytest.skip("SQLite has no schemas but attached databases; covered by PostgreSQL")
+    schemas = [f"r_{uuid.uuid4().hex[:10]}" for _ in range(2)]
+    with engine.begin() as conn:
+        for schema in schemas:
+            conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+    regs = [DatabaseKeyRegistry(engine, SECRET, registry_id="prod", schema=s) for s in schemas]
+    for reg in regs:
+        reg.create_table()
+    regs[0].add_tenant("acme", "fake://acme")
+    with engine.begin() as conn:
+        conn.execute(
+            text(f'insert into "{schemas[1]}".cmk_tenants select * from "{schemas[0]}".cmk_tenants')
+        )
+    assert regs[0].tenant_keys("acme").primary == "fake://acme"
+    with pytest.raises(RegistryIntegrityError):
+        regs[1].tenant_keys("acme")
+
+
+@pytest.mark.parametrize(
+    ("registry_id", "match"),
+    [
+        ("", "non-empty"),
+        ("prod\neu", "not printable"),
+        ("prod\u202eue", "not printable"),
+        (" prod", "space"),
+        ("x" * 256, "at most 255"),
+        (None, "non-empty string"),
+    ],
+)
+def test_registry_id_is_checked(engine: Engine, registry_id: Any, match: str) -> None:
+    with pytest.raises(ConfigurationError, match=match):
+        DatabaseKeyRegistry(engine, SECRET, registry_id=registry_id)
+
+
+def test_repr_names_the_registry_id(registry: DatabaseKeyRegistry) -> None:
+    assert "registry_id='test-eu'" in repr(registry)
+
+
+# -- MAC versions: rows written before registry_id ----------------------------------------------
+
+
+def insert_row(engine: Engine, registry: DatabaseKeyRegistry, **values: Any) -> None:
+    with engine.begin() as conn:
+        conn.execute(insert(registry.table).values(**values))
+
+
+def test_golden_v2_mac(engine: Engine) -> None:
+    reg = DatabaseKeyRegistry(engine, GOLDEN_SECRET, registry_id="prod-eu")
+    reg.create_table()
+    insert_row(engine, reg, **GOLDEN_RECORD, mac=GOLDEN_V2_MAC)
+    rec = reg.get("acme")
+    assert (rec.primary, rec.version) == ("fake://acme-2", 3)
+    assert reg.verify() == []
+    reg.set_primary("acme", "fake://acme-3")
+    assert raw_row(engine, "acme")["mac"].startswith("v2:")  # every write is version 2
+    assert len(raw_row(engine, "acme")["mac"]) == 46
+
+
+def test_v1_rows_verify_only_while_allowed_and_upgrade_to_v2(engine: Engine) -> None:
+    legacy = DatabaseKeyRegistry(engine, GOLDEN_SECRET, registry_id="prod-eu")
+    legacy.create_table()
+    insert_row(engine, legacy, **GOLDEN_RECORD, mac=GOLDEN_V1_MAC)
+
+    # Default: refused, with what to do.
+    with pytest.raises(RegistryIntegrityError, match=r"version 1.*tenants upgrade-mac"):
+        legacy.tenant_keys("acme")
+    [problem] = legacy.verify()
+    assert problem.tenant == "acme" and "allow_v1_macs is off" in str(problem)
+
+    # During the transition the row reads as before.
+    transition = DatabaseKeyRegistry(
+        engine, GOLDEN_SECRET, registry_id="prod-eu", allow_v1_macs=True
+    )
+    assert transition.tenant_keys("acme").primary == "fake://acme-2"
+    assert transition.verify() == []
+    # A v1 row is checked, not waved through: tampering is still caught.
+    put_row(engine, "acme", {"primary_key_ref": "fake://acme-1"})
+    with pytest.raises(RegistryIntegrityError, match="MAC does not match"):
+        DatabaseKeyRegistry(
+            engine, GOLDEN_SECRET, registry_id="prod-eu", allow_v1_macs=True
+        ).tenant_keys("acme")
+    with pytest.raises(RegistryIntegrityError):
+        legacy.upgrade_macs()  # a bad row stops the upgrade
+    put_row(engine, "acme", {"primary_key_ref": "fake://acme-2"})
+
+    # The upgrade step: every v1 row verified, then re-MACed under v2 at a new version.
+    assert legacy.upgrade_macs() == 1
+    row = raw_row(engine, "acme")
+    assert row["mac"].startswith("v2:") and row["version"] == 4
+    assert legacy.tenant_keys("acme").primary == "fake://acme-2"
+    assert DatabaseKeyRegistry(engine, GOLDEN_SECRET, registry_id="prod-eu").verify() == []
+    assert legacy.upgrade_macs() == 0  # idempotent
+    # Bound to its registry id now: the same table read as another deployment fails.
+    with pytest.raises(RegistryIntegrityError):
+        DatabaseKeyRegistry(engine, GOLDEN_SECRET, registry_id="staging-eu").tenant_keys("acme")
+
+
+def test_a_v1_row_put_back_after_the_upgrade_is_refused(engine: Engine) -> None:
+    # The downgrade: after upgrade-mac, an attacker restores a genuine v1 row (from a backup,
+    # or from a staging registry that shares the secret).
+    reg = DatabaseKeyRegistry(engine, GOLDEN_SECRET, registry_id="prod-eu", allow_v1_macs=True)
+    reg.create_table()
+    insert_row(engine, reg, **GOLDEN_RECORD, mac=GOLDEN_V1_MAC)
+    reg.upgrade_macs()
+    reg.set_primary("acme", "fake://acme-3")
+    put_row(engine, "acme", {**GOLDEN_RECORD, "mac": GOLDEN_V1_MAC})
+    reg.invalidate()
+    # Once allow_v1_macs is removed (the documented last step), every process refuses it.
+    after = DatabaseKeyRegistry(engine, GOLDEN_SECRET, registry_id="prod-eu")
+    with pytest.raises(RegistryIntegrityError, match="version 1"):
+        after.tenant_keys("acme")
+    # Even while it is still set, a process that has seen the v2 row refuses the v1 one.
+    with pytest.raises(RegistryIntegrityError, match="version-1 row was put back"):
+        reg.tenant_keys("acme")
+    with pytest.raises(RegistryIntegrityError):
+        reg.upgrade_macs()  # and the upgrade does not bless it
+
+
+def test_v1_macs_are_not_accepted_as_v2_or_the_reverse(engine: Engine) -> None:
+    reg = DatabaseKeyRegistry(engine, GOLDEN_SECRET, registry_id="prod-eu", allow_v1_macs=True)
+    reg.create_table()
+    tag = base64.urlsafe_b64encode(bytes.fromhex(GOLDEN_V1_MAC)).decode().rstrip("=")
+    insert_row(engine, reg, **GOLDEN_RECORD, mac="v2:" + tag)  # the v1 tag labelled v2
+    with pytest.raises(RegistryIntegrityError, match="MAC does not match"):
+        reg.tenant_keys("acme")
+    v2_hex = base64.urlsafe_b64decode(GOLDEN_V2_MAC[3:] + "=").hex()
+    put_row(engine, "acme", {"mac": v2_hex})  # the v2 tag labelled v1
+    reg.invalidate()
+    with pytest.raises(RegistryIntegrityError, match="MAC does not match"):
+        reg.tenant_keys("acme")
+
+
+# -- malformed rows: reported and refused, never another exception ------------------------------
+
+
+def _mutate_sql(sql: str, **params: Any) -> Callable[[Engine], None]:
+    def run(engine: Engine) -> None:
+        raw(engine, sql, **params)
+
+    return run
+
+
+DEEP = "[" * 100_000 + "]" * 100_000
+MALFORMED: dict[str, tuple[Callable[[Engine], None], set[str]]] = {
+    # name: (mutation, dialects it can be stored on)
+    "negative version": (
+        _mutate_sql("update cmk_tenants set version = -1 where tenant_id = 'acme'"),
+        {"sqlite", "postgresql"},
+    ),
+    "version 0": (
+        _mutate_sql("update cmk_tenants set version = 0 where tenant_id = 'acme'"),
+        {"sqlite", "postgresql"},
+    ),
+    "deeply nested accepted_key_refs": (
+        _mutate_sql(
+            "update cmk_tenants set accepted_key_refs = :v where tenant_id = 'acme'", v=DEEP
+        ),
+        {"sqlite", "postgresql"},
+    ),
+    "deeply nested credentials": (
+        _mutate_sql(
+            "update cmk_tenants set credentials = :v where tenant_id = 'acme'",
+            v='{"a":' * 50_000 + "1" + "}" * 50_000,
+        ),
+        {"sqlite", "postgresql"},
+    ),
+    "oversized accepted_key_refs": (
+        _mutate_sql(
+            "update cmk_tenants set accepted_key_refs = :v where tenant_id = 'acme'",
+            v=json.dumps(["fake://acme"] + [f"fake://k{i}" for i in range(20_000)]),
+        ),
+        {"sqlite", "postgresql"},
+    ),
+    "lone surrogate in JSON": (
+        _mutate_sql(
+            "update cmk_tenants set accepted_key_refs = :v where tenant_id = 'acme'",
+            v='["fake://acme","fake://\\ud800"]',
+        ),
+        {"sqlite", "postgresql"},
+    ),
+    "duplicate credential name": (
+        _mutate_sql(
+            "update cmk_tenants set credentials = :v where tenant_id = 'acme'",
+            v=json.dumps({"role_arn": ROLE})[:-1] + ',"role_arn":"x"}',
+        ),
+        {"sqlite", "postgresql"},
+    ),
+    "non-ASCII MAC": (
+        _mutate_sql("update cmk_tenants set mac = :v where tenant_id = 'acme'", v="é" * 64),
+        {"sqlite", "postgresql"},
+    ),
+    "empty MAC": (
+        _mutate_sql("update cmk_tenants set mac = '' where tenant_id = 'acme'"),
+        {"sqlite", "postgresql"},
+    ),
+    "JSON that is not a list": (
+        _mutate_sql("update cmk_tenants set accepted_key_refs = '7' where tenant_id = 'acme'"),
+        {"sqlite", "postgresql"},
+    ),
+    "huge integer in JSON": (
+        _mutate_sql(
+            "update cmk_tenants set accepted_key_refs = :v where tenant_id = 'acme'",
+            v="[" + "9" * 5000 + "]",
+        ),
+        {"sqlite", "postgresql"},
+    ),
+    # SQLite keeps whatever type it is given, whatever the column's type.
+    "version as text": (
+        _mutate_sql("update cmk_tenants set version = 'one' where tenant_id = 'acme'"),
+        {"sqlite"},
+    ),
+    "version beyond 64 bits": (
+        _mutate_sql("update cmk_tenants set version = 1e30 where tenant_id = 'acme'"),
+        {"sqlite"},
+    ),
+    "disabled is 2": (
+        _mutate_sql("update cmk_tenants set disabled = 2 where tenant_id = 'acme'"),
+        {"sqlite"},
+    ),
+    "updated_at garbage": (
+        _mutate_sql("update cmk_tenants set updated_at = 'yesterday' where tenant_id = 'acme'"),
+        {"sqlite"},
+    ),
+    "updated_at a number": (
+        _mutate_sql("update cmk_tenants set updated_at = 12 where tenant_id = 'acme'"),
+        {"sqlite"},
+    ),
+    "MAC as a blob": (
+        _mutate_sql("update cmk_tenants set mac = x'00ff' where tenant_id = 'acme'"),
+        {"sqlite"},
+    ),
+    "primary not UTF-8": (
+        _mutate_sql(
+            "update cmk_tenants set primary_key_ref = CAST(x'ff' AS TEXT) where tenant_id = 'acme'"
+        ),
+        {"sqlite"},
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", list(MALFORMED))
+def test_malformed_rows_are_reported_and_refused(
+    engine: Engine, three_tenants: DatabaseKeyRegistry, kind: str
+) -> None:
+    mutate, dialects = MALFORMED[kind]
+    if engine.dialect.name not in dialects:
+        pytest.skip(f"{engine.dialect.name} cannot store this")
+    mutate(engine)
+    fresh = DatabaseKeyRegistry(engine, SECRET, registry_id="test-eu")
+    problems = fresh.verify()  # lists the bad row, and only it
+    assert [p.tenant for p in problems] == ["acme"]
+    assert all(isinstance(p, RegistryIntegrityError) for p in problems)
+    assert "failed its integrity check" in str(problems[0])
+    assert str(problems[0]).isprintable() and len(str(problems[0])) < 1000
+    for call in (
+        lambda: fresh.tenant_keys("acme"),
+        lambda: fresh.get("acme"),
+        lambda: fresh.add_key("acme", "fake://x"),
+        fresh.list_tenants,
+        lambda: fresh.upgrade_macs(),
+        lambda: fresh.reseal(os.urandom(32)),
+    ):
+        with pytest.raises(RegistryIntegrityError) as info:
+            call()
+        # No parser or driver error rides along (nor the row's values in one).
+        err = info.value
+        assert err.__cause__ is None and (err.__context__ is None or err.__suppress_context__)
+    assert fresh.tenant_keys("globex").primary == "fake://globex"
+
+
+def test_a_legacy_row_with_a_bad_tenant_id_is_reported_escaped(
+    engine: Engine, registry: DatabaseKeyRegistry
+) -> None:
+    # Written before ids were checked (or by hand): a newline and a bidi override in the id.
+    registry.add_tenant("acme", "fake://acme")
+    for bad in ("evil\nglobex", "evil\u202etxt.exe"):
+        row = raw_row(engine, "acme")
+        row["tenant_id"] = bad
+        cols = ", ".join(row)
+        raw(
+            engine,
+            f"insert into cmk_tenants ({cols}) values ({', '.join(':' + c for c in row)})",
+            **row,
+        )
+    problems = DatabaseKeyRegistry(engine, SECRET, registry_id="test-eu").verify()
+    assert sorted(p.tenant for p in problems) == ["evil\nglobex", "evil\u202etxt.exe"]
+    for p in problems:
+        assert "not canonical" in str(p) and str(p).isprintable()
+    with pytest.raises(RegistryIntegrityError):
+        registry.list_tenants()
+    with pytest.raises(TenantNotConfiguredError):  # not reachable by a lookup
+        registry.tenant_keys("evil\nglobex")
+
+
+# -- tenant ids ----------------------------------------------------------------------------------
+
+BAD_TENANT_IDS = {
+    "NUL": "acme\x00",
+    "newline": "acme\nglobex  enabled  1  fake://evil",
+    "tab": "ac\tme",
+    "DEL": "acme\x7f",
+    "C1 (NEL)": "acme\x85",
+    "bidi override": "acme\u202e",
+    "zero-width space": "ac\u200bme",
+    "byte order mark": "\ufeffacme",
+    "line separator": "acme\u2028",
+    "no-break space": "ac\u00a0me",
+    "lone surrogate": "acme\ud800",
+    "leading space": " acme",
+    "trailing space": "acme ",
+    "not NFC": "cafe\u0301",
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD_TENANT_IDS))
+def test_bad_tenant_ids_are_refused_when_added_and_unknown_when_looked_up(
+    registry: DatabaseKeyRegistry, kind: str
+) -> None:
+    tenant = BAD_TENANT_IDS[kind]
+    with pytest.raises(ConfigurationError, match="is refused") as info:
+        registry.add_tenant(tenant, "fake://acme")
+    assert not isinstance(info.value, RegistryIntegrityError)
+    assert str(info.value).isprintable()  # the message escapes the id
+    # Lookups and changes: "unknown tenant", never an integrity failure nor a driver error
+    # (PostgreSQL refuses NUL with DataError).
+    for call in (
+        lambda: registry.tenant_keys(tenant),
+        lambda: registry.get(tenant),
+        lambda: registry.set_primary(tenant, "fake://x"),
+        lambda: registry.disable(tenant),
+    ):
+        with pytest.raises(TenantNotConfiguredError, match="not a valid tenant id") as info:
+            call()
+        assert not isinstance(info.value, RegistryIntegrityError)
+        assert str(info.value).isprintable()
+    assert registry.list_tenants() == []
+
+
+def test_a_non_nfc_id_is_refused_with_its_nfc_form(registry: DatabaseKeyRegistry) -> None:
+    with pytest.raises(ConfigurationError, match="its NFC form is 'café'"):
+        registry.add_tenant("cafe\u0301", "fake://cafe")
+    registry.add_tenant("café", "fake://cafe")
+    assert registry.tenant_keys("café").primary == "fake://cafe"
+    with pytest.raises(TenantNotConfiguredError, match="NFC"):
+        registry.tenant_keys("cafe\u0301")
+
+
+def test_tenant_ids_are_case_sensitive_and_may_be_non_ascii(
+    registry: DatabaseKeyRegistry,
+) -> None:
+    for tenant in ("acme", "Acme", "ACME", "acme corp", "株式会社", "ünïcode-ß"):
+        registry.add_tenant(tenant, f"fake://{len(tenant)}-{tenant.encode().hex()}")
+    assert registry.tenant_keys("Acme").primary != registry.tenant_keys("acme").primary
+    assert len(registry.list_tenants()) == 6
+    assert registry.verify() == []
+
+
+def test_a_collation_match_of_another_spelling_is_an_unknown_tenant(engine: Engine) -> None:
+    # A case-insensitive collation on tenant_id (a DBA's choice, or MariaDB's default) matches
+    # "ACME" to "acme": the registry compares code points itself, so that is another tenant.
+    if engine.dialect.name == "sqlite":
+        collation = "NOCASE"
+    else:
+        try:
+            with engine.begin() as conn:
+                conn.execute(
+                    text(
+                        "CREATE COLLATION ci (provider = icu, locale = 'und-u-ks-level2', "
+                        "deterministic = false)"
+                    )
+                )
+        except DBAPIError:
+            pytest.skip("this PostgreSQL has no ICU collations")
+        collation = "ci"
+    metadata = MetaData()
+    reg = DatabaseKeyRegistry(engine, SECRET, registry_id="test-eu", metadata=metadata)
+    reg.table.c.tenant_id.type = String(255, collation=collation)
+    reg.create_table()
+    reg.add_tenant("acme", "fake://acme")
+    with pytest.raises(TenantNotConfiguredError):
+        reg.tenant_keys("ACME")
+    with pytest.raises(TenantNotConfiguredError):
+        reg.set_primary("ACME", "fake://x")
+    assert reg.tenant_keys("acme").primary == "fake://acme"
+
+
+def test_written_values_are_bounded_and_printable(registry: DatabaseKeyRegistry) -> None:
+    with pytest.raises(ConfigurationError, match="printable"):
+        registry.add_tenant("acme", "fake://acme\nfake://evil")
+    with pytest.raises(ConfigurationError, match="printable"):
+        registry.add_tenant("acme", "fake://acme", credentials={"role_arn": "arn\x00"})
+    with pytest.raises(ConfigurationError, match="at most 2048"):
+        registry.add_tenant("acme", "fake://" + "a" * 3000)
+    many = [f"fake://acme-{i:05d}-{'x' * 20}" for i in range(3000)]  # more than a read accepts
+    with pytest.raises(ConfigurationError, match="too many"):
+        registry.add_tenant("acme", "fake://acme", accepted=many)
+    registry.add_tenant("acme", "fake://acme", accepted=many[:100])
+    assert registry.verify() == []
