@@ -6,7 +6,7 @@ import functools
 import importlib
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -132,7 +132,15 @@ class CMK:
         kms_deadline: Overall seconds allowed for one KMS call with its retries.
         max_concurrency: Most KMS calls in flight at once for one load.
         audit_sinks: Where audit events go; default: JSON lines to the ``sqlalchemy_cmk.audit``
-            logger. Pass ``[]`` to disable (not recommended).
+            logger. Pass ``[]`` to disable (not recommended). A sink that raises stops the
+            access with :class:`~sqlalchemy_cmk.errors.AuditError`.
+        verify_write_keys: Before a new write key encrypts anything, unwrap its EDEK once
+            through the provider and check that the same key comes back (default). Costs one
+            KMS unwrap per write window; it keeps a provider whose wrap returns an unusable blob
+            from writing rows that can never be decrypted. Turn off only for a provider you
+            trust to round-trip (the flush then fails at the first load instead).
+        clock: Monotonic seconds, for the cache's time limits; a seam for tests (default
+            ``time.monotonic``). KMS call deadlines always use real time.
 
     Raises:
         ConfigurationError: no provider, a key reference whose scheme has no provider, a tenant
@@ -155,6 +163,8 @@ class CMK:
         kms_deadline: float = 10.0,
         max_concurrency: int = 16,
         audit_sinks: Sequence[AuditSink] | None = None,
+        verify_write_keys: bool = True,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         all_providers = ([provider] if provider is not None else []) + list(providers)
         if not all_providers:
@@ -175,6 +185,8 @@ class CMK:
             CachePolicy(cache_ttl, cache_max_entries, write_key_max_age, write_key_max_uses),
             RetryPolicy(retry_attempts, retry_backoff, kms_deadline, max_concurrency),
             [LoggingAuditSink()] if audit_sinks is None else audit_sinks,
+            clock=time.monotonic if clock is None else clock,
+            verify_write_keys=verify_write_keys,
         )
         self._installed: list[tuple[Any, list[tuple[str, Any]]]] = []
         if isinstance(registry, StaticKeyRegistry):
@@ -351,15 +363,18 @@ class CMK:
                 used.add(c)
                 if type(v) is str and c.codec is str_codec:
                     if c.max_length is not None and len(v) > c.max_length:
-                        raise InvalidValueError(
-                            f"{t.table}.{c.name} holds at most {c.max_length} characters, "
-                            f"got {len(v)}",
-                            table=t.table,
-                            column=c.name,
-                        )
-                    pt = tag + v.encode()
+                        _check_length(len(v), c.max_length, t.table, c.name)
+                    try:
+                        pt = tag + v.encode()
+                    except UnicodeEncodeError:  # a lone surrogate: refused just below, outside
+                        pt = b""  # the handler, so no exception holding the value is chained
+                    if not pt:
+                        pt = _codecs.encode(c.codec, v, table=t.table, column=c.name)
                 else:
                     pt = _codecs.encode(c.codec, v, table=t.table, column=c.name)
+                    if c.max_length is not None and isinstance(v, str):
+                        # str.__len__: a str subclass may not override what is checked.
+                        _check_length(str.__len__(v), c.max_length, t.table, c.name)
                 nonce = nonces[n : n + _format.NONCE_SIZE]
                 n += _format.NONCE_SIZE
                 cts.append(version + nonce + encrypt(nonce, pt, prefix + row_id))
@@ -465,8 +480,12 @@ class CMK:
                     if pt[0] != codec.tag:
                         raise ValueError
                     d[c.key] = codec.decode(pt[1:])
-                except (ValueError, TypeError, ArithmeticError):
-                    d[c.key] = _codecs.decode(codec, pt, table=t.table, column=c.name)
+                    continue
+                except (ValueError, TypeError, ArithmeticError, RecursionError):
+                    pass
+                # Outside the handler: its exception may hold the plaintext (JSONDecodeError
+                # keeps the document), and must not become the __context__ of ours.
+                d[c.key] = _codecs.decode(codec, pt, table=t.table, column=c.name)
         ms = (time.monotonic() - started) * 1000
         per_tenant: dict[tuple[str, str], list[Any]] = {}
         for env, by_table in plans.items():
@@ -500,9 +519,11 @@ class CMK:
                         table=table,
                         error="TenantMismatchError",
                     )
+                    # The message may reach an end user: it names no tenant but the context's
+                    # own; the row's tenant is in ``row_tenant``, for logs and operators.
                     raise TenantMismatchError(
-                        f"a row of {table!r} belongs to tenant {tenant!r} but the context "
-                        f"tenant is {ctx.tenant_id!r}: filter the query by tenant (or use "
+                        f"a row of {table!r} belongs to another tenant than the context tenant "
+                        f"{ctx.tenant_id!r}: filter the query by tenant (or use "
                         "cross_tenant_context() for deliberate multi-tenant reads)",
                         row_tenant=tenant,
                         tenant=ctx.tenant_id,
@@ -527,17 +548,17 @@ class CMK:
             InvalidValueError: a field value is not bytes.
         """
         ctx = require_context()
-        specs = [_doc_spec(namespace, tuple(sorted(doc))) for doc in documents]
-        for doc in documents:
-            for name, value in doc.items():
-                if not isinstance(value, (bytes, bytearray, memoryview)):
-                    raise InvalidValueError(
-                        f"document field {name!r} must be bytes, not {type(value).__name__}",
-                        table=namespace,
-                        column=name,
-                    )
+        _check_namespace(namespace)
+        if isinstance(documents, Mapping) or not isinstance(documents, Sequence):
+            raise InvalidValueError(
+                "encrypt_documents() takes a list of documents (field name -> bytes); for one "
+                "document use encrypt_document()",
+                table=namespace,
+            )
+        plain: list[dict[str, bytes]] = [_doc_fields(doc, namespace, "bytes") for doc in documents]
+        specs = [_doc_spec(namespace, tuple(sorted(doc))) for doc in plain]
         companions, cts = self.seal(
-            documents, specs, [t.columns for t in specs], [None] * len(specs), ctx
+            plain, specs, [t.columns for t in specs], [None] * len(specs), ctx
         )
         out, n = [], 0
         for spec, companion in zip(specs, companions, strict=True):
@@ -564,11 +585,30 @@ class CMK:
             DecryptionError: an EDEK or field was altered, truncated or moved.
         """
         ctx = require_context()
+        _check_namespace(namespace)
+        if isinstance(documents, EncryptedDocument) or not isinstance(documents, Sequence):
+            raise InvalidValueError(
+                "decrypt_documents() takes a list of EncryptedDocument; for one use "
+                "decrypt_document()",
+                table=namespace,
+            )
         rows = []
         for doc in documents:
-            spec = _doc_spec(namespace, tuple(sorted(doc.fields)))
-            d: dict[str, Any] = {k: EncryptedValue(v) for k, v in doc.fields.items()}
-            d[spec.companion_key] = doc.edek
+            if not isinstance(doc, EncryptedDocument):
+                raise InvalidValueError(
+                    f"decrypt_documents() takes EncryptedDocument items, not {type(doc).__name__}",
+                    table=namespace,
+                )
+            fields = _doc_fields(doc.fields, namespace, "encrypted bytes")
+            edek = _as_bytes(doc.edek)
+            if edek is None:
+                raise InvalidValueError(
+                    f"an EncryptedDocument's edek must be bytes, not {type(doc.edek).__name__}",
+                    table=namespace,
+                )
+            spec = _doc_spec(namespace, tuple(sorted(fields)))
+            d: dict[str, Any] = {k: EncryptedValue(v) for k, v in fields.items()}
+            d[spec.companion_key] = edek
             rows.append((d, spec))
         self.open([d for d, _ in rows], [spec for _, spec in rows], ctx)
         return [{c.name: d[c.key] for c in spec.columns} for d, spec in rows]
@@ -597,8 +637,63 @@ class CMK:
         return out
 
 
+def _check_length(length: int, max_length: int, table: str, column: str) -> None:
+    if length > max_length:
+        raise InvalidValueError(
+            f"{table}.{column} holds at most {max_length} characters, got {length}",
+            table=table,
+            column=column,
+        )
+
+
 _BYTES_CODEC = _codecs.codec_for(LargeBinary())
 _DOC_EDEK_KEY = "\x00edek"  # cannot clash with a field name a caller would choose
+
+
+def _as_bytes(value: object) -> bytes | None:
+    """Bytes-like (bytes, bytearray, memoryview) as bytes; anything else as None."""
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
+    if isinstance(value, memoryview):
+        try:
+            return value.tobytes()
+        except (TypeError, ValueError):
+            return None
+    return None
+
+
+def _check_namespace(namespace: object) -> None:
+    if not isinstance(namespace, str) or not namespace:
+        raise InvalidValueError("namespace must be a non-empty str")
+
+
+def _doc_fields(doc: object, namespace: str, what: str) -> dict[str, bytes]:
+    """A document's fields as a plain dict of str -> bytes, or InvalidValueError.
+
+    Field names are checked before anything is sorted or encrypted; values are never named
+    in the error, only their type.
+    """
+    if not isinstance(doc, Mapping):
+        raise InvalidValueError(
+            f"a document must be a mapping of field name -> {what}, not {type(doc).__name__}",
+            table=namespace,
+        )
+    out: dict[str, bytes] = {}
+    for name, value in doc.items():
+        if type(name) is not str or not name or name == _DOC_EDEK_KEY:
+            raise InvalidValueError(
+                f"document field names must be non-empty str, not {type(name).__name__}",
+                table=namespace,
+            )
+        data = _as_bytes(value)
+        if data is None:
+            raise InvalidValueError(
+                f"document field {name!r} must be {what}, not {type(value).__name__}",
+                table=namespace,
+                column=name,
+            )
+        out[name] = data
+    return out
 
 
 @functools.lru_cache(maxsize=1024)

@@ -13,10 +13,24 @@ eviction. What it cannot: the ``bytes`` the provider returned (immutable; droppe
 left to the allocator), and the copy inside the ``AESGCM`` object (held by the cryptography
 library's Rust code, freed when the object is collected). The cache bounds how long a key is
 *used*; it does not promise the memory is scrubbed.
+
+Memory is bounded whatever the number of tenants: at most ``cache_max_entries`` read keys and as
+many write keys are held, and expired ones are pruned (and zeroed) by a sweep that runs at most
+every quarter of ``cache_ttl``, on the next call after that.
+
+Every provider call runs on a daemon thread, at most ``max_concurrency`` at once, so that a call
+that hangs is abandoned at ``kms_deadline`` (a :class:`KMSUnavailableError`) instead of holding a
+flush forever; a thread stuck in a provider keeps its slot until the provider returns.
+
+A new write key is checked before it seals anything (``verify_write_keys``): its envelope is
+unwrapped once through the provider and must give back the same key, so a provider whose wrap
+returns an unusable blob fails the flush instead of writing rows that never decrypt again.
 """
 
 from __future__ import annotations
 
+import contextvars
+import hmac
 import os
 import random
 import threading
@@ -33,6 +47,7 @@ from . import _format
 from .audit import AuditSink, make_event
 from .context import TenantContext
 from .errors import (
+    AuditError,
     CMKError,
     ConfigurationError,
     DecryptionError,
@@ -105,12 +120,22 @@ class DataKey:
     write_until: float = 0.0  # end of its use for new rows (write_key_max_age)
     uses: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
+    wiped: bool = False
 
     def __repr__(self) -> str:  # no key bytes, no EDEK bytes
         return f"DataKey(tenant={self.tenant!r}, key_ref={self.key_ref!r})"
 
     def wipe(self) -> None:
-        self.material[:] = bytes(len(self.material))
+        # Under the key's lock, so that a reader of ``material`` (rewrap) sees the key or the
+        # ``wiped`` flag, never half of each.
+        with self.lock:
+            self.material[:] = bytes(len(self.material))
+            self.wiped = True
+
+    def copy_material(self) -> bytearray | None:
+        """A copy of the key bytes, or None if the key was wiped (evicted) meanwhile."""
+        with self.lock:
+            return None if self.wiped else bytearray(self.material)
 
 
 _OUTCOMES: tuple[tuple[type[CMKError], str], ...] = (
@@ -147,6 +172,7 @@ class KeyManager:
         *,
         clock: Callable[[], float] = time.monotonic,
         rng: Callable[[int], bytes] = os.urandom,
+        verify_write_keys: bool = True,
     ) -> None:
         self._providers = dict(providers)
         self._registry: KeyRegistry = (
@@ -157,9 +183,14 @@ class KeyManager:
         self._audit = tuple(audit)
         self._clock = clock
         self.rng = rng
+        self.verify_write_keys = verify_write_keys
         self._lock = threading.Lock()
         self._read: OrderedDict[bytes, DataKey] = OrderedDict()
-        self._write: dict[str, DataKey] = {}
+        self._write: OrderedDict[str, DataKey] = OrderedDict()  # least recently used first
+        self._runner = _Runner(retry.max_concurrency)
+        # Expired keys are swept at most this often (a sweep walks both caches).
+        self._prune_every = min(cache.ttl, cache.write_age) / 4
+        self._next_prune = clock() + self._prune_every
 
     # -- tenants -------------------------------------------------------------------------------
 
@@ -185,10 +216,24 @@ class KeyManager:
         tenant: str | None,
         **kw: object,
     ) -> None:
+        """Send one event to every sink; a sink that raises stops the access (AuditError)."""
         if self._audit:
             event = make_event(ctx, operation, outcome, tenant, **kw)
             for sink in self._audit:
-                sink(event)
+                try:
+                    sink(event)
+                except Exception as exc:
+                    # The sink's error is the cause (operators need it); the message names only
+                    # what was stopped, and no tenant, since it may reach an end user.
+                    raise AuditError(
+                        f"audit sink {type(sink).__name__} raised {type(exc).__name__} on a "
+                        f"{operation!r} event: the access was stopped, since an access that "
+                        "cannot be audited does not happen",
+                        tenant=tenant,
+                        key_ref=_str_or_none(kw.get("key_ref")),
+                        provider=_str_or_none(kw.get("provider")),
+                        table=_str_or_none(kw.get("table")),
+                    ) from exc
 
     # -- write keys ----------------------------------------------------------------------------
 
@@ -197,34 +242,68 @@ class KeyManager:
         return self._cache_policy.write_key_max_uses
 
     def write_key(self, tenant: str, uses: int, ctx: TenantContext | None) -> DataKey:
-        """The tenant's current write key, reserving ``uses`` (<= ``max_uses``) encryptions."""
+        """The tenant's current write key, reserving ``uses`` (<= ``max_uses``) encryptions.
+
+        A new key is wrapped, then (``verify_write_keys``) unwrapped once through the provider
+        and compared with itself before anything is sealed under it.
+        """
         now = self._clock()
+        self._prune(now)
         with self._lock:
             key = self._write.get(tenant)
             if key is not None and key.write_until > now and key.uses + uses <= self.max_uses:
                 key.uses += uses
+                self._write.move_to_end(tenant)
                 return key
         if uses > self.max_uses:
             raise ConfigurationError(
                 f"one row needs {uses} encryptions, more than write_key_max_uses", tenant=tenant
             )
         key = self._wrap_new(tenant, self.tenant_keys(tenant).primary, ctx)
+        if self.verify_write_keys:
+            try:
+                self._verify(key, ctx)
+            except BaseException:
+                key.wipe()
+                raise
         key.uses = uses
+        victims: list[DataKey] = []
         with self._lock:
-            old = self._write.get(tenant)
+            old = self._write.pop(tenant, None)
             self._write[tenant] = key
             self._remember(key)
-            # The old write key lives on in the read cache if it is still there; else wipe it.
-            if old is not None and self._read.get(old.envelope) is not old:
-                old.wipe()
+            if old is not None:
+                victims.append(old)
+            while len(self._write) > self._cache_policy.max_entries:
+                victims.append(self._write.popitem(last=False)[1])
+            self._wipe_unless_cached(victims)
         return key
+
+    def _verify(self, key: DataKey, ctx: TenantContext | None) -> None:
+        """Unwrap ``key``'s envelope through the provider; it must give back the same key.
+
+        The unwrap is a KMS call the tenant sees, so it is audited like any other, with
+        ``purpose="verify"``; what it proves is then kept (the write key enters the read cache).
+        """
+        back = self._unwrap(key.envelope, ctx, remember=False, purpose="verify")
+        try:
+            same = hmac.compare_digest(back.material, key.material)
+        finally:
+            back.wipe()
+        if not same:
+            raise DecryptionError(
+                "the KMS unwrapped a different key than it wrapped; nothing was encrypted under it",
+                tenant=key.tenant,
+                key_ref=key.key_ref,
+                provider=key.provider,
+            )
 
     def _wrap_new(self, tenant: str, key_ref: str, ctx: TenantContext | None) -> DataKey:
         material = bytearray(self.rng(_format.DEK_SIZE))
         started = self._clock()
         try:
             envelope = self._wrap(tenant, key_ref, material, ctx)
-        except CMKError:
+        except BaseException:
             material[:] = bytes(len(material))
             raise
         return DataKey(
@@ -247,12 +326,23 @@ class KeyManager:
         provider = self._providers[scheme]
         started = self._clock()
         try:
-            wrapped = self._call(
+            out = self._call(
                 lambda: provider.wrap_key(key_ref, bytes(material), _wrap_context(tenant, ctx)),
                 tenant,
                 key_ref,
                 scheme,
             )
+            wrapped = _bytes_like(out)
+            if wrapped is None or not 0 < len(wrapped) <= _format.MAX_WRAPPED:
+                what = type(out).__name__ if wrapped is None else f"{len(wrapped)} bytes"
+                raise KeyAccessError(
+                    f"provider {scheme!r} returned {what} from wrap_key, not a wrapped key of "
+                    f"1 to {_format.MAX_WRAPPED} bytes: the provider is broken",
+                    tenant=tenant,
+                    key_ref=key_ref,
+                    provider=scheme,
+                )
+            envelope = _format.encode_envelope(tenant, scheme, key_ref, wrapped)
         except CMKError as exc:
             self.emit(
                 ctx,
@@ -274,7 +364,7 @@ class KeyManager:
             provider=scheme,
             duration_ms=(self._clock() - started) * 1000,
         )
-        return _format.encode_envelope(tenant, scheme, key_ref, wrapped)
+        return envelope
 
     # -- read keys -----------------------------------------------------------------------------
 
@@ -287,6 +377,7 @@ class KeyManager:
         thread is left running.
         """
         now = self._clock()
+        self._prune(now)
         found: dict[bytes, DataKey] = {}
         missing: list[bytes] = []
         with self._lock:
@@ -329,8 +420,13 @@ class KeyManager:
         primary = self.tenant_keys(env.tenant).primary
         if env.key_ref == primary:
             return envelope
-        old = self.read_keys([envelope], ctx)[envelope]
-        return self._wrap(env.tenant, primary, old.material, ctx)
+        material = self.read_keys([envelope], ctx)[envelope].copy_material()
+        if material is None:  # evicted (and wiped) meanwhile: unwrap a private copy
+            material = self._unwrap(envelope, ctx, remember=False).material
+        try:
+            return self._wrap(env.tenant, primary, material, ctx)
+        finally:
+            material[:] = bytes(len(material))
 
     def probe(self, tenant: str, key_ref: str, ctx: TenantContext | None) -> float:
         """Wrap a fresh key under ``key_ref`` and unwrap it again, caching nothing; returns
@@ -338,21 +434,18 @@ class KeyManager:
         started = self._clock()
         key = self._wrap_new(tenant, key_ref, ctx)
         try:
-            back = self._unwrap(key.envelope, ctx, remember=False)
-            same = back.material == key.material
-            back.wipe()
+            self._verify(key, ctx)
         finally:
             key.wipe()
-        if not same:
-            raise DecryptionError(
-                "the KMS unwrapped a different key than it wrapped",
-                tenant=tenant,
-                key_ref=key_ref,
-            )
         return (self._clock() - started) * 1000
 
     def _unwrap(
-        self, envelope: bytes, ctx: TenantContext | None, *, remember: bool = True
+        self,
+        envelope: bytes,
+        ctx: TenantContext | None,
+        *,
+        remember: bool = True,
+        purpose: str | None = None,
     ) -> DataKey:
         env = _format.parse_envelope(envelope)
         keys = self.tenant_keys(env.tenant)
@@ -375,12 +468,21 @@ class KeyManager:
             )
         started = self._clock()
         try:
-            raw = self._call(
+            out = self._call(
                 lambda: provider.unwrap_key(env.key_ref, env.wrapped, {"tenant": env.tenant}),
                 env.tenant,
                 env.key_ref,
                 env.provider,
             )
+            raw = _bytes_like(out)
+            if raw is None:
+                raise KeyAccessError(
+                    f"provider {env.provider!r} returned {type(out).__name__} from unwrap_key, "
+                    "not bytes: the provider is broken",
+                    tenant=env.tenant,
+                    key_ref=env.key_ref,
+                    provider=env.provider,
+                )
             if len(raw) != _format.DEK_SIZE:
                 raise DecryptionError(
                     "unwrapped data key has the wrong size",
@@ -398,19 +500,25 @@ class KeyManager:
                 provider=env.provider,
                 error=type(exc).__name__,
                 duration_ms=(self._clock() - started) * 1000,
+                purpose=purpose,
             )
             raise
-        self.emit(
-            ctx,
-            "unwrap",
-            "ok",
-            env.tenant,
-            key_ref=env.key_ref,
-            provider=env.provider,
-            duration_ms=(self._clock() - started) * 1000,
-        )
         material = bytearray(raw)
-        del raw
+        del raw, out
+        try:
+            self.emit(
+                ctx,
+                "unwrap",
+                "ok",
+                env.tenant,
+                key_ref=env.key_ref,
+                provider=env.provider,
+                duration_ms=(self._clock() - started) * 1000,
+                purpose=purpose,
+            )
+        except BaseException:
+            material[:] = bytes(len(material))
+            raise
         key = DataKey(
             env.tenant,
             env.provider,
@@ -429,14 +537,36 @@ class KeyManager:
         # Caller holds self._lock.
         if self._cache_policy.ttl <= 0:
             return
+        victims: list[DataKey] = []
         old = self._read.pop(key.envelope, None)
         if old is not None and old is not key:
-            old.wipe()
+            victims.append(old)
         self._read[key.envelope] = key
         while len(self._read) > self._cache_policy.max_entries:
-            _, evicted = self._read.popitem(last=False)
-            if self._write.get(evicted.tenant) is not evicted:
-                evicted.wipe()
+            victims.append(self._read.popitem(last=False)[1])
+        self._wipe_unless_cached(victims)
+
+    def _wipe_unless_cached(self, keys: Iterable[DataKey]) -> None:
+        # Caller holds self._lock. A key leaves memory when neither cache holds it any more.
+        for k in keys:
+            if self._read.get(k.envelope) is not k and self._write.get(k.tenant) is not k:
+                k.wipe()
+
+    def _prune(self, now: float) -> None:
+        """Drop and wipe expired keys, at most every ``_prune_every`` seconds."""
+        if now < self._next_prune:
+            return
+        with self._lock:
+            if now < self._next_prune:
+                return
+            self._next_prune = now + self._prune_every
+            victims = [k for k in self._read.values() if k.expires_at <= now]
+            for k in victims:
+                del self._read[k.envelope]
+            stale = [k for k in self._write.values() if k.write_until <= now]
+            for k in stale:
+                del self._write[k.tenant]
+            self._wipe_unless_cached(victims + stale)
 
     def forget(self, tenant: str | None = None) -> int:
         """Drop (and zero) cached keys of one tenant, or of all; returns how many were dropped."""
@@ -458,7 +588,15 @@ class KeyManager:
         while True:
             attempt += 1
             try:
-                return fn()
+                return self._runner.run(fn, deadline - self._clock())
+            except _Timeout:
+                raise KMSUnavailableError(
+                    f"KMS for tenant {tenant!r} did not answer within kms_deadline "
+                    f"({self._retry.deadline:g} s, {attempt} attempt(s))",
+                    tenant=tenant,
+                    key_ref=key_ref,
+                    provider=scheme,
+                ) from None
             except KMSUnavailableError as exc:
                 delay = random.uniform(0, self._retry.backoff * 2 ** (attempt - 1))  # noqa: S311
                 if (
@@ -493,6 +631,69 @@ class KeyManager:
                     key_ref=key_ref,
                     provider=scheme,
                 ) from exc
+
+
+class _Timeout(Exception):
+    """A provider call outlived its deadline (internal; becomes KMSUnavailableError)."""
+
+
+class _Runner:
+    """Runs provider calls on daemon threads, at most ``limit`` at once, each bounded in time.
+
+    A thread cannot be killed: a call that hangs is abandoned at its deadline and its thread
+    keeps its slot until the provider returns (its late answer is dropped). So threads stay
+    bounded: when every slot is held by a hung call, further calls wait for a slot until their
+    own deadline and then fail as unavailable. Daemon threads, so a hung KMS never blocks exit.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self._slots = threading.BoundedSemaphore(limit)
+
+    def run(self, fn: Callable[[], _T], timeout: float) -> _T:
+        end = time.monotonic() + max(timeout, 0.0)
+        if not self._slots.acquire(timeout=max(timeout, 0.0)):
+            raise _Timeout
+        outcome: list[tuple[bool, object]] = []
+        done = threading.Event()
+        context = contextvars.copy_context()  # providers may read context variables
+
+        def target() -> None:
+            try:
+                outcome.append((True, context.run(fn)))
+            except BaseException as exc:  # handed to the caller below
+                outcome.append((False, exc))
+            finally:
+                self._slots.release()
+                done.set()
+
+        try:
+            threading.Thread(target=target, name="sqlalchemy-cmk-kms", daemon=True).start()
+        except BaseException:
+            self._slots.release()
+            raise
+        if not done.wait(max(end - time.monotonic(), 0.0)):
+            raise _Timeout
+        ok, value = outcome[0]
+        if ok:
+            return value  # type: ignore[return-value]
+        assert isinstance(value, BaseException)
+        raise value
+
+
+def _bytes_like(value: object) -> bytes | None:
+    """``value`` as bytes if it is bytes-like (bytes, bytearray, memoryview), else None."""
+    if isinstance(value, bytes):
+        return bytes(value)  # a subclass becomes plain bytes
+    if isinstance(value, (bytearray, memoryview)):
+        try:
+            return bytes(memoryview(value).cast("B"))
+        except (TypeError, ValueError):
+            return None
+    return None
+
+
+def _str_or_none(value: object) -> str | None:
+    return value if isinstance(value, str) else None
 
 
 def _wrap_context(tenant: str, ctx: TenantContext | None) -> dict[str, str]:

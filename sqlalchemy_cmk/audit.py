@@ -3,6 +3,8 @@
 Operations:
     ``wrap``: a new data key was wrapped by the tenant's KMS (a KMS round-trip).
     ``unwrap``: a stored data key was unwrapped by the tenant's KMS (a KMS round-trip).
+        ``purpose="verify"`` marks the unwrap that checks a new write key right after its wrap
+        (``verify_write_keys``): one per write window, seen by the tenant's KMS like any other.
     ``encrypt``: rows were encrypted for the tenant (``rows`` says how many, ``columns`` which).
     ``decrypt``: rows were decrypted for the tenant, whether the key came from the KMS or the
         cache, so that every access is recorded, not only the KMS calls.
@@ -10,7 +12,9 @@ Operations:
 Outcomes: ``ok``, ``denied``, ``not_found``, ``unavailable``, ``mismatch``, ``error``.
 
 A sink is any callable taking an :class:`AuditEvent`. A sink that raises stops the access: an
-access that cannot be audited does not happen. Events carry no plaintext, key or EDEK bytes.
+access that cannot be audited does not happen, and the caller gets
+:class:`~sqlalchemy_cmk.errors.AuditError` with the sink's exception as ``__cause__``. Events
+carry no plaintext, key or EDEK bytes.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ class AuditEvent:
     rows: int = 0
     duration_ms: float = 0.0
     error: str | None = None
+    purpose: str | None = None
     actor: str | None = None
     data_label: str | None = None
     source_ip: str | None = None

@@ -1,19 +1,35 @@
 """Test doubles for applications that use sqlalchemy-cmk (and for its own tests).
 
 :class:`FakeKeyProvider` really encrypts (AES-256-GCM under per-key random master keys held in
-memory), counts its calls, and injects latency, transient failures and denials, so an
-application's tests can check what its users would: that a revoked tenant cannot read, that a KMS
-outage writes nothing, how many KMS round-trips a page load costs.
+memory), counts its calls, and injects latency, transient failures, denials and the faults of a
+broken KMS (hangs, garbage, wrong lengths, ``None``) at a chosen call index, so an application's
+tests can check what its users would: that a revoked tenant cannot read, that a KMS outage writes
+nothing, how many KMS round-trips a page load costs.
+
+Searching every call index for a fault, the way ``tests/db/test_faults.py`` does::
+
+    kms = FakeKeyProvider()
+    run_the_operation()                     # once, healthy, to count its calls
+    n = len(kms.calls)
+    for k in range(n):
+        reset_the_data()
+        kms.inject("garbage", at=k, count=None)   # call k and every later call is broken
+        with pytest.raises(CMKError):
+            run_the_operation()
+        kms.heal()
+        run_the_operation()                 # works again once the KMS does
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -21,7 +37,38 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from ..audit import AuditEvent
 from ..errors import CMKError, DecryptionError, KeyAccessDeniedError, KMSUnavailableError
 
-__all__ = ["FakeKeyProvider", "KMSCall", "MemoryAuditSink"]
+__all__ = ["FAULTS", "FakeKeyProvider", "KMSCall", "MemoryAuditSink"]
+
+#: The faults :meth:`FakeKeyProvider.inject` knows, and what the faulty call does:
+FAULTS = {
+    "unavailable": "raises KMSUnavailableError (transient: the caller retries)",
+    "denied": "raises KeyAccessDeniedError (the tenant revoked the key)",
+    "error": "raises the given exception, by default a RuntimeError (an unmapped SDK error)",
+    "hang": "blocks until heal() or `hang` seconds pass, then answers normally (too late)",
+    "garbage": "returns random bytes: a blob that unwraps to nothing, or a wrong 32-byte key",
+    "wrong_length": "returns the right answer minus its last byte",
+    "none": "returns None",
+    "str": "returns the right answer as a base64 str",
+    "bytearray": "returns the right answer as a bytearray (bytes-like: must be accepted)",
+}
+
+
+@dataclass
+class _Fault:
+    kind: str
+    operation: str | None
+    at: int
+    count: int | None
+    error: BaseException | None
+    hang: float
+    seen: int = 0
+
+    def hits(self, operation: str) -> bool:
+        """Count this call if it matches; true if the fault applies to it."""
+        if self.operation is not None and operation != self.operation:
+            return False
+        index, self.seen = self.seen, self.seen + 1
+        return index >= self.at and (self.count is None or index < self.at + self.count)
 
 
 @dataclass(frozen=True)
@@ -49,6 +96,8 @@ class FakeKeyProvider:
         self._keys: dict[str, AESGCM] = {}
         self._denied: set[str] = set()
         self._failures: list[CMKError] = []
+        self._faults: list[_Fault] = []
+        self._release = threading.Event()
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -83,13 +132,79 @@ class FakeKeyProvider:
                 [error or KMSUnavailableError("injected KMS outage", provider=self.scheme)] * count
             )
 
-    def _enter(self, operation: str, key_ref: str, context: Mapping[str, str]) -> AESGCM:
+    def inject(
+        self,
+        fault: str,
+        *,
+        at: int = 0,
+        count: int | None = 1,
+        operation: str | None = None,
+        error: BaseException | None = None,
+        hang: float = 30.0,
+    ) -> None:
+        """Break calls from the ``at``-th on, as a faulty KMS or provider would.
+
+        Args:
+            fault: One of :data:`FAULTS`: ``"unavailable"``, ``"denied"``, ``"error"``,
+                ``"hang"``, ``"garbage"``, ``"wrong_length"``, ``"none"``, ``"str"``,
+                ``"bytearray"``.
+            at: Index of the first faulty call, counted from now among the calls that match
+                ``operation`` (0: the next one).
+            count: How many calls from there are faulty; ``None``: all of them, until
+                :meth:`heal` (a KMS that stays broken, so retries cannot hide the fault).
+            operation: ``"wrap"`` or ``"unwrap"`` to break only those; ``None``: both.
+            error: The exception raised by ``"error"`` (default: a ``RuntimeError``).
+            hang: Longest a ``"hang"`` blocks, in seconds, if :meth:`heal` is not called.
+
+        Calls are recorded in :attr:`calls` whether or not they fail.
+        """
+        if fault not in FAULTS:
+            raise ValueError(f"unknown fault {fault!r}; known: {sorted(FAULTS)}")
+        if operation not in (None, "wrap", "unwrap"):
+            raise ValueError('operation must be "wrap", "unwrap" or None')
+        with self._lock:
+            self._faults.append(_Fault(fault, operation, at, count, error, hang))
+
+    def heal(self) -> None:
+        """Remove every injected fault and release the calls that hang now."""
+        with self._lock:
+            self._faults.clear()
+            self._failures.clear()
+            self._release.set()
+            self._release = threading.Event()
+
+    def _fault_for(self, operation: str) -> _Fault | None:
+        # Caller holds self._lock. Every fault counts the call; the first that applies wins.
+        found = None
+        for fault in self._faults:
+            if fault.hits(operation) and found is None:
+                found = fault
+        return found
+
+    def _enter_with_fault(
+        self, operation: str, key_ref: str, context: Mapping[str, str]
+    ) -> tuple[AESGCM, _Fault | None]:
         if self.latency:
             time.sleep(self.latency)
         with self._lock:
             self.calls.append(KMSCall(operation, key_ref, context.get("tenant")))
+            fault = self._fault_for(operation)
+            release = self._release
             if self._failures:
                 raise self._failures.pop(0)
+        if fault is not None:
+            if fault.kind == "unavailable":
+                raise KMSUnavailableError("injected KMS outage", provider=self.scheme)
+            if fault.kind == "denied":
+                raise KeyAccessDeniedError(
+                    f"key {key_ref!r} is revoked (injected)", key_ref=key_ref, provider=self.scheme
+                )
+            if fault.kind == "error":
+                raise fault.error or RuntimeError("injected provider bug")
+            if fault.kind == "hang":
+                release.wait(fault.hang)
+                fault = None  # then answers, too late
+        with self._lock:
             if key_ref in self._denied:
                 raise KeyAccessDeniedError(
                     f"key {key_ref!r} is revoked", key_ref=key_ref, provider=self.scheme
@@ -97,25 +212,46 @@ class FakeKeyProvider:
             aead = self._keys.get(key_ref)
             if aead is None:
                 aead = self._keys[key_ref] = AESGCM(AESGCM.generate_key(256))
-            return aead
+            return aead, fault
 
     @staticmethod
     def _aad(key_ref: str, context: Mapping[str, str]) -> bytes:
         return json.dumps([key_ref, context.get("tenant", "")]).encode()
 
     def wrap_key(self, key_ref: str, data_key: bytes, context: Mapping[str, str]) -> bytes:
-        aead = self._enter("wrap", key_ref, context)
+        aead, fault = self._enter_with_fault("wrap", key_ref, context)
         nonce = os.urandom(12)
-        return nonce + aead.encrypt(nonce, data_key, self._aad(key_ref, context))
+        wrapped = nonce + aead.encrypt(nonce, data_key, self._aad(key_ref, context))
+        return _faulty(fault, wrapped)  # type: ignore[no-any-return]
 
     def unwrap_key(self, key_ref: str, wrapped: bytes, context: Mapping[str, str]) -> bytes:
-        aead = self._enter("unwrap", key_ref, context)
+        aead, fault = self._enter_with_fault("unwrap", key_ref, context)
         try:
-            return aead.decrypt(wrapped[:12], wrapped[12:], self._aad(key_ref, context))
+            data_key = aead.decrypt(wrapped[:12], wrapped[12:], self._aad(key_ref, context))
         except (InvalidTag, ValueError):
+            data_key = None
+        if data_key is None:  # raised outside the handler: nothing chained
             raise DecryptionError(
                 "wrapped key failed authentication", key_ref=key_ref, provider=self.scheme
-            ) from None
+            )
+        return _faulty(fault, data_key)  # type: ignore[no-any-return]
+
+
+def _faulty(fault: _Fault | None, answer: bytes) -> Any:
+    """The answer a faulty KMS gives instead of ``answer``."""
+    if fault is None:
+        return answer
+    if fault.kind == "garbage":
+        return os.urandom(len(answer))
+    if fault.kind == "wrong_length":
+        return answer[:-1]
+    if fault.kind == "none":
+        return None
+    if fault.kind == "str":
+        return base64.b64encode(answer).decode()
+    if fault.kind == "bytearray":
+        return bytearray(answer)
+    raise AssertionError(f"unhandled fault {fault.kind!r}")
 
 
 class MemoryAuditSink:

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import gc
 import threading
+import time
 from collections.abc import Mapping
+from typing import Any
 
 import pytest
 
 from sqlalchemy_cmk import (
     CMK,
+    CMKError,
     ConfigurationError,
     DecryptionError,
     KeyAccessDeniedError,
@@ -18,9 +22,9 @@ from sqlalchemy_cmk import (
     TenantNotConfiguredError,
     tenant_context,
 )
-from sqlalchemy_cmk._keys import CachePolicy, KeyManager, RetryPolicy
+from sqlalchemy_cmk._keys import CachePolicy, DataKey, KeyManager, RetryPolicy
 from sqlalchemy_cmk.registry import TenantKeys
-from sqlalchemy_cmk.testing import FakeKeyProvider
+from sqlalchemy_cmk.testing import FakeKeyProvider, MemoryAuditSink
 
 ZERO = bytearray(32)
 
@@ -48,15 +52,20 @@ def manager(
     deadline: float = 10.0,
     concurrency: int = 8,
     tenants: tuple[str, ...] = ("acme", "globex"),
+    verify: bool = False,
+    audit: list[Any] | None = None,
 ) -> KeyManager:
+    # verify=False by default: the cache tests count KMS calls, and the verification unwrap of
+    # each new write key is tested on its own below.
     scheme = provider.scheme  # type: ignore[attr-defined]
     return KeyManager(
         {scheme: provider},  # type: ignore[dict-item]
         {t: TenantKeys(f"{scheme}://{t}", frozenset({f"{scheme}://{t}"})) for t in tenants},
         CachePolicy(ttl, max_entries, max_age, max_uses),
         RetryPolicy(attempts, 0.0, deadline, concurrency),  # no backoff: no sleeping in tests
-        [],
+        audit or [],
         clock=clock or Clock(),
+        verify_write_keys=verify,
     )
 
 
@@ -496,3 +505,184 @@ def test_data_key_repr_has_no_key_bytes(fake: FakeKeyProvider):
     for form in (material.hex(), repr(material), repr(material)[2:-1], key.envelope.hex()):
         assert form not in text
     assert repr(key.envelope)[2:-1] not in text
+
+
+# -- verifying new write keys (issue 7) ----------------------------------------------------------
+
+
+def test_a_new_write_key_is_unwrapped_and_checked_before_use(fake: FakeKeyProvider):
+    audit = MemoryAuditSink()
+    km = manager(fake, verify=True, audit=[audit])
+    wk = km.write_key("acme", 1, None)
+    assert [c.operation for c in fake.calls] == ["wrap", "unwrap"]
+    verify = audit.of("unwrap")
+    assert [(e.outcome, e.purpose, e.tenant) for e in verify] == [("ok", "verify", "acme")]
+    # What the unwrap proved is kept: reading the new rows costs nothing more.
+    assert km.read_keys([wk.envelope], None)[wk.envelope] is wk
+    assert km.write_key("acme", 1, None) is wk
+    assert (fake.wrap_count, fake.unwrap_count) == (1, 1)
+
+
+@pytest.mark.parametrize("fault", ["garbage", "wrong_length"])
+def test_a_wrap_that_returns_an_unusable_blob_seals_nothing(fake: FakeKeyProvider, fault: str):
+    cmk = cmk_for(fake)
+    fake.inject(fault, operation="wrap")
+    with tenant_context("acme"), pytest.raises(DecryptionError) as info:
+        cmk.encrypt_document({"f": b"x"})
+    assert (info.value.tenant, info.value.key_ref) == ("acme", "fake://acme")
+    with tenant_context("acme"):  # the KMS healed (one bad answer): the next write works
+        doc = cmk.encrypt_document({"f": b"x"})
+        cmk.forget_tenant()
+        assert cmk.decrypt_document(doc) == {"f": b"x"}
+
+
+def test_an_unwrap_that_returns_another_key_fails_the_verification(fake: FakeKeyProvider):
+    cmk = cmk_for(fake)
+    fake.inject("garbage", operation="unwrap")
+    with tenant_context("acme"), pytest.raises(DecryptionError, match="different key"):
+        cmk.encrypt_document({"f": b"x"})
+
+
+def test_verification_can_be_turned_off(fake: FakeKeyProvider):
+    cmk = cmk_for(fake, verify_write_keys=False)
+    fake.inject("garbage", operation="wrap")
+    with tenant_context("acme"):
+        doc = cmk.encrypt_document({"f": b"x"})  # nothing checks: the document is lost
+        cmk.forget_tenant()
+        with pytest.raises(DecryptionError):
+            cmk.decrypt_document(doc)
+    assert (fake.wrap_count, fake.unwrap_count) == (1, 1)
+
+
+def test_a_failed_verification_wipes_the_key_and_caches_nothing(fake: FakeKeyProvider):
+    km = manager(fake, verify=True)
+    fake.inject("garbage", operation="unwrap")
+    before = {id(k) for k in live_keys()}
+    with pytest.raises(DecryptionError):
+        km.write_key("acme", 1, None)
+    assert [k for k in live_keys() if id(k) not in before] == []
+    assert km.forget() == 0
+
+
+# -- bad provider output is a typed error (issue 7) --------------------------------------------
+
+
+@pytest.mark.parametrize("fault", ["none", "str", "wrong_length", "garbage"])
+@pytest.mark.parametrize("operation", ["wrap", "unwrap"])
+def test_bad_provider_output_is_a_typed_error(fake: FakeKeyProvider, fault: str, operation: str):
+    cmk = cmk_for(fake)
+    with tenant_context("acme"):
+        doc = cmk.encrypt_document({"f": b"x"})
+        cmk.forget_tenant()
+        fake.inject(fault, operation=operation, count=None)
+        with pytest.raises(CMKError) as info:
+            if operation == "wrap":
+                cmk.encrypt_document({"f": b"y"})
+            else:
+                cmk.decrypt_document(doc)
+    assert isinstance(info.value, (KeyAccessError, DecryptionError))
+    if isinstance(info.value, KeyAccessError):
+        assert info.value.tenant == "acme"
+
+
+@pytest.mark.parametrize("operation", ["wrap", "unwrap"])
+def test_bytes_like_provider_output_is_accepted(fake: FakeKeyProvider, operation: str):
+    cmk = cmk_for(fake)
+    fake.inject("bytearray", operation=operation, count=None)
+    with tenant_context("acme"):
+        doc = cmk.encrypt_document({"f": b"x"})
+        cmk.forget_tenant()
+        assert cmk.decrypt_document(doc) == {"f": b"x"}
+
+
+@pytest.mark.parametrize(
+    "error", [RuntimeError("boom"), TypeError("x"), AttributeError("y"), KeyError("z")]
+)
+def test_any_provider_exception_is_a_key_access_error(fake: FakeKeyProvider, error: Exception):
+    cmk = cmk_for(fake)
+    fake.inject("error", error=error)
+    with tenant_context("acme"), pytest.raises(KeyAccessError) as info:
+        cmk.encrypt_document({"f": b"x"})
+    assert info.value.__cause__ is error
+
+
+# -- a hung KMS call is bounded by kms_deadline (issues 7 and 8) -------------------------------
+
+
+def test_a_hung_call_becomes_unavailable_at_the_deadline(fake: FakeKeyProvider):
+    cmk = cmk_for(fake, kms_deadline=0.2)
+    fake.inject("hang", hang=5.0)
+    started = time.monotonic()
+    with tenant_context("acme"), pytest.raises(KMSUnavailableError, match="kms_deadline"):
+        cmk.encrypt_document({"f": b"x"})
+    assert time.monotonic() - started < 1.0
+    fake.heal()  # the hung call answers now, too late; nothing uses its answer
+    with tenant_context("acme"):
+        doc = cmk.encrypt_document({"f": b"x"})
+        assert cmk.decrypt_document(doc) == {"f": b"x"}
+
+
+def test_hung_calls_hold_a_bounded_number_of_threads(fake: FakeKeyProvider):
+    cmk = cmk_for(fake, kms_deadline=0.1, max_concurrency=2, retry_attempts=1)
+    before = threading.active_count()
+    fake.inject("hang", count=None, hang=5.0)
+    for _ in range(5):
+        with tenant_context("acme"), pytest.raises(KMSUnavailableError):
+            cmk.encrypt_document({"f": b"x"})
+    assert threading.active_count() - before <= 2
+    fake.heal()
+    deadline = time.monotonic() + 2
+    while threading.active_count() > before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert threading.active_count() <= before  # released: no thread leaked
+
+
+# -- bounded memory: expired keys are pruned and wiped (issue 7) -------------------------------
+
+
+def live_keys() -> list[DataKey]:
+    gc.collect()
+    return [k for k in gc.get_objects() if type(k) is DataKey and not k.wiped]
+
+
+def test_write_keys_are_bounded_by_cache_max_entries(fake: FakeKeyProvider):
+    tenants = tuple(f"t{i}" for i in range(50))
+    km = manager(fake, tenants=tenants, max_entries=10)
+    keys = [km.write_key(t, 1, None) for t in tenants]
+    held = {id(k) for k in km._read.values()} | {id(k) for k in km._write.values()}
+    assert len(held) <= 20
+    wiped = [k for k in keys if id(k) not in held]
+    assert wiped and all(k.wiped and k.material == ZERO for k in wiped)
+    assert km.write_key("t49", 1, None) is keys[-1]  # recent ones still serve
+
+
+def test_expired_keys_are_pruned_and_wiped(fake: FakeKeyProvider):
+    clock = Clock()
+    km = manager(fake, clock=clock, ttl=60)
+    wk = km.write_key("acme", 1, None)
+    env = envelopes(fake, 1, "globex")[0]
+    rk = km.read_keys([env], None)[env]
+    clock.advance(60)
+    km.read_keys([], None)  # any call sweeps
+    assert wk.wiped and rk.wiped
+    assert wk.material == ZERO and rk.material == ZERO
+    assert km.forget() == 0
+
+
+def test_a_sweep_runs_at_most_every_quarter_ttl(fake: FakeKeyProvider):
+    clock = Clock()
+    km = manager(fake, clock=clock, ttl=60)
+    clock.advance(15)
+    km.read_keys([], None)  # sweeps now (nothing to sweep)...
+    wk = km.write_key("acme", 1, None)
+    clock.advance(60)
+    km.read_keys([], None)  # ...and again: 60 s later
+    assert wk.wiped
+
+
+def test_rewrap_of_a_key_evicted_meanwhile_does_not_wrap_zeros(fake: FakeKeyProvider):
+    km = manager(fake, max_entries=1)
+    env = envelopes(fake, 1)[0]
+    key = km.read_keys([env], None)[env]
+    key.wipe()  # as an eviction by another thread between read_keys and the wrap would
+    assert key.copy_material() is None

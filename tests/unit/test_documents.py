@@ -1,0 +1,201 @@
+"""The low-level API (encrypt_documents / decrypt_documents) with bad input, failing audit sinks
+and another tenant's documents: typed errors, no plaintext and no other tenant in messages."""
+
+from __future__ import annotations
+
+import pickle
+from typing import Any
+
+import pytest
+from sqlalchemy import Column, Integer, MetaData, String, Table
+
+from sqlalchemy_cmk import (
+    CMK,
+    AuditError,
+    EDEKType,
+    EncryptedDocument,
+    EncryptedType,
+    InvalidValueError,
+    TenantMismatchError,
+    tenant_context,
+)
+from sqlalchemy_cmk._mapping import table_spec
+from sqlalchemy_cmk.audit import AuditEvent
+from sqlalchemy_cmk.testing import FakeKeyProvider
+
+SECRET = "hunter2-plaintext"
+
+
+def make_cmk(**kwargs: Any) -> tuple[CMK, FakeKeyProvider]:
+    fake = FakeKeyProvider()
+    kwargs.setdefault("audit_sinks", [])
+    cmk = CMK(fake, tenant_keys={"acme": "fake://acme", "globex": "fake://globex"}, **kwargs)
+    return cmk, fake
+
+
+def assert_no_secret(exc: BaseException, secret: str = SECRET) -> None:
+    """The secret appears nowhere in the error: message, repr, pickle, cause or context chain."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        for text in (str(seen), repr(seen), repr(seen.args), repr(vars(seen))):
+            assert secret not in text
+        assert secret.encode() not in pickle.dumps(seen)
+        seen = seen.__cause__ or seen.__context__
+
+
+# -- documents that are not documents ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "documents",
+    [
+        [{1: b"x"}],
+        [{"a": b"x", 2: b"y"}],
+        [{("t",): b"x"}],
+        ["abc"],
+        [b"abc"],
+        [None],
+        [{"a": SECRET}],
+        [{"a": 5}],
+        [{"": b"x"}],
+        {"a": b"x"},  # one document, not a list of them
+        "abc",
+    ],
+    ids=repr,
+)
+def test_malformed_documents_are_invalid_values(documents: Any):
+    cmk, fake = make_cmk()
+    with tenant_context("acme"), pytest.raises(InvalidValueError) as info:
+        cmk.encrypt_documents(documents)
+    assert_no_secret(info.value)
+    assert fake.calls == []  # refused before any KMS call
+
+
+def encrypted(cmk: CMK, tenant: str = "acme") -> EncryptedDocument:
+    with tenant_context(tenant):
+        return cmk.encrypt_document({"a": SECRET.encode()})
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda d: EncryptedDocument(d.edek, {"a": "a str"}),
+        lambda d: EncryptedDocument(d.edek, {1: d.fields["a"]}),
+        lambda d: EncryptedDocument(d.edek, ["a"]),  # type: ignore[arg-type]
+        lambda d: EncryptedDocument("edek as str", d.fields),  # type: ignore[arg-type]
+        lambda d: EncryptedDocument(None, d.fields),  # type: ignore[arg-type]
+        lambda d: {"a": d.fields["a"]},
+    ],
+    ids=["str-field", "int-name", "list-fields", "str-edek", "none-edek", "not-a-document"],
+)
+def test_malformed_encrypted_documents_are_invalid_values(mutate: Any):
+    cmk, _ = make_cmk()
+    doc = mutate(encrypted(cmk))
+    with tenant_context("acme"), pytest.raises(InvalidValueError):
+        cmk.decrypt_documents([doc])
+
+
+def test_bytes_like_edek_and_fields_are_accepted():
+    cmk, _ = make_cmk()
+    doc = encrypted(cmk)
+    like = EncryptedDocument(bytearray(doc.edek), {"a": memoryview(doc.fields["a"])})
+    with tenant_context("acme"):
+        assert cmk.decrypt_document(like) == {"a": SECRET.encode()}
+        assert cmk.encrypt_documents([{"a": bytearray(b"x")}])[0].fields["a"]
+
+
+# -- another tenant's document: the message names no other tenant ----------------------------
+
+
+def test_tenant_mismatch_message_does_not_name_the_rows_tenant():
+    cmk, fake = make_cmk()
+    doc = encrypted(cmk, "globex")
+    fake.reset_counts()
+    with tenant_context("acme"), pytest.raises(TenantMismatchError) as info:
+        cmk.decrypt_document(doc)
+    err = info.value
+    assert "globex" not in str(err) and "globex" not in repr(err)
+    assert (err.row_tenant, err.tenant) == ("globex", "acme")  # for logs and operators
+    assert fake.calls == []
+
+
+# -- a failing audit sink stops the access ----------------------------------------------------
+
+
+class FailingSink:
+    """Raises on events of one operation while ``failing`` is set."""
+
+    def __init__(self, operation: str) -> None:
+        self.operation = operation
+        self.failing = True
+
+    def __call__(self, event: AuditEvent) -> None:
+        if self.failing and event.operation == self.operation:
+            raise RuntimeError("SIEM unreachable")
+
+
+@pytest.mark.parametrize("operation", ["wrap", "unwrap", "encrypt"])
+def test_a_raising_audit_sink_stops_a_write(operation: str):
+    cmk, _ = make_cmk(audit_sinks=[FailingSink(operation)])
+    with tenant_context("acme"), pytest.raises(AuditError) as info:
+        cmk.encrypt_document({"a": SECRET.encode()})
+    assert isinstance(info.value.__cause__, RuntimeError)
+    assert info.value.tenant == "acme"
+    assert "acme" not in str(info.value)
+    assert_no_secret(info.value)
+
+
+@pytest.mark.parametrize("operation", ["unwrap", "decrypt"])
+def test_a_raising_audit_sink_stops_a_read(operation: str):
+    sink = FailingSink(operation)
+    sink.failing = False
+    cmk, _ = make_cmk(audit_sinks=[sink])
+    doc = encrypted(cmk)
+    cmk.forget_tenant()
+    sink.failing = True
+    with tenant_context("acme"), pytest.raises(AuditError) as info:
+        cmk.decrypt_document(doc)
+    assert isinstance(info.value.__cause__, RuntimeError)
+    sink.failing = False
+    with tenant_context("acme"):
+        assert cmk.decrypt_document(doc) == {"a": SECRET.encode()}
+
+
+# -- no plaintext in errors from sealing (the str fast path included) -------------------------
+
+metadata = MetaData()
+notes = Table(
+    "notes",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("short", EncryptedType(String(5))),
+    Column("body", EncryptedType(String)),
+    Column("cmk_edek", EDEKType()),
+)
+
+
+class Sneaky(str):
+    def __len__(self) -> int:
+        return 1
+
+
+@pytest.mark.parametrize(
+    ("column", "value"),
+    [
+        ("body", "abc\ud800" + SECRET),
+        ("short", "\udfff" + SECRET),
+        ("short", SECRET),  # too long
+        ("short", Sneaky(SECRET)),  # a str subclass, too long, lying about its length
+        ("short", type("S", (str,), {})(SECRET)),
+    ],
+    ids=["surrogate", "surrogate-limited", "too-long", "lying-subclass", "subclass"],
+)
+def test_unsealable_strings_are_refused_without_plaintext(column: str, value: str):
+    cmk, _ = make_cmk()
+    spec = table_spec(notes)
+    assert spec is not None
+    with tenant_context("acme"), pytest.raises(InvalidValueError) as info:
+        cmk.seal([{column: value}], [spec], [spec.columns], [None], tenant_context("acme").context)
+    assert info.value.column == column
+    assert info.value.__context__ is None and info.value.__cause__ is None
+    assert_no_secret(info.value)
