@@ -56,14 +56,17 @@ from .types import EncryptedValue, Sealed
 
 _INFO_KEY = "sqlalchemy_cmk"
 _PENDING_KEY = "sqlalchemy_cmk.pending"  # session.info: values swapped in, to restore
-_SWAP_KEY = "sqlalchemy_cmk.swap"  # session.info: values sealed, not yet swapped in
-_TENANT_KEY = "sqlalchemy_cmk.tenant"  # state.info: the tenant the row is bound to
+_BOUND_KEY = "sqlalchemy_cmk.bound"  # session.info: new row (state) -> tenant it was added under
+_TENANT_KEY = "sqlalchemy_cmk.tenant"  # state.info: tenant of a loaded or flushed row without key
 _ABSENT = object()
 
 _collector: contextvars.ContextVar[list[InstanceState[Any]] | None] = contextvars.ContextVar(
     "sqlalchemy_cmk_collector", default=None
 )
 _listened: weakref.WeakSet[Mapper[Any]] = weakref.WeakSet()
+# Session hash key -> values sealed by before_flush, not yet swapped in (see _swap_in). A plain
+# dict by int: _swap_in runs once per written row, and this is its cheapest possible lookup.
+_swaps: dict[int, tuple[list[dict[str, Any]], list[str], list[Sealed], list[Any]]] = {}
 _registries_seen: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
 
 
@@ -264,11 +267,32 @@ def _do_orm_execute(cmk: CMK, orm_state: ORMExecuteState) -> Any:
 
 
 def _on_pending(session: Session, obj: Any) -> None:
-    """Bind a new row to the tenant in context as it enters the session."""
-    state: InstanceState[Any] = obj._sa_instance_state
+    """Bind a new row to the tenant in context as it enters the session.
+
+    Kept in one dict per session (not ``state.info``, a dict per row): this runs for every add.
+    """
     ctx = current_context()
-    if ctx is not None and ctx.tenant_id is not None and _binds_tenant(state.mapper):
-        state.info.setdefault(_TENANT_KEY, ctx.tenant_id)
+    if ctx is None or ctx.tenant_id is None:
+        return  # bound when it is flushed
+    state: InstanceState[Any] = obj._sa_instance_state
+    if _binds_tenant(state.mapper):
+        bound = session.info.get(_BOUND_KEY)
+        if bound is None:
+            bound = session.info[_BOUND_KEY] = {}
+        bound[state] = ctx.tenant_id
+
+
+def _prune_bound(session: Session) -> dict[InstanceState[Any], str]:
+    """The bindings of rows still new; rows flushed since are bound by their key, or, if they
+    have none, in their own ``state.info``."""
+    bound: dict[InstanceState[Any], str] = session.info.get(_BOUND_KEY) or {}
+    for state in [s for s in bound if s.key is not None or s.session_id != session.hash_key]:
+        tenant = bound.pop(state)
+        if state.key is not None and any(
+            state.dict.get(t.companion_key) is None for t in mapper_spec(state.mapper).tables
+        ):
+            state.info.setdefault(_TENANT_KEY, tenant)
+    return bound
 
 
 _binds: weakref.WeakKeyDictionary[Mapper[Any], bool] = weakref.WeakKeyDictionary()
@@ -350,6 +374,7 @@ def _before_flush(
 ) -> None:
     session.info[_INFO_KEY] = cmk
     _restore(session)  # a flush that failed before it began may have left values sealed
+    bound_new = _prune_bound(session)
     ctx = current_context()
     # Parallel lists, not per-row objects: see CMK.seal.
     states: list[InstanceState[Any]] = []
@@ -409,15 +434,17 @@ def _before_flush(
         return
     ctx = require_context()
     tenant = ctx.tenant_id
-    for state, t in zip(states, tables, strict=True):
-        bound = state.info.get(_TENANT_KEY)
-        if bound is None:
-            if tenant is not None:
-                state.info[_TENANT_KEY] = tenant
-        elif bound != tenant:
-            _refuse_other_tenant(t.table, bound, tenant, "was bound to")
     _listen_mappers(specs_of)
     companions = _current_companions(session, states, tables, lookups)
+    for state, t, comp in zip(states, tables, companions, strict=True):
+        if state.key is None:
+            bound = bound_new.get(state)
+        elif comp is None:
+            bound = state.info.get(_TENANT_KEY)
+        else:
+            continue  # bound by its key: CMK.seal checks the key's tenant
+        if bound is not None and bound != tenant:
+            _refuse_other_tenant(t.table, bound, tenant, "was bound to")
     new_companions, cts = cmk.seal(dicts, tables, columns, companions, ctx)
     # Only now, with every value sealed, touch the instances: companions go in at once, values
     # wait for _swap_in, inside the flush.
@@ -451,17 +478,18 @@ def _before_flush(
             obj = state.obj()
             if obj is not None:
                 setattr(obj, t.companion_key, box)
-    session.info[_SWAP_KEY] = (s_dicts, s_keys, s_boxes, s_plain)
+    _swaps[session.hash_key] = (s_dicts, s_keys, s_boxes, s_plain)
 
 
 def _swap_in(mapper: Mapper[Any], connection: Any, state: InstanceState[Any]) -> None:
     """Put the sealed values in place, at the first row the flush writes (inside its
     transaction, so a failure from here on reaches ``after_soft_rollback``)."""
+    sid = state.session_id
+    swap = _swaps.pop(sid, None) if sid is not None else None
+    if swap is None:
+        return
     session = state.session
     if session is None:
-        return
-    swap = session.info.pop(_SWAP_KEY, None)
-    if swap is None:
         return
     for d, key, box, plain in zip(*swap, strict=True):
         if d.get(key) is plain:
@@ -525,8 +553,7 @@ def _current_companions(
 def _restore(session: Session, *args: Any) -> None:
     """Put plaintext back where sealed values are (and plain bytes where sealed companions
     are), after a flush, a failed one, or one that never began."""
-    for name in (_SWAP_KEY, _PENDING_KEY):
-        pending = session.info.pop(name, None)
+    for pending in (_swaps.pop(session.hash_key, None), session.info.pop(_PENDING_KEY, None)):
         if pending is not None:
             for d, key, box, plain in zip(*pending, strict=True):
                 if d.get(key) is box:
