@@ -14,7 +14,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import hypothesis
 import pytest
+from hypothesis import HealthCheck, assume, given, reject, settings
+from hypothesis import strategies as st
 from sqlalchemy import Engine, MetaData, String, create_engine, event, insert, select, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
@@ -72,6 +75,13 @@ def put_row(engine: Engine, tenant: str, values: dict[str, Any]) -> None:
         tid=tenant,
         **{c: values[c] for c in cols},
     )
+
+
+INSERT = "insert into cmk_tenants ({cols}) values ({binds})"
+
+
+def binds(row: dict[str, Any]) -> str:
+    return ", ".join(":" + c for c in row)
 
 
 def count_queries(engine: Engine) -> list[str]:
@@ -1170,3 +1180,147 @@ def test_written_values_are_bounded_and_printable(registry: DatabaseKeyRegistry)
         registry.add_tenant("acme", "fake://acme", accepted=many)
     registry.add_tenant("acme", "fake://acme", accepted=many[:100])
     assert registry.verify() == []
+
+
+# -- property: any change to a stored row means the same or is refused --------------------------
+
+FUZZ_EXAMPLES = int(os.environ.get("SQLALCHEMY_CMK_REGISTRY_FUZZ_EXAMPLES", "150"))
+TEXT_COLUMNS = ["tenant_id", "primary_key_ref", "accepted_key_refs", "credentials", "mac"]
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner),
+    max_leaves=8,
+)
+
+
+def _bytes_mutation(data: st.DataObject, value: bytes) -> bytes:
+    """One byte-level change: a bit flipped, a byte deleted, inserted or replaced, a cut."""
+    raw = bytearray(value)
+    kind = data.draw(st.sampled_from(["flip", "delete", "insert", "replace", "truncate"]))
+    if not raw:
+        kind = "insert"
+    at = data.draw(st.integers(0, max(len(raw) - 1, 0)))
+    if kind == "flip":
+        raw[at] ^= 1 << data.draw(st.integers(0, 7))
+    elif kind == "delete":
+        del raw[at]
+    elif kind == "insert":
+        raw.insert(at, data.draw(st.integers(0, 255)))
+    elif kind == "replace":
+        raw[at] = data.draw(st.integers(0, 255))
+    else:
+        del raw[at:]
+    return bytes(raw)
+
+
+def _mutation(
+    data: st.DataObject, dialect: str, row: dict[str, Any], other: dict[str, Any]
+) -> tuple[str, Any, bool]:
+    """A column, its new value, and whether the value is bytes to store as (invalid) TEXT."""
+    column = data.draw(st.sampled_from([*TEXT_COLUMNS, "disabled", "version", "updated_at"]))
+    value = row[column]
+    how = data.draw(st.sampled_from(["bytes", "other row", "field"]))
+    if how == "other row":
+        return column, other[column], False
+    if isinstance(value, str) and how == "bytes":
+        mutated = _bytes_mutation(data, value.encode())
+        try:
+            return column, mutated.decode(), False
+        except UnicodeDecodeError:
+            if dialect == "sqlite":
+                return column, mutated, True
+            return column, mutated.decode(errors="replace"), False
+    if column in ("accepted_key_refs", "credentials"):
+        choice = data.draw(st.sampled_from(["json", "reformatted", "text"]))
+        if choice == "json":
+            return column, json.dumps(data.draw(JSON_VALUES)), False
+        if choice == "reformatted":  # the same meaning, spelled differently
+            parsed = json.loads(value)
+            if isinstance(parsed, list):
+                parsed = list(reversed(parsed)) + parsed[:1]
+            return column, json.dumps(parsed, indent=data.draw(st.integers(0, 2))), False
+        return column, data.draw(st.text(max_size=40)), False
+    if column in TEXT_COLUMNS:
+        return column, data.draw(st.text(max_size=80)), False
+    if column == "version":
+        bound = 2**31 - 1 if dialect == "postgresql" else 2**63 - 1
+        return column, data.draw(st.integers(-bound - 1, bound)), False
+    if column == "disabled":
+        if dialect == "postgresql":
+            return column, data.draw(st.booleans()), False
+        return (
+            column,
+            data.draw(st.integers(-2, 3) | st.text(max_size=3) | st.binary(max_size=3)),
+            False,
+        )
+    # updated_at: a datetime on PostgreSQL; SQLite keeps text (byte mutations above) or anything
+    if dialect == "postgresql" or data.draw(st.booleans()):
+        stamp = GOLDEN_RECORD["updated_at"] if isinstance(value, str) else value
+        delta = datetime.timedelta(microseconds=data.draw(st.integers(-(10**12), 10**12)))
+        return column, stamp + delta, False
+    return (
+        column,
+        data.draw(st.integers() | st.floats(allow_nan=False) | st.text(max_size=30)),
+        False,
+    )
+
+
+@settings(
+    max_examples=FUZZ_EXAMPLES,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(data=st.data())
+def test_every_mutation_of_a_stored_row_means_the_same_or_is_refused(
+    engine: Engine, three_tenants: DatabaseKeyRegistry, data: st.DataObject
+) -> None:
+    dialect = engine.dialect.name
+    before = {r.tenant: r for r in three_tenants.list_tenants()}
+    with engine.connect() as conn:
+        stored = [dict(r._mapping) for r in conn.execute(text("select * from cmk_tenants"))]
+    by_id = {row["tenant_id"]: row for row in stored}
+    victim = data.draw(st.sampled_from(sorted(by_id)), label="victim")
+    other = by_id[data.draw(st.sampled_from(sorted(set(by_id) - {victim})), label="other")]
+    column, value, as_text = _mutation(data, dialect, by_id[victim], other)
+    if dialect == "postgresql" and isinstance(value, str):
+        assume("\x00" not in value)  # PostgreSQL text cannot hold NUL: not a storable attack
+    target = "CAST(:v AS TEXT)" if as_text else ":v"
+    try:
+        raw(
+            engine,
+            f"update cmk_tenants set {column} = {target} where tenant_id = :t",
+            v=value,
+            t=victim,
+        )
+    except DBAPIError:
+        reject()  # the database refused the attacker's write (a type or key clash)
+    try:
+        reg = DatabaseKeyRegistry(engine, SECRET, registry_id="test-eu")
+        problems = reg.verify()
+        assert all(isinstance(p, RegistryIntegrityError) for p in problems)
+        bad = {p.tenant for p in problems}
+        new_id = value if column == "tenant_id" and isinstance(value, str) else victim
+        for tenant in {*before, new_id}:
+            try:
+                rec = reg.get(tenant)
+            except (RegistryIntegrityError, TenantNotConfiguredError):
+                continue
+            # Accepted: then it is the genuine row, unchanged in meaning, and verify agrees.
+            assert rec == before[tenant], (column, value)
+            assert tenant not in bad
+        try:
+            assert reg.list_tenants() == sorted(before.values(), key=lambda r: r.tenant)
+            assert problems == []
+            hypothesis.event("the same meaning: accepted")
+        except RegistryIntegrityError:
+            assert problems
+            hypothesis.event(f"refused: {column}")
+        try:
+            assert reg.upgrade_macs() == 0
+        except RegistryIntegrityError:
+            assert problems
+    finally:
+        with engine.begin() as conn:  # the next example starts from the genuine rows
+            conn.execute(text("delete from cmk_tenants"))
+            for row in stored:
+                conn.execute(text(INSERT.format(cols=", ".join(row), binds=binds(row))), row)
