@@ -4,6 +4,7 @@ the installed console script in a subprocess."""
 from __future__ import annotations
 
 import base64
+import datetime
 import json
 import os
 import shutil
@@ -191,6 +192,94 @@ def test_reseal_takes_the_new_secret_from_the_environment(
     assert run(capsys, "tenants", "verify")[0] == 1  # the old secret no longer verifies
     monkeypatch.setenv("SQLALCHEMY_CMK_REGISTRY_SECRET", base64.b64encode(new_secret).decode())
     assert run(capsys, "tenants", "verify")[0] == 0
+
+
+# -- registry identity, MAC versions and output that cannot be forged ------------------------
+
+
+def test_bad_tenant_ids_are_refused_and_printed_escaped(
+    cli_env: Engine, capsys: pytest.CaptureFixture[str]
+) -> None:
+    forged = "acme\nglobex    enabled  1        fake://evil"
+    code, out, err = run(capsys, "tenants", "add", forged, "--key", "fake://acme")
+    assert code == 1 and out == ""
+    assert "is refused" in err and "not printable" in err
+    assert err.count("\n") == 1  # one line: the id's newline is escaped, not printed
+    assert run(capsys, "tenants", "show", "acme\x00")[0] == 1  # unknown, not a driver error
+    # Ids with spaces are allowed, and quoted in the table so no column can be faked.
+    assert run(capsys, "tenants", "add", "acme corp  enabled", "--key", "fake://a")[0] == 0
+    code, out, _ = run(capsys, "tenants", "list")
+    assert code == 0 and out.splitlines()[1].startswith("'acme corp  enabled'  enabled")
+
+
+def test_a_legacy_row_cannot_forge_verify_or_list_output(
+    cli_env: Engine, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run(capsys, "tenants", "add", "acme", "--key", "fake://acme")[0] == 0
+    with cli_env.connect() as conn:
+        row = dict(conn.execute(text("select * from cmk_tenants")).one()._mapping)
+    row["tenant_id"] = "x\nTAMPERED globex: all good\u202e"  # written by hand, or by ec93feb
+    binds = ", ".join(":" + c for c in row)
+    with cli_env.begin() as conn:
+        conn.execute(
+            text(f"insert into cmk_tenants ({', '.join(row)}) values ({binds})"),
+            row,
+        )
+    code, out, _ = run(capsys, "tenants", "verify")
+    assert code == 1
+    lines = out.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("TAMPERED 'x\\nTAMPERED globex")
+    assert all(line.isprintable() for line in lines)
+    code, out, err = run(capsys, "tenants", "list")
+    assert code == 1 and err.count("\n") == 1 and "\u202e" not in err
+
+
+def test_the_registry_id_is_required_and_binds_the_rows(
+    cli_env: Engine, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert run(capsys, "tenants", "add", "acme", "--key", "fake://acme")[0] == 0
+    monkeypatch.delenv("SQLALCHEMY_CMK_REGISTRY_ID")
+    code, _, err = run(capsys, "tenants", "list")
+    assert code == 2 and "--registry-id" in err and "SQLALCHEMY_CMK_REGISTRY_ID" in err
+    code, _, err = run(capsys, "tenants", "list", "--registry-id", "prod\neu")
+    assert code == 2 and "not printable" in err
+    # The same table read as another deployment: every row refused.
+    code, out, _ = run(capsys, "tenants", "verify", "--registry-id", "staging-eu")
+    assert code == 1 and out.startswith("TAMPERED acme: ")
+    assert run(capsys, "tenants", "verify", "--registry-id", "test-eu")[0] == 0
+
+
+def test_upgrade_mac_rewrites_rows_from_before_registry_id(
+    cli_env: Engine, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A row written by ec93feb (its golden MAC; see tests/test_registry_db.py).
+    monkeypatch.setenv(
+        "SQLALCHEMY_CMK_REGISTRY_SECRET", base64.b64encode(bytes(range(32))).decode()
+    )
+    with cli_env.begin() as conn:
+        conn.execute(
+            text(
+                "insert into cmk_tenants values ('acme', 'fake://acme-2', "
+                '\'["fake://acme-1","fake://acme-2"]\', '
+                '\'{"role_arn":"arn:aws:iam::111122223333:role/acme-cmk"}\', '
+                ":f, 3, :at, '36206c910a23900ef4efe18422b9840a2c353ad4fb9e03da052db284e6090c39')"
+            ),
+            {
+                "f": False,
+                "at": datetime.datetime(2025, 1, 2, 3, 4, 5, 123456, tzinfo=datetime.timezone.utc),
+            },
+        )
+    code, _, err = run(capsys, "tenants", "show", "acme")
+    assert code == 1 and "tenants upgrade-mac" in err
+    code, out, _ = run(capsys, "tenants", "show", "acme", "--allow-v1-macs")
+    assert code == 0 and "primary:       fake://acme-2" in out
+    code, out, _ = run(capsys, "tenants", "upgrade-mac")
+    assert code == 0 and "1 row(s) of cmk_tenants upgraded to MAC version 2" in out
+    code, out, _ = run(capsys, "tenants", "show", "acme", "--json")
+    assert code == 0 and json.loads(out)["version"] == 4
+    assert run(capsys, "tenants", "verify")[0] == 0
+    code, out, _ = run(capsys, "tenants", "upgrade-mac")
+    assert code == 0 and out.startswith("0 row(s)")
 
 
 # -- configuration errors: exit 2 ------------------------------------------------------------
