@@ -171,7 +171,7 @@ def _check_loaded_tenants(
         declared = d.get(key, _ABSENT)
         if declared is _ABSENT:
             continue  # not loaded: the row's key is still checked against the context
-        if declared != owner:
+        if declared is None or str(declared) != owner:
             raise TenantMismatchError(
                 f"a row of {t.table!r} names another tenant in its tenant column than the one "
                 "its key belongs to: the row was moved or edited outside the application",
@@ -337,7 +337,7 @@ def _check_tenant_column(
             obj = state.obj()
             if obj is not None:
                 setattr(obj, key, tenant)
-        elif value != tenant:
+        elif str(value) != tenant:
             _refuse_other_tenant(table, str(value), tenant, "names")
         return
     if key in state.committed_state:
@@ -353,7 +353,7 @@ def _check_tenant_column(
     if tenant is not None:  # in a cross-tenant context, whatever the row's tenant is
         obj = state.obj()
         value = d[key] if key in d else getattr(obj, key, None)  # loads it if expired
-        if value is not None and value != tenant:
+        if value is not None and str(value) != tenant:
             _refuse_other_tenant(table, str(value), tenant, "names")
 
 
@@ -592,7 +592,7 @@ def _bulk_insert(cmk: CMK, orm_state: ORMExecuteState) -> Any:
             value = d.get(spec.tenant_key)
             if value is None:
                 d[spec.tenant_key] = tenant
-            elif value != tenant:
+            elif str(value) != tenant:
                 _refuse_other_tenant(name, str(value), tenant, "names")
     dicts: list[dict[str, Any]] = []
     tables: list[TableSpec] = []
