@@ -10,13 +10,23 @@ in an integrity-protected table.
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 from .errors import ConfigurationError, TenantNotConfiguredError
 
-__all__ = ["KeyRegistry", "StaticKeyRegistry", "TenantKeys", "parse_key_ref"]
+__all__ = [
+    "TENANT_ID_MAX",
+    "KeyRegistry",
+    "StaticKeyRegistry",
+    "TenantKeys",
+    "parse_key_ref",
+    "tenant_id_problem",
+]
+
+TENANT_ID_MAX = 255
 
 
 @dataclass(frozen=True)
@@ -50,6 +60,39 @@ class KeyRegistry(Protocol):
             TenantNotConfiguredError: unknown or disabled tenant.
         """
         ...
+
+
+def tenant_id_problem(tenant: object) -> str | None:
+    """Why ``tenant`` is not a canonical tenant id, or None if it is one.
+
+    A tenant id is a non-empty ``str`` of at most 255 characters, in Unicode NFC, made of
+    printable characters only (``str.isprintable``: no control characters such as NUL, newline,
+    DEL or C1, no format characters such as bidi overrides or zero-width spaces, no separators
+    other than the ASCII space), not beginning or ending with a space. Ids are case-sensitive
+    and compared code point by code point (bytewise in UTF-8) on every dialect. The same rule
+    applies to ``registry_id``. :class:`~sqlalchemy_cmk.registry_db.DatabaseKeyRegistry`
+    enforces it; :class:`StaticKeyRegistry` does not (its tenants are written in code).
+    """
+    if not isinstance(tenant, str) or not tenant:
+        return "it must be a non-empty string"
+    if len(tenant) > TENANT_ID_MAX:
+        return f"it must be at most {TENANT_ID_MAX} characters long"
+    if not tenant.isprintable():
+        # Such characters make listings and log lines that look forged (a newline starts a new
+        # line, U+202E reverses the text after it), and PostgreSQL refuses NUL outright.
+        return (
+            "it contains a character that is not printable (a control character such as NUL, "
+            "newline or DEL, or a format character such as a bidi override or zero-width space)"
+        )
+    if tenant != tenant.strip(" "):
+        return "it begins or ends with a space"
+    nfc = unicodedata.normalize("NFC", tenant)
+    if nfc != tenant:
+        # Refused rather than normalized: the application looks tenants up with the exact id it
+        # is given, so a silently normalized row would never be found under the spelling that
+        # was added.
+        return f"it is not in Unicode normalization form NFC; its NFC form is {nfc!r}"
+    return None
 
 
 def parse_key_ref(ref: object, tenant: str | None = None) -> tuple[str, str]:

@@ -55,7 +55,6 @@ import shlex
 import struct
 import threading
 import time
-import unicodedata
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -93,7 +92,8 @@ from .errors import (
     RegistryIntegrityError,
     TenantNotConfiguredError,
 )
-from .registry import TenantKeys, parse_key_ref
+from .registry import TENANT_ID_MAX as _TENANT_MAX
+from .registry import TenantKeys, parse_key_ref, tenant_id_problem
 
 __all__ = [
     "DatabaseKeyRegistry",
@@ -109,7 +109,6 @@ _DOMAIN_V1 = b"sqlalchemy-cmk/registry/v1"
 _DOMAIN_V2 = b"sqlalchemy-cmk/registry/v2"
 _MAC_V2_PREFIX = "v2:"
 _MIN_SECRET = 32
-_TENANT_MAX = 255
 # Bounds on what a row may hold, checked on write and, before any parsing, on read: a registry
 # row is a handful of short URIs, and a bound keeps a vandalized row from costing more than that.
 _REF_MAX = 2048  # a key reference, a credential name or value
@@ -175,38 +174,6 @@ class TenantRecord:
             "version": self.version,
             "updated_at": self.updated_at.isoformat(),
         }
-
-
-def tenant_id_problem(tenant: object) -> str | None:
-    """Why ``tenant`` is not a canonical tenant id, or None if it is one.
-
-    A tenant id is a non-empty ``str`` of at most 255 characters, in Unicode NFC, made of
-    printable characters only (``str.isprintable``: no control characters such as NUL, newline,
-    DEL or C1, no format characters such as bidi overrides or zero-width spaces, no separators
-    other than the ASCII space), not beginning or ending with a space. Ids are case-sensitive
-    and compared code point by code point (bytewise in UTF-8) on every dialect. The same rule
-    applies to ``registry_id``.
-    """
-    if not isinstance(tenant, str) or not tenant:
-        return "it must be a non-empty string"
-    if len(tenant) > _TENANT_MAX:
-        return f"it must be at most {_TENANT_MAX} characters long"
-    if not tenant.isprintable():
-        # Such characters make listings and log lines that look forged (a newline starts a new
-        # line, U+202E reverses the text after it), and PostgreSQL refuses NUL outright.
-        return (
-            "it contains a character that is not printable (a control character such as NUL, "
-            "newline or DEL, or a format character such as a bidi override or zero-width space)"
-        )
-    if tenant != tenant.strip(" "):
-        return "it begins or ends with a space"
-    nfc = unicodedata.normalize("NFC", tenant)
-    if nfc != tenant:
-        # Refused rather than normalized: the application looks tenants up with the exact id it
-        # is given, so a silently normalized row would never be found under the spelling that
-        # was added.
-        return f"it is not in Unicode normalization form NFC; its NFC form is {nfc!r}"
-    return None
 
 
 def _utc(value: datetime.datetime) -> datetime.datetime:
