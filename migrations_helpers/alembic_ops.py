@@ -16,6 +16,11 @@ Each is an Alembic operation plugin (``Operations.register_operation`` plus
     def downgrade():
         op.decrypt_column("patients", "ssn", tenant_column="tenant_id")
 
+``tenant_column=`` may be left out when the table's model declares its tenant column with
+``sqlalchemy_cmk.tenant_column()`` and env.py passes the models as ``target_metadata``: the
+operations look the table up there by name and schema (and refuse a ``tenant_column=`` that
+contradicts the declaration).
+
 What ``op.encrypt_column`` does, in order: checks that the table, columns and tenant column
 exist; adds the companion column (``cmk_edek``) with ``op.add_column`` if it is missing; commits
 the migration's transaction with ``op.get_context().autocommit_block()`` (the backfill works in
@@ -156,7 +161,7 @@ class _ColumnsOp(MigrateOperation):
         table_name: str,
         columns: str | Sequence[str],
         *,
-        tenant_column: str,
+        tenant_column: str | None = None,
         companion_column: str = "cmk_edek",
         schema: str | None = None,
         batch_size: int = 1000,
@@ -202,7 +207,7 @@ class EncryptColumnOp(_ColumnsOp):
         table: str,
         column_or_columns: str | Sequence[str],
         *,
-        tenant_column: str,
+        tenant_column: str | None = None,
         companion_column: str = "cmk_edek",
         schema: str | None = None,
         batch_size: int = 1000,
@@ -218,7 +223,10 @@ class EncryptColumnOp(_ColumnsOp):
         Args:
             table: The table name.
             column_or_columns: A text column, or several (they share the row's data key).
-            tenant_column: The column holding each row's tenant id.
+            tenant_column: The column holding each row's tenant id; default: the one the
+                table's model declares with ``sqlalchemy_cmk.tenant_column()``, looked up in
+                Alembic's ``target_metadata`` by table name and ``schema``. One that contradicts
+                the declared one is refused.
             companion_column: The companion (EDEK) column, added if missing.
             schema: The table's schema, if not the default.
             batch_size: Rows per transaction.
@@ -229,7 +237,8 @@ class EncryptColumnOp(_ColumnsOp):
             The backfill's report (rows changed, by tenant, batches, seconds).
 
         Raises:
-            ConfigurationError: no CMK, a missing table or column, or offline (``--sql``) mode.
+            ConfigurationError: no CMK, a missing table or column, offline (``--sql``) mode, no
+                tenant column given or declared, or one given that contradicts the model.
             TenantNotConfiguredError: a row's tenant has no key; nothing of that batch is written.
         """
         op = cls(
@@ -258,7 +267,7 @@ class DecryptColumnOp(_ColumnsOp):
         table: str,
         column_or_columns: str | Sequence[str],
         *,
-        tenant_column: str,
+        tenant_column: str | None = None,
         companion_column: str = "cmk_edek",
         schema: str | None = None,
         batch_size: int = 1000,
@@ -382,7 +391,7 @@ class RotateDataKeysOp(_ColumnsOp):
         table_name: str,
         columns: str | Sequence[str],
         *,
-        tenant_column: str,
+        tenant_column: str | None = None,
         tenant: str | None = None,
         companion_column: str = "cmk_edek",
         schema: str | None = None,
@@ -407,7 +416,7 @@ class RotateDataKeysOp(_ColumnsOp):
         table: str,
         columns: str | Sequence[str],
         *,
-        tenant_column: str,
+        tenant_column: str | None = None,
         tenant: str | None = None,
         companion_column: str = "cmk_edek",
         schema: str | None = None,
@@ -510,6 +519,17 @@ def _summary(report: backfill.Report) -> None:
     )
 
 
+def _tenant_column(operations: Operations, operation: _ColumnsOp) -> str:
+    """The operation's tenant column: given, or declared by the model in ``target_metadata``
+    (Alembic's own copy of the application's models, set in env.py)."""
+    return backfill.resolve_tenant_column(
+        operation.table_name,
+        operation.tenant_column,
+        metadata=operations.get_context().opts.get("target_metadata"),
+        schema=operation.schema,
+    )
+
+
 def _prepare(
     operations: Operations,
     name: str,
@@ -542,6 +562,7 @@ def _backfill(
 
 def _encrypt_column(operations: Operations, operation: EncryptColumnOp) -> backfill.Report:
     table = operation.table_name
+    tenant_column = _tenant_column(operations, operation)
     cmk, conn, present = _prepare(
         operations,
         "encrypt_column",
@@ -549,7 +570,7 @@ def _encrypt_column(operations: Operations, operation: EncryptColumnOp) -> backf
         "encrypt-column",
         operation.cmk,
         operation.schema,
-        (*operation.columns, operation.tenant_column),
+        (*operation.columns, tenant_column),
     )
     if operation.companion_column not in present:
         operations.add_column(
@@ -564,7 +585,7 @@ def _encrypt_column(operations: Operations, operation: EncryptColumnOp) -> backf
         cmk,
         table,
         operation.columns,
-        tenant_column=operation.tenant_column,
+        tenant_column=tenant_column,
         companion_column=operation.companion_column,
         schema=operation.schema,
         batch_size=operation.batch_size,
@@ -574,6 +595,7 @@ def _encrypt_column(operations: Operations, operation: EncryptColumnOp) -> backf
 
 def _decrypt_column(operations: Operations, operation: DecryptColumnOp) -> backfill.Report:
     table = operation.table_name
+    tenant_column = _tenant_column(operations, operation)
     cmk, conn, _ = _prepare(
         operations,
         "decrypt_column",
@@ -581,7 +603,7 @@ def _decrypt_column(operations: Operations, operation: DecryptColumnOp) -> backf
         "decrypt-column",
         operation.cmk,
         operation.schema,
-        (*operation.columns, operation.tenant_column, operation.companion_column),
+        (*operation.columns, tenant_column, operation.companion_column),
     )
     return _backfill(
         operations,
@@ -590,7 +612,7 @@ def _decrypt_column(operations: Operations, operation: DecryptColumnOp) -> backf
         cmk,
         table,
         operation.columns,
-        tenant_column=operation.tenant_column,
+        tenant_column=tenant_column,
         companion_column=operation.companion_column,
         schema=operation.schema,
         batch_size=operation.batch_size,
@@ -625,6 +647,7 @@ def _rewrap_keys(operations: Operations, operation: RewrapKeysOp) -> backfill.Re
 
 def _rotate_data_keys(operations: Operations, operation: RotateDataKeysOp) -> backfill.Report:
     table = operation.table_name
+    tenant_column = _tenant_column(operations, operation)
     cmk, conn, _ = _prepare(
         operations,
         "rotate_data_keys",
@@ -632,7 +655,7 @@ def _rotate_data_keys(operations: Operations, operation: RotateDataKeysOp) -> ba
         "rotate",
         operation.cmk,
         operation.schema,
-        (*operation.columns, operation.tenant_column, operation.companion_column),
+        (*operation.columns, tenant_column, operation.companion_column),
     )
     return _backfill(
         operations,
@@ -641,7 +664,7 @@ def _rotate_data_keys(operations: Operations, operation: RotateDataKeysOp) -> ba
         cmk,
         table,
         operation.columns,
-        tenant_column=operation.tenant_column,
+        tenant_column=tenant_column,
         tenant=operation.tenant,
         companion_column=operation.companion_column,
         schema=operation.schema,
@@ -663,7 +686,13 @@ def _nothing_to_undo(operations: Operations, operation: NothingToUndoOp) -> None
 
 
 def _args(op: _ColumnsOp | RewrapKeysOp, positional: list[Any], extra: dict[str, Any]) -> str:
-    defaults = {"companion_column": "cmk_edek", "schema": None, "batch_size": 1000, "tenant": None}
+    defaults = {
+        "tenant_column": None,  # the model's declared one
+        "companion_column": "cmk_edek",
+        "schema": None,
+        "batch_size": 1000,
+        "tenant": None,
+    }
     parts = [repr(p) for p in positional]
     for key, value in extra.items():
         if key in defaults and value == defaults[key]:

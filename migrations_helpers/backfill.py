@@ -10,7 +10,8 @@ How a text column is encrypted in place, online:
 3. :func:`encrypt_columns` walks the table by primary key in batches, each batch in its own
    transaction: it selects rows whose value is not NULL and does not start with ``cmk:``
    (PostgreSQL: ``FOR UPDATE SKIP LOCKED``, so several workers partition the work with no
-   coordinator), seals them under *each row's own tenant* (from ``tenant_column``), and updates
+   coordinator), seals them under *each row's own tenant* (from ``tenant_column``, by default
+   the column the model declares with ``sqlalchemy_cmk.tenant_column()``), and updates
    with compare-and-swap (``WHERE pk = :pk AND col = :old AND cmk_edek IS NOT DISTINCT FROM
    :old_companion``), so a concurrent application write is never overwritten with stale data.
    Rows that already have a companion (another column was encrypted before) keep its row id and
@@ -72,7 +73,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
 
 from sqlalchemy_cmk import CMK, TenantContext, _format
-from sqlalchemy_cmk._mapping import TableSpec, table_spec
+from sqlalchemy_cmk._mapping import TableSpec, is_tenant_column, table_spec
 from sqlalchemy_cmk.errors import (
     CMKError,
     ConfigurationError,
@@ -82,6 +83,7 @@ from sqlalchemy_cmk.errors import (
 from sqlalchemy_cmk.types import TEXT_MARKER, EDEKType, EncryptedType, _from_text
 
 __all__ = [
+    "Models",
     "Progress",
     "Report",
     "StatusReport",
@@ -89,6 +91,7 @@ __all__ = [
     "decrypt_columns",
     "encrypt_columns",
     "ensure_companion",
+    "resolve_tenant_column",
     "rewrap_keys",
     "rotate_data_keys",
     "status",
@@ -168,6 +171,113 @@ _NULL_TENANT = "(null)"
 _T = TypeVar("_T")
 
 
+# -- the tenant column: given, or declared by the model --------------------------------------
+
+#: The application's models, where :func:`resolve_tenant_column` finds a declared tenant column:
+#: a ``MetaData``, a declarative base (anything with a ``.metadata``), one ``Table``, or a
+#: sequence of ``MetaData`` (as Alembic's ``target_metadata`` may be).
+Models = MetaData | Table | type | Sequence[MetaData]
+
+
+def resolve_tenant_column(
+    table: str,
+    tenant_column: str | None = None,
+    *,
+    metadata: Models | None = None,
+    schema: str | None = None,
+) -> str:
+    """The column that holds each row of ``table``'s tenant: ``tenant_column`` if given, else
+    the one its model declares with :func:`sqlalchemy_cmk.tenant_column`.
+
+    The one place every migration tool gets its tenant column from: the functions of this
+    module (``metadata=``), the Alembic operations (Alembic's ``target_metadata``) and the CLI
+    (``--metadata``). An explicit ``tenant_column`` that contradicts the declaration is refused:
+    a wrong column would seal rows under other tenants' keys, silently.
+
+    Args:
+        table: The table name.
+        tenant_column: The column named by the caller, if any.
+        metadata: The models (see :data:`Models`); ``table`` is looked up by name and
+            ``schema`` (with ``schema=None``, also in the ``MetaData``'s own default schema).
+        schema: The table's schema, if not the default.
+
+    Raises:
+        ConfigurationError: none given and none declared (says what to pass); the one given
+            contradicts the declared one; the model declares two; ``metadata`` is neither of
+            the kinds above, or a ``Table`` other than ``table``.
+    """
+    where = f"{schema}.{table}" if schema else table
+    model, why = _model_table(table, schema, metadata)
+    declared = None
+    if model is not None:
+        names = [c.name for c in model.columns if is_tenant_column(c)]
+        if len(names) > 1:
+            raise ConfigurationError(
+                f"the model of {where!r} declares {len(names)} tenant columns {names!r}: "
+                "declare exactly one with sqlalchemy_cmk.tenant_column()",
+                table=table,
+            )
+        declared = names[0] if names else None
+        why = f"its model declares none (columns: {sorted(model.columns.keys())})"
+    if tenant_column is None:
+        if declared is None:
+            raise ConfigurationError(
+                f"table {where!r}: which column holds each row's tenant id? Pass "
+                'tenant_column="..." (CLI: --tenant-column NAME), or declare it on the model '
+                "(tenant_id: Mapped[str] = sqlalchemy_cmk.tenant_column()) so the migration "
+                f"tools use it by default; {why}",
+                table=table,
+            )
+        return declared
+    if declared is not None and tenant_column != declared:
+        raise ConfigurationError(
+            f"tenant_column={tenant_column!r} contradicts the model of {where!r}, which "
+            f"declares {declared!r} as its tenant column; rows would be sealed under the "
+            f"tenants named in the wrong column. Drop tenant_column= (the declared one is the "
+            "default) or fix the model",
+            table=table,
+            column=tenant_column,
+        )
+    return tenant_column
+
+
+def _model_table(
+    table: str, schema: str | None, metadata: Models | None
+) -> tuple[Table | None, str]:
+    """The model's ``Table`` for ``table`` (or None, and why not)."""
+    where = f"{schema}.{table}" if schema else table
+    if metadata is None:
+        return None, (
+            "no models were given (metadata=Base; in Alembic, target_metadata in env.py; "
+            "CLI: --metadata MODULE:Base)"
+        )
+    if isinstance(metadata, Table):
+        # A Table given for another table would lend it a wrong tenant column.
+        if metadata.name != table or (schema is not None and metadata.schema != schema):
+            raise ConfigurationError(
+                f"metadata= is the table {metadata.fullname!r}, not {where!r}: pass the "
+                "table's own Table, or the MetaData or declarative base holding it",
+                table=table,
+            )
+        return metadata, ""
+    sources = list(metadata) if isinstance(metadata, list | tuple) else [metadata]
+    for source in sources:
+        md = source if isinstance(source, MetaData) else getattr(source, "metadata", None)
+        if not isinstance(md, MetaData):
+            raise ConfigurationError(
+                "metadata= takes a MetaData, a declarative base or a Table, "
+                f"not {type(source).__name__}",
+                table=table,
+            )
+        keys = [where]
+        if schema is None and md.schema is not None:
+            keys.append(f"{md.schema}.{table}")
+        for key in keys:
+            if key in md.tables:
+                return md.tables[key], ""
+    return None, f"the models given have no table {where!r}"
+
+
 # -- the target table ------------------------------------------------------------------------
 
 
@@ -202,6 +312,8 @@ def _target(
     companion_column: str | None,
     schema: str | None,
     for_encrypt: bool = False,
+    metadata: Models | None = None,
+    with_tenant: bool = True,
 ) -> _Target:
     where = f"{schema}.{table}" if schema else table
     if isinstance(columns, str):
@@ -210,6 +322,10 @@ def _target(
         raise ConfigurationError("give at least one column", table=table)
     if len(set(columns)) != len(columns):
         raise ConfigurationError(f"columns {list(columns)!r} name a column twice", table=table)
+    if with_tenant:  # every operation but status(): rows are sealed or opened per tenant
+        tenant_column = resolve_tenant_column(
+            table, tenant_column, metadata=metadata, schema=schema
+        )
     insp = sa_inspect(engine)
     if not insp.has_table(table, schema=schema):
         raise ConfigurationError(
@@ -658,7 +774,8 @@ def encrypt_columns(
     table: str,
     columns: Sequence[str],
     *,
-    tenant_column: str,
+    tenant_column: str | None = None,
+    metadata: Models | None = None,
     companion_column: str = "cmk_edek",
     schema: str | None = None,
     batch_size: int = 1000,
@@ -673,6 +790,11 @@ def encrypt_columns(
     and write-key window). ``max_batches`` stops early (for tests and for spreading work); the
     next call resumes. Run it from as many processes as you like on PostgreSQL; on SQLite, one.
 
+    Each row is sealed under the tenant named in its ``tenant_column``; without one, the column
+    the model declares with :func:`sqlalchemy_cmk.tenant_column`, found in ``metadata`` (a
+    ``MetaData``, a declarative base or the ``Table``; see :func:`resolve_tenant_column`). The
+    other functions here take the two arguments alike.
+
     Returns:
         What this call did: ``rows`` it encrypted (by tenant), compare-and-swap ``conflicts``
         (rows an application write changed in between: left to the application's value, and
@@ -680,7 +802,8 @@ def encrypt_columns(
 
     Raises:
         ConfigurationError: unknown table or column, no companion column, a composite primary
-            key, a non-text or length-limited column, a row whose tenant column is NULL.
+            key, a non-text or length-limited column, a row whose tenant column is NULL; no
+            tenant column given or declared, or one given that contradicts the declared one.
         TenantNotConfiguredError: a row's tenant has no key (names the tenant); nothing of that
             batch is written, earlier batches stay done.
         TenantMismatchError: a row's existing EDEK belongs to another tenant than its tenant
@@ -696,6 +819,7 @@ def encrypt_columns(
         tenant_column=tenant_column,
         companion_column=companion_column,
         schema=schema,
+        metadata=metadata,
         for_encrypt=True,
     )
     assert tgt.spec is not None
@@ -797,7 +921,8 @@ def decrypt_columns(
     table: str,
     columns: Sequence[str],
     *,
-    tenant_column: str,
+    tenant_column: str | None = None,
+    metadata: Models | None = None,
     companion_column: str = "cmk_edek",
     schema: str | None = None,
     batch_size: int = 1000,
@@ -827,6 +952,7 @@ def decrypt_columns(
         tenant_column=tenant_column,
         companion_column=companion_column,
         schema=schema,
+        metadata=metadata,
     )
     assert tgt.spec is not None and tgt.companion is not None
     report = Report("decrypt", table, tuple(columns))
@@ -1090,7 +1216,8 @@ def rotate_data_keys(
     table: str,
     columns: Sequence[str],
     *,
-    tenant_column: str,
+    tenant_column: str | None = None,
+    metadata: Models | None = None,
     tenant: str | None = None,
     companion_column: str = "cmk_edek",
     schema: str | None = None,
@@ -1122,6 +1249,7 @@ def rotate_data_keys(
         tenant_column=tenant_column,
         companion_column=companion_column,
         schema=schema,
+        metadata=metadata,
     )
     assert tgt.spec is not None and tgt.companion is not None and tgt.tenant is not None
     spec = tgt.spec
@@ -1234,7 +1362,8 @@ def verify(
     table: str,
     columns: Sequence[str],
     *,
-    tenant_column: str,
+    tenant_column: str | None = None,
+    metadata: Models | None = None,
     companion_column: str = "cmk_edek",
     schema: str | None = None,
     batch_size: int = 1000,
@@ -1250,7 +1379,7 @@ def verify(
 
     Raises:
         ConfigurationError: unknown table or column, no companion column, ``sample`` not in
-            (0, 1].
+            (0, 1], the tenant column (as :func:`encrypt_columns`).
     """
     _check_batch_args(batch_size)
     if sample is not None and not 0 < sample <= 1:
@@ -1263,6 +1392,7 @@ def verify(
         tenant_column=tenant_column,
         companion_column=companion_column,
         schema=schema,
+        metadata=metadata,
     )
     assert tgt.spec is not None and tgt.companion is not None
     spec = tgt.spec
@@ -1379,7 +1509,15 @@ def status(
     One full scan of the table. "Encrypted" means "starts with ``cmk:``"; only :func:`verify`
     says whether it decrypts.
     """
-    tgt = _target(engine, table, columns, tenant_column=None, companion_column=None, schema=schema)
+    tgt = _target(
+        engine,
+        table,
+        columns,
+        tenant_column=None,
+        companion_column=None,
+        schema=schema,
+        with_tenant=False,
+    )
     exprs: list[ColumnElement[Any]] = [func.count()]
     for c in tgt.cols:
         exprs.append(func.count(c))

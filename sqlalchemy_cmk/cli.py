@@ -27,7 +27,8 @@ Usage::
     sqlalchemy-cmk status --table T --column C ...
 
     (all take --database-url, --schema and --json; all but status also --companion-column,
-    --batch-size, --progress-every SECONDS and --no-progress)
+    --batch-size, --progress-every SECONDS and --no-progress; instead of --tenant-column TC,
+    --metadata module:Base finds the tenant column the model declares)
 
 The migration commands (encrypt-column ... status) run the backfill engine of
 ``migrations_helpers.backfill``, the one behind the Alembic operations, for tables too big to
@@ -57,6 +58,7 @@ import argparse
 import base64
 import binascii
 import contextlib
+import importlib
 import json
 import os
 import sys
@@ -616,9 +618,18 @@ def _migration_parsers(
     tenant_column = argparse.ArgumentParser(add_help=False)
     tenant_column.add_argument(
         "--tenant-column",
-        required=True,
+        default=None,
         metavar="NAME",
-        help="the column naming each row's tenant, whose key seals the row",
+        help="the column naming each row's tenant, whose key seals the row (default: the one "
+        "the model declares with sqlalchemy_cmk.tenant_column(), found through --metadata)",
+    )
+    tenant_column.add_argument(
+        "--metadata",
+        default=None,
+        metavar="MODULE:ATTRIBUTE",
+        help="your models (a declarative base, a MetaData or a Table), e.g. myapp.models:Base, "
+        "imported from --app-dir: the table's declared tenant column is the default, and a "
+        "--tenant-column that contradicts it is refused",
     )
     workers = argparse.ArgumentParser(add_help=False)
     workers.add_argument(
@@ -715,6 +726,8 @@ def _migration(args: argparse.Namespace, out: TextIO) -> int:
                 "use --workers 1"
             )
         cmk = _load_cmk(args.cmk, args.app_dir)
+        if hasattr(args, "tenant_column"):  # every command that seals or opens rows
+            args.tenant_column = _tenant_column(args)
         if args.command == "verify":
             return _verify_table(engine, cmk, args, out)
         job = _Job(
@@ -750,6 +763,36 @@ def _migration(args: argparse.Namespace, out: TextIO) -> int:
         return 1 if problems else 0
     finally:
         engine.dispose()
+
+
+def _tenant_column(args: argparse.Namespace) -> str:
+    """--tenant-column, or the tenant column the model given by --metadata declares; resolved
+    here, once, so that a mistake stops the command before anything (even the schema) changes
+    and spawned workers get a plain name."""
+    from migrations_helpers.backfill import resolve_tenant_column
+
+    models: Any = None
+    if args.metadata is not None:
+        path = str(Path(args.app_dir).resolve())
+        if path not in sys.path:
+            sys.path.insert(0, path)
+        module_name, sep, attr = args.metadata.partition(":")
+        if not sep or not module_name or not attr:
+            raise UsageError(
+                f"--metadata takes MODULE:ATTRIBUTE, e.g. myapp.models:Base; got {args.metadata!r}"
+            )
+        try:
+            models = importlib.import_module(module_name)
+            for part in attr.split("."):
+                models = getattr(models, part)
+        except (ImportError, AttributeError) as exc:
+            raise UsageError(f"--metadata {args.metadata}: {exc} (imported from {path})") from None
+    try:
+        return resolve_tenant_column(
+            args.table, args.tenant_column, metadata=models, schema=args.schema
+        )
+    except ConfigurationError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def _fullname(args: argparse.Namespace) -> str:
