@@ -21,7 +21,9 @@ In ``env.py``::
             with context.begin_transaction():
                 context.run_migrations()
 
-Then, in a migration: ``op.encrypt_column("patients", "ssn", tenant_column="tenant_id")``. See
+Then, in a migration: ``op.encrypt_column("patients", "ssn", tenant_column="tenant_id")``, or
+``op.encrypt_column("patients", "ssn")`` when the model declares its tenant column with
+``sqlalchemy_cmk.tenant_column()`` and ``target_metadata`` holds the model. See
 :mod:`migrations_helpers.alembic_ops` for what each operation does and
 :mod:`migrations_helpers.autogenerate` for the two hooks. The engine behind the operations is
 :mod:`migrations_helpers.backfill` (also used by the ``sqlalchemy-cmk`` CLI).

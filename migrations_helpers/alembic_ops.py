@@ -522,12 +522,19 @@ def _summary(report: backfill.Report) -> None:
 def _tenant_column(operations: Operations, operation: _ColumnsOp) -> str:
     """The operation's tenant column: given, or declared by the model in ``target_metadata``
     (Alembic's own copy of the application's models, set in env.py)."""
-    return backfill.resolve_tenant_column(
+    name = backfill.resolve_tenant_column(
         operation.table_name,
         operation.tenant_column,
         metadata=operations.get_context().opts.get("target_metadata"),
         schema=operation.schema,
     )
+    if name in operation.columns:  # as __init__ checks a given one: before the schema changes
+        raise ConfigurationError(
+            f"{name!r} cannot be encrypted: it is the tenant column",
+            table=operation.table_name,
+            column=name,
+        )
+    return name
 
 
 def _prepare(

@@ -313,7 +313,7 @@ def downgrade():
 '''
 
 
-def r2(arguments: str) -> str:
+def r2(arguments: str, column: str = "name") -> str:
     return f'''
 """encrypt {TABLE}.name"""
 from alembic import op
@@ -323,12 +323,12 @@ down_revision = "r1"
 
 
 def upgrade():
-    op.encrypt_column("{TABLE}", "name"{arguments})
-    op.rotate_data_keys("{TABLE}", ["name"]{arguments})
+    op.encrypt_column("{TABLE}", "{column}"{arguments})
+    op.rotate_data_keys("{TABLE}", ["{column}"]{arguments})
 
 
 def downgrade():
-    op.decrypt_column("{TABLE}", "name"{arguments})
+    op.decrypt_column("{TABLE}", "{column}"{arguments})
 '''
 
 
@@ -339,13 +339,18 @@ def _forget_cmk() -> Iterator[None]:
 
 
 def alembic_config(
-    tmp_path: Path, engine: Engine, r2_args: str, cmk: CMK, metadata: MetaData | None
+    tmp_path: Path,
+    engine: Engine,
+    r2_args: str,
+    cmk: CMK,
+    metadata: MetaData | None,
+    column: str = "name",
 ) -> Config:
     where = tmp_path / f"alembic_{uuid.uuid4().hex[:6]}"
     (where / "versions").mkdir(parents=True)
     (where / "env.py").write_text(ENV_PY)
     (where / "versions" / "r1.py").write_text(R1)
-    (where / "versions" / "r2.py").write_text(r2(r2_args))
+    (where / "versions" / "r2.py").write_text(r2(r2_args, column))
     cfg = Config(output_buffer=io.StringIO())
     cfg.set_main_option("script_location", str(where))
     cfg.set_main_option("sqlalchemy.url", database_url(engine).replace("%", "%%"))
@@ -371,17 +376,23 @@ def test_alembic_operations_use_the_declared_tenant_column(tmp_path: Path, engin
 
 
 @pytest.mark.parametrize(
-    ("r2_args", "metadata", "message"),
+    ("r2_args", "metadata", "column", "message"),
     [
-        (", tenant_column='owner_id'", Base.metadata, "contradicts the model"),
-        ("", None, "no models were given"),
+        (", tenant_column='owner_id'", Base.metadata, "name", "contradicts the model"),
+        ("", None, "name", "no models were given"),
+        ("", Base.metadata, "tenant_id", "it is the tenant column"),
     ],
-    ids=["contradiction", "no-declaration"],
+    ids=["contradiction", "no-declaration", "encrypting-the-declared-column"],
 )
 def test_alembic_operations_refuse_before_changing_anything(
-    tmp_path: Path, engine: Engine, r2_args: str, metadata: MetaData | None, message: str
+    tmp_path: Path,
+    engine: Engine,
+    r2_args: str,
+    metadata: MetaData | None,
+    column: str,
+    message: str,
 ) -> None:
-    cfg = alembic_config(tmp_path, engine, r2_args, new_cmk(), metadata)
+    cfg = alembic_config(tmp_path, engine, r2_args, new_cmk(), metadata, column)
     with pytest.raises(ConfigurationError) as info:
         command.upgrade(cfg, "head")
     assert message in str(info.value)
