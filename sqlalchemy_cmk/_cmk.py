@@ -280,12 +280,21 @@ class CMK:
         columns: Sequence[Sequence[ColumnSpec]],
         companions: Sequence[bytes | None],
         ctx: TenantContext,
+        witnesses: Sequence[Mapping[str, Any] | None] | None = None,
     ) -> tuple[list[bytes | None], list[bytes]]:
         """Encrypt rows for the context tenant: one wrap at most per write window.
 
         Row ``i`` is ``dicts[i]`` (values by attribute key), a row of ``tables[i]``; the values
         of ``columns[i]`` that are not ``None`` are encrypted, under the row's own key if
         ``companions[i]`` is given (an update), else under the tenant's write key.
+
+        ``witnesses[i]``, for an update, holds the row's stored encrypted values (attribute key
+        -> stored bytes, as read with the companion). A key the KMS unwrapped for this seal is
+        checked against one of them before anything is sealed under it, so that a KMS answering
+        with a wrong key fails the flush instead of making the updated values unreadable. A key
+        with no witness (none given, or all the row's values NULL) is unwrapped a second time
+        and must come back the same: weaker (a KMS that always gives the same wrong key passes)
+        and one KMS call dearer, so callers should pass witnesses.
 
         Returns the new companion of each row (``None`` where the row keeps its own) and the
         ciphertexts, flat, in row and column order. Raises before returning anything if any
@@ -301,7 +310,16 @@ class CMK:
                 if comp is not None:
                     _format.split_companion(comp)
             self._check_tenants(old, ctx, tables[0].table, "encrypt")
-            keys = self._keys.read_keys(old, ctx)
+            fresh: list[DataKey] = []
+            keys = self._keys.read_keys(old, ctx, fresh=fresh)
+            if fresh:
+                try:
+                    proven = self._prove(fresh, tables, companions, witnesses, tenant, ctx)
+                except BaseException:
+                    for key in fresh:
+                        key.wipe()
+                    raise
+                self._keys.remember(proven)
         # Count the values; new rows share the tenant's write key, and a batch larger than one
         # key may serve is split over as many keys as needed (one wrap each).
         max_uses = self._keys.max_uses
@@ -384,6 +402,53 @@ class CMK:
             self._keys.emit(ctx, "encrypt", "ok", tenant, table=t.table, columns=names, rows=count)
         return new_companions, cts
 
+    def _prove(
+        self,
+        fresh: list[DataKey],
+        tables: Sequence[TableSpec],
+        companions: Sequence[bytes | None],
+        witnesses: Sequence[Mapping[str, Any] | None] | None,
+        tenant: str,
+        ctx: TenantContext,
+    ) -> list[DataKey]:
+        """Check each freshly unwrapped key against a stored value of a row it serves, else by
+        a second unwrap; return the keys proven. Raises DecryptionError for a wrong key."""
+        todo = {k.envelope: k for k in fresh}
+        proven: list[DataKey] = []
+        split = 1 + _format.ROW_ID_SIZE
+        for t, comp, witness in zip(
+            tables, companions, witnesses or [None] * len(companions), strict=True
+        ):
+            if comp is None or not witness or comp[split:] not in todo:
+                continue
+            for c in t.columns:
+                stored = witness.get(c.key)
+                if not isinstance(stored, (bytes, bytearray, memoryview)):
+                    continue  # NULL, or plaintext of a column being encrypted in place
+                value = bytes(stored)
+                key = todo.pop(comp[split:])
+                aad = _aad_prefix(tenant, t.table, c.name) + comp[1:split]
+                try:
+                    _format.open_(key.aead, aad, value)
+                except DecryptionError:
+                    self._keys.discard(key.envelope)
+                    raise DecryptionError(
+                        "the KMS unwrapped a key that does not open the row's stored values; "
+                        "nothing was written",
+                        tenant=tenant,
+                        key_ref=key.key_ref,
+                        provider=key.provider,
+                        table=t.table,
+                    ) from None
+                proven.append(key)
+                break
+            if not todo:
+                break
+        for key in todo.values():
+            self._keys.confirm(key, ctx)
+            proven.append(key)
+        return proven
+
     def open(
         self,
         dicts: Sequence[dict[str, Any]],
@@ -436,7 +501,29 @@ class CMK:
             )
         started = time.monotonic()
         tenant_of = self._check_tenants(envelopes, ctx, tables[0].table, "decrypt")
-        keys = self._keys.read_keys(envelopes, ctx)
+        # Keys unwrapped now are cached only once this load has proven them (every value
+        # authenticated): a KMS that answered with a wrong key must not poison the cache.
+        fresh: list[DataKey] = []
+        keys = self._keys.read_keys(envelopes, ctx, fresh=fresh)
+        try:
+            self._open(dicts, tables, ctx, started, tenant_of, keys)
+        except BaseException:
+            for key in fresh:
+                key.wipe()
+            raise
+        if fresh:
+            self._keys.remember(fresh)
+
+    def _open(
+        self,
+        dicts: Sequence[dict[str, Any]],
+        tables: Sequence[TableSpec],
+        ctx: TenantContext,
+        started: float,
+        tenant_of: dict[bytes, str],
+        keys: dict[bytes, DataKey],
+    ) -> None:
+        split = 1 + _format.ROW_ID_SIZE
         # envelope -> table -> ([(column, AAD prefix)], decrypt, [rows decrypted])
         plans: dict[bytes, dict[TableSpec, list[Any]]] = {}
         enc_value = EncryptedValue
@@ -474,6 +561,7 @@ class CMK:
                 try:
                     pt = decrypt(v[1:13], v[13:], prefix + row_id)
                 except InvalidTag:
+                    self._keys.discard(last)  # perhaps a wrong key: never serve it again
                     raise DecryptionError(_format.AUTH_FAILED, table=t.table) from None
                 codec = c.codec
                 try:

@@ -280,19 +280,30 @@ class KeyManager:
         return key
 
     def _verify(self, key: DataKey, ctx: TenantContext | None) -> None:
-        """Unwrap ``key``'s envelope through the provider; it must give back the same key.
+        """Unwrap a new key's envelope through the provider; it must give back the same key.
 
         The unwrap is a KMS call the tenant sees, so it is audited like any other, with
         ``purpose="verify"``; what it proves is then kept (the write key enters the read cache).
         """
-        back = self._unwrap(key.envelope, ctx, remember=False, purpose="verify")
+        self._round_trip(key, ctx, "verify", "the KMS unwrapped a different key than it wrapped")
+
+    def confirm(self, key: DataKey, ctx: TenantContext | None) -> None:
+        """Unwrap ``key``'s envelope again; the KMS must give the same key (audited as an
+        unwrap with ``purpose="confirm"``). For a key about to seal values with nothing stored
+        to check it against: a KMS that answered garbage once is caught."""
+        self._round_trip(key, ctx, "confirm", "the KMS unwrapped one key twice, differently")
+
+    def _round_trip(
+        self, key: DataKey, ctx: TenantContext | None, purpose: str, problem: str
+    ) -> None:
+        back = self._unwrap(key.envelope, ctx, remember=False, purpose=purpose)
         try:
             same = hmac.compare_digest(back.material, key.material)
         finally:
             back.wipe()
         if not same:
             raise DecryptionError(
-                "the KMS unwrapped a different key than it wrapped; nothing was encrypted under it",
+                f"{problem}; nothing was encrypted under it",
                 tenant=key.tenant,
                 key_ref=key.key_ref,
                 provider=key.provider,
@@ -369,12 +380,20 @@ class KeyManager:
     # -- read keys -----------------------------------------------------------------------------
 
     def read_keys(
-        self, envelopes: Iterable[bytes], ctx: TenantContext | None
+        self,
+        envelopes: Iterable[bytes],
+        ctx: TenantContext | None,
+        *,
+        fresh: list[DataKey] | None = None,
     ) -> dict[bytes, DataKey]:
         """Data keys for the given envelopes: from the cache, else unwrapped, concurrently.
 
         Raises the first error met (in envelope order) after all unwraps have finished, so no
         thread is left running.
+
+        With ``fresh``, the keys unwrapped now are not cached but appended to it: the caller
+        proves them (a value authenticates) and then calls :meth:`remember`, so that a KMS that
+        answered with a wrong key does not have it served from the cache for ``cache_ttl``.
         """
         now = self._clock()
         self._prune(now)
@@ -392,21 +411,46 @@ class KeyManager:
                     missing.append(env)
         if not missing:
             return found
+        keep = fresh is None
         if len(missing) == 1:
-            results: list[DataKey | CMKError] = [self._unwrap_or_error(missing[0], ctx)]
+            results: list[DataKey | CMKError] = [self._unwrap_or_error(missing[0], ctx, keep)]
         else:
             workers = min(len(missing), self._retry.max_concurrency)
             with ThreadPoolExecutor(workers, thread_name_prefix="sqlalchemy-cmk-unwrap") as pool:
-                results = list(pool.map(lambda e: self._unwrap_or_error(e, ctx), missing))
+                results = list(pool.map(lambda e: self._unwrap_or_error(e, ctx, keep), missing))
+        error = next((r for r in results if isinstance(r, CMKError)), None)
+        if error is not None:
+            if not keep:  # nothing proved these keys: they leave memory now
+                for res in results:
+                    if isinstance(res, DataKey):
+                        res.wipe()
+            raise error
         for env, res in zip(missing, results, strict=True):
-            if isinstance(res, CMKError):
-                raise res
+            assert isinstance(res, DataKey)
             found[env] = res
+            if fresh is not None:
+                fresh.append(res)
         return found
 
-    def _unwrap_or_error(self, envelope: bytes, ctx: TenantContext | None) -> DataKey | CMKError:
+    def remember(self, keys: Iterable[DataKey]) -> None:
+        """Cache keys that :meth:`read_keys` returned as ``fresh``, once they are proven."""
+        with self._lock:
+            for key in keys:
+                if key.wiped:
+                    continue
+                cached = self._read.get(key.envelope)
+                if cached is not None and cached is not key:
+                    key.wipe()  # another thread cached the same key meanwhile
+                    continue
+                self._remember(key)
+                if self._read.get(key.envelope) is not key:
+                    key.wipe()  # not cached (cache_ttl=0): its use is over
+
+    def _unwrap_or_error(
+        self, envelope: bytes, ctx: TenantContext | None, remember: bool = True
+    ) -> DataKey | CMKError:
         try:
-            return self._unwrap(envelope, ctx)
+            return self._unwrap(envelope, ctx, remember=remember)
         except CMKError as exc:
             return exc
 
@@ -567,6 +611,17 @@ class KeyManager:
             for k in stale:
                 del self._write[k.tenant]
             self._wipe_unless_cached(victims + stale)
+
+    def discard(self, envelope: bytes) -> None:
+        """Drop (and zero) the cached key of ``envelope``: a value failed to authenticate under
+        it, and a KMS that once returned a wrong key must not have it served from the cache
+        until ``cache_ttl`` runs out. Costs a tampered row one more unwrap per read."""
+        with self._lock:
+            key = self._read.pop(envelope, None)
+            if key is not None:
+                if self._write.get(key.tenant) is key:
+                    del self._write[key.tenant]
+                key.wipe()
 
     def forget(self, tenant: str | None = None) -> int:
         """Drop (and zero) cached keys of one tenant, or of all; returns how many were dropped."""

@@ -12,6 +12,7 @@ from sqlalchemy import Column, Integer, MetaData, String, Table
 from sqlalchemy_cmk import (
     CMK,
     AuditError,
+    DecryptionError,
     EDEKType,
     EncryptedDocument,
     EncryptedType,
@@ -22,6 +23,7 @@ from sqlalchemy_cmk import (
 from sqlalchemy_cmk._mapping import table_spec
 from sqlalchemy_cmk.audit import AuditEvent
 from sqlalchemy_cmk.testing import FakeKeyProvider
+from sqlalchemy_cmk.types import EncryptedValue
 
 SECRET = "hunter2-plaintext"
 
@@ -199,3 +201,66 @@ def test_unsealable_strings_are_refused_without_plaintext(column: str, value: st
     assert info.value.column == column
     assert info.value.__context__ is None and info.value.__cause__ is None
     assert_no_secret(info.value)
+
+
+# -- a KMS answering with a wrong key: nothing sealed under it, nothing cached ----------------
+
+
+def seal_row(cmk: CMK, row: dict[str, Any], companion: bytes | None = None, **kw: Any) -> Any:
+    spec = table_spec(notes)
+    assert spec is not None
+    ctx = tenant_context("acme").context
+    return cmk.seal([row], [spec], [spec.columns], [companion], ctx, **kw)
+
+
+def open_row(cmk: CMK, stored: dict[str, Any]) -> dict[str, Any]:
+    row = {k: EncryptedValue(v) if k in ("short", "body") else v for k, v in stored.items()}
+    with tenant_context("acme"):
+        return cmk.decrypt_row(notes, row)
+
+
+def stored_row(cmk: CMK) -> dict[str, Any]:
+    (companion,), cts = seal_row(cmk, {"short": "abc", "body": SECRET})
+    return {"id": 1, "short": cts[0], "body": cts[1], "cmk_edek": companion}
+
+
+def test_a_wrong_key_from_the_kms_is_not_cached_by_a_load():
+    cmk, fake = make_cmk()
+    stored = stored_row(cmk)
+    cmk.forget_tenant()
+    fake.reset_counts()
+    fake.inject("garbage", operation="unwrap")
+    with pytest.raises(DecryptionError):
+        open_row(cmk, stored)
+    assert open_row(cmk, stored)["body"] == SECRET  # asked the KMS again, not the cache
+    assert fake.unwrap_count == 2
+
+
+def test_an_update_checks_a_fresh_key_against_a_stored_value():
+    cmk, fake = make_cmk()
+    stored = stored_row(cmk)
+    cmk.forget_tenant()
+    fake.reset_counts()
+    fake.inject("garbage", operation="unwrap")
+    witness = {"short": stored["short"], "body": stored["body"]}
+    with pytest.raises(DecryptionError, match="does not open"):
+        seal_row(cmk, {"body": "new"}, stored["cmk_edek"], witnesses=[witness])
+    assert fake.unwrap_count == 1
+    _, (ct,) = seal_row(cmk, {"body": "new"}, stored["cmk_edek"], witnesses=[witness])
+    assert fake.unwrap_count == 2  # no second unwrap: the stored value proved the key
+    assert open_row(cmk, {**stored, "body": ct})["body"] == "new"
+
+
+def test_an_update_without_witnesses_unwraps_a_fresh_key_twice():
+    cmk, fake = make_cmk()
+    stored = stored_row(cmk)
+    cmk.forget_tenant()
+    fake.inject("garbage", operation="unwrap")
+    with pytest.raises(DecryptionError, match="twice"):
+        seal_row(cmk, {"body": "new"}, stored["cmk_edek"])
+    fake.reset_counts()
+    _, (ct,) = seal_row(cmk, {"body": "new"}, stored["cmk_edek"])
+    assert fake.unwrap_count == 2
+    assert open_row(cmk, {**stored, "body": ct})["body"] == "new"
+    _, (ct,) = seal_row(cmk, {"body": "newer"}, stored["cmk_edek"])
+    assert fake.unwrap_count == 2  # proven, so cached
