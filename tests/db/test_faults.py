@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from sqlalchemy import JSON, Engine, ForeignKey, Numeric, String, select, text
+from sqlalchemy import JSON, Engine, ForeignKey, Numeric, String, inspect, select, text
 from sqlalchemy.orm import (
     DeclarativeBase,
     Mapped,
@@ -33,12 +33,15 @@ from sqlalchemy.orm import (
 
 from sqlalchemy_cmk import (
     CMK,
+    AuditError,
     CMKError,
     EncryptedMixin,
     EncryptedType,
     cross_tenant_context,
     tenant_context,
 )
+from sqlalchemy_cmk._mapping import mapper_spec
+from sqlalchemy_cmk.audit import AuditEvent
 from sqlalchemy_cmk.testing import FakeKeyProvider
 from sqlalchemy_cmk.types import EncryptedValue, Sealed
 
@@ -79,12 +82,26 @@ COUNTS: dict[str, tuple[int | None, ...]] = {"hang": (None,), "denied": (None,)}
 TABLES = ("fault_accounts", "fault_tickets")
 
 
+class FlakySink:
+    """An audit sink that raises from its ``fail_at``-th event on (a SIEM that went down)."""
+
+    def __init__(self) -> None:
+        self.events = 0
+        self.fail_at: int | None = None
+
+    def __call__(self, event: AuditEvent) -> None:
+        index, self.events = self.events, self.events + 1
+        if self.fail_at is not None and index >= self.fail_at:
+            raise RuntimeError("SIEM unreachable")
+
+
 @dataclass
 class Env:
     engine: Engine
     Session: sessionmaker[Session]
     cmk: CMK
     kms: FakeKeyProvider
+    sink: FlakySink
 
     seeded: dict[str, list[dict[str, Any]]] | None = None
 
@@ -93,6 +110,7 @@ class Env:
         hooks and then put back byte for byte before each attempt: cheaper than writing again,
         and every attempt starts from the same state, so call k is the same call each time."""
         self.kms.heal()
+        self.sink.fail_at = None
         self.cmk.forget_tenant()
         if self.seeded is None:
             self.seed()
@@ -153,16 +171,17 @@ class Env:
 @pytest.fixture
 def env(engine: Engine) -> Iterator[Env]:
     kms = FakeKeyProvider()
+    sink = FlakySink()
     cmk = CMK(
         kms,
         tenant_keys={t: f"fake://{t}" for t in TENANTS},
-        audit_sinks=[],
+        audit_sinks=[sink],
         kms_deadline=DEADLINE,
         retry_backoff=0.0,
     )
     maker = sessionmaker(engine)
     cmk.install(maker)
-    yield Env(engine, maker, cmk, kms)
+    yield Env(engine, maker, cmk, kms, sink)
     kms.heal()
     cmk.uninstall(maker)
 
@@ -282,3 +301,38 @@ def test_a_fault_at_every_kms_call_writes_nothing_or_everything(env: Env, name: 
                 assert readable(env) == len(before["fault_accounts"]) + added, where
     assert sum(outcomes.values()) == n * sum(len(COUNTS.get(f, (None, 1))) for f in FAULTS)
     assert outcomes.get("ok", 0) < sum(outcomes.values()) / 2, outcomes
+
+
+def assert_no_plaintext_in_loaded_objects(s: Session) -> None:
+    """After a failed load, the encrypted attributes of loaded objects are expired: neither
+    ciphertext nor half a batch of plaintext is left for the application to use."""
+    for obj in s.identity_map.values():
+        keys = {c.key for t in mapper_spec(inspect(obj).mapper).tables for c in t.columns}
+        assert not keys & set(vars(obj)), f"{type(obj).__name__} kept {keys & set(vars(obj))}"
+
+
+@pytest.mark.parametrize("name", sorted(OPERATIONS))
+def test_a_failing_audit_sink_at_every_event_stops_the_access(env: Env, name: str) -> None:
+    operation = OPERATIONS[name]
+    env.reset()
+    env.sink.events = 0
+    with env.Session() as s:
+        operation(env, s)
+    n = env.sink.events
+    assert n >= 4
+    for k in range(n):
+        env.reset()
+        before = env.raw()
+        env.sink.fail_at, env.sink.events = k, 0
+        with env.Session() as s:
+            with pytest.raises(AuditError) as info:
+                operation(env, s)
+            assert isinstance(info.value.__cause__, RuntimeError)
+            assert_no_ciphertext_in_objects(s)
+            if name == "load":
+                assert_no_plaintext_in_loaded_objects(s)
+            s.rollback()
+        assert env.raw() == before, f"{name}: sink failing at event {k} of {n}: database changed"
+        env.sink.fail_at = None
+        with env.Session() as s:
+            operation(env, s)
