@@ -79,15 +79,19 @@ class LocalKeyProvider:
     def from_file(cls, path: str | os.PathLike[str]) -> LocalKeyProvider:
         """Load master keys from a JSON key file (see the module docstring)."""
         p = Path(path)
+        # Errors are raised outside the handlers: a JSONDecodeError keeps the whole file (the
+        # master keys) in its ``doc``, and would ride along as ``__context__``.
+        problem = None
         try:
             doc = json.loads(p.read_text())
         except FileNotFoundError:
-            raise ConfigurationError(
-                f"key file {p} does not exist; create one with "
-                "LocalKeyProvider.generate_key_file(path, [names])"
-            ) from None
+            problem = (
+                "does not exist; create one with LocalKeyProvider.generate_key_file(path, [names])"
+            )
         except (OSError, ValueError) as exc:
-            raise ConfigurationError(f"key file {p} is unreadable or not JSON: {exc}") from None
+            problem = f"is unreadable or not JSON ({type(exc).__name__})"
+        if problem is not None:
+            raise ConfigurationError(f"key file {p} {problem}")
         if not isinstance(doc, dict) or not isinstance(doc.get("keys"), dict):
             raise ConfigurationError(f'key file {p} must hold {{"keys": {{"name": "base64"}}}}')
         return cls(_decode_keys(doc["keys"], str(p)))
@@ -165,9 +169,10 @@ class LocalKeyProvider:
         try:
             return aead.decrypt(wrapped[1:13], wrapped[13:], _aad(name, context))
         except InvalidTag:
-            raise DecryptionError(
-                "wrapped key failed authentication", key_ref=key_ref, provider=_SCHEME
-            ) from None
+            pass
+        raise DecryptionError(
+            "wrapped key failed authentication", key_ref=key_ref, provider=_SCHEME
+        )
 
 
 def _decode_keys(raw: Mapping[str, object], where: str) -> dict[str, bytes]:
@@ -175,8 +180,12 @@ def _decode_keys(raw: Mapping[str, object], where: str) -> dict[str, bytes]:
     for name, value in raw.items():
         if not isinstance(value, str):
             raise ConfigurationError(f"{where}: key {name!r} must be a base64 string")
+        key: bytes | None
         try:
-            keys[name] = base64.b64decode(value, validate=True)
+            key = base64.b64decode(value, validate=True)
         except (binascii.Error, ValueError):
-            raise ConfigurationError(f"{where}: key {name!r} is not valid base64") from None
+            key = None
+        if key is None:  # raised here, not in the handler: nothing chained
+            raise ConfigurationError(f"{where}: key {name!r} is not valid base64")
+        keys[name] = key
     return keys

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import pickle
 import stat
 from pathlib import Path
 
@@ -304,3 +305,14 @@ def test_generate_key_file_refuses_a_str_of_names(tmp_path: Path) -> None:
     with pytest.raises(ConfigurationError, match="list of key names"):
         LocalKeyProvider.generate_key_file(tmp_path / "k.json", "acme")
     assert not (tmp_path / "k.json").exists()
+
+
+def test_a_broken_key_file_does_not_chain_its_contents(tmp_path: Path):
+    # A JSONDecodeError keeps the whole document (here, a master key) in its `doc`; it must not
+    # ride along as the __context__ of the error that error trackers record.
+    path = tmp_path / "keys.json"
+    path.write_text('{"keys": {"acme": "' + b64(KEY_A) + '"}')  # truncated: not JSON
+    with pytest.raises(ConfigurationError) as info:
+        LocalKeyProvider.from_file(path)
+    assert info.value.__context__ is None and info.value.__cause__ is None
+    assert b64(KEY_A) not in repr(pickle.dumps(info.value))
