@@ -18,7 +18,8 @@ Memory is bounded whatever the number of tenants: at most ``cache_max_entries`` 
 many write keys are held, and expired ones are pruned (and zeroed) by a sweep that runs at most
 every quarter of ``cache_ttl``, on the next call after that.
 
-Every provider call runs on a daemon thread, at most ``max_concurrency`` at once, so that a call
+Every provider call runs on a daemon thread, at most ``4 * max_concurrency`` at once per key
+manager (room for several concurrent loads, each ``max_concurrency`` wide), so that a call
 that hangs is abandoned at ``kms_deadline`` (a :class:`KMSUnavailableError`) instead of holding a
 flush forever; a thread stuck in a provider keeps its slot until the provider returns.
 
@@ -187,7 +188,7 @@ class KeyManager:
         self._lock = threading.Lock()
         self._read: OrderedDict[bytes, DataKey] = OrderedDict()
         self._write: OrderedDict[str, DataKey] = OrderedDict()  # least recently used first
-        self._runner = _Runner(retry.max_concurrency)
+        self._runner = _Runner(4 * retry.max_concurrency)
         # Expired keys are swept at most this often (a sweep walks both caches).
         self._prune_every = min(cache.ttl, cache.write_age) / 4
         self._next_prune = clock() + self._prune_every
