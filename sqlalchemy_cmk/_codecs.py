@@ -20,6 +20,7 @@ from __future__ import annotations
 import datetime
 import decimal
 import json
+import math
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -57,11 +58,19 @@ def _dec_enc(v: decimal.Decimal | int | float) -> bytes:
     ).encode()
 
 
+_PG_NUMERIC_DIGITS = 131072  # PostgreSQL's numeric: at most this many digits before the point
+
+
 def _numeric_enc(precision: int | None, scale: int) -> Callable[[Any], bytes]:
     """Round to ``scale`` places as PostgreSQL's ``numeric(p, s)`` does (half away from zero)
     and refuse what would overflow it ("numeric field overflow" there)."""
     quantum = decimal.Decimal(1).scaleb(-scale)
-    context = decimal.Context(prec=max(precision or 0, 28) + scale + 2, rounding="ROUND_HALF_UP")
+    context = decimal.Context(
+        prec=decimal.MAX_PREC,
+        Emax=decimal.MAX_EMAX,
+        Emin=decimal.MIN_EMIN,
+        rounding=decimal.ROUND_HALF_UP,
+    )
 
     def encode(v: decimal.Decimal | int | float) -> bytes:
         d = decimal.Decimal(v) if not isinstance(v, float) else decimal.Decimal(repr(v))
@@ -69,11 +78,16 @@ def _numeric_enc(precision: int | None, scale: int) -> Callable[[Any], bytes]:
             return b"NaN"  # PostgreSQL's numeric(p, s) stores NaN
         if d.is_infinite():
             raise Refused(f"infinity does not fit Numeric({precision}, {scale})")
-        q = d.quantize(quantum, context=context)
-        if precision is not None and q and q.adjusted() >= precision - scale:
+        q = None
+        if d.adjusted() < _PG_NUMERIC_DIGITS:  # else quantize would write out every digit
+            try:
+                q = d.quantize(quantum, context=context)
+            except decimal.InvalidOperation:  # absurd exponents only, with this context
+                q = None
+        if q is None or (precision is not None and q and q.adjusted() >= precision - scale):
+            digits = _PG_NUMERIC_DIGITS if precision is None else precision - scale
             raise Refused(
-                f"the value has more than {precision - scale} integer digits "
-                f"(Numeric({precision}, {scale}))"
+                f"the value has more than {digits} integer digits (Numeric({precision}, {scale}))"
             )
         return str(q).encode()
 
@@ -122,8 +136,23 @@ _INT = Codec("int", 3, _int_enc, lambda b: int(b.decode()), (int,))
 _DECIMAL = Codec(
     "decimal", 4, _dec_enc, lambda b: decimal.Decimal(b.decode()), (decimal.Decimal, int, float)
 )
+
+
+def _float_enc(v: decimal.Decimal | int | float) -> bytes:
+    # Read back as a float: a finite value beyond the float range would come back as infinity
+    # (PostgreSQL refuses it: "out of range for type double precision"), so refuse it here.
+    if not isinstance(v, float) and not (isinstance(v, decimal.Decimal) and not v.is_finite()):
+        try:
+            f = float(v)
+        except OverflowError:  # an int too large for a float
+            f = math.inf
+        if math.isinf(f):
+            raise Refused("the value is out of range for a float column")
+    return _dec_enc(v)
+
+
 _FLOAT_DECIMAL = Codec(
-    "decimal", 4, _dec_enc, lambda b: float(b.decode()), (decimal.Decimal, int, float)
+    "decimal", 4, _float_enc, lambda b: float(b.decode()), (decimal.Decimal, int, float)
 )
 _BOOL = Codec("bool", 5, _bool_enc, _bool_dec, (bool,))
 _DATE = Codec(

@@ -463,3 +463,20 @@ def test_decode_errors_hold_no_plaintext(t: sqltypes.TypeEngine[Any], data: byte
         dec(t, data)
     assert chain(info.value) == [info.value]
     assert PLAINTEXT not in repr(pickle.dumps(info.value))
+
+
+@pytest.mark.parametrize("t", [Float(), Numeric(asdecimal=False)], ids=repr)
+@pytest.mark.parametrize("value", [10**400, decimal.Decimal("1e400")], ids=repr)
+def test_a_finite_value_beyond_the_float_range_is_refused(t: sqltypes.TypeEngine[Any], value: Any):
+    # It would come back as infinity; PostgreSQL refuses it ("out of range for type double").
+    with pytest.raises(InvalidValueError, match="out of range"):
+        enc(t, value)
+
+
+def test_infinity_given_as_decimal_is_still_a_float_infinity():
+    assert dec(Float(), enc(Float(), decimal.Decimal("-Infinity"))) == -math.inf
+
+
+def test_a_huge_exponent_is_refused_without_writing_out_its_digits():
+    with pytest.raises(InvalidValueError, match="integer digits"):
+        enc(Numeric(scale=2), decimal.Decimal("1e999999999"))
