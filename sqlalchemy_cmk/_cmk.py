@@ -201,8 +201,18 @@ class CMK:
     def install(self, target: Any) -> None:
         """Attach the encrypt-on-flush and decrypt-on-load hooks to the user's sessions.
 
+        Every statement executed through an installed session first passes the statement
+        guard: a SQL expression as the value of an encrypted column raises
+        ``PlaintextWriteError``, a read that cannot work on ciphertext (comparison, ``LIKE``,
+        ``ORDER BY``, a function of the column...) raises ``UnsupportedQueryError``, both before
+        anything is sent. Install on the ``Engine`` too to guard Core execution on its
+        connections (``engine.connect()``); Core cannot encrypt, so there only bound values
+        the hooks sealed and NULL can be written. Raw ``text()`` and ``exec_driver_sql`` are
+        out of the guard's reach.
+
         Args:
-            target: A ``sessionmaker``, a ``Session`` subclass, or one ``Session``.
+            target: A ``sessionmaker``, a ``Session`` subclass, one ``Session``, or an
+                ``Engine`` or ``Connection`` (the statement guard only).
 
         Raises:
             ConfigurationError: already installed on ``target``.

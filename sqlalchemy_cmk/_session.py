@@ -623,10 +623,25 @@ def _bulk_insert(cmk: CMK, orm_state: ORMExecuteState) -> Any:
 
 
 def install(cmk: CMK, target: Any) -> list[tuple[str, Any]]:
+    from sqlalchemy import Connection, Engine
+
+    from ._guard import check_statement
+
+    if isinstance(target, Engine | Connection):
+        # Core execution cannot seal (a value is bound to its row's key, which only the unit of
+        # work knows), but the statement guard still refuses what would store plaintext or read
+        # ciphertext wrongly. The ORM's own flush statements pass through here too, and pass.
+        def before_execute(conn: Any, stmt: Any, *args: Any) -> None:
+            check_statement(stmt)
+
+        event.listen(target, "before_execute", before_execute)
+        return [("before_execute", before_execute)]
+
     def before_flush(session: Session, flush_context: UOWTransaction, instances: Any) -> None:
         _before_flush(cmk, session, flush_context, instances)
 
     def do_orm_execute(orm_state: ORMExecuteState) -> Any:
+        check_statement(orm_state.statement)  # before anything, internal queries included
         return _do_orm_execute(cmk, orm_state)
 
     listeners: list[tuple[str, Any]] = [

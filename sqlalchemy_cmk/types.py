@@ -8,7 +8,15 @@ and row id) and a type only ever sees one value. What the types do is guard the 
   raises :class:`~sqlalchemy_cmk.errors.PlaintextWriteError` before the statement is sent, so no
   path (Core ``insert()``, ``update()``, bulk operations) can store plaintext;
 * on read, it returns an :class:`EncryptedValue`, an opaque holder whose repr never shows data,
-  which the hooks then decrypt.
+  which the hooks then decrypt;
+* in expressions, ``EncryptedType`` refuses comparisons, ``LIKE``, ``IN``, ordering and every
+  other operator with :class:`~sqlalchemy_cmk.errors.UnsupportedQueryError` when the expression
+  is built (they would run on randomized ciphertext); ``IS NULL`` / ``IS NOT NULL``
+  (``col == None``, ``col.is_(None)``) work. The statement guard (``_guard``) refuses what no
+  operator builds (``func.lower(col)``, ``cast(col, ...)``, ``order_by(col)``) when executed;
+* at declaration, a column option it cannot honour (server or Python default, ``unique``,
+  ``index``, primary or foreign key, ``Computed``, ``Identity``, ``Mutable`` tracking) raises
+  :class:`~sqlalchemy_cmk.errors.ConfigurationError` when the column is attached to its table.
 
 NULL: ``None`` is stored as SQL NULL, not encrypted, so ``IS NULL`` works and nullability is
 visible to whoever reads the database. Declare the column ``nullable=False`` if that matters.
@@ -20,12 +28,16 @@ import base64
 import binascii
 from typing import Any
 
+from sqlalchemy import Column, event
 from sqlalchemy import types as sqltypes
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy.sql import operators
+from sqlalchemy.sql.base import SchemaEventTarget
+from sqlalchemy.sql.elements import ClauseElement, Null
 
 from ._codecs import Codec, codec_for
-from .errors import ConfigurationError, DecryptionError, PlaintextWriteError
+from .errors import ConfigurationError, DecryptionError, PlaintextWriteError, UnsupportedQueryError
 
 __all__ = ["TEXT_MARKER", "EDEKType", "EncryptedMixin", "EncryptedType", "EncryptedValue"]
 
@@ -62,6 +74,79 @@ class EncryptedValue(bytes):
 #: Prefix of an encrypted value stored as text (``storage="text"``): ``cmk:`` + base64(value).
 TEXT_MARKER = "cmk:"
 
+_NULL_TESTS = frozenset(
+    {
+        operators.eq,
+        operators.ne,
+        operators.is_,
+        operators.is_not,
+        operators.is_distinct_from,
+        operators.is_not_distinct_from,
+    }
+)
+
+
+class _Comparator(sqltypes.TypeDecorator.Comparator[Any]):
+    """Operators on an encrypted column: only tests for NULL, since the values are randomized.
+
+    ``col == other_column`` is still built (SQLAlchemy compares columns with ``==`` internally,
+    in sets and lookups); executing it is refused by the statement guard.
+    """
+
+    __slots__ = ()
+
+    def operate(self, op: Any, *other: Any, **kwargs: Any) -> Any:
+        if op in _NULL_TESTS and len(other) == 1:
+            arg = other[0]
+            if arg is None or isinstance(arg, Null):
+                return super().operate(op, *other, **kwargs)
+            if op in (operators.eq, operators.ne) and (
+                isinstance(arg, ClauseElement) or hasattr(arg, "__clause_element__")
+            ):
+                return super().operate(op, *other, **kwargs)
+        raise _refuse_operator(self.expr, op)
+
+    def reverse_operate(self, op: Any, other: Any, **kwargs: Any) -> Any:
+        raise _refuse_operator(self.expr, op)
+
+
+def _refuse_operator(expr: Any, op: Any) -> UnsupportedQueryError:
+    from ._guard import SUPPORTED_READS, _construct_op, _locate, _name
+
+    table, column = _locate(expr)
+    return UnsupportedQueryError(
+        f"{_name(expr)} is encrypted: {_construct_op(op)} on it would run on randomized "
+        f"ciphertext and cannot give the plaintext's answer. {SUPPORTED_READS}",
+        table=table,
+        column=column,
+    )
+
+
+def _watch_column(column: Any) -> None:
+    """Check the column's options when it joins its table, i.e. when the model is declared."""
+    if not isinstance(column, Column):
+        return
+    if getattr(column, "table", None) is not None:
+        _on_attach(column, column.table)
+    elif not event.contains(column, "after_parent_attach", _on_attach):
+        event.listen(column, "after_parent_attach", _on_attach)
+
+
+def _on_attach(column: Column[Any], table: Any) -> None:
+    from ._guard import check_column
+
+    check_column(column)
+    # Constraints and indexes are attached after the columns: check them when the table is
+    # created (and the guard checks each table the first time a statement uses it).
+    if not event.contains(table, "before_create", _before_create):
+        event.listen(table, "before_create", _before_create)
+
+
+def _before_create(table: Any, *args: Any, **kwargs: Any) -> None:
+    from ._guard import check_table
+
+    check_table(table)
+
 
 class EncryptedType(sqltypes.TypeDecorator[Any]):
     """A column encrypted per tenant; stored as binary (BYTEA, BLOB), or as text.
@@ -85,6 +170,7 @@ class EncryptedType(sqltypes.TypeDecorator[Any]):
 
     impl = sqltypes.LargeBinary
     cache_ok = True
+    comparator_factory = _Comparator
 
     def __init__(
         self,
@@ -124,6 +210,10 @@ class EncryptedType(sqltypes.TypeDecorator[Any]):
     def python_type(self) -> type[Any]:
         return self.underlying.python_type
 
+    def _set_parent(self, parent: SchemaEventTarget, outer: bool = False, **kw: Any) -> None:
+        super()._set_parent(parent, outer=outer, **kw)
+        _watch_column(parent)
+
     def process_bind_param(self, value: Any, dialect: Dialect) -> bytes | str | None:
         if value is None:
             return None
@@ -143,7 +233,7 @@ class EncryptedType(sqltypes.TypeDecorator[Any]):
         if value is None:
             return None
         if self.storage == "binary":
-            return EncryptedValue(value)
+            return _binary(value)
         return _from_text(value, self.allow_plaintext)
 
     def bind_processor(self, dialect: Dialect) -> Any:
@@ -160,13 +250,18 @@ class EncryptedType(sqltypes.TypeDecorator[Any]):
         if impl is None:
 
             def process(value: Any) -> EncryptedValue | None:
-                return None if value is None else wrap(value)
+                if type(value) is bytes:
+                    return wrap(value)
+                return None if value is None else _binary(value)
 
         else:
 
             def process(value: Any) -> EncryptedValue | None:
-                value = impl(value)
-                return None if value is None else wrap(value)
+                if value is None:
+                    return None
+                if not isinstance(value, bytes | bytearray | memoryview):
+                    raise _not_binary()
+                return _binary(impl(value))
 
         return process
 
@@ -174,7 +269,27 @@ class EncryptedType(sqltypes.TypeDecorator[Any]):
         return bool(x == y)
 
 
-def _from_text(value: str, allow_plaintext: bool) -> Any:
+def _binary(value: Any) -> EncryptedValue:
+    # SQLite stores whatever it is given in any column: TEXT or a number in a BLOB column is
+    # not ciphertext. (bytes(5) would even make five zero bytes, bytes(10**9) a gigabyte.)
+    if isinstance(value, bytes | bytearray | memoryview):
+        return EncryptedValue(value)
+    raise _not_binary()
+
+
+def _not_binary() -> DecryptionError:
+    return DecryptionError(
+        "an encrypted column holds a value that is not binary, so it cannot be ciphertext "
+        "(it was written without sqlalchemy-cmk)"
+    )
+
+
+def _from_text(value: Any, allow_plaintext: bool) -> Any:
+    if not isinstance(value, str):
+        raise DecryptionError(
+            "an encrypted text column holds a value that is not text, so it cannot be "
+            "ciphertext (it was written without sqlalchemy-cmk)"
+        )
     if value.startswith(TEXT_MARKER):
         try:
             return EncryptedValue(base64.b64decode(value[len(TEXT_MARKER) :], validate=True))
@@ -198,6 +313,10 @@ class EDEKType(sqltypes.TypeDecorator[bytes]):
     impl = sqltypes.LargeBinary
     cache_ok = True
 
+    def _set_parent(self, parent: SchemaEventTarget, outer: bool = False, **kw: Any) -> None:
+        super()._set_parent(parent, outer=outer, **kw)
+        _watch_column(parent)
+
     def process_bind_param(self, value: Any, dialect: Dialect) -> bytes | None:
         if value is None or type(value) is bytes:
             return value
@@ -206,7 +325,11 @@ class EDEKType(sqltypes.TypeDecorator[bytes]):
         raise PlaintextWriteError("EDEK columns are written by sqlalchemy-cmk only")
 
     def process_result_value(self, value: Any, dialect: Dialect) -> bytes | None:
-        return value if value is None or type(value) is bytes else bytes(value)
+        if value is None or type(value) is bytes:
+            return value
+        if isinstance(value, bytearray | memoryview):
+            return bytes(value)
+        raise _not_binary()
 
     def bind_processor(self, dialect: Dialect) -> Any:
         return _flat_bind_processor(self, dialect)
