@@ -178,8 +178,10 @@ class RegistryIntegrityError(ConfigurationError):
     """A registry row failed its integrity check: it was changed outside the registry API.
 
     Either the row was tampered with (a key reference, the accepted list, the disabled flag or
-    the tenant id edited, rows swapped, an older row put back), or the registry secret is not
-    the one the rows were written with. The tenant is unusable until an operator with the secret
+    the tenant id edited, rows swapped, an older row put back), the row comes from another
+    deployment (another ``registry_id``, schema or table), it is malformed, it carries a
+    version-1 MAC while ``allow_v1_macs`` is off, or the registry secret is not the one the rows
+    were written with. The tenant is unusable until an operator with the secret
     checks the row and writes it again through the API or the CLI.
     """
 

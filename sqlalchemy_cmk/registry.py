@@ -70,8 +70,8 @@ def tenant_id_problem(tenant: object) -> str | None:
     DEL or C1, no format characters such as bidi overrides or zero-width spaces, no separators
     other than the ASCII space), not beginning or ending with a space. Ids are case-sensitive
     and compared code point by code point (bytewise in UTF-8) on every dialect. The same rule
-    applies to ``registry_id``. :class:`~sqlalchemy_cmk.registry_db.DatabaseKeyRegistry`
-    enforces it; :class:`StaticKeyRegistry` does not (its tenants are written in code).
+    applies to ``registry_id``. :class:`~sqlalchemy_cmk.registry_db.DatabaseKeyRegistry` and
+    :class:`StaticKeyRegistry` enforce it when a tenant is added.
     """
     if not isinstance(tenant, str) or not tenant:
         return "it must be a non-empty string"
@@ -113,10 +113,11 @@ class StaticKeyRegistry:
         self._tenants: dict[str, TenantKeys] = {}
         for tenant, refs in tenant_keys.items():
             ref_list = [refs] if isinstance(refs, str) else list(refs)
-            if not isinstance(tenant, str) or not tenant or not ref_list:
-                raise ConfigurationError(
-                    f"tenant {tenant!r} needs a non-empty id and at least one key"
-                )
+            if not ref_list:
+                raise ConfigurationError(f"tenant {tenant!r} needs at least one key")
+            problem = tenant_id_problem(tenant)
+            if problem is not None:
+                raise ConfigurationError(f"tenant id {tenant!r} is refused: {problem}")
             for ref in ref_list:
                 parse_key_ref(ref, tenant)
             self._tenants[tenant] = TenantKeys(ref_list[0], frozenset(ref_list))

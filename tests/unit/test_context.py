@@ -302,3 +302,12 @@ def test_cross_tenant_context():
             assert ctx.cross_tenant is True
             assert (ctx.actor, ctx.data_label, ctx.request_id) == ("svc:export", "PHI", "r1")
         assert tenant() == "acme"
+
+
+@pytest.mark.parametrize("tenant", ["acme\nforged", "", " acme", "ac\u202eme", "e\u0301"])
+def test_tenant_ids_configured_in_code_follow_the_registry_rules(tenant: str) -> None:
+    from sqlalchemy_cmk import CMK, ConfigurationError
+    from sqlalchemy_cmk.testing import FakeKeyProvider
+
+    with pytest.raises(ConfigurationError, match="tenant id"):
+        CMK(FakeKeyProvider(), tenant_keys={tenant: "fake://k"})
