@@ -415,8 +415,9 @@ class _Walk:
             found = True
             for key, value in sets.items() if isinstance(sets, dict) else sets:
                 self.write(table, key, value, "the upsert's SET")
+        for key in getattr(clause, "inferred_target_elements", None) or ():
+            self.expr(self.target(table, key), "the conflict target", None)
         for attr, where in (
-            ("inferred_target_elements", "the conflict target"),
             ("inferred_target_whereclause", "the conflict target's WHERE"),
             ("update_whereclause", "the upsert's WHERE"),
         ):
@@ -545,8 +546,10 @@ class _Walk:
 
     def expr(self, node: Any, clause: str, parent: Any) -> None:
         """An expression where an encrypted column may only be tested for NULL."""
-        if node is None:
-            return
+        if not isinstance(node, ClauseElement):
+            node = _unwrap(node)
+            if not isinstance(node, ClauseElement):
+                return  # a name (ON CONFLICT ("id")) or a plain value
         if isinstance(node, ColumnClause):
             if _encrypted(node):
                 raise _unsupported(node, clause, parent)
