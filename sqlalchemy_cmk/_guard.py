@@ -632,13 +632,13 @@ def check_column(column: Column[Any]) -> None:
     what = "an encrypted column" if encrypted else "a companion (EDEK) column"
     checks: list[tuple[bool, str]] = [
         (
+            column.computed is not None or column.identity is not None,
+            "a Computed/Identity value is computed by the database and stored unencrypted",
+        ),
+        (
             column.server_default is not None or column.server_onupdate is not None,
             "a server_default/server_onupdate would be computed by the database and stored "
             "unencrypted; set the value on the object instead",
-        ),
-        (
-            column.computed is not None or column.identity is not None,
-            "a Computed/Identity value is computed by the database and stored unencrypted",
         ),
         (
             column.default is not None or column.onupdate is not None,
