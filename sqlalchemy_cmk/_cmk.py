@@ -129,8 +129,11 @@ class CMK:
         write_key_max_uses: Most values encrypted under one write key.
         retry_attempts: Attempts at a KMS call that fails transiently (1 = no retry).
         retry_backoff: Base of the exponential backoff between attempts, seconds.
-        kms_deadline: Overall seconds allowed for one KMS call with its retries.
-        max_concurrency: Most KMS calls in flight at once for one load.
+        kms_deadline: Overall seconds allowed for one KMS call with its retries. A call that
+            hangs is abandoned at the deadline (``KMSUnavailableError``); its thread is a daemon.
+        max_concurrency: Most KMS calls in flight at once for one load; at most four times as
+            many provider calls run at once per CMK (hung calls keep their slot until they
+            return).
         audit_sinks: Where audit events go; default: JSON lines to the ``sqlalchemy_cmk.audit``
             logger. Pass ``[]`` to disable (not recommended). A sink that raises stops the
             access with :class:`~sqlalchemy_cmk.errors.AuditError`.
