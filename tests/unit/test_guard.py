@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -299,3 +300,14 @@ def test_binary_values_still_load() -> None:
     for raw in (b"\x01abc", bytearray(b"\x01abc"), memoryview(b"\x01abc")):
         assert bytes(process(raw)) == b"\x01abc"
     assert process(None) is None
+
+
+def test_the_readme_promise_is_the_design_docs_word_for_word() -> None:
+    root = Path(__file__).resolve().parents[2]
+
+    def promise(path: str) -> str:
+        flat = " ".join(root.joinpath(path).read_text().split())
+        start = flat.index("No write path stores plaintext")
+        return flat[start : flat.index("not installed on.", start)]
+
+    assert promise("README.md") == promise("docs/design.md")
