@@ -188,8 +188,10 @@ def _by_own_key(
     idents: list[tuple[Any, ...]],
     *,
     lock: bool,
+    extra: Sequence[Any] = (),
 ) -> dict[tuple[Any, ...], Any]:
-    """Companions by identity, read by the primary key of the companion's own table.
+    """Companions by identity, read by the primary key of the companion's own table (with
+    the ``extra`` columns: then each found value is ``(companion, *extra values)``).
 
     Not by the mapper's primary key: in joined inheritance that is the base table's, and
     selecting it with a subclass table's companion would join the two tables on nothing.
@@ -200,10 +202,13 @@ def _by_own_key(
         chunk = idents[i : i + 500]
         own = [tuple(ident[j] for j in index) for ident in chunk]
         where = pk[0].in_([k[0] for k in own]) if len(pk) == 1 else tuple_(*pk).in_(own)
-        query = select(*pk, lookup.companion).where(where)
+        query = select(*pk, lookup.companion, *extra).where(where)
         if lock:
             query = query.with_for_update()
-        rows = {tuple(row[: len(pk)]): row[-1] for row in session.execute(query)}
+        n = len(pk)
+        rows = {
+            tuple(row[:n]): tuple(row[n:]) if extra else row[n] for row in session.execute(query)
+        }
         for ident, key in zip(chunk, own, strict=True):
             if key in rows:
                 found[ident] = rows[key]
@@ -435,7 +440,7 @@ def _before_flush(
     ctx = require_context()
     tenant = ctx.tenant_id
     _listen_mappers(specs_of)
-    companions = _current_companions(session, states, tables, lookups)
+    companions, witnesses = _current_companions(session, states, tables, lookups)
     for state, t, comp in zip(states, tables, companions, strict=True):
         if state.key is None:
             bound = bound_new.get(state)
@@ -445,7 +450,7 @@ def _before_flush(
             continue  # bound by its key: CMK.seal checks the key's tenant
         if bound is not None and bound != tenant:
             _refuse_other_tenant(t.table, bound, tenant, "was bound to")
-    new_companions, cts = cmk.seal(dicts, tables, columns, companions, ctx)
+    new_companions, cts = cmk.seal(dicts, tables, columns, companions, ctx, witnesses)
     # Only now, with every value sealed, touch the instances: companions go in at once, values
     # wait for _swap_in, inside the flush.
     s_dicts: list[dict[str, Any]] = []
@@ -503,7 +508,7 @@ def _current_companions(
     states: list[InstanceState[Any]],
     tables: list[TableSpec],
     lookups: list[RowLookup],
-) -> list[bytes | None]:
+) -> tuple[list[bytes | None], list[dict[str, Any] | None]]:
     """The companions of updated rows as the database holds them, locked until the
     transaction ends; ``None`` for new rows and for rows without a key yet.
 
@@ -515,39 +520,48 @@ def _current_companions(
     waits and reads the first's, or fails; backfills skip locked rows.
     """
     companions: list[bytes | None] = [None] * len(states)
+    # The row's stored encrypted values, read with its companion: CMK.seal checks a key the
+    # KMS unwraps now against one of them before sealing under it.
+    witnesses: list[dict[str, Any] | None] = [None] * len(states)
     groups: dict[tuple[Mapper[Any], RowLookup, str], dict[tuple[Any, ...], list[int]]] = {}
     for i, (state, t, lookup) in enumerate(zip(states, tables, lookups, strict=True)):
         if state.key is not None:
             by_ident = groups.setdefault((state.mapper, lookup, t.companion_key), {})
             by_ident.setdefault(state.key[1], []).append(i)
     if not groups:
-        return companions
+        return companions, witnesses
     with session.no_autoflush:
         for (mapper, lookup, key), by_ident in groups.items():
+            t = tables[next(iter(by_ident.values()))[0]]
+            extra = [lookup.companion.table.c[c.name] for c in t.columns]
             if session.get_bind(mapper).dialect.name == "sqlite":
                 # Take the write lock first: a no-op write that matches no row.
                 table = lookup.companion.table
                 session.execute(
                     update(table).where(false()).values({lookup.companion: Sealed(b"")})
                 )
-                found = _by_own_key(session, mapper, lookup, list(by_ident), lock=False)
+                found = _by_own_key(
+                    session, mapper, lookup, list(by_ident), lock=False, extra=extra
+                )
             else:
-                found = _by_own_key(session, mapper, lookup, list(by_ident), lock=True)
+                found = _by_own_key(session, mapper, lookup, list(by_ident), lock=True, extra=extra)
             for ident, rows in by_ident.items():
                 if ident not in found:
                     raise StaleDataError(
                         f"a row of {lookup.companion.table.description!r} being updated was "
                         "deleted by another transaction"
                     )
-                current = found[ident]
+                current, *stored = found[ident]
                 current = bytes(current) if isinstance(current, bytes) else None
+                witness = {c.key: v for c, v in zip(t.columns, stored, strict=True)}
                 for i in rows:
                     companions[i] = current
+                    witnesses[i] = witness
                     d = states[i].dict
                     if d.get(key) != current:
                         d[key] = current  # what the database holds
                     states[i].committed_state.pop(key, None)
-    return companions
+    return companions, witnesses
 
 
 def _restore(session: Session, *args: Any) -> None:

@@ -82,6 +82,9 @@ def make_env(engine: Engine) -> Iterator[Callable[..., Env]]:
     installed: list[tuple[CMK, sessionmaker[Session]]] = []
 
     def make(tenants: tuple[str, ...] = (ACME, GLOBEX), **options: Any) -> Env:
+        # These tests count what caching saves; the unwrap that verifies each new write key
+        # (verify_write_keys, on by default) is counted on its own below.
+        options.setdefault("verify_write_keys", False)
         kms = FakeKeyProvider()
         audit = MemoryAuditSink()
         cmk = CMK(
@@ -108,6 +111,16 @@ VALUES = [f"pt:{i:04d}" for i in range(1000)]
 def test_one_flush_of_1000_rows_costs_one_wrap(env: Env) -> None:
     env.write(ACME, VALUES)
     assert env.calls() == (1, 0)
+
+
+def test_verifying_a_new_write_key_costs_one_unwrap_and_saves_the_first_load(
+    make_env: Callable[..., Env],
+) -> None:
+    env = make_env(verify_write_keys=True)
+    env.write(ACME, VALUES)
+    assert env.calls() == (1, 1)  # the wrap, and the unwrap that proves it
+    assert env.read(ACME) == VALUES
+    assert env.calls() == (1, 1)  # the proven key serves the load from the cache
     companions = env.companions()
     assert len(companions) == 1000
     assert len({c[ENVELOPE] for c in companions}) == 1  # one data key...

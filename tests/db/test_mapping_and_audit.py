@@ -392,6 +392,7 @@ def test_documents_round_trip_for_one_tenant_under_one_wrap(env: Env) -> None:
     with tenant_context("acme"):
         encrypted = env.cmk.encrypt_documents(PLAIN_DOCS)
     assert env.kms.wrap_count == 1
+    assert env.kms.unwrap_count == 1  # verify_write_keys: the new key is unwrapped once
     assert len({d.edek for d in encrypted}) == 3, "one EDEK value (row id) per document"
     assert len({d.edek[17:] for d in encrypted}) == 1, "one wrapped key for the batch"
     for doc, plain in zip(encrypted, PLAIN_DOCS, strict=True):
@@ -405,7 +406,7 @@ def test_documents_round_trip_for_one_tenant_under_one_wrap(env: Env) -> None:
     with tenant_context("acme"):
         assert env.cmk.decrypt_documents(stored) == PLAIN_DOCS
         assert env.cmk.decrypt_document(stored[1]) == PLAIN_DOCS[1]
-    assert env.kms.unwrap_count == 1
+    assert env.kms.unwrap_count == 2  # the verification, then one for the cold load
 
 
 def test_document_of_another_tenant_is_refused(env: Env) -> None:
