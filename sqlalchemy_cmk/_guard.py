@@ -448,6 +448,17 @@ class _Walk:
             if isinstance(value, ClauseElement):
                 self.expr(value, where, None)
             return
+        if "INSERT" not in where and isinstance(col.type, EDEKType):
+            # An UPDATE (or upsert) never sets a companion in the statement itself: the flush
+            # passes its own as parameters. Any value here, NULL included, strands the row.
+            raise PlaintextWriteError(
+                f"refusing to set the companion (EDEK) column {_table_name(col.table)}.{col.name} "
+                f"({where}): companions are written by sqlalchemy-cmk's session hooks only, and "
+                "any other value (NULL included) would leave the row's encrypted values "
+                "unreadable. Nothing was sent",
+                table=_table_name(col.table),
+                column=col.name,
+            )
         if not isinstance(value, ClauseElement) or isinstance(value, Null):
             return  # a plain value is bound with the column's type: the bind guard judges it
         if isinstance(value, BindParameter) and isinstance(value.type, NullType | type(col.type)):

@@ -253,6 +253,8 @@ def _do_orm_execute(cmk: CMK, orm_state: ORMExecuteState) -> Any:
     _listen_mappers(orm_state.all_mappers)
     if orm_state.is_insert:
         return _bulk_insert(cmk, orm_state)
+    if orm_state.is_update and orm_state.parameters:
+        _refuse_companions(orm_state)
     if not orm_state.is_select or _collector.get() is not None:
         return None
     opts = orm_state.execution_options
@@ -536,10 +538,8 @@ def _current_companions(
             extra = [lookup.companion.table.c[c.name] for c in t.columns]
             if session.get_bind(mapper).dialect.name == "sqlite":
                 # Take the write lock first: a no-op write that matches no row.
-                table = lookup.companion.table
-                session.execute(
-                    update(table).where(false()).values({lookup.companion: Sealed(b"")})
-                )
+                key_col = lookup.pk[0]
+                session.execute(update(key_col.table).where(false()).values({key_col: key_col}))
                 found = _by_own_key(
                     session, mapper, lookup, list(by_ident), lock=False, extra=extra
                 )
@@ -572,6 +572,21 @@ def _restore(session: Session, *args: Any) -> None:
             for d, key, box, plain in zip(*pending, strict=True):
                 if d.get(key) is box:
                     d[key] = plain
+
+
+def _refuse_companions(orm_state: ORMExecuteState) -> None:
+    """ORM bulk UPDATE by primary key: its rows may not set a companion (not even to NULL)."""
+    mapper = orm_state.bind_mapper
+    if mapper is None:
+        return
+    keys = {t.companion_key for t in mapper_spec(mapper).tables}
+    params: Any = orm_state.parameters
+    for row in params if isinstance(params, list) else [params]:
+        if keys.intersection(row):
+            raise PlaintextWriteError(
+                f"a bulk UPDATE of {mapper.class_.__name__} sets its EDEK (companion) column: "
+                "companions are written by sqlalchemy-cmk's session hooks only; nothing was sent"
+            )
 
 
 def _bulk_insert(cmk: CMK, orm_state: ORMExecuteState) -> Any:

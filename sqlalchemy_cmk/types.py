@@ -318,11 +318,17 @@ class EDEKType(sqltypes.TypeDecorator[bytes]):
         _watch_column(parent)
 
     def process_bind_param(self, value: Any, dialect: Dialect) -> bytes | None:
-        if value is None or type(value) is bytes:
-            return value
+        # Only what the hooks produced for the row: a companion from anywhere else (another
+        # row, an older version of this one) would strand the row's values. NULL is bound by
+        # every ORM INSERT of a row without values; an UPDATE to NULL is refused by the guard.
         if type(value) is Sealed:
             return bytes(value)
-        raise PlaintextWriteError("EDEK columns are written by sqlalchemy-cmk only")
+        if value is None:
+            return None
+        raise PlaintextWriteError(
+            "EDEK (companion) columns are written by sqlalchemy-cmk's session hooks only: write "
+            "the encrypted columns through an installed session, never the companion"
+        )
 
     def process_result_value(self, value: Any, dialect: Dialect) -> bytes | None:
         if value is None or type(value) is bytes:

@@ -14,7 +14,18 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import pytest
-from sqlalchemy import Engine, ForeignKey, Integer, String, Text, event, insert, select, text
+from sqlalchemy import (
+    Engine,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    event,
+    insert,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.orm import (
     DeclarativeBase,
     Mapped,
@@ -31,6 +42,7 @@ from sqlalchemy_cmk import (
     EncryptedMixin,
     EncryptedType,
     NoTenantError,
+    PlaintextWriteError,
     TenantMismatchError,
     cross_tenant_context,
     tenant_column,
@@ -447,3 +459,26 @@ def test_a_failed_flush_leaves_plaintext_and_a_retry_succeeds(env: Env) -> None:
         s.rollback()
         assert dup.ssn == "DUPLICATE-KEY"
     no_plaintext(env, "DUPLICATE-KEY", "TAKEN")
+
+
+@pytest.mark.parametrize("how", ["update", "bulk_update", "bulk_save", "core_insert", "null"])
+def test_a_companion_from_outside_the_hooks_is_refused(env: Env, how: str) -> None:
+    with tenant_context("acme"), env.Session() as s:
+        s.add_all([Plain(id=1, ssn="ONE"), Plain(id=2, ssn="TWO")])
+        s.commit()
+    (other,) = env.raw("select cmk_edek from si_plain where id = 2")[0]
+    before = env.dump()
+    with tenant_context("acme"), env.Session() as s:
+        with pytest.raises(PlaintextWriteError):
+            if how == "update":
+                s.execute(update(Plain).where(Plain.id == 1).values(cmk_edek=bytes(other)))
+            elif how == "bulk_update":
+                s.execute(update(Plain), [{"id": 1, "cmk_edek": bytes(other)}])
+            elif how == "bulk_save":
+                s.bulk_save_objects([Plain(id=3, cmk_edek=bytes(other))])
+            elif how == "core_insert":
+                s.execute(insert(Plain.__table__).values(id=3, cmk_edek=bytes(other)))
+            else:
+                s.execute(update(Plain).where(Plain.id == 1).values(cmk_edek=None))
+        s.rollback()
+    assert env.dump() == before
