@@ -339,7 +339,7 @@ class _Walk:
         self.scopes.append(s)
         for item in s._raw_columns:
             self.selected(item, "the select list")
-        for entities in s._memoized_select_entities:
+        for entities in getattr(s, "_memoized_select_entities", ()):
             for item in entities._raw_columns:
                 self.selected(item, "the select list")
             self.joins(entities._setup_joins)

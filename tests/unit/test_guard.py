@@ -311,3 +311,15 @@ def test_the_readme_promise_is_the_design_docs_word_for_word() -> None:
         return flat[start : flat.index("not installed on.", start)]
 
     assert promise("README.md") == promise("docs/design.md")
+
+
+def test_distinct_on_an_encrypted_column_is_refused() -> None:
+    try:
+        from sqlalchemy.dialects.postgresql import distinct_on  # SQLAlchemy 2.1
+    except ImportError:  # SQLAlchemy 2.0
+        stmt = select(Doc).distinct(Doc.body)
+    else:
+        stmt = select(Doc).ext(distinct_on(Doc.body))
+    with pytest.raises(UnsupportedQueryError):
+        check_statement(stmt)
+    check_statement(select(Doc).distinct())  # entity-level DISTINCT: rows carry the key
