@@ -461,3 +461,22 @@ def test_operators_are_refused_when_built(build: Callable[[], Any]) -> None:
     with pytest.raises(UnsupportedQueryError) as info:
         build()
     assert "'x'" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [lambda: b"\x01forged", lambda: None, lambda: Rec.legacy, lambda: func.substr(Rec.cmk_edek, 1)],
+    ids=["bytes", "null", "column", "func"],
+)
+@pytest.mark.parametrize("via", ["session", "engine"])
+def test_companion_writes_are_refused(ctx: Ctx, value: Callable[[], Any], via: str) -> None:
+    """Only the hooks write a row's companion: any other value would strand its encrypted values."""
+    before = ctx.raw()
+    stmt = update(Rec).where(Rec.id == 1).values(cmk_edek=value())
+    with pytest.raises(PlaintextWriteError, match="companion"):
+        if via == "session":
+            _session(ctx, lambda s: s.execute(stmt))
+        else:
+            _connection(ctx, lambda conn: conn.execute(stmt))
+    assert ctx.raw() == before
+    assert ctx.load(1) == ORIGINAL
