@@ -95,6 +95,7 @@ _SELECT_OWN = (
     "_distinct_on",
     "_correlate",
     "_correlate_except",
+    "_for_update_arg",  # FOR UPDATE OF col names only the column's table
 )
 _COMPOUND_OWN = ("selects", "_order_by_clauses", "_group_by_clauses")
 _DML_OWN = (

@@ -323,3 +323,7 @@ def test_distinct_on_an_encrypted_column_is_refused() -> None:
     with pytest.raises(UnsupportedQueryError):
         check_statement(stmt)
     check_statement(select(Doc).distinct())  # entity-level DISTINCT: rows carry the key
+
+
+def test_for_update_of_an_encrypted_column_locks_its_table() -> None:
+    check_statement(select(Doc).with_for_update(of=Doc.body))
