@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import Table
@@ -89,10 +89,13 @@ class MapperSpec:
     tables: tuple[TableSpec, ...]
     lookups: tuple[RowLookup, ...] = ()  # parallel to ``tables``
     tenant_key: str | None = None  # attribute key of the declared tenant column
+    # Derived, as plain fields: the flush reads them for every row.
+    active: bool = field(init=False)  # any work for the hooks: encrypted or tenant columns
+    pairs: tuple[tuple[TableSpec, RowLookup], ...] = field(init=False)
 
-    @property
-    def active(self) -> bool:
-        return bool(self.tables) or self.tenant_key is not None
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "active", bool(self.tables) or self.tenant_key is not None)
+        object.__setattr__(self, "pairs", tuple(zip(self.tables, self.lookups, strict=True)))
 
 
 _NO_SPEC = MapperSpec(())

@@ -56,7 +56,8 @@ from .types import EncryptedValue, Sealed
 
 _INFO_KEY = "sqlalchemy_cmk"
 _PENDING_KEY = "sqlalchemy_cmk.pending"  # session.info: values swapped in, to restore
-_BOUND_KEY = "sqlalchemy_cmk.bound"  # session.info: new row (state) -> tenant it was added under
+_BOUND_KEY = "sqlalchemy_cmk.bound"  # session.info: new row -> tenant, where not the first's
+_FIRST_KEY = "sqlalchemy_cmk.first"  # session.info: the tenant of the session's first add
 _TENANT_KEY = "sqlalchemy_cmk.tenant"  # state.info: tenant of a loaded or flushed row without key
 _ABSENT = object()
 
@@ -276,27 +277,47 @@ def _do_orm_execute(cmk: CMK, orm_state: ORMExecuteState) -> Any:
 def _on_pending(session: Session, obj: Any) -> None:
     """Bind a new row to the tenant in context as it enters the session.
 
-    Kept in one dict per session (not ``state.info``, a dict per row): this runs for every add.
+    This runs for every add, so the usual case costs nothing per row: rows added under the
+    tenant of the session's first add are not recorded; only the others (another tenant, or
+    none) are, in one dict per session (not ``state.info``, a dict per row).
     """
     ctx = current_context()
-    if ctx is None or ctx.tenant_id is None:
-        return  # bound when it is flushed
+    tenant = ctx.tenant_id if ctx is not None else None
+    info = session.info
+    first = info.get(_FIRST_KEY, _ABSENT)
+    if tenant == first:
+        return
+    if first is _ABSENT and tenant is not None:
+        info[_FIRST_KEY] = tenant
+        return
     state: InstanceState[Any] = obj._sa_instance_state
     if _binds_tenant(state.mapper):
-        bound = session.info.get(_BOUND_KEY)
+        bound = info.get(_BOUND_KEY)
         if bound is None:
-            bound = session.info[_BOUND_KEY] = {}
-        bound[state] = ctx.tenant_id
+            bound = info[_BOUND_KEY] = {}
+        bound[state] = tenant
 
 
-def _prune_bound(session: Session) -> dict[InstanceState[Any], str]:
+def _bound_tenant(session: Session, bound: dict[InstanceState[Any], str | None], state: Any) -> Any:
+    """The tenant a new row was added under, or None."""
+    if state in bound:
+        return bound[state]
+    first = session.info.get(_FIRST_KEY)
+    return first
+
+
+def _prune_bound(session: Session) -> dict[InstanceState[Any], str | None]:
     """The bindings of rows still new; rows flushed since are bound by their key, or, if they
     have none, in their own ``state.info``."""
-    bound: dict[InstanceState[Any], str] = session.info.get(_BOUND_KEY) or {}
+    bound: dict[InstanceState[Any], str | None] = session.info.get(_BOUND_KEY) or {}
     for state in [s for s in bound if s.key is not None or s.session_id != session.hash_key]:
         tenant = bound.pop(state)
-        if state.key is not None and any(
-            state.dict.get(t.companion_key) is None for t in mapper_spec(state.mapper).tables
+        if (
+            tenant is not None
+            and state.key is not None
+            and any(
+                state.dict.get(t.companion_key) is None for t in mapper_spec(state.mapper).tables
+            )
         ):
             state.info.setdefault(_TENANT_KEY, tenant)
     return bound
@@ -403,15 +424,19 @@ def _before_flush(
             _check_tenant_column(state, spec.tenant_key, str(name), ctx)
         d = state.dict
         if state.key is None:  # new: every value that is set
-            for t, lookup in zip(spec.tables, spec.lookups, strict=True):
+            for t, lookup in spec.pairs:
                 for c in t.columns:
                     v = d.get(c.key)
                     if v is not None and type(v) is not Sealed:
                         break
                 else:
-                    # No values: no key. A companion copied onto a new object is dropped.
+                    # No values: no key. A companion copied onto a new object is dropped, and
+                    # the row keeps the tenant it was added under for its first values.
                     if d.get(t.companion_key) is not None:
                         d[t.companion_key] = None
+                    added_under = _bound_tenant(session, bound_new, state)
+                    if added_under is not None:
+                        state.info.setdefault(_TENANT_KEY, added_under)
                     continue
                 states.append(state)
                 dicts.append(d)
@@ -420,7 +445,7 @@ def _before_flush(
                 columns.append(t.columns)
             continue
         committed = state.committed_state
-        for t, lookup in zip(spec.tables, spec.lookups, strict=True):
+        for t, lookup in spec.pairs:
             _revert_companion(state, t.companion_key)
             cols = [
                 c
@@ -445,7 +470,7 @@ def _before_flush(
     companions, witnesses = _current_companions(session, states, tables, lookups)
     for state, t, comp in zip(states, tables, companions, strict=True):
         if state.key is None:
-            bound = bound_new.get(state)
+            bound = _bound_tenant(session, bound_new, state)
         elif comp is None:
             bound = state.info.get(_TENANT_KEY)
         else:

@@ -482,3 +482,33 @@ def test_a_companion_from_outside_the_hooks_is_refused(env: Env, how: str) -> No
                 s.execute(update(Plain).where(Plain.id == 1).values(cmk_edek=None))
         s.rollback()
     assert env.dump() == before
+
+
+@pytest.mark.parametrize("flush_under", ["acme", "globex"])
+def test_rows_added_under_two_tenants_in_one_session_cannot_share_a_flush(
+    env: Env, flush_under: str
+) -> None:
+    s = env.Session()
+    s.add(Plain(id=9))  # no context, no values: bound when it is first written
+    with tenant_context("acme"):
+        s.add(Plain(id=1, ssn="ADDED-UNDER-ACME"))
+    with tenant_context("globex"):
+        s.add(Plain(id=2, ssn="ADDED-UNDER-GLOBEX"))
+    with tenant_context(flush_under), pytest.raises(TenantMismatchError):
+        s.flush()
+    s.rollback()
+    s.close()
+    assert env.raw("select count(*) from si_plain") == [(0,)]
+    s = env.Session()
+    with tenant_context("acme"):
+        s.add(Plain(id=1, ssn="ADDED-UNDER-ACME"))
+    with tenant_context("globex"):
+        s.add(Plain(id=2, ssn="ADDED-UNDER-GLOBEX"))
+    other = "globex" if flush_under == "acme" else "acme"
+    for obj in list(s.new):  # the other tenant's row leaves; then the flush goes through
+        if (obj.id == 2) == (other == "globex"):
+            s.expunge(obj)
+    with tenant_context(flush_under):
+        s.commit()
+    s.close()
+    assert env.raw("select count(*) from si_plain") == [(1,)]
