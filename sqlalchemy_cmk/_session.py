@@ -300,10 +300,7 @@ def _on_pending(session: Session, obj: Any) -> None:
 
 def _bound_tenant(session: Session, bound: dict[InstanceState[Any], str | None], state: Any) -> Any:
     """The tenant a new row was added under, or None."""
-    if state in bound:
-        return bound[state]
-    first = session.info.get(_FIRST_KEY)
-    return first
+    return bound.get(state, session.info.get(_FIRST_KEY))
 
 
 def _prune_bound(session: Session) -> dict[InstanceState[Any], str | None]:
@@ -468,9 +465,10 @@ def _before_flush(
     tenant = ctx.tenant_id
     _listen_mappers(specs_of)
     companions, witnesses = _current_companions(session, states, tables, lookups)
+    first = session.info.get(_FIRST_KEY)
     for state, t, comp in zip(states, tables, companions, strict=True):
         if state.key is None:
-            bound = _bound_tenant(session, bound_new, state)
+            bound = bound_new.get(state, first) if bound_new else first
         elif comp is None:
             bound = state.info.get(_TENANT_KEY)
         else:
