@@ -651,7 +651,8 @@ def test_the_data_label_reaches_cloudtrail(kms: LocalKms, key_ref: str) -> None:
         engine.dispose()
     expected = {"tenant": "acme", "data_label": "patient-notes"}
     assert [r.context for r in kms.of("Encrypt")] == [expected]
-    assert [r.context for r in kms.of("Decrypt")] == [expected]
+    # The new write key's check (verify_write_keys), then the read: both carry the label.
+    assert [r.context for r in kms.of("Decrypt")] == [expected, expected]
 
 
 def test_revocation_bites_within_the_cache_ttl_and_spares_other_tenants(kms: LocalKms) -> None:
