@@ -482,6 +482,11 @@ class CMK:
         split = 1 + _format.ROW_ID_SIZE
         min_companion = split + 8
         envelopes: dict[bytes, None] = {}
+        # Envelopes of rows that hold a value to decrypt: only their keys are unwrapped. A key
+        # that would decrypt nothing (values deferred or NULL) could not be proven, and an
+        # unproven key must never reach the cache, where an update would seal under it.
+        needed: dict[bytes, None] = {}
+        last_needed = False
         last = b"\x00"  # never an envelope (too short), so the first row always misses
         for d, t in zip(dicts, tables, strict=True):
             companion = d.get(t.companion_key)
@@ -499,10 +504,13 @@ class CMK:
                 )
             # Rows of one write window share an envelope and usually come in a run: compare in
             # place rather than slice and hash the envelope of every row.
-            if len(companion) - split == len(last) and companion.endswith(last):
-                continue
-            last = companion[split:]
-            envelopes[last] = None
+            if not (len(companion) - split == len(last) and companion.endswith(last)):
+                last = companion[split:]
+                envelopes[last] = None
+                last_needed = last in needed
+            if not last_needed and any(type(d.get(c.key)) is EncryptedValue for c in t.columns):
+                needed[last] = None
+                last_needed = True
         if not envelopes:
             return
         if ctx is None:
@@ -517,7 +525,7 @@ class CMK:
         # Keys unwrapped now are cached only once this load has proven them (every value
         # authenticated): a KMS that answered with a wrong key must not poison the cache.
         fresh: list[DataKey] = []
-        keys = self._keys.read_keys(envelopes, ctx, fresh=fresh)
+        keys = self._keys.read_keys(needed, ctx, fresh=fresh) if needed else {}
         try:
             self._open(dicts, tables, ctx, started, tenant_of, keys)
         except BaseException:
@@ -561,7 +569,8 @@ class CMK:
                 if plan is None:
                     tenant = tenant_of[env]
                     cols = [(c, _aad_prefix(tenant, t.table, c.name)) for c in t.columns]
-                    plan = by_table[t] = [cols, keys[env].aead.decrypt, 0]
+                    key = keys.get(env)  # None: no row of this envelope has a value
+                    plan = by_table[t] = [cols, key.aead.decrypt if key else None, 0]
             plan[2] += 1
             row_id = companion[1:split]
             decrypt = plan[1]

@@ -30,6 +30,7 @@ from sqlalchemy.orm import (
     DeclarativeBase,
     Mapped,
     Session,
+    defer,
     load_only,
     mapped_column,
     sessionmaker,
@@ -512,3 +513,30 @@ def test_rows_added_under_two_tenants_in_one_session_cannot_share_a_flush(
         s.commit()
     s.close()
     assert env.raw("select count(*) from si_plain") == [(1,)]
+
+
+@pytest.mark.parametrize("hide", ["defer", "null"])
+def test_a_key_a_load_could_not_prove_is_never_used_to_seal(env: Env, hide: str) -> None:
+    """A wrong key from the KMS, for a row whose values the load did not decrypt (deferred, or
+    NULL), must not be cached: the next update would seal under it and lose the value."""
+    with tenant_context("acme"), env.Session() as s:
+        s.add(Plain(id=1, ssn="OLD-SSN", age=None if hide == "null" else 7))
+        s.commit()
+    if hide == "null":
+        with tenant_context("acme"), env.Session() as s:
+            row = s.get(Plain, 1)
+            assert row is not None
+            row.ssn = None  # the row keeps its key, holds no value
+            s.commit()
+    env.cmk.forget_tenant()
+    env.kms.inject("garbage", operation="unwrap")
+    with tenant_context("acme"), env.Session() as s:
+        s.get(Plain, 1, options=[defer(Plain.ssn), defer(Plain.age)])
+    env.kms.heal()
+    with tenant_context("acme"), env.Session() as s:
+        row = s.get(Plain, 1, options=[defer(Plain.ssn)])
+        assert row is not None
+        row.ssn = "NEW-SSN"
+        s.commit()
+    env.cmk.forget_tenant()
+    assert read(env, Plain, 1, "acme").ssn == "NEW-SSN"
