@@ -345,9 +345,14 @@ def _refuse_other_tenant(table: str, bound: str, tenant: str | None, how: str) -
 
 
 def _check_tenant_column(
-    state: InstanceState[Any], key: str, table: str, ctx: TenantContext | None
+    state: InstanceState[Any],
+    key: str,
+    table: str,
+    ctx: TenantContext | None,
+    fills: list[tuple[InstanceState[Any], str, str]],
 ) -> None:
-    """The declared tenant column of a row being written must be the context tenant."""
+    """The declared tenant column of a row being written must be the context tenant. A new
+    row's empty one is noted in ``fills``, filled only once the whole flush is accepted."""
     tenant = ctx.tenant_id if ctx is not None else None
     d = state.dict
     if state.key is None:
@@ -359,9 +364,7 @@ def _check_tenant_column(
             )
         value = d.get(key)
         if value is None:
-            obj = state.obj()
-            if obj is not None:
-                setattr(obj, key, tenant)
+            fills.append((state, key, tenant))
         elif str(value) != tenant:
             _refuse_other_tenant(table, str(value), tenant, "names")
         return
@@ -400,7 +403,10 @@ def _before_flush(
     session.info[_INFO_KEY] = cmk
     _restore(session)  # a flush that failed before it began may have left values sealed
     bound_new = _prune_bound(session)
+    first = session.info.get(_FIRST_KEY)
     ctx = current_context()
+    tenant = ctx.tenant_id if ctx is not None else None
+    fills: list[tuple[InstanceState[Any], str, str]] = []
     # Parallel lists, not per-row objects: see CMK.seal.
     states: list[InstanceState[Any]] = []
     dicts: list[dict[str, Any]] = []
@@ -416,9 +422,14 @@ def _before_flush(
             spec = specs_of[mapper] = mapper_spec(mapper)
         if not spec.active:
             continue
+        name = str(spec.tables[0].table if spec.tables else mapper.local_table.description)
+        if state.key is None and tenant is not None:
+            # Every new row, values or not: its tenant column and first values come later.
+            added_under = bound_new.get(state, first) if bound_new else first
+            if added_under is not None and added_under != tenant:
+                _refuse_other_tenant(name, added_under, tenant, "was bound to")
         if spec.tenant_key is not None:
-            name = spec.tables[0].table if spec.tables else mapper.local_table.description
-            _check_tenant_column(state, spec.tenant_key, str(name), ctx)
+            _check_tenant_column(state, spec.tenant_key, name, ctx, fills)
         d = state.dict
         if state.key is None:  # new: every value that is set
             for t, lookup in spec.pairs:
@@ -459,22 +470,29 @@ def _before_flush(
                 tables.append(t)
                 lookups.append(lookup)
                 columns.append(cols)
+    _load_expired_deletes(session)
     if not dicts:
+        _fill(fills)
         return
     ctx = require_context()
-    tenant = ctx.tenant_id
     _listen_mappers(specs_of)
     companions, witnesses = _current_companions(session, states, tables, lookups)
-    first = session.info.get(_FIRST_KEY)
-    for state, t, comp in zip(states, tables, companions, strict=True):
+    unknown: list[int] = []  # rows that get their first key here with no known tenant
+    for i, (state, t, comp) in enumerate(zip(states, tables, companions, strict=True)):
         if state.key is None:
             bound = bound_new.get(state, first) if bound_new else first
         elif comp is None:
             bound = state.info.get(_TENANT_KEY)
+            if bound is None and len(mapper_spec(state.mapper).tables) > 1:
+                unknown.append(i)
         else:
             continue  # bound by its key: CMK.seal checks the key's tenant
         if bound is not None and bound != tenant:
             _refuse_other_tenant(t.table, bound, tenant, "was bound to")
+    for i in unknown:
+        owner = _tenant_of_other_tables(session, states[i])
+        if owner is not None and owner != tenant:
+            _refuse_other_tenant(tables[i].table, owner, tenant, "belongs to")
     new_companions, cts = cmk.seal(dicts, tables, columns, companions, ctx, witnesses)
     # Only now, with every value sealed, touch the instances: companions go in at once, values
     # wait for _swap_in, inside the flush.
@@ -509,6 +527,41 @@ def _before_flush(
             if obj is not None:
                 setattr(obj, t.companion_key, box)
     _swaps[session.hash_key] = (s_dicts, s_keys, s_boxes, s_plain)
+    _fill(fills)
+
+
+def _fill(fills: list[tuple[InstanceState[Any], str, str]]) -> None:
+    for state, key, tenant in fills:
+        obj = state.obj()
+        if obj is not None:
+            setattr(obj, key, tenant)
+
+
+def _load_expired_deletes(session: Session) -> None:
+    """Load deleted rows whose attributes are expired now, before any SQL: the flush would
+    load (and so decrypt) them in the middle of its statements, where a refusal (no tenant,
+    another tenant) would come after part of the flush was sent."""
+    with session.no_autoflush:
+        for obj in session.deleted:
+            state: InstanceState[Any] = obj._sa_instance_state
+            if state.expired_attributes and mapper_spec(state.mapper).tables:
+                getattr(obj, next(iter(state.expired_attributes)))
+
+
+def _tenant_of_other_tables(session: Session, state: InstanceState[Any]) -> str | None:
+    """The tenant of a row whose table gets its first key, from the keys its other tables
+    (joined inheritance) already have; None if none has one."""
+    spec = mapper_spec(state.mapper)
+    for t, lookup in spec.pairs:
+        companion = state.dict.get(t.companion_key)
+        if companion is None and state.key is not None:
+            with session.no_autoflush:
+                companion = _by_own_key(session, state.mapper, lookup, [state.key[1]], lock=False)
+            companion = companion.get(state.key[1])
+        if isinstance(companion, bytes):
+            _format.split_companion(bytes(companion))
+            return _format.parse_envelope(bytes(companion)[1 + _format.ROW_ID_SIZE :]).tenant
+    return None
 
 
 def _swap_in(mapper: Mapper[Any], connection: Any, state: InstanceState[Any]) -> None:

@@ -42,12 +42,6 @@ def env(engine: Engine) -> Iterator[Env]:
     clear_tables(engine)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="session hooks: a new row with no encrypted value is not checked against the tenant "
-    "it was added under; its tenant column is filled from the flush context (found by the "
-    "state machine; reported on issue 7)",
-)
 @pytest.mark.parametrize("model", [Folder, Record], ids=["folder", "record"])
 def test_row_without_values_is_not_re_tenanted_by_the_flush_context(
     env: Env, model: type[Base]
@@ -62,11 +56,6 @@ def test_row_without_values_is_not_re_tenanted_by_the_flush_context(
     assert env.stored(model.__tablename__) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="session hooks: a refused flush leaves the tenant column it filled from the context "
-    "(found by the state machine; reported on issue 7)",
-)
 def test_refused_flush_leaves_the_tenant_column_as_it_was(env: Env) -> None:
     """A flush under the wrong tenant is refused, but it had already filled the tenant column
     with that tenant: the row then could not be committed under its own tenant either."""
@@ -82,12 +71,6 @@ def test_refused_flush_leaves_the_tenant_column_as_it_was(env: Env) -> None:
     assert env.stored("adv_records") == [(1, "acme")]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="session hooks: deleting a joined-inheritance row with expired attributes makes the "
-    "flush load (and decrypt) it after SQL was sent; refused there, the transaction is rolled "
-    "back (found by the state machine; reported on issue 7)",
-)
 def test_delete_of_an_expired_joined_row_is_refused_before_any_sql(env: Env) -> None:
     with tenant_context("acme"), env.maker() as s:
         s.add(Employee(id=1, tenant_id="acme", name="found-tok-8zr3k1q0w5", salary=812345678))

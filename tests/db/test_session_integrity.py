@@ -540,3 +540,28 @@ def test_a_key_a_load_could_not_prove_is_never_used_to_seal(env: Env, hide: str)
         s.commit()
     env.cmk.forget_tenant()
     assert read(env, Plain, 1, "acme").ssn == "NEW-SSN"
+
+
+@pytest.mark.parametrize("how", ["load_only", "cross_tenant", "merge_no_load"])
+def test_another_tenant_cannot_give_a_joined_rows_table_its_first_key(env: Env, how: str) -> None:
+    with tenant_context("acme"), env.Session() as s:
+        s.add(Employee(id=1, a="ACME-A"))  # the subclass table has no key yet
+        s.commit()
+    before = env.dump()
+    with env.Session() as s:
+        if how == "load_only":
+            with tenant_context("globex"):
+                row = s.get(Employee, 1, options=[load_only(Employee.b)])
+        elif how == "cross_tenant":
+            with cross_tenant_context(actor="ops"):
+                row = s.get(Employee, 1)
+        else:
+            detached = read(env, Employee, 1, "acme")
+            row = s.merge(detached, load=False)
+        assert row is not None
+        row.b = "GLOBEX-B"
+        with tenant_context("globex"), pytest.raises(TenantMismatchError):
+            s.flush()
+        s.rollback()
+    assert env.dump() == before
+    assert read(env, Employee, 1, "acme").a == "ACME-A"
