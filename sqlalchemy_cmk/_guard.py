@@ -70,7 +70,13 @@ from sqlalchemy.sql.expression import (
 from sqlalchemy.sql.sqltypes import NullType
 from sqlalchemy.sql.visitors import HasTraverseInternals
 
-from .errors import ConfigurationError, PlaintextWriteError, UnsupportedQueryError
+from ._mapping import is_tenant_column
+from .errors import (
+    ConfigurationError,
+    PlaintextWriteError,
+    TenantContextError,
+    UnsupportedQueryError,
+)
 from .types import EDEKType, EncryptedType
 
 __all__ = ["SUPPORTED_READS", "check_column", "check_statement", "check_table"]
@@ -445,6 +451,15 @@ class _Walk:
             self.expr(col, where, None)  # e.g. a JSON path as the SET target
             return
         value = _unwrap(value)
+        if "INSERT" not in where and is_tenant_column(col):
+            table = _table_name(col.table)
+            raise TenantContextError(
+                f"refusing to set the declared tenant column {table}.{col.name} ({where}): a "
+                "row's values are bound to its tenant's key, so a row cannot move to another "
+                "tenant; copy it under the new tenant and delete the old row. Nothing was sent",
+                table=table,
+                column=col.name,
+            )
         if not _protected(col):
             if isinstance(value, ClauseElement):
                 self.expr(value, where, None)

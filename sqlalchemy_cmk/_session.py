@@ -51,7 +51,7 @@ from ._mapping import (
     mapper_spec,
 )
 from .context import TenantContext, current_context, require_context
-from .errors import NoTenantError, PlaintextWriteError, TenantMismatchError
+from .errors import NoTenantError, PlaintextWriteError, TenantContextError, TenantMismatchError
 from .types import EncryptedValue, Sealed
 
 _INFO_KEY = "sqlalchemy_cmk"
@@ -651,13 +651,20 @@ def _restore(session: Session, *args: Any) -> None:
 
 
 def _refuse_companions(orm_state: ORMExecuteState) -> None:
-    """ORM bulk UPDATE by primary key: its rows may not set a companion (not even to NULL)."""
+    """ORM bulk UPDATE by primary key: its rows may not set a companion (not even to NULL),
+    nor the declared tenant column."""
     mapper = orm_state.bind_mapper
     if mapper is None:
         return
-    keys = {t.companion_key for t in mapper_spec(mapper).tables}
+    spec = mapper_spec(mapper)
+    keys = {t.companion_key for t in spec.tables}
     params: Any = orm_state.parameters
     for row in params if isinstance(params, list) else [params]:
+        if spec.tenant_key is not None and spec.tenant_key in row:
+            raise TenantContextError(
+                f"a bulk UPDATE of {mapper.class_.__name__} sets its tenant column: a row "
+                "cannot move to another tenant; nothing was sent"
+            )
         if keys.intersection(row):
             raise PlaintextWriteError(
                 f"a bulk UPDATE of {mapper.class_.__name__} sets its EDEK (companion) column: "
@@ -665,14 +672,37 @@ def _refuse_companions(orm_state: ORMExecuteState) -> None:
             )
 
 
+def _check_insert_values(stmt: Any, spec: MapperSpec, name: str) -> None:
+    """``insert(Model).values(...)``: the tenant column it names must be the context tenant."""
+    ctx = current_context()
+    tenant = ctx.tenant_id if ctx is not None else None
+    rows = [stmt._values or {}, *(r for rows in stmt._multi_values for r in rows)]
+    for row in rows:
+        if not isinstance(row, dict):
+            continue
+        for key, value in row.items():
+            if getattr(key, "key", key) != spec.tenant_key:
+                continue
+            given = getattr(value, "value", value)
+            if tenant is None:
+                raise NoTenantError(f"new rows of {name!r} need a tenant", table=name)
+            if not isinstance(given, str | int) or str(given) != tenant:
+                _refuse_other_tenant(name, str(given), tenant, "names")
+
+
 def _bulk_insert(cmk: CMK, orm_state: ORMExecuteState) -> Any:
     mapper = orm_state.bind_mapper
-    if mapper is None or not orm_state.parameters:
+    if mapper is None:
         return None
     spec = mapper_spec(mapper)
     if not spec.active:
         return None
-    if spec.tables and getattr(orm_state.statement, "_post_values_clause", None) is not None:
+    if not orm_state.parameters:
+        if spec.tenant_key is not None:
+            _check_insert_values(orm_state.statement, spec, str(mapper.local_table.description))
+        return None
+    post = getattr(orm_state.statement, "_post_values_clause", None)
+    if spec.tables and post is not None and type(post).__name__ != "OnConflictDoNothing":
         # ON CONFLICT / ON DUPLICATE KEY: a conflicting row would keep its old EDEK and row id
         # while taking values sealed under new ones, and could never be decrypted again.
         raise PlaintextWriteError(

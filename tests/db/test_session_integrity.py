@@ -44,6 +44,7 @@ from sqlalchemy_cmk import (
     EncryptedType,
     NoTenantError,
     PlaintextWriteError,
+    TenantContextError,
     TenantMismatchError,
     cross_tenant_context,
     tenant_column,
@@ -565,3 +566,39 @@ def test_another_tenant_cannot_give_a_joined_rows_table_its_first_key(env: Env, 
         s.rollback()
     assert env.dump() == before
     assert read(env, Employee, 1, "acme").a == "ACME-A"
+
+
+@pytest.mark.parametrize("how", ["update", "bulk_update", "insert_values", "insert_values_multi"])
+def test_statements_cannot_move_a_row_to_another_tenant(env: Env, how: str) -> None:
+    with tenant_context("acme"), env.Session() as s:
+        s.add(Customer(id=1, email="stay@acme.example"))
+        s.commit()
+    before = env.dump()
+    with tenant_context("acme"), env.Session() as s:
+        with pytest.raises(TenantContextError):
+            if how == "update":
+                s.execute(update(Customer).where(Customer.id == 1).values(tenant_id="globex"))
+            elif how == "bulk_update":
+                s.execute(update(Customer), [{"id": 1, "tenant_id": "globex"}])
+            elif how == "insert_values":
+                s.execute(insert(Customer).values(id=2, tenant_id="globex", note="x"))
+            else:
+                s.execute(insert(Customer).values([{"id": 2, "tenant_id": "globex", "note": "x"}]))
+        s.rollback()
+    assert env.dump() == before
+
+
+def test_insert_on_conflict_do_nothing_keeps_existing_rows(env: Env) -> None:
+    dialect = env.engine.dialect.name
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as dialect_insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert as dialect_insert
+    with tenant_context("acme"), env.Session() as s:
+        s.add(Plain(id=1, ssn="EXISTING"))
+        s.commit()
+        stmt = dialect_insert(Plain).on_conflict_do_nothing()
+        s.execute(stmt, [{"id": 1, "ssn": "IGNORED"}, {"id": 2, "ssn": "INSERTED"}])
+        s.commit()
+    assert read(env, Plain, 1, "acme").ssn == "EXISTING"
+    assert read(env, Plain, 2, "acme").ssn == "INSERTED"
