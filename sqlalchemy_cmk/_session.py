@@ -55,7 +55,6 @@ from .errors import NoTenantError, PlaintextWriteError, TenantContextError, Tena
 from .types import EncryptedValue, Sealed
 
 _INFO_KEY = "sqlalchemy_cmk"
-_PENDING_KEY = "sqlalchemy_cmk.pending"  # session.info: values swapped in, to restore
 _BOUND_KEY = "sqlalchemy_cmk.bound"  # session.info: new row -> tenant, where not the first's
 _FIRST_KEY = "sqlalchemy_cmk.first"  # session.info: the tenant of the session's first add
 _TENANT_KEY = "sqlalchemy_cmk.tenant"  # state.info: tenant of a loaded or flushed row without key
@@ -67,7 +66,9 @@ _collector: contextvars.ContextVar[list[InstanceState[Any]] | None] = contextvar
 _listened: weakref.WeakSet[Mapper[Any]] = weakref.WeakSet()
 # Session hash key -> values sealed by before_flush, not yet swapped in (see _swap_in). A plain
 # dict by int: _swap_in runs once per written row, and this is its cheapest possible lookup.
-_swaps: dict[int, tuple[list[dict[str, Any]], list[str], list[Sealed], list[Any]]] = {}
+# Each value appears once in the four parallel lists; ``ranges`` says which entries are a row's.
+_Swap = tuple[list[dict[str, Any]], list[str], list[Sealed], list[Any], dict[Any, tuple[int, int]]]
+_swaps: dict[int, _Swap] = {}
 _registries_seen: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
 
 
@@ -500,10 +501,12 @@ def _before_flush(
     s_keys: list[str] = []
     s_boxes: list[Sealed] = []
     s_plain: list[Any] = []
+    ranges: dict[Any, tuple[int, int]] = {}
     n = 0
     for state, d, t, row_cols, companion in zip(
         states, dicts, tables, columns, new_companions, strict=True
     ):
+        start = ranges[state][0] if state in ranges else len(s_keys)
         for c in row_cols:
             v = d.get(c.key)
             if v is None:
@@ -513,6 +516,7 @@ def _before_flush(
             s_boxes.append(Sealed(cts[n]))
             s_plain.append(v)
             n += 1
+        ranges[state] = (start, len(s_keys))
         if companion is None:
             continue
         box = Sealed(companion)
@@ -526,7 +530,7 @@ def _before_flush(
             obj = state.obj()
             if obj is not None:
                 setattr(obj, t.companion_key, box)
-    _swaps[session.hash_key] = (s_dicts, s_keys, s_boxes, s_plain)
+    _swaps[session.hash_key] = (s_dicts, s_keys, s_boxes, s_plain, ranges)
     _fill(fills)
 
 
@@ -565,20 +569,23 @@ def _tenant_of_other_tables(session: Session, state: InstanceState[Any]) -> str 
 
 
 def _swap_in(mapper: Mapper[Any], connection: Any, state: InstanceState[Any]) -> None:
-    """Put the sealed values in place, at the first row the flush writes (inside its
-    transaction, so a failure from here on reaches ``after_soft_rollback``)."""
+    """Put a row's sealed values in place as the flush writes it (inside its transaction, so a
+    failure from here on reaches ``after_soft_rollback``). Row by row, so that an application's
+    ``before_insert``/``before_update`` listener sees every row alike."""
     sid = state.session_id
-    swap = _swaps.pop(sid, None) if sid is not None else None
+    swap = _swaps.get(sid) if sid is not None else None
     if swap is None:
         return
-    session = state.session
-    if session is None:
+    span = swap[4].get(state)
+    if span is None:
         return
-    for d, key, box, plain in zip(*swap, strict=True):
-        if d.get(key) is plain:
-            d[key] = box
+    s_dicts, s_keys, s_boxes, s_plain, _ = swap
+    for i in range(*span):
+        d = s_dicts[i]
+        key = s_keys[i]
+        if d.get(key) is s_plain[i]:
+            d[key] = s_boxes[i]
         # else: changed after it was sealed; the type refuses the unsealed value at bind time
-    session.info[_PENDING_KEY] = swap
 
 
 def _current_companions(
@@ -643,11 +650,11 @@ def _current_companions(
 def _restore(session: Session, *args: Any) -> None:
     """Put plaintext back where sealed values are (and plain bytes where sealed companions
     are), after a flush, a failed one, or one that never began."""
-    for pending in (_swaps.pop(session.hash_key, None), session.info.pop(_PENDING_KEY, None)):
-        if pending is not None:
-            for d, key, box, plain in zip(*pending, strict=True):
-                if d.get(key) is box:
-                    d[key] = plain
+    swap = _swaps.pop(session.hash_key, None)
+    if swap is not None:
+        for d, key, box, plain in zip(*swap[:4], strict=True):
+            if d.get(key) is box:
+                d[key] = plain
 
 
 def _refuse_companions(orm_state: ORMExecuteState) -> None:

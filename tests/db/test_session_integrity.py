@@ -602,3 +602,19 @@ def test_insert_on_conflict_do_nothing_keeps_existing_rows(env: Env) -> None:
         s.commit()
     assert read(env, Plain, 1, "acme").ssn == "EXISTING"
     assert read(env, Plain, 2, "acme").ssn == "INSERTED"
+
+
+def test_an_application_before_insert_listener_sees_every_row_alike(env: Env) -> None:
+    seen: list[Any] = []
+
+    def watch(mapper: Any, connection: Any, target: Plain) -> None:
+        seen.append(target.ssn)
+
+    event.listen(Plain, "before_insert", watch)
+    try:
+        with tenant_context("acme"), env.Session() as s:
+            s.add_all([Plain(id=i, ssn=f"SSN-{i}") for i in range(1, 4)])
+            s.commit()
+    finally:
+        event.remove(Plain, "before_insert", watch)
+    assert len({type(v) for v in seen}) == 1, "every row must look the same to a listener"
