@@ -66,8 +66,9 @@ _collector: contextvars.ContextVar[list[InstanceState[Any]] | None] = contextvar
 _listened: weakref.WeakSet[Mapper[Any]] = weakref.WeakSet()
 # Session hash key -> values sealed by before_flush, not yet swapped in (see _swap_in). A plain
 # dict by int: _swap_in runs once per written row, and this is its cheapest possible lookup.
-# Each value appears once in the four parallel lists; ``ranges`` says which entries are a row's.
-_Swap = tuple[list[dict[str, Any]], list[str], list[Sealed], list[Any], dict[Any, tuple[int, int]]]
+# Each value appears once in the four parallel lists, a row's entries next to each other;
+# the last item maps each row (state) to the index of its first entry.
+_Swap = tuple[list[dict[str, Any]], list[str], list[Sealed], list[Any], dict[Any, int]]
 _swaps: dict[int, _Swap] = {}
 _registries_seen: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
 
@@ -122,9 +123,14 @@ def decrypt_states(cmk: CMK, states: list[InstanceState[Any]]) -> None:
             if spec is None:
                 spec = specs_of[mapper] = mapper_spec(mapper)
             d = state.dict
+            committed = state.committed_state
             for t in spec.tables:
                 dicts.append(d)
                 tables.append(t)
+                if committed and t.companion_key in committed:
+                    # A companion changed in memory (merge of a stale copy) is not the row's:
+                    # it would never be written, so it must not be read either.
+                    _revert_companion(state, t.companion_key)
                 companion = d.get(t.companion_key, _ABSENT)
                 if companion is _ABSENT:
                     deferred.append(state)
@@ -142,7 +148,10 @@ def decrypt_states(cmk: CMK, states: list[InstanceState[Any]]) -> None:
         cmk.open(dicts, tables, ctx)
         if unkeyed and ctx is not None and ctx.tenant_id is not None:
             for state in unkeyed:
-                state.info.setdefault(_TENANT_KEY, ctx.tenant_id)
+                # A declared tenant column says whose row it is, whoever loaded it.
+                key = specs_of[state.mapper].tenant_key
+                owner = state.dict.get(key) if key is not None else None
+                state.info.setdefault(_TENANT_KEY, str(owner) if owner else ctx.tenant_id)
     except BaseException:
         # Leave no ciphertext (nor half a batch of plaintext) in loaded objects: expire the
         # encrypted attributes, so a later access reloads and raises again.
@@ -408,6 +417,8 @@ def _before_flush(
     ctx = current_context()
     tenant = ctx.tenant_id if ctx is not None else None
     fills: list[tuple[InstanceState[Any], str, str]] = []
+    # Only when some new row may have been added under another tenant than this one.
+    check_new = tenant is not None and (bool(bound_new) or first not in (None, tenant))
     # Parallel lists, not per-row objects: see CMK.seal.
     states: list[InstanceState[Any]] = []
     dicts: list[dict[str, Any]] = []
@@ -423,14 +434,13 @@ def _before_flush(
             spec = specs_of[mapper] = mapper_spec(mapper)
         if not spec.active:
             continue
-        name = str(spec.tables[0].table if spec.tables else mapper.local_table.description)
-        if state.key is None and tenant is not None:
+        if check_new and state.key is None:
             # Every new row, values or not: its tenant column and first values come later.
-            added_under = bound_new.get(state, first) if bound_new else first
+            added_under = bound_new.get(state, first)
             if added_under is not None and added_under != tenant:
-                _refuse_other_tenant(name, added_under, tenant, "was bound to")
+                _refuse_other_tenant(_name(spec, mapper), added_under, tenant, "was bound to")
         if spec.tenant_key is not None:
-            _check_tenant_column(state, spec.tenant_key, name, ctx, fills)
+            _check_tenant_column(state, spec.tenant_key, _name(spec, mapper), ctx, fills)
         d = state.dict
         if state.key is None:  # new: every value that is set
             for t, lookup in spec.pairs:
@@ -501,12 +511,13 @@ def _before_flush(
     s_keys: list[str] = []
     s_boxes: list[Sealed] = []
     s_plain: list[Any] = []
-    ranges: dict[Any, tuple[int, int]] = {}
+    starts: dict[Any, int] = {}
     n = 0
     for state, d, t, row_cols, companion in zip(
         states, dicts, tables, columns, new_companions, strict=True
     ):
-        start = ranges[state][0] if state in ranges else len(s_keys)
+        if state not in starts:
+            starts[state] = len(s_keys)
         for c in row_cols:
             v = d.get(c.key)
             if v is None:
@@ -516,7 +527,6 @@ def _before_flush(
             s_boxes.append(Sealed(cts[n]))
             s_plain.append(v)
             n += 1
-        ranges[state] = (start, len(s_keys))
         if companion is None:
             continue
         box = Sealed(companion)
@@ -530,8 +540,12 @@ def _before_flush(
             obj = state.obj()
             if obj is not None:
                 setattr(obj, t.companion_key, box)
-    _swaps[session.hash_key] = (s_dicts, s_keys, s_boxes, s_plain, ranges)
+    _swaps[session.hash_key] = (s_dicts, s_keys, s_boxes, s_plain, starts)
     _fill(fills)
+
+
+def _name(spec: MapperSpec, mapper: Mapper[Any]) -> str:
+    return str(spec.tables[0].table if spec.tables else mapper.local_table.description)
 
 
 def _fill(fills: list[tuple[InstanceState[Any], str, str]]) -> None:
@@ -576,16 +590,18 @@ def _swap_in(mapper: Mapper[Any], connection: Any, state: InstanceState[Any]) ->
     swap = _swaps.get(sid) if sid is not None else None
     if swap is None:
         return
-    span = swap[4].get(state)
-    if span is None:
+    i = swap[4].get(state)
+    if i is None:
         return
     s_dicts, s_keys, s_boxes, s_plain, _ = swap
-    for i in range(*span):
-        d = s_dicts[i]
+    d = s_dicts[i]
+    end = len(s_dicts)
+    while i < end and s_dicts[i] is d:  # this row's entries
         key = s_keys[i]
         if d.get(key) is s_plain[i]:
             d[key] = s_boxes[i]
         # else: changed after it was sealed; the type refuses the unsealed value at bind time
+        i += 1
 
 
 def _current_companions(
