@@ -308,11 +308,6 @@ def _on_pending(session: Session, obj: Any) -> None:
         bound[state] = tenant
 
 
-def _bound_tenant(session: Session, bound: dict[InstanceState[Any], str | None], state: Any) -> Any:
-    """The tenant a new row was added under, or None."""
-    return bound.get(state, session.info.get(_FIRST_KEY))
-
-
 def _prune_bound(session: Session) -> dict[InstanceState[Any], str | None]:
     """The bindings of rows still new; rows flushed since are bound by their key, or, if they
     have none, in their own ``state.info``."""
@@ -453,7 +448,7 @@ def _before_flush(
                     # the row keeps the tenant it was added under for its first values.
                     if d.get(t.companion_key) is not None:
                         d[t.companion_key] = None
-                    added_under = _bound_tenant(session, bound_new, state)
+                    added_under = bound_new.get(state, first)
                     if added_under is not None:
                         state.info.setdefault(_TENANT_KEY, added_under)
                     continue
