@@ -59,6 +59,7 @@ from .errors import (
     TenantNotConfiguredError,
 )
 from .providers import KeyProvider
+from .providers import _deadline as _provider_deadline
 from .registry import KeyRegistry, TenantKeys, parse_key_ref
 
 _T = TypeVar("_T")
@@ -93,18 +94,41 @@ class CachePolicy:
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Bounded retries of transient KMS errors, with exponential backoff and full jitter."""
+    """Retries of transient KMS errors: exponential backoff with full jitter, within a deadline.
 
-    attempts: int = 3
+    Attempt ``n`` (from 1) that fails transiently is followed by a sleep drawn uniformly from
+    ``[0, min(max_backoff, backoff * 2 ** (n - 1))]`` (AWS's "full jitter", so that processes
+    throttled together do not retry together), until ``deadline`` seconds have passed since the
+    first attempt, or ``attempts`` attempts when that is set. With the defaults a KMS that
+    throttles for a few seconds is retried about ten times over ``deadline`` instead of failing
+    a cold load within a fraction of a second. Each attempt is itself bounded by what is left of
+    ``deadline`` (the providers hand that to their SDK, see
+    :func:`sqlalchemy_cmk.providers.call_timeout`).
+    """
+
+    attempts: int | None = None
     backoff: float = 0.05
     deadline: float = 10.0
     max_concurrency: int = 16
+    max_backoff: float = 2.0
 
     def __post_init__(self) -> None:
-        if self.attempts < 1 or self.backoff < 0 or self.deadline <= 0 or self.max_concurrency < 1:
+        if (
+            (self.attempts is not None and self.attempts < 1)
+            or self.backoff < 0
+            or self.max_backoff < 0
+            or self.deadline <= 0
+            or self.max_concurrency < 1
+        ):
             raise ConfigurationError(
-                "retry attempts >= 1, backoff >= 0, deadline > 0, concurrency >= 1"
+                "retry attempts >= 1 (or None: until the deadline), backoff >= 0, "
+                "max_backoff >= 0, deadline > 0, concurrency >= 1"
             )
+
+    def delay(self, attempt: int, draw: Callable[[float, float], float] = random.uniform) -> float:
+        """Seconds to sleep after failed attempt number ``attempt`` (1-based)."""
+        ceiling = min(self.max_backoff, self.backoff * 2 ** min(attempt - 1, 62))
+        return draw(0.0, ceiling)
 
 
 @dataclass(eq=False)
@@ -639,12 +663,17 @@ class KeyManager:
     # -- retries -------------------------------------------------------------------------------
 
     def _call(self, fn: Callable[[], _T], tenant: str, key_ref: str, scheme: str) -> _T:
-        deadline = self._clock() + self._retry.deadline
+        started = self._clock()
+        deadline = started + self._retry.deadline
         attempt = 0
         while True:
             attempt += 1
+            left = deadline - self._clock()
             try:
-                return self._runner.run(fn, deadline - self._clock())
+                # The provider reads what is left through providers.call_timeout() and hands
+                # it to its SDK, so an abandoned call does not hold a connection much longer.
+                with _provider_deadline(time.monotonic() + left):
+                    return self._runner.run(fn, left)
             except _Timeout:
                 raise KMSUnavailableError(
                     f"KMS for tenant {tenant!r} did not answer within kms_deadline "
@@ -654,14 +683,15 @@ class KeyManager:
                     provider=scheme,
                 ) from None
             except KMSUnavailableError as exc:
-                delay = random.uniform(0, self._retry.backoff * 2 ** (attempt - 1))  # noqa: S311
+                delay = self._retry.delay(attempt)
                 if (
                     not exc.retryable
-                    or attempt >= self._retry.attempts
-                    or self._clock() + delay > deadline
+                    or (self._retry.attempts is not None and attempt >= self._retry.attempts)
+                    or self._clock() + delay >= deadline
                 ):
                     raise KMSUnavailableError(
-                        f"KMS for tenant {tenant!r} unavailable after {attempt} attempt(s): {exc}",
+                        f"KMS for tenant {tenant!r} unavailable after {attempt} attempt(s) in "
+                        f"{self._clock() - started:.2f} s: {exc}",
                         tenant=tenant,
                         key_ref=key_ref,
                         provider=scheme,

@@ -7,15 +7,60 @@ reference picks the provider, so one application can route tenants to different 
 Providers map their SDK's errors onto :mod:`sqlalchemy_cmk.errors` at one place, most specific
 first, always ``raise Ours(...) from exc``: a refusal becomes ``KeyAccessDeniedError``, an unknown
 key ``KeyNotFoundError``, a transient fault ``KMSUnavailableError`` (retried by the caller), a
-wrapped key that does not authenticate ``DecryptionError``.
+wrapped key that does not authenticate ``DecryptionError``. A TLS or certificate failure is a
+configuration problem, not a transient fault: it is mapped to ``KeyAccessDeniedError`` or to a
+``KMSUnavailableError`` with ``retryable = False``, never retried.
+
+Every provider call runs under the key manager's ``kms_deadline``; :func:`call_timeout` tells a
+provider how much of it is left, so that it can hand its SDK a timeout that ends no later (an SDK
+call abandoned at the deadline would otherwise keep a connection busy for its own, longer,
+timeout).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Protocol, runtime_checkable
 
-__all__ = ["KeyProvider"]
+__all__ = ["KeyProvider", "call_timeout"]
+
+# Absolute time.monotonic() at which the current provider call must have returned; set by the
+# key manager around each attempt (provider calls run in a copy of the caller's context).
+_DEADLINE: ContextVar[float | None] = ContextVar("sqlalchemy_cmk_kms_deadline", default=None)
+
+#: The shortest timeout handed to an SDK: a call that starts this close to the deadline fails
+#: fast instead of being given no time at all (which some SDKs read as "no timeout").
+MIN_TIMEOUT = 0.05
+
+
+def call_timeout(default: float) -> float:
+    """Seconds the provider call in progress may still take, at most ``default``.
+
+    Outside a key manager call (a provider used directly), ``default``.
+
+    Args:
+        default: The provider's own timeout for one SDK call, in seconds.
+
+    Returns:
+        ``min(default, time left before kms_deadline)``, and at least ``MIN_TIMEOUT``.
+    """
+    deadline = _DEADLINE.get()
+    if deadline is None:
+        return default
+    return max(min(default, deadline - time.monotonic()), MIN_TIMEOUT)
+
+
+@contextmanager
+def _deadline(at: float) -> Iterator[None]:
+    """Run the body with :func:`call_timeout` counting down to ``at`` (``time.monotonic()``)."""
+    token = _DEADLINE.set(at)
+    try:
+        yield
+    finally:
+        _DEADLINE.reset(token)
 
 
 @runtime_checkable
@@ -33,10 +78,12 @@ class KeyProvider(Protocol):
 
         ``context`` always holds ``"tenant"``, which the provider must bind (AWS
         EncryptionContext, GCP additional authenticated data, Vault derivation context...), so
-        that a wrapped key of one tenant never unwraps as another's. It may hold more,
-        informational entries (``"data_label"``); a provider that sends them to its KMS (for the
-        tenant's audit log) must record them in the bytes it returns, because
-        :meth:`unwrap_key` only gets ``{"tenant": ...}``.
+        that a wrapped key of one tenant never unwraps as another's. It may hold more
+        (``"data_label"``). A provider that sends them to its KMS binds them there (AWS
+        encryption context, GCP additional authenticated data, Vault's context), so it must
+        record them in the bytes it returns, because :meth:`unwrap_key` only gets
+        ``{"tenant": ...}``; a tenant decrypting with its own tools must send them back exactly
+        (each page of ``docs/providers`` gives the command).
         """
         ...
 
