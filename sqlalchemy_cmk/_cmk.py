@@ -815,11 +815,27 @@ def _doc_spec(namespace: str, fields: tuple[str, ...]) -> TableSpec:
 
 def load_cmk(spec: CMK | str) -> CMK:
     """A CMK given as itself or as ``"module:attribute"`` (an attribute that is a CMK, or a
-    function returning one), as the CLI and the Alembic operations take it.
+    function of no arguments returning one), as the CLI and the Alembic operations take it.
+
+    Whatever the module or the function does wrong (raises on import, calls ``sys.exit()``,
+    needs arguments, returns something else) ends as one :class:`ConfigurationError`, so a
+    caller such as the CLI can report it in a line and stop before touching anything.
 
     Raises:
         ConfigurationError: the string does not name an importable CMK; says what to write.
     """
+    import inspect  # local: only this loader needs it
+
+    def why(exc: BaseException) -> str:
+        # SystemExit is no error to the module that raised it, but it must not end a caller
+        # (the CLI) with status 0 having done nothing. Only the first line of a message: a
+        # failing import of the user's code should read as one line, not a page.
+        if isinstance(exc, SystemExit):
+            return f"called sys.exit({exc.code!r})"
+        lines = str(exc).strip().splitlines()
+        first = lines[0][:200] if lines else ""
+        return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
     if isinstance(spec, CMK):
         return spec
     if not isinstance(spec, str):
@@ -835,13 +851,36 @@ def load_cmk(spec: CMK | str) -> CMK:
         obj: Any = importlib.import_module(module_name)
     except ImportError as exc:
         raise ConfigurationError(f"cannot import {module_name!r} for {spec!r}: {exc}") from None
+    except (Exception, SystemExit) as exc:  # the module's own code failed while importing
+        raise ConfigurationError(
+            f"importing {module_name!r} for {spec!r} failed: {why(exc)}"
+        ) from exc
     for part in attr.split("."):
         try:
             obj = getattr(obj, part)
         except AttributeError:
             raise ConfigurationError(f"{module_name!r} has no attribute {attr!r}") from None
+    if isinstance(obj, type):  # a class is never called: it would not build a configured CMK
+        raise ConfigurationError(
+            f"{spec!r} is the class {obj.__name__}, not a CMK: name a CMK object, or a function "
+            "of no arguments that returns one"
+        )
     if not isinstance(obj, CMK) and callable(obj):
-        obj = obj()  # a factory that builds the CMK
+        try:
+            inspect.signature(obj).bind()
+        except TypeError:
+            raise ConfigurationError(
+                f"{spec!r} is a function that needs arguments: name a CMK object, or a "
+                "function of no arguments that returns one"
+            ) from None
+        except ValueError:  # no signature to inspect (some builtins): calling will tell
+            pass
+        try:
+            obj = obj()  # a factory that builds the CMK
+        except (Exception, SystemExit) as exc:
+            raise ConfigurationError(f"calling {spec!r} failed: {why(exc)}") from exc
+        if not isinstance(obj, CMK):
+            raise ConfigurationError(f"{spec!r} returned a {type(obj).__name__}, not a CMK")
     if not isinstance(obj, CMK):
         raise ConfigurationError(f"{spec!r} is a {type(obj).__name__}, not a CMK")
     return obj
