@@ -7,6 +7,18 @@ Key references are ``azure-kv://<vault host>/keys/<name>[/<version>]``, e.g.
 ``azure-kv://contoso-hsm.managedhsm.azure.net/keys/app-cmk/4387e9f3d6e14c459867679a90fd0f79``.
 Without a version, each wrap uses the key's current version (so a tenant rotates by adding a
 version); every wrapped key records the version it was made with, and unwrap uses that version.
+Key names are case-insensitive in Key Vault, and so are they here.
+
+Revocation: Key Vault keeps ``enabled`` (and ``exp``, ``nbf``, ``key_ops``) per key *version*,
+and a tenant who disables "the key" in the portal, or with ``az keyvault key set-attributes
+--enabled false`` without ``--version``, disables its latest version only. An unwrap at the
+vault addresses the version recorded in the wrapped key, which may be an older, still enabled
+one; so before unwrapping, the provider also reads the key's current version (``get``) and
+refuses when it is disabled. That read is remembered for ``key_state_ttl`` seconds (default 5)
+per key and process, and a wrap's own read counts as one: a cold load of many rows costs one
+extra ``get``, and steady traffic at most one per key per ``key_state_ttl`` on top of the
+unwraps (which the key manager's cache already bounds). A disabled key therefore stops every
+read within ``cache_ttl + key_state_ttl``, whatever version a row was written under.
 
 Design: Key Vault's wrapKey (RSA-OAEP-256 for RSA keys, AES key wrap ``A256KW`` for Managed HSM
 ``oct-HSM`` keys) takes no additional authenticated data, so the vault cannot bind the tenant.
@@ -52,10 +64,12 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 import os
 import re
 import struct
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -73,6 +87,7 @@ from ..errors import (
     KeyNotFoundError,
     KMSUnavailableError,
 )
+from . import call_timeout
 
 try:
     from azure.core.credentials import TokenCredential
@@ -147,9 +162,15 @@ def _parse_ref(key_ref: str) -> _Ref:
 def _version_of(ref: _Ref, kid: str | None) -> str | None:
     """The version in a key id the vault sent, when the id names the key ``ref`` names."""
     match = _KID.fullmatch(kid or "")
-    if match is None or match["host"].lower() != ref.host or match["name"] != ref.name:
+    # Key Vault names (and the hex versions) are case-insensitive: the vault answers with the
+    # name as it was created, which may differ in case from the tenant's reference.
+    if (
+        match is None
+        or match["host"].lower() != ref.host
+        or match["name"].lower() != ref.name.lower()
+    ):
         return None
-    if ref.version is not None and match["version"] != ref.version:
+    if ref.version is not None and match["version"].lower() != ref.version.lower():
         return None
     return match["version"]
 
@@ -229,14 +250,29 @@ class AzureKeyVaultProvider:
         *,
         key_client_factory: KeyClientFactory,
         crypto_client_factory: CryptographyClientFactory,
+        key_state_ttl: float = 5.0,
+        read_timeout: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """Args:
         key_client_factory: Vault URL -> ``azure.keyvault.keys.KeyClient``.
         crypto_client_factory: Versioned key id ->
             ``azure.keyvault.keys.crypto.CryptographyClient``.
+        key_state_ttl: Seconds a read of a key's current version (checked enabled before an
+            unwrap) is trusted; 0 reads it before every unwrap. Adds to ``cache_ttl`` in the
+            time a disabled key takes to stop reads.
+        read_timeout: The clients' read timeout, so that a per-call timeout derived from
+            ``kms_deadline`` never lengthens it (None: the deadline alone bounds each call).
+        clock: Monotonic seconds for ``key_state_ttl`` (a seam for tests).
         """
+        if key_state_ttl < 0:
+            raise ConfigurationError("key_state_ttl >= 0", provider=_SCHEME)
         self._key_client_factory = key_client_factory
         self._crypto_client_factory = crypto_client_factory
+        self._key_state_ttl = key_state_ttl
+        self._read_timeout = read_timeout
+        self._clock = clock
+        self._state_checked: dict[tuple[str, str], float] = {}
         self._key_clients: dict[str, KeyClient] = {}
         self._crypto_clients: dict[str, CryptographyClient] = {}
         self._public_wrappers: dict[str, CryptographyClient] = {}
@@ -250,6 +286,8 @@ class AzureKeyVaultProvider:
         connection_timeout: float = 3.0,
         read_timeout: float = 10.0,
         retry_total: int = 1,
+        key_state_ttl: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
         **client_kwargs: Any,
     ) -> AzureKeyVaultProvider:
         """A provider whose clients use ``credential`` and short timeouts.
@@ -263,6 +301,9 @@ class AzureKeyVaultProvider:
             connection_timeout: Seconds to connect (the SDK default is 300).
             read_timeout: Seconds to wait for an answer (the SDK default is 300).
             retry_total: SDK retries per call; the key manager retries on top, so keep it small.
+            key_state_ttl: See the constructor: how long a read of the key's current version
+                is trusted before an unwrap.
+            clock: Monotonic seconds for ``key_state_ttl`` (a seam for tests).
             **client_kwargs: More azure-core client options (``connection_verify``,
                 ``transport``, ``proxies``, ``retry_backoff_factor``...).
         """
@@ -281,7 +322,13 @@ class AzureKeyVaultProvider:
         def crypto_client(key_id: str) -> CryptographyClient:
             return CryptographyClient(key_id, credential, **options)
 
-        return cls(key_client_factory=key_client, crypto_client_factory=crypto_client)
+        return cls(
+            key_client_factory=key_client,
+            crypto_client_factory=crypto_client,
+            key_state_ttl=key_state_ttl,
+            read_timeout=read_timeout,
+            clock=clock,
+        )
 
     def __repr__(self) -> str:
         with self._lock:
@@ -295,6 +342,7 @@ class AzureKeyVaultProvider:
             self._key_clients.clear()
             self._crypto_clients.clear()
             self._public_wrappers.clear()
+            self._state_checked.clear()
         for client in clients:
             client.close()
 
@@ -337,7 +385,8 @@ class AzureKeyVaultProvider:
             raise ConfigurationError("data keys are 32 bytes", key_ref=key_ref, provider=_SCHEME)
         kek = os.urandom(32)
         with self._boundary(key_ref, "wrap"):
-            key = self._key_client(ref.vault_url).get_key(ref.name, ref.version)
+            checked_at = self._clock()
+            key = self._key_client(ref.vault_url).get_key(ref.name, ref.version, **_timeouts(self))
             version = _version_of(ref, key.id)
             if version is None:
                 raise KeyNotFoundError(
@@ -347,6 +396,10 @@ class AzureKeyVaultProvider:
                 )
             kty = _value(key.key_type)
             _check_usable(key, key_ref)
+            if ref.version is None:
+                self._state_ok(ref, checked_at)  # this read was of the current version
+            else:
+                self._check_current(ref, key_ref)
             if kty in _RSA_KTYS:
                 algorithm = _ALG_RSA_OAEP_256
                 wrapped_kek = (
@@ -388,10 +441,13 @@ class AzureKeyVaultProvider:
             # Malformed, or made with another key than key_ref names: the same opaque error.
             raise DecryptionError("wrapped key is malformed", key_ref=key_ref, provider=_SCHEME)
         with self._boundary(key_ref, "unwrap"):
+            self._check_current(ref, key_ref)
             if parsed.algorithm == _ALG_RSA_OAEP_256:
                 kek = (
                     self._crypto_client(ref.key_id(version))
-                    .unwrap_key(KeyWrapAlgorithm.rsa_oaep_256, parsed.wrapped_kek)
+                    .unwrap_key(
+                        KeyWrapAlgorithm.rsa_oaep_256, parsed.wrapped_kek, **_timeouts(self)
+                    )
                     .key
                 )
             else:
@@ -404,6 +460,38 @@ class AzureKeyVaultProvider:
             )
         except InvalidTag:
             self._fail_authentication(key_ref)
+
+    def _state_ok(self, ref: _Ref, checked_at: float) -> None:
+        with self._lock:
+            self._state_checked[(ref.host, ref.name.lower())] = checked_at
+
+    def _check_current(self, ref: _Ref, key_ref: str) -> None:
+        """Refuse when the key's current version is disabled (how a tenant disables "the key").
+
+        One ``get`` of the unversioned key, trusted for ``key_state_ttl``. A disabled current
+        version answers ``403 KeyDisabled`` (mapped by the boundary); a vault that answers with
+        the bundle instead says ``enabled: false``.
+        """
+        slot = (ref.host, ref.name.lower())
+        now = self._clock()
+        with self._lock:
+            checked_at = self._state_checked.get(slot)
+        if checked_at is not None and now - checked_at < self._key_state_ttl:
+            return
+        current = self._key_client(ref.vault_url).get_key(ref.name, **_timeouts(self))
+        if _version_of(_Ref(ref.host, ref.name, None), current.id) is None:
+            raise KeyNotFoundError(
+                "the vault answered with a key id that is not the requested key's",
+                key_ref=key_ref,
+                provider=_SCHEME,
+            )
+        if current.properties.enabled is False:
+            raise KeyAccessDeniedError(
+                "the Azure key's current version is disabled; the tenant disabled the key",
+                key_ref=key_ref,
+                provider=_SCHEME,
+            )
+        self._state_ok(ref, now)
 
     @staticmethod
     def _fail_authentication(key_ref: str) -> NoReturn:
@@ -418,7 +506,7 @@ class AzureKeyVaultProvider:
             f"/keys/{ref.name}/{version}/{operation}",
             json={"alg": "A256KW", "value": _b64u(value)},
         )
-        response = self._key_client(ref.vault_url).send_request(request)
+        response = self._key_client(ref.vault_url).send_request(request, **_timeouts(self))
         response.raise_for_status()
         try:
             return _unb64u(response.json()["value"])
@@ -473,6 +561,19 @@ class AzureKeyVaultProvider:
                 key_ref=key_ref,
                 provider=_SCHEME,
             ) from exc
+
+
+def _timeouts(provider: AzureKeyVaultProvider) -> dict[str, Any]:
+    """azure-core per-call options ending the call with ``kms_deadline``.
+
+    ``timeout`` bounds the SDK's retries and connection time, ``read_timeout`` each read; the
+    clients' own read timeout is kept when it is shorter. Outside a key manager call: none.
+    """
+    left = call_timeout(math.inf)
+    if math.isinf(left):
+        return {}
+    read = left if provider._read_timeout is None else min(provider._read_timeout, left)
+    return {"timeout": left, "read_timeout": read}
 
 
 def _check_usable(key: KeyVaultKey, key_ref: str) -> None:

@@ -14,10 +14,21 @@ and ``CryptographyClient``, with the real wire shapes:
   e.g. a disabled key answers every operation with ``403 Forbidden`` / ``KeyDisabled``, a
   missing key ``404 KeyNotFound``, a ciphertext that does not decrypt ``400 BadParameter``.
 
-Test hooks: :meth:`KeyVaultServer.disable` / :meth:`enable` (the tenant disables its key),
-:meth:`deny` / :meth:`allow` (the tenant removes the app's role assignment: ``403
-ForbiddenByRbac``), :meth:`rotate` (a new key version becomes current), :meth:`fail_next`
-(inject ``5xx`` / ``429``), ``stall_seconds`` (answer late, for read timeouts) and per-operation
+Per-version attributes, as Key Vault keeps them: each version has its own ``enabled``, ``exp``,
+``nbf`` and ``key_ops``. ``GET /keys/{name}`` answers with the latest version, and disabling "the
+key" from the portal or ``az keyvault key set-attributes --enabled false`` without ``--version``
+updates that latest version only; older versions keep their own state. A disabled version answers
+``get``, ``wrapKey`` and ``unwrapKey`` with ``403 Forbidden`` / ``KeyDisabled``. ``exp`` and
+``nbf`` stop wraps only (the service still lets expired keys decrypt, unwrap and verify); an
+operation missing from ``key_ops`` is ``403 Forbidden`` / ``KeyOperationForbidden``. Key names
+are case-insensitive: ``/keys/ACME`` is ``/keys/acme``, and the answers carry the name as created.
+
+Test hooks: :meth:`KeyVaultServer.disable` / :meth:`enable` (the tenant disables its key: without
+a version, the latest one, as the portal does), :meth:`set_attributes` (``exp``, ``nbf``,
+``key_ops`` of one version), :meth:`deny` / :meth:`allow` (the tenant removes the app's role
+assignment: ``403 ForbiddenByRbac``), :meth:`rotate` (a new key version becomes current),
+:meth:`fail_next` (inject ``5xx`` / ``429``), ``stall_seconds`` (answer late, for read
+timeouts) and per-operation
 counters.
 
 The TLS certificate is issued for 127.0.0.1 by a throwaway CA made with ``cryptography``;
@@ -83,13 +94,21 @@ class KeyVersion:
     private: rsa.RSAPrivateKey | None = None
     secret: bytes | None = None
     key_ops: list[str] = field(default_factory=lambda: ["wrapKey", "unwrapKey"])
+    enabled: bool = True
+    exp: int | None = None  # seconds since the epoch, as Key Vault's attributes carry them
+    nbf: int | None = None
 
 
 @dataclass
 class StoredKey:
+    name: str  # as created; lookups are case-insensitive
     versions: list[KeyVersion]
-    enabled: bool = True
     denied: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the latest version is enabled (what the portal shows as the key's state)."""
+        return self.versions[-1].enabled
 
 
 def make_tls(directory: Path) -> tuple[ssl.SSLContext, Path]:
@@ -240,8 +259,9 @@ class _Handler(BaseHTTPRequestHandler):
             return
         operation = op or "get"
         vault.count(operation)
+        op_name = {"get": "get", "wrapkey": "wrapKey", "unwrapkey": "unwrapKey"}[operation]
         with vault.lock:
-            stored = vault.keys.get(name)
+            stored = vault.keys.get(name.lower())
             if stored is None:
                 self._error(
                     404,
@@ -258,17 +278,8 @@ class _Handler(BaseHTTPRequestHandler):
                     "ForbiddenByRbac",
                 )
                 return
-            if not stored.enabled:
-                op_name = {"get": "get", "wrapkey": "wrapKey", "unwrapkey": "unwrapKey"}[operation]
-                self._error(
-                    403,
-                    "Forbidden",
-                    f"Operation {op_name} is not allowed on a disabled key.",
-                    "KeyDisabled",
-                )
-                return
             if version:
-                found = [v for v in stored.versions if v.version == version]
+                found = [v for v in stored.versions if v.version == version.lower()]
                 if not found:
                     self._error(
                         404, "KeyNotFound", f"A key with (name/id) {name}/{version} was not found."
@@ -277,8 +288,25 @@ class _Handler(BaseHTTPRequestHandler):
                 key = found[0]
             else:
                 key = stored.versions[-1]
+            now = time.time()
+            refusal = None
+            if not key.enabled:
+                refusal = (f"Operation {op_name} is not allowed on a disabled key.", "KeyDisabled")
+            elif op is not None and op_name not in key.key_ops:
+                refusal = (
+                    f"Operation {op_name} is not permitted on this key.",
+                    "KeyOperationForbidden",
+                )
+            elif op == "wrapkey" and key.exp is not None and key.exp <= now:
+                refusal = ("Operation wrapKey is not allowed on an expired key.", "KeyExpired")
+            elif op == "wrapkey" and key.nbf is not None and key.nbf > now:
+                refusal = ("Operation wrapKey is not allowed before nbf.", "KeyNotYetValid")
+            if refusal is not None:
+                self._error(403, "Forbidden", refusal[0], refusal[1])
+                return
+            display = stored.name
         vault.count(f"{operation}:{key.version}")
-        kid = f"{vault.url}/keys/{name}/{key.version}"
+        kid = f"{vault.url}/keys/{display}/{key.version}"
         if op is None:
             self._send(200, vault.bundle(kid, key))
             return
@@ -376,35 +404,64 @@ class KeyVaultServer:
     def rotate(self, name: str) -> str:
         """A new version of ``name`` becomes current (older versions still unwrap)."""
         with self.lock:
-            kty = self.keys[name].versions[-1].kty
+            kty = self.keys[name.lower()].versions[-1].kty
         return self.create_rsa_key(name) if kty == "RSA" else self.create_oct_hsm_key(name)
 
     def _add(self, name: str, version: KeyVersion) -> str:
         with self.lock:
-            self.keys.setdefault(name, StoredKey([])).versions.append(version)
+            self.keys.setdefault(name.lower(), StoredKey(name, [])).versions.append(version)
         return version.version
+
+    def _version(self, name: str, version: str | None) -> KeyVersion:
+        # Caller holds self.lock. No version: the latest, as the portal and the CLI pick it.
+        versions = self.keys[name.lower()].versions
+        if version is None:
+            return versions[-1]
+        return next(v for v in versions if v.version == version)
 
     def public_key(self, name: str, version: str) -> rsa.RSAPublicKey:
         with self.lock:
-            private = next(v for v in self.keys[name].versions if v.version == version).private
+            private = self._version(name, version).private
         assert private is not None
         return private.public_key()
 
-    def disable(self, name: str) -> None:
-        with self.lock:
-            self.keys[name].enabled = False
+    def disable(self, name: str, version: str | None = None) -> None:
+        """``az keyvault key set-attributes --enabled false [--version v]``: without a version,
+        the latest version only."""
+        self.set_attributes(name, version, enabled=False)
 
-    def enable(self, name: str) -> None:
+    def enable(self, name: str, version: str | None = None) -> None:
+        self.set_attributes(name, version, enabled=True)
+
+    def set_attributes(
+        self,
+        name: str,
+        version: str | None = None,
+        *,
+        enabled: bool | None = None,
+        exp: int | None = None,
+        nbf: int | None = None,
+        key_ops: list[str] | None = None,
+    ) -> None:
+        """Update one version's attributes (the latest without ``version``), as Update Key does."""
         with self.lock:
-            self.keys[name].enabled = True
+            key = self._version(name, version)
+            if enabled is not None:
+                key.enabled = enabled
+            if exp is not None:
+                key.exp = exp
+            if nbf is not None:
+                key.nbf = nbf
+            if key_ops is not None:
+                key.key_ops = key_ops
 
     def deny(self, name: str) -> None:
         with self.lock:
-            self.keys[name].denied = True
+            self.keys[name.lower()].denied = True
 
     def allow(self, name: str) -> None:
         with self.lock:
-            self.keys[name].denied = False
+            self.keys[name.lower()].denied = False
 
     # -- faults and counters ---------------------------------------------------------------------
 
@@ -427,7 +484,9 @@ class KeyVaultServer:
             self.counts.clear()
             self.stall_seconds = 0.0
             for stored in self.keys.values():
-                stored.enabled, stored.denied = True, False
+                stored.denied = False
+                for version in stored.versions:
+                    version.enabled, version.exp, version.nbf = True, None, None
 
     def bundle(self, kid: str, key: KeyVersion) -> dict[str, Any]:
         jwk: dict[str, Any] = {"kid": kid, "kty": key.kty, "key_ops": key.key_ops}
@@ -435,10 +494,12 @@ class KeyVaultServer:
             numbers = key.private.public_key().public_numbers()
             jwk.update(n=_int_b64u(numbers.n), e=_int_b64u(numbers.e))
         created = int(time.time()) - 60
+        attributes: dict[str, Any] = {"exp": key.exp, "nbf": key.nbf}
         return {
             "key": jwk,
             "attributes": {
-                "enabled": True,
+                **{k: v for k, v in attributes.items() if v is not None},
+                "enabled": key.enabled,
                 "created": created,
                 "updated": created,
                 "recoveryLevel": "Recoverable+Purgeable",

@@ -13,6 +13,7 @@ import re
 import socket
 import struct
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -509,3 +510,185 @@ def test_repr_names_vaults_only(provider: AzureKeyVaultProvider, vault: KeyVault
     provider.wrap_key(ref(vault, "acme"), os.urandom(32), ACME)
     assert repr(provider) == f"AzureKeyVaultProvider(vaults=['{vault.url}'])"
     assert TOKEN not in repr(provider)
+
+
+# -- per-version state, as Key Vault keeps it (issue 8) --------------------------------------------
+
+
+class Clock:
+    """Monotonic seconds moved by the test: the key manager's cache and the key-state check."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_the_vault_keeps_enabled_per_version(vault: KeyVaultServer) -> None:
+    # What the portal and `az keyvault key set-attributes --enabled false` (no --version) do:
+    # the latest version is disabled, older ones keep unwrapping at the vault.
+    vault.create_rsa_key("versions")
+    v1 = current_version(vault, "versions")
+    v2 = vault.rotate("versions")
+    vault.disable("versions")
+    credential = StaticTokenCredential()
+    options = client_options(vault.ca_file)
+    keys = KeyClient(vault.url, credential, **options)
+    assert keys.get_key("versions", v1).properties.enabled is True
+    with pytest.raises(Exception, match="disabled key"):
+        keys.get_key("versions")  # the current version: v2
+    old = CryptographyClient(f"{vault.url}/keys/versions/{v1}", credential, **options)
+    kek = os.urandom(32)
+    wrapped = vault.public_key("versions", v1).encrypt(
+        kek,
+        padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=None),
+    )
+    assert old.unwrap_key(KeyWrapAlgorithm.rsa_oaep_256, wrapped).key == kek
+    assert vault.keys["versions"].versions[1].version == v2
+
+
+def test_a_key_disabled_as_the_portal_does_stops_rows_under_older_versions(
+    vault: KeyVaultServer,
+) -> None:
+    clock = Clock()
+    provider = make_provider(vault, clock=clock)
+    vault.create_rsa_key("portal")
+    key_ref = ref(vault, "portal")
+    dek1 = os.urandom(32)
+    old = provider.wrap_key(key_ref, dek1, ACME)
+    vault.rotate("portal")
+    new = provider.wrap_key(key_ref, os.urandom(32), ACME)
+    assert provider.unwrap_key(key_ref, old, ACME) == dek1
+
+    vault.disable("portal")  # the latest version, as the portal does
+    clock.now += 5.0  # key_state_ttl: the last read of the current version is stale
+    before = vault.counts["get"]
+    for wrapped in (old, new):
+        with pytest.raises(KeyAccessDeniedError, match="KeyDisabled"):
+            provider.unwrap_key(key_ref, wrapped, ACME)
+    with pytest.raises(KeyAccessDeniedError, match="KeyDisabled"):
+        provider.wrap_key(key_ref, os.urandom(32), ACME)
+    assert vault.counts["get"] - before == 3  # nothing cached while refused
+
+    vault.enable("portal")
+    assert provider.unwrap_key(key_ref, old, ACME) == dek1
+    provider.close()
+
+
+def test_the_key_state_read_is_cached_for_key_state_ttl(vault: KeyVaultServer) -> None:
+    clock = Clock()
+    provider = make_provider(vault, clock=clock, key_state_ttl=5.0)
+    vault.create_rsa_key("state-cost")
+    key_ref = ref(vault, "state-cost")
+    wrapped = [provider.wrap_key(key_ref, os.urandom(32), ACME) for _ in range(3)]
+    provider.unwrap_key(key_ref, wrapped[0], ACME)  # the SDK's CryptographyClient reads the
+    vault.counts.clear()  # key once, on its first use: not counted below
+    clock.now += 10.0
+    for w in wrapped * 2:  # a cold load of six rows: one extra get
+        provider.unwrap_key(key_ref, w, ACME)
+    assert (vault.counts["get"], vault.counts["unwrapkey"]) == (1, 6)
+    clock.now += 4.9
+    provider.unwrap_key(key_ref, wrapped[0], ACME)
+    assert vault.counts["get"] == 1
+    clock.now += 0.1
+    provider.unwrap_key(key_ref, wrapped[0], ACME)
+    assert vault.counts["get"] == 2
+    provider.close()
+
+
+def test_revocation_through_the_key_manager_within_the_cache_bound(
+    vault: KeyVaultServer,
+) -> None:
+    from sqlalchemy_cmk import CMK, tenant_context
+
+    clock = Clock()
+    provider = make_provider(vault, clock=clock)
+    vault.create_rsa_key("cmk-portal")
+    cmk = CMK(
+        provider,
+        tenant_keys={"acme": ref(vault, "cmk-portal")},
+        cache_ttl=30.0,
+        audit_sinks=[],
+        clock=clock,
+    )
+    with tenant_context("acme"):
+        doc_v1 = cmk.encrypt_document({"ssn": b"123-45-6789"})
+        vault.rotate("cmk-portal")
+        clock.now += 31.0  # a new write key, under the new version
+        doc_v2 = cmk.encrypt_document({"ssn": b"987-65-4321"})
+        assert cmk.decrypt_document(doc_v1) == {"ssn": b"123-45-6789"}
+        vault.disable("cmk-portal")
+        clock.now += 30.0 + 5.0  # cache_ttl + key_state_ttl
+        for doc in (doc_v1, doc_v2):
+            with pytest.raises(KeyAccessDeniedError):
+                cmk.decrypt_document(doc)
+    provider.close()
+
+
+def test_exp_and_nbf_stop_wraps_not_unwraps(vault: KeyVaultServer) -> None:
+    # Key Vault: an expired (or not yet valid) key may still decrypt, unwrap and verify.
+    with make_provider(vault) as provider:
+        vault.create_rsa_key("dated")
+        key_ref = ref(vault, "dated")
+        dek = os.urandom(32)
+        wrapped = provider.wrap_key(key_ref, dek, ACME)
+        vault.set_attributes("dated", exp=int(time.time()) - 1)
+        with pytest.raises(KeyAccessDeniedError, match="expired"):
+            provider.wrap_key(key_ref, os.urandom(32), ACME)
+        assert provider.unwrap_key(key_ref, wrapped, ACME) == dek
+        vault.reset()
+        vault.set_attributes("dated", nbf=int(time.time()) + 3600)
+        with pytest.raises(KeyAccessDeniedError, match="not yet valid"):
+            provider.wrap_key(key_ref, os.urandom(32), ACME)
+        assert provider.unwrap_key(key_ref, wrapped, ACME) == dek
+
+
+def test_key_ops_are_enforced_per_version(vault: KeyVaultServer) -> None:
+    with make_provider(vault) as provider:
+        vault.create_rsa_key("ops")
+        key_ref = ref(vault, "ops")
+        wrapped = provider.wrap_key(key_ref, os.urandom(32), ACME)
+        vault.set_attributes("ops", key_ops=["wrapKey"])  # unwrapKey removed from the version
+        with pytest.raises(KeyAccessDeniedError, match="KeyOperationForbidden"):
+            provider.unwrap_key(key_ref, wrapped, ACME)
+
+
+def test_key_names_are_case_insensitive(vault: KeyVaultServer) -> None:
+    with make_provider(vault) as provider:
+        vault.create_rsa_key("Mixed-Case")
+        dek = os.urandom(32)
+        # The vault answers with the name as created; the tenant's reference may differ in case.
+        wrapped = provider.wrap_key(ref(vault, "mixed-case"), dek, ACME)
+        assert split(wrapped)["kid"].startswith(f"{vault.url}/keys/mixed-case/")
+        assert provider.unwrap_key(ref(vault, "MIXED-CASE"), wrapped, ACME) == dek
+        assert provider.unwrap_key(ref(vault, "Mixed-Case"), wrapped, ACME) == dek
+
+
+def test_a_hung_vault_call_ends_with_kms_deadline(vault: KeyVaultServer) -> None:
+    # The SDK's read timeout (10 s here) is cut to what is left of kms_deadline, so the
+    # abandoned call does not keep its thread and connection for the vault's full stall.
+    from sqlalchemy_cmk import CMK, tenant_context
+
+    with make_provider(vault, read_timeout=10.0, retry_total=0) as provider:
+        cmk = CMK(
+            provider,
+            tenant_keys={"acme": ref(vault, "acme")},
+            kms_deadline=0.5,
+            retry_attempts=1,
+            audit_sinks=[],
+        )
+        provider.wrap_key(ref(vault, "acme"), os.urandom(32), ACME)  # challenge done
+        vault.stall_seconds = 3.0
+        started = time.monotonic()
+        with tenant_context("acme"), pytest.raises(KMSUnavailableError):
+            cmk.encrypt_document({"f": b"x"})
+        assert time.monotonic() - started < 1.0
+
+        def kms_threads() -> int:
+            return sum(t.name == "sqlalchemy-cmk-kms" for t in threading.enumerate())
+
+        while kms_threads() and time.monotonic() - started < 5.0:
+            time.sleep(0.05)
+        assert kms_threads() == 0
+        assert time.monotonic() - started < 1.5  # not the vault's 3 s stall
