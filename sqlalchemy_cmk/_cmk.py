@@ -30,7 +30,7 @@ from .errors import (
     TenantMismatchError,
 )
 from .providers import KeyProvider
-from .registry import KeyRegistry, StaticKeyRegistry
+from .registry import KeyRegistry, RevocableRegistry, StaticKeyRegistry, tenant_id_problem
 from .types import EncryptedValue
 
 __all__ = ["CMK", "EncryptedDocument", "TenantCheck", "load_cmk"]
@@ -182,9 +182,13 @@ class CMK:
         if registry is None:
             assert tenant_keys is not None
             registry = StaticKeyRegistry(tenant_keys)
+        # Every lookup passes the revocations first (revoke(), a RevocationWatcher).
+        self._revocations = RevocableRegistry(registry)
+        # Where revoke() persists and publishes, set by a started RevocationWatcher.
+        self._revocation_publisher: Callable[[str, bool], None] | None = None
         self._keys = KeyManager(
             by_scheme,
-            registry,
+            self._revocations,
             CachePolicy(cache_ttl, cache_max_entries, write_key_max_age, write_key_max_uses),
             RetryPolicy(retry_attempts, retry_backoff, kms_deadline, max_concurrency),
             [LoggingAuditSink()] if audit_sinks is None else audit_sinks,
@@ -244,6 +248,49 @@ class CMK:
         within ``cache_ttl``; the next access goes to the tenant's KMS.
         """
         return self._keys.forget(tenant)
+
+    def revoke(self, tenant: str) -> None:
+        """Refuse a tenant, reads and writes, at once here and within about a second everywhere.
+
+        In this process, from the next wrap or unwrap on: the tenant's lookups raise
+        :class:`~sqlalchemy_cmk.errors.TenantNotConfiguredError` and its cached data keys are
+        dropped (and zeroed), then dropped again after ``kms_deadline``, in case a KMS call
+        that was already under way cached one. Then the revocation is made durable and
+        published:
+
+        * with a :class:`~sqlalchemy_cmk.registry_db.DatabaseKeyRegistry`, the tenant is
+          disabled in it, which every process's
+          :class:`~sqlalchemy_cmk.revocation.RevocationWatcher` applies within about a second;
+        * with tenants in code and a started ``RevocationWatcher``, it is recorded in the
+          watcher's revocations table, which every watcher applies likewise;
+        * otherwise in this process only: call ``revoke`` in every process yourself (from
+          your own pub/sub), and take the tenant out of the configuration.
+
+        Raises:
+            ConfigurationError: ``tenant`` is not a valid tenant id.
+            CMKError: the revocation could not be made durable (e.g. a tenant unknown to the
+                registry); the tenant stays revoked in this process.
+        """
+        from .revocation import _publish
+
+        self._check_revocable(tenant)
+        self._revocations.revoke(tenant)
+        self._keys.forget(tenant)
+        _publish(self, tenant, revoked=True)
+
+    def reinstate(self, tenant: str) -> None:
+        """Undo :meth:`revoke`: serve the tenant again, here and (published as ``revoke`` is)
+        in every process. The tenant's KMS still decides whether its keys unwrap."""
+        from .revocation import _publish
+
+        self._check_revocable(tenant)
+        _publish(self, tenant, revoked=False)
+        self._revocations.reinstate(tenant)
+
+    def _check_revocable(self, tenant: object) -> None:
+        problem = tenant_id_problem(tenant)
+        if problem is not None:
+            raise ConfigurationError(f"cannot revoke tenant {tenant!r}: {problem}")
 
     def check_tenant(self, tenant: str, *, actor: str = "sqlalchemy-cmk check") -> TenantCheck:
         """Prove a tenant's key works end to end, for onboarding and support.

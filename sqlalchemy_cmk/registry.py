@@ -10,6 +10,7 @@ in an integrity-protected table.
 
 from __future__ import annotations
 
+import threading
 import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from .errors import ConfigurationError, TenantNotConfiguredError
 __all__ = [
     "TENANT_ID_MAX",
     "KeyRegistry",
+    "RevocableRegistry",
     "StaticKeyRegistry",
     "TenantKeys",
     "parse_key_ref",
@@ -133,3 +135,56 @@ class StaticKeyRegistry:
 
     def tenants(self) -> list[str]:
         return sorted(self._tenants)
+
+
+class RevocableRegistry:
+    """A registry in front of another, refusing the tenants revoked in this process.
+
+    ``CMK`` puts one in front of its registry: :meth:`CMK.revoke <sqlalchemy_cmk.CMK.revoke>`
+    and a :class:`~sqlalchemy_cmk.revocation.RevocationWatcher` add tenants here, and every wrap
+    and unwrap asks it first. It holds no cache, so a revoked tenant is refused from the next
+    lookup on, whatever the registry behind it has cached.
+
+    Args:
+        inner: The registry that knows the tenants' keys.
+    """
+
+    def __init__(self, inner: KeyRegistry) -> None:
+        self.inner = inner
+        self._lock = threading.Lock()
+        # Replaced, never mutated: lookups read it without the lock.
+        self._revoked: frozenset[str] = frozenset()
+
+    def tenant_keys(self, tenant: str) -> TenantKeys:
+        """The tenant's keys from the registry behind, unless the tenant is revoked.
+
+        Raises:
+            TenantNotConfiguredError: the tenant is revoked, or the registry behind refuses it.
+        """
+        if tenant in self._revoked:
+            raise TenantNotConfiguredError(
+                f"tenant {tenant!r} is revoked (CMK.revoke, or a revocation another process "
+                "published): CMK.reinstate lifts it",
+                tenant=tenant,
+            )
+        return self.inner.tenant_keys(tenant)
+
+    def revoke(self, tenant: str) -> bool:
+        """Refuse ``tenant`` from now on; False if it already was."""
+        with self._lock:
+            if tenant in self._revoked:
+                return False
+            self._revoked = self._revoked | {tenant}
+            return True
+
+    def reinstate(self, tenant: str) -> bool:
+        """Serve ``tenant`` again; False if it was not revoked."""
+        with self._lock:
+            if tenant not in self._revoked:
+                return False
+            self._revoked = self._revoked - {tenant}
+            return True
+
+    def revoked(self) -> frozenset[str]:
+        """The tenants revoked in this process."""
+        return self._revoked

@@ -78,6 +78,7 @@ from sqlalchemy import (
     Table,
     Text,
     cast,
+    func,
     insert,
     select,
     type_coerce,
@@ -96,6 +97,7 @@ from .registry import TENANT_ID_MAX as _TENANT_MAX
 from .registry import TenantKeys, parse_key_ref, tenant_id_problem
 
 __all__ = [
+    "NOTIFY_CHANNEL",
     "DatabaseKeyRegistry",
     "RegistryConflictError",
     "RegistryIntegrityError",
@@ -118,6 +120,25 @@ _TAIL = struct.Struct(">BQq")  # disabled, version, updated_at
 _VERSION_MAX = 2**31 - 1  # the version column is a 32-bit INTEGER on every dialect
 _EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+
+NOTIFY_CHANNEL = "sqlalchemy_cmk"
+"""The PostgreSQL channel every registry (and revocation) change is announced on.
+
+The payload is the changed table's full name, never a tenant id or a key reference: a
+:class:`~sqlalchemy_cmk.revocation.RevocationWatcher` treats a notification only as a hint to
+read the table again, so a forged ``NOTIFY`` can cost a query but change nothing.
+"""
+
+
+def notify_change(conn: Connection, table: Table) -> None:
+    """Announce a change of ``table`` on :data:`NOTIFY_CHANNEL`, on PostgreSQL only.
+
+    Run inside the writing transaction: PostgreSQL delivers the notification at commit, and
+    drops it on rollback, so listeners never re-read for a change that did not happen.
+    """
+    if conn.dialect.name == "postgresql":
+        conn.execute(select(func.pg_notify(NOTIFY_CHANNEL, table.fullname)))
+
 
 # Credential names that announce a secret value rather than a reference to one. ``secret_name``,
 # ``secret_id``, ``client_id``, ``role_arn`` are references and pass.
@@ -531,6 +552,9 @@ class DatabaseKeyRegistry:
         self._clock = clock
         self._lock = threading.Lock()
         self._cache: OrderedDict[str, tuple[float, TenantRecord | None]] = OrderedDict()
+        # Bumped by every invalidation: a lookup that read the row before an invalidation must
+        # not cache what it read after it (a disable would then be forgotten for cache_ttl).
+        self._generation = 0
         # Highest version of each tenant's row this object has seen: an older row is a replay.
         self._seen: dict[str, int] = {}
         # Tenants whose version-2 row this object has seen: never accepted at version 1 again.
@@ -639,6 +663,7 @@ class DatabaseKeyRegistry:
     def invalidate(self, tenant: str | None = None) -> None:
         """Drop a tenant's cached lookup (all if ``None``); the next lookup reads the row."""
         with self._lock:
+            self._generation += 1
             if tenant is None:
                 self._cache.clear()
             else:
@@ -677,6 +702,7 @@ class DatabaseKeyRegistry:
         try:
             with self._engine.begin() as conn:
                 conn.execute(insert(self.table).values(**self._columns(rec)))
+                notify_change(conn, self.table)
         except IntegrityError:
             raise ConfigurationError(
                 f"tenant {tenant!r} already exists in the key registry: change its keys with "
@@ -815,8 +841,11 @@ class DatabaseKeyRegistry:
                 if result.rowcount != 1:
                     raise self._conflict(rec.tenant, f"it changed during {why}")
                 written.append(new)
+            if written:
+                notify_change(conn, t)
         with self._lock:
             self._mac_keys = keys
+            self._generation += 1
             self._cache.clear()
             for new in written:
                 self._seen[new.tenant] = max(self._seen.get(new.tenant, 0), new.version)
@@ -861,6 +890,7 @@ class DatabaseKeyRegistry:
             )
             if result.rowcount != 1:
                 raise self._conflict(tenant, f"it changed after version {rec.version} was read")
+            notify_change(conn, t)
         self._written(new, what)
         return new
 
@@ -892,6 +922,7 @@ class DatabaseKeyRegistry:
         with self._lock:
             self._seen[rec.tenant] = max(self._seen.get(rec.tenant, 0), rec.version)
             self._seen_v2.add(rec.tenant)
+            self._generation += 1
             self._cache.pop(rec.tenant, None)
         _log.info("key registry: tenant %r %s (version %d)", rec.tenant, what, rec.version)
 
@@ -905,11 +936,14 @@ class DatabaseKeyRegistry:
                     return hit[1]
         if tenant_id_problem(tenant) is not None:
             return None  # never in the table; not cached, so garbage cannot evict real tenants
+        generation = self._generation
         with self._engine.connect() as conn:
             found = self._load(conn, tenant)
         rec = None if found is None else found[0]
         if self._ttl > 0:
             with self._lock:
+                if self._generation != generation:
+                    return rec  # invalidated meanwhile: what was read may be stale already
                 self._cache[tenant] = (self._clock() + self._ttl, rec)
                 self._cache.move_to_end(tenant)
                 while len(self._cache) > self._max_entries:
