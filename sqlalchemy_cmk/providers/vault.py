@@ -33,6 +33,20 @@ Wrapped key layout, version 1 (big-endian, every length checked on parse)::
     5+T+L   2     C: length of the Transit ciphertext (1..4096)
     7+T+L   C     Transit ciphertext, ASCII ``vault:v<N>:<base64>``
 
+Never creating a key: Transit's ``encrypt`` creates ("upserts") a missing key when the token
+has the ``create`` capability on ``<mount>/encrypt/<name>`` and the mount's
+``config/keys`` does not set ``disable_upsert``. Then deleting the tenant's key would not stop
+writes: the next wrap would silently make a new key the tenant never had. So before a wrap the
+provider asks Vault what the token may do there (``sys/capabilities-self``, which Vault's
+default policy allows; remembered for a minute per key): a token limited to ``update`` cannot
+create, and Vault answers a missing key with 403 or "encryption key not found". A token that may
+create gets an existence probe before every encrypt: a ``decrypt`` of a fixed probe ciphertext,
+which Vault answers "encryption key not found" for a missing key (decrypt never creates) and
+refuses otherwise; the tenant's audit device shows that failed decrypt. A key deleted between
+the probe and the encrypt (one round trip) could still be recreated: grant ``update`` only, or
+set ``disable_upsert``, to close that window; :meth:`VaultTransitProvider.check_key` reports a
+token and mount that allow creation.
+
 Errors are mapped in :meth:`VaultTransitProvider._call`, most specific first.
 """
 
@@ -41,8 +55,11 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 import re
 import struct
+import threading
+import time
 from collections.abc import Callable, Mapping
 from functools import lru_cache
 from typing import Any, NoReturn
@@ -66,6 +83,7 @@ from ..errors import (
     KeyNotFoundError,
     KMSUnavailableError,
 )
+from . import call_timeout
 
 __all__ = ["VaultTransitProvider"]
 
@@ -95,6 +113,12 @@ _REFUSED = (
 )
 _WRONG_KEY_TYPE = ("non-aead", "not supported for key type", "does not support")
 
+# The existence probe: a well-formed Transit ciphertext no key ever produced (a zero nonce and
+# tag), so that an existing key answers "message authentication failed" and never a plaintext.
+_PROBE_CIPHERTEXT = "vault:v1:" + base64.b64encode(bytes(28)).decode()
+# Capabilities that let a token create a Transit key through encrypt.
+_CREATING = frozenset({"create", "root", "sudo"})
+
 
 class VaultTransitProvider:
     """Wraps data keys with Vault/OpenBao Transit keys created with ``derived=true``.
@@ -116,12 +140,17 @@ class VaultTransitProvider:
         client: Any = None,
         *,
         client_factory: Callable[[str], Any] | None = None,
+        capabilities_ttl: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """Args:
             client: An ``hvac.Client`` pointed at the Vault that holds the keys.
             client_factory: Instead of ``client``: key reference -> ``hvac.Client``, for
                 tenants whose keys live in different Vaults (or namespaces). Called on every
                 wrap and unwrap: return cached clients, not new ones.
+            capabilities_ttl: Seconds the token's capabilities on a key's encrypt path are
+                remembered (whether a wrap needs the existence probe first).
+            clock: Monotonic seconds for ``capabilities_ttl`` (a seam for tests).
 
         Raises:
             ConfigurationError: neither or both of ``client`` and ``client_factory``.
@@ -138,6 +167,10 @@ class VaultTransitProvider:
             )
         self._client = client
         self._client_factory = client_factory
+        self._capabilities_ttl = capabilities_ttl
+        self._clock = clock
+        self._may_create: dict[tuple[int, str], tuple[bool, float]] = {}
+        self._lock = threading.Lock()
 
     def __repr__(self) -> str:
         if self._client is None:
@@ -198,6 +231,8 @@ class VaultTransitProvider:
                 key_ref=key_ref,
                 provider=_SCHEME,
             )
+        if self._token_may_create(key_ref, mount, name):
+            self._probe_exists(key_ref, mount, name, tenant)
         body = self._call(
             key_ref,
             "encrypt",
@@ -253,23 +288,133 @@ class VaultTransitProvider:
             _bad(key_ref)
         return data_key
 
+    # -- never creating a key ---------------------------------------------------------------
+
+    def check_key(self, key_ref: str) -> list[str]:
+        """Problems with how the application may use ``key_ref``, as sentences (none: fine).
+
+        Reports a token that may create a Transit key at the key's encrypt path while the mount
+        does not disable upserts (or its ``config/keys`` cannot be read): a deleted key could
+        then be recreated by a write racing the deletion. Asks Vault; raises the provider's
+        usual errors when it cannot.
+        """
+        mount, name = _parse_ref(key_ref)
+        capabilities = self._capabilities(key_ref, mount, name)
+        if capabilities is None:
+            return [
+                "the token may not ask Vault for its capabilities (sys/capabilities-self): "
+                "every wrap is preceded by an existence probe; attach Vault's default policy "
+                "or grant update on sys/capabilities-self"
+            ]
+        if not capabilities & _CREATING:
+            return []
+        upsert = self._upsert_disabled(key_ref, mount)
+        if upsert is True:
+            return []
+        why = "does not set" if upsert is False else "cannot be read to check"
+        return [
+            f"the token has {sorted(capabilities & _CREATING)} on {mount}/encrypt/{name} and "
+            f"the mount's config/keys {why} disable_upsert: Vault would create a missing key "
+            "on encrypt (each wrap probes first, but a deletion racing a write is not "
+            f"covered); grant only update, or run: bao write {mount}/config/keys "
+            "disable_upsert=true"
+        ]
+
+    def _token_may_create(self, key_ref: str, mount: str, name: str) -> bool:
+        client = self._client_for(key_ref)
+        slot = (id(client), f"{mount}/encrypt/{name}")
+        now = self._clock()
+        with self._lock:
+            known = self._may_create.get(slot)
+        if known is not None and now - known[1] < self._capabilities_ttl:
+            return known[0]
+        capabilities = self._capabilities(key_ref, mount, name)
+        may = capabilities is None or bool(capabilities & _CREATING)
+        if may and capabilities is not None and self._upsert_disabled(key_ref, mount) is True:
+            may = False  # the mount refuses to create keys on encrypt, whatever the token
+        with self._lock:
+            self._may_create[slot] = (may, now)
+        return may
+
+    def _capabilities(self, key_ref: str, mount: str, name: str) -> frozenset[str] | None:
+        """The token's capabilities on the encrypt path; None when it may not ask."""
+        path = f"{mount}/encrypt/{name}"
+        try:
+            body = self._request(
+                key_ref, "capabilities", "sys/capabilities-self", {"paths": [path]}
+            )
+        except KeyAccessDeniedError:
+            return None
+        data = body.get("data") if isinstance(body, Mapping) else None
+        found = (data if isinstance(data, Mapping) else body).get(path)
+        if not isinstance(found, list):
+            return None
+        return frozenset(str(c) for c in found)
+
+    def _upsert_disabled(self, key_ref: str, mount: str) -> bool | None:
+        try:
+            body = self._request(key_ref, "config", f"{mount}/config/keys", None)
+        except (KeyAccessDeniedError, KeyNotFoundError):
+            return None
+        data = body.get("data") if isinstance(body, Mapping) else None
+        value = data.get("disable_upsert") if isinstance(data, Mapping) else None
+        return value if isinstance(value, bool) else None
+
+    def _probe_exists(self, key_ref: str, mount: str, name: str, tenant: str) -> None:
+        """Raise KeyNotFoundError unless the key exists; decrypt never creates a key."""
+        try:
+            self._call(
+                key_ref,
+                "decrypt",
+                mount,
+                name,
+                {
+                    "ciphertext": _PROBE_CIPHERTEXT,
+                    "context": base64.b64encode(tenant.encode()).decode(),
+                },
+            )
+        except (DecryptionError, ConfigurationError):
+            return  # the key exists: it refused the probe ciphertext
+        except KeyAccessDeniedError as exc:
+            cause = exc.__cause__
+            if isinstance(cause, hvac.exceptions.InvalidRequest) and "disallowed by policy" in (
+                _reason(cause)
+            ):
+                return  # the key exists; its version 1 is retired (min_decryption_version)
+            raise
+        except KeyAccessError as exc:
+            if type(exc) is KeyAccessError:  # "rejected the request (400)": it exists
+                return
+            raise
+
     # -- the one boundary with hvac ------------------------------------------------------------
+
+    def _client_for(self, key_ref: str) -> Any:
+        if self._client is not None:
+            return self._client
+        assert self._client_factory is not None
+        return self._client_factory(key_ref)
 
     def _call(self, key_ref: str, op: str, mount: str, name: str, payload: dict[str, str]) -> Any:
         """POST ``/v1/<mount>/<op>/<name>`` and map every failure onto our errors."""
-        path = f"{mount}/{op}/{name}"
+        return self._request(key_ref, op, f"{mount}/{op}/{name}", payload)
+
+    def _request(self, key_ref: str, op: str, path: str, payload: dict[str, Any] | None) -> Any:
+        """POST (or GET without a payload) ``/v1/<path>``; every failure mapped onto ours."""
 
         def fail(cls: type[CMKError], why: str, exc: BaseException) -> NoReturn:
             raise cls(
                 f"Vault Transit {op} with {path!r}: {why}", key_ref=key_ref, provider=_SCHEME
             ) from exc
 
-        client = self._client
-        if client is None:
-            assert self._client_factory is not None
-            client = self._client_factory(key_ref)
+        client = self._client_for(key_ref)
         try:
-            response = client.adapter.post(f"/v1/{path}", json=payload)
+            adapter = client.adapter
+            options = _timeout(adapter)
+            if payload is None:
+                response = adapter.get(f"/v1/{path}", **options)
+            else:
+                response = adapter.post(f"/v1/{path}", json=payload, **options)
             # The JSONAdapter returns the decoded body; a RawAdapter the requests.Response.
             return response.json() if isinstance(response, requests.Response) else response
         except requests.exceptions.SSLError as exc:
@@ -337,6 +482,19 @@ class VaultTransitProvider:
             fail(KeyAccessError, "Vault rejected the request (400)", exc)
         except hvac.exceptions.VaultError as exc:
             fail(KeyAccessError, f"unexpected answer from Vault ({_status(exc)})", exc)
+
+
+def _timeout(adapter: Any) -> dict[str, Any]:
+    """A ``requests`` timeout ending with ``kms_deadline``, never longer than the client's."""
+    left = call_timeout(math.inf)
+    if math.isinf(left):
+        return {}
+    configured = getattr(adapter, "_kwargs", {}).get("timeout")
+    if isinstance(configured, (int, float)):
+        return {"timeout": min(float(configured), left)}
+    if isinstance(configured, tuple) and len(configured) == 2:
+        return {"timeout": tuple(left if t is None else min(float(t), left) for t in configured)}
+    return {"timeout": left}
 
 
 @lru_cache(maxsize=1024)

@@ -85,6 +85,10 @@ def policy(key: str, capabilities: str = '["update"]') -> str:
     )
 
 
+# What Vault's default policy grants: the provider asks whether the token may create keys.
+CAPABILITIES_SELF = 'path "sys/capabilities-self" { capabilities = ["update"] }\n'
+
+
 class Tenant:
     """A tenant's Transit key, its policy and the application's token, on the shared server."""
 
@@ -105,7 +109,7 @@ class Tenant:
         # "encryption key not found" for it instead of refusing to say (403).
         self.root.sys.create_or_update_policy(
             self.policy_name,
-            policy(self.key) + policy(self.missing, '["create", "update"]'),
+            policy(self.key) + policy(self.missing, '["create", "update"]') + CAPABILITIES_SELF,
         )
 
     def deny(self) -> None:
@@ -492,7 +496,9 @@ def test_client_factory_routes_by_key_ref(root: Any, bao: BaoDevServer) -> None:
         for t in (a, b):
             dek = os.urandom(32)
             assert p.unwrap_key(t.key_ref, p.wrap_key(t.key_ref, dek, ACME), ACME) == dek
-        assert seen == [a.key_ref, a.key_ref, b.key_ref, b.key_ref]
+        # Every request for a key went through its own client (capabilities included).
+        assert seen[: seen.index(b.key_ref)] == [a.key_ref] * seen.index(b.key_ref)
+        assert set(seen[seen.index(b.key_ref) :]) == {b.key_ref}
         # Each token only reaches its own tenant's key.
         with pytest.raises(KeyAccessDeniedError):
             VaultTransitProvider(a.client).wrap_key(b.key_ref, os.urandom(32), ACME)
@@ -530,6 +536,8 @@ def test_audit_log_shows_each_request(root: Any, bao: BaoDevServer) -> None:
     mount = f"audited-{uuid.uuid4().hex[:6]}"
     root.sys.enable_secrets_engine("transit", path=mount)
     root.secrets.transit.create_key("acme", derived=True, mount_point=mount)
+    # Upserts off: a root token then needs no existence probe (tested on its own below).
+    root.write_data(f"{mount}/config/keys", data={"disable_upsert": True})
     p = VaultTransitProvider(root)
     ref = f"vault-transit://{mount}/acme"
 
@@ -663,3 +671,95 @@ def test_golden_vector(root: Any) -> None:
     assert p.unwrap_key(ref, GOLDEN_WRAPPED, ACME) == bytes(range(32))
     with pytest.raises(DecryptionError):
         p.unwrap_key(ref, GOLDEN_WRAPPED, {"tenant": "globex"})
+
+
+# -- never create a key implicitly (issue 8) -------------------------------------------------------
+
+
+class UpsertMount:
+    """A Transit mount as Vault creates it (upserts allowed) and a token that may ``create``."""
+
+    def __init__(self, root: Any, bao: BaoDevServer, *, capabilities_self: bool = True) -> None:
+        self.root = root
+        self.mount = f"upsert-{uuid.uuid4().hex[:8]}"
+        root.sys.enable_secrets_engine("transit", path=self.mount)
+        root.secrets.transit.create_key("acme", derived=True, mount_point=self.mount)
+        self.key_ref = f"vault-transit://{self.mount}/acme"
+        name = f"creator-{self.mount}"
+        root.sys.create_or_update_policy(
+            name,
+            f'path "{self.mount}/encrypt/*" {{ capabilities = ["create", "update"] }}\n'
+            f'path "{self.mount}/decrypt/*" {{ capabilities = ["create", "update"] }}\n'
+            + (CAPABILITIES_SELF if capabilities_self else ""),
+        )
+        token = root.auth.token.create(policies=[name], no_default_policy=True)
+        self.client = hvac.Client(url=bao.url, token=token["auth"]["client_token"], timeout=5)
+
+    def delete_key(self) -> None:
+        transit = self.root.secrets.transit
+        transit.update_key_configuration("acme", deletion_allowed=True, mount_point=self.mount)
+        transit.delete_key("acme", mount_point=self.mount)
+
+    def key_exists(self) -> bool:
+        try:
+            self.root.secrets.transit.read_key("acme", mount_point=self.mount)
+        except hvac.exceptions.InvalidPath:
+            return False
+        return True
+
+
+@pytest.mark.parametrize("capabilities_self", [True, False], ids=["asks", "cannot-ask"])
+def test_a_deleted_key_is_not_recreated_by_a_token_that_may_create(
+    root: Any, bao: BaoDevServer, capabilities_self: bool
+) -> None:
+    setup = UpsertMount(root, bao, capabilities_self=capabilities_self)
+    try:
+        provider = VaultTransitProvider(setup.client)
+        dek = os.urandom(32)
+        wrapped = provider.wrap_key(setup.key_ref, dek, ACME)
+        assert provider.unwrap_key(setup.key_ref, wrapped, ACME) == dek
+        setup.delete_key()  # the tenant deletes its key
+        with pytest.raises(KeyNotFoundError):
+            provider.wrap_key(setup.key_ref, os.urandom(32), ACME)
+        assert not setup.key_exists()  # and Vault did not make a new one
+    finally:
+        setup.client.adapter.close()
+
+
+def test_an_update_only_token_needs_no_probe(tenant: Tenant, bao: BaoDevServer) -> None:
+    # The documented policy: Vault itself refuses encrypt under a missing name, so each wrap is
+    # one encrypt (plus one capabilities question per key and minute).
+    provider = VaultTransitProvider(tenant.client)
+
+    def decrypts() -> int:
+        lines = bao.audit_log.read_text().splitlines()
+        return sum(
+            1
+            for e in map(json.loads, lines)
+            if e["type"] == "request" and e["request"]["path"] == f"{MOUNT}/decrypt/{tenant.key}"
+        )
+
+    before = decrypts()
+    for _ in range(3):
+        provider.wrap_key(tenant.key_ref, os.urandom(32), ACME)
+    assert decrypts() == before
+
+
+def test_check_key_reports_a_token_that_could_create_keys(
+    root: Any, bao: BaoDevServer, tenant: Tenant
+) -> None:
+    setup = UpsertMount(root, bao)
+    try:
+        (problem,) = VaultTransitProvider(setup.client).check_key(setup.key_ref)
+        assert "disable_upsert" in problem and "['create']" in problem
+        assert f"bao write {setup.mount}/config/keys disable_upsert=true" in problem
+        # Root may read the mount's config: with upserts disabled, nothing to report.
+        assert len(VaultTransitProvider(root).check_key(setup.key_ref)) == 1
+        root.write_data(f"{setup.mount}/config/keys", data={"disable_upsert": True})
+        assert VaultTransitProvider(root).check_key(setup.key_ref) == []
+        # The token cannot read config/keys: it cannot tell, so it still says so.
+        (problem,) = VaultTransitProvider(setup.client).check_key(setup.key_ref)
+        assert "cannot be read" in problem
+    finally:
+        setup.client.adapter.close()
+    assert VaultTransitProvider(tenant.client).check_key(tenant.key_ref) == []
