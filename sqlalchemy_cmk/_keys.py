@@ -482,20 +482,52 @@ class KeyManager:
     def rewrap(self, envelope: bytes, ctx: TenantContext | None) -> bytes:
         """The envelope of the same data key wrapped under its tenant's current primary key.
 
-        One unwrap (unless cached) and one wrap; the data key, and so every value encrypted
-        under it, is unchanged. Returns ``envelope`` itself if it already uses the primary.
+        Returns ``envelope`` itself if it already uses the primary. Otherwise three KMS calls:
+        the data key is unwrapped into a copy this call owns (:meth:`own_key`: never a cache
+        entry, which another thread's ``forget_tenant()`` or an eviction could wipe while it is
+        being wrapped), wrapped under the primary, and the new envelope is unwrapped again and
+        must give back the same key. So a wrap that returns an unusable blob raises here,
+        before the caller replaces a working envelope with it. The data key, and so every
+        value encrypted under it, is unchanged.
+
+        Raises:
+            DecryptionError: the new envelope unwraps to another key (a broken KMS or provider).
+            KeyAccessError, TenantNotConfiguredError: as an unwrap or a wrap.
         """
         env = _format.parse_envelope(envelope)
         primary = self.tenant_keys(env.tenant).primary
         if env.key_ref == primary:
             return envelope
-        material = self.read_keys([envelope], ctx)[envelope].copy_material()
-        if material is None:  # evicted (and wiped) meanwhile: unwrap a private copy
-            material = self._unwrap(envelope, ctx, remember=False).material
+        key = self.own_key(envelope, ctx)
         try:
-            return self._wrap(env.tenant, primary, material, ctx)
+            new = self._wrap(env.tenant, primary, key.material, ctx)
+            back = self.own_key(new, ctx, purpose="verify")
+            try:
+                same = hmac.compare_digest(back.material, key.material)
+            finally:
+                back.wipe()
         finally:
-            material[:] = bytes(len(material))
+            key.wipe()
+        if not same:
+            raise DecryptionError(
+                "the KMS unwrapped the re-wrapped data key to a different key; the old "
+                "envelope was kept",
+                tenant=env.tenant,
+                key_ref=primary,
+                provider=primary.partition("://")[0],
+            )
+        return new
+
+    def own_key(
+        self, envelope: bytes, ctx: TenantContext | None, *, purpose: str | None = None
+    ) -> DataKey:
+        """A private copy of ``envelope``'s data key, unwrapped through the provider now.
+
+        Never cached, so no other thread can evict or wipe it; the caller wipes it when done.
+        For the migration tools, which must prove what they write with the KMS itself rather
+        than with whatever the cache holds. One audited unwrap (with ``purpose``) per call.
+        """
+        return self._unwrap(envelope, ctx, remember=False, purpose=purpose)
 
     def probe(self, tenant: str, key_ref: str, ctx: TenantContext | None) -> float:
         """Wrap a fresh key under ``key_ref`` and unwrap it again, caching nothing; returns

@@ -607,7 +607,7 @@ def test_status_counts_without_keys(engine: Engine, cmk: CMK) -> None:
     assert len(rows) == 40
 
 
-def test_rewrap_moves_every_envelope_with_one_unwrap_and_wrap_each(
+def test_rewrap_moves_every_envelope_with_one_wrap_and_a_proof_each(
     engine: Engine, provider: FakeKeyProvider
 ) -> None:
     rows = seed(engine, 80)
@@ -623,12 +623,13 @@ def test_rewrap_moves_every_envelope_with_one_unwrap_and_wrap_each(
     provider.reset_counts()
     only = backfill.rewrap_keys(engine, new, TABLE, tenant="acme", batch_size=7)
     acme_envs = {e for e in envelopes if parse_envelope(e).tenant == "acme"}
-    assert provider.unwrap_count == provider.wrap_count == len(acme_envs)
+    # Per envelope: an unwrap into a key the call owns, the wrap, the unwrap that proves it.
+    assert provider.unwrap_count == 2 * provider.wrap_count == 2 * len(acme_envs)
     assert set(only.by_tenant) == {"acme"}
 
     provider.reset_counts()
     report = backfill.rewrap_keys(engine, new, TABLE, batch_size=7)
-    assert provider.unwrap_count == provider.wrap_count == len(envelopes - acme_envs)
+    assert provider.unwrap_count == 2 * provider.wrap_count == 2 * len(envelopes - acme_envs)
     after = raw(engine)
     assert only.rows + report.rows == len(envelopes and [r for r in after.values() if r[3]])
     for i, r in after.items():
