@@ -1,8 +1,9 @@
 """AWS KMS provider: the real boto3 client against moto's KMS server on loopback.
 
-See ``_aws_server.py`` for what the server enforces on top of moto (disabled keys, pending
-deletion, Deny key policies, IncorrectKeyException), how requests are recorded and how faults are
-injected. Nothing leaves 127.0.0.1: fake static credentials, no metadata service, no config files.
+See ``sqlalchemy_cmk.testing.aws_kms`` for what the server enforces on top of moto (disabled keys,
+pending deletion, explicit and implicit denies of the key policy, IncorrectKeyException), how
+requests are recorded and how faults are injected; its own tests are in test_aws_kms_server.py.
+Nothing leaves 127.0.0.1: fake static credentials, no metadata service, no config files.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import socket
 import struct
 import sys
 import threading
@@ -36,22 +38,51 @@ from sqlalchemy_cmk.errors import (
     KMSUnavailableError,
 )
 from sqlalchemy_cmk.providers.aws import AwsKmsProvider, kms_client_config
+from sqlalchemy_cmk.testing.aws_kms import GUARD_ENV, MOTO_MINOR, REGION, UNSET_ENV, LocalKms
 from sqlalchemy_cmk.testing.contract import KeyProviderContract
 from sqlalchemy_cmk.types import EncryptedMixin, EncryptedType
 
-from ._aws_server import (
-    GUARD_ENV,
-    MOTO_MINOR,
-    OTHER_REGION,
-    REGION,
-    UNSET_ENV,
-    LocalKms,
-    SilentServer,
-    free_port,
-)
+OTHER_REGION = "eu-west-1"
 
 ACME = {"tenant": "acme"}
 U16 = struct.Struct(">H")
+
+
+def free_port() -> int:
+    """A loopback port with nothing listening on it (bound, then closed)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class SilentServer:
+    """A loopback TCP server that accepts connections and never answers (a hung KMS)."""
+
+    def __init__(self) -> None:
+        self._sock = socket.socket()
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.listen(16)
+        self.port = int(self._sock.getsockname()[1])
+        self._conns: list[socket.socket] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        self._sock.settimeout(0.1)
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                continue
+            self._conns.append(conn)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        for conn in self._conns:
+            conn.close()
+        self._sock.close()
 
 
 # -- the server ----------------------------------------------------------------------------------
@@ -687,13 +718,14 @@ def test_revocation_bites_within_the_cache_ttl_and_spares_other_tenants(kms: Loc
 
 
 def test_moto_minor_version_is_pinned(kms_server: LocalKms) -> None:
-    """The enforcement in _aws_server.py wraps moto internals: re-check it on any moto upgrade."""
+    """The server's enforcement reads moto internals: re-check it on any moto upgrade."""
     import moto
 
     assert moto.__version__.startswith(MOTO_MINOR + "."), (
-        f"moto {moto.__version__}: check that _aws_server.py still wraps KmsResponse.encrypt/"
-        "decrypt and reads moto's ciphertext header, and whether moto now enforces key state "
-        "itself (see the next test), then update MOTO_MINOR and the pin in pyproject.toml"
+        f"moto {moto.__version__}: check that sqlalchemy_cmk/testing/aws_kms.py still finds "
+        "keys in moto's kms_backends and reads moto's ciphertext header, and whether moto now "
+        "enforces key state itself (see the next test), then update MOTO_MINOR and the pin in "
+        "pyproject.toml"
     )
 
 
@@ -748,16 +780,35 @@ def test_docs_key_policy_matches_what_the_provider_sends(
     )
     assert condition["StringEquals"] == {"kms:EncryptionContext:tenant": "acme"}
 
-    # The statement, turned into a Deny, catches exactly acme's calls: its condition names the
-    # context key the provider really sends.
-    client, key_id = kms.key_meta(key_ref)
-    original = client.get_key_policy(KeyId=key_id, PolicyName="default")["Policy"]
-    policy = json.loads(original)
-    policy["Statement"].append({**statement, "Effect": "Deny"})
-    client.put_key_policy(KeyId=key_id, PolicyName="default", Policy=json.dumps(policy))
-    try:
-        with pytest.raises(KeyAccessDeniedError):
-            provider.wrap_key(key_ref, os.urandom(32), ACME)
-        provider.wrap_key(key_ref, os.urandom(32), {"tenant": "globex"})
-    finally:
-        client.put_key_policy(KeyId=key_id, PolicyName="default", Policy=original)
+    # As the key's only grant to the application (the key owner keeps its own statement), the
+    # documented statement lets the application's role in for acme's data, and nothing else:
+    # the server denies implicitly what no Allow covers, as AWS does.
+    owner = {
+        "Sid": "KeyOwner",
+        "Effect": "Allow",
+        "Principal": {"AWS": "arn:aws:iam::123456789012:root"},
+        "Action": "kms:*",
+        "Resource": "*",
+    }
+    kms.put_policy(key_ref, {"Version": "2012-10-17", "Statement": [owner, statement]})
+    # The role's session, as CloudTrail shows it: an assumed-role ARN of the role named.
+    app = AwsKmsProvider(kms.client(principal=event["userIdentity"]["arn"]))
+    dek = os.urandom(32)
+    label = {"tenant": "acme", "data_label": "patient-notes"}
+    assert app.unwrap_key(key_ref, app.wrap_key(key_ref, dek, label), ACME) == dek
+    refused = [{"tenant": "globex"}, {"tenant": "acme", "other": "x"}]
+    for context in refused:
+        with pytest.raises(KeyAccessDeniedError, match="no resource-based policy allows"):
+            app.wrap_key(key_ref, dek, context)
+    # Turned into a Deny, the statement catches exactly acme's calls by that role.
+    kms.put_policy(
+        key_ref,
+        {
+            "Version": "2012-10-17",
+            "Statement": [{**owner, "Principal": "*"}, {**statement, "Effect": "Deny"}],
+        },
+    )
+    with pytest.raises(KeyAccessDeniedError, match="explicit deny"):
+        app.wrap_key(key_ref, dek, ACME)
+    app.wrap_key(key_ref, dek, {"tenant": "globex"})
+    provider.wrap_key(key_ref, dek, ACME)  # another caller
