@@ -46,10 +46,15 @@ given as a command-line flag would land in shell history and in the process list
 key references and credentials are printed with anything non-printable escaped, so a stored
 value cannot forge a line of output.
 
-Exit status: 0 success; 1 the operation failed (a tampered row, a failed check, a conflict, an
-invalid change, a row that did not verify, plaintext left under ``--require-encrypted``, a worker
-that died); 2 the command was invoked or configured wrongly (missing URL or secret, an
-unimportable ``--cmk``).
+Exit status (a contract, docs/usage.md "Exit status"): 0 done; 1 the operation failed (a
+tampered row, a failed check, a conflict, an invalid change, a row that did not verify,
+plaintext left under ``--require-encrypted``, a worker that died, a database error); 2 the
+command was invoked or configured wrongly and changed nothing (bad arguments, missing URL or
+secret, a ``--cmk`` or ``--metadata`` that does not load); 130 interrupted; 141 the reader of
+the output went away (``| head``). Every failure is one line on stderr starting
+``sqlalchemy-cmk:``, never a traceback, and never quotes a value from the database (a driver's
+DETAIL lines, SQLAlchemy's ``[SQL: ...]`` and ``[parameters: ...]`` are dropped).
+``SQLALCHEMY_CMK_TRACEBACK=1`` shows the traceback of an unexpected error (it may show data).
 """
 
 from __future__ import annotations
@@ -59,17 +64,28 @@ import base64
 import binascii
 import contextlib
 import importlib
+import io
 import json
+import logging
 import os
+import re
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 from sqlalchemy import Engine, create_engine, make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
+from sqlalchemy.exc import (
+    ArgumentError,
+    DBAPIError,
+    IntegrityError,
+    InterfaceError,
+    OperationalError,
+    SQLAlchemyError,
+    StatementError,
+)
 
 from ._cmk import load_cmk
 from .errors import CMKError, ConfigurationError
@@ -96,7 +112,7 @@ class UsageError(Exception):
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="sqlalchemy-cmk",
         description=(
             "Manage the tenant key registry, check tenants' keys, and encrypt, verify and "
@@ -106,7 +122,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    db = argparse.ArgumentParser(add_help=False)
+    db = _Parser(add_help=False)
     db.add_argument(
         "--database-url", help=f"SQLAlchemy URL of the registry's database (default: ${URL_ENV})"
     )
@@ -123,9 +139,9 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also accept rows MACed before registry_id existed (only during the upgrade)",
     )
-    as_json = argparse.ArgumentParser(add_help=False)
+    as_json = _Parser(add_help=False)
     as_json.add_argument("--json", action="store_true", help="print JSON for machines")
-    if_version = argparse.ArgumentParser(add_help=False)
+    if_version = _Parser(add_help=False)
     if_version.add_argument(
         "--if-version",
         type=int,
@@ -206,50 +222,195 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit status."""
+    """Run the command line; returns the exit status.
+
+    The status is a contract (docs/usage.md, "Exit status"): 0 done (and, for the migration
+    commands, verified), 1 failed, 2 invoked or configured wrongly (nothing was changed), 130
+    interrupted, 141 the reader of the output went away (``| head``). Every failure is one
+    line on stderr, never a traceback, and never carries a value from the database.
+    """
+    try:
+        with _driver_logs_silenced():
+            code = _main(argv)
+        # Output to a pipe is block-buffered: a reader that went away shows only here.
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        # Python's documented SIGPIPE recipe: point stdout at devnull so that the interpreter's
+        # own flush at exit does not fail again, and exit quietly, like a tool killed by
+        # SIGPIPE (128 + 13), the work done so far committed.
+        with contextlib.suppress(OSError, ValueError, io.UnsupportedOperation):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141
+TRACEBACK_ENV = "SQLALCHEMY_CMK_TRACEBACK"
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = _parser()
     try:
         args = parser.parse_args(argv)
-    except SystemExit as exc:  # --help, or argparse's own usage errors (status 2)
-        return exc.code if isinstance(exc.code, int) else 2
+    except SystemExit as exc:  # --help (0), or argparse's own usage errors (2)
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     out = sys.stdout
+    migration = args.command in _MIGRATION_COMMANDS
     try:
         if args.command == "check-tenant":
             return _check_tenant(args, out)
-        if args.command in _MIGRATION_COMMANDS:
+        if migration:
             return _migration(args, out)
         return _tenants(args, out)
     except UsageError as exc:
-        print(f"sqlalchemy-cmk: error: {exc}", file=sys.stderr)
-        return 2
-    except CMKError as exc:
-        print(f"sqlalchemy-cmk: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
-    except DBAPIError as exc:
-        hint = (
-            "do the table and columns exist?"
-            if args.command in _MIGRATION_COMMANDS
-            else "has `sqlalchemy-cmk tenants init` created the table?"
-        )
-        print(
-            f"sqlalchemy-cmk: database error: {exc.orig}\n(is the URL right, and {hint})",
-            file=sys.stderr,
-        )
-        return 1
-    except SQLAlchemyError as exc:  # e.g. NoSuchTableError from reflecting the table
-        print(f"sqlalchemy-cmk: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
+        _fail(f"error: {exc}")
+        return EXIT_USAGE
+    except CMKError as exc:  # messages of ours carry no plaintext, keys or ciphertext
+        _fail(f"{type(exc).__name__}: {exc}")
+        return EXIT_FAILED
+    except SQLAlchemyError as exc:
+        _fail(_database_error(exc, migration))
+        return EXIT_FAILED
     except KeyboardInterrupt:
-        print(
-            "\nsqlalchemy-cmk: interrupted"
+        _fail(
+            "interrupted"
             + (
                 ": the committed batches stay done; run the same command again to finish"
-                if args.command in _MIGRATION_COMMANDS
+                if migration
                 else ""
             ),
-            file=sys.stderr,
+            newline=True,  # end a progress bar's line first
         )
-        return 130
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        raise  # main's: the reader of stdout went away
+    except (Exception, SystemExit) as exc:  # a bug, or user code (a provider) failing its way
+        if os.environ.get(TRACEBACK_ENV):
+            raise
+        # Only the type: the message of an exception we do not know may carry a value.
+        _fail(
+            f"unexpected {type(exc).__name__}"
+            + (f" (sys.exit({exc.code!r}) called)" if isinstance(exc, SystemExit) else "")
+            + f"; set {TRACEBACK_ENV}=1 to see the traceback (it may show data)"
+        )
+        return EXIT_FAILED
+
+
+@contextlib.contextmanager
+def _driver_logs_silenced() -> Iterator[None]:
+    """Keep psycopg's log records off stderr while the command runs.
+
+    psycopg logs, as a warning, an error it cannot raise because another is already on its way
+    (``error ignored terminating <psycopg.Pipeline ...>: ...``). The command reports the error
+    on its way, in one scrubbed line; the logged one would print raw through Python's
+    last-resort handler (or the user's logging), and a database error's text can quote a row.
+    """
+    logger = logging.getLogger("psycopg")
+    handler = logging.NullHandler()
+    propagate = logger.propagate
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = propagate
+
+
+def _fail(message: str, *, newline: bool = False) -> None:
+    """Report a failure as one line on stderr (a message that spans lines is joined)."""
+    line = " ".join(message.split("\n"))
+    with contextlib.suppress(OSError, ValueError):  # stderr gone too: nothing to tell
+        print(("\n" if newline else "") + f"sqlalchemy-cmk: {_printable(line)}", file=sys.stderr)
+        sys.stderr.flush()
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error as one line (the usage is one ``--help`` away)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"sqlalchemy-cmk: error: {message} (see {self.prog} --help)\n")
+
+
+# What a database driver puts into the first line of its message that can be a stored value.
+# PostgreSQL names values in DETAIL lines (dropped with every line after the first), and in
+# a few primary messages of data exceptions (``invalid input syntax for type integer:
+# "..."``, ``value "..." is out of range``); MySQL and MariaDB in ``Duplicate entry '...' for
+# key`` and ``Incorrect ... value: '...' for column``. Greedy matches, anchored on the text
+# after the value, so that a value containing quotes is hidden whole.
+_VALUE_PATTERNS = [
+    (re.compile(r"(Duplicate entry )'.*'( for key .*)$", re.DOTALL), r"\1(value hidden)\2"),
+    (re.compile(r"( value: )'.*'( for column .*)$", re.DOTALL), r"\1(value hidden)\2"),
+    (re.compile(r'(\bvalue )".*"( is out of range.*)$', re.DOTALL), r"\1(value hidden)\2"),
+    (re.compile(r'(: )".*"$', re.DOTALL), r"\1(value hidden)"),
+]
+_DROPPED_LINES = ("DETAIL:", "HINT:", "CONTEXT:", "LINE ", "[SQL:", "[parameters:", "(Background")
+
+
+def _scrub_database_message(orig: BaseException) -> str:
+    """A driver's error message as one line without the row values it may quote.
+
+    Keeps the first line (PostgreSQL's primary message: which constraint, which column) and
+    drops what follows (``DETAIL: Failing row contains (...)``, ``Key (ref)=(...)``, the
+    statement); hides the values the primary message itself can quote.
+    """
+    args: tuple[Any, ...] = getattr(orig, "args", ())
+    diag = getattr(orig, "diag", None)  # psycopg: the primary message, apart from the DETAIL
+    primary = getattr(diag, "message_primary", None) if diag is not None else None
+    if isinstance(primary, str) and primary:
+        text = primary
+    elif len(args) == 2 and isinstance(args[0], int) and isinstance(args[1], str):
+        text = args[1]  # MySQL drivers: (error number, message)
+    else:
+        text = str(orig)
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    first = lines[0].strip() if lines else type(orig).__name__
+    if first.startswith(_DROPPED_LINES):
+        first = type(orig).__name__
+    for pattern, replacement in _VALUE_PATTERNS:
+        first = pattern.sub(replacement, first)
+    return first
+
+
+def _database_error(exc: SQLAlchemyError, migration: bool) -> str:
+    """One line for a database error: the driver's scrubbed message and a hint that fits it."""
+    if isinstance(exc, DBAPIError) and exc.orig is not None:
+        message = _scrub_database_message(exc.orig)
+        state = str(getattr(getattr(exc.orig, "diag", None), "sqlstate", None) or "")
+        lowered = message.lower()
+        hint = None
+        if isinstance(exc, IntegrityError) or state.startswith("23"):
+            hint = (
+                "a constraint or unique index of the table refused a value (values are not "
+                "shown); see docs/migrations.md"
+                if migration
+                else None
+            )
+        elif (
+            state in {"42P01", "42703"}
+            or "no such table" in lowered
+            or ("no such column" in lowered or "doesn't exist" in lowered)
+        ):
+            hint = (
+                "do the table and columns exist?"
+                if migration
+                else "has `sqlalchemy-cmk tenants init` created the table?"
+            )
+        elif state.startswith("08") or (
+            isinstance(exc, (OperationalError, InterfaceError)) and "connect" in lowered
+        ):
+            hint = "is the URL right, and is the server up?"
+        return f"database error: {message}" + (f" ({hint})" if hint else "")
+    if isinstance(exc, StatementError):  # a Python error while binding: its text may be data
+        inner = type(exc.orig).__name__ if exc.orig is not None else "error"
+        return f"database statement failed: {inner} (values are not shown)"
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")
 
 
 # -- tenants ---------------------------------------------------------------------------------
@@ -402,6 +563,8 @@ def _verify(registry: DatabaseKeyRegistry, args: argparse.Namespace, out: TextIO
         print(f"{len(problems)} bad row(s) in {registry.table.fullname}", file=out)
     else:
         print(f"all rows of {registry.table.fullname} verified", file=out)
+    if problems:
+        _fail(f"tenants verify failed: {len(problems)} bad row(s) in {registry.table.fullname}")
     return 1 if problems else 0
 
 
@@ -521,6 +684,9 @@ def _check_tenant(args: argparse.Namespace, out: TextIO) -> int:
         print(file=out)
     else:
         print(str(result), file=out)
+    if not result.ok:
+        failed = next((step.name for step in result.steps if not step.ok), "a step")
+        _fail(f"check-tenant {_cell(args.tenant)} failed at {failed}")
     return 0 if result.ok else 1
 
 
@@ -562,16 +728,16 @@ def _fraction(value: str) -> float:
 
 
 def _migration_parsers(
-    commands: argparse._SubParsersAction[argparse.ArgumentParser],
-    as_json: argparse.ArgumentParser,
+    commands: argparse._SubParsersAction[_Parser],
+    as_json: _Parser,
 ) -> None:
-    target = argparse.ArgumentParser(add_help=False)
+    target = _Parser(add_help=False)
     target.add_argument(
         "--database-url", help=f"SQLAlchemy URL of the application's database (default: ${URL_ENV})"
     )
     target.add_argument("--table", required=True, help="the table to work on")
     target.add_argument("--schema", default=None, help="the table's schema")
-    columns = argparse.ArgumentParser(add_help=False)
+    columns = _Parser(add_help=False)
     columns.add_argument(
         "--column",
         dest="columns",
@@ -580,7 +746,7 @@ def _migration_parsers(
         metavar="NAME",
         help="a text column (repeat for several)",
     )
-    batching = argparse.ArgumentParser(add_help=False)
+    batching = _Parser(add_help=False)
     batching.add_argument(
         "--companion-column",
         default="cmk_edek",
@@ -602,7 +768,7 @@ def _migration_parsers(
         help="seconds between progress lines when stderr is not a terminal (default: %(default)s)",
     )
     batching.add_argument("--no-progress", action="store_true", help="print no progress")
-    keys = argparse.ArgumentParser(add_help=False)
+    keys = _Parser(add_help=False)
     keys.add_argument(
         "--cmk",
         required=True,
@@ -615,7 +781,7 @@ def _migration_parsers(
         metavar="DIR",
         help="directory to import MODULE from (default: the current directory)",
     )
-    tenant_column = argparse.ArgumentParser(add_help=False)
+    tenant_column = _Parser(add_help=False)
     tenant_column.add_argument(
         "--tenant-column",
         default=None,
@@ -631,7 +797,7 @@ def _migration_parsers(
         "imported from --app-dir: the table's declared tenant column is the default, and a "
         "--tenant-column that contradicts it is refused",
     )
-    workers = argparse.ArgumentParser(add_help=False)
+    workers = _Parser(add_help=False)
     workers.add_argument(
         "--workers",
         type=_positive_int,
@@ -639,7 +805,7 @@ def _migration_parsers(
         metavar="N",
         help="processes to run, each with its own connection (PostgreSQL only above 1)",
     )
-    one_tenant = argparse.ArgumentParser(add_help=False)
+    one_tenant = _Parser(add_help=False)
     one_tenant.add_argument("--tenant", default=None, help="only this tenant's rows")
 
     backfill = [target, columns, batching, keys, tenant_column, workers, as_json]
@@ -787,6 +953,16 @@ def _tenant_column(args: argparse.Namespace) -> str:
                 models = getattr(models, part)
         except (ImportError, AttributeError) as exc:
             raise UsageError(f"--metadata {args.metadata}: {exc} (imported from {path})") from None
+        except (Exception, SystemExit) as exc:  # the module's own code failed on import
+            what = (
+                f"called sys.exit({exc.code!r})"
+                if isinstance(exc, SystemExit)
+                else type(exc).__name__
+            )
+            raise UsageError(
+                f"--metadata {args.metadata}: importing {module_name!r} failed: {what} "
+                f"(imported from {path})"
+            ) from None
     try:
         return resolve_tenant_column(
             args.table, args.tenant_column, metadata=models, schema=args.schema
@@ -845,11 +1021,17 @@ def _run_job(job: _Job, engine: Engine, cmk: Any, progress: Callable[[Progress],
     )
 
 
-def _describe(exc: BaseException) -> str:
-    """An error as one line, without data: a DBAPI error's statement and parameters left out."""
-    if isinstance(exc, DBAPIError):
-        return f"database error: {exc.orig}".strip()
-    return f"{type(exc).__name__}: {exc}"
+def _describe(exc: BaseException, migration: bool = True) -> str:
+    """An error as one line, without data, as ``main`` reports it (for a worker's failure)."""
+    if isinstance(exc, UsageError):
+        return f"error: {exc}"
+    if isinstance(exc, CMKError):
+        return f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, SQLAlchemyError):
+        return _database_error(exc, migration)
+    if isinstance(exc, SystemExit):
+        return f"unexpected SystemExit (sys.exit({exc.code!r}) called)"
+    return f"unexpected {type(exc).__name__}"
 
 
 def _worker(index: int, job: _Job, conn: Any) -> None:
@@ -860,6 +1042,8 @@ def _worker(index: int, job: _Job, conn: Any) -> None:
     shared between workers, so one killed mid-message cannot block the others.
     """
     engine: Engine | None = None
+    silenced = _driver_logs_silenced()
+    silenced.__enter__()  # for the life of the process: it ends with the job
     try:
         engine = _migration_engine(job.url)
         cmk = _load_cmk(job.cmk, job.app_dir)
@@ -996,13 +1180,11 @@ def _print_report(
         )
         for tenant, rows in sorted(report.by_tenant.items()):
             print(f"  tenant {tenant}: {rows:,}", file=out)
-    for problem in problems:
-        print(f"sqlalchemy-cmk: {problem}", file=sys.stderr)
     if problems:
-        print(
-            "sqlalchemy-cmk: not finished: the committed batches stay done; fix the cause and "
-            "run the same command again",
-            file=sys.stderr,
+        _fail(
+            "not finished: "
+            + "; ".join(problems)
+            + ": the committed batches stay done; fix the cause and run the same command again"
         )
 
 
@@ -1010,6 +1192,7 @@ def _verify_table(engine: Engine, cmk: Any, args: argparse.Namespace, out: TextI
     from migrations_helpers import backfill
 
     view = _progress_view(args, "verify " + _fullname(args))
+    sampled = args.sample is not None and args.sample < 1
     try:
         report = backfill.verify(
             engine,
@@ -1021,7 +1204,9 @@ def _verify_table(engine: Engine, cmk: Any, args: argparse.Namespace, out: TextI
             schema=args.schema,
             batch_size=args.batch_size,
             sample=args.sample,
-            progress=lambda p: view.update(p.done, p.total),
+            # The engine's total is the whole table's; a sample checks a share of it, so no
+            # total (and no ETA) is shown rather than one the run will never reach.
+            progress=lambda p: view.update(p.done, None if sampled else p.total),
         )
     finally:
         view.close()
@@ -1035,6 +1220,10 @@ def _verify_table(engine: Engine, cmk: Any, args: argparse.Namespace, out: TextI
         doc["failed_total"] = failed
         json.dump(doc, out, indent=2)
         print(file=out)
+        if failed:
+            _fail(f"verify failed: {failed:,} row(s) of {_fullname(args)} did not decrypt")
+        elif not ok:
+            _fail(f"verify failed: {plaintext:,} plaintext value(s) remain (--require-encrypted)")
         return 0 if ok else 1
     tenants = sorted({*report.encrypted_ok, *report.plaintext, *report.failed})
     rows = [
@@ -1065,8 +1254,10 @@ def _verify_table(engine: Engine, cmk: Any, args: argparse.Namespace, out: TextI
     )
     if failed:
         print(f"FAILED: {failed:,} row(s) did not decrypt", file=out)
+        _fail(f"verify failed: {failed:,} row(s) of {_fullname(args)} did not decrypt")
     elif not ok:
         print(f"FAILED: {plaintext:,} plaintext value(s) remain (--require-encrypted)", file=out)
+        _fail(f"verify failed: {plaintext:,} plaintext value(s) remain (--require-encrypted)")
     else:
         print("OK" + (f" ({plaintext:,} plaintext left)" if plaintext else ""), file=out)
     return 0 if ok else 1
@@ -1124,6 +1315,10 @@ class _ProgressView:
     def update(self, done: int, total: int | None) -> None:
         if not self.enabled:
             return
+        # The total is counted when the call starts; rows the application inserts meanwhile
+        # are done too. Never show more done than the total: raise the total instead.
+        if total is not None:
+            total = max(total, done)
         self.done, self.total, self.updated = done, total, True
         now = time.monotonic()
         if now - self.last_shown >= self.every:
@@ -1135,8 +1330,14 @@ class _ProgressView:
         if self.updated:
             self._show(time.monotonic())
         if self.tty and self.width:
-            self.stream.write("\n")
+            self._write("\n")
+
+    def _write(self, text: str) -> None:
+        try:
+            self.stream.write(text)
             self.stream.flush()
+        except (OSError, ValueError):  # stderr's reader went away: the work goes on, unseen
+            self.enabled = False
 
     def _show(self, now: float) -> None:
         self.last_shown, self.updated = now, False
@@ -1146,24 +1347,26 @@ class _ProgressView:
         if total is not None and total > 0:
             share = min(self.done / total, 1.0)
             left = max(total - self.done, 0)
-            eta = _clock(left / rate) if rate > 0 else "?"
+            eta: str | None = _clock(left / rate) if rate > 0 else "?"
             counts = f"{self.done:,}/{total:,} rows ({share:.1%})"
-        else:
-            share, eta, counts = 0.0, "?", f"{self.done:,} rows"
+        else:  # no total (a sample): no share, no ETA to promise
+            share, eta, counts = 0.0, None, f"{self.done:,} rows"
         if self.tty:
-            filled = round(share * 24)
-            line = (
-                f"{self.label} [{'#' * filled}{'.' * (24 - filled)}] {counts} "
-                f"{rate:,.0f} rows/s ETA {eta}"
+            bar = ""
+            if eta is not None:
+                filled = round(share * 24)
+                bar = f" [{'#' * filled}{'.' * (24 - filled)}]"
+            line = f"{self.label}{bar} {counts} {rate:,.0f} rows/s" + (
+                f" ETA {eta}" if eta is not None else ""
             )
-            self.stream.write("\r" + line.ljust(self.width))
+            self._write("\r" + line.ljust(self.width))
             self.width = len(line)
         else:
-            self.stream.write(
-                f"{self.label}: {counts}, {rate:,.0f} rows/s, ETA {eta}, "
-                f"elapsed {_clock(elapsed)}\n"
+            self._write(
+                f"{self.label}: {counts}, {rate:,.0f} rows/s, "
+                + (f"ETA {eta}, " if eta is not None else "")
+                + f"elapsed {_clock(elapsed)}\n"
             )
-        self.stream.flush()
 
 
 def _clock(seconds: float) -> str:
