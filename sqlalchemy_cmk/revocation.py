@@ -369,7 +369,8 @@ class RevocationWatcher:
                 _log.debug("closing a broken revocation watcher connection failed")
 
     def _wait_for_notification(self, conn: Connection, timeout: float) -> bool:
-        driver: Any = conn.connection.driver_connection
+        # psycopg is its own DBAPI connection (driver_connection is None once detached).
+        driver: Any = conn.connection.dbapi_connection
         mine = self._watched.fullname
         seen = False
         gen = driver.notifies(timeout=timeout)
