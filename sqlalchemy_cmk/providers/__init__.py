@@ -19,13 +19,14 @@ timeout).
 
 from __future__ import annotations
 
+import ssl
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Protocol, runtime_checkable
 
-__all__ = ["KeyProvider", "call_timeout"]
+__all__ = ["KeyProvider", "call_timeout", "tls_failure"]
 
 # Absolute time.monotonic() at which the current provider call must have returned; set by the
 # key manager around each attempt (provider calls run in a copy of the caller's context).
@@ -51,6 +52,40 @@ def call_timeout(default: float) -> float:
     if deadline is None:
         return default
     return max(min(default, deadline - time.monotonic()), MIN_TIMEOUT)
+
+
+# ssl errors that mean the connection broke, not that TLS refused: retried like a reset.
+_TLS_TRANSIENT = (ssl.SSLEOFError, ssl.SSLZeroReturnError, ssl.SSLSyscallError)
+
+
+def tls_failure(exc: BaseException) -> ssl.SSLError | None:
+    """The TLS refusal behind ``exc`` (its causes and contexts included), if there is one.
+
+    A certificate that does not verify, a client certificate the server refuses, no common
+    protocol version or cipher: configuration problems that no retry cures. Providers map
+    them to a non-retryable error (``KMSUnavailableError`` with ``retryable = False``), all
+    alike. A connection that merely broke mid-TLS (EOF, reset) is not one of them.
+    """
+    seen: set[int] = set()
+    todo: list[BaseException] = [exc]
+    while todo:
+        current = todo.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, ssl.SSLError) and not isinstance(current, _TLS_TRANSIENT):
+            return current
+        # urllib3 and requests keep the underlying error in args or .reason, azure-core in
+        # .inner_exception, not always as a cause.
+        nested = [
+            current.__cause__,
+            current.__context__,
+            getattr(current, "reason", None),
+            getattr(current, "inner_exception", None),
+        ]
+        nested += list(current.args)
+        todo.extend(e for e in nested if isinstance(e, BaseException))
+    return None
 
 
 @contextmanager

@@ -87,7 +87,7 @@ from ..errors import (
     KeyNotFoundError,
     KMSUnavailableError,
 )
-from . import call_timeout
+from . import call_timeout, tls_failure
 
 try:
     from azure.core.credentials import TokenCredential
@@ -543,6 +543,17 @@ class AzureKeyVaultProvider:
         except HttpResponseError as exc:
             raise _from_status(exc, where, key_ref, operation) from exc
         except (ServiceRequestError, ServiceResponseError) as exc:
+            tls = tls_failure(exc)
+            if tls is not None:
+                # A certificate or protocol refusal: no retry cures it (as with Vault, KMIP).
+                error = KMSUnavailableError(
+                    f"{where}: TLS to the vault failed ({type(tls).__name__}); check "
+                    "connection_verify and the vault host",
+                    key_ref=key_ref,
+                    provider=_SCHEME,
+                )
+                error.retryable = False
+                raise error from exc
             raise KMSUnavailableError(
                 f"{where}: the vault could not be reached or did not answer ({type(exc).__name__})",
                 key_ref=key_ref,

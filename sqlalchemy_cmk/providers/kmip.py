@@ -47,6 +47,7 @@ and when, not the tenant or the data label.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import ssl
 import struct
@@ -66,6 +67,7 @@ from ..errors import (
     KeyNotFoundError,
     KMSUnavailableError,
 )
+from . import call_timeout, tls_failure
 
 try:
     with warnings.catch_warnings():
@@ -193,8 +195,13 @@ class _Pool:
         self._slots = threading.BoundedSemaphore(size)
 
     def acquire(self, *, fresh: bool = False) -> tuple[Any, bool]:
-        """An open client and whether it was reused (it may have gone stale while idle)."""
-        self._slots.acquire()
+        """An open client and whether it was reused (it may have gone stale while idle).
+
+        Waits for a free connection no longer than what is left of ``kms_deadline``.
+        """
+        left = call_timeout(math.inf)
+        if not self._slots.acquire(timeout=None if math.isinf(left) else left):
+            raise TimeoutError("every pooled KMIP connection stayed busy until the deadline")
         if not fresh:
             with self._lock:
                 if self._idle:
@@ -368,7 +375,8 @@ class KmipProvider:
             def create_socket(sock: Any) -> None:
                 # Replaces KMIPProxy._create_socket (called by open() for each connection).
                 proxy.socket = context.wrap_socket(sock, server_hostname=host)
-                proxy.socket.settimeout(timeout)
+                # The handshake ends with kms_deadline when that comes first.
+                proxy.socket.settimeout(call_timeout(timeout))
 
             proxy._create_socket = create_socket
             proxy.timeout = timeout
@@ -500,6 +508,18 @@ class KmipProvider:
         except _kmip_pie_errors.KmipOperationFailure as exc:
             raise _map_failure(exc, key_ref, operation) from exc
         except _TRANSPORT_ERRORS as exc:
+            tls = tls_failure(exc)
+            if tls is not None:
+                # A certificate or protocol refusal: no retry cures it (as with Vault, Azure).
+                err = KMSUnavailableError(
+                    f"KMIP {operation} failed: TLS to the KMIP server failed "
+                    f"({type(tls).__name__}: {_brief(tls)}); check the CA, the client "
+                    "certificate and key",
+                    key_ref=key_ref,
+                    provider=_SCHEME,
+                )
+                err.retryable = False
+                raise err from exc
             raise KMSUnavailableError(
                 f"KMIP {operation} failed: the server could not be reached or the connection "
                 f"broke ({type(exc).__name__}: {_brief(exc)})",
@@ -512,6 +532,11 @@ def _run(pool: _Pool, client: Any, fn: Callable[[Any], _T]) -> _T:
     """``fn(client)``, then give the client back; a transport error closes it instead."""
     healthy = False
     try:
+        proxy = getattr(client, "proxy", None)
+        sock, own = getattr(proxy, "socket", None), getattr(proxy, "timeout", None)
+        if sock is not None and isinstance(own, (int, float)):
+            # This call's reads end with kms_deadline (the next call sets its own).
+            sock.settimeout(call_timeout(float(own)))
         result = fn(client)
         healthy = True
         return result

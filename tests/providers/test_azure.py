@@ -692,3 +692,14 @@ def test_a_hung_vault_call_ends_with_kms_deadline(vault: KeyVaultServer) -> None
             time.sleep(0.05)
         assert kms_threads() == 0
         assert time.monotonic() - started < 1.5  # not the vault's 3 s stall
+
+
+def test_tls_failures_are_not_retryable(vault: KeyVaultServer, tmp_path: Path) -> None:
+    # A vault certificate the client does not trust: configuration, not a transient fault.
+    from ._azure_server import make_tls
+
+    _, other_ca = make_tls(tmp_path)
+    provider = make_provider(vault, connection_verify=str(other_ca), retry_total=0)
+    with provider, pytest.raises(KMSUnavailableError, match="TLS to the vault failed") as info:
+        provider.wrap_key(ref(vault, "acme"), os.urandom(32), ACME)
+    assert info.value.retryable is False

@@ -376,15 +376,36 @@ def test_configuration_errors(kmip: Kmip, tmp_path: Path) -> None:
 def test_client_certificate_from_another_ca_is_refused(kmip: Kmip) -> None:
     pki = kmip.server.pki
     provider = KmipProvider(kmip.app_factory(cert=pki.stranger.cert, key=pki.stranger.key))
-    with pytest.raises(KMSUnavailableError, match="could not be reached"):
+    with pytest.raises(KMSUnavailableError, match="TLS to the KMIP server failed") as info:
         provider.wrap_key(f"kmip://{kmip.new_key()}", os.urandom(32), ACME)
+    assert info.value.retryable is False  # a refused certificate: no retry cures it
 
 
 def test_server_certificate_is_verified(kmip: Kmip) -> None:
     other_ca = str(Path(kmip.server.pki.ca).with_name("other-ca.crt"))
     provider = KmipProvider(kmip.app_factory(ca=other_ca))
-    with pytest.raises(KMSUnavailableError, match="SSLCertVerificationError"):
+    with pytest.raises(KMSUnavailableError, match="SSLCertVerificationError") as info:
         provider.wrap_key(f"kmip://{kmip.new_key()}", os.urandom(32), ACME)
+    assert info.value.retryable is False
+
+
+def test_tls_failures_are_not_retried_by_the_key_manager(kmip: Kmip) -> None:
+    # As Vault's are not: a certificate problem fails the flush at once, one connection tried.
+    from sqlalchemy_cmk import CMK, tenant_context
+
+    other_ca = str(Path(kmip.server.pki.ca).with_name("other-ca.crt"))
+    factory = _Recording(kmip.app_factory(ca=other_ca))
+    provider = KmipProvider(factory)
+    cmk = CMK(
+        provider,
+        tenant_keys={"acme": f"kmip://{kmip.new_key()}"},
+        retry_attempts=3,
+        retry_backoff=0,
+        audit_sinks=[],
+    )
+    with tenant_context("acme"), pytest.raises(KMSUnavailableError, match="1 attempt"):
+        cmk.encrypt_document({"f": b"x"})
+    assert len(factory.made) == 1
 
 
 def test_a_silent_server_times_out(kmip: Kmip) -> None:
@@ -513,3 +534,41 @@ def test_a_timeout_mid_call_drops_the_connection(kmip: Kmip) -> None:
         provider.wrap_key("kmip://1", os.urandom(32), ACME)
     assert len(made) == 2
     provider.close()
+
+
+def test_a_hung_handshake_ends_with_kms_deadline(kmip: Kmip) -> None:
+    # The provider's own timeout is 5 s; the key manager's deadline of 0.5 s cuts the socket's,
+    # so the abandoned call's thread and connection do not outlive the deadline by much.
+    from sqlalchemy_cmk import CMK, tenant_context
+
+    pki = kmip.server.pki
+    with socket.socket() as silent:  # accepts TCP (backlog) and never speaks TLS
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        provider = KmipProvider.connect(
+            "127.0.0.1",
+            silent.getsockname()[1],
+            cert=pki.application.cert,
+            key=pki.application.key,
+            ca=pki.ca,
+            timeout=5.0,
+        )
+        cmk = CMK(
+            provider,
+            tenant_keys={"acme": "kmip://1"},
+            kms_deadline=0.5,
+            retry_attempts=1,
+            audit_sinks=[],
+        )
+        started = time.monotonic()
+        with tenant_context("acme"), pytest.raises(KMSUnavailableError):
+            cmk.encrypt_document({"f": b"x"})
+        assert time.monotonic() - started < 1.0
+
+        def kms_threads() -> int:
+            return sum(t.name == "sqlalchemy-cmk-kms" for t in threading.enumerate())
+
+        while kms_threads() and time.monotonic() - started < 6.0:
+            time.sleep(0.05)
+        assert time.monotonic() - started < 1.5  # not the provider's 5 s
+        provider.close()
