@@ -665,6 +665,28 @@ def test_cache_ttl_zero_reads_every_time(engine: Engine, registry: DatabaseKeyRe
     assert len(queries) == 2
 
 
+def test_a_lookup_racing_an_invalidation_is_not_cached(
+    engine: Engine, registry: DatabaseKeyRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lookup reads the row, then (before it caches it) the tenant is disabled elsewhere and
+    a revocation watcher invalidates: what the lookup read must not be served for cache_ttl."""
+    registry.add_tenant("acme", "fake://k1")
+    reader = DatabaseKeyRegistry(engine, SECRET, registry_id="test-eu")
+    load = DatabaseKeyRegistry._load
+
+    def load_then_disable(self: Any, conn: Any, tenant: str) -> Any:
+        found = load(self, conn, tenant)
+        monkeypatch.setattr(DatabaseKeyRegistry, "_load", load)
+        registry.disable("acme")
+        reader.invalidate("acme")  # what the watcher does on the notification
+        return found
+
+    monkeypatch.setattr(DatabaseKeyRegistry, "_load", load_then_disable)
+    assert reader.tenant_keys("acme").primary == "fake://k1"  # it started before the disable
+    with pytest.raises(TenantNotConfiguredError, match="disabled"):
+        reader.tenant_keys("acme")
+
+
 # -- the documentation's example -------------------------------------------------------------
 
 
