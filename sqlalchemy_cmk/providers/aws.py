@@ -30,14 +30,25 @@ was altered. Any malformation is the same opaque :class:`~sqlalchemy_cmk.errors.
 
 Clients: pass one boto3 KMS client (``client=``), or ``client_factory(region) -> client`` when
 tenants' keys are in several regions (one client per region, made on first use and kept), or use
-:meth:`AwsKmsProvider.from_session`, which builds clients with short timeouts and no SDK retries
-(the core ``KeyManager`` retries transient errors itself, with backoff and a deadline).
+:meth:`AwsKmsProvider.from_session`, which builds clients whose timeouts derive from the CMK's
+``kms_deadline`` and that never retry on their own (the core ``KeyManager`` retries transient
+errors itself, with backoff, until the deadline; retries at both levels would multiply).
+
+Timeouts (:func:`kms_client_config`): botocore sets them per client, not per call, so they are
+derived once, when a client is built, from a deadline ``D``: connect ``min(2, D / 5)`` seconds,
+read ``D / 2``, botocore's attempts 1. A call that hangs then ends on its own well within the
+deadline, and the core has time left for another attempt on a fresh connection; with CMK's
+default ``kms_deadline=10`` that is 2 s and 5 s. ``D`` is ``from_session(kms_deadline=...)`` when
+given, else the deadline of the CMK call during which the region's client is built (its first
+use), else 10.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
+import ssl
 import struct
 import threading
 from collections.abc import Callable, Mapping
@@ -55,6 +66,7 @@ try:
         PartialCredentialsError,
     )
     from botocore.exceptions import ConnectionError as BotoConnectionError
+    from botocore.exceptions import SSLError as BotoSSLError
 except ImportError as exc:  # pragma: no cover - exercised by a test that hides boto3
     raise ImportError(
         "the AWS KMS provider needs boto3; install it with: pip install 'sqlalchemy-cmk[aws]'"
@@ -68,6 +80,7 @@ from ..errors import (
     KeyNotFoundError,
     KMSUnavailableError,
 )
+from . import call_timeout
 
 __all__ = ["AwsKmsProvider", "kms_client_config"]
 
@@ -77,6 +90,9 @@ _VERSION = 1
 _MAX_CONTEXT = 2000  # with the largest blob, 5 + 2000 + 6144 fits the envelope's 8192
 _MAX_BLOB = 6144  # KMS's documented maximum CiphertextBlob size
 _U16 = struct.Struct(">H")
+_DEFAULT_DEADLINE = 10.0  # CMK's default kms_deadline
+# Clients outlive the call that builds them: never derive their timeouts from less than this.
+_MIN_DERIVED_DEADLINE = 1.0
 # arn:<partition>:kms:<region>:<12-digit account>:key/<key id> or :alias/<alias name>
 _ARN = re.compile(
     r"arn:(?P<partition>aws(?:-[a-z]+)*):kms:(?P<region>[a-z]{2,4}(?:-[a-z]+)+-\d+):"
@@ -125,27 +141,46 @@ _CONFIG_CODES = frozenset(
 
 def kms_client_config(
     *,
-    connect_timeout: float = 2.0,
-    read_timeout: float = 5.0,
+    kms_deadline: float = _DEFAULT_DEADLINE,
+    connect_timeout: float | None = None,
+    read_timeout: float | None = None,
     max_attempts: int = 1,
     max_pool_connections: int = 16,
 ) -> Any:
     """A ``botocore.config.Config`` for KMS clients used by this provider.
 
-    Short timeouts instead of botocore's 60 s, and by default no SDK-level retry
-    (``total_max_attempts=1``): the core retries transient errors with backoff under an overall
-    deadline, and retries at both levels would multiply. The pool fits the core's default
-    ``max_concurrency`` of 16 parallel unwraps.
+    Timeouts derived from the CMK's ``kms_deadline`` instead of botocore's 60 s, and by default
+    no SDK-level retry (``total_max_attempts=1``): the core retries transient errors with
+    backoff until the deadline, and retries at both levels would multiply. The pool fits the
+    core's default ``max_concurrency`` of 16 parallel unwraps.
 
     Args:
-        connect_timeout: Seconds to establish a connection.
-        read_timeout: Seconds to wait for a response.
+        kms_deadline: The ``kms_deadline`` of the CMK using the client, seconds.
+        connect_timeout: Seconds to establish a connection; by default
+            ``min(2, kms_deadline / 5)``.
+        read_timeout: Seconds to wait for a response; by default ``kms_deadline / 2``.
         max_attempts: Attempts per call made by botocore itself, including the first.
         max_pool_connections: HTTP connections kept per client.
+
+    Raises:
+        ConfigurationError: a deadline or timeout that is not positive, a timeout longer than
+            the deadline (the call would outlive it), ``max_attempts`` or the pool below 1.
     """
-    if connect_timeout <= 0 or read_timeout <= 0 or max_attempts < 1 or max_pool_connections < 1:
+    if not kms_deadline > 0:
+        raise ConfigurationError("kms_client_config needs a positive kms_deadline")
+    if connect_timeout is None:
+        connect_timeout = min(2.0, kms_deadline / 5)
+    if read_timeout is None:
+        read_timeout = kms_deadline / 2
+    if (
+        not 0 < connect_timeout <= kms_deadline
+        or not 0 < read_timeout <= kms_deadline
+        or max_attempts < 1
+        or max_pool_connections < 1
+    ):
         raise ConfigurationError(
-            "kms_client_config needs positive timeouts, max_attempts >= 1 and a pool >= 1"
+            "kms_client_config needs timeouts in (0, kms_deadline], max_attempts >= 1 and a "
+            "pool >= 1"
         )
     return Config(
         connect_timeout=connect_timeout,
@@ -235,12 +270,13 @@ class AwsKmsProvider:
         session: Any = None,
         *,
         endpoint_url: str | None = None,
-        connect_timeout: float = 2.0,
-        read_timeout: float = 5.0,
+        kms_deadline: float | None = None,
+        connect_timeout: float | None = None,
+        read_timeout: float | None = None,
         max_attempts: int = 1,
         max_pool_connections: int = 16,
     ) -> AwsKmsProvider:
-        """A provider making one client per region from a boto3 session, with short timeouts.
+        """A provider making one client per region from a boto3 session, bounded by the deadline.
 
         Args:
             session: A ``boto3.session.Session`` holding the application's credentials (for
@@ -248,18 +284,34 @@ class AwsKmsProvider:
                 credential chain (environment, config files, container or instance role).
             endpoint_url: A KMS endpoint for every region (a VPC endpoint, a test server);
                 by default each region's public endpoint.
+            kms_deadline: The deadline the clients' timeouts derive from (see
+                :func:`kms_client_config`). By default, the ``kms_deadline`` of the CMK call
+                that first uses a region (what is left of it, at least 1 s), or 10 s when the
+                provider is called outside a CMK.
             connect_timeout, read_timeout, max_attempts, max_pool_connections: See
                 :func:`kms_client_config`.
+
+        Raises:
+            ConfigurationError: limits out of range (checked at once when ``kms_deadline`` is
+                given, else when a client is built).
         """
-        config = kms_client_config(
-            connect_timeout=connect_timeout,
-            read_timeout=read_timeout,
-            max_attempts=max_attempts,
-            max_pool_connections=max_pool_connections,
-        )
+        options: dict[str, Any] = {
+            "connect_timeout": connect_timeout,
+            "read_timeout": read_timeout,
+            "max_attempts": max_attempts,
+            "max_pool_connections": max_pool_connections,
+        }
+        if kms_deadline is not None:
+            kms_client_config(kms_deadline=kms_deadline, **options)  # fail at start-up
         sess = session if session is not None else boto3.session.Session()
 
         def factory(region: str) -> Any:
+            deadline = kms_deadline
+            if deadline is None:
+                left = call_timeout(math.inf)  # inside a CMK call: what is left of its deadline
+                deadline = _DEFAULT_DEADLINE if left == math.inf else left
+                deadline = max(deadline, _MIN_DERIVED_DEADLINE)
+            config = kms_client_config(kms_deadline=deadline, **options)
             return sess.client("kms", region_name=region, endpoint_url=endpoint_url, config=config)
 
         return cls(client_factory=factory)
@@ -369,6 +421,28 @@ def _summary(message: object) -> str:
     return text[:300]
 
 
+# ssl errors of a connection that broke mid-handshake (EOF, reset): transient, unlike a refusal.
+_TLS_TRANSIENT = (ssl.SSLEOFError, ssl.SSLZeroReturnError, ssl.SSLSyscallError)
+
+
+def _tls_refused(exc: BaseException) -> bool:
+    """Whether an ``ssl.SSLError`` other than a broken connection lies behind ``exc``."""
+    seen: set[int] = set()
+    todo: list[object] = [exc]
+    while todo:
+        current = todo.pop()
+        if not isinstance(current, BaseException) or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, ssl.SSLError):
+            return not isinstance(current, _TLS_TRANSIENT)
+        # botocore keeps urllib3's error in kwargs["error"], urllib3 its own in .reason.
+        kwargs = getattr(current, "kwargs", None)
+        todo += [current.__cause__, current.__context__, getattr(current, "reason", None)]
+        todo += [*current.args, *(kwargs.values() if isinstance(kwargs, dict) else ())]
+    return False
+
+
 def _raise_mapped(exc: Exception, key_ref: str, operation: str) -> NoReturn:
     """The one place where AWS and botocore errors become ours, most specific first."""
     kw: dict[str, Any] = {"key_ref": key_ref, "provider": _SCHEME}
@@ -403,6 +477,15 @@ def _raise_mapped(exc: Exception, key_ref: str, operation: str) -> NoReturn:
         if status == 403:
             raise KeyAccessDeniedError(f"{detail} (HTTP 403)", **kw) from exc
         raise KeyAccessError(f"{detail} (HTTP {status}): unexpected error", **kw) from exc
+    if isinstance(exc, BotoSSLError) and _tls_refused(exc):
+        # The certificate or the TLS handshake was refused: configuration, no retry cures it.
+        error = KMSUnavailableError(
+            f"AWS KMS {operation}: TLS failed: {_summary(exc)}; check the endpoint and its "
+            "certificate",
+            **kw,
+        )
+        error.retryable = False
+        raise error from exc
     if isinstance(exc, (BotoConnectionError, HTTPClientError)):
         # EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError, ConnectionClosedError,
         # SSLError, ProxyConnectionError.

@@ -266,7 +266,7 @@ class LocalKms:
         )
 
         try:
-            self.client(connect_timeout=timeout, read_timeout=timeout).list_keys(Limit=1)
+            self.client(kms_deadline=timeout, read_timeout=timeout).list_keys(Limit=1)
         except (BotoCoreError, ClientError) as exc:
             raise RuntimeError(f"the local KMS does not answer at {self.endpoint_url}") from exc
 

@@ -566,6 +566,68 @@ def test_a_hung_endpoint_times_out(kms: LocalKms, key_ref: str) -> None:
         silent.close()
 
 
+def _kms_threads() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if t.name == "sqlalchemy-cmk-kms"}
+
+
+def test_a_hung_kms_is_bounded_by_the_cmk_deadline(kms: LocalKms, key_ref: str) -> None:
+    """from_session's clients take their timeouts from the CMK's kms_deadline (here 1 s): the
+    SDK call itself ends (read timeout 0.5 s) instead of holding its thread and connection for
+    botocore's own timeout after the CMK gave up, and there is time to retry on a new one."""
+    silent = SilentServer()
+    before = _kms_threads()
+    try:
+        provider = AwsKmsProvider.from_session(
+            kms.session(), endpoint_url=f"http://127.0.0.1:{silent.port}"
+        )
+        cmk = CMK(provider, tenant_keys={"acme": key_ref}, kms_deadline=1.0, audit_sinks=[])
+        started = time.monotonic()
+        with tenant_context("acme"), pytest.raises(KMSUnavailableError) as info:
+            cmk.encrypt_document({"a": b"x"})
+        elapsed = time.monotonic() - started
+        assert 0.9 < elapsed < 1.5, elapsed
+        assert "attempt(s)" in str(info.value)
+        time.sleep(0.8)  # the last attempt's own read timeout (0.5 s) has run out by now
+        assert _kms_threads() - before == set()  # no SDK call outlives the deadline for long
+        assert len(silent._conns) >= 2  # the first attempt timed out in time for another
+    finally:
+        silent.close()
+
+
+def test_an_explicit_deadline_sets_the_timeouts(kms: LocalKms, key_ref: str) -> None:
+    silent = SilentServer()
+    try:
+        provider = AwsKmsProvider.from_session(
+            kms.session(), endpoint_url=f"http://127.0.0.1:{silent.port}", kms_deadline=2.0
+        )
+        started = time.monotonic()
+        with pytest.raises(KMSUnavailableError) as info:  # called directly: no CMK deadline
+            provider.unwrap_key(key_ref, join(b'{"tenant":"acme"}', b"\x00" * 80), ACME)
+        assert 0.9 < time.monotonic() - started < 1.8  # read timeout 2.0 / 2
+        assert isinstance(info.value.__cause__, ReadTimeoutError)
+    finally:
+        silent.close()
+    with pytest.raises(ConfigurationError):
+        AwsKmsProvider.from_session(kms.session(), kms_deadline=0)
+    with pytest.raises(ConfigurationError):
+        AwsKmsProvider.from_session(kms.session(), kms_deadline=1.0, read_timeout=5.0)
+
+
+def test_a_tls_failure_is_not_retried(kms: LocalKms, key_ref: str) -> None:
+    """HTTPS to a plain-HTTP port: the handshake fails the same way on every attempt."""
+    provider = AwsKmsProvider.from_session(
+        kms.session(), endpoint_url=kms.endpoint_url.replace("http://", "https://")
+    )
+    with pytest.raises(KMSUnavailableError) as info:
+        provider.wrap_key(key_ref, os.urandom(32), ACME)
+    assert info.value.retryable is False
+    cmk = CMK(provider, tenant_keys={"acme": key_ref}, audit_sinks=[])
+    started = time.monotonic()
+    with tenant_context("acme"), pytest.raises(KMSUnavailableError):
+        cmk.encrypt_document({"a": b"x"})
+    assert time.monotonic() - started < 2.0  # not retried until the 10 s deadline
+
+
 def test_client_config() -> None:
     config = kms_client_config()
     assert (config.connect_timeout, config.read_timeout) == (2.0, 5.0)
@@ -575,6 +637,15 @@ def test_client_config() -> None:
         kms_client_config(read_timeout=0)
     with pytest.raises(ConfigurationError):
         kms_client_config(max_attempts=0)
+    # Derived from the deadline: connect min(2, D / 5), read D / 2, no botocore retry.
+    config = kms_client_config(kms_deadline=1.0)
+    assert (config.connect_timeout, config.read_timeout) == (0.2, 0.5)
+    assert config.retries == {"total_max_attempts": 1, "mode": "standard"}
+    config = kms_client_config(kms_deadline=60.0)
+    assert (config.connect_timeout, config.read_timeout) == (2.0, 30.0)
+    for bad in ({"kms_deadline": 0}, {"kms_deadline": 1.0, "connect_timeout": 1.5}):
+        with pytest.raises(ConfigurationError):
+            kms_client_config(**bad)
 
 
 # -- clients -------------------------------------------------------------------------------------
