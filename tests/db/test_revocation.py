@@ -301,6 +301,33 @@ def test_a_kms_call_under_way_at_the_revocation_cannot_keep_its_key(
     assert took <= 2.5
 
 
+def test_the_watcher_reconnects_and_catches_up(
+    engine: Engine, watchers: list[RevocationWatcher], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The listening connection is killed; a change made while it is down still applies."""
+    if not is_pg(engine):
+        pytest.skip("a server-side kill is PostgreSQL's")
+    operator = DatabaseKeyRegistry(engine, SECRET, registry_id="test-eu")
+    operator.create_table()
+    operator.add_tenant("acme", "fake://acme")
+    app, _ = registry_cmk(engine)
+    start(watchers, app)
+    doc = warm(app)
+    with engine.begin() as conn:
+        killed = conn.execute(
+            text(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE pid <> pg_backend_pid() AND datname = current_database()"
+            )
+        ).scalar()
+    assert killed
+    engine.dispose()  # the pool's connections were killed too
+    operator.disable("acme")  # announced while no one listens
+    refused_within(bound(engine) + 1.0, read_and_write(app, doc))  # + the first backoff
+    assert any("reconnecting" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+
+
 # -- the registry side ----------------------------------------------------------------------
 
 
