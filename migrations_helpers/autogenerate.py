@@ -20,12 +20,17 @@ nothing: a script that does not run.
 ``compare_type`` tells autogenerate what an encrypted column is stored as: an
 ``EncryptedType(storage="binary")`` column or an ``EDEKType`` column matches a reflected binary
 column (BYTEA, BLOB, ...), an ``EncryptedType(storage="text")`` column matches a reflected text
-column (TEXT, VARCHAR, CLOB, ...). So a column encrypted in place by ``op.encrypt_column`` (still
-TEXT in the database) shows no diff against its new ``EncryptedType(Text, storage="text")``
-declaration, and a real mismatch (an ``EncryptedType`` on an INTEGER column, or
-``storage="binary"`` on a TEXT column) is still reported. For every other type it returns
-``None``, leaving the comparison to Alembic. If you have your own ``compare_type``, call this
-one first and fall back to yours when it returns ``None``.
+column of unlimited length (TEXT, CLOB, VARCHAR without a length). So a column encrypted in place
+by ``op.encrypt_column`` (still TEXT in the database) shows no diff against its new
+``EncryptedType(Text, storage="text")`` declaration, and a real mismatch (an ``EncryptedType``
+on an INTEGER column, ``storage="binary"`` on a TEXT column) is still reported. So is a
+length-limited text column (``VARCHAR(200)``, MySQL's ``TINYTEXT``) declared
+``storage="text"``: the stored ``cmk:`` + base64 text is longer than the value, the backfill
+refuses such a column, and the ``op.alter_column(..., type_=...)`` autogenerate writes is the
+change to ``TEXT`` it needs (on SQLite, with ``render_as_batch=True``).
+
+For every other type it returns ``None``, leaving the comparison to Alembic. If you have your
+own ``compare_type``, call this one first and fall back to yours when it returns ``None``.
 
 ``allow_plaintext`` is not rendered: it changes how the application reads, not the schema, and a
 migration script should not pin a mode the application drops after its backfill.
@@ -102,7 +107,8 @@ def compare_type(
     """
     if isinstance(metadata_type, EncryptedType):
         if metadata_type.storage == "text":
-            return not _is_text(inspected_type)
+            # Not any text column: one that holds the ciphertext, whatever the value's length.
+            return not _is_text(inspected_type) or _is_length_limited(inspected_type)
         return not _is_binary(inspected_type)
     if isinstance(metadata_type, EDEKType):
         return not _is_binary(inspected_type)
@@ -116,3 +122,10 @@ def _is_binary(typ: sqltypes.TypeEngine[Any]) -> bool:
 
 def _is_text(typ: sqltypes.TypeEngine[Any]) -> bool:
     return isinstance(typ, sqltypes.String) and not isinstance(typ, sqltypes.Enum)
+
+
+def _is_length_limited(typ: sqltypes.TypeEngine[Any]) -> bool:
+    # The backfill's own test (a String with a length), plus MySQL's TINYTEXT: 255 bytes
+    # without a length argument, too short for most ciphertexts.
+    length = getattr(typ, "length", None)
+    return length is not None or typ.__visit_name__ == "TINYTEXT"

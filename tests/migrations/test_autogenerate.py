@@ -1,0 +1,217 @@
+"""Autogenerate and text storage: ``alembic revision --autogenerate`` in a real Alembic
+environment shows the ``VARCHAR(n)`` -> ``TEXT`` change that encrypting a length-limited column
+in place needs, on SQLite (batch mode) and PostgreSQL; the generated script runs, leaves nothing
+to autogenerate, and the backfill then encrypts the column.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import shutil
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import alembic
+import pytest
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import (
+    Column,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    create_engine,
+    inspect,
+    make_url,
+    text,
+)
+
+import migrations_helpers
+from sqlalchemy_cmk import EDEKType, EncryptedType
+
+ENV_PY = """
+from alembic import context
+from sqlalchemy import engine_from_config, pool
+
+import migrations_helpers
+
+config = context.config
+target_metadata = config.attributes["target_metadata"]
+
+
+def run_migrations_online():
+    connectable = engine_from_config(
+        config.get_section(config.config_ini_section, {}),
+        prefix="sqlalchemy.",
+        poolclass=pool.NullPool,
+    )
+    with connectable.connect() as connection:
+        context.configure(
+            connection=connection,
+            target_metadata=target_metadata,
+            render_as_batch=connection.dialect.name == "sqlite",  # SQLite cannot ALTER a type
+            render_item=migrations_helpers.render_item,
+            compare_type=migrations_helpers.compare_type,
+        )
+        with context.begin_transaction():
+            context.run_migrations()
+    connectable.dispose()
+
+
+run_migrations_online()
+"""
+
+VALUES = {i: f"note {i}: Grüße {'x' * (i * 13 % 180)}" for i in range(1, 41)}  # up to 195 chars
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A database URL with an empty schema: a SQLite file, or a PostgreSQL schema of its own."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path}/app.db"
+        return
+    base = request.getfixturevalue("postgres_url")
+    schema = f"ag_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(base)
+    with admin.begin() as conn:
+        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+    url = make_url(base).update_query_dict({"options": f"-csearch_path={schema}"})
+    yield url.render_as_string(hide_password=False)
+    with admin.begin() as conn:
+        conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+    admin.dispose()
+
+
+def notes(metadata: MetaData, body: Any) -> Table:
+    return Table(
+        "notes",
+        metadata,
+        Column("id", Integer, primary_key=True, autoincrement=False),
+        Column("tenant_id", String(20), nullable=False),
+        Column("body", body),
+        Column("cmk_edek", EDEKType(), nullable=True),
+    )
+
+
+def make_config(tmp_path: Path, url: str, metadata: MetaData) -> Config:
+    where = tmp_path / "alembic"
+    (where / "versions").mkdir(parents=True)
+    (where / "env.py").write_text(ENV_PY)
+    template = Path(alembic.__file__).parent / "templates" / "generic" / "script.py.mako"
+    shutil.copy(template, where / "script.py.mako")
+    cfg = Config(output_buffer=io.StringIO())
+    cfg.set_main_option("script_location", str(where))
+    cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    cfg.attributes["target_metadata"] = metadata
+    return cfg
+
+
+APP = """
+import base64
+
+from sqlalchemy_cmk import CMK
+from sqlalchemy_cmk.providers.local import LocalKeyProvider
+
+cmk = CMK(LocalKeyProvider({{"acme": base64.b64decode({key!r})}}),
+          tenant_keys={{"acme": "local://acme"}}, audit_sinks=[])
+"""
+
+
+def test_autogenerate_widens_a_length_limited_column_for_text_storage(
+    tmp_path: Path, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sqlalchemy_cmk.cli import main
+
+    engine = create_engine(db_url)
+    table = notes(MetaData(), String(200))  # the application's table before encryption
+    table.create(engine)
+    with engine.begin() as conn:
+        conn.execute(
+            table.insert(), [{"id": i, "tenant_id": "acme", "body": v} for i, v in VALUES.items()]
+        )
+    # The application's model during the migration: the same column, encrypted in place.
+    model = MetaData()
+    notes(model, EncryptedType(Text, storage="text", allow_plaintext=True))
+    cfg = make_config(tmp_path, db_url, model)
+
+    # The encrypting backfill refuses the VARCHAR(200) column: the ciphertext would not fit.
+    name = f"ag_app_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{name}.py").write_text(APP.format(key=base64.b64encode(os.urandom(32)).decode()))
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.setenv("SQLALCHEMY_CMK_DATABASE_URL", db_url)
+    argv = ["--table", "notes", "--column", "body", "--tenant-column", "tenant_id"]
+    argv += ["--cmk", f"{name}:cmk", "--app-dir", str(tmp_path), "--no-progress"]
+    try:
+        assert main(["encrypt-column", *argv]) == 1
+
+        script = command.revision(cfg, message="encrypt body", autogenerate=True, rev_id="e1")
+        assert script is not None and not isinstance(script, list)
+        source = Path(script.path).read_text()
+        upgrade = source[source.index("def upgrade") : source.index("def downgrade")]
+        assert "alter_column(" in upgrade and "'body'" in upgrade, source
+        assert "existing_type=sa.VARCHAR(length=200)" in source
+        assert "type_=sqlalchemy_cmk.EncryptedType(sa.Text(), storage='text')" in source
+        assert "\nimport sqlalchemy_cmk\n" in source
+        assert "'tenant_id'" not in source and "'cmk_edek'" not in source  # nothing else
+
+        command.upgrade(cfg, "head")  # the generated script runs ...
+        body = {c["name"]: c["type"] for c in inspect(engine).get_columns("notes")}["body"]
+        assert isinstance(body, String) and body.length is None
+        with engine.connect() as conn:
+            assert dict(conn.execute(text("SELECT id, body FROM notes")).all()) == VALUES  # type: ignore[arg-type]
+        command.check(cfg)  # ... and leaves nothing to autogenerate
+
+        # Now the backfill takes the column; every value is stored longer than 200 characters
+        # would allow for the longest ones.
+        assert main(["encrypt-column", *argv, "--json"]) == 0
+        with engine.connect() as conn:
+            stored = dict(conn.execute(text("SELECT id, body FROM notes")).all())  # type: ignore[arg-type]
+        assert all(v.startswith("cmk:") for v in stored.values())
+        assert max(len(v) for v in stored.values()) > 200
+        assert main(["verify", *argv, "--require-encrypted", "--json"]) == 0
+    finally:
+        sys.modules.pop(name, None)
+        engine.dispose()
+
+
+def _compare(declared: Any, reflected: Any) -> bool | None:
+    ctx = MigrationContext.configure(dialect_name="postgresql")
+    return migrations_helpers.compare_type(
+        ctx, Column("c", reflected), Column("c", declared), reflected, declared
+    )
+
+
+@pytest.mark.parametrize(
+    ("reflected", "differs"),
+    [
+        ("postgresql.VARCHAR(200)", True),
+        ("postgresql.VARCHAR(10000)", True),  # the backfill refuses any length
+        ("sqlite.VARCHAR(255)", True),
+        ("mysql.VARCHAR(255)", True),
+        ("mysql.TINYTEXT()", True),  # 255 bytes, without a length argument
+        ("postgresql.CHAR(20)", True),
+        ("postgresql.TEXT()", False),
+        ("postgresql.VARCHAR()", False),
+        ("mysql.TEXT()", False),
+        ("mysql.LONGTEXT()", False),
+        ("sqlite.TEXT()", False),
+    ],
+)
+def test_text_storage_needs_a_column_of_unlimited_length(reflected: str, differs: bool) -> None:
+    from sqlalchemy.dialects import mysql, postgresql, sqlite
+
+    inspected = eval(reflected, {"postgresql": postgresql, "sqlite": sqlite, "mysql": mysql})
+    assert _compare(EncryptedType(Text, storage="text"), inspected) is differs
+    assert _compare(EncryptedType(String(40), storage="text"), inspected) is differs
+    # Binary storage wants a binary column, whatever the text column's length.
+    assert _compare(EncryptedType(Text), inspected) is True
+    assert _compare(EncryptedType(Text), LargeBinary()) is False
