@@ -39,6 +39,9 @@ try:
     from google.auth import exceptions as auth_exc
     from google.auth.credentials import Credentials
     from google.cloud import kms
+    from google.cloud.kms_v1.services.key_management_service.transports import (
+        KeyManagementServiceGrpcTransport,
+    )
 except ImportError as exc:
     raise ImportError(
         "the Google Cloud KMS provider needs google-cloud-kms and google-crc32c; install them "
@@ -53,6 +56,7 @@ from ..errors import (
     KeyNotFoundError,
     KMSUnavailableError,
 )
+from . import call_timeout
 
 __all__ = ["DEFAULT_TIMEOUT", "GcpKmsProvider"]
 
@@ -185,6 +189,7 @@ class GcpKmsProvider:
         api_endpoint: str | None = None,
         timeout: float = DEFAULT_TIMEOUT,
         quota_project_id: str | None = None,
+        root_certificates: bytes | None = None,
     ) -> GcpKmsProvider:
         """Build a provider with its own ``KeyManagementServiceClient`` (gRPC over TLS).
 
@@ -196,9 +201,22 @@ class GcpKmsProvider:
                 None for ``cloudkms.googleapis.com``.
             timeout: Deadline of each call in seconds (the SDK's own default is 60).
             quota_project_id: The project billed for quota, if not the credentials' own.
+            root_certificates: PEM CA certificates to verify the endpoint with, instead of
+                the system's (an endpoint behind a TLS-inspecting proxy with a private CA).
         """
         options = ClientOptions(api_endpoint=api_endpoint, quota_project_id=quota_project_id)
-        client = kms.KeyManagementServiceClient(credentials=credentials, client_options=options)
+        if root_certificates is None:
+            client = kms.KeyManagementServiceClient(credentials=credentials, client_options=options)
+        else:
+            import grpc  # type: ignore[import-untyped]  # google-cloud-kms depends on it
+
+            transport = KeyManagementServiceGrpcTransport(
+                host=api_endpoint or "cloudkms.googleapis.com",
+                credentials=credentials,
+                ssl_channel_credentials=grpc.ssl_channel_credentials(root_certificates),
+                quota_project_id=quota_project_id,
+            )
+            client = kms.KeyManagementServiceClient(transport=transport)
         return cls(client, timeout=timeout)
 
     def __repr__(self) -> str:
@@ -226,7 +244,7 @@ class GcpKmsProvider:
         )
         try:
             response = self._client.encrypt(
-                request=request, timeout=self._timeout, retry=self._retry
+                request=request, timeout=call_timeout(self._timeout), retry=self._retry
             )
         except Exception as exc:
             _raise_mapped(exc, key_ref, decrypting=False)
@@ -279,7 +297,7 @@ class GcpKmsProvider:
         )
         try:
             response = self._client.decrypt(
-                request=request, timeout=self._timeout, retry=self._retry
+                request=request, timeout=call_timeout(self._timeout), retry=self._retry
             )
         except Exception as exc:
             _raise_mapped(exc, key_ref, decrypting=True)
@@ -326,12 +344,22 @@ def _raise_mapped(exc: Exception, key_ref: str, *, decrypting: bool) -> NoReturn
         detail += (exc.message or "")[:300]
     else:
         detail = type(exc).__name__
-    if isinstance(exc, (gexc.PermissionDenied, gexc.Unauthenticated)):
-        raise KeyAccessDeniedError(f"Cloud KMS refused the key ({detail})", **kw) from exc
+    if isinstance(exc, gexc.PermissionDenied):
+        # Cloud KMS answers a key that does not exist exactly like a key the caller may not
+        # use ("... denied on resource ... (or it may not exist)"): it will not say which.
+        raise KeyAccessDeniedError(
+            "Cloud KMS: the key was not found or no permission (Cloud KMS does not say which): "
+            "check the key name (project, location, key ring, key) and that this identity has "
+            f"roles/cloudkms.cryptoKeyEncrypterDecrypter on it ({detail})",
+            **kw,
+        ) from exc
+    if isinstance(exc, gexc.Unauthenticated):
+        raise KeyAccessDeniedError(f"Cloud KMS refused the credentials ({detail})", **kw) from exc
     if isinstance(exc, gexc.FailedPrecondition):
         # A disabled, destroyed or destroy-scheduled key version, or a key with no primary.
         raise KeyAccessDeniedError(f"Cloud KMS key is not usable ({detail})", **kw) from exc
     if isinstance(exc, gexc.NotFound):
+        # Only a caller allowed to see the key hears NOT_FOUND (a destroyed version, say).
         raise KeyNotFoundError(f"Cloud KMS does not know the key ({detail})", **kw) from exc
     if isinstance(exc, gexc.InvalidArgument):
         if "crc32c" in (exc.message or "").lower():

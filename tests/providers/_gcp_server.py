@@ -11,8 +11,16 @@ It speaks the real wire protocol with the client library's own message types, so
   and responses carry ``ciphertext_crc32c``/``plaintext_crc32c``.
 - Key version states: ``UpdateCryptoKeyVersion`` (ENABLED/DISABLED), ``DestroyCryptoKeyVersion``
   and ``RestoreCryptoKeyVersion``; a version that is not ENABLED gives FAILED_PRECONDITION.
-- Unknown keys give NOT_FOUND; :meth:`KmsServer.deny` (the tenant removed the IAM binding)
-  gives PERMISSION_DENIED.
+- A key that does not exist and a key the caller may not use answer alike, as Cloud KMS does
+  (it will not tell a caller without permission whether a key exists): PERMISSION_DENIED,
+  "Permission 'cloudkms.cryptoKeyVersions.useToEncrypt' denied on resource '<name>' (or it may
+  not exist)." :meth:`KmsServer.deny` is the tenant removing the IAM binding.
+- Rotation as the service does it: ``CreateCryptoKeyVersion`` (and :meth:`KmsServer.rotate`)
+  adds a version that is *not* primary; Encrypt keeps using the primary until
+  ``UpdateCryptoKeyPrimaryVersion`` (``gcloud kms keys update --primary-version``) or a
+  rotation schedule (``rotate(..., make_primary=True)``) moves it.
+- Optionally TLS and a bearer token (``KmsServer(tls=..., token=...)``): each call must carry
+  ``authorization: Bearer <token>``, else UNAUTHENTICATED, as from a real token source.
 
 Faults, per key so that tests sharing the server stay independent: :meth:`KmsServer.corrupt`
 tampers with one field of the next responses (a flipped ciphertext or plaintext bit, a wrong
@@ -76,7 +84,21 @@ class _Key:
 class KmsServer:
     """The server; ``start()`` binds 127.0.0.1 on a free port, ``stop()`` ends every thread."""
 
-    def __init__(self, workers: int = 8) -> None:
+    def __init__(
+        self,
+        workers: int = 8,
+        *,
+        tls: tuple[bytes, bytes] | None = None,
+        token: str | None = None,
+    ) -> None:
+        """Args:
+        workers: Handler threads.
+        tls: (private key PEM, certificate chain PEM) to serve TLS; None for plaintext.
+        token: The bearer token every call must carry; None accepts any caller.
+        """
+        self._tls = tls
+        self.token = token
+        self.tokens_seen: Counter[str] = Counter()
         self._keys: dict[str, _Key] = {}
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -110,6 +132,16 @@ class KmsServer:
                 kms.RestoreCryptoKeyVersionRequest,
                 kms.CryptoKeyVersion,
             ),
+            "CreateCryptoKeyVersion": (
+                self._create_version,
+                kms.CreateCryptoKeyVersionRequest,
+                kms.CryptoKeyVersion,
+            ),
+            "UpdateCryptoKeyPrimaryVersion": (
+                self._update_primary,
+                kms.UpdateCryptoKeyPrimaryVersionRequest,
+                kms.CryptoKey,
+            ),
         }
         server.add_generic_rpc_handlers(
             (
@@ -126,7 +158,11 @@ class KmsServer:
                 ),
             )
         )
-        port = server.add_insecure_port("127.0.0.1:0")
+        if self._tls is not None:
+            credentials = grpc.ssl_server_credentials([self._tls])
+            port = server.add_secure_port("127.0.0.1:0", credentials)
+        else:
+            port = server.add_insecure_port("127.0.0.1:0")
         if not port:
             self._pool.shutdown(wait=False)
             raise RuntimeError("could not bind a port on 127.0.0.1")
@@ -150,17 +186,34 @@ class KmsServer:
         """Create a CryptoKey with one ENABLED version; returns its resource name."""
         with self._lock:
             self._keys[name] = _Key()
-        self.rotate(name)
+        self.rotate(name, make_primary=True)
         return name
 
-    def rotate(self, name: str) -> int:
-        """Add a version and make it primary; older versions still decrypt."""
+    def rotate(self, name: str, *, make_primary: bool = False) -> int:
+        """Add an ENABLED version; it becomes primary only with ``make_primary`` (a rotation
+        schedule does that) or :meth:`set_primary`, as in Cloud KMS."""
         with self._lock:
             key = self._keys[name]
             version = max(key.versions, default=0) + 1
             key.versions[version] = (AESGCM(os.urandom(32)), State.ENABLED)
-            key.primary = version
+            if make_primary:
+                key.primary = version
             return version
+
+    def set_primary(self, name: str, version: int) -> None:
+        """``gcloud kms keys update <key> --primary-version=<version>``."""
+        with self._lock:
+            key = self._keys[name]
+            if key.versions[version][1] != State.ENABLED:
+                raise _Abort(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"{name}/cryptoKeyVersions/{version} is not enabled.",
+                )
+            key.primary = version
+
+    def primary(self, name: str) -> int:
+        with self._lock:
+            return self._keys[name].primary
 
     def set_state(self, name: str, state: Any, version: int | None = None) -> None:
         """Set the state of one version, or of every version when ``version`` is None."""
@@ -200,6 +253,18 @@ class KmsServer:
     def _guard(self, fn: Any) -> Any:
         def handler(request: Any, ctx: grpc.ServicerContext) -> Any:
             try:
+                if self.token is not None:
+                    metadata = dict(ctx.invocation_metadata())
+                    sent = str(metadata.get("authorization", ""))
+                    with self._lock:
+                        self.tokens_seen[sent] += 1
+                    if sent != f"Bearer {self.token}":
+                        raise _Abort(
+                            grpc.StatusCode.UNAUTHENTICATED,
+                            "Request had invalid authentication credentials. Expected OAuth 2 "
+                            "access token, login cookie or other valid authentication "
+                            "credential.",
+                        )
                 return fn(request)
             except _Abort as exc:
                 ctx.abort(exc.code, exc.message)
@@ -211,7 +276,12 @@ class KmsServer:
             self.calls[f"{method}:{name}"] += 1
             key = self._keys.get(name)
             if key is None:
-                raise _Abort(grpc.StatusCode.NOT_FOUND, f"CryptoKey {name} not found.")
+                # Cloud KMS checks IAM first and, without permission, will not say whether the
+                # key exists; a caller with no key to be granted on never has permission.
+                raise _Abort(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    f"Permission '{permission}' denied on resource '{name}' (or it may not exist).",
+                )
             fail = key.fail
             if fail is not None:
                 code, message, remaining = fail
@@ -369,6 +439,24 @@ class KmsServer:
             )
         self.set_state(key_name, req.crypto_key_version.state, version)
         return self._describe(key_name, version)
+
+    def _create_version(self, req: kms.CreateCryptoKeyVersionRequest) -> kms.CryptoKeyVersion:
+        with self._lock:
+            known = req.parent in self._keys
+        if not known:
+            raise _Abort(grpc.StatusCode.NOT_FOUND, f"{req.parent} not found.")
+        return self._describe(req.parent, self.rotate(req.parent))
+
+    def _update_primary(self, req: kms.UpdateCryptoKeyPrimaryVersionRequest) -> kms.CryptoKey:
+        key_name, version = self._version(
+            f"{req.name}/cryptoKeyVersions/{req.crypto_key_version_id}"
+        )
+        self.set_primary(key_name, version)
+        return kms.CryptoKey(
+            name=key_name,
+            primary=self._describe(key_name, version),
+            purpose=kms.CryptoKey.CryptoKeyPurpose.ENCRYPT_DECRYPT,
+        )
 
     def _destroy_version(self, req: kms.DestroyCryptoKeyVersionRequest) -> kms.CryptoKeyVersion:
         key_name, version = self._version(req.name)

@@ -8,6 +8,7 @@ make it use TLS). Nothing leaves 127.0.0.1: ADC and the metadata server are fenc
 
 from __future__ import annotations
 
+import datetime
 import importlib
 import json
 import logging
@@ -16,6 +17,7 @@ import re
 import socket
 import struct
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -26,14 +28,14 @@ import grpc
 import pytest
 from google.api_core import exceptions as gexc
 from google.api_core.retry import Retry, if_exception_type
-from google.auth.credentials import AnonymousCredentials
+from google.auth.credentials import AnonymousCredentials, Credentials
 from google.cloud import kms
 from google.cloud.kms_v1.services.key_management_service.transports import (
     KeyManagementServiceGrpcTransport,
 )
 from google.protobuf import field_mask_pb2
 
-from sqlalchemy_cmk import CMK
+from sqlalchemy_cmk import CMK, tenant_context
 from sqlalchemy_cmk.errors import (
     ConfigurationError,
     DecryptionError,
@@ -153,6 +155,14 @@ class TestGcpKmsContract(KeyProviderContract):
         client = _client(f"127.0.0.1:{_free_port()}")
         yield GcpKmsProvider(client, timeout=2)
         client.transport.close()
+
+    def test_unknown_key(self, provider: GcpKmsProvider, missing_key_ref: str) -> None:  # type: ignore[override]
+        # Cloud KMS answers an unknown key with PERMISSION_DENIED "(or it may not exist)", never
+        # NOT_FOUND: the provider cannot tell a missing key from a missing grant, and says so.
+        with pytest.raises(KeyAccessDeniedError, match="not found or no permission") as info:
+            provider.wrap_key(missing_key_ref, os.urandom(32), ACME)
+        assert isinstance(info.value.__cause__, gexc.PermissionDenied)
+        assert "(or it may not exist)" in str(info.value.__cause__)
 
 
 @pytest.fixture
@@ -363,8 +373,19 @@ def test_rotation_old_versions_still_unwrap_until_disabled(
 ) -> None:
     old_dek, new_dek = os.urandom(32), os.urandom(32)
     old = provider.wrap_key(key_ref, old_dek, ACME)
-    assert kms_server.rotate(key_name) == 2
+    # gcloud kms keys versions create: a new version, not yet primary.
+    created = kms_client.create_crypto_key_version(
+        parent=key_name, crypto_key_version=kms.CryptoKeyVersion(), timeout=5
+    )
+    assert created.name.endswith("/cryptoKeyVersions/2")
+    provider.wrap_key(key_ref, os.urandom(32), ACME)
+    assert kms_server.primary(key_name) == 1
+    # gcloud kms keys update --primary-version=2: now wraps use version 2.
+    kms_client.update_crypto_key_primary_version(
+        name=key_name, crypto_key_version_id="2", timeout=5
+    )
     new = provider.wrap_key(key_ref, new_dek, ACME)
+    assert kms_server.primary(key_name) == 2
     assert provider.unwrap_key(key_ref, old, ACME) == old_dek
     _set_state(kms_client, key_ref, State.DISABLED, version=1)
     with pytest.raises(KeyAccessDeniedError):
@@ -540,3 +561,91 @@ def test_import_error_names_the_extra(monkeypatch: pytest.MonkeyPatch, missing: 
     monkeypatch.delitem(sys.modules, "sqlalchemy_cmk.providers.gcp")
     with pytest.raises(ImportError, match=r"pip install 'sqlalchemy-cmk\[gcp\]'"):
         importlib.import_module("sqlalchemy_cmk.providers.gcp")
+
+
+# -- from_credentials over TLS, with a token source (issue 8) ----------------------------------
+
+
+class FakeTokenSource(Credentials):
+    """A google-auth credential that "fetches" a fixed access token, counting refreshes."""
+
+    def __init__(self, token: str) -> None:
+        super().__init__()
+        self._issue = token
+        self.refreshes = 0
+
+    def refresh(self, request: Any) -> None:
+        self.refreshes += 1
+        self.token = self._issue
+        self.expiry = datetime.datetime.now(datetime.timezone.utc).replace(
+            tzinfo=None
+        ) + datetime.timedelta(hours=1)
+
+
+@pytest.fixture(scope="module")
+def tls_kms_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[KmsServer, bytes]]:
+    from ._azure_server import make_tls  # a CA and a certificate for 127.0.0.1
+
+    directory = tmp_path_factory.mktemp("gcp-tls")
+    _, ca_file = make_tls(directory)
+    pem = (directory / "server.pem").read_bytes()
+    cut = pem.index(b"-----BEGIN PRIVATE KEY-----")
+    server = KmsServer(tls=(pem[cut:], pem[:cut]), token="ya29.fake-access-token")
+    server.start()
+    yield server, ca_file.read_bytes()
+    server.stop()
+
+
+def test_from_credentials_over_tls_with_a_token_source(
+    tls_kms_server: tuple[KmsServer, bytes],
+) -> None:
+    server, ca = tls_kms_server
+    name = server.add_key(f"{RING}/cryptoKeys/tls-{uuid.uuid4().hex[:8]}")
+    source = FakeTokenSource("ya29.fake-access-token")
+    provider = GcpKmsProvider.from_credentials(
+        source, api_endpoint=server.address, root_certificates=ca, timeout=5
+    )
+    dek = os.urandom(32)
+    wrapped = provider.wrap_key(f"gcp-kms://{name}", dek, ACME)
+    assert provider.unwrap_key(f"gcp-kms://{name}", wrapped, ACME) == dek
+    assert server.tokens_seen["Bearer ya29.fake-access-token"] == 2
+    assert source.refreshes == 1  # one token, reused while valid
+
+    # A token the service does not accept: the credentials are refused, not retried as a fault.
+    refused = GcpKmsProvider.from_credentials(
+        FakeTokenSource("ya29.revoked"), api_endpoint=server.address, root_certificates=ca
+    )
+    with pytest.raises(KeyAccessDeniedError, match="refused the credentials"):
+        refused.wrap_key(f"gcp-kms://{name}", dek, ACME)
+    # And a client that does not trust the endpoint's CA never sends the token.
+    seen = sum(server.tokens_seen.values())
+    untrusting = GcpKmsProvider.from_credentials(
+        FakeTokenSource("ya29.fake-access-token"), api_endpoint=server.address, timeout=2
+    )
+    with pytest.raises(KMSUnavailableError):
+        untrusting.wrap_key(f"gcp-kms://{name}", dek, ACME)
+    assert sum(server.tokens_seen.values()) == seen
+
+
+def test_a_hung_call_ends_with_kms_deadline(
+    kms_client: Any, kms_server: KmsServer, key_name: str, key_ref: str
+) -> None:
+    # The provider's timeout is 5 s; the key manager's 0.5 s deadline becomes the gRPC deadline.
+    cmk = CMK(
+        GcpKmsProvider(kms_client, timeout=5),
+        tenant_keys={"acme": key_ref},
+        kms_deadline=0.5,
+        retry_attempts=1,
+        audit_sinks=[],
+    )
+    kms_server.delay(key_name, 3)
+    started = time.monotonic()
+    with tenant_context("acme"), pytest.raises(KMSUnavailableError):
+        cmk.encrypt_document({"f": b"x"})
+
+    def kms_threads() -> int:
+        return sum(t.name == "sqlalchemy-cmk-kms" for t in threading.enumerate())
+
+    while kms_threads() and time.monotonic() - started < 5.0:
+        time.sleep(0.05)
+    assert time.monotonic() - started < 1.5  # the gRPC call ended too, not after 3 s
