@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shlex
 import socket
 import struct
 import sys
@@ -24,11 +25,13 @@ from typing import Any
 
 import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeoutError
-from sqlalchemy import String, create_engine, select
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from sqlalchemy import String, create_engine, select, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 import sqlalchemy_cmk.providers.aws as aws_module
 from sqlalchemy_cmk import CMK, tenant_context
+from sqlalchemy_cmk._format import aad_prefix, open_, split_companion
 from sqlalchemy_cmk.errors import (
     ConfigurationError,
     DecryptionError,
@@ -732,10 +735,17 @@ class _Note(EncryptedMixin, _Base):
 
 
 def _cmk(kms: LocalKms, tenant_keys: dict[str, str], **options: Any) -> tuple[CMK, Any, Any]:
+    return _cmk_in(kms, REGION, tenant_keys, **options)
+
+
+def _cmk_in(
+    kms: LocalKms, region: str, tenant_keys: dict[str, str], **options: Any
+) -> tuple[CMK, Any, Any]:
     engine = create_engine("sqlite://")
     _Base.metadata.create_all(engine)
     sessions = sessionmaker(engine)
-    cmk = CMK(AwsKmsProvider(kms.client()), tenant_keys=tenant_keys, audit_sinks=[], **options)
+    provider = AwsKmsProvider(kms.client(region))
+    cmk = CMK(provider, tenant_keys=tenant_keys, audit_sinks=[], **options)
     cmk.install(sessions)
     return cmk, sessions, engine
 
@@ -821,10 +831,15 @@ def doc_blocks(lang: str) -> list[str]:
     return [b.split("\n", 1)[1] for b in text.split("```")[1::2] if b.startswith(lang + "\n")]
 
 
+def doc_block(lang: str, containing: str) -> str:
+    (block,) = [b for b in doc_blocks(lang) if containing in b]
+    return block
+
+
 def test_docs_example_runs(kms: LocalKms, monkeypatch: pytest.MonkeyPatch) -> None:
     arn = kms.create_key(OTHER_REGION)  # the documented ARN's region
     monkeypatch.setenv("AWS_ENDPOINT_URL_KMS", kms.endpoint_url)  # boto3 reads it
-    (example,) = doc_blocks("python")
+    example = doc_block("python", "from_session(boto3")
     assert DOC_ARN in example
     namespace: dict[str, Any] = {}
     exec(compile(example.replace(DOC_ARN, arn), str(DOC), "exec"), namespace)
@@ -883,3 +898,84 @@ def test_docs_key_policy_matches_what_the_provider_sends(
         app.wrap_key(key_ref, dek, ACME)
     app.wrap_key(key_ref, dek, {"tenant": "globex"})
     provider.wrap_key(key_ref, dek, ACME)  # another caller
+
+
+def test_docs_tenant_decrypts_a_data_key_with_its_own_tools(
+    kms: LocalKms,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The page's script takes a stored companion apart; the page's `aws kms decrypt`, run as
+    the equivalent boto3 call, returns the data key that opens the row's value."""
+    arn = kms.create_key(OTHER_REGION)  # the documented command's region
+    _, sessions, engine = _cmk_in(kms, OTHER_REGION, {"acme": ref_of(arn)})
+    try:
+        with tenant_context("acme", data_label="patient-notes"), sessions() as s:
+            s.add(_Note(body="confidential"))
+            s.commit()
+        with engine.connect() as conn:
+            edek, body = conn.execute(text("SELECT cmk_edek, body FROM aws_notes")).one()
+    finally:
+        engine.dispose()
+
+    (tmp_path / "edek.bin").write_bytes(edek)
+    monkeypatch.chdir(tmp_path)
+    script = doc_block("python", 'Path("edek.bin")')
+    exec(compile(script, str(DOC), "exec"), {})
+    printed = capsys.readouterr().out
+    assert f"tenant acme key {arn}" in printed
+    context = json.loads((tmp_path / "context.json").read_text())
+    assert context == {"tenant": "acme", "data_label": "patient-notes"}
+
+    command = doc_block("sh", "aws kms decrypt")
+    assert DOC_ARN in command
+    words = shlex.split(command.replace(DOC_ARN, arn).replace("\\\n", " "))
+    assert words[:3] == ["aws", "kms", "decrypt"]
+    pipe = words.index("|")
+    assert words[pipe:] == ["|", "base64", "--decode", ">", "data-key.bin"]
+    options = dict(zip(words[3:pipe:2], words[4:pipe:2], strict=True))
+    assert options["--query"] == "Plaintext" and options["--output"] == "text"
+    assert options["--region"] == arn.split(":")[3]
+    blob_path = options["--ciphertext-blob"].removeprefix("fileb://")
+    context_path = options["--encryption-context"].removeprefix("file://")
+    # What the AWS CLI sends for that command: the file's bytes, the file's JSON.
+    client = kms.client(options["--region"])
+    kms.clear()
+    answer = client.decrypt(
+        KeyId=options["--key-id"],
+        CiphertextBlob=(tmp_path / blob_path).read_bytes(),
+        EncryptionContext=json.loads((tmp_path / context_path).read_text()),
+    )
+    data_key = answer["Plaintext"]
+    assert len(data_key) == 32
+    (sent,) = kms.of("Decrypt")
+    assert (sent.key_id, sent.context) == (arn, context)
+
+    # The key opens the stored value (layouts of sqlalchemy_cmk/_format.py).
+    row_id, _ = split_companion(edek)
+    aad = aad_prefix("acme", "aws_notes", "body") + row_id
+    assert open_(AESGCM(data_key), aad, body).endswith(b"confidential")
+
+    # The label is bound: without it, or with another, KMS refuses.
+    blob = (tmp_path / blob_path).read_bytes()
+    for wrong in ({"tenant": "acme"}, {"tenant": "acme", "data_label": "billing"}):
+        with pytest.raises(ClientError) as info:
+            client.decrypt(KeyId=arn, CiphertextBlob=blob, EncryptionContext=wrong)
+        assert info.value.response["Error"]["Code"] == "InvalidCiphertextException"
+
+
+def test_docs_testing_example_runs() -> None:
+    example = doc_block("python", "from sqlalchemy_cmk.testing.aws_kms import LocalKms")
+    namespace: dict[str, Any] = {}
+    exec(compile(example, str(DOC), "exec"), namespace)
+    tests = [f for name, f in namespace.items() if name.startswith("test_")]
+    assert len(tests) == 1
+    tests[0]()
+
+
+def test_docs_no_longer_send_users_to_plain_moto() -> None:
+    page = DOC.read_text()
+    assert "_aws_server" not in page
+    assert "python -m sqlalchemy_cmk.testing.aws_kms --port 0" in doc_block("sh", "--port")
+    assert "pip install 'sqlalchemy-cmk[aws-testing]'" in page
