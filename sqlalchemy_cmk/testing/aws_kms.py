@@ -30,7 +30,8 @@ is needed. ``Action``/``NotAction`` match with wildcards (``kms:*``, ``kms:Decry
 delegating to IAM: IAM itself is not emulated and counts as allowing callers of that account),
 or a principal ARN (an assumed-role session matches its role's ARN). Conditions on
 ``kms:EncryptionContext:<key>``, ``kms:EncryptionContextKeys``, ``kms:CallerAccount``,
-``aws:PrincipalArn`` and ``aws:PrincipalAccount`` are evaluated with the ``String*`` operators
+``aws:PrincipalArn``, ``aws:PrincipalAccount`` and ``aws:SecureTransport`` (true, as for every
+request to AWS) are evaluated with the ``String*``, ``Bool`` and ``Null`` operators
 (``...IfExists``, ``ForAllValues:``, ``ForAnyValue:``); any other condition cannot be decided
 here, and counts as met in a ``Deny`` and as not met in an ``Allow``, so the server errs on the
 side of refusing. Grants are not emulated. Every key lives in moto's default account,
@@ -661,11 +662,14 @@ def _request_values(key: str, context: Mapping[str, str], principal: str) -> lis
         return [_account_of(principal)]
     if lowered == "aws:principalarn":
         return [principal]
+    if lowered == "aws:securetransport":
+        return ["true"]  # AWS KMS endpoints take HTTPS only: true for every real request
     return None
 
 
 # operator (lower case, without qualifiers) -> (ignore case, wildcards, negated)
 _OPERATORS = {
+    "bool": (True, False, False),
     "stringequals": (False, False, False),
     "stringnotequals": (False, False, True),
     "stringequalsignorecase": (True, False, False),
@@ -684,6 +688,10 @@ def _condition(operator: str, key: str, expected: Any, values: list[str] | None)
             qualifier, op = q, op[len(q) :]
     if_exists = op.endswith("ifexists")
     op = op.removesuffix("ifexists")
+    if op == "null" and values is not None and not qualifier:
+        # "Null": "true" holds when the key is absent from the request, "false" when present.
+        wanted = [str(e).lower() for e in _as_list(expected)]
+        return ("true" if not values else "false") in wanted
     if op not in _OPERATORS or values is None:
         return None
     ignore_case, wildcards, negated = _OPERATORS[op]

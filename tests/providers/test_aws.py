@@ -588,10 +588,13 @@ def test_a_hung_kms_is_bounded_by_the_cmk_deadline(kms: LocalKms, key_ref: str) 
         with tenant_context("acme"), pytest.raises(KMSUnavailableError) as info:
             cmk.encrypt_document({"a": b"x"})
         elapsed = time.monotonic() - started
-        assert 0.9 < elapsed < 1.5, elapsed
+        assert 0.9 < elapsed < 2.5, elapsed
         assert "attempt(s)" in str(info.value)
-        time.sleep(0.8)  # the last attempt's own read timeout (0.5 s) has run out by now
-        assert _kms_threads() - before == set()  # no SDK call outlives the deadline for long
+        # The last attempt's own read timeout (0.5 s) ends its SDK call soon after; with
+        # botocore's timeouts of old (5 s read) the thread and its connection stayed busy.
+        while _kms_threads() - before and time.monotonic() - started < 3.0:
+            time.sleep(0.05)
+        assert _kms_threads() - before == set()
         assert len(silent._conns) >= 2  # the first attempt timed out in time for another
     finally:
         silent.close()

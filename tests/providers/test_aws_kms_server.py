@@ -214,12 +214,54 @@ def test_an_allow_with_a_tenant_condition_admits_only_that_tenant(kms: LocalKms)
                     "Effect": "Deny",
                     "Principal": "*",
                     "Action": "kms:*",
-                    "Condition": {"Bool": {"aws:SecureTransport": "false"}},
+                    "Condition": {"Bool": {"kms:ReEncryptOnSameKey": "true"}},
                 },
             ],
             "u",
             {},
             "deny",
+        ),
+        (  # the usual "deny plain HTTP" statement: every request to AWS is HTTPS
+            [
+                {"Effect": "Allow", "Principal": "*", "Action": "kms:*"},
+                {
+                    "Effect": "Deny",
+                    "Principal": "*",
+                    "Action": "kms:*",
+                    "Condition": {"Bool": {"aws:SecureTransport": "false"}},
+                },
+            ],
+            "u",
+            {},
+            "allow",
+        ),
+        (  # "Null": true when the context has no tenant entry
+            [
+                {"Effect": "Allow", "Principal": "*", "Action": "kms:*"},
+                {
+                    "Effect": "Deny",
+                    "Principal": "*",
+                    "Action": "kms:*",
+                    "Condition": {"Null": {"kms:EncryptionContext:tenant": "true"}},
+                },
+            ],
+            "u",
+            {},
+            "deny",
+        ),
+        (
+            [
+                {"Effect": "Allow", "Principal": "*", "Action": "kms:*"},
+                {
+                    "Effect": "Deny",
+                    "Principal": "*",
+                    "Action": "kms:*",
+                    "Condition": {"Null": {"kms:EncryptionContext:tenant": "true"}},
+                },
+            ],
+            "u",
+            {"tenant": "acme"},
+            "allow",
         ),
         (
             [
