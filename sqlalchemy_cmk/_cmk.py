@@ -104,9 +104,13 @@ _DIAGNOSES: tuple[tuple[type[CMKError], str], ...] = (
 
 
 def _diagnose(exc: CMKError, key_ref: str) -> str:
+    # The provider's own words too: only it knows what its KMS can tell apart (Cloud KMS answers
+    # a missing key and a missing grant alike). Messages never carry key material.
+    said = exc.__cause__ if isinstance(exc.__cause__, CMKError) else None
+    tail = f" (the provider said: {said})" if said is not None else ""
     for cls, hint in _DIAGNOSES:
         if isinstance(exc, cls):
-            return f"{type(exc).__name__} for {key_ref}: {hint}"
+            return f"{type(exc).__name__} for {key_ref}: {hint}{tail}"
     return f"{type(exc).__name__} for {key_ref}: {exc}"
 
 
@@ -127,7 +131,9 @@ class CMK:
         write_key_max_age: Seconds a tenant's write key is reused; defaults to ``cache_ttl``
             and may not exceed it.
         write_key_max_uses: Most values encrypted under one write key.
-        retry_attempts: Attempts at a KMS call that fails transiently (1 = no retry).
+        retry_attempts: Most attempts at a KMS call that fails transiently (1 = no retry);
+            None (default): as many as fit in ``kms_deadline``, with exponential backoff and
+            full jitter between them (at most 2 s apart).
         retry_backoff: Base of the exponential backoff between attempts, seconds.
         kms_deadline: Overall seconds allowed for one KMS call with its retries. A call that
             hangs is abandoned at the deadline (``KMSUnavailableError``); its thread is a daemon.
@@ -161,7 +167,7 @@ class CMK:
         cache_max_entries: int = 1000,
         write_key_max_age: float | None = None,
         write_key_max_uses: int = 2**20,
-        retry_attempts: int = 3,
+        retry_attempts: int | None = None,
         retry_backoff: float = 0.05,
         kms_deadline: float = 10.0,
         max_concurrency: int = 16,
@@ -321,6 +327,18 @@ class CMK:
                 steps.append(CheckStep("wrap+unwrap", False, _diagnose(exc, keys.primary)))
             else:
                 steps.append(CheckStep("wrap+unwrap", True, f"probe key round trip in {ms:.0f} ms"))
+            # A provider may know set-ups that work today and fail the tenant later (a Vault
+            # token that could recreate a deleted key): its check_key() lists them.
+            scheme = keys.primary.partition("://")[0]
+            check_key = getattr(self._keys._providers.get(scheme), "check_key", None)
+            if callable(check_key):
+                try:
+                    problems = list(check_key(keys.primary))
+                except CMKError as exc:
+                    problems = [_diagnose(exc, keys.primary)]
+                steps.append(
+                    CheckStep("key configuration", not problems, "; ".join(problems) or "ok")
+                )
         return TenantCheck(tenant, keys.primary, tuple(steps))
 
     # -- sealing and opening rows (shared by the ORM hooks and the low-level API) -------------

@@ -649,3 +649,13 @@ def test_a_hung_call_ends_with_kms_deadline(
     while kms_threads() and time.monotonic() - started < 5.0:
         time.sleep(0.05)
     assert time.monotonic() - started < 1.5  # the gRPC call ended too, not after 3 s
+
+
+def test_check_tenant_diagnoses_an_unknown_key_as_the_service_answers(
+    provider: GcpKmsProvider,
+) -> None:
+    cmk = CMK(provider, tenant_keys={"acme": f"gcp-kms://{RING}/cryptoKeys/nobody"}, audit_sinks=[])
+    result = cmk.check_tenant("acme")
+    assert not result.ok
+    (step,) = [s for s in result.steps if s.name == "wrap+unwrap"]
+    assert "not found or no permission" in step.detail

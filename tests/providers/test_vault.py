@@ -763,3 +763,22 @@ def test_check_key_reports_a_token_that_could_create_keys(
     finally:
         setup.client.adapter.close()
     assert VaultTransitProvider(tenant.client).check_key(tenant.key_ref) == []
+
+
+def test_check_tenant_reports_a_token_that_could_create_keys(root: Any, bao: BaoDevServer) -> None:
+    from sqlalchemy_cmk import CMK
+
+    setup = UpsertMount(root, bao)
+    try:
+        cmk = CMK(
+            VaultTransitProvider(setup.client),
+            tenant_keys={"acme": setup.key_ref},
+            audit_sinks=[],
+        )
+        result = cmk.check_tenant("acme")
+        assert not result.ok
+        (step,) = [s for s in result.steps if s.name == "key configuration"]
+        assert "disable_upsert" in step.detail
+        assert [s.ok for s in result.steps if s.name == "wrap+unwrap"] == [True]
+    finally:
+        setup.client.adapter.close()
