@@ -102,3 +102,14 @@ def test_providers_see_what_is_left_of_the_deadline() -> None:
     assert 0.9 < first <= 1.0  # not the provider's own 30 s
     assert second < first - 0.09 and third < second - 0.09
     assert call_timeout(30.0) == 30.0  # outside a key manager call: the provider's default
+
+
+def test_cmk_defaults_retry_until_the_deadline() -> None:
+    from sqlalchemy_cmk import CMK, tenant_context
+
+    fake = FakeKeyProvider()
+    cmk = CMK(fake, tenant_keys={"acme": "fake://acme"}, retry_backoff=0.001, audit_sinks=[])
+    fake.fail_next(6)
+    with tenant_context("acme"):
+        cmk.encrypt_document({"f": b"x"})
+    assert fake.wrap_count == 7
