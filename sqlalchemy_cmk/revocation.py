@@ -528,28 +528,32 @@ def _publish(cmk: CMK, tenant: str, *, revoked: bool) -> None:
 # -- fork handlers: registered once, by the first start() ----------------------------------------
 
 _active: weakref.WeakSet[RevocationWatcher] = weakref.WeakSet()
-_held: list[RevocationWatcher] = []
+_held: list[tuple[RevocationWatcher, bool]] = []  # watchers at a fork, and whether locked
 _abandoned: list[Connection] = []
 _hooks_lock = threading.Lock()
 _hooks_installed = False
+# How long a fork waits for a watcher's thread to finish applying a change: bounded, so that a
+# database that hangs a watcher's read cannot hang a gunicorn master's fork.
+_FORK_WAIT = 5.0
 
 
 def _before_fork() -> None:
     # A watcher's thread must not be applying a change (holding the CMK's or the registry's
     # lock) at the fork, or the child would inherit that lock held for ever.
     for watcher in list(_active):
-        watcher._busy.acquire()
-        _held.append(watcher)
+        _held.append((watcher, watcher._busy.acquire(timeout=_FORK_WAIT)))
 
 
 def _after_fork_in_parent() -> None:
     while _held:
-        _held.pop()._busy.release()
+        watcher, locked = _held.pop()
+        if locked:
+            watcher._busy.release()
 
 
 def _after_fork_in_child() -> None:
     held, _held[:] = list(_held), []
-    for watcher in held:
+    for watcher, _ in held:
         try:
             watcher._restart_in_child()
         except Exception:  # never break the child's start-up; the next start() reports
