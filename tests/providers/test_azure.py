@@ -487,7 +487,7 @@ def test_import_error_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_docs_example_runs(vault: KeyVaultServer, monkeypatch: pytest.MonkeyPatch) -> None:
     """The Python example of docs/providers/azure.md, against the local vault."""
     doc = (Path(__file__).resolve().parents[2] / "docs" / "providers" / "azure.md").read_text()
-    (example,) = re.findall(r"```python\n(.*?)```", doc, re.S)
+    example = re.findall(r"```python\n(.*?)```", doc, re.S)[0]  # the application's example
     example = example.replace("contoso-cmk.vault.azure.net", vault.host)
     for name in re.findall(r"/keys/([0-9A-Za-z-]+)\"", example):
         if name not in vault.keys:
@@ -703,3 +703,50 @@ def test_tls_failures_are_not_retryable(vault: KeyVaultServer, tmp_path: Path) -
     with provider, pytest.raises(KMSUnavailableError, match="TLS to the vault failed") as info:
         provider.wrap_key(ref(vault, "acme"), os.urandom(32), ACME)
     assert info.value.retryable is False
+
+
+def test_docs_tenant_decrypts_a_data_key_with_its_own_tools(
+    vault: KeyVaultServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The page's script splits a stored companion; what its `az rest` sends (a POST of the
+    body to <kid>/unwrapkey with the tenant's token) and the page's AES-GCM step give the key."""
+    import shlex
+
+    import requests
+
+    from ._tenant_tools import companion, doc_block, run_script
+
+    with make_provider(vault) as provider:
+        vault.rotate("acme")
+        dek = os.urandom(32)
+        key_ref = ref(vault, "acme")
+        wrapped = provider.wrap_key(key_ref, dek, {"tenant": "acme", "data_label": "PHI"})
+    (tmp_path / "edek.bin").write_bytes(companion("acme", "azure-kv", key_ref, wrapped))
+    run_script("azure.md", 'Path("edek.bin")', tmp_path)
+    kid = (tmp_path / "kid.txt").read_text()
+    assert f"tenant acme key version {kid}" in capsys.readouterr().out
+    assert kid == f"{vault.url}/keys/acme/{current_version(vault, 'acme')}"
+
+    command = doc_block("azure.md", "sh", "az rest")
+    words = shlex.split(command.replace("\\\n", " "), posix=True)
+    assert words[:4] == ["az", "rest", "--method", "post"]
+    options = dict(zip(words[4:-2:2], words[5:-2:2], strict=True))
+    assert words[-2:] == [">", "kek.txt"]
+    assert options["--resource"] == "https://vault.azure.net"
+    assert options["--query"] == "value" and options["--output"] == "tsv"
+    url = options["--url"].replace("$(cat kid.txt)", kid)
+    body = json.loads((tmp_path / options["--body"].removeprefix("@")).read_text())
+    before = vault.counts["unwrapkey"]
+    answer = requests.post(
+        url,
+        json=body,
+        headers={"Authorization": f"Bearer {TOKEN}"},
+        verify=str(vault.ca_file),
+        timeout=5,
+    )
+    answer.raise_for_status()
+    assert vault.counts["unwrapkey"] == before + 1
+    (tmp_path / "kek.txt").write_text(answer.json()["value"] + "\n")  # what --output tsv prints
+
+    run_script("azure.md", 'Path("kek.txt")', tmp_path)
+    assert (tmp_path / "data-key.bin").read_bytes() == dek
