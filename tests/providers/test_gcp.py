@@ -537,7 +537,7 @@ def test_docs_example_runs(
 ) -> None:
     """The Python example of docs/providers/gcp.md, with its client pointed at the local KMS."""
     doc = (Path(__file__).resolve().parents[2] / "docs" / "providers" / "gcp.md").read_text()
-    (example,) = re.findall(r"```python\n(.*?)```", doc, re.S)
+    example = re.findall(r"```python\n(.*?)```", doc, re.S)[0]  # the application's example
     for ref in re.findall(r'"gcp-kms://([^"]+)"', example):
         kms_server.add_key(ref)
     built: list[float] = []
@@ -659,3 +659,51 @@ def test_check_tenant_diagnoses_an_unknown_key_as_the_service_answers(
     assert not result.ok
     (step,) = [s for s in result.steps if s.name == "wrap+unwrap"]
     assert "not found or no permission" in step.detail
+
+
+def test_docs_tenant_decrypts_a_data_key_with_its_own_tools(
+    kms_server: KmsServer,
+    kms_client: Any,
+    provider: GcpKmsProvider,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The page's script splits a stored companion; the page's `gcloud kms decrypt`, run as the
+    request gcloud sends, returns the data key; without the label Cloud KMS refuses."""
+    import shlex
+
+    from ._tenant_tools import companion, doc_block, run_script
+
+    command = doc_block("gcp.md", "sh", "gcloud kms decrypt")
+    words = shlex.split(command.replace("\\\n", " "))
+    assert words[:3] == ["gcloud", "kms", "decrypt"]
+    options = dict(w.removeprefix("--").split("=", 1) for w in words[3:])
+    key_name = kms_server.add_key(f"{options['key']}-{uuid.uuid4().hex[:6]}")
+    key_ref = f"gcp-kms://{key_name}"
+    dek = os.urandom(32)
+    wrapped = provider.wrap_key(key_ref, dek, {"tenant": "acme", "data_label": "PHI"})
+    (tmp_path / "edek.bin").write_bytes(companion("acme", "gcp-kms", key_ref, wrapped))
+    run_script("gcp.md", 'Path("edek.bin")', tmp_path)
+    assert f"tenant acme key {key_name}" in capsys.readouterr().out
+
+    ciphertext = (tmp_path / options["ciphertext-file"]).read_bytes()
+    aad = (tmp_path / options["additional-authenticated-data-file"]).read_bytes()
+    answer = kms_client.decrypt(
+        request={"name": key_name, "ciphertext": ciphertext, "additional_authenticated_data": aad},
+        timeout=5,
+    )
+    assert answer.plaintext == dek and options["plaintext-file"] == "data-key.bin"
+    assert json.loads(aad)[1] == {"data_label": "PHI", "tenant": "acme"}
+    # The label is bound: the tenant alone does not decrypt.
+    without_label = json.dumps(
+        ["sqlalchemy-cmk/gcp-kms/v1", {"tenant": "acme"}], sort_keys=True, separators=(",", ":")
+    ).encode()
+    with pytest.raises(gexc.InvalidArgument):
+        kms_client.decrypt(
+            request={
+                "name": key_name,
+                "ciphertext": ciphertext,
+                "additional_authenticated_data": without_label,
+            },
+            timeout=5,
+        )
