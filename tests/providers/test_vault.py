@@ -617,7 +617,7 @@ def test_docs_policy_and_example(
     token = root.auth.token.create(policies=["cmk-acme"], no_default_policy=True)
     monkeypatch.setenv("VAULT_ADDR", bao.url)
     monkeypatch.setenv("VAULT_TOKEN", token["auth"]["client_token"])
-    (example,) = doc_blocks("python")
+    example = doc_blocks("python")[0]  # the application's example
     namespace: dict[str, Any] = {}
     exec(compile(example, str(DOC), "exec"), namespace)
     # The documented policy grants the one key and nothing else.
@@ -782,3 +782,63 @@ def test_check_tenant_reports_a_token_that_could_create_keys(root: Any, bao: Bao
         assert [s.ok for s in result.steps if s.name == "wrap+unwrap"] == [True]
     finally:
         setup.client.adapter.close()
+
+
+def test_docs_tenant_decrypts_a_data_key_with_its_own_tools(
+    root: Any, bao: BaoDevServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The page's script splits a stored companion; the page's `bao write` decrypt, run as
+    written with the real bao binary and the tenant's token, writes the data key."""
+    import subprocess
+
+    from ._tenant_tools import companion, doc_block, run_script
+
+    name = f"doc-{uuid.uuid4().hex[:8]}"
+    root.secrets.transit.create_key(name, derived=True, mount_point=MOUNT)
+    key_ref = f"vault-transit://{MOUNT}/{name}"
+    dek = os.urandom(32)
+    wrapped = VaultTransitProvider(root).wrap_key(
+        key_ref, dek, {"tenant": "acme", "data_label": "PHI"}
+    )
+    (tmp_path / "edek.bin").write_bytes(companion("acme", "vault-transit", key_ref, wrapped))
+    run_script("vault.md", 'Path("edek.bin")', tmp_path)
+    assert f"tenant acme key {MOUNT}/{name}" in capsys.readouterr().out
+
+    command = doc_block("vault.md", "sh", "bao write -field=plaintext")
+    assert "transit/decrypt/acme" in command
+    binary = find_bao()
+    assert binary is not None
+    env = {
+        "PATH": f"{Path(binary).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "HOME": str(tmp_path),
+        "BAO_ADDR": bao.url,
+        "BAO_TOKEN": bao.root_token,  # the tenant's own (here: the operator's) token
+    }
+    if Path(binary).name != "bao":  # the command says bao
+        (tmp_path / "bin").mkdir()
+        (tmp_path / "bin" / "bao").symlink_to(binary)
+        env["PATH"] = f"{tmp_path / 'bin'}{os.pathsep}{env['PATH']}"
+    subprocess.run(
+        ["bash", "-c", command.replace("transit/decrypt/acme", f"{MOUNT}/decrypt/{name}")],
+        cwd=tmp_path,
+        env=env,
+        check=True,
+        timeout=30,
+        capture_output=True,
+    )
+    assert (tmp_path / "data-key.bin").read_bytes() == dek
+    # The label is bound: without it Transit refuses.
+    plain = json.dumps(
+        {"data_label": None, "sqlalchemy_cmk": 1, "tenant": "acme"},
+        sort_keys=True,
+        separators=(",", ":"),
+    ).encode()
+    with pytest.raises(hvac.exceptions.InvalidRequest):
+        root.adapter.post(
+            f"/v1/{MOUNT}/decrypt/{name}",
+            json={
+                "ciphertext": (tmp_path / "ciphertext.txt").read_text(),
+                "context": (tmp_path / "context.b64").read_text(),
+                "associated_data": base64.b64encode(plain).decode(),
+            },
+        )
