@@ -579,6 +579,8 @@ def _encrypt_column(operations: Operations, operation: EncryptColumnOp) -> backf
         operation.schema,
         (*operation.columns, tenant_column),
     )
+    # Before the schema changes: a unique index over the column would enforce nothing.
+    backfill.check_encryptable(conn, table, operation.columns, schema=operation.schema)
     if operation.companion_column not in present:
         operations.add_column(
             table,

@@ -43,11 +43,14 @@ Limits:
 from __future__ import annotations
 
 import base64
+import functools
+import inspect
+import re
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 from sqlalchemy import (
     Column,
@@ -60,6 +63,7 @@ from sqlalchemy import (
     and_,
     bindparam,
     case,
+    false,
     func,
     literal,
     or_,
@@ -70,24 +74,32 @@ from sqlalchemy import (
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy import types as sqltypes
 from sqlalchemy.engine import Connection
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, StatementError
 
-from sqlalchemy_cmk import CMK, TenantContext, _format
-from sqlalchemy_cmk._mapping import TableSpec, is_tenant_column, table_spec
+from sqlalchemy_cmk import CMK, TenantContext, _codecs, _format
+from sqlalchemy_cmk._cmk import _aad_prefix
+from sqlalchemy_cmk._codecs import Codec
+from sqlalchemy_cmk._keys import DataKey
+from sqlalchemy_cmk._mapping import ColumnSpec, TableSpec, is_tenant_column
 from sqlalchemy_cmk.errors import (
     CMKError,
     ConfigurationError,
     DecryptionError,
     TenantMismatchError,
 )
-from sqlalchemy_cmk.types import TEXT_MARKER, EDEKType, EncryptedType, _from_text
+from sqlalchemy_cmk.types import TEXT_MARKER, EncryptedType, _binary, _from_text
 
 __all__ = [
+    "IncompleteColumnsError",
+    "MigrationDatabaseError",
     "Models",
     "Progress",
     "Report",
     "StatusReport",
+    "UniqueColumnError",
+    "UnreadableWriteError",
     "VerifyReport",
+    "check_encryptable",
     "decrypt_columns",
     "encrypt_columns",
     "ensure_companion",
@@ -162,7 +174,7 @@ class StatusReport:
 _SPLIT = 1 + _format.ROW_ID_SIZE  # companion = version | row id | envelope
 _MARKER_LEN = len(TEXT_MARKER)
 _MAX_FAILURES_LISTED = 1000
-_ENVELOPE_MEMO = 4096  # rewrap: old envelope -> new, LRU
+_ENVELOPE_MEMO = 4096  # envelopes remembered by a call (rewrap: old -> new; keys), LRU
 _RETRIES = 5
 # PostgreSQL: deadlock, serialization failure, lock not available. Retried with a fresh batch.
 _TRANSIENT_SQLSTATES = frozenset({"40P01", "40001", "55P03"})
@@ -278,35 +290,139 @@ def _model_table(
     return None, f"the models given have no table {where!r}"
 
 
+# -- errors ----------------------------------------------------------------------------------
+
+
+class IncompleteColumnsError(ConfigurationError):
+    """The columns given leave out encrypted columns that share the rows' data keys.
+
+    Rotation gives each row a new companion (row id and data key); an encrypted column left out
+    would keep values bound to the old one and stop decrypting. ``missing`` names the columns
+    to add (found in the model given as ``metadata=``, else in the database).
+    """
+
+    def __init__(self, message: str, *, missing: tuple[str, ...], **kwargs: str | None) -> None:
+        super().__init__(message, **kwargs)
+        self.missing = missing
+
+
+class UniqueColumnError(ConfigurationError):
+    """A column to encrypt is under a unique index or constraint (``index`` names it).
+
+    Encrypted values are randomized: the index would compare ciphertexts and enforce nothing.
+    Nothing was changed. Drop the index (or constraint) first, knowing uniqueness is no longer
+    enforced, or keep the column in plaintext.
+    """
+
+    def __init__(self, message: str, *, index: str | None, **kwargs: str | None) -> None:
+        super().__init__(message, **kwargs)
+        self.index = index
+
+
+class MigrationDatabaseError(CMKError):
+    """The database refused a statement of a migration (a CHECK constraint, a unique index...).
+
+    Scrubbed of row values: the message and attributes name the table, the columns, the row's
+    primary key (``pk``, when one row could be singled out), the database error class
+    (``error_class``, e.g. ``CheckViolation``), ``sqlstate`` and ``constraint``, and nothing
+    else. The database's own exception is not chained (its DETAIL line and the statement's
+    parameters carry the values). The batch was rolled back: nothing of it was written.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        operation: str,
+        pk: str | None,
+        error_class: str,
+        sqlstate: str | None,
+        constraint: str | None,
+        **kwargs: str | None,
+    ) -> None:
+        super().__init__(message, **kwargs)
+        self.operation = operation
+        self.pk = pk
+        self.error_class = error_class
+        self.sqlstate = sqlstate
+        self.constraint = constraint
+
+
+class UnreadableWriteError(DecryptionError):
+    """Rows a batch wrote did not read back: a value did not decrypt under the key its stored
+    companion names, unwrapped afresh through the KMS, or the stored row differs from what was
+    written. The batch was rolled back before commit, so nothing was lost."""
+
+
 # -- the target table ------------------------------------------------------------------------
 
 
 @dataclass(eq=False)
 class _Target:
-    """The parts of the user's table a backfill touches, as private Core tables.
+    """The parts of the user's table a backfill touches, as a private Core table.
 
-    ``raw`` has plain ``Text``/``LargeBinary`` columns (the SQL reads and writes stored text
-    as is); ``spec`` describes the same columns as encrypted, for ``CMK.seal``/``CMK.open``.
+    ``raw`` has plain ``Text``/``LargeBinary`` columns: the SQL reads and writes stored values
+    as is. ``storage[i]`` says how ``cols[i]`` holds a ciphertext: ``"text"`` (``cmk:`` +
+    base64, beside plaintext during an in-place encryption) or ``"binary"`` (the default
+    storage: the bytes themselves; never plaintext).
     """
 
     name: str
     raw: Table
-    spec: TableSpec | None
-    spec_table: Table
     pk: Column[Any]
     tenant: Column[Any] | None
     cols: tuple[Column[Any], ...]
+    storage: tuple[str, ...]
     companion: Column[Any] | None
     postgresql: bool
+    types: dict[str, Any]  # every column of the table, as reflected: name -> type
 
     def label(self) -> str:
         return f"{self.raw.schema}.{self.name}" if self.raw.schema else self.name
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(c.name for c in self.cols)
+
+    def encrypted(self, i: int) -> ColumnElement[bool]:
+        """SQL: ``cols[i]`` holds a ciphertext."""
+        col = self.cols[i]
+        if self.storage[i] == "binary":
+            return col.is_not(None)
+        # substr, not LIKE: SQLite's LIKE ignores case, and "CMK:..." is plaintext.
+        return func.substr(col, 1, _MARKER_LEN) == TEXT_MARKER
+
+    def plaintext(self, i: int) -> ColumnElement[bool]:
+        """SQL: ``cols[i]`` holds plaintext (NULL is neither)."""
+        if self.storage[i] == "binary":
+            return false()
+        return func.substr(self.cols[i], 1, _MARKER_LEN) != TEXT_MARKER
+
+    def is_plain(self, i: int, value: Any) -> bool:
+        return self.storage[i] == "text" and value is not None and not value.startswith(TEXT_MARKER)
+
+    def ciphertext(self, i: int, value: Any) -> bytes | None:
+        """The ciphertext stored in ``cols[i]``; None for NULL and plaintext. A malformed one
+        raises DecryptionError."""
+        if value is None:
+            return None
+        if self.storage[i] == "binary":
+            return bytes(_binary(value))
+        if not value.startswith(TEXT_MARKER):
+            return None
+        return bytes(_from_text(value, False))
+
+    def store(self, i: int, ciphertext: bytes) -> Any:
+        """``ciphertext`` as ``cols[i]`` stores it."""
+        if self.storage[i] == "binary":
+            return ciphertext
+        return TEXT_MARKER + base64.b64encode(ciphertext).decode("ascii")
 
 
 def _target(
     engine: Engine,
     table: str,
-    columns: Sequence[str],
+    columns: Sequence[str] | None,
     *,
     tenant_column: str | None,
     companion_column: str | None,
@@ -315,11 +431,14 @@ def _target(
     metadata: Models | None = None,
     with_tenant: bool = True,
 ) -> _Target:
+    """Check the table and build its :class:`_Target`; ``columns=None``: no columns yet (the
+    caller finds the encrypted ones with :func:`_encrypted_columns`)."""
     where = f"{schema}.{table}" if schema else table
     if isinstance(columns, str):
         raise ConfigurationError("columns must be a list of column names, not a str", table=table)
-    if not columns:
+    if columns is not None and not columns:
         raise ConfigurationError("give at least one column", table=table)
+    columns = tuple(columns or ())
     if len(set(columns)) != len(columns):
         raise ConfigurationError(f"columns {list(columns)!r} name a column twice", table=table)
     if with_tenant:  # every operation but status(): rows are sealed or opened per tenant
@@ -342,6 +461,7 @@ def _target(
             table=table,
         )
     pk_name = pk_names[0]
+    storage: list[str] = []
     for name in columns:
         info = reflected.get(name)
         if info is None:
@@ -351,6 +471,9 @@ def _target(
                 column=name,
             )
         typ = info["type"]
+        if isinstance(typ, sqltypes._Binary) and not for_encrypt:
+            storage.append("binary")
+            continue
         if not isinstance(typ, sqltypes.String):
             raise ConfigurationError(
                 f"{where}.{name} is {typ!r}, not a text column: only text columns can be "
@@ -359,6 +482,7 @@ def _target(
                 table=table,
                 column=name,
             )
+        storage.append("text")
         if for_encrypt and getattr(typ, "length", None) is not None:
             raise ConfigurationError(
                 f"{where}.{name} is {typ!r}, limited in length, and an "
@@ -372,6 +496,8 @@ def _target(
             raise ConfigurationError(
                 f"{where}.{name} is the primary key; it cannot be encrypted", table=table
             )
+    if for_encrypt:
+        _refuse_unique(insp, table, schema, columns)
     if tenant_column is not None:
         if tenant_column not in reflected:
             raise ConfigurationError(
@@ -415,44 +541,136 @@ def _target(
     raw_cols: list[Column[Any]] = [Column(pk_name, reflected[pk_name]["type"], primary_key=True)]
     if tenant_column is not None:
         raw_cols.append(Column(tenant_column, reflected[tenant_column]["type"]))
-    raw_cols += [Column(name, Text()) for name in columns]
+    raw_cols += [
+        Column(name, LargeBinary() if s == "binary" else Text())
+        for name, s in zip(columns, storage, strict=True)
+    ]
     if companion_column is not None:
         raw_cols.append(Column(companion_column, LargeBinary()))
     raw = Table(table, MetaData(), *raw_cols, schema=schema)
-
-    spec_cols: list[Column[Any]] = [Column(pk_name, reflected[pk_name]["type"], primary_key=True)]
-    spec_cols += [Column(name, EncryptedType(Text, storage="text")) for name in columns]
-    if companion_column is not None:
-        spec_cols.append(Column(companion_column, EDEKType()))
-    spec_table = Table(table, MetaData(), *spec_cols, schema=schema)
-    spec = table_spec(spec_table) if companion_column is not None else None
     return _Target(
         name=table,
         raw=raw,
-        spec=spec,
-        spec_table=spec_table,
         pk=raw.c[pk_name],
         tenant=raw.c[tenant_column] if tenant_column is not None else None,
         cols=tuple(raw.c[name] for name in columns),
+        storage=tuple(storage),
         companion=raw.c[companion_column] if companion_column is not None else None,
         postgresql=engine.dialect.name == "postgresql",
+        types={name: info["type"] for name, info in reflected.items()},
     )
 
 
+def _refuse_unique(insp: Any, table: str, schema: str | None, columns: Sequence[str]) -> None:
+    """Raise UniqueColumnError if a unique index or constraint covers one of ``columns``."""
+    where = f"{schema}.{table}" if schema else table
+    found: list[tuple[str | None, list[str], str]] = []
+    for uc in insp.get_unique_constraints(table, schema=schema):
+        found.append((uc.get("name"), list(uc.get("column_names") or []), ""))
+    for ix in insp.get_indexes(table, schema=schema):
+        if ix.get("unique"):
+            exprs = " ".join(str(e) for e in ix.get("expressions") or [] if e)
+            found.append((ix.get("name"), [c for c in ix.get("column_names") or [] if c], exprs))
+    for name, cols, exprs in found:
+        for column in columns:
+            if column in cols or (exprs and re.search(rf"\b{re.escape(column)}\b", exprs)):
+                raise UniqueColumnError(
+                    f"{where}.{column} is under the unique index or constraint {name!r}: "
+                    "encrypted values are randomized, so the index would compare ciphertexts "
+                    "and enforce nothing. Nothing was changed. Drop it first (uniqueness is "
+                    "then no longer enforced by the database), or keep the column in plaintext",
+                    index=name,
+                    table=table,
+                    column=column,
+                )
+
+
+def check_encryptable(
+    bind: Engine | Connection, table: str, columns: Sequence[str], *, schema: str | None = None
+) -> None:
+    """The checks :func:`encrypt_columns` makes before anything changes that need no tenant
+    column or companion: today, that no unique index or constraint covers a column. The Alembic
+    operation calls it before it adds the companion column.
+
+    Raises:
+        UniqueColumnError: a unique index or constraint covers one of ``columns``.
+    """
+    _refuse_unique(sa_inspect(bind), table, schema, columns)
+
+
+def _encrypted_columns(
+    engine: Engine, tgt: _Target, crypto: _Crypto, metadata: Models | None
+) -> tuple[str, ...]:
+    """Every encrypted column of the table that shares ``tgt``'s companion.
+
+    From the model when ``metadata`` holds the table (its ``EncryptedType`` columns); else from
+    the database, in one scan: a text column holding a ``cmk:`` value in a row with a
+    companion, and a binary column whose value in such a row authenticates as a ciphertext of
+    that column (up to five candidate values are tried, so a plain blob is not mistaken).
+    """
+    assert tgt.companion is not None
+    model, _ = _model_table(tgt.name, tgt.raw.schema, metadata)
+    if model is not None and any(isinstance(c.type, EncryptedType) for c in model.columns):
+        return tuple(c.name for c in model.columns if isinstance(c.type, EncryptedType))
+    skip = {tgt.pk.name, tgt.companion.name} | (
+        {tgt.tenant.name} if tgt.tenant is not None else set()
+    )
+    candidates: list[tuple[str, str]] = []
+    for name, typ in tgt.types.items():
+        if name in skip:
+            continue
+        if isinstance(typ, sqltypes._Binary):
+            candidates.append((name, "binary"))
+        elif isinstance(typ, sqltypes.String):
+            candidates.append((name, "text"))
+    if not candidates:
+        return ()
+    cols: list[Column[Any]] = [
+        Column(n, LargeBinary() if s == "binary" else Text()) for n, s in candidates
+    ]
+    comp = Column(tgt.companion.name, LargeBinary())
+    pk = Column(tgt.pk.name, tgt.pk.type, primary_key=True)
+    raw = Table(tgt.name, MetaData(), pk, comp, *cols, schema=tgt.raw.schema)
+    looks: list[ColumnElement[bool]] = []
+    for col, (_, s) in zip(cols, candidates, strict=True):
+        if s == "binary":
+            first = func.substr(col, 1, 1) == literal(_format.VERSION_BYTE, type_=LargeBinary())
+            looks.append(and_(comp.is_not(None), first))
+        else:
+            looks.append(and_(comp.is_not(None), func.substr(col, 1, _MARKER_LEN) == TEXT_MARKER))
+    flags = [func.max(case((cond, 1), else_=0)) for cond in looks]
+    with engine.connect() as conn:
+        hits = conn.execute(select(*flags).select_from(raw)).one()
+        found: list[str] = []
+        for (name, s), col, cond, hit in zip(candidates, cols, looks, hits, strict=True):
+            if not hit:
+                continue
+            if s == "text":
+                found.append(name)
+                continue
+            sample = conn.execute(select(comp, col).where(cond).limit(5)).all()
+            if any(crypto.authenticates(bytes(r[0]), name, bytes(r[1])) for r in sample):
+                found.append(name)
+    return tuple(found)
+
+
+def _require_every_column(
+    tgt: _Target, everything: Sequence[str], columns: Sequence[str], operation: str
+) -> None:
+    missing = tuple(c for c in everything if c not in columns)
+    if missing:
+        raise IncompleteColumnsError(
+            f"{operation} of {tgt.label()!r} would strand encrypted column(s) "
+            f"{list(missing)!r}: they share each row's companion (row id and data key) with "
+            f"{list(columns)!r}, and a new companion leaves them unreadable. Name every "
+            f"encrypted column ({list(everything)!r}), or leave columns out to take them all",
+            missing=missing,
+            table=tgt.name,
+            column=missing[0],
+        )
+
+
 # -- helpers ---------------------------------------------------------------------------------
-
-
-def _is_encrypted(col: ColumnElement[Any]) -> ColumnElement[bool]:
-    # substr, not LIKE: SQLite's LIKE ignores case, and "CMK:..." is plaintext.
-    return func.substr(col, 1, _MARKER_LEN) == TEXT_MARKER
-
-
-def _is_plaintext(col: ColumnElement[Any]) -> ColumnElement[bool]:
-    return func.substr(col, 1, _MARKER_LEN) != TEXT_MARKER  # NULL is neither
-
-
-def _to_text(ciphertext: bytes) -> str:
-    return TEXT_MARKER + base64.b64encode(ciphertext).decode("ascii")
 
 
 def _as_bytes(value: Any) -> bytes | None:
@@ -478,19 +696,10 @@ def _require_tenant(tgt: _Target, pk: Any, tenant: Any) -> str:
     return str(tenant)
 
 
-def _envelope_tenant(companion: bytes, memo: dict[bytes, str]) -> str:
-    env = companion[_SPLIT:]
-    tenant = memo.get(env)
-    if tenant is None:
-        _format.split_companion(companion)
-        tenant = memo[env] = _format.parse_envelope(env).tenant
-    return tenant
-
-
 def _check_row_tenant(
-    tgt: _Target, pk: Any, tenant: str, companion: bytes, memo: dict[bytes, str]
+    tgt: _Target, pk: Any, tenant: str, companion: bytes, crypto: _Crypto
 ) -> None:
-    owner = _envelope_tenant(companion, memo)
+    owner = crypto.tenant(companion)
     if owner != tenant:
         assert tgt.tenant is not None
         raise TenantMismatchError(
@@ -536,19 +745,374 @@ def _count(tally: dict[str, int], tenant: str, n: int = 1) -> None:
     tally[tenant] = tally.get(tenant, 0) + n
 
 
-class _Batch:
-    """The compare-and-swap updates of one batch, in one executemany.
+# -- database errors, scrubbed ---------------------------------------------------------------
 
-    Each row gets its old values (all CAS-compared) and new values; ``marks`` holds, per row,
-    one (column index, new value) pair that only this write can have produced, to tell which
-    rows won when some compare-and-swaps lost.
+
+@dataclass(frozen=True)
+class _DBFailure:
+    """What may be said of a database error: its class, SQLSTATE and constraint name."""
+
+    error_class: str
+    sqlstate: str | None
+    constraint: str | None
+
+    @classmethod
+    def of(cls, exc: StatementError) -> _DBFailure:
+        orig = exc.orig
+        sqlstate = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+        sqlstate = sqlstate or getattr(orig, "sqlite_errorname", None)
+        diag = getattr(orig, "diag", None)
+        constraint = getattr(diag, "constraint_name", None) if diag is not None else None
+        if constraint is None:
+            # SQLite names the constraint (or table.column list) in its message, never values;
+            # taken only when it is a bare identifier list.
+            found = _SQLITE_CONSTRAINT.match(str(orig))
+            constraint = found.group(1) if found else None
+        return cls(
+            type(orig).__name__ if orig is not None else type(exc).__name__,
+            str(sqlstate) if sqlstate else None,
+            str(constraint) if constraint else None,
+        )
+
+
+_SQLITE_CONSTRAINT = re.compile(
+    r"(?:CHECK|UNIQUE|NOT NULL|FOREIGN KEY) constraint failed: ([\w.]+(?:, [\w.]+)*)\Z"
+)
+
+
+class _BatchRefused(Exception):
+    """A batch's write was refused (not transiently); carries no database exception."""
+
+    def __init__(self, failure: _DBFailure, statement: Any, params: list[dict[str, Any]]) -> None:
+        super().__init__(failure.error_class)
+        self.failure = failure
+        self.statement = statement
+        self.params = params
+
+
+def _refused_row(engine: Engine, statement: Any, params: list[dict[str, Any]]) -> Any:
+    """The primary key of the first row of a refused batch that the database refuses on its
+    own (each tried in a transaction rolled back), or None (rows refused only together, such
+    as two rows of the batch colliding in a unique index)."""
+    for p in params:
+        refused = False
+        with engine.connect() as conn:
+            trans = conn.begin()
+            try:
+                conn.execute(statement, p)
+            except DBAPIError:
+                refused = True  # the exception (values in it) is dropped here
+            finally:
+                trans.rollback()
+        if refused:
+            return p["_k"]
+    return None
+
+
+def _constraint_columns(engine: Engine, tgt: _Target, constraint: str | None) -> list[str]:
+    """The columns of ``tgt`` a named constraint or index covers (all of them if unknown)."""
+    names = list(tgt.names)
+    if not constraint:
+        return names
+    insp = sa_inspect(engine)
+    schema = tgt.raw.schema
+    try:
+        for uc in insp.get_unique_constraints(tgt.name, schema=schema):
+            if uc.get("name") == constraint:
+                return [c for c in names if c in (uc.get("column_names") or [])] or names
+        for ix in insp.get_indexes(tgt.name, schema=schema):
+            if ix.get("name") == constraint:
+                text_ = " ".join(str(e) for e in ix.get("expressions") or [] if e)
+                cols = ix.get("column_names") or []
+                return [c for c in names if c in cols or re.search(rf"\b{c}\b", text_)] or names
+        for ck in insp.get_check_constraints(tgt.name, schema=schema):
+            if ck.get("name") == constraint:
+                sqltext = str(ck.get("sqltext") or "")
+                return [c for c in names if re.search(rf"\b{re.escape(c)}\b", sqltext)] or names
+    except (NotImplementedError, DBAPIError):
+        pass
+    return names
+
+
+def _database_error(
+    operation: str,
+    table: str | None,
+    failure: _DBFailure,
+    *,
+    columns: Sequence[str] = (),
+    pk: Any = None,
+    span: tuple[Any, Any] | None = None,
+) -> MigrationDatabaseError:
+    where = f"row {_pk_repr(pk)}" if pk is not None else "a row"
+    if pk is None and span is not None:
+        where = f"a row with primary key from {_pk_repr(span[0])} to {_pk_repr(span[1])}"
+    what = f" ({', '.join(columns)})" if columns else ""
+    state = f", SQLSTATE {failure.sqlstate}" if failure.sqlstate else ""
+    named = f", constraint {failure.constraint!r}" if failure.constraint else ""
+    return MigrationDatabaseError(
+        f"{operation} of {table!r}{what}: the database refused {where} "
+        f"({failure.error_class}{state}{named}); nothing of the batch was written. The "
+        "database's message is withheld because it quotes row values: check the constraint "
+        "against the data, fix one or the other, and run the operation again",
+        operation=operation,
+        pk=None if pk is None else _pk_repr(pk),
+        error_class=failure.error_class,
+        sqlstate=failure.sqlstate,
+        constraint=failure.constraint,
+        table=table,
+        column=columns[0] if columns else None,
+    )
+
+
+_P = ParamSpec("_P")
+
+
+def _scrubbed(operation: str) -> Callable[[Callable[_P, _T]], Callable[_P, _T]]:
+    """Turn a database error escaping ``operation`` into a MigrationDatabaseError that names
+    no value and chains nothing (a DBAPI error's DETAIL and parameters hold row values)."""
+
+    def decorate(fn: Callable[_P, _T]) -> Callable[_P, _T]:
+        signature = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def run(*args: _P.args, **kwargs: _P.kwargs) -> _T:
+            failure = None
+            try:
+                return fn(*args, **kwargs)
+            except StatementError as exc:
+                failure = _DBFailure.of(exc)
+            # Raised outside the handler: the database's exception is neither the cause nor
+            # the context of ours.
+            bound = signature.bind_partial(*args, **kwargs).arguments
+            table = bound.get("table")
+            raise _database_error(operation, table if isinstance(table, str) else None, failure)
+
+        return run
+
+    return decorate
+
+
+# -- keys and ciphers of one call ------------------------------------------------------------
+
+
+def _raw_codec(tag: int) -> Codec:
+    """A codec that passes a plaintext's encoded bytes through under its own tag: the
+    migration tools move values between keys without decoding them, whatever their type."""
+    codec = _RAW_CODECS.get(tag)
+    if codec is None:
+        codec = _RAW_CODECS[tag] = Codec("raw", tag, bytes, bytes, (bytes,))
+    return codec
+
+
+_RAW_CODECS: dict[int, Codec] = {}
+
+
+class _Crypto:
+    """The data keys and ciphers one call of an operation uses, and the keys it owns.
+
+    Values are opened to their raw plaintext (codec tag and encoded value), so every column
+    type and both storages move alike. Keys come from the CMK's key manager: the cache or an
+    unwrap this call owns; an envelope this call *wrote* is checked only with a key unwrapped
+    afresh through the KMS for this call (:meth:`prove`), never with a cache entry, which
+    another thread may have filled or may wipe. :meth:`close` wipes the keys the call owns.
+    """
+
+    def __init__(self, cmk: CMK, tgt: _Target, actor: str) -> None:
+        self.cmk = cmk
+        self.km = cmk._keys
+        self.tgt = tgt
+        self.actor = actor
+        self.ctx = _cross(actor)
+        self._keys: OrderedDict[bytes, tuple[DataKey, bool]] = OrderedDict()  # (key, owned)
+        self._proven: dict[bytes, DataKey] = {}
+        self._tenants: dict[bytes, str] = {}
+        self._specs: dict[tuple[int, ...], TableSpec] = {}
+
+    def __enter__(self) -> _Crypto:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for key, owned in self._keys.values():
+            if owned:
+                key.wipe()
+        for key in self._proven.values():
+            key.wipe()
+        self._keys.clear()
+        self._proven.clear()
+
+    def tenant(self, companion: bytes) -> str:
+        """The tenant of a companion's envelope (checks the companion's form)."""
+        env = companion[_SPLIT:]
+        tenant = self._tenants.get(env)
+        if tenant is None:
+            _format.split_companion(companion)
+            tenant = self._tenants[env] = _format.parse_envelope(env).tenant
+        return tenant
+
+    def load(self, envelopes: Iterable[bytes]) -> dict[bytes, CMKError]:
+        """Get the keys of ``envelopes`` (concurrent unwraps); return the errors of those that
+        could not be had, by envelope."""
+        missing = [e for e in dict.fromkeys(envelopes) if e not in self._keys]
+        errors: dict[bytes, CMKError] = {}
+        if not missing:
+            return errors
+        fresh: list[DataKey] = []
+        try:
+            found = self.km.read_keys(missing, self.ctx, fresh=fresh)
+        except CMKError:
+            found, fresh = {}, []
+            for env in missing:  # one by one, to tell which failed
+                mine: list[DataKey] = []
+                try:
+                    found.update(self.km.read_keys([env], self.ctx, fresh=mine))
+                except CMKError as exc:
+                    errors[env] = exc
+                fresh += mine
+        owned = {id(k) for k in fresh}
+        for env, key in found.items():
+            self._keys[env] = (key, id(key) in owned)
+        while len(self._keys) > _ENVELOPE_MEMO:
+            key, owned_key = self._keys.popitem(last=False)[1]
+            if owned_key:
+                key.wipe()
+        return errors
+
+    def open(
+        self, companion: bytes, column: str, ciphertext: bytes, *, proven: bool = False
+    ) -> bytes:
+        """The raw plaintext of one value; DecryptionError if it does not authenticate. With
+        ``proven``, under the key :meth:`prove` unwrapped for the companion's envelope."""
+        env = companion[_SPLIT:]
+        if proven:
+            key = self._proven[env]
+        else:
+            entry = self._keys.get(env)
+            if entry is None:
+                errors = self.load([env])
+                if errors:
+                    raise errors[env]
+                entry = self._keys[env]
+            key = entry[0]
+        aad = _aad_prefix(self.tenant(companion), self.tgt.name, column) + companion[1:_SPLIT]
+        return _format.open_(key.aead, aad, ciphertext)
+
+    def authenticates(self, companion: bytes, column: str, ciphertext: bytes) -> bool:
+        try:
+            self.open(companion, column, ciphertext)
+        except CMKError:
+            return False
+        return True
+
+    def prove(self, envelope: bytes) -> None:
+        """Unwrap ``envelope`` through the KMS into a key this call owns (once per call)."""
+        if envelope not in self._proven:
+            self._proven[envelope] = self.km.own_key(envelope, self.ctx, purpose="verify")
+
+    def audit(self, by_tenant: Mapping[str, int]) -> None:
+        """One ``decrypt`` audit event per tenant for the rows opened."""
+        for tenant, rows in by_tenant.items():
+            self.km.emit(
+                self.ctx,
+                "decrypt",
+                "ok",
+                tenant,
+                table=self.tgt.name,
+                rows=rows,
+                columns=self.tgt.names,
+            )
+
+    def seal(
+        self,
+        tenant: str,
+        rows: Sequence[Mapping[str, bytes]],
+        companions: Sequence[bytes | None],
+        witnesses: Sequence[Mapping[str, Any] | None],
+    ) -> tuple[list[bytes | None], list[bytes]]:
+        """Seal raw plaintexts (column -> codec tag + encoded value) for ``tenant`` with
+        :meth:`CMK.seal`: under each row's own key where ``companions[i]`` is given, else under
+        the tenant's write key. Returns what CMK.seal returns."""
+        assert self.tgt.companion is not None
+        names = self.tgt.names
+        specs: list[TableSpec] = []
+        for row in rows:
+            tags = tuple(row[n][0] if n in row else 0 for n in names)
+            spec = self._specs.get(tags)
+            if spec is None:
+                comp = self.tgt.companion.name
+                spec = self._specs[tags] = TableSpec(
+                    self.tgt.name,
+                    comp,
+                    comp,
+                    tuple(
+                        ColumnSpec(n, n, _raw_codec(t)) for n, t in zip(names, tags, strict=True)
+                    ),
+                )
+            specs.append(spec)
+        payloads = [{n: v[1:] for n, v in row.items()} for row in rows]
+        return self.cmk.seal(
+            payloads,
+            specs,
+            [s.columns for s in specs],
+            companions,
+            TenantContext(tenant_id=tenant, actor=self.actor),
+            witnesses,
+        )
+
+    def check_written(
+        self, rows: Sequence[tuple[Any, Sequence[Any], bytes | None]], new: set[bytes]
+    ) -> None:
+        """Every ciphertext of the rows as stored must authenticate: under a key this call
+        unwrapped afresh for an envelope it wrote (``new``), else under the row's key."""
+        bad: Any = _NONE
+        for pk, values, companion in rows:
+            for i, value in enumerate(values):
+                if value is None or self.tgt.is_plain(i, value):
+                    continue
+                if companion is None:
+                    bad = pk
+                    break
+                env = companion[_SPLIT:]
+                try:
+                    if env in new:
+                        self.prove(env)
+                    ct = self.tgt.ciphertext(i, value)
+                    assert ct is not None
+                    self.open(companion, self.tgt.cols[i].name, ct, proven=env in new)
+                except DecryptionError:
+                    bad = pk
+                    break
+            if bad is not _NONE:
+                break
+        if bad is not _NONE:
+            raise UnreadableWriteError(
+                f"row {_pk_repr(bad)} of {self.tgt.label()!r} did not read back after the write "
+                "(a value does not decrypt under the key its companion names, unwrapped "
+                "through the KMS): the batch was rolled back, nothing was written. The KMS or "
+                "provider returns keys it cannot give back; check it before running again",
+                table=self.tgt.name,
+            )
+
+
+_NONE = object()
+
+
+class _Batch:
+    """The compare-and-swap updates of one batch, in one executemany, checked after the write.
+
+    Each row gets its old values (all compared) and new values. After the update, the batch's
+    rows are read back in the same transaction: a row is this batch's when it holds exactly
+    the new values (a lost compare-and-swap leaves another writer's values), and the rows that
+    are ours go through ``check`` before the transaction commits, so a write that does not
+    read back is rolled back instead of committed.
     """
 
     def __init__(self, tgt: _Target) -> None:
         self.tgt = tgt
         self.params: list[dict[str, Any]] = []
         self.tenants: list[str] = []
-        self.marks: list[tuple[int, Any]] = []
 
     def add(
         self,
@@ -559,7 +1123,6 @@ class _Batch:
         old_companion: bytes | None,
         new_companion: bytes | None,
         tenant: str,
-        mark: tuple[int, Any],
     ) -> None:
         p: dict[str, Any] = {"_k": pk, "_oe": old_companion, "_ne": new_companion}
         if self.tgt.tenant is not None:
@@ -569,7 +1132,6 @@ class _Batch:
             p[f"_n{i}"] = n
         self.params.append(p)
         self.tenants.append(tenant)
-        self.marks.append(mark)
 
     def statement(self) -> Any:
         tgt = self.tgt
@@ -583,36 +1145,50 @@ class _Batch:
         values[tgt.companion] = bindparam("_ne")
         return update(tgt.raw).where(and_(*conds)).values(values)
 
-    def apply(self, conn: Connection, report: Report) -> None:
+    def apply(
+        self,
+        conn: Connection,
+        report: Report,
+        check: Callable[[list[tuple[Any, Sequence[Any], bytes | None]]], None] | None = None,
+    ) -> None:
         if not self.params:
             return
-        result = conn.execute(self.statement(), self.params)
-        changed = result.rowcount
+        tgt = self.tgt
+        assert tgt.companion is not None
+        statement = self.statement()
+        failure = None
+        try:
+            conn.execute(statement, self.params)
+        except DBAPIError as exc:
+            if _transient(exc):
+                raise
+            failure = _DBFailure.of(exc)
+        if failure is not None:  # outside the handler: nothing chains the database's error
+            raise _BatchRefused(failure, statement, self.params)
         n = len(self.params)
-        if changed == n:
-            for t in self.tenants:
+        ncols = len(tgt.cols)
+        stmt = select(tgt.pk, *tgt.cols, tgt.companion).where(
+            tgt.pk.in_([p["_k"] for p in self.params])
+        )
+        now = {r[0]: r[1:] for r in conn.execute(stmt).all()}
+        ours: list[tuple[Any, Sequence[Any], bytes | None]] = []
+        for p, t in zip(self.params, self.tenants, strict=True):
+            current = now.get(p["_k"])
+            if current is None or not _same(current[ncols], p["_ne"]):
+                continue
+            if all(_same(current[i], p[f"_n{i}"]) for i in range(ncols)):
+                ours.append((p["_k"], current[:ncols], _as_bytes(current[ncols])))
                 _count(report.by_tenant, t)
-        else:
-            # Some compare-and-swaps lost to concurrent writes: find which rows are ours (a mark
-            # is a fresh ciphertext or companion, which no other writer can have stored, or a
-            # decrypted plaintext, which the application, writing ciphertext, cannot store).
-            tgt = self.tgt
-            assert tgt.companion is not None
-            pks = [p["_k"] for p in self.params]
-            stmt = select(tgt.pk, *tgt.cols, tgt.companion).where(tgt.pk.in_(pks))
-            now = {r[0]: r[1:] for r in conn.execute(stmt).all()}
-            changed = 0
-            for p, t, (i, value) in zip(self.params, self.tenants, self.marks, strict=True):
-                current = now.get(p["_k"])
-                if current is not None and _same(current[i], value):
-                    changed += 1
-                    _count(report.by_tenant, t)
-        report.rows += changed
-        report.conflicts += n - changed
+        if check is not None and ours:
+            check(ours)
+        report.rows += len(ours)
+        report.conflicts += n - len(ours)
 
 
 def _same(stored: Any, value: Any) -> bool:
-    if isinstance(value, bytes) and stored is not None:
+    if stored is None or value is None:
+        return stored is value
+    if isinstance(value, bytes):
         return bytes(stored) == value
     return bool(stored == value)
 
@@ -646,6 +1222,9 @@ def _walk(
     nothing, a confirming pass uses plain ``FOR UPDATE`` (it waits for rows others hold, then
     sees their new values), so returning means nothing pending is left. Only an empty batch
     ends a pass: after waiting for a lock, PostgreSQL may return fewer rows than the limit.
+
+    A batch the database refuses raises :class:`MigrationDatabaseError`, naming the first row
+    it refuses on its own, and no value.
     """
     assert tgt.companion is not None
     selected = [tgt.pk] + ([tgt.tenant] if tgt.tenant is not None else [])
@@ -680,7 +1259,21 @@ def _walk(
                     handle(conn, rows, part)
                 return (rows[-1][0] if rows else None), len(rows), part
 
-            last_pk, n, part = _in_transaction(engine, batch)
+            refused = None
+            try:
+                last_pk, n, part = _in_transaction(engine, batch)
+            except _BatchRefused as exc:
+                refused = exc
+            if refused is not None:
+                pks = [p["_k"] for p in refused.params]
+                raise _database_error(
+                    report.operation,
+                    tgt.name,
+                    refused.failure,
+                    columns=_constraint_columns(engine, tgt, refused.failure.constraint),
+                    pk=_refused_row(engine, refused.statement, refused.params),
+                    span=(min(pks), max(pks)),
+                )
             if not n:
                 break
             _merge(report, part)
@@ -711,30 +1304,10 @@ def _cross(actor: str) -> TenantContext:
     return TenantContext(tenant_id=None, actor=actor, cross_tenant=True)
 
 
-def _open_rows(
-    cmk: CMK, tgt: _Target, dicts: list[dict[str, Any]], pks: Sequence[Any], ctx: TenantContext
-) -> None:
-    """Decrypt rows in place; a value that fails to decrypt is raised naming its row."""
-    assert tgt.spec is not None
-    spec = tgt.spec
-    try:
-        cmk.open(dicts, [spec] * len(dicts), ctx)
-    except DecryptionError as exc:
-        for d, pk in zip(dicts, pks, strict=True):
-            try:
-                cmk.open([dict(d)], [spec], ctx)
-            except DecryptionError:
-                raise DecryptionError(
-                    f"row {_pk_repr(pk)} of {tgt.label()!r} did not decrypt ({exc}); nothing "
-                    "of its batch was written: run verify() for a full report",
-                    table=tgt.name,
-                ) from exc
-        raise
-
-
 # -- public API ------------------------------------------------------------------------------
 
 
+@_scrubbed("ensure_companion")
 def ensure_companion(
     engine: Engine, table: str, *, companion_column: str = "cmk_edek", schema: str | None = None
 ) -> bool:
@@ -768,6 +1341,7 @@ def ensure_companion(
     return True
 
 
+@_scrubbed("encrypt")
 def encrypt_columns(
     engine: Engine,
     cmk: CMK,
@@ -785,10 +1359,15 @@ def encrypt_columns(
 ) -> Report:
     """Encrypt, in place, every plaintext value of the text ``columns`` (see module docstring).
 
-    Each batch is one ``SELECT`` and one ``executemany`` ``UPDATE`` in one transaction; rows
-    are sealed per tenant (one ``CMK.seal`` per tenant of the batch, so one KMS wrap per tenant
-    and write-key window). ``max_batches`` stops early (for tests and for spreading work); the
-    next call resumes. Run it from as many processes as you like on PostgreSQL; on SQLite, one.
+    Each batch is one ``SELECT``, one ``executemany`` ``UPDATE`` and one ``SELECT`` reading the
+    rows back, in one transaction; rows are sealed per tenant (one ``CMK.seal`` per tenant of
+    the batch, so one KMS wrap per tenant and write-key window). Before the transaction
+    commits, every value written is decrypted as stored, under a key unwrapped afresh through
+    the KMS for each new envelope (once per call): a write key the KMS cannot give back (a
+    provider whose wrap returns an unusable blob) fails the batch, which is rolled back, so no
+    plaintext is ever replaced by a ciphertext nothing can read. ``max_batches`` stops early
+    (for tests and for spreading work); the next call resumes. Run it from as many processes
+    as you like on PostgreSQL; on SQLite, one.
 
     Each row is sealed under the tenant named in its ``tenant_column``; without one, the column
     the model declares with :func:`sqlalchemy_cmk.tenant_column`, found in ``metadata`` (a
@@ -804,11 +1383,15 @@ def encrypt_columns(
         ConfigurationError: unknown table or column, no companion column, a composite primary
             key, a non-text or length-limited column, a row whose tenant column is NULL; no
             tenant column given or declared, or one given that contradicts the declared one.
+        UniqueColumnError: a unique index or constraint covers a column; nothing changed.
         TenantNotConfiguredError: a row's tenant has no key (names the tenant); nothing of that
             batch is written, earlier batches stay done.
         TenantMismatchError: a row's existing EDEK belongs to another tenant than its tenant
             column says.
         KeyAccessError: a tenant's KMS refused or failed; nothing of that batch is written.
+        UnreadableWriteError: a value written did not read back; nothing of that batch is
+            written.
+        MigrationDatabaseError: the database refused a batch (names the row, never a value).
     """
     _check_batch_args(batch_size, max_batches)
     started = _now()
@@ -822,17 +1405,15 @@ def encrypt_columns(
         metadata=metadata,
         for_encrypt=True,
     )
-    assert tgt.spec is not None
-    spec = tgt.spec
     report = Report("encrypt", table, tuple(columns))
-    pending = or_(*(_is_plaintext(c) for c in tgt.cols))
+    pending = or_(*(tgt.plaintext(i) for i in range(len(tgt.cols))))
     total = _total(engine, tgt, pending) if progress is not None else None
     ncols = len(tgt.cols)
-    memo: dict[bytes, str] = {}
 
-    def handle(conn: Connection, rows: Sequence[Any], part: Report) -> None:
+    def handle(conn: Connection, rows: Sequence[Any], part: Report, crypto: _Crypto) -> None:
         groups: dict[str, list[int]] = {}
-        dicts: list[dict[str, Any]] = []
+        values: list[dict[str, bytes]] = []
+        witnesses: list[dict[str, bytes] | None] = []
         olds: list[tuple[Any, ...]] = []
         comps: list[bytes | None] = []
         for i, row in enumerate(rows):
@@ -840,16 +1421,16 @@ def encrypt_columns(
             tenant = _require_tenant(tgt, pk, tenant_raw)
             old = tuple(row[2 : 2 + ncols])
             comp = _as_bytes(row[-1])
-            d: dict[str, Any] = {}
-            has_cipher = False
-            for c, v in zip(tgt.cols, old, strict=True):
-                if v is None:
-                    continue
-                if v.startswith(TEXT_MARKER):
-                    has_cipher = True
-                else:
-                    d[c.name] = v
-            if comp is None and has_cipher:
+            d: dict[str, bytes] = {}
+            witness: dict[str, bytes] = {}
+            for j, (c, v) in enumerate(zip(tgt.cols, old, strict=True)):
+                if tgt.is_plain(j, v):
+                    d[c.name] = _codecs.encode(_codecs.STR, v, table=tgt.name, column=c.name)
+                elif v is not None:
+                    ct = tgt.ciphertext(j, v)
+                    assert ct is not None
+                    witness[c.name] = ct
+            if comp is None and witness:
                 raise DecryptionError(
                     f"row {_pk_repr(pk)} of {tgt.label()!r} holds encrypted values but its "
                     "EDEK column is NULL: the row cannot be decrypted; restore its EDEK or "
@@ -857,36 +1438,37 @@ def encrypt_columns(
                     table=tgt.name,
                 )
             if comp is not None:
-                _check_row_tenant(tgt, pk, tenant, comp, memo)
+                _check_row_tenant(tgt, pk, tenant, comp, crypto)
             groups.setdefault(tenant, []).append(i)
-            dicts.append(d)
+            values.append(d)
+            witnesses.append(witness or None)
             olds.append(old)
             comps.append(comp)
         # Seal every tenant's rows before writing any: a failure writes nothing of the batch.
         sealed: list[tuple[list[Any], bytes | None]] = [([], None)] * len(rows)
+        new_envs: set[bytes] = set()
         for tenant, idx in groups.items():
-            ctx = TenantContext(tenant_id=tenant, actor=actor)
-            new_comps, cts = cmk.seal(
-                [dicts[i] for i in idx],
-                [spec] * len(idx),
-                [spec.columns] * len(idx),
+            new_comps, cts = crypto.seal(
+                tenant,
+                [values[i] for i in idx],
                 [comps[i] for i in idx],
-                ctx,
+                [witnesses[i] for i in idx],
             )
             k = 0
             for i, new_comp in zip(idx, new_comps, strict=True):
+                if new_comp is not None:
+                    new_envs.add(new_comp[_SPLIT:])
                 new = list(olds[i])
-                for j, cs in enumerate(spec.columns):
-                    if cs.name in dicts[i]:
-                        new[j] = _to_text(cts[k])
+                for j, c in enumerate(tgt.cols):
+                    if c.name in values[i]:
+                        new[j] = tgt.store(j, cts[k])
                         k += 1
                 sealed[i] = (new, new_comp)
         batch = _Batch(tgt)
         for i, row in enumerate(rows):
             new, new_comp = sealed[i]
-            if not dicts[i]:
+            if not values[i]:
                 continue  # nothing to seal (cannot happen: the row matched as plaintext)
-            j = next(j for j, cs in enumerate(spec.columns) if cs.name in dicts[i])
             batch.add(
                 row[0],
                 row[1],
@@ -895,26 +1477,83 @@ def encrypt_columns(
                 comps[i],
                 new_comp if new_comp is not None else comps[i],
                 str(row[1]),
-                (j, new[j]),
             )
-        batch.apply(conn, part)
+        batch.apply(conn, part, lambda ours: crypto.check_written(ours, new_envs))
 
-    _walk(
-        engine,
-        tgt,
-        report,
-        pending=pending,
-        handle=handle,
-        batch_size=batch_size,
-        max_batches=max_batches,
-        progress=progress,
-        started=started,
-        total=total,
-    )
+    with _Crypto(cmk, tgt, actor) as crypto:
+        _walk(
+            engine,
+            tgt,
+            report,
+            pending=pending,
+            handle=functools.partial(_with, handle, crypto),
+            batch_size=batch_size,
+            max_batches=max_batches,
+            progress=progress,
+            started=started,
+            total=total,
+        )
     report.seconds = _now() - started
     return report
 
 
+def _with(
+    handle: Callable[[Connection, Sequence[Any], Report, _Crypto], None],
+    crypto: _Crypto,
+    conn: Connection,
+    rows: Sequence[Any],
+    part: Report,
+) -> None:
+    handle(conn, rows, part, crypto)
+
+
+def _open_batch(
+    crypto: _Crypto, tgt: _Target, rows: Sequence[Any], first_col: int
+) -> list[dict[int, bytes]]:
+    """Open every ciphertext of a batch to its raw plaintext (row -> column index -> bytes);
+    a value that does not decrypt raises DecryptionError naming its row, before anything of
+    the batch is written."""
+    ncols = len(tgt.cols)
+    errors = crypto.load(
+        _as_bytes(row[-1])[_SPLIT:]  # type: ignore[index]
+        for row in rows
+        if row[-1] is not None
+    )
+    opened: list[dict[int, bytes]] = []
+    by_tenant: dict[str, int] = {}
+    for row in rows:
+        comp = _as_bytes(row[-1])
+        out: dict[int, bytes] = {}
+        bad = False
+        for j, v in enumerate(row[first_col : first_col + ncols]):
+            ct = tgt.ciphertext(j, v)
+            if ct is None:
+                continue
+            if comp is None:
+                bad = True
+                break
+            error = errors.get(comp[_SPLIT:])
+            if error is not None:
+                raise error
+            try:
+                out[j] = crypto.open(comp, tgt.cols[j].name, ct)
+            except DecryptionError:
+                bad = True
+                break
+        if bad:
+            raise DecryptionError(
+                f"row {_pk_repr(row[0])} of {tgt.label()!r} did not decrypt; nothing of its "
+                "batch was written: run verify() for a full report",
+                table=tgt.name,
+            )
+        if out and comp is not None:
+            _count(by_tenant, crypto.tenant(comp))
+        opened.append(out)
+    crypto.audit(by_tenant)
+    return opened
+
+
+@_scrubbed("decrypt")
 def decrypt_columns(
     engine: Engine,
     cmk: CMK,
@@ -931,17 +1570,23 @@ def decrypt_columns(
     max_batches: int | None = None,
 ) -> Report:
     """The reverse: restore every encrypted value of the text ``columns`` to its plaintext,
-    byte for byte, with the same batching, locking and compare-and-swap.
+    byte for byte, with the same batching, locking and compare-and-swap; each batch is read
+    back before it commits (the rows must hold exactly the plaintext written).
 
     The companion column and its values are left in place (other columns may still use them).
     Deploy the application with ``allow_plaintext=True`` before running it, and with a plain
     ``Text`` column once it is done.
 
     Raises:
-        ConfigurationError: as :func:`encrypt_columns`.
+        ConfigurationError: as :func:`encrypt_columns`; a binary (default-storage) column,
+            which has no place for the plaintext (decrypt into a new column from application
+            code); a value whose type is not text.
         DecryptionError: a value did not decrypt (names the row); nothing of its batch is
             written. Run :func:`verify` for the full list.
         KeyAccessError: a tenant's KMS refused or failed.
+        MigrationDatabaseError: the database refused a plaintext (a CHECK constraint, a unique
+            index): names the row, the constraint and SQLSTATE, never the value; nothing of
+            the batch is written.
     """
     _check_batch_args(batch_size, max_batches)
     started = _now()
@@ -954,50 +1599,52 @@ def decrypt_columns(
         schema=schema,
         metadata=metadata,
     )
-    assert tgt.spec is not None and tgt.companion is not None
+    for j, s in enumerate(tgt.storage):
+        if s == "binary":
+            raise ConfigurationError(
+                f"{tgt.label()}.{tgt.cols[j].name} is a binary column (the default storage): "
+                "its plaintext has no place there. Add a plaintext column and copy the values "
+                "into it from application code, then drop the encrypted one",
+                table=table,
+                column=tgt.cols[j].name,
+            )
     report = Report("decrypt", table, tuple(columns))
-    pending = or_(*(_is_encrypted(c) for c in tgt.cols))
+    pending = or_(*(tgt.encrypted(i) for i in range(len(tgt.cols))))
     total = _total(engine, tgt, pending) if progress is not None else None
     ncols = len(tgt.cols)
-    companion_name = tgt.companion.name
-    ctx = _cross(actor)
 
-    def handle(conn: Connection, rows: Sequence[Any], part: Report) -> None:
-        dicts: list[dict[str, Any]] = []
-        for row in rows:
-            d: dict[str, Any] = {companion_name: _as_bytes(row[-1])}
-            for c, v in zip(tgt.cols, row[2 : 2 + ncols], strict=True):
-                if v is not None and v.startswith(TEXT_MARKER):
-                    d[c.name] = _from_text(v, False)
-            dicts.append(d)
-        _open_rows(cmk, tgt, dicts, [r[0] for r in rows], ctx)
+    def handle(conn: Connection, rows: Sequence[Any], part: Report, crypto: _Crypto) -> None:
+        opened = _open_batch(crypto, tgt, rows, 2)
         batch = _Batch(tgt)
-        for row, d in zip(rows, dicts, strict=True):
-            old = tuple(row[2 : 2 + ncols])
-            new = [d.get(c.name, v) for c, v in zip(tgt.cols, old, strict=True)]
-            if len(d) == 1:
+        for row, out in zip(rows, opened, strict=True):
+            if not out:
                 continue  # nothing encrypted (cannot happen: the row matched as encrypted)
-            j = next(j for j, c in enumerate(tgt.cols) if c.name in d)
-            comp = d[companion_name]
-            batch.add(row[0], row[1], old, new, comp, comp, _tenant_of(row[1]), (j, new[j]))
+            old = tuple(row[2 : 2 + ncols])
+            new = list(old)
+            for j, pt in out.items():
+                new[j] = _codecs.decode(_codecs.STR, pt, table=tgt.name, column=tgt.cols[j].name)
+            comp = _as_bytes(row[-1])
+            batch.add(row[0], row[1], old, new, comp, comp, _tenant_of(row[1]))
         batch.apply(conn, part)
 
-    _walk(
-        engine,
-        tgt,
-        report,
-        pending=pending,
-        handle=handle,
-        batch_size=batch_size,
-        max_batches=max_batches,
-        progress=progress,
-        started=started,
-        total=total,
-    )
+    with _Crypto(cmk, tgt, actor) as crypto:
+        _walk(
+            engine,
+            tgt,
+            report,
+            pending=pending,
+            handle=functools.partial(_with, handle, crypto),
+            batch_size=batch_size,
+            max_batches=max_batches,
+            progress=progress,
+            started=started,
+            total=total,
+        )
     report.seconds = _now() - started
     return report
 
 
+@_scrubbed("rewrap")
 def rewrap_keys(
     engine: Engine,
     cmk: CMK,
@@ -1200,21 +1847,22 @@ def _target_companion_only(
     return _Target(
         name=table,
         raw=raw,
-        spec=None,
-        spec_table=raw,
         pk=raw.c[pk[0]],
         tenant=None,
         cols=(),
+        storage=(),
         companion=raw.c[companion_column],
         postgresql=engine.dialect.name == "postgresql",
+        types={name: info["type"] for name, info in reflected.items()},
     )
 
 
+@_scrubbed("rotate")
 def rotate_data_keys(
     engine: Engine,
     cmk: CMK,
     table: str,
-    columns: Sequence[str],
+    columns: Sequence[str] | None = None,
     *,
     tenant_column: str | None = None,
     metadata: Models | None = None,
@@ -1225,35 +1873,61 @@ def rotate_data_keys(
     progress: ProgressCallback | None = None,
     actor: str = "sqlalchemy-cmk migration",
 ) -> Report:
-    """Re-encrypt rows under fresh data keys (new row id, new companion): every encrypted text
-    column of ``columns`` is decrypted and sealed again; plaintext values are left alone.
+    """Re-encrypt rows under fresh data keys (new row id, new companion): every encrypted value
+    of the table's encrypted columns, text or binary storage, of any type, is decrypted and
+    sealed again; plaintext values are left alone.
 
-    ``columns`` must name every encrypted column of the table: a column left out would keep
-    values bound to the old row id and stop decrypting. Rows that exist when the call starts
-    (primary key up to the maximum then) of ``tenant`` (or all tenants) are rotated, each in a
-    batch transaction with compare-and-swap; rows an application writes meanwhile are retried.
-    Run it in one worker; a killed rotation run again starts over (harmless, more KMS calls).
-    It drops ``cmk``'s cached data keys of ``tenant`` (or all tenants) first, so that the new
-    companions get data keys wrapped now, not the write key the rows may already use.
+    A new companion would strand an encrypted column left out (its values bound to the old row
+    id and data key), so the call first finds every encrypted column sharing the companion:
+    from the model when ``metadata`` holds the table, else from the database (see
+    :func:`_encrypted_columns`). ``columns=None`` takes them all; ``columns`` that leave one
+    out raise :class:`IncompleteColumnsError` before anything is written.
+
+    Rows that exist when the call starts (primary key up to the maximum then) of ``tenant`` (or
+    all tenants) are rotated, each in a batch transaction with compare-and-swap; rows an
+    application writes meanwhile are retried. Every batch is read back before it commits and
+    each value decrypted under its new envelope, unwrapped afresh through the KMS (once per
+    envelope and call), so a rotation never commits a row it cannot read. Run it in one
+    worker; a killed rotation run again starts over (harmless, more KMS calls). It drops
+    ``cmk``'s cached data keys of ``tenant`` (or all tenants) first, so that the new companions
+    get data keys wrapped now, not the write key the rows may already use.
 
     Raises:
+        IncompleteColumnsError: ``columns`` leave out an encrypted column (names them).
         ConfigurationError, TenantNotConfiguredError, TenantMismatchError, DecryptionError,
-        KeyAccessError: as :func:`encrypt_columns` and :func:`decrypt_columns`.
+        KeyAccessError, UnreadableWriteError, MigrationDatabaseError: as
+        :func:`encrypt_columns` and :func:`decrypt_columns`.
     """
     _check_batch_args(batch_size)
     started = _now()
-    tgt = _target(
+    shape = _target(
         engine,
         table,
-        columns,
+        None,
         tenant_column=tenant_column,
         companion_column=companion_column,
         schema=schema,
         metadata=metadata,
     )
-    assert tgt.spec is not None and tgt.companion is not None and tgt.tenant is not None
-    spec = tgt.spec
-    report = Report("rotate", table, tuple(columns))
+    with _Crypto(cmk, shape, actor) as probe:
+        everything = _encrypted_columns(engine, shape, probe, metadata)
+    if columns is not None:
+        _require_every_column(shape, everything, columns, "rotate")
+    chosen = tuple(columns) if columns is not None else everything
+    report = Report("rotate", table, chosen)
+    if not chosen:
+        report.seconds = _now() - started
+        return report
+    tgt = _target(
+        engine,
+        table,
+        chosen,
+        tenant_column=shape.tenant.name if shape.tenant is not None else None,
+        companion_column=companion_column,
+        schema=schema,
+        metadata=metadata,
+    )
+    assert tgt.companion is not None and tgt.tenant is not None
     scope: list[ColumnElement[bool]] = [tgt.companion.is_not(None)]
     if tenant is not None:
         scope.append(tgt.tenant == literal(tenant, type_=tgt.tenant.type))
@@ -1271,7 +1945,7 @@ def rotate_data_keys(
     pending = and_(
         *scope,
         tgt.pk <= literal(max_pk, type_=tgt.pk.type),
-        or_(*(_is_encrypted(c) for c in tgt.cols)),
+        or_(*(tgt.encrypted(i) for i in range(len(tgt.cols)))),
         func.substr(tgt.companion, _SPLIT + 1).not_in(
             bindparam("_created", expanding=True, type_=LargeBinary())
         ),
@@ -1285,43 +1959,30 @@ def rotate_data_keys(
                 ).scalar_one()
             )
     ncols = len(tgt.cols)
-    companion_name = tgt.companion.name
-    read_ctx = _cross(actor)
-    memo: dict[bytes, str] = {}
 
-    def handle(conn: Connection, rows: Sequence[Any], part: Report) -> None:
-        dicts: list[dict[str, Any]] = []
+    def handle(conn: Connection, rows: Sequence[Any], part: Report, crypto: _Crypto) -> None:
         for row in rows:
             comp = _as_bytes(row[-1])
             assert comp is not None
-            _check_row_tenant(tgt, row[0], _require_tenant(tgt, row[0], row[1]), comp, memo)
-            d: dict[str, Any] = {companion_name: comp}
-            for c, v in zip(tgt.cols, row[2 : 2 + ncols], strict=True):
-                if v is not None and v.startswith(TEXT_MARKER):
-                    d[c.name] = _from_text(v, False)
-            dicts.append(d)
-        _open_rows(cmk, tgt, dicts, [r[0] for r in rows], read_ctx)
+            _check_row_tenant(tgt, row[0], _require_tenant(tgt, row[0], row[1]), comp, crypto)
+        opened = _open_batch(crypto, tgt, rows, 2)
         groups: dict[str, list[int]] = {}
         for i, row in enumerate(rows):
             groups.setdefault(str(row[1]), []).append(i)
         sealed: list[tuple[list[Any], bytes]] = [([], b"")] * len(rows)
+        new_envs: set[bytes] = set()
         for owner, idx in groups.items():
-            values = [{k: v for k, v in dicts[i].items() if k != companion_name} for i in idx]
-            new_comps, cts = cmk.seal(
-                values,
-                [spec] * len(idx),
-                [spec.columns] * len(idx),
-                [None] * len(idx),
-                TenantContext(tenant_id=owner, actor=actor),
-            )
+            values = [{tgt.cols[j].name: pt for j, pt in opened[i].items()} for i in idx]
+            new_comps, cts = crypto.seal(owner, values, [None] * len(idx), [None] * len(idx))
             k = 0
-            for i, vals, new_comp in zip(idx, values, new_comps, strict=True):
+            for i, new_comp in zip(idx, new_comps, strict=True):
                 assert new_comp is not None
                 created.add(new_comp[_SPLIT:])
+                new_envs.add(new_comp[_SPLIT:])
                 new = list(rows[i][2 : 2 + ncols])
-                for j, cs in enumerate(spec.columns):
-                    if cs.name in vals:
-                        new[j] = _to_text(cts[k])
+                for j in range(ncols):
+                    if j in opened[i]:
+                        new[j] = tgt.store(j, cts[k])
                         k += 1
                 sealed[i] = (new, new_comp)
         batch = _Batch(tgt)
@@ -1332,35 +1993,36 @@ def rotate_data_keys(
                 row[1],
                 tuple(row[2 : 2 + ncols]),
                 new,
-                dicts[i][companion_name],
+                _as_bytes(row[-1]),
                 new_comp,
                 str(row[1]),
-                (ncols, new_comp),
             )
-        batch.apply(conn, part)
+        batch.apply(conn, part, lambda ours: crypto.check_written(ours, new_envs))
 
-    _walk(
-        engine,
-        tgt,
-        report,
-        pending=pending,
-        handle=handle,
-        params=lambda: {"_created": list(created)},
-        batch_size=batch_size,
-        max_batches=None,
-        progress=progress,
-        started=started,
-        total=total,
-    )
+    with _Crypto(cmk, tgt, actor) as crypto:
+        _walk(
+            engine,
+            tgt,
+            report,
+            pending=pending,
+            handle=functools.partial(_with, handle, crypto),
+            params=lambda: {"_created": list(created)},
+            batch_size=batch_size,
+            max_batches=None,
+            progress=progress,
+            started=started,
+            total=total,
+        )
     report.seconds = _now() - started
     return report
 
 
+@_scrubbed("verify")
 def verify(
     engine: Engine,
     cmk: CMK,
     table: str,
-    columns: Sequence[str],
+    columns: Sequence[str] | None = None,
     *,
     tenant_column: str | None = None,
     metadata: Models | None = None,
@@ -1372,8 +2034,10 @@ def verify(
     actor: str = "sqlalchemy-cmk verify",
 ) -> VerifyReport:
     """Decrypt every row (or a random ``sample`` fraction) and count ok / plaintext / failed
-    per tenant (see :class:`VerifyReport`). A row whose tenant column disagrees with its EDEK's
-    tenant is a failure (``TenantMismatchError``), as is a value that does not decrypt
+    per tenant (see :class:`VerifyReport`), text and binary storage alike. ``columns=None``
+    checks every encrypted column of the table (from the model given as ``metadata``, else
+    found in the database). A row whose tenant column disagrees with its EDEK's tenant is a
+    failure (``TenantMismatchError``), as is a value that does not decrypt
     (``DecryptionError``) or whose key the KMS refuses (``KeyAccessDeniedError``...). Failures
     never stop the scan. Reads only, without locks, one batch at a time.
 
@@ -1385,6 +2049,20 @@ def verify(
     if sample is not None and not 0 < sample <= 1:
         raise ConfigurationError(f"sample must be in (0, 1], not {sample}")
     started = _now()
+    if columns is None:
+        shape = _target(
+            engine,
+            table,
+            None,
+            tenant_column=tenant_column,
+            companion_column=companion_column,
+            schema=schema,
+            metadata=metadata,
+        )
+        with _Crypto(cmk, shape, actor) as probe:
+            columns = _encrypted_columns(engine, shape, probe, metadata)
+        if not columns:
+            return VerifyReport(table, ())
     tgt = _target(
         engine,
         table,
@@ -1394,8 +2072,7 @@ def verify(
         schema=schema,
         metadata=metadata,
     )
-    assert tgt.spec is not None and tgt.companion is not None
-    spec = tgt.spec
+    assert tgt.companion is not None and tgt.tenant is not None
     report = VerifyReport(table, tuple(columns))
     conds: list[ColumnElement[bool]] = [or_(*(c.is_not(None) for c in tgt.cols))]
     if sample is not None and sample < 1:
@@ -1410,10 +2087,6 @@ def verify(
                 conn.execute(select(func.count()).select_from(tgt.raw).where(conds[0])).scalar_one()
             )
     ncols = len(tgt.cols)
-    companion_name = tgt.companion.name
-    ctx = _cross(actor)
-    memo: dict[bytes, str] = {}
-    assert tgt.tenant is not None
     base = select(tgt.pk, tgt.tenant, *tgt.cols, tgt.companion).where(*conds).order_by(tgt.pk)
     base = base.limit(batch_size)
     after = base.where(tgt.pk > bindparam("_last"))
@@ -1423,80 +2096,63 @@ def verify(
         if len(report.failures) < _MAX_FAILURES_LISTED:
             report.failures.append((str(pk), tenant, error))
 
-    def check(rows: Sequence[Any]) -> None:
-        # envelope -> [(pk, tenant, dict, has plaintext)]
-        groups: dict[bytes, list[tuple[Any, str, dict[str, Any], bool]]] = {}
+    def check(rows: Sequence[Any], crypto: _Crypto) -> None:
+        # Envelopes first, concurrently; then each row on its own, so one failure is one row.
+        envs = [_as_bytes(r[-1])[_SPLIT:] for r in rows if r[-1] is not None]  # type: ignore[index]
+        errors = crypto.load(envs)
+        by_tenant: dict[str, int] = {}
         for row in rows:
             pk, t = row[0], _tenant_of(row[1])
             comp = _as_bytes(row[-1])
-            d: dict[str, Any] = {companion_name: comp}
             plain = False
+            error = None
             try:
-                for c, v in zip(tgt.cols, row[2 : 2 + ncols], strict=True):
-                    if v is None:
-                        continue
-                    if v.startswith(TEXT_MARKER):
-                        d[c.name] = _from_text(v, False)
-                    else:
+                cts: list[tuple[int, bytes]] = []
+                for j, v in enumerate(row[2 : 2 + ncols]):
+                    if tgt.is_plain(j, v):
                         plain = True
-                if comp is None:
-                    if len(d) > 1:
-                        raise DecryptionError("encrypted values but no EDEK")
-                elif _envelope_tenant(comp, memo) != t:
-                    fail(pk, t, "TenantMismatchError")
-                    continue
+                    elif v is not None:
+                        ct = tgt.ciphertext(j, v)
+                        assert ct is not None
+                        cts.append((j, ct))
+                if cts and comp is None:
+                    raise DecryptionError("encrypted values but no EDEK")
+                if comp is not None and cts:
+                    if crypto.tenant(comp) != t:
+                        error = "TenantMismatchError"
+                    elif comp[_SPLIT:] in errors:
+                        error = type(errors[comp[_SPLIT:]]).__name__
+                    else:
+                        for j, ct in cts:
+                            crypto.open(comp, tgt.cols[j].name, ct)
+                        _count(by_tenant, t)
             except DecryptionError:
-                fail(pk, t, "DecryptionError")
-                continue
-            if len(d) == 1:  # nothing encrypted
-                _count(report.plaintext if plain else report.encrypted_ok, t)
-                continue
-            assert comp is not None
-            groups.setdefault(comp[_SPLIT:], []).append((pk, t, d, plain))
-        for members in groups.values():
-            try:
-                cmk.open([m[2] for m in members], [spec] * len(members), ctx)
-                bad: list[tuple[Any, str, str]] = []
-            except DecryptionError:
-                bad = []
-                for pk, t, d, _ in members:
-                    try:
-                        cmk.open([_fresh(d)], [spec], ctx)
-                    except CMKError as exc:
-                        bad.append((pk, t, type(exc).__name__))
-            except CMKError as exc:  # the key itself: every row under it fails the same way
-                bad = [(pk, t, type(exc).__name__) for pk, t, _, _ in members]
-            failed = {b[0] for b in bad}
-            for pk, t, error in bad:
+                error = "DecryptionError"
+            if error is not None:
                 fail(pk, t, error)
-            for pk, t, _, plain in members:
-                if pk not in failed:
-                    _count(report.plaintext if plain else report.encrypted_ok, t)
+            else:
+                _count(report.plaintext if plain else report.encrypted_ok, t)
+        crypto.audit(by_tenant)
 
     last: Any = None
-    while True:
-        with engine.connect() as conn:
-            if last is None:
-                rows = conn.execute(base).all()
-            else:
-                rows = conn.execute(after, {"_last": last}).all()
-        if not rows:
-            break
-        last = rows[-1][0]
-        check(rows)
-        report.checked += len(rows)
-        if progress is not None:
-            progress(Progress("verify", table, report.checked, total, _now() - started))
+    with _Crypto(cmk, tgt, actor) as crypto:
+        while True:
+            with engine.connect() as conn:
+                if last is None:
+                    rows = conn.execute(base).all()
+                else:
+                    rows = conn.execute(after, {"_last": last}).all()
+            if not rows:
+                break
+            last = rows[-1][0]
+            check(rows, crypto)
+            report.checked += len(rows)
+            if progress is not None:
+                progress(Progress("verify", table, report.checked, total, _now() - started))
     return report
 
 
-def _fresh(d: dict[str, Any]) -> dict[str, Any]:
-    # CMK.open decrypts in place and may have half-done a failed batch: rebuild from what is
-    # still ciphertext (decrypted values are str, not EncryptedValue, and are re-checked by
-    # nothing, which is fine: they did decrypt).
-    return {k: v for k, v in d.items() if not isinstance(v, str)}
-
-
+@_scrubbed("status")
 def status(
     engine: Engine,
     table: str,
@@ -1506,8 +2162,9 @@ def status(
 ) -> StatusReport:
     """Count plaintext / encrypted / NULL values per column with SQL only (no keys needed).
 
-    One full scan of the table. "Encrypted" means "starts with ``cmk:``"; only :func:`verify`
-    says whether it decrypts.
+    One full scan of the table. In a text column, "encrypted" means "starts with ``cmk:``"; in
+    a binary (default-storage) column, every value is encrypted (it never holds plaintext).
+    Only :func:`verify` says whether a value decrypts.
     """
     tgt = _target(
         engine,
@@ -1519,9 +2176,9 @@ def status(
         with_tenant=False,
     )
     exprs: list[ColumnElement[Any]] = [func.count()]
-    for c in tgt.cols:
+    for i, c in enumerate(tgt.cols):
         exprs.append(func.count(c))
-        exprs.append(func.coalesce(func.sum(case((_is_encrypted(c), 1), else_=0)), 0))
+        exprs.append(func.coalesce(func.sum(case((tgt.encrypted(i), 1), else_=0)), 0))
     with engine.connect() as conn:
         row = conn.execute(select(*exprs).select_from(tgt.raw)).one()
     rows = int(row[0])
