@@ -324,6 +324,7 @@ class RevocationWatcher:
         backoff = self.poll_interval
         dirty = True
         next_resync = self._clock() + self.resync_interval
+        next_poll = self._clock() + self.poll_interval
         while not stop.is_set():
             try:
                 if self._conn is None:
@@ -346,8 +347,10 @@ class RevocationWatcher:
                 if self.listening:
                     dirty = self._wait_for_notification(self._conn, min(wait, _LISTEN_SLICE))
                 else:
-                    stop.wait(min(wait, self.poll_interval))
-                    dirty = True
+                    stop.wait(max(0.0, min(wait, next_poll - self._clock())))
+                    if self._clock() >= next_poll:  # not a wake-up for re-validation
+                        dirty = True
+                        next_poll = self._clock() + self.poll_interval
             except Exception as exc:  # the database went away: reconnect, never die
                 _log.warning(
                     "revocation watcher on %s: %s; reconnecting in %.1fs",

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, event, text
 
 from sqlalchemy_cmk import CMK, KeyAccessDeniedError, TenantNotConfiguredError, tenant_context
 from sqlalchemy_cmk.errors import ConfigurationError
@@ -327,6 +327,26 @@ def test_the_watcher_reconnects_and_catches_up(
     refused_within(bound(engine) + 1.0, read_and_write(app, doc))  # + the first backoff
     assert any("reconnecting" in r.getMessage() for r in caplog.records)
     caplog.clear()
+
+
+def test_an_idle_watcher_costs_one_small_query_per_poll_and_none_when_listening(
+    engine: Engine, watchers: list[RevocationWatcher]
+) -> None:
+    operator = DatabaseKeyRegistry(engine, SECRET, registry_id="test-eu")
+    operator.create_table()
+    operator.add_tenant("acme", "fake://acme")
+    app, _ = registry_cmk(engine)
+    statements: list[str] = []
+    event.listen(engine, "before_cursor_execute", lambda *a: statements.append(a[2]))
+    start(watchers, app, revalidate={"acme": 0.1})  # re-validation wakes cost no query
+    time.sleep(0.5)
+    statements.clear()
+    time.sleep(3.0)
+    if is_pg(engine):
+        assert statements == []
+    else:
+        assert 2 <= len(statements) <= 4, statements  # one fingerprint per second
+        assert all("count(" in s.lower() for s in statements), statements
 
 
 # -- the registry side ----------------------------------------------------------------------
