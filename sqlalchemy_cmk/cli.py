@@ -284,7 +284,7 @@ def _main(argv: Sequence[str] | None) -> int:
                 if migration
                 else ""
             ),
-            newline=True,  # end a progress bar's line first
+            newline=_isatty(sys.stderr),  # end a progress bar's line first
         )
         return EXIT_INTERRUPTED
     except BrokenPipeError:
@@ -328,6 +328,13 @@ def _fail(message: str, *, newline: bool = False) -> None:
     with contextlib.suppress(OSError, ValueError):  # stderr gone too: nothing to tell
         print(("\n" if newline else "") + f"sqlalchemy-cmk: {_printable(line)}", file=sys.stderr)
         sys.stderr.flush()
+
+
+def _isatty(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (OSError, ValueError):
+        return False
 
 
 class _Parser(argparse.ArgumentParser):
@@ -882,18 +889,25 @@ def _migration(args: argparse.Namespace, out: TextIO) -> int:
     except ImportError as exc:
         raise UsageError(f"the database driver is not installed: {exc}") from None
     try:
+        # The usage checks first (exit 2 whatever the database's state), then reach the
+        # database once: an unreachable server or a wrong URL is reported as such (with the
+        # URL hint), not as the failure of some batch.
+        cmk: Any = None
+        workers: int = getattr(args, "workers", 1)
+        if args.command != "status":
+            if workers > 1 and engine.dialect.name != "postgresql":
+                raise UsageError(
+                    f"--workers {workers}: {engine.dialect.name} runs single-worker (parallel "
+                    "workers partition the table with PostgreSQL's FOR UPDATE SKIP LOCKED); "
+                    "use --workers 1"
+                )
+            cmk = _load_cmk(args.cmk, args.app_dir)
+            if hasattr(args, "tenant_column"):  # every command that seals or opens rows
+                args.tenant_column = _tenant_column(args)
+        with engine.connect():
+            pass
         if args.command == "status":
             return _status(engine, args, out)
-        workers: int = getattr(args, "workers", 1)
-        if workers > 1 and engine.dialect.name != "postgresql":
-            raise UsageError(
-                f"--workers {workers}: {engine.dialect.name} runs single-worker (parallel "
-                "workers partition the table with PostgreSQL's FOR UPDATE SKIP LOCKED); "
-                "use --workers 1"
-            )
-        cmk = _load_cmk(args.cmk, args.app_dir)
-        if hasattr(args, "tenant_column"):  # every command that seals or opens rows
-            args.tenant_column = _tenant_column(args)
         if args.command == "verify":
             return _verify_table(engine, cmk, args, out)
         job = _Job(

@@ -150,6 +150,13 @@ def notes(engine: Engine) -> str:
     return database_url(engine)
 
 
+def encrypted(engine: Engine) -> int:
+    """How many values of ``notes.body`` are stored encrypted."""
+    with engine.connect() as conn:
+        query = text("SELECT count(*) FROM notes WHERE body LIKE 'cmk:%'")
+        return int(conn.execute(query).scalar_one())
+
+
 def raw(engine: Engine) -> list[tuple[Any, ...]]:
     with engine.connect() as conn:
         return [tuple(r) for r in conn.execute(text("SELECT * FROM notes ORDER BY id"))]
@@ -313,6 +320,11 @@ def test_an_unreachable_database_is_one_line_with_the_url_hint(
     url = "postgresql+psycopg://nobody@127.0.0.1:9/none?connect_timeout=2"
     done = cli("status", "--table", "notes", "--column", "body", cwd=tmp_path, url=url)
     assert "is the URL right" in one_line_failure(done, 1)
+    done = cli("encrypt-column", *TARGET, "--cmk", f"{app}:cmk", cwd=tmp_path, url=url)
+    assert "is the URL right" in one_line_failure(done, 1)
+    # A usage error is one whatever the database: found before connecting.
+    done = cli("encrypt-column", *TARGET, "--cmk", f"{app}:nothing", cwd=tmp_path, url=url)
+    assert "has no attribute" in one_line_failure(done, 2)
 
 
 # -- progress: never past the total; a sample shows no ETA -----------------------------------
@@ -431,11 +443,7 @@ def test_a_closed_pipe_ends_every_command_quietly(
         assert status in (0, 141), (argv, status, err)
         assert "Traceback" not in err and "BrokenPipe" not in err and "Exception" not in err
     # Everything was encrypted although no one read the report.
-    with engine.connect() as conn:
-        assert (
-            conn.execute(text("SELECT count(*) FROM notes WHERE body LIKE 'cmk:%'")).scalar()
-            == ROWS
-        )
+    assert encrypted(engine) == ROWS
     # Progress to a closed stderr does not stop the work either (`2>&1 | head -0`).
     assert (
         cli("decrypt-column", *TARGET, "--cmk", f"{app}:cmk", cwd=tmp_path, url=notes).returncode
@@ -457,8 +465,54 @@ def test_a_closed_pipe_ends_every_command_quietly(
         both=True,
     )
     assert status in (0, 141)
-    with engine.connect() as conn:
-        assert (
-            conn.execute(text("SELECT count(*) FROM notes WHERE body LIKE 'cmk:%'")).scalar()
-            == ROWS
+    assert encrypted(engine) == ROWS
+
+
+@pytest.mark.parametrize("engine", ["postgresql"], indirect=True)
+def test_an_interrupted_migration_exits_130_in_one_line(
+    engine: Engine, app: str, tmp_path: Path
+) -> None:
+    """Ctrl-C (SIGINT) mid-run: status 130, one line after the progress, no traceback; the
+    same command then finishes the job."""
+    import signal
+
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE notes (id integer PRIMARY KEY, tenant_id text, body text)"))
+        conn.execute(
+            text(
+                "INSERT INTO notes SELECT g, CASE WHEN g % 2 = 0 THEN 'acme' ELSE 'globex' END, "
+                "'value ' || g FROM generate_series(1, 40000) AS g"
+            )
         )
+    url = database_url(engine)
+    script = Path(sys.executable).parent / "sqlalchemy-cmk"
+    argv = [str(script), "encrypt-column", *TARGET, "--cmk", f"{app}:cmk"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), SQLALCHEMY_CMK_DATABASE_URL=url)
+    proc = subprocess.Popen(
+        [*argv, "--batch-size", "50", "--progress-every", "0"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        first = proc.stderr.readline()
+        assert first.startswith("encrypt notes: "), first
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    failures = [line for line in err.splitlines() if not line.startswith("encrypt notes: ")]
+    assert [line for line in failures if line.strip()] == [
+        "sqlalchemy-cmk: interrupted: the committed batches stay done; run the same command "
+        "again to finish"
+    ]
+    done = cli(*argv[1:], "--no-progress", cwd=tmp_path, url=url)
+    assert done.returncode == 0, done.stderr
+    assert encrypted(engine) == 40000
