@@ -71,6 +71,8 @@ _KEY_NAME = re.compile(r"projects/[^/]+/locations/[^/]+/keyRings/[^/]+/cryptoKey
 #: Seconds each Encrypt/Decrypt call may take, connecting included (the SDK's default is 60).
 DEFAULT_TIMEOUT = 5.0
 _MALFORMED = "wrapped key is malformed, corrupt or bound to another tenant"
+# gRPC's wording for a handshake the TLS library refused (not one the network cut short).
+_TLS_REFUSED = re.compile(r"handshake failed.*SSL_ERROR_SSL", re.IGNORECASE | re.DOTALL)
 
 _log = logging.getLogger(__name__)
 # The SDK's transports log whole requests and responses (the data key among them) at DEBUG.
@@ -373,6 +375,17 @@ def _raise_mapped(exc: Exception, key_ref: str, *, decrypting: bool) -> NoReturn
             f"key? ({detail})",
             **kw,
         ) from exc
+    if isinstance(exc, gexc.ServiceUnavailable) and _TLS_REFUSED.search(exc.message or ""):
+        # gRPC reports a refused TLS handshake (certificate, protocol) as UNAVAILABLE; no retry
+        # cures it, as with every provider. A handshake cut by the network (SSL_ERROR_SYSCALL)
+        # stays transient.
+        error = KMSUnavailableError(
+            "TLS to Cloud KMS failed (the endpoint's certificate does not verify, or no common "
+            "protocol); check api_endpoint and root_certificates",
+            **kw,
+        )
+        error.retryable = False
+        raise error from exc
     if isinstance(
         exc,
         (

@@ -622,8 +622,9 @@ def test_from_credentials_over_tls_with_a_token_source(
     untrusting = GcpKmsProvider.from_credentials(
         FakeTokenSource("ya29.fake-access-token"), api_endpoint=server.address, timeout=2
     )
-    with pytest.raises(KMSUnavailableError):
+    with pytest.raises(KMSUnavailableError, match="TLS to Cloud KMS failed") as info:
         untrusting.wrap_key(f"gcp-kms://{name}", dek, ACME)
+    assert info.value.retryable is False  # a certificate problem: not retried
     assert sum(server.tokens_seen.values()) == seen
 
 
