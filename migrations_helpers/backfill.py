@@ -78,7 +78,7 @@ from sqlalchemy.exc import DBAPIError, StatementError
 
 from sqlalchemy_cmk import CMK, TenantContext, _codecs, _format
 from sqlalchemy_cmk._cmk import _aad_prefix
-from sqlalchemy_cmk._codecs import Codec
+from sqlalchemy_cmk._codecs import Codec, codec_for
 from sqlalchemy_cmk._keys import DataKey
 from sqlalchemy_cmk._mapping import ColumnSpec, TableSpec, is_tenant_column
 from sqlalchemy_cmk.errors import (
@@ -364,7 +364,9 @@ class _Target:
     ``raw`` has plain ``Text``/``LargeBinary`` columns: the SQL reads and writes stored values
     as is. ``storage[i]`` says how ``cols[i]`` holds a ciphertext: ``"text"`` (``cmk:`` +
     base64, beside plaintext during an in-place encryption) or ``"binary"`` (the default
-    storage: the bytes themselves; never plaintext).
+    storage: the bytes themselves; never plaintext); ``"plain"`` marks a column that only
+    receives plaintext (decrypt's ``into=``), of its reflected type. ``into`` maps the index of
+    a column decrypted elsewhere to the index of the column receiving its plaintext.
     """
 
     name: str
@@ -376,6 +378,7 @@ class _Target:
     companion: Column[Any] | None
     postgresql: bool
     types: dict[str, Any]  # every column of the table, as reflected: name -> type
+    into: dict[int, int] = field(default_factory=dict)
 
     def label(self) -> str:
         return f"{self.raw.schema}.{self.name}" if self.raw.schema else self.name
@@ -387,6 +390,8 @@ class _Target:
     def encrypted(self, i: int) -> ColumnElement[bool]:
         """SQL: ``cols[i]`` holds a ciphertext."""
         col = self.cols[i]
+        if self.storage[i] == "plain":
+            return false()
         if self.storage[i] == "binary":
             return col.is_not(None)
         # substr, not LIKE: SQLite's LIKE ignores case, and "CMK:..." is plaintext.
@@ -394,7 +399,7 @@ class _Target:
 
     def plaintext(self, i: int) -> ColumnElement[bool]:
         """SQL: ``cols[i]`` holds plaintext (NULL is neither)."""
-        if self.storage[i] == "binary":
+        if self.storage[i] != "text":
             return false()
         return func.substr(self.cols[i], 1, _MARKER_LEN) != TEXT_MARKER
 
@@ -404,7 +409,7 @@ class _Target:
     def ciphertext(self, i: int, value: Any) -> bytes | None:
         """The ciphertext stored in ``cols[i]``; None for NULL and plaintext. A malformed one
         raises DecryptionError."""
-        if value is None:
+        if value is None or self.storage[i] == "plain":
             return None
         if self.storage[i] == "binary":
             return bytes(_binary(value))
@@ -430,6 +435,7 @@ def _target(
     for_encrypt: bool = False,
     metadata: Models | None = None,
     with_tenant: bool = True,
+    into: Mapping[str, str] | None = None,
 ) -> _Target:
     """Check the table and build its :class:`_Target`; ``columns=None``: no columns yet (the
     caller finds the encrypted ones with :func:`_encrypted_columns`)."""
@@ -545,6 +551,10 @@ def _target(
         Column(name, LargeBinary() if s == "binary" else Text())
         for name, s in zip(columns, storage, strict=True)
     ]
+    targets = _check_into(
+        where, table, into or {}, columns, reflected, pk_name, tenant_column, companion_column
+    )
+    raw_cols += [Column(name, reflected[name]["type"]) for name in targets]
     if companion_column is not None:
         raw_cols.append(Column(companion_column, LargeBinary()))
     raw = Table(table, MetaData(), *raw_cols, schema=schema)
@@ -553,12 +563,49 @@ def _target(
         raw=raw,
         pk=raw.c[pk_name],
         tenant=raw.c[tenant_column] if tenant_column is not None else None,
-        cols=tuple(raw.c[name] for name in columns),
-        storage=tuple(storage),
+        cols=tuple(raw.c[name] for name in (*columns, *targets)),
+        storage=(*storage, *(["plain"] * len(targets))),
         companion=raw.c[companion_column] if companion_column is not None else None,
         postgresql=engine.dialect.name == "postgresql",
         types={name: info["type"] for name, info in reflected.items()},
+        into={columns.index(src): len(columns) + k for k, src in enumerate(into or {})},
     )
+
+
+def _check_into(
+    where: str,
+    table: str,
+    into: Mapping[str, str],
+    columns: Sequence[str],
+    reflected: Mapping[str, Any],
+    pk_name: str,
+    tenant_column: str | None,
+    companion_column: str | None,
+) -> list[str]:
+    """The columns receiving plaintext (decrypt's ``into=``), in ``into``'s order."""
+    targets = list(into.values())
+    for src, dst in into.items():
+        if src not in columns:
+            raise ConfigurationError(
+                f"into= names {src!r}, which is not one of the columns {list(columns)!r}",
+                table=table,
+                column=src,
+            )
+        if dst not in reflected:
+            raise ConfigurationError(
+                f"table {where!r} has no column {dst!r} to decrypt {src!r} into: add it first "
+                "(nullable, of the plaintext's type)",
+                table=table,
+                column=dst,
+            )
+        if dst in (*columns, pk_name, tenant_column, companion_column) or targets.count(dst) > 1:
+            raise ConfigurationError(
+                f"{dst!r} cannot receive the plaintext of {src!r}: it is encrypted, the primary "
+                "key, the tenant or companion column, or the target of another column",
+                table=table,
+                column=dst,
+            )
+    return targets
 
 
 def _refuse_unique(insp: Any, table: str, schema: str | None, columns: Sequence[str]) -> None:
@@ -1497,6 +1544,33 @@ def encrypt_columns(
     return report
 
 
+def _codec_of_tag(tag: int, table: str, column: str) -> Codec:
+    """The codec a value was written with, from its tag (for a column no model describes)."""
+    types = _TAG_TYPES.get(tag)
+    if types is None:
+        raise ConfigurationError(
+            f"{table}.{column} holds a value of an unknown type (tag {tag}): pass the model as "
+            "metadata= so its declared type decodes it",
+            table=table,
+            column=column,
+        )
+    return codec_for(types())
+
+
+_TAG_TYPES: dict[int, Callable[[], sqltypes.TypeEngine[Any]]] = {
+    1: sqltypes.Text,
+    2: sqltypes.LargeBinary,
+    3: sqltypes.BigInteger,
+    4: sqltypes.Numeric,
+    5: sqltypes.Boolean,
+    6: sqltypes.Date,
+    7: sqltypes.DateTime,
+    8: sqltypes.Time,
+    9: sqltypes.JSON,
+    10: sqltypes.Uuid,
+}
+
+
 def _with(
     handle: Callable[[Connection, Sequence[Any], Report, _Crypto], None],
     crypto: _Crypto,
@@ -1568,19 +1642,28 @@ def decrypt_columns(
     progress: ProgressCallback | None = None,
     actor: str = "sqlalchemy-cmk migration",
     max_batches: int | None = None,
+    into: Mapping[str, str] | None = None,
 ) -> Report:
-    """The reverse: restore every encrypted value of the text ``columns`` to its plaintext,
-    byte for byte, with the same batching, locking and compare-and-swap; each batch is read
-    back before it commits (the rows must hold exactly the plaintext written).
+    """The reverse: restore every encrypted value of ``columns`` to its plaintext, with the
+    same batching, locking and compare-and-swap; each batch is read back before it commits
+    (the rows must hold exactly what was written).
+
+    A text-storage column is restored in place, byte for byte. A column may instead be
+    decrypted ``into`` another, existing column (``{"ssn": "ssn_plain"}``), and must be if it
+    uses the binary (default) storage, where plaintext has no place: the plaintext, decoded as
+    the column's type (the model's, given ``metadata``; else the type the value was written
+    as), goes to the target column and the encrypted value becomes NULL in the same update,
+    so a rerun resumes where a killed run stopped. The application reads the target where the
+    source is NULL meanwhile.
 
     The companion column and its values are left in place (other columns may still use them).
-    Deploy the application with ``allow_plaintext=True`` before running it, and with a plain
-    ``Text`` column once it is done.
+    Deploy the application with ``allow_plaintext=True`` before an in-place run, and with a
+    plain ``Text`` column once it is done.
 
     Raises:
-        ConfigurationError: as :func:`encrypt_columns`; a binary (default-storage) column,
-            which has no place for the plaintext (decrypt into a new column from application
-            code); a value whose type is not text.
+        ConfigurationError: as :func:`encrypt_columns`; a binary-storage column without an
+            ``into`` target; a target that is missing, encrypted or taken; a text column's
+            value whose type is not text.
         DecryptionError: a value did not decrypt (names the row); nothing of its batch is
             written. Run :func:`verify` for the full list.
         KeyAccessError: a tenant's KMS refused or failed.
@@ -1598,20 +1681,34 @@ def decrypt_columns(
         companion_column=companion_column,
         schema=schema,
         metadata=metadata,
+        into=into,
     )
     for j, s in enumerate(tgt.storage):
-        if s == "binary":
+        if s == "binary" and j not in tgt.into:
             raise ConfigurationError(
                 f"{tgt.label()}.{tgt.cols[j].name} is a binary column (the default storage): "
-                "its plaintext has no place there. Add a plaintext column and copy the values "
-                "into it from application code, then drop the encrypted one",
+                "its plaintext has no place there. Add a plaintext column and pass "
+                f"into={{{tgt.cols[j].name!r}: 'new_column'}}",
                 table=table,
                 column=tgt.cols[j].name,
             )
+    model, _ = _model_table(table, schema, metadata)
+    declared: dict[str, Codec] = {}
+    if model is not None:
+        declared = {
+            c.name: c.type.codec for c in model.columns if isinstance(c.type, EncryptedType)
+        }
     report = Report("decrypt", table, tuple(columns))
     pending = or_(*(tgt.encrypted(i) for i in range(len(tgt.cols))))
     total = _total(engine, tgt, pending) if progress is not None else None
     ncols = len(tgt.cols)
+
+    def plaintext(j: int, pt: bytes) -> Any:
+        name = tgt.cols[j].name
+        if j not in tgt.into:  # in place, in a text column
+            return _codecs.decode(_codecs.STR, pt, table=tgt.name, column=name)
+        codec = declared.get(name) or _codec_of_tag(pt[0], tgt.name, name)
+        return _codecs.decode(codec, pt, table=tgt.name, column=name)
 
     def handle(conn: Connection, rows: Sequence[Any], part: Report, crypto: _Crypto) -> None:
         opened = _open_batch(crypto, tgt, rows, 2)
@@ -1622,7 +1719,11 @@ def decrypt_columns(
             old = tuple(row[2 : 2 + ncols])
             new = list(old)
             for j, pt in out.items():
-                new[j] = _codecs.decode(_codecs.STR, pt, table=tgt.name, column=tgt.cols[j].name)
+                value = plaintext(j, pt)
+                if j in tgt.into:
+                    new[tgt.into[j]], new[j] = value, None
+                else:
+                    new[j] = value
             comp = _as_bytes(row[-1])
             batch.add(row[0], row[1], old, new, comp, comp, _tenant_of(row[1]))
         batch.apply(conn, part)

@@ -595,3 +595,40 @@ def test_op_encrypt_column_refuses_a_unique_index_before_any_change(
             assert conn.execute(text("SELECT ref FROM it_codes")).scalar_one() == "r1"
     finally:
         engine.dispose()
+
+
+def test_decrypt_binary_storage_into_plaintext_columns(engine: Engine) -> None:
+    cmk = make_cmk(FakeKeyProvider())
+    rows = seed_docs(engine, cmk, 30)
+    with engine.begin() as conn:
+        conn.execute(text("ALTER TABLE it_docs ADD COLUMN a_plain TEXT"))
+        conn.execute(text("ALTER TABLE it_docs ADD COLUMN b_plain TEXT"))
+    with pytest.raises(ConfigurationError, match="into="):
+        backfill.decrypt_columns(engine, cmk, "it_docs", ["a", "b"], tenant_column="tenant_id")
+    companions = {i: r[2] for i, r in raw_docs(engine).items()}
+    report = backfill.decrypt_columns(
+        engine,
+        cmk,
+        "it_docs",
+        ["a", "b"],
+        tenant_column="tenant_id",
+        into={"a": "a_plain", "b": "b_plain"},
+        batch_size=7,
+    )
+    assert report.rows == sum(1 for r in rows.values() if r[1] is not None or r[2] is not None)
+    with engine.connect() as conn:
+        got = {
+            r[0]: (r[1], r[2], r[3], r[4])
+            for r in conn.execute(text("SELECT id, a, b, a_plain, b_plain FROM it_docs"))
+        }
+    assert got == {i: (None, None, a, b) for i, (_, a, b) in rows.items()}
+    assert {i: r[2] for i, r in raw_docs(engine).items()} == companions  # left in place
+    again = backfill.decrypt_columns(
+        engine,
+        cmk,
+        "it_docs",
+        ["a", "b"],
+        tenant_column="tenant_id",
+        into={"a": "a_plain", "b": "b_plain"},
+    )
+    assert again.rows == 0
