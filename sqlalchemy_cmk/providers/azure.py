@@ -14,11 +14,13 @@ and a tenant who disables "the key" in the portal, or with ``az keyvault key set
 --enabled false`` without ``--version``, disables its latest version only. An unwrap at the
 vault addresses the version recorded in the wrapped key, which may be an older, still enabled
 one; so before unwrapping, the provider also reads the key's current version (``get``) and
-refuses when it is disabled. That read is remembered for ``key_state_ttl`` seconds (default 5)
-per key and process, and a wrap's own read counts as one: a cold load of many rows costs one
-extra ``get``, and steady traffic at most one per key per ``key_state_ttl`` on top of the
-unwraps (which the key manager's cache already bounds). A disabled key therefore stops every
-read within ``cache_ttl + key_state_ttl``, whatever version a row was written under.
+refuses when it is disabled. Every unwrap waits for a read that began after it was asked for;
+concurrent unwraps of one key share it (a cold load of many rows costs one or two ``get``), and
+a wrap's own read counts. So an unwrap costs at most one extra ``get``, and unwraps are already
+bounded by the key manager's cache (one per data key per ``cache_ttl`` per process). A disabled
+key therefore stops every read within ``cache_ttl``, whatever version a row was written under,
+and at once after ``forget_tenant``. ``key_state_ttl`` trusts a read longer, for fewer reads
+and a looser bound (``cache_ttl + key_state_ttl``).
 
 Design: Key Vault's wrapKey (RSA-OAEP-256 for RSA keys, AES key wrap ``A256KW`` for Managed HSM
 ``oct-HSM`` keys) takes no additional authenticated data, so the vault cannot bind the tenant.
@@ -250,7 +252,7 @@ class AzureKeyVaultProvider:
         *,
         key_client_factory: KeyClientFactory,
         crypto_client_factory: CryptographyClientFactory,
-        key_state_ttl: float = 5.0,
+        key_state_ttl: float = 0.0,
         read_timeout: float | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -259,8 +261,11 @@ class AzureKeyVaultProvider:
         crypto_client_factory: Versioned key id ->
             ``azure.keyvault.keys.crypto.CryptographyClient``.
         key_state_ttl: Seconds a read of a key's current version (checked enabled before an
-            unwrap) is trusted; 0 reads it before every unwrap. Adds to ``cache_ttl`` in the
-            time a disabled key takes to stop reads.
+            unwrap) is trusted. 0 (default): every unwrap waits for a read that began after it
+            was asked for (shared by concurrent unwraps). More saves reads but adds to
+            ``cache_ttl`` in the time a disabled key takes to stop reads, and makes
+            ``forget_tenant`` take up to ``cache_ttl + key_state_ttl`` for rows under older
+            versions (a read trusted after the forget caches a data key again).
         read_timeout: The clients' read timeout, so that a per-call timeout derived from
             ``kms_deadline`` never lengthens it (None: the deadline alone bounds each call).
         clock: Monotonic seconds for ``key_state_ttl`` (a seam for tests).
@@ -272,7 +277,10 @@ class AzureKeyVaultProvider:
         self._key_state_ttl = key_state_ttl
         self._read_timeout = read_timeout
         self._clock = clock
+        # (host, lower-case name) -> when the last read of the current version that found it
+        # enabled began; and one lock per key, so that concurrent unwraps share a read.
         self._state_checked: dict[tuple[str, str], float] = {}
+        self._state_locks: dict[tuple[str, str], threading.Lock] = {}
         self._key_clients: dict[str, KeyClient] = {}
         self._crypto_clients: dict[str, CryptographyClient] = {}
         self._public_wrappers: dict[str, CryptographyClient] = {}
@@ -286,7 +294,7 @@ class AzureKeyVaultProvider:
         connection_timeout: float = 3.0,
         read_timeout: float = 10.0,
         retry_total: int = 1,
-        key_state_ttl: float = 5.0,
+        key_state_ttl: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
         **client_kwargs: Any,
     ) -> AzureKeyVaultProvider:
@@ -468,16 +476,37 @@ class AzureKeyVaultProvider:
     def _check_current(self, ref: _Ref, key_ref: str) -> None:
         """Refuse when the key's current version is disabled (how a tenant disables "the key").
 
-        One ``get`` of the unversioned key, trusted for ``key_state_ttl``. A disabled current
-        version answers ``403 KeyDisabled`` (mapped by the boundary); a vault that answers with
-        the bundle instead says ``enabled: false``.
+        One ``get`` of the unversioned key. A read that *began after this call arrived* is as
+        fresh as one of its own, so concurrent unwraps of one key share it (they queue on a
+        per-key lock; a cold load costs one or two reads, not one per row); with
+        ``key_state_ttl`` a read is trusted that long. A disabled current version answers
+        ``403 KeyDisabled`` (mapped by the boundary); a vault that answers with the bundle
+        instead says ``enabled: false``.
         """
         slot = (ref.host, ref.name.lower())
-        now = self._clock()
+        arrived = self._clock()
         with self._lock:
-            checked_at = self._state_checked.get(slot)
-        if checked_at is not None and now - checked_at < self._key_state_ttl:
-            return
+            lock = self._state_locks.setdefault(slot, threading.Lock())
+        left = call_timeout(math.inf)
+        if not lock.acquire(timeout=-1 if math.isinf(left) else left):
+            raise KMSUnavailableError(
+                "the key's state could not be read within kms_deadline",
+                key_ref=key_ref,
+                provider=_SCHEME,
+            )
+        try:
+            with self._lock:
+                checked_at = self._state_checked.get(slot)
+            if checked_at is not None and (
+                checked_at >= arrived or arrived - checked_at < self._key_state_ttl
+            ):
+                return
+            self._read_current(ref, key_ref)
+        finally:
+            lock.release()
+
+    def _read_current(self, ref: _Ref, key_ref: str) -> None:
+        now = self._clock()
         current = self._key_client(ref.vault_url).get_key(ref.name, **_timeouts(self))
         if _version_of(_Ref(ref.host, ref.name, None), current.id) is None:
             raise KeyNotFoundError(
