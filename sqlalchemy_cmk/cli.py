@@ -50,11 +50,12 @@ Exit status (a contract, docs/usage.md "Exit status"): 0 done; 1 the operation f
 tampered row, a failed check, a conflict, an invalid change, a row that did not verify,
 plaintext left under ``--require-encrypted``, a worker that died, a database error); 2 the
 command was invoked or configured wrongly and changed nothing (bad arguments, missing URL or
-secret, a ``--cmk`` or ``--metadata`` that does not load); 130 interrupted; 141 the reader of
-the output went away (``| head``). Every failure is one line on stderr starting
-``sqlalchemy-cmk:``, never a traceback, and never quotes a value from the database (a driver's
-DETAIL lines, SQLAlchemy's ``[SQL: ...]`` and ``[parameters: ...]`` are dropped).
-``SQLALCHEMY_CMK_TRACEBACK=1`` shows the traceback of an unexpected error (it may show data).
+secret, a ``--cmk`` or ``--metadata`` that does not load, ``encrypt-column`` on a column
+under a unique index); 130 interrupted; 141 the reader of the output went away (``| head``).
+Every failure is one line on stderr starting ``sqlalchemy-cmk:``, never a traceback, and never
+quotes a value from the database (a driver's DETAIL lines, SQLAlchemy's ``[SQL: ...]`` and
+``[parameters: ...]`` are dropped). ``SQLALCHEMY_CMK_TRACEBACK=1`` shows the traceback of an
+unexpected error (it may show data).
 """
 
 from __future__ import annotations
@@ -925,6 +926,10 @@ def _migration(args: argparse.Namespace, out: TextIO) -> int:
         )
         added = False
         if job.command == "encrypt-column":  # before any worker starts: one ALTER, not N
+            try:  # what refuses the columns must do so before the companion is added
+                backfill.check_encryptable(engine, job.table, job.columns, schema=job.schema)
+            except backfill.UniqueColumnError as exc:
+                raise UsageError(f"{type(exc).__name__}: {exc}") from None
             added = backfill.ensure_companion(
                 engine, job.table, companion_column=job.companion_column, schema=job.schema
             )

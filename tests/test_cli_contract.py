@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Column, Engine, Integer, MetaData, String, Table, Text, text
+from sqlalchemy import Column, Engine, Integer, MetaData, String, Table, Text, inspect, text
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = base64.b64encode(os.urandom(32)).decode()
@@ -268,6 +268,19 @@ def test_a_cmk_that_does_not_load_exits_2_before_touching_anything(
     with engine.connect() as conn:  # not even the companion column was added
         columns = [r[1] for r in conn.execute(text("PRAGMA table_info(notes)"))]
     assert columns == ["id", "tenant_id", "body"] and raw(engine) == before
+
+
+def test_a_column_under_a_unique_index_is_refused_before_anything_changes(
+    engine: Engine, notes: str, app: str, tmp_path: Path
+) -> None:
+    with engine.begin() as conn:
+        conn.execute(text("CREATE UNIQUE INDEX notes_body_key ON notes (body)"))
+    before = raw(engine)
+    done = cli("encrypt-column", *TARGET, "--cmk", f"{app}:cmk", cwd=tmp_path, url=notes)
+    line = one_line_failure(done, 2)
+    assert "notes_body_key" in line and SSN not in line
+    columns = [c["name"] for c in inspect(engine).get_columns("notes")]
+    assert columns == ["id", "tenant_id", "body"] and raw(engine) == before  # no companion
 
 
 @pytest.mark.parametrize("engine", ["sqlite"], indirect=True)
