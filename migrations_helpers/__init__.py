@@ -49,13 +49,21 @@ if TYPE_CHECKING:
     from .alembic_ops import register as register
     from .autogenerate import compare_type as compare_type
     from .autogenerate import render_item as render_item
+    from .backfill import IncompleteColumnsError as IncompleteColumnsError
+    from .backfill import MigrationDatabaseError as MigrationDatabaseError
+    from .backfill import UniqueColumnError as UniqueColumnError
+    from .backfill import UnreadableWriteError as UnreadableWriteError
 
 __all__ = [
     "DecryptColumnOp",
     "EncryptColumnOp",
+    "IncompleteColumnsError",
+    "MigrationDatabaseError",
     "NothingToUndoOp",
     "RewrapKeysOp",
     "RotateDataKeysOp",
+    "UniqueColumnError",
+    "UnreadableWriteError",
     "compare_type",
     "configure",
     "configured_cmk",
@@ -74,6 +82,11 @@ _HOMES = {
     "register": ".alembic_ops",
     "compare_type": ".autogenerate",
     "render_item": ".autogenerate",
+    # The migration errors: from the backfill engine, which works without Alembic.
+    "IncompleteColumnsError": ".backfill",
+    "MigrationDatabaseError": ".backfill",
+    "UniqueColumnError": ".backfill",
+    "UnreadableWriteError": ".backfill",
 }
 
 
