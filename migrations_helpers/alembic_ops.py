@@ -240,6 +240,8 @@ class EncryptColumnOp(_ColumnsOp):
             ConfigurationError: no CMK, a missing table or column, offline (``--sql``) mode, no
                 tenant column given or declared, or one given that contradicts the model.
             TenantNotConfiguredError: a row's tenant has no key; nothing of that batch is written.
+            UniqueColumnError: a unique index or constraint covers a column; raised before the
+                companion column is added.
         """
         op = cls(
             table,
@@ -283,6 +285,8 @@ class DecryptColumnOp(_ColumnsOp):
         Raises:
             ConfigurationError: no CMK, a missing table or column, or offline (``--sql``) mode.
             KeyAccessError: a tenant's KMS refused; the rows done so far stay decrypted.
+            MigrationDatabaseError: the database refused a plaintext (a CHECK, a unique index):
+                names the row and constraint, never the value, and chains no database error.
         """
         op = cls(
             table,
@@ -430,6 +434,8 @@ class RotateDataKeysOp(_ColumnsOp):
 
         Raises:
             ConfigurationError: no CMK, a missing table or column, or offline (``--sql``) mode.
+            IncompleteColumnsError: ``columns`` leave out an encrypted column of the table (from
+                ``target_metadata``, else found in the database); nothing is written.
         """
         op = cls(
             table,
@@ -674,6 +680,8 @@ def _rotate_data_keys(operations: Operations, operation: RotateDataKeysOp) -> ba
         table,
         operation.columns,
         tenant_column=tenant_column,
+        # The model's encrypted columns: rotate refuses a column list that leaves one out.
+        metadata=operations.get_context().opts.get("target_metadata"),
         tenant=operation.tenant,
         companion_column=operation.companion_column,
         schema=operation.schema,

@@ -23,6 +23,20 @@ How a text column is encrypted in place, online:
 4. :func:`verify` decrypts every row (or a sample) and reports ok / plaintext / failed by tenant.
 5. The application drops ``allow_plaintext``.
 
+What every operation guarantees (``tests/migrations/test_integrity.py``):
+
+* A batch is one transaction that ends by reading its rows back: values written are decrypted
+  as stored (a new envelope's key unwrapped afresh through the KMS, once per call), rows
+  decrypted must hold exactly the plaintext written; otherwise :class:`UnreadableWriteError`
+  and the batch rolls back. :func:`rewrap_keys` proves each new envelope before writing it.
+* :func:`rotate_data_keys` never strands a column: it finds every encrypted column sharing the
+  companion (:func:`_encrypted_columns`) and refuses a set that leaves one out
+  (:class:`IncompleteColumnsError`).
+* Keys are opened by one per-call object (:class:`_Crypto`), which owns what it unwraps.
+* A database error leaves as :class:`MigrationDatabaseError`, scrubbed of row values, with
+  nothing chained.
+* :func:`encrypt_columns` refuses a column under a unique index (:class:`UniqueColumnError`).
+
 All functions take an ``Engine`` (batches need their own transactions; Alembic operations pass
 the migration connection's engine after committing the schema change) and a ``CMK``; they read
 every tenant's rows under ``cross_tenant_context`` semantics and write each row under the
@@ -33,11 +47,13 @@ Limits:
 * The table needs a single-column primary key (the walk's cursor); composite keys raise
   ``ConfigurationError``.
 * Only text columns (``TEXT``, or ``VARCHAR`` without a length) can be encrypted in place: the
-  stored form is a third longer than the value plus about 45 characters.
+  stored form is a third longer than the value plus about 45 characters. The other operations
+  take text and binary (default-storage) columns alike; a binary column is decrypted ``into``
+  another column.
 * A plaintext value that itself starts with ``cmk:`` cannot be told from ciphertext: the walk
   leaves it alone, :func:`status` counts it as encrypted and :func:`verify` reports it failed.
-* :func:`rotate_data_keys` gives rows a new companion, so ``columns`` must name *every* encrypted
-  column of the table; run it in one worker.
+* :func:`rotate_data_keys` gives rows a new companion, so it takes *every* encrypted column of
+  the table (a list leaving one out is refused); run it in one worker.
 """
 
 from __future__ import annotations
@@ -650,7 +666,8 @@ def _encrypted_columns(
 ) -> tuple[str, ...]:
     """Every encrypted column of the table that shares ``tgt``'s companion.
 
-    From the model when ``metadata`` holds the table (its ``EncryptedType`` columns); else from
+    From the model when ``metadata`` holds the table (its ``EncryptedType`` columns that the
+    database has); else from
     the database, in one scan: a text column holding a ``cmk:`` value in a row with a
     companion, and a binary column whose value in such a row authenticates as a ciphertext of
     that column (up to five candidate values are tried, so a plain blob is not mistaken).
@@ -658,7 +675,12 @@ def _encrypted_columns(
     assert tgt.companion is not None
     model, _ = _model_table(tgt.name, tgt.raw.schema, metadata)
     if model is not None and any(isinstance(c.type, EncryptedType) for c in model.columns):
-        return tuple(c.name for c in model.columns if isinstance(c.type, EncryptedType))
+        # Only those the database has: in a migration, the model may be ahead of the schema.
+        return tuple(
+            c.name
+            for c in model.columns
+            if isinstance(c.type, EncryptedType) and c.name in tgt.types
+        )
     skip = {tgt.pk.name, tgt.companion.name} | (
         {tgt.tenant.name} if tgt.tenant is not None else set()
     )
