@@ -2214,7 +2214,8 @@ def verify(
     checks every encrypted column of the table (from the model given as ``metadata``, else
     found in the database). A row whose tenant column disagrees with its EDEK's tenant is a
     failure (``TenantMismatchError``), as is a value that does not decrypt
-    (``DecryptionError``) or whose key the KMS refuses (``KeyAccessDeniedError``...). Failures
+    (``DecryptionError``), that decrypts to another type than the model's (with ``metadata``:
+    ``ConfigurationError``), or whose key the KMS refuses (``KeyAccessDeniedError``...). Failures
     never stop the scan. Reads only, without locks, one batch at a time.
 
     Raises:
@@ -2250,6 +2251,15 @@ def verify(
     )
     assert tgt.companion is not None and tgt.tenant is not None
     report = VerifyReport(table, tuple(columns))
+    # With the model: each value must also be of the column's declared type, or the
+    # application would refuse it on load although it decrypts.
+    model, _ = _model_table(table, schema, metadata)
+    tags: dict[int, bytes] = {}
+    if model is not None:
+        for j, c in enumerate(tgt.cols):
+            declared = model.c.get(c.name)
+            if declared is not None and isinstance(declared.type, EncryptedType):
+                tags[j] = bytes([declared.type.codec.tag])
     conds: list[ColumnElement[bool]] = [or_(*(c.is_not(None) for c in tgt.cols))]
     if sample is not None and sample < 1:
         if tgt.postgresql:
@@ -2300,7 +2310,9 @@ def verify(
                         error = type(errors[comp[_SPLIT:]]).__name__
                     else:
                         for j, ct in cts:
-                            crypto.open(comp, tgt.cols[j].name, ct)
+                            pt = crypto.open(comp, tgt.cols[j].name, ct)
+                            if j in tags and pt[:1] != tags[j]:
+                                error = "ConfigurationError"  # not the model's type
                         _count(by_tenant, t)
             except DecryptionError:
                 error = "DecryptionError"

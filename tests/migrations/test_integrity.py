@@ -7,6 +7,7 @@ refused: its type, what it names, and that no plaintext travels with it.
 
 from __future__ import annotations
 
+import datetime
 import logging
 import threading
 import traceback
@@ -18,8 +19,10 @@ from typing import Any
 import pytest
 from alembic import command
 from sqlalchemy import (
+    JSON,
     CheckConstraint,
     Column,
+    DateTime,
     Engine,
     Index,
     Integer,
@@ -43,6 +46,7 @@ from sqlalchemy_cmk import (
     CMK,
     ConfigurationError,
     DecryptionError,
+    EDEKType,
     EncryptedMixin,
     EncryptedType,
     KMSUnavailableError,
@@ -632,3 +636,57 @@ def test_decrypt_binary_storage_into_plaintext_columns(engine: Engine) -> None:
         into={"a": "a_plain", "b": "b_plain"},
     )
     assert again.rows == 0
+
+
+class TypedBase(DeclarativeBase):
+    pass
+
+
+class Event(EncryptedMixin, TypedBase):
+    """Binary storage of other types: moved between keys without being decoded."""
+
+    __tablename__ = "it_events"
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    tenant_id: Mapped[str] = mapped_column(String(20))
+    doc: Mapped[dict[str, Any] | None] = mapped_column(EncryptedType(JSON))
+    at: Mapped[datetime.datetime | None] = mapped_column(EncryptedType(DateTime(timezone=True)))
+    blob: Mapped[bytes | None] = mapped_column(EncryptedType(LargeBinary))
+
+
+def test_rotate_and_verify_any_column_type_in_binary_storage(engine: Engine) -> None:
+    cmk = make_cmk(FakeKeyProvider())
+    TypedBase.metadata.create_all(engine)
+    when = datetime.datetime(2026, 12, 2, 15, 4, 5, 123456, tzinfo=datetime.UTC)
+    rows = {
+        i: ({"n": i, "ü": [1.5, None, "x"]}, when + datetime.timedelta(days=i), bytes([i]) * i)
+        for i in range(12)
+    }
+    maker = sessionmaker(engine)
+    cmk.install(maker)
+    with tenant_context("acme"), maker.begin() as s:
+        s.add_all(
+            Event(id=i, tenant_id="acme", doc=d, at=a, blob=b) for i, (d, a, b) in rows.items()
+        )
+    report = backfill.rotate_data_keys(engine, cmk, "it_events", tenant_column="tenant_id")
+    assert report.columns == ("doc", "at", "blob") and report.rows == 12
+    with tenant_context("acme"), maker() as s:
+        got = {e.id: (e.doc, e.at, e.blob) for e in s.scalars(select(Event))}
+    assert got == rows
+    assert backfill.verify(
+        engine, cmk, "it_events", metadata=TypedBase, tenant_column="tenant_id"
+    ).ok
+
+    # A model that says another type: the values decrypt, but the application could not load them.
+    wrong = MetaData()
+    Table(
+        "it_events",
+        wrong,
+        Column("id", Integer, primary_key=True),
+        Column("tenant_id", String(20)),
+        Column("doc", EncryptedType(Text)),
+        Column("cmk_edek", EDEKType()),
+    )
+    bad = backfill.verify(
+        engine, cmk, "it_events", ["doc"], metadata=wrong, tenant_column="tenant_id"
+    )
+    assert bad.failed == {"acme": 12} and {f[2] for f in bad.failures} == {"ConfigurationError"}
