@@ -8,7 +8,10 @@ refused: its type, what it names, and that no plaintext travels with it.
 from __future__ import annotations
 
 import datetime
+import importlib
 import logging
+import os
+import sys
 import threading
 import traceback
 import uuid
@@ -53,6 +56,7 @@ from sqlalchemy_cmk import (
     tenant_context,
 )
 from sqlalchemy_cmk._format import parse_envelope
+from sqlalchemy_cmk.cli import main
 from sqlalchemy_cmk.testing import FakeKeyProvider
 
 from .test_alembic_ops import make_config
@@ -690,3 +694,39 @@ def test_rotate_and_verify_any_column_type_in_binary_storage(engine: Engine) -> 
         engine, cmk, "it_events", ["doc"], metadata=wrong, tenant_column="tenant_id"
     )
     assert bad.failed == {"acme": 12} and {f[2] for f in bad.failures} == {"ConfigurationError"}
+
+
+def test_decrypt_column_command_refused_by_a_check_prints_no_plaintext(
+    engine: Engine,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    name = f"it_app_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{name}.py").write_text(
+        "import os\n"
+        "from sqlalchemy_cmk import CMK\n"
+        "from sqlalchemy_cmk.providers.local import LocalKeyProvider\n"
+        f"cmk = CMK(LocalKeyProvider({{'acme': {os.urandom(32)!r}}}),\n"
+        "          tenant_keys={'acme': 'local://acme'}, audit_sinks=[])\n"
+    )
+    monkeypatch.setattr(sys, "path", [str(tmp_path), *sys.path])
+    app = importlib.import_module(name)
+    try:
+        seed_refs(engine, app.cmk, "check")
+        url = engine.url
+        if engine.dialect.name == "postgresql":
+            with engine.connect() as conn:
+                schema = conn.execute(text("select current_schema()")).scalar_one()
+            url = url.update_query_dict({"options": f"-csearch_path={schema}"})
+        argv = ["decrypt-column", "--table", "it_refs", "--column", "ref"]
+        argv += ["--tenant-column", "tenant_id", "--cmk", f"{name}:cmk", "--app-dir", str(tmp_path)]
+        argv += ["--database-url", url.render_as_string(hide_password=False), "--no-progress"]
+        capsys.readouterr()
+        code = main(argv)
+        out, err = capsys.readouterr()
+    finally:
+        sys.modules.pop(name, None)
+    assert code == 1
+    assert SECRET not in out + err and "123-45" not in out + err
+    assert "MigrationDatabaseError" in err and "ck_ref_plain" in err
