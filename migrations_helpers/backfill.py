@@ -1285,9 +1285,11 @@ class _Batch:
         n = len(self.params)
         ncols = len(tgt.cols)
         pks = [p["_k"] for p in self.params]
-        lo, hi = pks[0], pks[-1]  # the walk's batches come in primary-key order
         read = select(tgt.pk, *tgt.cols, tgt.companion)
-        if type(lo) is int and type(hi) is int and 0 <= hi - lo < 2 * n:
+        lo = hi = None
+        if all(type(k) is int for k in pks):
+            lo, hi = min(pks), max(pks)
+        if lo is not None and hi is not None and hi - lo < 2 * n:
             # A dense batch (the usual case): a range is much cheaper to bind than IN (n keys).
             read = read.where(tgt.pk >= bindparam("_lo"), tgt.pk <= bindparam("_hi"))
         else:
