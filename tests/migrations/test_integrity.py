@@ -218,6 +218,30 @@ def test_rewrap_racing_forget_tenant_wraps_only_the_right_keys(engine: Engine) -
     assert read_docs(engine, only_v2) == rows
 
 
+def test_rotate_racing_forget_tenant_leaves_every_row_readable(engine: Engine) -> None:
+    provider = ThrottledWrap()
+    cmk = make_cmk(provider, write_key_max_uses=4, retry_backoff=0.01)
+    rows = seed_docs(engine, cmk, 120)
+    stop = threading.Event()
+
+    def forget() -> None:
+        while not stop.is_set():
+            cmk.forget_tenant()
+            read_docs(engine, cmk)
+
+    threads = [threading.Thread(target=forget) for _ in range(2)]
+    for th in threads:
+        th.start()
+    try:
+        report = backfill.rotate_data_keys(engine, cmk, "it_docs", tenant_column="tenant_id")
+    finally:
+        stop.set()
+        for th in threads:
+            th.join()
+    assert report.rows == sum(1 for r in rows.values() if r[1] is not None or r[2] is not None)
+    assert read_docs(engine, make_cmk(provider)) == rows  # a fresh process reads every row
+
+
 def test_rewrap_with_a_wrap_that_returns_garbage_replaces_nothing(engine: Engine) -> None:
     provider = GarbageWrap()
     old = make_cmk(provider, tenant_keys={t: f"fake://{t}-v1" for t in TENANTS})
