@@ -361,8 +361,9 @@ class RewrapKeysOp(MigrateOperation):
         cmk: CMK | str | None = None,
     ) -> backfill.Report:
         """Re-wrap every data key of ``table`` (or of one ``tenant``) under its tenant's
-        current primary key, without re-encrypting data: one unwrap and one wrap per distinct
-        wrapped key. Run it after a tenant's key rotation, before retiring the old key.
+        current primary key, without re-encrypting data: per distinct wrapped key, one wrap and
+        two unwraps (the old envelope, and the new one, which must give the same key back before
+        any row points at it). Run it after a tenant's key rotation, before retiring the old key.
 
         The reverse does nothing (and logs why): re-wrapping changes no value.
 

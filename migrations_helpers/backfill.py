@@ -1836,8 +1836,11 @@ def rewrap_keys(
     actor: str = "sqlalchemy-cmk migration",
 ) -> Report:
     """Re-wrap every data key of the table (or of one tenant) under its tenant's current
-    primary key, without re-encrypting data: one unwrap and one wrap per distinct envelope, then
-    a set-based update of the rows using it (row ids unchanged, so values stay valid).
+    primary key, without re-encrypting data: per distinct envelope, an unwrap into a key this
+    call owns (no other thread's ``forget_tenant()`` or eviction can wipe it), a wrap, and an
+    unwrap of the new envelope that must give the same key back (``KeyManager.rewrap``), then a
+    set-based update of the rows using it (row ids unchanged, so values stay valid). A wrap
+    that returns an unusable blob raises before any row points at it.
 
     Configure the tenant with ``tenant_keys={"acme": [new, old]}`` (new primary, old still
     accepted), run this, then drop the old key once a second run reports ``rows == 0``:
