@@ -77,6 +77,17 @@ _registries_seen: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionar
 
 
 def _on_load(state: InstanceState[Any], context: Any, *args: Any) -> None:
+    committed = state.committed_state
+    if committed:
+        # A companion changed in memory (merge of a stale copy) is not the row's: it would
+        # never be written, so it must not be read either; nor can the value from before the
+        # change be trusted (a rewrap may have replaced it since). Dropped, it is read again
+        # from the database with the others a load left out. Now, not once the result is
+        # complete: a populate_existing load marks every attribute unchanged after this event.
+        for t in mapper_spec(state.mapper).tables:
+            if t.companion_key in committed:
+                del committed[t.companion_key]
+                state.dict.pop(t.companion_key, None)
     collected = _collector.get()
     if collected is not None:
         collected.append(state)
@@ -123,14 +134,9 @@ def decrypt_states(cmk: CMK, states: list[InstanceState[Any]]) -> None:
             if spec is None:
                 spec = specs_of[mapper] = mapper_spec(mapper)
             d = state.dict
-            committed = state.committed_state
             for t in spec.tables:
                 dicts.append(d)
                 tables.append(t)
-                if committed and t.companion_key in committed:
-                    # A companion changed in memory (merge of a stale copy) is not the row's:
-                    # it would never be written, so it must not be read either.
-                    _revert_companion(state, t.companion_key)
                 companion = d.get(t.companion_key, _ABSENT)
                 if companion is _ABSENT:
                     deferred.append(state)
@@ -244,7 +250,7 @@ def _load_missing_companions(
     for (mapper, n), group in missing.items():
         session = group[0].session
         if session is None:
-            return
+            continue
         spec = specs_of[mapper]
         t, lookup = spec.tables[n], spec.lookups[n]
         by_ident = {state.key[1]: state for state in group if state.key is not None}

@@ -506,7 +506,11 @@ class CMKMachine(RuleBasedStateMachine):
             for c, v in changes.items():
                 setattr(obj, c, v)
         self.memory[key] = replace(row, values={**row.values, **changes})
-        if key not in self.unflushed:
+        if key not in self.pending and self.memory[key] == self.flushed.get(key):
+            # Changed and changed back: SQLAlchemy sees no change, and nothing is written.
+            self.unflushed.pop(key, None)
+            self.unclear = True
+        elif key not in self.unflushed:
             if any(v is not None for v in changes.values()):
                 self.unflushed[key] = row.tenant
             else:
@@ -523,11 +527,20 @@ class CMKMachine(RuleBasedStateMachine):
             return
         key = data.draw(st.sampled_from(keys), label="row")
         row = self.memory[key]
+        # Deleting a folder loads its pages (the cascade), and that load would autoflush: flush
+        # first, as a flush of its own, so the model knows what was flushed.
+        if not self.attempt_write("flush before delete", self.session.flush):
+            return
+        self.flushed_ok()
         obj = self.obtain("delete", key)
         if obj is None:
             return
-        with self.scope():
-            self.session.delete(obj)
+        try:
+            with self.scope(), self.session.no_autoflush:
+                self.session.delete(obj)
+        except CMKError as exc:
+            self.read_refused("cascade load of delete", key, exc)
+            return
         gone = [key]
         if key[0] == "folder":
             gone += [k for k, r in self.memory.items() if k[0] == "page" and r.folder == key[1]]
@@ -585,11 +598,14 @@ class CMKMachine(RuleBasedStateMachine):
             return
         self.loaded(key)
         self.revert(key)
-        # Attributes a load_only() left deferred stay so after refresh(); they load on access,
-        # and such a load would autoflush.
-        with self.scope(), self.session.no_autoflush:
-            for c, v in self.flushed[key].values.items():
-                assert getattr(obj, c) == v, f"refresh of {key}: {c} is not what was flushed"
+        # Attributes a load_only() left deferred stay so after refresh(); they load on access
+        # (a load that would autoflush, and that is refused as any other read is).
+        try:
+            with self.scope(), self.session.no_autoflush:
+                for c, v in self.flushed[key].values.items():
+                    assert getattr(obj, c) == v, f"refresh of {key}: {c} is not what was flushed"
+        except CMKError as exc:
+            self.read_refused("load after refresh", key, exc)
 
     # -- rules: detached copies and merge --------------------------------------------------------
 
