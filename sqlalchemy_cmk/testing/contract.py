@@ -18,8 +18,9 @@ Use it for our providers and for your own::
         @pytest.fixture
         def unavailable_provider(self): return MyKmsProvider(...)     # pointed at a dead endpoint
 
-The contract: round trip; the tenant binds (another tenant's context fails); informational
-context entries (``data_label``) do not have to be repeated on unwrap; a corrupted wrapped key
+The contract: round trip; the tenant binds (another tenant's context fails); the
+other context entries (``data_label``) are recorded by the provider (the KMS may bind them)
+and do not have to be repeated on unwrap; a corrupted wrapped key
 raises ``DecryptionError``; an unknown key ``KeyNotFoundError``; a revoked key
 ``KeyAccessDeniedError`` for wrap and unwrap, and access comes back when restored; a dead
 endpoint ``KMSUnavailableError`` (promptly: timeouts, not the SDK's minute-long defaults);
@@ -92,9 +93,7 @@ class KeyProviderContract:
         dek = os.urandom(32)
         assert provider.wrap_key(key_ref, dek, ACME) != provider.wrap_key(key_ref, dek, ACME)
 
-    def test_informational_context_is_not_needed_to_unwrap(
-        self, provider: KeyProvider, key_ref: str
-    ) -> None:
+    def test_data_label_is_not_needed_to_unwrap(self, provider: KeyProvider, key_ref: str) -> None:
         dek = os.urandom(32)
         wrapped = provider.wrap_key(key_ref, dek, {"tenant": "acme", "data_label": "PHI"})
         assert provider.unwrap_key(key_ref, wrapped, ACME) == dek
