@@ -18,6 +18,14 @@ Memory is bounded whatever the number of tenants: at most ``cache_max_entries`` 
 many write keys are held, and expired ones are pruned (and zeroed) by a sweep that runs at most
 every quarter of ``cache_ttl``, on the next call after that.
 
+``forget(tenant)`` is final: a key that a KMS call fetched for the tenant while the forget ran is
+used for the operation that asked for it, at most, and never cached. Every forget bumps a
+generation counter and records it as the forgotten tenants' generation; each fetch notes the
+counter *before* it looks the tenant up in the registry (so a revocation that the lookup missed
+is a forget the fetch started under), and its key is cached only if no forget of its tenant
+came since. Without this, an unwrap under way during ``forget_tenant()`` put its key back
+afterwards, served for ``cache_ttl``.
+
 Every provider call runs on a daemon thread, at most ``4 * max_concurrency`` at once per key
 manager (room for several concurrent loads, each ``max_concurrency`` wide), so that a call
 that hangs is abandoned at ``kms_deadline`` (a :class:`KMSUnavailableError`) instead of holding a
@@ -144,6 +152,8 @@ class DataKey:
     expires_at: float  # end of its use for reading (cache_ttl)
     write_until: float = 0.0  # end of its use for new rows (write_key_max_age)
     uses: int = 0
+    # KeyManager's forget() generation when the fetch began: cached only if still current.
+    generation: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
     wiped: bool = False
 
@@ -212,6 +222,11 @@ class KeyManager:
         self._lock = threading.Lock()
         self._read: OrderedDict[bytes, DataKey] = OrderedDict()
         self._write: OrderedDict[str, DataKey] = OrderedDict()  # least recently used first
+        # Bumped by every forget(); a tenant's generation is that of the last forget covering
+        # it. One int per tenant forgotten since the last forget-all (which clears the map).
+        self._generation = 0
+        self._forgotten: dict[str, int] = {}
+        self._all_forgotten = 0
         self._runner = _Runner(4 * retry.max_concurrency)
         # Expired keys are swept at most this often (a sweep walks both caches).
         self._prune_every = min(cache.ttl, cache.write_age) / 4
@@ -275,6 +290,7 @@ class KeyManager:
         now = self._clock()
         self._prune(now)
         with self._lock:
+            generation = self._generation  # before the registry lookup: see the module doc
             key = self._write.get(tenant)
             if key is not None and key.write_until > now and key.uses + uses <= self.max_uses:
                 key.uses += uses
@@ -284,7 +300,7 @@ class KeyManager:
             raise ConfigurationError(
                 f"one row needs {uses} encryptions, more than write_key_max_uses", tenant=tenant
             )
-        key = self._wrap_new(tenant, self.tenant_keys(tenant).primary, ctx)
+        key = self._wrap_new(tenant, self.tenant_keys(tenant).primary, ctx, generation)
         if self.verify_write_keys:
             try:
                 self._verify(key, ctx)
@@ -294,6 +310,11 @@ class KeyManager:
         key.uses = uses
         victims: list[DataKey] = []
         with self._lock:
+            if not self._current(key):
+                # The tenant was forgotten while its key was wrapped: this flush seals with it
+                # (it began before the forget), nothing later does. Its AESGCM keeps working.
+                key.wipe()
+                return key
             old = self._write.pop(tenant, None)
             self._write[tenant] = key
             self._remember(key)
@@ -334,7 +355,9 @@ class KeyManager:
                 provider=key.provider,
             )
 
-    def _wrap_new(self, tenant: str, key_ref: str, ctx: TenantContext | None) -> DataKey:
+    def _wrap_new(
+        self, tenant: str, key_ref: str, ctx: TenantContext | None, generation: int = 0
+    ) -> DataKey:
         material = bytearray(self.rng(_format.DEK_SIZE))
         started = self._clock()
         try:
@@ -351,6 +374,7 @@ class KeyManager:
             material,
             expires_at=started + self._cache_policy.ttl,
             write_until=started + self._cache_policy.write_age,
+            generation=generation,
         )
 
     def _wrap(
@@ -548,6 +572,7 @@ class KeyManager:
         remember: bool = True,
         purpose: str | None = None,
     ) -> DataKey:
+        generation = self._generation  # before the registry lookup: see the module doc
         env = _format.parse_envelope(envelope)
         keys = self.tenant_keys(env.tenant)
         if env.key_ref not in keys.accepted:
@@ -628,15 +653,22 @@ class KeyManager:
             AESGCM(material),
             material,
             expires_at=started + self._cache_policy.ttl,
+            generation=generation,
         )
         if remember:
             with self._lock:
                 self._remember(key)
         return key
 
+    def _current(self, key: DataKey) -> bool:
+        """Whether no forget() of ``key``'s tenant came since its fetch began (caller holds
+        self._lock)."""
+        forgotten = max(self._all_forgotten, self._forgotten.get(key.tenant, 0))
+        return key.generation >= forgotten
+
     def _remember(self, key: DataKey) -> None:
-        # Caller holds self._lock.
-        if self._cache_policy.ttl <= 0:
+        # Caller holds self._lock. Every path into the caches comes here or through _current.
+        if self._cache_policy.ttl <= 0 or not self._current(key):
             return
         victims: list[DataKey] = []
         old = self._read.pop(key.envelope, None)
@@ -681,8 +713,18 @@ class KeyManager:
                 key.wipe()
 
     def forget(self, tenant: str | None = None) -> int:
-        """Drop (and zero) cached keys of one tenant, or of all; returns how many were dropped."""
+        """Drop (and zero) cached keys of one tenant, or of all; returns how many were dropped.
+
+        Also keeps out every key whose fetch is under way now: it serves the operation that
+        asked for it, at most, and is not cached.
+        """
         with self._lock:
+            self._generation += 1
+            if tenant is None:
+                self._all_forgotten = self._generation
+                self._forgotten.clear()  # every tenant's generation is now _all_forgotten
+            else:
+                self._forgotten[tenant] = self._generation
             victims = [e for e, k in self._read.items() if tenant is None or k.tenant == tenant]
             dropped = {id(self._read[e]): self._read.pop(e) for e in victims}
             for t in [t for t in self._write if tenant is None or t == tenant]:
