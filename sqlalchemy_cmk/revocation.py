@@ -13,8 +13,8 @@ default). A :class:`RevocationWatcher`, started in every process, closes that ga
   (``count``, ``sum(version)``, ``max(updated_at)``) every ``poll_interval``. Either way it also
   re-reads the whole table every ``resync_interval``, for changes no notification announced.
 * For every tenant whose row changed it drops the registry's cached lookup and ``CMK``'s cached
-  data keys (read and write), then drops the keys again ``kms_deadline`` later, in case a KMS
-  call already under way put one back. A revoked tenant's next read or write goes to the
+  data keys (read and write); a key that a KMS call already under way fetches is not cached
+  either (``CMK.forget_tenant`` is final). A revoked tenant's next read or write goes to the
   registry and is refused with :class:`~sqlalchemy_cmk.errors.TenantNotConfiguredError`.
 
 Nothing runs at import: the thread starts when the application calls :meth:`start`. It survives
@@ -184,10 +184,8 @@ class RevocationWatcher:
         )
         self._watched = self.registry.table if self.registry is not None else self.table
         self._flag = "disabled" if self.registry is not None else "revoked"
-        self._deadline = cmk._keys._retry.deadline
         self._state: dict[str, _Row] | None = None
         self._fingerprint: tuple[object, ...] | None = None
-        self._due: dict[str, float] = {}  # tenant -> when to drop its keys again
         self._next_check: dict[str, float] = {}  # tenant -> next revalidation
         self._busy = threading.Lock()  # held while applying changes; taken before a fork
         self._stop = threading.Event()
@@ -444,7 +442,6 @@ class RevocationWatcher:
                     keys.forget(tenant)
             elif changed:
                 keys.forget(None)
-            self._schedule(changed)
             return changed
         changed = {t for t in old.keys() | new.keys() if old.get(t) != new.get(t)}
         if not changed:
@@ -465,22 +462,12 @@ class RevocationWatcher:
         else:
             for tenant in changed:
                 keys.forget(tenant)
-        self._schedule(changed)
         _log.info("revocation watcher: %d tenant(s) changed in %s", len(changed), self._watched)
         return changed
 
-    def _schedule(self, tenants: set[str]) -> None:
-        again = self._clock() + self._deadline
-        for tenant in tenants:
-            self._due[tenant] = again
-
     def _run_due(self, now: float) -> float:
-        """Drop keys that are due to be dropped; returns when the next drop is due."""
+        """Drop keys that are due to be re-validated; returns when the next drop is due."""
         keys = self.cmk._keys
-        for tenant, when in list(self._due.items()):
-            if when <= now:
-                del self._due[tenant]
-                keys.forget(tenant)
         for tenant, every in self._revalidate.items():
             due = self._next_check.get(tenant)
             if due is None:
@@ -488,8 +475,7 @@ class RevocationWatcher:
             elif due <= now:
                 keys.forget(tenant)
                 self._next_check[tenant] = now + every
-        upcoming = [*self._due.values(), *self._next_check.values()]
-        return min(upcoming, default=now + self.resync_interval)
+        return min(self._next_check.values(), default=now + self.resync_interval)
 
     # -- fork ----------------------------------------------------------------------------------
 
@@ -511,14 +497,9 @@ def _publish(cmk: CMK, tenant: str, *, revoked: bool) -> None:
     """Make ``cmk.revoke(tenant)`` (or ``reinstate``) durable and known to every process.
 
     With a ``DatabaseKeyRegistry`` the tenant is disabled (enabled) there; with tenants in code,
-    recorded through the started watcher, if any. A revocation is also applied again after
-    ``kms_deadline`` in this process (see :meth:`CMK.revoke <sqlalchemy_cmk.CMK.revoke>`).
+    recorded through the started watcher, if any.
     """
     inner = cmk._revocations.inner
-    if revoked:
-        again = threading.Timer(cmk._keys._retry.deadline, cmk._keys.forget, (tenant,))
-        again.daemon = True
-        again.start()
     if isinstance(inner, DatabaseKeyRegistry):
         if revoked:
             inner.disable(tenant)
