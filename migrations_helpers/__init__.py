@@ -28,8 +28,10 @@ Then, in a migration: ``op.encrypt_column("patients", "ssn", tenant_column="tena
 :mod:`migrations_helpers.autogenerate` for the two hooks. The engine behind the operations is
 :mod:`migrations_helpers.backfill` (also used by the ``sqlalchemy-cmk`` CLI).
 
-The names below are loaded on first use: the CLI imports :mod:`migrations_helpers.backfill`, which
-must work without Alembic installed (Alembic is the ``migrations`` extra), and importing this
+The backfill engine's functions, reports and errors are exported here too (``encrypt_columns``,
+``verify``, ``Report``...): the ``sqlalchemy-cmk`` migration commands use these names and no
+other. The names below are loaded on first use: the backfill engine must work without Alembic
+installed (Alembic is the ``migrations`` extra), and importing this
 package registers nothing with Alembic (call :func:`register` or :func:`configure`).
 """
 
@@ -39,6 +41,8 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from sqlalchemy_cmk._cmk import load_cmk as load_cmk
+
     from .alembic_ops import DecryptColumnOp as DecryptColumnOp
     from .alembic_ops import EncryptColumnOp as EncryptColumnOp
     from .alembic_ops import NothingToUndoOp as NothingToUndoOp
@@ -51,24 +55,53 @@ if TYPE_CHECKING:
     from .autogenerate import render_item as render_item
     from .backfill import IncompleteColumnsError as IncompleteColumnsError
     from .backfill import MigrationDatabaseError as MigrationDatabaseError
+    from .backfill import Models as Models
+    from .backfill import Progress as Progress
+    from .backfill import Report as Report
+    from .backfill import StatusReport as StatusReport
     from .backfill import UniqueColumnError as UniqueColumnError
     from .backfill import UnreadableWriteError as UnreadableWriteError
+    from .backfill import VerifyReport as VerifyReport
+    from .backfill import check_encryptable as check_encryptable
+    from .backfill import decrypt_columns as decrypt_columns
+    from .backfill import encrypt_columns as encrypt_columns
+    from .backfill import ensure_companion as ensure_companion
+    from .backfill import resolve_tenant_column as resolve_tenant_column
+    from .backfill import rewrap_keys as rewrap_keys
+    from .backfill import rotate_data_keys as rotate_data_keys
+    from .backfill import status as status
+    from .backfill import verify as verify
 
 __all__ = [
     "DecryptColumnOp",
     "EncryptColumnOp",
     "IncompleteColumnsError",
     "MigrationDatabaseError",
+    "Models",
     "NothingToUndoOp",
+    "Progress",
+    "Report",
     "RewrapKeysOp",
     "RotateDataKeysOp",
+    "StatusReport",
     "UniqueColumnError",
     "UnreadableWriteError",
+    "VerifyReport",
+    "check_encryptable",
     "compare_type",
     "configure",
     "configured_cmk",
+    "decrypt_columns",
+    "encrypt_columns",
+    "ensure_companion",
+    "load_cmk",
     "register",
     "render_item",
+    "resolve_tenant_column",
+    "rewrap_keys",
+    "rotate_data_keys",
+    "status",
+    "verify",
 ]
 
 _HOMES = {
@@ -82,11 +115,30 @@ _HOMES = {
     "register": ".alembic_ops",
     "compare_type": ".autogenerate",
     "render_item": ".autogenerate",
-    # The migration errors: from the backfill engine, which works without Alembic.
+    # The backfill engine (what the operations and the CLI run) and its errors and reports:
+    # these work without Alembic.
     "IncompleteColumnsError": ".backfill",
     "MigrationDatabaseError": ".backfill",
+    "Models": ".backfill",
+    "Progress": ".backfill",
+    "Report": ".backfill",
+    "StatusReport": ".backfill",
     "UniqueColumnError": ".backfill",
     "UnreadableWriteError": ".backfill",
+    "VerifyReport": ".backfill",
+    "check_encryptable": ".backfill",
+    "decrypt_columns": ".backfill",
+    "encrypt_columns": ".backfill",
+    "ensure_companion": ".backfill",
+    "resolve_tenant_column": ".backfill",
+    "rewrap_keys": ".backfill",
+    "rotate_data_keys": ".backfill",
+    "status": ".backfill",
+    "verify": ".backfill",
+    # The loader behind configure() and the CLI's --cmk: a CMK, or "module:attribute" naming
+    # one (or a function of no arguments returning one); whatever the module does wrong ends
+    # as one ConfigurationError.
+    "load_cmk": "sqlalchemy_cmk._cmk",
 }
 
 

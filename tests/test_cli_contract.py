@@ -201,7 +201,7 @@ def test_a_value_in_a_postgresql_primary_message_is_hidden(engine: Engine) -> No
     """PostgreSQL quotes the value itself in some primary messages (data exceptions)."""
     from sqlalchemy.exc import DBAPIError
 
-    from sqlalchemy_cmk.cli import _database_error
+    from sqlalchemy_cmk.cli._common import _database_error
 
     with engine.connect() as conn, pytest.raises(DBAPIError) as caught:
         conn.execute(text("SELECT CAST(:v AS integer)"), {"v": SSN})
@@ -226,7 +226,7 @@ class _MySQLError(Exception):
     ],
 )
 def test_values_in_mysql_messages_are_hidden(message: str, kept: str) -> None:
-    from sqlalchemy_cmk.cli import _scrub_database_message
+    from sqlalchemy_cmk.cli._common import _scrub_database_message
 
     line = _scrub_database_message(_MySQLError(1062, message))
     assert SSN not in line and "it''s" not in line and kept in line and "(value hidden)" in line

@@ -23,7 +23,8 @@ from sqlalchemy import Column, Engine, Integer, MetaData, String, Table, Text, t
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from sqlalchemy_cmk import EncryptedMixin, EncryptedType, tenant_context
-from sqlalchemy_cmk.cli import _ProgressView, main
+from sqlalchemy_cmk.cli import main
+from sqlalchemy_cmk.cli._progress import _ProgressView
 
 TENANTS = ("acme", "globex")
 ROWS = 240

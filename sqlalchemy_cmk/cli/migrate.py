@@ -1,0 +1,642 @@
+"""The migration commands: ``encrypt-column``, ``decrypt-column``, ``rewrap``, ``rotate``,
+``verify`` and ``status``.
+
+Each runs the backfill engine behind the Alembic operations, for tables too big to encrypt
+inside a migration (docs/migrations.md), through the public API of ``migrations_helpers`` alone
+(its ``__all__``), and of the core only what ``sqlalchemy_cmk.__all__`` exports:
+``tests/test_cli_imports.py`` holds this module (and the modules of this package it imports) to
+that. ``migrations_helpers`` is imported when a command runs, not with the CLI: the registry
+commands do not need it.
+
+``--workers N`` (encrypt-column, decrypt-column) starts N spawned processes, each with its own
+engine, that partition the table through PostgreSQL's ``FOR UPDATE SKIP LOCKED``. Progress goes
+to stderr (:mod:`._progress`), the final report to stdout (``--json`` for machines).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TextIO
+
+from sqlalchemy import Engine, create_engine, make_url
+from sqlalchemy.exc import ArgumentError
+
+from sqlalchemy_cmk import ConfigurationError
+
+from ._common import (
+    URL_ENV,
+    UsageError,
+    _app_path,
+    _describe,
+    _driver_logs_silenced,
+    _fail,
+    _Parser,
+    _print_table,
+)
+from ._progress import PROGRESS_EVERY, _progress_view, _ProgressView
+
+if TYPE_CHECKING:
+    from migrations_helpers import Progress, Report
+
+COMMANDS = frozenset({"encrypt-column", "decrypt-column", "rewrap", "rotate", "verify", "status"})
+ACTOR = "sqlalchemy-cmk migration"
+_MAX_FAILURES_SHOWN = 20
+_VERBS = {
+    "encrypt-column": ("encrypt", "encrypted"),
+    "decrypt-column": ("decrypt", "decrypted"),
+    "rewrap": ("rewrap", "rewrapped"),
+    "rotate": ("rotate", "re-encrypted under fresh data keys"),
+}
+
+
+def _positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
+    return number
+
+
+def _fraction(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
+    if not 0.0 < number <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {number}")
+    return number
+
+
+def add_parsers(commands: argparse._SubParsersAction[_Parser], as_json: _Parser) -> None:
+    """Add the migration commands to ``commands``."""
+    target = _Parser(add_help=False)
+    target.add_argument(
+        "--database-url", help=f"SQLAlchemy URL of the application's database (default: ${URL_ENV})"
+    )
+    target.add_argument("--table", required=True, help="the table to work on")
+    target.add_argument("--schema", default=None, help="the table's schema")
+    columns = _Parser(add_help=False)
+    columns.add_argument(
+        "--column",
+        dest="columns",
+        action="append",
+        required=True,
+        metavar="NAME",
+        help="a text column (repeat for several)",
+    )
+    batching = _Parser(add_help=False)
+    batching.add_argument(
+        "--companion-column",
+        default="cmk_edek",
+        metavar="NAME",
+        help="the EDEK companion column (default: %(default)s)",
+    )
+    batching.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=1000,
+        metavar="N",
+        help="rows per batch, each in its own transaction (default: %(default)s)",
+    )
+    batching.add_argument(
+        "--progress-every",
+        type=float,
+        default=PROGRESS_EVERY,
+        metavar="SECONDS",
+        help="seconds between progress lines when stderr is not a terminal (default: %(default)s)",
+    )
+    batching.add_argument("--no-progress", action="store_true", help="print no progress")
+    keys = _Parser(add_help=False)
+    keys.add_argument(
+        "--cmk",
+        required=True,
+        metavar="MODULE:ATTRIBUTE",
+        help="your CMK object (or a function returning it), e.g. myapp.crypto:cmk",
+    )
+    keys.add_argument(
+        "--app-dir",
+        default=".",
+        metavar="DIR",
+        help="directory to import MODULE from (default: the current directory)",
+    )
+    tenant_column = _Parser(add_help=False)
+    tenant_column.add_argument(
+        "--tenant-column",
+        default=None,
+        metavar="NAME",
+        help="the column naming each row's tenant, whose key seals the row (default: the one "
+        "the model declares with sqlalchemy_cmk.tenant_column(), found through --metadata)",
+    )
+    tenant_column.add_argument(
+        "--metadata",
+        default=None,
+        metavar="MODULE:ATTRIBUTE",
+        help="your models (a declarative base, a MetaData or a Table), e.g. myapp.models:Base, "
+        "imported from --app-dir: the table's declared tenant column is the default, and a "
+        "--tenant-column that contradicts it is refused",
+    )
+    workers = _Parser(add_help=False)
+    workers.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="processes to run, each with its own connection (PostgreSQL only above 1)",
+    )
+    one_tenant = _Parser(add_help=False)
+    one_tenant.add_argument("--tenant", default=None, help="only this tenant's rows")
+
+    backfill = [target, columns, batching, keys, tenant_column, workers, as_json]
+    commands.add_parser(
+        "encrypt-column",
+        parents=backfill,
+        help="encrypt existing plaintext text columns in place, online (adds the companion)",
+    )
+    commands.add_parser(
+        "decrypt-column",
+        parents=backfill,
+        help="restore encrypted text columns to plaintext (the rollback)",
+    )
+    commands.add_parser(
+        "rewrap",
+        parents=[target, batching, keys, one_tenant, as_json],
+        help="re-wrap data keys under each tenant's current primary key (no re-encryption)",
+    )
+    commands.add_parser(
+        "rotate",  # one worker: a rotation walks the rows that exist when it starts, once
+        parents=[target, columns, batching, keys, tenant_column, one_tenant, as_json],
+        help="re-encrypt rows under fresh data keys (name every encrypted column of the table)",
+    )
+    p = commands.add_parser(
+        "verify",
+        parents=[target, columns, batching, keys, tenant_column, as_json],
+        help="decrypt every row (or a sample); exit 1 on any failure",
+    )
+    p.add_argument(
+        "--sample", type=_fraction, default=None, metavar="FRACTION", help="check only this share"
+    )
+    p.add_argument(
+        "--require-encrypted", action="store_true", help="also exit 1 when plaintext remains"
+    )
+    commands.add_parser(
+        "status",
+        parents=[target, columns, as_json],
+        help="count plaintext / encrypted / NULL values (SQL only, no keys needed)",
+    )
+
+
+@dataclass(frozen=True)
+class _Job:
+    """One backfill, as every worker process runs it (picklable: spawned workers get a copy)."""
+
+    command: str
+    url: str
+    cmk: str
+    app_dir: str
+    table: str
+    columns: tuple[str, ...]
+    tenant_column: str | None
+    tenant: str | None
+    companion_column: str
+    schema: str | None
+    batch_size: int
+
+
+def _migration_engine(url: str) -> Engine:
+    # hide_parameters: a failed statement's message must not carry the values (plaintext).
+    return create_engine(make_url(url), hide_parameters=True)
+
+
+def run_migration(args: argparse.Namespace, out: TextIO) -> int:
+    """Run the migration command ``args`` names; returns the exit status."""
+    from migrations_helpers import UniqueColumnError, check_encryptable, ensure_companion
+
+    url = args.database_url or os.environ.get(URL_ENV)
+    if not url:
+        raise UsageError(f"no database URL: pass --database-url or set ${URL_ENV}")
+    try:
+        engine = _migration_engine(url)
+    except (ArgumentError, ValueError) as exc:
+        raise UsageError(f"invalid database URL: {exc}") from None
+    except ImportError as exc:
+        raise UsageError(f"the database driver is not installed: {exc}") from None
+    try:
+        # The usage checks first (exit 2 whatever the database's state), then reach the
+        # database once: an unreachable server or a wrong URL is reported as such (with the
+        # URL hint), not as the failure of some batch.
+        cmk: Any = None
+        workers: int = getattr(args, "workers", 1)
+        if args.command != "status":
+            if workers > 1 and engine.dialect.name != "postgresql":
+                raise UsageError(
+                    f"--workers {workers}: {engine.dialect.name} runs single-worker (parallel "
+                    "workers partition the table with PostgreSQL's FOR UPDATE SKIP LOCKED); "
+                    "use --workers 1"
+                )
+            cmk = _load_cmk(args.cmk, args.app_dir)
+            if hasattr(args, "tenant_column"):  # every command that seals or opens rows
+                args.tenant_column = _tenant_column(args)
+        with engine.connect():
+            pass
+        if args.command == "status":
+            return _status(engine, args, out)
+        if args.command == "verify":
+            return _verify_table(engine, cmk, args, out)
+        job = _Job(
+            command=args.command,
+            url=url,
+            cmk=args.cmk,
+            app_dir=str(Path(args.app_dir).resolve()),
+            table=args.table,
+            columns=tuple(getattr(args, "columns", None) or ()),
+            tenant_column=getattr(args, "tenant_column", None),
+            tenant=getattr(args, "tenant", None),
+            companion_column=args.companion_column,
+            schema=args.schema,
+            batch_size=args.batch_size,
+        )
+        added = False
+        if job.command == "encrypt-column":  # before any worker starts: one ALTER, not N
+            try:  # what refuses the columns must do so before the companion is added
+                check_encryptable(engine, job.table, job.columns, schema=job.schema)
+            except UniqueColumnError as exc:
+                raise UsageError(f"{type(exc).__name__}: {exc}") from None
+            added = ensure_companion(
+                engine, job.table, companion_column=job.companion_column, schema=job.schema
+            )
+        view = _progress_view(args, _VERBS[job.command][0] + " " + _fullname(args))
+        problems: list[str] = []
+        started = time.monotonic()
+        try:
+            if workers == 1:
+                report = _run_job(job, engine, cmk, lambda p: view.update(p.done, p.total))
+            else:
+                report, problems = _run_workers(job, workers, view)
+        finally:
+            view.close()
+        report.seconds = time.monotonic() - started
+        _print_report(report, job, workers, added, problems, args, out)
+        return 1 if problems else 0
+    finally:
+        engine.dispose()
+
+
+def _tenant_column(args: argparse.Namespace) -> str:
+    """--tenant-column, or the tenant column the model given by --metadata declares; resolved
+    here, once, so that a mistake stops the command before anything (even the schema) changes
+    and spawned workers get a plain name."""
+    from migrations_helpers import resolve_tenant_column
+
+    models: Any = None
+    if args.metadata is not None:
+        path = _app_path(args.app_dir)
+        module_name, sep, attr = args.metadata.partition(":")
+        if not sep or not module_name or not attr:
+            raise UsageError(
+                f"--metadata takes MODULE:ATTRIBUTE, e.g. myapp.models:Base; got {args.metadata!r}"
+            )
+        try:
+            models = importlib.import_module(module_name)
+            for part in attr.split("."):
+                models = getattr(models, part)
+        except (ImportError, AttributeError) as exc:
+            raise UsageError(f"--metadata {args.metadata}: {exc} (imported from {path})") from None
+        except (Exception, SystemExit) as exc:  # the module's own code failed on import
+            what = (
+                f"called sys.exit({exc.code!r})"
+                if isinstance(exc, SystemExit)
+                else type(exc).__name__
+            )
+            raise UsageError(
+                f"--metadata {args.metadata}: importing {module_name!r} failed: {what} "
+                f"(imported from {path})"
+            ) from None
+    try:
+        return resolve_tenant_column(
+            args.table, args.tenant_column, metadata=models, schema=args.schema
+        )
+    except ConfigurationError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _load_cmk(spec: str, app_dir: str) -> Any:
+    """The CMK ``--cmk`` names, imported from ``app_dir``; one that does not load is a usage
+    error (exit 2), whatever its module does."""
+    from migrations_helpers import load_cmk
+
+    path = _app_path(app_dir)
+    try:
+        return load_cmk(spec)
+    except ConfigurationError as exc:
+        raise UsageError(f"--cmk {spec}: {exc} (imported from {path})") from None
+
+
+def _fullname(args: argparse.Namespace) -> str:
+    return f"{args.schema}.{args.table}" if args.schema else str(args.table)
+
+
+def _run_job(job: _Job, engine: Engine, cmk: Any, progress: Callable[[Progress], None]) -> Report:
+    """Run the job's backfill once, in this process."""
+    from migrations_helpers import decrypt_columns, encrypt_columns, rewrap_keys, rotate_data_keys
+
+    if job.command == "rewrap":
+        return rewrap_keys(
+            engine,
+            cmk,
+            job.table,
+            tenant=job.tenant,
+            companion_column=job.companion_column,
+            schema=job.schema,
+            batch_size=job.batch_size,
+            progress=progress,
+            actor=ACTOR,
+        )
+    assert job.tenant_column is not None  # argparse requires it for the other commands
+    if job.command == "rotate":
+        return rotate_data_keys(
+            engine,
+            cmk,
+            job.table,
+            job.columns,
+            tenant_column=job.tenant_column,
+            tenant=job.tenant,
+            companion_column=job.companion_column,
+            schema=job.schema,
+            batch_size=job.batch_size,
+            progress=progress,
+            actor=ACTOR,
+        )
+    run = encrypt_columns if job.command == "encrypt-column" else decrypt_columns
+    return run(
+        engine,
+        cmk,
+        job.table,
+        job.columns,
+        tenant_column=job.tenant_column,
+        companion_column=job.companion_column,
+        schema=job.schema,
+        batch_size=job.batch_size,
+        progress=progress,
+        actor=ACTOR,
+    )
+
+
+def _worker(index: int, job: _Job, conn: Any) -> None:
+    """Body of one ``--workers`` process: its own engine and CMK, the same backfill as the others.
+
+    Runs in a spawned process, so it imports everything afresh (the CMK from ``job.cmk``).
+    Everything it has to say goes to the parent through ``conn``, its own pipe: no lock is
+    shared between workers, so one killed mid-message cannot block the others.
+    """
+    engine: Engine | None = None
+    silenced = _driver_logs_silenced()
+    silenced.__enter__()  # for the life of the process: it ends with the job
+    try:
+        engine = _migration_engine(job.url)
+        cmk = _load_cmk(job.cmk, job.app_dir)
+        report = _run_job(job, engine, cmk, lambda p: conn.send(("progress", p.done, p.total)))
+        conn.send(("done", report))
+    except BaseException as exc:  # reported to the parent, which decides
+        with contextlib.suppress(OSError):  # unless the parent is gone
+            conn.send(("error", _describe(exc)))
+    finally:
+        conn.close()
+        if engine is not None:
+            engine.dispose()
+
+
+def _run_workers(job: _Job, count: int, view: _ProgressView) -> tuple[Report, list[str]]:
+    """Run ``job`` in ``count`` spawned processes at once; merge their reports.
+
+    No coordinator: each worker runs the whole backfill and PostgreSQL's ``SKIP LOCKED`` hands
+    each batch to one of them. Returns the merged report and one line per worker that failed
+    or died (the work it did is committed; running the command again finishes the rest).
+    """
+    import multiprocessing
+    from multiprocessing.connection import wait
+
+    from migrations_helpers import Report
+
+    context = multiprocessing.get_context("spawn")  # fork would copy engines and locks
+    processes: list[Any] = []
+    readers: dict[Any, int] = {}  # a worker's read end -> its index
+    done = [0] * count
+    totals: list[int | None] = [None] * count
+    reports: list[Report] = []
+    problems: list[str] = []
+    pending = set(range(count))  # workers that have not reported an outcome yet
+    try:
+        for i in range(count):
+            read_end, writer = context.Pipe(duplex=False)
+            process = context.Process(
+                target=_worker,
+                args=(i, job, writer),
+                name=f"sqlalchemy-cmk-worker-{i}",
+                daemon=True,
+            )
+            processes.append(process)
+            readers[read_end] = i
+            process.start()
+            writer.close()  # the worker holds the only write end: EOF when it exits
+        while readers:
+            for ready in wait(list(readers), timeout=1.0):
+                reader: Any = ready
+                i = readers[reader]
+                try:
+                    message = reader.recv()
+                except EOFError:  # the worker exited: after its outcome, or killed before
+                    del readers[reader]
+                    reader.close()
+                    if i in pending:
+                        pending.discard(i)
+                        processes[i].join(timeout=5)
+                        problems.append(
+                            f"worker {i} died (exit status {processes[i].exitcode}) without a "
+                            "report: its finished batches are committed; run the command again"
+                        )
+                    continue
+                if message[0] == "progress":
+                    done[i], totals[i] = message[1], message[2]
+                    known = [t for t in totals if t is not None]
+                    view.update(sum(done), max(known) if known else None)
+                elif message[0] == "done":
+                    reports.append(message[1])
+                    pending.discard(i)
+                else:
+                    problems.append(f"worker {i}: {message[1]}")
+                    pending.discard(i)
+    except BaseException:  # interrupted: stop the workers now; their open batches roll back
+        for process in processes:
+            if process.is_alive():
+                process.terminate()
+        raise
+    finally:
+        for reader in readers:
+            reader.close()
+        for process in processes:
+            if process.pid is None:
+                continue  # never started
+            process.join(timeout=10)
+            if process.is_alive():  # did not stop on SIGTERM
+                process.kill()
+                process.join()
+            process.close()
+    merged = Report(
+        operation=reports[0].operation if reports else _VERBS[job.command][0],
+        table=job.table,
+        columns=job.columns,
+    )
+    for report in reports:
+        merged.rows += report.rows
+        merged.conflicts += report.conflicts
+        merged.batches += report.batches
+        merged.passes = max(merged.passes, report.passes)
+        for tenant, rows in report.by_tenant.items():
+            merged.by_tenant[tenant] = merged.by_tenant.get(tenant, 0) + rows
+    return merged, problems
+
+
+def _print_report(
+    report: Report,
+    job: _Job,
+    workers: int,
+    companion_added: bool,
+    problems: list[str],
+    args: argparse.Namespace,
+    out: TextIO,
+) -> None:
+    if args.json:
+        doc = asdict(report)
+        doc.update(
+            workers=workers, companion_added=companion_added, ok=not problems, errors=problems
+        )
+        json.dump(doc, out, indent=2)
+        print(file=out)
+    else:
+        name = _fullname(args)
+        if companion_added:
+            print(f"added the companion column {job.companion_column} to {name}", file=out)
+        what = f"{name} ({', '.join(job.columns)})" if job.columns else name
+        rate = report.rows / report.seconds if report.seconds > 0 else 0.0
+        print(
+            f"{_VERBS[job.command][1]} {report.rows:,} row(s) of {what} in "
+            f"{report.seconds:.1f} s ({rate:,.0f} rows/s, {workers} worker(s)); "
+            f"{report.batches:,} batch(es), {report.passes} pass(es), "
+            f"{report.conflicts:,} compare-and-swap conflict(s) retried",
+            file=out,
+        )
+        for tenant, rows in sorted(report.by_tenant.items()):
+            print(f"  tenant {tenant}: {rows:,}", file=out)
+    if problems:
+        _fail(
+            "not finished: "
+            + "; ".join(problems)
+            + ": the committed batches stay done; fix the cause and run the same command again"
+        )
+
+
+def _verify_table(engine: Engine, cmk: Any, args: argparse.Namespace, out: TextIO) -> int:
+    from migrations_helpers import verify
+
+    view = _progress_view(args, "verify " + _fullname(args))
+    sampled = args.sample is not None and args.sample < 1
+    try:
+        report = verify(
+            engine,
+            cmk,
+            args.table,
+            args.columns,
+            tenant_column=args.tenant_column,
+            companion_column=args.companion_column,
+            schema=args.schema,
+            batch_size=args.batch_size,
+            sample=args.sample,
+            # The engine's total is the whole table's; a sample checks a share of it, so no
+            # total (and no ETA) is shown rather than one the run will never reach.
+            progress=lambda p: view.update(p.done, None if sampled else p.total),
+        )
+    finally:
+        view.close()
+    encrypted = sum(report.encrypted_ok.values())
+    plaintext = sum(report.plaintext.values())
+    failed = sum(report.failed.values())
+    ok = report.ok and not (args.require_encrypted and plaintext)
+    if args.json:
+        doc = asdict(report)
+        doc.update(ok=ok, encrypted_ok_total=encrypted, plaintext_total=plaintext)
+        doc["failed_total"] = failed
+        json.dump(doc, out, indent=2)
+        print(file=out)
+        if failed:
+            _fail(f"verify failed: {failed:,} row(s) of {_fullname(args)} did not decrypt")
+        elif not ok:
+            _fail(f"verify failed: {plaintext:,} plaintext value(s) remain (--require-encrypted)")
+        return 0 if ok else 1
+    tenants = sorted({*report.encrypted_ok, *report.plaintext, *report.failed})
+    rows = [
+        [
+            t,
+            f"{report.encrypted_ok.get(t, 0):,}",
+            f"{report.plaintext.get(t, 0):,}",
+            f"{report.failed.get(t, 0):,}",
+        ]
+        for t in tenants
+    ]
+    if rows:
+        _print_table(["TENANT", "OK", "PLAINTEXT", "FAILED"], rows, out)
+    for pk, tenant, error in report.failures[:_MAX_FAILURES_SHOWN]:
+        print(f"FAILED row {pk} (tenant {tenant}): {error}", file=out)
+    shown = min(len(report.failures), _MAX_FAILURES_SHOWN)
+    if failed > shown:
+        print(
+            f"... and {failed - shown:,} more failed row(s) (--json lists the first "
+            f"{len(report.failures):,})",
+            file=out,
+        )
+    sample = f" (a {args.sample:.0%} sample)" if args.sample else ""
+    print(
+        f"checked {report.checked:,} row(s) of {_fullname(args)} ({', '.join(args.columns)})"
+        f"{sample}: {encrypted:,} ok, {plaintext:,} plaintext, {failed:,} failed",
+        file=out,
+    )
+    if failed:
+        print(f"FAILED: {failed:,} row(s) did not decrypt", file=out)
+        _fail(f"verify failed: {failed:,} row(s) of {_fullname(args)} did not decrypt")
+    elif not ok:
+        print(f"FAILED: {plaintext:,} plaintext value(s) remain (--require-encrypted)", file=out)
+        _fail(f"verify failed: {plaintext:,} plaintext value(s) remain (--require-encrypted)")
+    else:
+        print("OK" + (f" ({plaintext:,} plaintext left)" if plaintext else ""), file=out)
+    return 0 if ok else 1
+
+
+def _status(engine: Engine, args: argparse.Namespace, out: TextIO) -> int:
+    from migrations_helpers import status
+
+    report = status(engine, args.table, args.columns, schema=args.schema)
+    if args.json:
+        json.dump(asdict(report), out, indent=2)
+        print(file=out)
+        return 0
+    rows = [
+        [column, *(f"{counts.get(k, 0):,}" for k in ("plaintext", "encrypted", "null"))]
+        for column, counts in report.counts.items()
+    ]
+    _print_table(["COLUMN", "PLAINTEXT", "ENCRYPTED", "NULL"], rows, out)
+    left = sum(c.get("plaintext", 0) for c in report.counts.values())
+    print(
+        f"{_fullname(args)}: "
+        + (f"{left:,} plaintext value(s) left" if left else "no plaintext left"),
+        file=out,
+    )
+    return 0
