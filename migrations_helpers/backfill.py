@@ -62,6 +62,7 @@ import base64
 import functools
 import inspect
 import re
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -95,7 +96,7 @@ from sqlalchemy.exc import DBAPIError, StatementError
 from sqlalchemy_cmk import CMK, TenantContext, _codecs, _format
 from sqlalchemy_cmk._cmk import _aad_prefix
 from sqlalchemy_cmk._codecs import Codec, codec_for
-from sqlalchemy_cmk._keys import DataKey
+from sqlalchemy_cmk._keys import DataKey, kms_call_gate
 from sqlalchemy_cmk._mapping import ColumnSpec, TableSpec, is_tenant_column
 from sqlalchemy_cmk.errors import (
     CMKError,
@@ -961,6 +962,79 @@ def _scrubbed(operation: str) -> Callable[[Callable[_P, _T]], Callable[_P, _T]]:
     return decorate
 
 
+# -- the KMS request budget ------------------------------------------------------------------
+
+
+class _TokenBucket:
+    """A token bucket: at most ``burst + rate * t`` calls in any ``t`` seconds from its start.
+
+    Called before each provider call (through ``kms_call_gate``), from any thread of the run:
+    a call takes a token, or reserves the next one and sleeps until it is due, outside the
+    lock, so concurrent unwraps queue up in order. ``clock`` and ``sleep`` are seams for tests.
+    """
+
+    def __init__(
+        self,
+        rate: float,
+        burst: float | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.rate = rate
+        # One second's worth (at least one call): short bursts of concurrent unwraps go
+        # through together, and the quotas the budget is meant for are per second or longer.
+        self.burst = max(1.0, rate if burst is None else burst)
+        self.calls = 0
+        self.waited = 0.0
+        self._clock = clock
+        self._sleep = sleep
+        self._tokens = self.burst
+        self._last = clock()
+        self._lock = threading.Lock()
+
+    def __call__(self) -> None:
+        with self._lock:
+            now = self._clock()
+            self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
+            self._last = now
+            self._tokens -= 1.0
+            wait = -self._tokens / self.rate if self._tokens < 0 else 0.0
+            self.calls += 1
+            self.waited += wait
+        if wait > 0:
+            self._sleep(wait)
+
+
+def _budget_of(max_kms_rps: float | None) -> _TokenBucket | None:
+    if max_kms_rps is None:
+        return None
+    if isinstance(max_kms_rps, bool) or not isinstance(max_kms_rps, int | float):
+        raise ConfigurationError(f"max_kms_rps must be a number, not {max_kms_rps!r}")
+    if not 0 < max_kms_rps < float("inf"):
+        raise ConfigurationError(f"max_kms_rps must be a positive number, not {max_kms_rps!r}")
+    return _TokenBucket(float(max_kms_rps))
+
+
+def _budgeted(fn: Callable[_P, _T]) -> Callable[_P, _T]:
+    """Hold every provider call of the operation (wraps, unwraps, proofs, retries, in any of
+    its threads) to its ``max_kms_rps`` keyword argument, with one token bucket per call."""
+
+    @functools.wraps(fn)
+    def run(*args: _P.args, **kwargs: _P.kwargs) -> _T:
+        rate: Any = kwargs.get("max_kms_rps")  # keyword-only on every operation
+        bucket = _budget_of(rate)
+        if bucket is None:
+            return fn(*args, **kwargs)
+        token = kms_call_gate.set(bucket)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            kms_call_gate.reset(token)
+
+    return run
+
+
 # -- keys and ciphers of one call ------------------------------------------------------------
 
 
@@ -1466,6 +1540,7 @@ def ensure_companion(
 
 
 @_scrubbed("encrypt")
+@_budgeted
 def encrypt_columns(
     engine: Engine,
     cmk: CMK,
@@ -1480,6 +1555,7 @@ def encrypt_columns(
     progress: ProgressCallback | None = None,
     actor: str = "sqlalchemy-cmk migration",
     max_batches: int | None = None,
+    max_kms_rps: float | None = None,
 ) -> Report:
     """Encrypt, in place, every plaintext value of the text ``columns`` (see module docstring).
 
@@ -1497,6 +1573,11 @@ def encrypt_columns(
     the model declares with :func:`sqlalchemy_cmk.tenant_column`, found in ``metadata`` (a
     ``MetaData``, a declarative base or the ``Table``; see :func:`resolve_tenant_column`). The
     other functions here take the two arguments alike.
+
+    ``max_kms_rps`` caps the call's KMS requests per second: every wrap, unwrap, proof and
+    retry it makes, in all its threads, waits for a token of one bucket (bursts up to one
+    second's worth), so a long run stays inside the tenants' KMS quotas (see "KMS request
+    budget" in docs/migrations.md). With several worker processes, give each its share.
 
     Returns:
         What this call did: ``rows`` it encrypted (by tenant), compare-and-swap ``conflicts``
@@ -1705,6 +1786,7 @@ def _open_batch(
 
 
 @_scrubbed("decrypt")
+@_budgeted
 def decrypt_columns(
     engine: Engine,
     cmk: CMK,
@@ -1720,6 +1802,7 @@ def decrypt_columns(
     actor: str = "sqlalchemy-cmk migration",
     max_batches: int | None = None,
     into: Mapping[str, str] | None = None,
+    max_kms_rps: float | None = None,
 ) -> Report:
     """The reverse: restore every encrypted value of ``columns`` to its plaintext, with the
     same batching, locking and compare-and-swap; each batch is read back before it commits
@@ -1736,6 +1819,11 @@ def decrypt_columns(
     The companion column and its values are left in place (other columns may still use them).
     Deploy the application with ``allow_plaintext=True`` before an in-place run, and with a
     plain ``Text`` column once it is done.
+
+    ``max_kms_rps`` caps the call's KMS requests per second: every wrap, unwrap, proof and
+    retry it makes, in all its threads, waits for a token of one bucket (bursts up to one
+    second's worth), so a long run stays inside the tenants' KMS quotas (see "KMS request
+    budget" in docs/migrations.md). With several worker processes, give each its share.
 
     Raises:
         ConfigurationError: as :func:`encrypt_columns`; a binary-storage column without an
@@ -1823,6 +1911,7 @@ def decrypt_columns(
 
 
 @_scrubbed("rewrap")
+@_budgeted
 def rewrap_keys(
     engine: Engine,
     cmk: CMK,
@@ -1834,6 +1923,7 @@ def rewrap_keys(
     batch_size: int = 1000,
     progress: ProgressCallback | None = None,
     actor: str = "sqlalchemy-cmk migration",
+    max_kms_rps: float | None = None,
 ) -> Report:
     """Re-wrap every data key of the table (or of one tenant) under its tenant's current
     primary key, without re-encrypting data: per distinct envelope, an unwrap into a key this
@@ -1852,6 +1942,11 @@ def rewrap_keys(
     substring(companion from 1 for 17) || :new WHERE <pk in batch> AND substring(companion from
     18) = :old`` per distinct envelope; on SQLite, a compare-and-swap update per row. Envelopes
     already under the primary cost no KMS call. ``by_tenant`` counts rows by envelope tenant.
+
+    ``max_kms_rps`` caps the call's KMS requests per second: every wrap, unwrap, proof and
+    retry it makes, in all its threads, waits for a token of one bucket (bursts up to one
+    second's worth), so a long run stays inside the tenants' KMS quotas (see "KMS request
+    budget" in docs/migrations.md). With several worker processes, give each its share.
 
     Raises:
         ConfigurationError: unknown table or no companion column.
@@ -2039,6 +2134,7 @@ def _target_companion_only(
 
 
 @_scrubbed("rotate")
+@_budgeted
 def rotate_data_keys(
     engine: Engine,
     cmk: CMK,
@@ -2053,6 +2149,7 @@ def rotate_data_keys(
     batch_size: int = 1000,
     progress: ProgressCallback | None = None,
     actor: str = "sqlalchemy-cmk migration",
+    max_kms_rps: float | None = None,
 ) -> Report:
     """Re-encrypt rows under fresh data keys (new row id, new companion): every encrypted value
     of the table's encrypted columns, text or binary storage, of any type, is decrypted and
@@ -2072,6 +2169,11 @@ def rotate_data_keys(
     worker; a killed rotation run again starts over (harmless, more KMS calls). It drops
     ``cmk``'s cached data keys of ``tenant`` (or all tenants) first, so that the new companions
     get data keys wrapped now, not the write key the rows may already use.
+
+    ``max_kms_rps`` caps the call's KMS requests per second: every wrap, unwrap, proof and
+    retry it makes, in all its threads, waits for a token of one bucket (bursts up to one
+    second's worth), so a long run stays inside the tenants' KMS quotas (see "KMS request
+    budget" in docs/migrations.md). With several worker processes, give each its share.
 
     Raises:
         IncompleteColumnsError: ``columns`` leave out an encrypted column (names them).

@@ -72,6 +72,13 @@ from .registry import KeyRegistry, TenantKeys, parse_key_ref
 
 _T = TypeVar("_T")
 
+#: Called (in the calling thread) before every provider call made in this context, each retry
+#: included: the migration tools' KMS request budget (``max_kms_rps``) waits here for a token.
+#: Unwraps that :meth:`KeyManager.read_keys` runs concurrently inherit the caller's context.
+kms_call_gate: contextvars.ContextVar[Callable[[], None] | None] = contextvars.ContextVar(
+    "sqlalchemy_cmk_kms_call_gate", default=None
+)
+
 
 @dataclass(frozen=True)
 class CachePolicy:
@@ -465,8 +472,13 @@ class KeyManager:
             results: list[DataKey | CMKError] = [self._unwrap_or_error(missing[0], ctx, keep)]
         else:
             workers = min(len(missing), self._retry.max_concurrency)
+            parent = contextvars.copy_context()  # the caller's kms_call_gate, in each thread
             with ThreadPoolExecutor(workers, thread_name_prefix="sqlalchemy-cmk-unwrap") as pool:
-                results = list(pool.map(lambda e: self._unwrap_or_error(e, ctx, keep), missing))
+                results = list(
+                    pool.map(
+                        lambda e: parent.copy().run(self._unwrap_or_error, e, ctx, keep), missing
+                    )
+                )
         error = next((r for r in results if isinstance(r, CMKError)), None)
         if error is not None:
             if not keep:  # nothing proved these keys: they leave memory now
@@ -737,11 +749,16 @@ class KeyManager:
     # -- retries -------------------------------------------------------------------------------
 
     def _call(self, fn: Callable[[], _T], tenant: str, key_ref: str, scheme: str) -> _T:
+        gate = kms_call_gate.get()
+        if gate is not None:
+            gate()  # before the deadline starts: waiting for the budget is not the KMS's time
         started = self._clock()
         deadline = started + self._retry.deadline
         attempt = 0
         while True:
             attempt += 1
+            if gate is not None and attempt > 1:
+                gate()  # a retry is a request too
             left = deadline - self._clock()
             try:
                 # The provider reads what is left through providers.call_timeout() and hands
