@@ -18,6 +18,25 @@ Searching every call index for a fault, the way ``tests/db/test_faults.py`` does
             run_the_operation()
         kms.heal()
         run_the_operation()                 # works again once the KMS does
+
+Local KMS servers, for tests that run the real cloud SDK and the real provider against a KMS
+that refuses what the service refuses (a disabled key, a removed grant), so an application's
+suite can prove its revocation handling. Each is a module of its own, imported on demand, with
+the SDK in an extra named by its ImportError, and a command that serves on loopback until
+SIGINT/SIGTERM and prints where on its first line:
+
+* :mod:`sqlalchemy_cmk.testing.aws_kms` (``LocalKms``: moto's KMS, made to refuse disabled
+  keys, keys pending deletion and denying key policies); prints ``http://127.0.0.1:<port>``;
+  extra ``aws-testing``.
+* :mod:`sqlalchemy_cmk.testing.gcp_kms` (``KmsServer``: Cloud KMS over gRPC, refusing disabled
+  or destroyed key versions and removed IAM bindings); prints the gRPC target
+  ``127.0.0.1:<port>`` (plaintext); extra ``gcp-testing``.
+* :mod:`sqlalchemy_cmk.testing.azure_keyvault` (``KeyVaultServer``: Key Vault's keys API over
+  HTTPS, refusing disabled key versions, forbidden operations and removed role assignments);
+  prints ``https://127.0.0.1:<port>``, then the CA file to trust; extra ``azure-testing``.
+
+For example ``python -m sqlalchemy_cmk.testing.gcp_kms --port 0``; ``--port`` picks the port
+(0: any free one).
 """
 
 from __future__ import annotations

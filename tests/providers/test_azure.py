@@ -1,7 +1,8 @@
 """The Azure Key Vault provider, with the real azure-keyvault-keys clients against a local vault.
 
-The vault (``_azure_server.py``) serves HTTPS on 127.0.0.1 with a CA made for the session; the
-clients authenticate with a static test credential, so nothing reaches Entra ID, IMDS or Azure.
+The vault (``sqlalchemy_cmk.testing.azure_keyvault``) serves HTTPS on 127.0.0.1 with a CA made
+for the session; the clients authenticate with a static test credential, so nothing reaches
+Entra ID, IMDS or Azure.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from azure.core.credentials import AccessToken
 from azure.keyvault.keys import KeyClient
 from azure.keyvault.keys.crypto import CryptographyClient, KeyWrapAlgorithm
 from cryptography.hazmat.primitives import hashes
@@ -35,24 +35,16 @@ from sqlalchemy_cmk.errors import (
     KMSUnavailableError,
 )
 from sqlalchemy_cmk.providers.azure import AzureKeyVaultProvider
+from sqlalchemy_cmk.testing.azure_keyvault import (
+    ENTRA_TENANT,
+    TOKEN,
+    KeyVaultServer,
+    StaticTokenCredential,
+)
 from sqlalchemy_cmk.testing.contract import KeyProviderContract
-
-from ._azure_server import ENTRA_TENANT, TOKEN, KeyVaultServer
 
 ACME = {"tenant": "acme"}
 GLOBEX = {"tenant": "globex"}
-
-
-class StaticTokenCredential:
-    """A ``TokenCredential`` handing out one token; records the scopes and tenants asked for."""
-
-    def __init__(self, token: str = TOKEN) -> None:
-        self.token = token
-        self.requests: list[tuple[tuple[str, ...], str | None]] = []
-
-    def get_token(self, *scopes: str, **kwargs: Any) -> AccessToken:
-        self.requests.append((scopes, kwargs.get("tenant_id")))
-        return AccessToken(self.token, int(time.time()) + 3600)
 
 
 @pytest.fixture(scope="session")
@@ -697,7 +689,7 @@ def test_a_hung_vault_call_ends_with_kms_deadline(vault: KeyVaultServer) -> None
 
 def test_tls_failures_are_not_retryable(vault: KeyVaultServer, tmp_path: Path) -> None:
     # A vault certificate the client does not trust: configuration, not a transient fault.
-    from ._azure_server import make_tls
+    from sqlalchemy_cmk.testing.azure_keyvault import make_tls
 
     _, other_ca = make_tls(tmp_path)
     provider = make_provider(vault, connection_verify=str(other_ca), retry_total=0)

@@ -1,9 +1,10 @@
 """The Google Cloud KMS provider, with the real client library against a local KMS gRPC server.
 
-The server (tests/providers/_gcp_server.py) implements ``google.cloud.kms.v1.KeyManagementService``
-with the library's own message types and real AES-256-GCM; the client is the real
-``KeyManagementServiceClient`` over an insecure loopback channel (an ``api_endpoint`` alone would
-make it use TLS). Nothing leaves 127.0.0.1: ADC and the metadata server are fenced off.
+The server (``sqlalchemy_cmk.testing.gcp_kms``) implements
+``google.cloud.kms.v1.KeyManagementService`` with the library's own message types and real
+AES-256-GCM; the client is the real ``KeyManagementServiceClient`` over an insecure loopback
+channel (an ``api_endpoint`` alone would make it use TLS). Nothing leaves 127.0.0.1: ADC and
+the metadata server are fenced off.
 """
 
 from __future__ import annotations
@@ -45,8 +46,7 @@ from sqlalchemy_cmk.errors import (
 )
 from sqlalchemy_cmk.providers.gcp import GcpKmsProvider
 from sqlalchemy_cmk.testing.contract import KeyProviderContract
-
-from ._gcp_server import CORRUPTIONS, KmsServer, State
+from sqlalchemy_cmk.testing.gcp_kms import CORRUPTIONS, KmsServer, State
 
 ACME = {"tenant": "acme"}
 RING = "projects/tenant-project/locations/europe-west1/keyRings/cmk"
@@ -584,7 +584,7 @@ class FakeTokenSource(Credentials):
 
 @pytest.fixture(scope="module")
 def tls_kms_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[KmsServer, bytes]]:
-    from ._azure_server import make_tls  # a CA and a certificate for 127.0.0.1
+    from sqlalchemy_cmk.testing.gcp_kms import make_tls  # a CA and a certificate for 127.0.0.1
 
     directory = tmp_path_factory.mktemp("gcp-tls")
     _, ca_file = make_tls(directory)

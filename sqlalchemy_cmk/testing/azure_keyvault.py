@@ -1,4 +1,6 @@
-"""A local Azure Key Vault for the tests: HTTPS on 127.0.0.1, the REST API the SDK speaks.
+"""A local Azure Key Vault that refuses what Key Vault refuses, so your tests can prove revocation.
+
+HTTPS on loopback, the REST API the SDK speaks.
 
 Enough of the Key Vault data plane (api-version 7.x) for ``azure-keyvault-keys``' ``KeyClient``
 and ``CryptographyClient``, with the real wire shapes:
@@ -10,6 +12,11 @@ and ``CryptographyClient``, with the real wire shapes:
   ``oct-HSM`` keys, which never leave a Managed HSM);
 - ``POST /keys/{name}/{version}/wrapkey`` and ``/unwrapkey``: RSA-OAEP-256 for RSA keys and
   ``A256KW`` (RFC 3394) for ``oct-HSM`` keys;
+- ``POST /keys/{name}/create`` (``KeyClient.create_rsa_key``, ``create_key`` with ``RSA``,
+  ``RSA-HSM`` or ``oct-HSM``: a new version of the name becomes current) and
+  ``PATCH /keys/{name}[/{version}]`` (``KeyClient.update_key_properties``: ``enabled``, ``exp``,
+  ``nbf``, ``key_ops``), so another process can make and revoke its keys through the SDK or
+  ``az rest``;
 - errors as Key Vault sends them: ``{"error": {"code", "message", "innererror": {"code"}}}``,
   e.g. a disabled key answers every operation with ``403 Forbidden`` / ``KeyDisabled``, a
   missing key ``404 KeyNotFound``, a ciphertext that does not decrypt ``400 BadParameter``.
@@ -31,43 +38,108 @@ assignment: ``403 ForbiddenByRbac``), :meth:`rotate` (a new key version becomes 
 timeouts) and per-operation
 counters.
 
-The TLS certificate is issued for 127.0.0.1 by a throwaway CA made with ``cryptography``;
-:attr:`KeyVaultServer.ca_file` is what the client's ``connection_verify`` needs.
+The TLS certificate is issued for the server's host by a throwaway CA made with
+``cryptography``; :attr:`KeyVaultServer.ca_file` is what the client's ``connection_verify``
+needs (the Key Vault SDK sends bearer tokens over HTTPS only). Clients authenticate with
+:class:`StaticTokenCredential`, which hands out :data:`TOKEN`; the server challenges anything
+else, as Key Vault challenges the SDK's first request.
+
+In a test suite::
+
+    from sqlalchemy_cmk.testing.azure_keyvault import KeyVaultServer
+
+    with KeyVaultServer() as vault:                # https://127.0.0.1:<free port>
+        vault.create_rsa_key("acme")
+        provider = AzureKeyVaultProvider.from_credential(
+            vault.credential(), **vault.client_options()
+        )
+        ref = f"azure-kv://{vault.host}/keys/acme"
+        ...
+        vault.disable("acme")                      # the tenant disables its key
+
+From a shell or another language's test suite, on a port of your choice (0: any free one)::
+
+    python -m sqlalchemy_cmk.testing.azure_keyvault --port 0 [--key acme ...]
+    # prints https://127.0.0.1:<port> on its first line and the CA file to trust on the
+    # second, serves until SIGINT/SIGTERM; send "Authorization: Bearer <TOKEN>"
+
+Needs the ``azure-testing`` extra (``pip install 'sqlalchemy-cmk[azure-testing]'``).
 """
 
 from __future__ import annotations
 
+import argparse
 import base64
-import datetime
-import ipaddress
 import json
 import os
 import re
+import shutil
+import signal
 import socket
 import ssl
+import sys
+import tempfile
 import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from types import FrameType, TracebackType
 from typing import Any
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.keywrap import (
     InvalidUnwrap,
     aes_key_unwrap,
     aes_key_wrap,
 )
-from cryptography.x509.oid import NameOID
+
+from ._support import make_tls as make_tls
+from ._support import missing
+
+_MISSING = missing(("azure.core", "azure.keyvault.keys"))
+if _MISSING:
+    raise ImportError(
+        f"the local Key Vault server needs {', '.join(_MISSING)}; install it with: "
+        "pip install 'sqlalchemy-cmk[azure-testing]'",
+        name=_MISSING[0],
+    )
+
+from azure.core.credentials import AccessToken  # noqa: E402
+
+__all__ = [
+    "ENTRA_TENANT",
+    "TOKEN",
+    "KeyVaultServer",
+    "KeyVersion",
+    "StaticTokenCredential",
+    "StoredKey",
+    "main",
+    "make_tls",
+]
 
 #: The token the test credential hands out; anything else is challenged.
-TOKEN = "test-token-for-the-local-key-vault"
+TOKEN = "test-token-for-the-local-key-vault"  # noqa: S105 - a test server's, known to all
 #: The Entra tenant the challenge names (any GUID: the credential is static).
 ENTRA_TENANT = "72f988bf-86f1-41af-91ab-2d7cd011db47"
+
+
+class StaticTokenCredential:
+    """A ``TokenCredential`` handing out one token (:data:`TOKEN` by default); records the
+    scopes and Entra tenants asked for, in :attr:`requests`."""
+
+    def __init__(self, token: str = TOKEN) -> None:
+        self.token = token
+        self.requests: list[tuple[tuple[str, ...], str | None]] = []
+
+    def get_token(self, *scopes: str, **kwargs: Any) -> AccessToken:
+        self.requests.append((scopes, kwargs.get("tenant_id")))
+        return AccessToken(self.token, int(time.time()) + 3600)
+
 
 _OAEP256 = padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=None)
 _PATH = re.compile(
@@ -111,79 +183,6 @@ class StoredKey:
         return self.versions[-1].enabled
 
 
-def make_tls(directory: Path) -> tuple[ssl.SSLContext, Path]:
-    """A CA and a server certificate for 127.0.0.1; returns the server context and the CA file."""
-    now = datetime.datetime.now(datetime.timezone.utc)
-    ca_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "sqlalchemy-cmk test CA")])
-    ca_cert = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(
-            x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
-        )
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
-            critical=False,
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    ca_file = directory / "ca.pem"
-    ca_file.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
-    cert_file = directory / "server.pem"
-    cert_file.write_bytes(
-        cert.public_bytes(serialization.Encoding.PEM)
-        + key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(cert_file)
-    return context, ca_file
-
-
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, as the SDK's connection pool expects
     # Without TCP_NODELAY every small response waits for the client's delayed ACK (~40 ms).
@@ -198,6 +197,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         self._dispatch("POST")
+
+    def do_PATCH(self) -> None:
+        self._dispatch("PATCH")
 
     def _send(
         self, status: int, body: dict[str, Any] | None, headers: dict[str, str] | None = None
@@ -254,6 +256,14 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(404, "NotFound", "no such route")
             return
         name, version, op = match["name"], match["version"] or "", match["op"]
+        if method == "POST" and op is None and version == "create":
+            vault.count("create")
+            self._create(vault, name, raw)
+            return
+        if method == "PATCH" and op is None:
+            vault.count("update")
+            self._update(vault, name, version, raw)
+            return
         if (method == "GET") != (op is None):
             self._error(405, "MethodNotAllowed", "method not allowed")
             return
@@ -336,6 +346,82 @@ class _Handler(BaseHTTPRequestHandler):
             return
         self._send(200, {"kid": kid, "value": _b64u(result)})
 
+    def _create(self, vault: KeyVaultServer, name: str, raw: bytes) -> None:
+        try:
+            params = json.loads(raw)
+            kty = params["kty"]
+            attributes = params.get("attributes") or {}
+            key_ops = params.get("key_ops")
+            size = int(params.get("key_size") or 2048)
+        except (ValueError, KeyError, TypeError, AttributeError):
+            self._error(400, "BadParameter", "Property 'kty' is required.")
+            return
+        if kty in ("RSA", "RSA-HSM") and size in (2048, 3072, 4096):
+            key = KeyVersion(uuid.uuid4().hex, "RSA", private=_rsa_key(size))
+        elif kty == "oct-HSM" and size in (2048, 256):  # 256 bits, the only size emulated
+            key = KeyVersion(uuid.uuid4().hex, "oct-HSM", secret=os.urandom(32))
+        else:
+            self._error(400, "BadParameter", f"Key type {kty} of size {size} is not emulated.")
+            return
+        if isinstance(key_ops, list):
+            key.key_ops = [str(o) for o in key_ops]
+        if not _apply_attributes(key, attributes):
+            self._error(400, "BadParameter", "Invalid attributes.")
+            return
+        vault._add(name, key)
+        with vault.lock:
+            display = vault.keys[name.lower()].name
+        self._send(200, vault.bundle(f"{vault.url}/keys/{display}/{key.version}", key))
+
+    def _update(self, vault: KeyVaultServer, name: str, version: str, raw: bytes) -> None:
+        try:
+            params = json.loads(raw) if raw else {}
+            attributes = params.get("attributes") or {}
+            key_ops = params.get("key_ops")
+        except (ValueError, AttributeError):
+            self._error(400, "BadParameter", "The request body is not valid JSON.")
+            return
+        with vault.lock:
+            stored = vault.keys.get(name.lower())
+            found = (
+                [v for v in stored.versions if not version or v.version == version.lower()]
+                if stored is not None
+                else []
+            )
+            if not found:
+                self._error(
+                    404, "KeyNotFound", f"A key with (name/id) {name}/{version} was not found."
+                )
+                return
+            assert stored is not None
+            key = found[-1]  # no version: the latest, as the portal and the CLI pick it
+            if isinstance(key_ops, list):
+                key.key_ops = [str(o) for o in key_ops]
+            if not _apply_attributes(key, attributes):
+                self._error(400, "BadParameter", "Invalid attributes.")
+                return
+            kid = f"{vault.url}/keys/{stored.name}/{key.version}"
+        self._send(200, vault.bundle(kid, key))
+
+
+def _apply_attributes(key: KeyVersion, attributes: Any) -> bool:
+    """Set ``enabled``, ``exp``, ``nbf`` from a request's ``attributes``; False if malformed.
+    Caller holds the vault's lock for a stored key."""
+    if not isinstance(attributes, dict):
+        return False
+    enabled, exp, nbf = attributes.get("enabled"), attributes.get("exp"), attributes.get("nbf")
+    if enabled is not None and not isinstance(enabled, bool):
+        return False
+    if any(v is not None and not isinstance(v, int) for v in (exp, nbf)):
+        return False
+    if enabled is not None:
+        key.enabled = enabled
+    if exp is not None:
+        key.exp = exp
+    if nbf is not None:
+        key.nbf = nbf
+    return True
+
 
 class _HTTPServer(ThreadingHTTPServer):
     daemon_threads = True
@@ -352,21 +438,49 @@ class _HTTPServer(ThreadingHTTPServer):
 
 
 class KeyVaultServer:
-    """A Key Vault on ``https://127.0.0.1:<free port>``; :meth:`start` / :meth:`stop` it."""
+    """A Key Vault on ``https://<host>:<port>``; :meth:`start` / :meth:`stop` it.
 
-    def __init__(self, directory: Path) -> None:
+    Binds its port when made (an ``OSError`` if it cannot), serves from :meth:`start`.
+
+    Args:
+        directory: Where the CA and server certificates are written (``ca.pem``,
+            ``server.pem``); None: a temporary directory, removed by :meth:`stop`.
+        host: The address to listen on and to issue the certificate for; loopback by
+            default.
+        port: The port; 0 picks a free one.
+
+    Attributes:
+        url: ``https://<host>:<port>``, the vault URL (what key ids start with).
+        host: ``<host>:<port>``, as it appears in ``azure-kv://`` key references.
+        ca_file: The CA certificate clients must trust (``connection_verify``).
+        counts: Requests per operation (``"get"``, ``"wrapkey"``, ``"unwrapkey"``,
+            ``"create"``, ``"update"``, ``"challenge"``, and ``"<op>:<version>"``).
+    """
+
+    def __init__(
+        self, directory: Path | None = None, *, host: str = "127.0.0.1", port: int = 0
+    ) -> None:
+        self._tempdir = None if directory is not None else tempfile.mkdtemp(prefix="cmk-kv-")
+        directory = Path(self._tempdir) if self._tempdir is not None else directory
+        assert directory is not None
         self.token = TOKEN
         self.keys: dict[str, StoredKey] = {}
         self.lock = threading.Lock()
         self.counts: Counter[str] = Counter()
         self.stall_seconds = 0.0
         self._faults: list[tuple[int, str]] = []
-        context, self.ca_file = make_tls(directory)
-        self._server = _HTTPServer(("127.0.0.1", 0), _Handler)
+        try:
+            context, self.ca_file = make_tls(directory, host)
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            _HTTPServer.address_family = family
+            self._server = _HTTPServer((host, port), _Handler)
+        except BaseException:
+            self._remove_tempdir()
+            raise
         self._server.vault = self
         self._server.tls = context
         self.port = self._server.server_address[1]
-        self.host = f"127.0.0.1:{self.port}"
+        self.host = f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
         self.url = f"https://{self.host}"
         self._thread = threading.Thread(
             target=self._server.serve_forever,
@@ -377,14 +491,59 @@ class KeyVaultServer:
 
     # -- lifecycle -------------------------------------------------------------------------------
 
+    def __repr__(self) -> str:
+        return f"KeyVaultServer({self.url})"
+
+    def __enter__(self) -> KeyVaultServer:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
     def start(self) -> KeyVaultServer:
         self._thread.start()
         return self
 
     def stop(self) -> None:
-        self._server.shutdown()
+        if self._thread.is_alive():
+            self._server.shutdown()
+            self._thread.join(5)
         self._server.server_close()
-        self._thread.join(5)
+        self._remove_tempdir()
+
+    def _remove_tempdir(self) -> None:
+        if self._tempdir is not None:
+            shutil.rmtree(self._tempdir, ignore_errors=True)
+            self._tempdir = None
+
+    # -- clients ---------------------------------------------------------------------------------
+
+    def credential(self) -> StaticTokenCredential:
+        """A credential the vault accepts (it hands out :data:`TOKEN`)."""
+        return StaticTokenCredential(self.token)
+
+    def client_options(self, **options: Any) -> dict[str, Any]:
+        """Keyword arguments for ``KeyClient``, ``CryptographyClient`` or
+        ``AzureKeyVaultProvider.from_credential``: trust the vault's CA only, and accept a
+        challenge that names ``vault.azure.net`` (not this host). ``options`` override."""
+        return {
+            "connection_verify": str(self.ca_file),
+            "verify_challenge_resource": False,
+            "connection_timeout": 2.0,
+            "read_timeout": 5.0,
+            **options,
+        }
+
+    def key_client(self, **options: Any) -> Any:
+        """An ``azure.keyvault.keys.KeyClient`` for this vault (the tenant's own tool)."""
+        from azure.keyvault.keys import KeyClient
+
+        return KeyClient(self.url, self.credential(), **self.client_options(**options))
 
     # -- keys ------------------------------------------------------------------------------------
 
@@ -508,5 +667,74 @@ class KeyVaultServer:
         }
 
 
-def _rsa_key() -> rsa.RSAPrivateKey:
-    return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+def _rsa_key(size: int = 2048) -> rsa.RSAPrivateKey:
+    return rsa.generate_private_key(public_exponent=65537, key_size=size)
+
+
+# -- the command ---------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m sqlalchemy_cmk.testing.azure_keyvault [--host H] [--port P] [--key NAME ...]``.
+
+    Prints the vault URL on the first line of standard output and the CA file to trust on the
+    second, then serves until SIGINT or SIGTERM; exit status 0 after a signal, 1 if the server
+    cannot start, 2 for bad arguments.
+    """
+    parser = argparse.ArgumentParser(
+        prog="python -m sqlalchemy_cmk.testing.azure_keyvault",
+        description="A local Azure Key Vault (HTTPS, keys API) that refuses disabled key "
+        "versions, forbidden operations and callers without the role, as Key Vault does. "
+        f"Clients send 'Authorization: Bearer {TOKEN}'. For tests only.",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=0, help="port, 0 for a free one (default)")
+    parser.add_argument(
+        "--ca-dir",
+        type=Path,
+        default=None,
+        help="where to write ca.pem and server.pem (default: a temporary directory, removed "
+        "on exit)",
+    )
+    parser.add_argument(
+        "--key",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="create an RSA key of this name (one enabled version); repeatable",
+    )
+    args = parser.parse_args(argv)
+    for name in args.key:
+        if not re.fullmatch(r"[0-9A-Za-z-]{1,127}", name):
+            parser.error(f"--key {name!r} is not a Key Vault key name")
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        try:
+            if args.ca_dir is not None:
+                args.ca_dir.mkdir(parents=True, exist_ok=True)
+            server = KeyVaultServer(args.ca_dir, host=args.host, port=args.port)
+        except OSError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        try:
+            server.start()
+            for name in args.key:
+                server.create_rsa_key(name)
+            print(server.url, server.ca_file, sep="\n", flush=True)
+            while not stop.wait(0.5):
+                pass
+        finally:
+            server.stop()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

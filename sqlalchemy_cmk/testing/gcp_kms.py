@@ -1,6 +1,7 @@
-"""A local Cloud KMS: ``google.cloud.kms.v1.KeyManagementService`` over gRPC, on loopback.
+"""A local Cloud KMS that refuses what Cloud KMS refuses, so your tests can prove revocation.
 
-It speaks the real wire protocol with the client library's own message types, so the real
+``google.cloud.kms.v1.KeyManagementService`` over gRPC, on loopback. It speaks the real wire
+protocol with the client library's own message types, so the real
 ``KeyManagementServiceClient`` talks to it unchanged. What it implements, as Cloud KMS does:
 
 - ``Encrypt`` under the key's primary version and ``Decrypt`` with the version recorded in the
@@ -11,6 +12,9 @@ It speaks the real wire protocol with the client library's own message types, so
   and responses carry ``ciphertext_crc32c``/``plaintext_crc32c``.
 - Key version states: ``UpdateCryptoKeyVersion`` (ENABLED/DISABLED), ``DestroyCryptoKeyVersion``
   and ``RestoreCryptoKeyVersion``; a version that is not ENABLED gives FAILED_PRECONDITION.
+- ``CreateKeyRing`` and ``CreateCryptoKey`` (``ENCRYPT_DECRYPT`` keys, with a first, primary
+  version unless ``skip_initial_version_creation``), so another process can make its keys
+  through the API. Key rings are not otherwise modelled: any well-formed parent is accepted.
 - A key that does not exist and a key the caller may not use answer alike, as Cloud KMS does
   (it will not tell a caller without permission whether a key exists): PERMISSION_DENIED,
   "Permission 'cloudkms.cryptoKeyVersions.useToEncrypt' denied on resource '<name>' (or it may
@@ -26,23 +30,66 @@ Faults, per key so that tests sharing the server stay independent: :meth:`KmsSer
 tampers with one field of the next responses (a flipped ciphertext or plaintext bit, a wrong
 checksum, a ``verified_*`` flag left false, another key's version name), :meth:`KmsServer.fail`
 answers with a status code, :meth:`KmsServer.delay` answers late.
+
+In a test suite::
+
+    from sqlalchemy_cmk.testing.gcp_kms import KmsServer
+
+    with KmsServer() as server:                   # 127.0.0.1:<free port>
+        provider = GcpKmsProvider(server.client())
+        ref = "gcp-kms://" + server.add_key(f"{RING}/cryptoKeys/acme")
+        ...
+        server.set_state(ref.removeprefix("gcp-kms://"), State.DISABLED)   # the tenant revokes
+
+From a shell or another language's test suite, on a port of your choice (0: any free one)::
+
+    python -m sqlalchemy_cmk.testing.gcp_kms --port 0 [--key projects/p/.../cryptoKeys/k ...]
+    # prints the gRPC target 127.0.0.1:<port> on its first line, serves until SIGINT/SIGTERM
+
+Clients reach it over an insecure channel (``grpc.insecure_channel(target)`` in a
+``KeyManagementServiceGrpcTransport``; an ``api_endpoint`` alone would make the client use
+TLS). Needs the ``gcp-testing`` extra (``pip install 'sqlalchemy-cmk[gcp-testing]'``).
 """
 
 from __future__ import annotations
 
+import argparse
 import os
+import re
+import signal
+import socket
 import struct
+import sys
 import threading
 from collections import Counter
+from collections.abc import Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
+from types import FrameType, TracebackType
 from typing import Any
 
-import google_crc32c
-import grpc
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from google.cloud import kms
+
+from ._support import make_tls as make_tls
+from ._support import missing
+
+_MISSING = missing(("google.cloud.kms", "grpc", "google_crc32c"))
+if _MISSING:
+    raise ImportError(
+        f"the local Cloud KMS server needs {', '.join(_MISSING)}; install it with: "
+        "pip install 'sqlalchemy-cmk[gcp-testing]'",
+        name=_MISSING[0],
+    )
+
+import google_crc32c  # noqa: E402
+import grpc  # type: ignore[import-untyped]  # noqa: E402
+from google.cloud import kms  # noqa: E402
+from google.cloud.kms_v1.services.key_management_service.transports import (  # noqa: E402
+    KeyManagementServiceGrpcTransport,
+)
+
+__all__ = ["CORRUPTIONS", "SERVICE", "KmsServer", "State", "crc32c", "main", "make_tls"]
 
 SERVICE = "google.cloud.kms.v1.KeyManagementService"
 State = kms.CryptoKeyVersion.CryptoKeyVersionState
@@ -81,21 +128,38 @@ class _Key:
     delay: float = 0.0
 
 
-class KmsServer:
-    """The server; ``start()`` binds 127.0.0.1 on a free port, ``stop()`` ends every thread."""
+_KEY_NAME = re.compile(
+    r"projects/[^/]+/locations/[^/]+/keyRings/[^/]+/cryptoKeys/[A-Za-z0-9_-]{1,63}"
+)
 
-    def __init__(
-        self,
-        workers: int = 8,
-        *,
-        tls: tuple[bytes, bytes] | None = None,
-        token: str | None = None,
-    ) -> None:
-        """Args:
+
+class KmsServer:
+    """The server; ``start()`` binds ``host:port``, ``stop()`` ends every thread.
+
+    Args:
+        host: The address to listen on; loopback by default (the server has no authentication
+            unless ``token`` is given).
+        port: The port; 0 picks a free one (see :attr:`address` once started).
         workers: Handler threads.
         tls: (private key PEM, certificate chain PEM) to serve TLS; None for plaintext.
         token: The bearer token every call must carry; None accepts any caller.
-        """
+
+    Attributes:
+        address: The gRPC target, ``<host>:<port>``, once started.
+        calls: ``"<RPC>:<key name>"`` -> how many Encrypt/Decrypt calls reached the key.
+    """
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        workers: int = 8,
+        tls: tuple[bytes, bytes] | None = None,
+        token: str | None = None,
+    ) -> None:
+        self.host = host
+        self.port = port
         self._tls = tls
         self.token = token
         self.tokens_seen: Counter[str] = Counter()
@@ -111,10 +175,32 @@ class KmsServer:
 
     # -- lifecycle -----------------------------------------------------------------------------
 
+    def __repr__(self) -> str:
+        return f"KmsServer({self.address or 'not started'})"
+
+    def __enter__(self) -> KmsServer:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
     def start(self) -> str:
+        """Start serving; returns :attr:`address`. RuntimeError if the port cannot be bound."""
+        if self._server is not None:
+            raise RuntimeError("this KmsServer is already serving")
+        self._stopping.clear()
         self._pool = futures.ThreadPoolExecutor(self._workers, thread_name_prefix="fake-kms")
-        server = grpc.server(self._pool)
-        handlers = {
+        # Without so_reuseport=0, gRPC would share a port another server already listens on.
+        server = grpc.server(self._pool, options=[("grpc.so_reuseport", 0)])
+        handlers: dict[str, tuple[Any, Any, Any]] = {
+            "CreateKeyRing": (self._create_ring, kms.CreateKeyRingRequest, kms.KeyRing),
+            "CreateCryptoKey": (self._create_key, kms.CreateCryptoKeyRequest, kms.CryptoKey),
             "Encrypt": (self._encrypt, kms.EncryptRequest, kms.EncryptResponse),
             "Decrypt": (self._decrypt, kms.DecryptRequest, kms.DecryptResponse),
             "UpdateCryptoKeyVersion": (
@@ -158,17 +244,22 @@ class KmsServer:
                 ),
             )
         )
-        if self._tls is not None:
-            credentials = grpc.ssl_server_credentials([self._tls])
-            port = server.add_secure_port("127.0.0.1:0", credentials)
-        else:
-            port = server.add_insecure_port("127.0.0.1:0")
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        try:
+            if self._tls is not None:
+                credentials = grpc.ssl_server_credentials([self._tls])
+                port = server.add_secure_port(f"{host}:{self.port}", credentials)
+            else:
+                port = server.add_insecure_port(f"{host}:{self.port}")
+        except RuntimeError:  # grpcio >= 1.60 raises where older versions returned 0
+            port = 0
         if not port:
             self._pool.shutdown(wait=False)
-            raise RuntimeError("could not bind a port on 127.0.0.1")
+            self._pool = None
+            raise RuntimeError(f"could not bind {host}:{self.port} (in use, or no such address)")
         server.start()
         self._server = server
-        self.address = f"127.0.0.1:{port}"
+        self.address = f"{host}:{port}"
         return self.address
 
     def stop(self) -> None:
@@ -179,6 +270,16 @@ class KmsServer:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
+
+    def client(self) -> Any:
+        """A ``KeyManagementServiceClient`` for this server, over an insecure channel (plaintext
+        servers only; close it with ``client.transport.close()``)."""
+        if self._tls is not None:
+            raise RuntimeError("a TLS server needs a client with its CA: build the channel")
+        channel = grpc.insecure_channel(self.address)
+        return kms.KeyManagementServiceClient(
+            transport=KeyManagementServiceGrpcTransport(channel=channel)
+        )
 
     # -- administration (what the tenant does in its project) ---------------------------------
 
@@ -405,6 +506,31 @@ class KmsServer:
             resp.plaintext_crc32c = (crc32c(plaintext) + 1) % 2**32
         return resp
 
+    def _create_ring(self, req: kms.CreateKeyRingRequest) -> kms.KeyRing:
+        if not re.fullmatch(r"projects/[^/]+/locations/[^/]+", req.parent) or not re.fullmatch(
+            r"[A-Za-z0-9_-]{1,63}", req.key_ring_id
+        ):
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "invalid parent or key_ring_id")
+        return kms.KeyRing(name=f"{req.parent}/keyRings/{req.key_ring_id}")
+
+    def _create_key(self, req: kms.CreateCryptoKeyRequest) -> kms.CryptoKey:
+        name = f"{req.parent}/cryptoKeys/{req.crypto_key_id}"
+        if not _KEY_NAME.fullmatch(name):
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "invalid parent or crypto_key_id")
+        purpose = req.crypto_key.purpose
+        if purpose != kms.CryptoKey.CryptoKeyPurpose.ENCRYPT_DECRYPT:
+            raise _Abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "only ENCRYPT_DECRYPT keys are emulated here"
+            )
+        with self._lock:
+            if name in self._keys:
+                raise _Abort(grpc.StatusCode.ALREADY_EXISTS, f"{name} already exists.")
+            self._keys[name] = _Key()
+        if req.skip_initial_version_creation:
+            return kms.CryptoKey(name=name, purpose=purpose)
+        version = self.rotate(name, make_primary=True)
+        return kms.CryptoKey(name=name, primary=self._describe(name, version), purpose=purpose)
+
     def _version(self, version_name: str) -> tuple[str, int]:
         key_name, sep, version = version_name.rpartition("/cryptoKeyVersions/")
         with self._lock:
@@ -475,3 +601,66 @@ class KmsServer:
 
 def _flip(data: bytes) -> bytes:
     return data[:-1] + bytes([data[-1] ^ 1])
+
+
+# -- the command ---------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m sqlalchemy_cmk.testing.gcp_kms [--host H] [--port P] [--key NAME ...]``.
+
+    Prints the gRPC target (``host:port``) on the first line of standard output, then serves
+    until SIGINT or SIGTERM; exit status 0 after a signal, 1 if the server cannot start, 2 for
+    bad arguments.
+    """
+    parser = argparse.ArgumentParser(
+        prog="python -m sqlalchemy_cmk.testing.gcp_kms",
+        description="A local Cloud KMS (gRPC, plaintext) that refuses disabled or destroyed key "
+        "versions and keys the caller may not use, as Cloud KMS does. For tests only.",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=0, help="port, 0 for a free one (default)")
+    parser.add_argument(
+        "--key",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="create this CryptoKey (projects/P/locations/L/keyRings/R/cryptoKeys/K) with one "
+        "enabled, primary version; repeatable",
+    )
+    args = parser.parse_args(argv)
+    for name in args.key:
+        if not _KEY_NAME.fullmatch(name):
+            parser.error(f"--key {name!r} is not a CryptoKey resource name")
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    server = KmsServer(args.host, args.port)
+    try:
+        try:
+            if args.port:
+                # Bind it once ourselves: a port in use is then one line of ours, not gRPC's
+                # C-core log on stderr followed by ours.
+                family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+                socket.create_server((args.host, args.port), family=family).close()
+            server.start()
+        except (RuntimeError, OSError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        for name in args.key:
+            server.add_key(name)
+        print(server.address, flush=True)
+        while not stop.wait(0.5):
+            pass
+    finally:
+        server.stop()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
