@@ -8,6 +8,10 @@ tenant would), and checks that the provider, through ``CMK``, is refused afterwa
 from __future__ import annotations
 
 import importlib.util
+import json
+import os
+import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -15,7 +19,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
-from typing import IO
+from typing import IO, Any
 
 import grpc
 import pytest
@@ -32,6 +36,8 @@ from sqlalchemy_cmk.providers.azure import AzureKeyVaultProvider
 from sqlalchemy_cmk.providers.gcp import GcpKmsProvider
 from sqlalchemy_cmk.testing import azure_keyvault, gcp_kms
 from sqlalchemy_cmk.testing.azure_keyvault import StaticTokenCredential
+
+from ._tenant_tools import doc_block
 
 RING = "projects/tenant-project/locations/europe-west1/keyRings/cmk"
 ROOT = Path(__file__).resolve().parents[2]
@@ -276,3 +282,85 @@ def test_the_extras_are_declared_with_test_packages_only() -> None:
     assert packages("gcp-testing") == {*extras["gcp"], "grpcio>=1.60"}
     assert packages("azure-testing") == set(extras["azure"])
     assert packages("gcp-testing") | packages("azure-testing") <= packages("test")
+
+
+# -- the documentation ---------------------------------------------------------------------------
+
+
+def _doc_test(page: str) -> None:
+    """Run the page's example test function, as the user's pytest would."""
+    namespace: dict[str, Any] = {}
+    code = doc_block(page, "python", "def test_a_tenant_who_disables_its_key_is_refused")
+    exec(compile(code, page, "exec"), namespace)
+    namespace["test_a_tenant_who_disables_its_key_is_refused"]()
+
+
+def _doc_command(page: str, module: str) -> Command:
+    """The page's ``python -m`` command, started with ``--port 0`` as written."""
+    block = doc_block(page, "sh", f"sqlalchemy_cmk.testing.{module}")
+    argv = shlex.split(block.replace("\\\n", " "))  # line continuations
+    assert argv[:3] == ["python", "-m", f"sqlalchemy_cmk.testing.{module}"]
+    return Command(module, *argv[3:])
+
+
+def test_docs_gcp_example_test_passes() -> None:
+    _doc_test("gcp.md")
+
+
+def test_docs_gcp_command_and_client_make_and_revoke_keys() -> None:
+    server = _doc_command("gcp.md", "gcp_kms")
+    try:
+        target = server.line()
+        code = doc_block("gcp.md", "python", "create_crypto_key")
+        namespace: dict[str, Any] = {}
+        exec(compile(code.replace("127.0.0.1:50051", target), "gcp.md", "exec"), namespace)
+        client = namespace["client"]
+        try:
+            provider = GcpKmsProvider(client, timeout=5)
+            ring = "projects/acme-prod/locations/europe-west1/keyRings/saas-cmk"
+            with tenant_context("acme"):  # the --key made at start serves
+                _cmk(provider, f"gcp-kms://{ring}/cryptoKeys/app-data").encrypt_document(
+                    {"f": b"1"}
+                )
+                with pytest.raises(KeyAccessDeniedError):  # "orders", disabled by the block
+                    _cmk(provider, f"gcp-kms://{ring}/cryptoKeys/orders").encrypt_document(
+                        {"f": b"1"}
+                    )
+        finally:
+            client.transport.close()
+        assert server.terminate() == 0
+    finally:
+        server.close()
+
+
+def test_docs_azure_example_test_passes() -> None:
+    _doc_test("azure.md")
+
+
+def test_docs_azure_command_and_curl_revoke_a_key() -> None:
+    if shutil.which("curl") is None and not os.environ.get("CI"):
+        pytest.skip("curl is not installed")
+    server = _doc_command("azure.md", "azure_keyvault")
+    try:
+        url, ca_file = server.line(), server.line()
+        options = {"connection_verify": ca_file, "verify_challenge_resource": False}
+        host = url.removeprefix("https://")
+        with AzureKeyVaultProvider.from_credential(StaticTokenCredential(), **options) as provider:
+            cmk = _cmk(provider, f"azure-kv://{host}/keys/acme")  # made by --key acme
+            with tenant_context("acme"):
+                sealed = cmk.encrypt_document({"f": b"1"})
+                done = subprocess.run(
+                    ["bash", "-c", doc_block("azure.md", "sh", "curl")],
+                    env={**os.environ, "URL": url, "CA": ca_file},
+                    capture_output=True,
+                    text=True,
+                    timeout=30,
+                )
+                assert done.returncode == 0, done.stderr
+                assert json.loads(done.stdout)["attributes"]["enabled"] is False
+                cmk.forget_tenant("acme")
+                with pytest.raises(KeyAccessDeniedError):
+                    cmk.decrypt_document(sealed)
+        assert server.terminate() == 0
+    finally:
+        server.close()
