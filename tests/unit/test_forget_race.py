@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 
 from sqlalchemy_cmk import CMK, KeyAccessDeniedError, tenant_context
-from sqlalchemy_cmk._keys import DataKey
+from sqlalchemy_cmk._keys import CachePolicy, DataKey, KeyManager, RetryPolicy
+from sqlalchemy_cmk.registry import TenantKeys
 from sqlalchemy_cmk.testing import FakeKeyProvider
 
 from .test_key_manager import ZERO, envelopes, manager
@@ -149,3 +150,46 @@ def test_a_revoked_key_is_refused_right_after_an_unwrap_under_way(fake: FakeKeyP
     fake.deny("fake://acme")
     with pytest.raises(KeyAccessDeniedError):
         read()
+
+
+class _ForgetsAfterLookup:
+    """A registry after whose next lookup the tenant is forgotten at once: a revocation that
+    lands between the registry lookup and the KMS call."""
+
+    def __init__(self) -> None:
+        self.km: KeyManager | None = None
+        self.armed = False
+
+    def tenant_keys(self, tenant: str) -> TenantKeys:
+        keys = TenantKeys(f"fake://{tenant}", frozenset({f"fake://{tenant}"}))
+        if self.armed and self.km is not None:
+            self.armed = False
+            self.km.forget(tenant)
+        return keys
+
+
+@pytest.mark.parametrize("operation", ["unwrap", "wrap"])
+def test_a_forget_between_the_registry_lookup_and_the_kms_call_counts(
+    fake: FakeKeyProvider, operation: str
+):
+    (env,) = envelopes(fake, 1)
+    registry = _ForgetsAfterLookup()
+    km = registry.km = KeyManager(
+        {"fake": fake},
+        registry,
+        CachePolicy(60.0, 1000, None, 2**20),
+        RetryPolicy(3, 0.0, 10.0, 8),
+        [],
+        verify_write_keys=False,
+    )
+    registry.armed = True
+    if operation == "unwrap":
+        km.read_keys([env], None)
+        fake.reset_counts()
+        km.read_keys([env], None)
+        assert fake.unwrap_count == 1
+    else:
+        first = km.write_key("acme", 1, None)
+        fake.reset_counts()
+        assert km.write_key("acme", 1, None) is not first
+        assert fake.wrap_count == 1
