@@ -437,6 +437,10 @@ class _HTTPServer(ThreadingHTTPServer):
         pass  # clients closing keep-alive connections mid-read are normal here
 
 
+class _HTTPServer6(_HTTPServer):
+    address_family = socket.AF_INET6
+
+
 class KeyVaultServer:
     """A Key Vault on ``https://<host>:<port>``; :meth:`start` / :meth:`stop` it.
 
@@ -471,9 +475,8 @@ class KeyVaultServer:
         self._faults: list[tuple[int, str]] = []
         try:
             context, self.ca_file = make_tls(directory, host)
-            family = socket.AF_INET6 if ":" in host else socket.AF_INET
-            _HTTPServer.address_family = family
-            self._server = _HTTPServer((host, port), _Handler)
+            server_class = _HTTPServer6 if ":" in host else _HTTPServer
+            self._server = server_class((host, port), _Handler)
         except BaseException:
             self._remove_tempdir()
             raise
