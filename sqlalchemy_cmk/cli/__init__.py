@@ -19,11 +19,14 @@ Usage::
     sqlalchemy-cmk encrypt-column --table T --column C [--column C2 ...] --tenant-column TC
                                   --cmk module:attribute [--workers N]
     sqlalchemy-cmk decrypt-column --table T --column C ... --tenant-column TC --cmk ...
-                                  [--workers N]
+                                  [--into [C=]TARGET ...] [--workers N]
     sqlalchemy-cmk rewrap --table T --cmk ... [--tenant TENANT]
-    sqlalchemy-cmk rotate --table T --column C ... --tenant-column TC --cmk ... [--tenant TENANT]
-    sqlalchemy-cmk verify --table T --column C ... --tenant-column TC --cmk ... [--sample F]
+    sqlalchemy-cmk rotate --table T [--column C ...] --tenant-column TC --cmk ... [--tenant TENANT]
+    sqlalchemy-cmk verify --table T [--column C ...] --tenant-column TC --cmk ... [--sample F]
                           [--require-encrypted]
+
+    (rotate and verify without --column: every encrypted column of the table; decrypt-column
+    --into: a binary, default-storage column's plaintext goes to the plain column TARGET)
     sqlalchemy-cmk status --table T --column C ...
 
     (all take --database-url, --schema and --json; all but status also --companion-column,

@@ -94,8 +94,12 @@ class _Parser(argparse.ArgumentParser):
 # a few primary messages of data exceptions (``invalid input syntax for type integer:
 # "..."``, ``value "..." is out of range``); MySQL and MariaDB in ``Duplicate entry '...' for
 # key`` and ``Incorrect ... value: '...' for column``. Greedy matches, anchored on the text
-# after the value, so that a value containing quotes is hidden whole.
+# after the value, so that a value containing quotes is hidden whole. PostgreSQL's encoding
+# errors name the value's bytes (``invalid byte sequence for encoding "UTF8": 0xe2 0x28``), and
+# its date formatting the value mid-message (``invalid value "..." for "MM"``).
 _VALUE_PATTERNS = [
+    (re.compile(r"0x[0-9a-fA-F]{2}(?: 0x[0-9a-fA-F]{2})*"), "(bytes hidden)"),
+    (re.compile(r'(\binvalid value )".*"( for "[^"]*".*)$', re.DOTALL), r"\1(value hidden)\2"),
     (re.compile(r"(Duplicate entry )'.*'( for key .*)$", re.DOTALL), r"\1(value hidden)\2"),
     (re.compile(r"( value: )'.*'( for column .*)$", re.DOTALL), r"\1(value hidden)\2"),
     (re.compile(r'(\bvalue )".*"( is out of range.*)$', re.DOTALL), r"\1(value hidden)\2"),
@@ -124,9 +128,14 @@ def _scrub_database_message(orig: BaseException) -> str:
     first = lines[0].strip() if lines else type(orig).__name__
     if first.startswith(_DROPPED_LINES):
         first = type(orig).__name__
+    return _hide_values(first)
+
+
+def _hide_values(line: str) -> str:
+    """``line`` with the values a driver's message can quote replaced by ``(value hidden)``."""
     for pattern, replacement in _VALUE_PATTERNS:
-        first = pattern.sub(replacement, first)
-    return first
+        line = pattern.sub(replacement, line)
+    return line
 
 
 def _database_error(exc: SQLAlchemyError, migration: bool) -> str:
@@ -161,8 +170,11 @@ def _database_error(exc: SQLAlchemyError, migration: bool) -> str:
     if isinstance(exc, StatementError):  # a Python error while binding: its text may be data
         inner = type(exc.orig).__name__ if exc.orig is not None else "error"
         return f"database statement failed: {inner} (values are not shown)"
+    # Another SQLAlchemy error (no driver message, no statement): its first line, which may
+    # still quote something it was given, scrubbed like a driver's.
     lines = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+    first = lines[0] if lines and not lines[0].startswith(_DROPPED_LINES) else ""
+    return f"{type(exc).__name__}: {_hide_values(first)}".rstrip(": ")
 
 
 def _printable(text: str) -> str:

@@ -94,6 +94,18 @@ def add_parsers(commands: argparse._SubParsersAction[_Parser], as_json: _Parser)
         metavar="NAME",
         help="a text column (repeat for several)",
     )
+    # rotate and verify find the table's encrypted columns themselves (rotate must take them
+    # all, or it would strand one): naming them is optional there.
+    every_column = _Parser(add_help=False)
+    every_column.add_argument(
+        "--column",
+        dest="columns",
+        action="append",
+        default=None,
+        metavar="NAME",
+        help="an encrypted column (repeat for several; default: every encrypted column of the "
+        "table, the model's with --metadata, else those the database shows)",
+    )
     batching = _Parser(add_help=False)
     batching.add_argument(
         "--companion-column",
@@ -162,10 +174,18 @@ def add_parsers(commands: argparse._SubParsersAction[_Parser], as_json: _Parser)
         parents=backfill,
         help="encrypt existing plaintext text columns in place, online (adds the companion)",
     )
-    commands.add_parser(
+    p = commands.add_parser(
         "decrypt-column",
         parents=backfill,
-        help="restore encrypted text columns to plaintext (the rollback)",
+        help="restore encrypted columns to plaintext (the rollback)",
+    )
+    p.add_argument(
+        "--into",
+        action="append",
+        default=[],
+        metavar="[COLUMN=]TARGET",
+        help="decrypt COLUMN into the existing column TARGET, leaving COLUMN NULL (required for "
+        "a binary, default-storage column; COLUMN= may be left out with one --column)",
     )
     commands.add_parser(
         "rewrap",
@@ -174,12 +194,12 @@ def add_parsers(commands: argparse._SubParsersAction[_Parser], as_json: _Parser)
     )
     commands.add_parser(
         "rotate",  # one worker: a rotation walks the rows that exist when it starts, once
-        parents=[target, columns, batching, keys, tenant_column, one_tenant, as_json],
-        help="re-encrypt rows under fresh data keys (name every encrypted column of the table)",
+        parents=[target, every_column, batching, keys, tenant_column, one_tenant, as_json],
+        help="re-encrypt rows under fresh data keys (every encrypted column of the table)",
     )
     p = commands.add_parser(
         "verify",
-        parents=[target, columns, batching, keys, tenant_column, as_json],
+        parents=[target, every_column, batching, keys, tenant_column, as_json],
         help="decrypt every row (or a sample); exit 1 on any failure",
     )
     p.add_argument(
@@ -210,6 +230,7 @@ class _Job:
     companion_column: str
     schema: str | None
     batch_size: int
+    into: tuple[tuple[str, str], ...] = ()  # decrypt-column --into: (column, target) pairs
 
 
 def _migration_engine(url: str) -> Engine:
@@ -235,6 +256,7 @@ def run_migration(args: argparse.Namespace, out: TextIO) -> int:
         # database once: an unreachable server or a wrong URL is reported as such (with the
         # URL hint), not as the failure of some batch.
         cmk: Any = None
+        models: Any = None  # --metadata's models: rotate and verify find the columns in them
         workers: int = getattr(args, "workers", 1)
         if args.command != "status":
             if workers > 1 and engine.dialect.name != "postgresql":
@@ -245,13 +267,13 @@ def run_migration(args: argparse.Namespace, out: TextIO) -> int:
                 )
             cmk = _load_cmk(args.cmk, args.app_dir)
             if hasattr(args, "tenant_column"):  # every command that seals or opens rows
-                args.tenant_column = _tenant_column(args)
+                args.tenant_column, models = _tenant_column(args)
         with engine.connect():
             pass
         if args.command == "status":
             return _status(engine, args, out)
         if args.command == "verify":
-            return _verify_table(engine, cmk, args, out)
+            return _verify_table(engine, cmk, models, args, out)
         job = _Job(
             command=args.command,
             url=url,
@@ -264,6 +286,7 @@ def run_migration(args: argparse.Namespace, out: TextIO) -> int:
             companion_column=args.companion_column,
             schema=args.schema,
             batch_size=args.batch_size,
+            into=_into(args),
         )
         added = False
         if job.command == "encrypt-column":  # before any worker starts: one ALTER, not N
@@ -279,7 +302,9 @@ def run_migration(args: argparse.Namespace, out: TextIO) -> int:
         started = time.monotonic()
         try:
             if workers == 1:
-                report = _run_job(job, engine, cmk, lambda p: view.update(p.done, p.total))
+                report = _run_job(
+                    job, engine, cmk, lambda p: view.update(p.done, p.total), models=models
+                )
             else:
                 report, problems = _run_workers(job, workers, view)
         finally:
@@ -291,10 +316,34 @@ def run_migration(args: argparse.Namespace, out: TextIO) -> int:
         engine.dispose()
 
 
-def _tenant_column(args: argparse.Namespace) -> str:
+def _into(args: argparse.Namespace) -> tuple[tuple[str, str], ...]:
+    """decrypt-column's ``--into [COLUMN=]TARGET`` as (column, target) pairs; a bare TARGET
+    belongs to the one ``--column``."""
+    pairs: list[tuple[str, str]] = []
+    columns: list[str] = getattr(args, "columns", None) or []
+    for item in getattr(args, "into", None) or []:
+        column, sep, target = item.rpartition("=")
+        if not sep:
+            if len(columns) != 1:
+                raise UsageError(
+                    f"--into {item}: with several --column, say which: --into COLUMN={item}"
+                )
+            column = columns[0]
+        if not column or not target:
+            raise UsageError(f"--into takes [COLUMN=]TARGET, got {item!r}")
+        if column not in columns:
+            raise UsageError(f"--into {item}: {column!r} is not one of the --column names")
+        if column in dict(pairs):
+            raise UsageError(f"--into {item}: {column!r} has another --into already")
+        pairs.append((column, target))
+    return tuple(pairs)
+
+
+def _tenant_column(args: argparse.Namespace) -> tuple[str, Any]:
     """--tenant-column, or the tenant column the model given by --metadata declares; resolved
     here, once, so that a mistake stops the command before anything (even the schema) changes
-    and spawned workers get a plain name."""
+    and spawned workers get a plain name. Returns it and the models (None without
+    --metadata)."""
     from migrations_helpers import resolve_tenant_column
 
     models: Any = None
@@ -322,11 +371,12 @@ def _tenant_column(args: argparse.Namespace) -> str:
                 f"(imported from {path})"
             ) from None
     try:
-        return resolve_tenant_column(
+        name = resolve_tenant_column(
             args.table, args.tenant_column, metadata=models, schema=args.schema
         )
     except ConfigurationError as exc:
         raise UsageError(str(exc)) from None
+    return name, models
 
 
 def _load_cmk(spec: str, app_dir: str) -> Any:
@@ -345,8 +395,16 @@ def _fullname(args: argparse.Namespace) -> str:
     return f"{args.schema}.{args.table}" if args.schema else str(args.table)
 
 
-def _run_job(job: _Job, engine: Engine, cmk: Any, progress: Callable[[Progress], None]) -> Report:
-    """Run the job's backfill once, in this process."""
+def _run_job(
+    job: _Job,
+    engine: Engine,
+    cmk: Any,
+    progress: Callable[[Progress], None],
+    *,
+    models: Any = None,
+) -> Report:
+    """Run the job's backfill once, in this process. ``models`` (--metadata's, in the process
+    that loaded them) tell rotate the table's encrypted columns."""
     from migrations_helpers import decrypt_columns, encrypt_columns, rewrap_keys, rotate_data_keys
 
     if job.command == "rewrap":
@@ -367,8 +425,9 @@ def _run_job(job: _Job, engine: Engine, cmk: Any, progress: Callable[[Progress],
             engine,
             cmk,
             job.table,
-            job.columns,
+            job.columns or None,  # None: every encrypted column (the backfill finds them)
             tenant_column=job.tenant_column,
+            metadata=models,
             tenant=job.tenant,
             companion_column=job.companion_column,
             schema=job.schema,
@@ -376,8 +435,21 @@ def _run_job(job: _Job, engine: Engine, cmk: Any, progress: Callable[[Progress],
             progress=progress,
             actor=ACTOR,
         )
-    run = encrypt_columns if job.command == "encrypt-column" else decrypt_columns
-    return run(
+    if job.command == "decrypt-column":
+        return decrypt_columns(
+            engine,
+            cmk,
+            job.table,
+            job.columns,
+            tenant_column=job.tenant_column,
+            companion_column=job.companion_column,
+            schema=job.schema,
+            batch_size=job.batch_size,
+            progress=progress,
+            actor=ACTOR,
+            into=dict(job.into) or None,
+        )
+    return encrypt_columns(
         engine,
         cmk,
         job.table,
@@ -526,7 +598,8 @@ def _print_report(
         name = _fullname(args)
         if companion_added:
             print(f"added the companion column {job.companion_column} to {name}", file=out)
-        what = f"{name} ({', '.join(job.columns)})" if job.columns else name
+        columns = report.columns or job.columns  # rotate: the columns it found
+        what = f"{name} ({', '.join(columns)})" if columns else name
         rate = report.rows / report.seconds if report.seconds > 0 else 0.0
         print(
             f"{_VERBS[job.command][1]} {report.rows:,} row(s) of {what} in "
@@ -545,7 +618,9 @@ def _print_report(
         )
 
 
-def _verify_table(engine: Engine, cmk: Any, args: argparse.Namespace, out: TextIO) -> int:
+def _verify_table(
+    engine: Engine, cmk: Any, models: Any, args: argparse.Namespace, out: TextIO
+) -> int:
     from migrations_helpers import verify
 
     view = _progress_view(args, "verify " + _fullname(args))
@@ -555,8 +630,9 @@ def _verify_table(engine: Engine, cmk: Any, args: argparse.Namespace, out: TextI
             engine,
             cmk,
             args.table,
-            args.columns,
+            args.columns,  # None: every encrypted column (the model's, else the database's)
             tenant_column=args.tenant_column,
+            metadata=models,
             companion_column=args.companion_column,
             schema=args.schema,
             batch_size=args.batch_size,
@@ -605,7 +681,7 @@ def _verify_table(engine: Engine, cmk: Any, args: argparse.Namespace, out: TextI
         )
     sample = f" (a {args.sample:.0%} sample)" if args.sample else ""
     print(
-        f"checked {report.checked:,} row(s) of {_fullname(args)} ({', '.join(args.columns)})"
+        f"checked {report.checked:,} row(s) of {_fullname(args)} ({', '.join(report.columns)})"
         f"{sample}: {encrypted:,} ok, {plaintext:,} plaintext, {failed:,} failed",
         file=out,
     )
