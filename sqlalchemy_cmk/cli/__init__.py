@@ -26,7 +26,9 @@ Usage::
                           [--require-encrypted]
 
     (rotate and verify without --column: every encrypted column of the table; decrypt-column
-    --into: a binary, default-storage column's plaintext goes to the plain column TARGET)
+    --into: a binary, default-storage column's plaintext goes to the plain column TARGET;
+    encrypt-column, decrypt-column, rewrap and rotate take --max-kms-rps R, the command's KMS
+    requests per second, shared by its workers)
     sqlalchemy-cmk status --table T --column C ...
 
     (all take --database-url, --schema and --json; all but status also --companion-column,

@@ -67,6 +67,16 @@ def _positive_int(value: str) -> int:
     return number
 
 
+def _rate(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
+    if not 0.0 < number < float("inf"):  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {value}")
+    return number
+
+
 def _fraction(value: str) -> float:
     try:
         number = float(value)
@@ -167,8 +177,17 @@ def add_parsers(commands: argparse._SubParsersAction[_Parser], as_json: _Parser)
     )
     one_tenant = _Parser(add_help=False)
     one_tenant.add_argument("--tenant", default=None, help="only this tenant's rows")
+    budget = _Parser(add_help=False)
+    budget.add_argument(
+        "--max-kms-rps",
+        type=_rate,
+        default=None,
+        metavar="R",
+        help="at most R KMS requests per second for the whole command (wraps, unwraps, proofs, "
+        "retries; shared evenly by --workers), to stay inside the tenants' KMS quotas",
+    )
 
-    backfill = [target, columns, batching, keys, tenant_column, workers, as_json]
+    backfill = [target, columns, batching, keys, tenant_column, workers, budget, as_json]
     commands.add_parser(
         "encrypt-column",
         parents=backfill,
@@ -189,12 +208,12 @@ def add_parsers(commands: argparse._SubParsersAction[_Parser], as_json: _Parser)
     )
     commands.add_parser(
         "rewrap",
-        parents=[target, batching, keys, one_tenant, as_json],
+        parents=[target, batching, keys, one_tenant, budget, as_json],
         help="re-wrap data keys under each tenant's current primary key (no re-encryption)",
     )
     commands.add_parser(
         "rotate",  # one worker: a rotation walks the rows that exist when it starts, once
-        parents=[target, every_column, batching, keys, tenant_column, one_tenant, as_json],
+        parents=[target, every_column, batching, keys, tenant_column, one_tenant, budget, as_json],
         help="re-encrypt rows under fresh data keys (every encrypted column of the table)",
     )
     p = commands.add_parser(
@@ -231,6 +250,7 @@ class _Job:
     schema: str | None
     batch_size: int
     into: tuple[tuple[str, str], ...] = ()  # decrypt-column --into: (column, target) pairs
+    max_kms_rps: float | None = None  # this process's share of --max-kms-rps
 
 
 def _migration_engine(url: str) -> Engine:
@@ -287,6 +307,9 @@ def run_migration(args: argparse.Namespace, out: TextIO) -> int:
             schema=args.schema,
             batch_size=args.batch_size,
             into=_into(args),
+            # One bucket per process: N workers each get 1/N of the budget, so that together
+            # they stay within it (bursts included).
+            max_kms_rps=None if args.max_kms_rps is None else args.max_kms_rps / workers,
         )
         added = False
         if job.command == "encrypt-column":  # before any worker starts: one ALTER, not N
@@ -418,6 +441,7 @@ def _run_job(
             batch_size=job.batch_size,
             progress=progress,
             actor=ACTOR,
+            max_kms_rps=job.max_kms_rps,
         )
     assert job.tenant_column is not None  # argparse requires it for the other commands
     if job.command == "rotate":
@@ -434,6 +458,7 @@ def _run_job(
             batch_size=job.batch_size,
             progress=progress,
             actor=ACTOR,
+            max_kms_rps=job.max_kms_rps,
         )
     if job.command == "decrypt-column":
         return decrypt_columns(
@@ -447,6 +472,7 @@ def _run_job(
             batch_size=job.batch_size,
             progress=progress,
             actor=ACTOR,
+            max_kms_rps=job.max_kms_rps,
             into=dict(job.into) or None,
         )
     return encrypt_columns(
@@ -460,6 +486,7 @@ def _run_job(
         batch_size=job.batch_size,
         progress=progress,
         actor=ACTOR,
+        max_kms_rps=job.max_kms_rps,
     )
 
 
