@@ -7,6 +7,9 @@ private name cannot come in through a helper module either."""
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -127,3 +130,24 @@ def test_the_check_catches_a_private_import(source: str) -> None:
 def test_the_check_follows_sibling_modules() -> None:
     _, siblings = violations("migrate", "from ._common import _fail\nfrom . import _progress")
     assert siblings == {"_common", "_progress"}
+
+
+def test_python_dash_m_runs_the_command() -> None:
+    """``python -m sqlalchemy_cmk.cli`` (the package's ``__main__``) is the console script."""
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root))
+    outputs = {}
+    for argv, status in ((("--help",), 0), (("rotate", "--table"), 2)):
+        done = subprocess.run(
+            [sys.executable, "-m", "sqlalchemy_cmk.cli", *argv],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert done.returncode == status, done.stderr
+        assert "Traceback" not in done.stderr
+        outputs[argv] = done
+    assert "encrypt-column" in outputs[("--help",)].stdout
+    assert outputs[("rotate", "--table")].stderr.startswith("sqlalchemy-cmk: error: ")
