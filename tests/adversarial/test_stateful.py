@@ -506,14 +506,17 @@ class CMKMachine(RuleBasedStateMachine):
             for c, v in changes.items():
                 setattr(obj, c, v)
         self.memory[key] = replace(row, values={**row.values, **changes})
-        if key not in self.pending and self.memory[key] == self.flushed.get(key):
-            # Changed and changed back: SQLAlchemy sees no change, and nothing is written.
+        if key in self.pending:
+            return  # a new row: sealed (or refused) by the next flush in any case
+        # What the next flush writes is the net change since the last flush (SQLAlchemy
+        # compares with what it flushed), not the last assignment.
+        flushed = self.flushed[key].values
+        net = {c: v for c, v in self.memory[key].values.items() if flushed[c] != v}
+        if any(v is not None for v in net.values()):
+            self.unflushed[key] = row.tenant
+        elif key in self.unflushed or net:
             self.unflushed.pop(key, None)
-            self.unclear = True
-        elif key not in self.unflushed:
-            if any(v is not None for v in changes.values()):
-                self.unflushed[key] = row.tenant
-            else:
+            if net:
                 self.unclear = True  # only NULLs: nothing to seal; must the tenant match?
 
     @precondition(lambda self: self.persistent())
