@@ -260,8 +260,8 @@ class CMK:
 
         In this process, from the next wrap or unwrap on: the tenant's lookups raise
         :class:`~sqlalchemy_cmk.errors.TenantNotConfiguredError` and its cached data keys are
-        dropped (and zeroed), then dropped again after ``kms_deadline``, in case a KMS call
-        that was already under way cached one. Then the revocation is made durable and
+        dropped (and zeroed); a KMS call already under way serves its own operation but does not
+        cache its key. Then the revocation is made durable and
         published:
 
         * with a :class:`~sqlalchemy_cmk.registry_db.DatabaseKeyRegistry`, the tenant is
