@@ -71,7 +71,6 @@ from __future__ import annotations
 import argparse
 import base64
 import binascii
-import importlib.util
 import io
 import json
 import logging
@@ -84,30 +83,20 @@ import sys
 import threading
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
 from types import FrameType, TracebackType
 from typing import Any
 
+from ._support import missing
+
 _EXTRA_HINT = "install it with: pip install 'sqlalchemy-cmk[aws-testing]'"
-
-
-def _missing(names: Iterable[str]) -> list[str]:
-    missing = []
-    for name in names:
-        try:
-            found = importlib.util.find_spec(name) is not None
-        except (ImportError, ValueError):  # ValueError: sys.modules[name] is None (hidden)
-            found = False
-        if not found:
-            missing.append(name)
-    return missing
 
 
 # moto is imported when a server starts, not here: importing moto registers a (dormant) hook in
 # botocore, and importing this module should change nothing.
-_MISSING = _missing(("boto3", "moto", "flask", "flask_cors", "werkzeug"))
+_MISSING = missing(("boto3", "moto", "flask", "flask_cors", "werkzeug"))
 if _MISSING:
     raise ImportError(
         f"the local AWS KMS server needs {', '.join(_MISSING)}; {_EXTRA_HINT}",
