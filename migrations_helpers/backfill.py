@@ -397,7 +397,7 @@ class _Target:
     postgresql: bool
     types: dict[str, Any]  # every column of the table, as reflected: name -> type
     into: dict[int, int] = field(default_factory=dict)
-    bulk_update: tuple[Any, list[str]] | None = None  # _Batch.set_based's statement, built once
+    bulk_update: Any = None  # _Batch.set_based's statement, built once
 
     def label(self) -> str:
         return f"{self.raw.schema}.{self.name}" if self.raw.schema else self.name
@@ -799,13 +799,17 @@ def _transient(exc: DBAPIError) -> bool:
     return "database is locked" in str(orig)
 
 
-def _in_transaction(engine: Engine, work: Callable[[Connection], _T]) -> _T:
-    """Run ``work`` in its own transaction, retrying deadlocks and lock timeouts."""
+def _in_transaction(bind: Engine | Connection, work: Callable[[Connection], _T]) -> _T:
+    """Run ``work`` in its own transaction (on ``bind`` if it is a connection, else on one
+    from the pool), retrying deadlocks and lock timeouts."""
     attempt = 0
     while True:
         attempt += 1
         try:
-            with engine.begin() as conn:
+            if isinstance(bind, Connection):
+                with bind.begin():
+                    return work(bind)
+            with bind.begin() as conn:
                 return work(conn)
         except DBAPIError as exc:
             if attempt >= _RETRIES or not _transient(exc):
@@ -1234,6 +1238,9 @@ class _Crypto:
         last: bytes | None = None
         aead: Any = None
         prefixes: list[bytes] = []
+        # Consecutive rows often alternate tenants: the key and prefixes of each envelope are
+        # kept for the batch.
+        seen: dict[bytes, tuple[Any, list[bytes]]] = {}
         for pk, companion, sealed in rows:
             if companion is None:
                 if sealed:  # a ciphertext with no key named for it
@@ -1243,16 +1250,22 @@ class _Crypto:
             try:
                 env = companion[_SPLIT:]
                 if env != last:
-                    if env in new:
-                        self.prove(env)
-                        aead = self._proven[env].aead
-                    else:
-                        errors = self.load([env])
-                        if errors:
-                            raise errors[env]
-                        aead = self._keys[env][0].aead
-                    tenant = self.tenant(companion)
-                    prefixes = [_aad_prefix(tenant, tgt.name, n) for n in tgt.names]
+                    found = seen.get(env)
+                    if found is None:
+                        if env in new:
+                            self.prove(env)
+                            key = self._proven[env].aead
+                        else:
+                            errors = self.load([env])
+                            if errors:
+                                raise errors[env]
+                            key = self._keys[env][0].aead
+                        tenant = self.tenant(companion)
+                        found = seen[env] = (
+                            key,
+                            [_aad_prefix(tenant, tgt.name, n) for n in tgt.names],
+                        )
+                    aead, prefixes = found
                     last = env
                 row_id = companion[1:_SPLIT]
                 for j, ct in sealed:
@@ -1368,18 +1381,8 @@ class _Batch:
                 + ") WHERE "
                 + " AND ".join(conds)
             )
-            binary = [n for n in types if types[n] == "BYTEA"]
-            sql = tgt.bulk_update = (statement, binary)
-        statement, binary = sql
-        rows = []
-        for p in self.params:
-            row = dict(p)
-            for n in binary:
-                v = row[n]
-                if v is not None:
-                    row[n] = "\\x" + v.hex()
-            rows.append(row)
-        return statement, {"_rows": json.dumps(rows, ensure_ascii=False, default=str)}
+            sql = tgt.bulk_update = statement
+        return sql, {"_rows": json.dumps(self.params, ensure_ascii=False, default=_json)}
 
     def apply(
         self,
@@ -1437,6 +1440,14 @@ class _Batch:
         report.conflicts += n - len(ours)
 
 
+def _json(value: Any) -> str:
+    """A parameter JSON does not know, as PostgreSQL's text input reads it: bytes as ``bytea``
+    hex (``\\x...``), anything else (a UUID, a Decimal key...) as its ``str``."""
+    if isinstance(value, bytes | bytearray | memoryview):
+        return "\\x" + value.hex()
+    return str(value)
+
+
 #: A row a batch wrote, as read back: (primary key, stored companion, the ciphertexts written
 #: by column index), the stored values having been found equal to the written ones.
 _Written = tuple[Any, bytes | None, Sequence[tuple[int, bytes]]]
@@ -1491,61 +1502,65 @@ def _walk(
     base = select(*selected).order_by(tgt.pk).limit(batch_size)
     first, after = base.where(pending), base.where(pending, tgt.pk > bindparam("_last"))
     skip = tgt.postgresql
-    while True:
-        report.passes += 1
-        found = 0
-        last: Any = None
-        if tgt.postgresql:
-            stmts = (
-                first.with_for_update(skip_locked=skip),
-                after.with_for_update(skip_locked=skip),
-            )
-        else:
-            stmts = (first, after)
+    # One connection for the walk, a transaction per batch: no pool checkout per batch.
+    with engine.connect() as walker:
         while True:
-            if max_batches is not None and report.batches >= max_batches:
-                return
-
-            def batch(conn: Connection, last: Any = last, stmts: Any = stmts) -> Any:
-                p = dict(params())
-                if last is None:
-                    rows = conn.execute(stmts[0], p).all()
-                else:
-                    p["_last"] = last
-                    rows = conn.execute(stmts[1], p).all()
-                part = Report(report.operation, report.table, report.columns)
-                if rows:
-                    handle(conn, rows, part)
-                return (rows[-1][0] if rows else None), len(rows), part
-
-            refused = None
-            try:
-                last_pk, n, part = _in_transaction(engine, batch)
-            except _BatchRefused as exc:
-                refused = exc
-            if refused is not None:
-                pks = [p["_k"] for p in refused.params]
-                raise _database_error(
-                    report.operation,
-                    tgt.name,
-                    refused.failure,
-                    columns=_constraint_columns(engine, tgt, refused.failure.constraint),
-                    pk=_refused_row(engine, refused.statement, refused.params),
-                    span=(min(pks), max(pks)),
+            report.passes += 1
+            found = 0
+            last: Any = None
+            if tgt.postgresql:
+                stmts = (
+                    first.with_for_update(skip_locked=skip),
+                    after.with_for_update(skip_locked=skip),
                 )
-            if not n:
-                break
-            _merge(report, part)
-            found += n
-            last = last_pk
-            report.batches += 1
-            if progress is not None:
-                progress(Progress(report.operation, tgt.name, report.rows, total, _now() - started))
-        if found == 0:
-            if skip:
-                skip = False  # confirm, waiting for rows held by others
-                continue
-            return
+            else:
+                stmts = (first, after)
+            while True:
+                if max_batches is not None and report.batches >= max_batches:
+                    return
+
+                def batch(conn: Connection, last: Any = last, stmts: Any = stmts) -> Any:
+                    p = dict(params())
+                    if last is None:
+                        rows = conn.execute(stmts[0], p).all()
+                    else:
+                        p["_last"] = last
+                        rows = conn.execute(stmts[1], p).all()
+                    part = Report(report.operation, report.table, report.columns)
+                    if rows:
+                        handle(conn, rows, part)
+                    return (rows[-1][0] if rows else None), len(rows), part
+
+                refused = None
+                try:
+                    last_pk, n, part = _in_transaction(walker, batch)
+                except _BatchRefused as exc:
+                    refused = exc
+                if refused is not None:
+                    pks = [p["_k"] for p in refused.params]
+                    raise _database_error(
+                        report.operation,
+                        tgt.name,
+                        refused.failure,
+                        columns=_constraint_columns(engine, tgt, refused.failure.constraint),
+                        pk=_refused_row(engine, refused.statement, refused.params),
+                        span=(min(pks), max(pks)),
+                    )
+                if not n:
+                    break
+                _merge(report, part)
+                found += n
+                last = last_pk
+                report.batches += 1
+                if progress is not None:
+                    progress(
+                        Progress(report.operation, tgt.name, report.rows, total, _now() - started)
+                    )
+            if found == 0:
+                if skip:
+                    skip = False  # confirm, waiting for rows held by others
+                    continue
+                return
 
 
 def _now() -> float:
@@ -2556,13 +2571,17 @@ def verify(
         crypto.audit(by_tenant)
 
     last: Any = None
-    with _Crypto(cmk, tgt, actor) as crypto:
+    # One connection in autocommit for the whole scan: each batch's SELECT is its own snapshot,
+    # as a transaction per batch would be, without a BEGIN and a ROLLBACK round trip each.
+    with (
+        _Crypto(cmk, tgt, actor) as crypto,
+        engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn,
+    ):
         while True:
-            with engine.connect() as conn:
-                if last is None:
-                    rows = conn.execute(base).all()
-                else:
-                    rows = conn.execute(after, {"_last": last}).all()
+            if last is None:
+                rows = conn.execute(base).all()
+            else:
+                rows = conn.execute(after, {"_last": last}).all()
             if not rows:
                 break
             last = rows[-1][0]
