@@ -1374,12 +1374,15 @@ class _Batch:
             conds.append(f"_cmk_t.{q(tgt.companion.name)} IS NOT DISTINCT FROM _cmk_v._oe")
             sets.append(f"{q(tgt.companion.name)} = _cmk_v._ne")
             table = dialect.identifier_preparer.format_table(tgt.raw)
+            returning = [tgt.pk, *tgt.cols, tgt.companion]
             statement = text(
                 f"UPDATE {table} AS _cmk_t SET {', '.join(sets)} "  # noqa: S608
                 "FROM json_to_recordset(CAST(:_rows AS JSON)) AS _cmk_v("
                 + ", ".join(f"{n} {t}" for n, t in types.items())
                 + ") WHERE "
                 + " AND ".join(conds)
+                + " RETURNING "
+                + ", ".join(f"_cmk_t.{q(c.name)}" for c in returning)
             )
             sql = tgt.bulk_update = statement
         return sql, {"_rows": json.dumps(self.params, ensure_ascii=False, default=_json)}
@@ -1396,10 +1399,12 @@ class _Batch:
         assert tgt.companion is not None
         statement = self.statement()
         failure = None
+        now: dict[Any, Any] | None = None
         try:
             bulk = self.set_based(conn)
             if bulk is not None:
-                conn.execute(bulk[0], bulk[1])
+                # RETURNING reads back each updated row as stored, in the same statement.
+                now = {r[0]: r[1:] for r in conn.execute(bulk[0], bulk[1])}
             else:
                 conn.execute(statement, self.params)
         except DBAPIError as exc:
@@ -1410,17 +1415,18 @@ class _Batch:
             raise _BatchRefused(failure, statement, self.params)
         n = len(self.params)
         ncols = len(tgt.cols)
-        pks = [p["_k"] for p in self.params]
-        read = select(tgt.pk, *tgt.cols, tgt.companion)
-        lo = hi = None
-        if all(type(k) is int for k in pks):
-            lo, hi = min(pks), max(pks)
-        if lo is not None and hi is not None and hi - lo < 2 * n:
-            # A dense batch (the usual case): a range is much cheaper to bind than IN (n keys).
-            read = read.where(tgt.pk >= bindparam("_lo"), tgt.pk <= bindparam("_hi"))
-        else:
-            read = read.where(tgt.pk.in_(bindparam("_pks", expanding=True)))
-        now = {r[0]: r[1:] for r in conn.execute(read, {"_lo": lo, "_hi": hi, "_pks": pks})}
+        if now is None:  # the executemany: a SELECT of the batch's rows reads them back
+            pks = [p["_k"] for p in self.params]
+            read = select(tgt.pk, *tgt.cols, tgt.companion)
+            lo = hi = None
+            if all(type(k) is int for k in pks):
+                lo, hi = min(pks), max(pks)
+            if lo is not None and hi is not None and hi - lo < 2 * n:
+                # A dense batch (the usual case): a range is much cheaper to bind than IN.
+                read = read.where(tgt.pk >= bindparam("_lo"), tgt.pk <= bindparam("_hi"))
+            else:
+                read = read.where(tgt.pk.in_(bindparam("_pks", expanding=True)))
+            now = {r[0]: r[1:] for r in conn.execute(read, {"_lo": lo, "_hi": hi, "_pks": pks})}
         # A row is ours when every stored value equals, byte for byte, what was written; the
         # ciphertexts checked below are then the stored ones.
         ours: list[_Written] = []
