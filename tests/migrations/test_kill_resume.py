@@ -220,8 +220,6 @@ class Scenario:
         self.rng = random.Random(tally.seed)
         self.url = engine.url.render_as_string(hide_password=False)
         self.schema = schema_of(engine)
-        self.windows: dict[str, float] = {}
-        self.batches: dict[str, int] = {}  # batches of the last run that finished, by op
         self.pids: list[int] = []
         self.forks = Proc([sys.executable, APP, "forks"], tmp / "forks", env(), False, stdin=True)
         self.n = 0
@@ -258,7 +256,7 @@ class Scenario:
         """The exit codes of the processes last started (-9: killed)."""
         return list(json.loads(self.forks.line("exit ", timeout=300)))
 
-    def start_cli(self) -> Proc:
+    def start_cli(self, progress: bool = False) -> Proc:
         self.n += 1
         argv = [CLI, "encrypt-column", "--database-url", self.url, "--table", TABLE]
         if self.schema:
@@ -266,7 +264,8 @@ class Scenario:
         argv += ["--column", "a", "--column", "b", "--tenant-column", "tenant_id"]
         argv += ["--cmk", "_kill_resume_app:cli_cmk", "--app-dir", str(HERE)]
         argv += ["--workers", str(self.workers), "--batch-size", str(BATCH)]
-        argv += ["--no-progress", "--json"]
+        argv += ["--progress-every", "0"] if progress else ["--no-progress"]
+        argv += ["--json"]
         e = dict(env(), KR_KEYFILE=str(self.keyfile), KR_KEYS="v1", KR_LATENCY=str(LATENCY))
         return Proc(argv, self.tmp / f"cli{self.n}", e, group=True)  # killpg takes the workers
 
@@ -274,11 +273,11 @@ class Scenario:
         """``KILLS`` attempts: start the operation, SIGKILL each process at a random moment:
         after a random number of its batches (from none to as many as its run is expected to
         have) and a random part of the next one."""
-        for _ in range(KILLS):
-            if op == "encrypt" and self.cli:
-                self.kill_cli()
+        for attempt in range(KILLS):
+            if op == "encrypt" and self.cli and attempt % 2 == 0:
+                self.kill_cli()  # and the Python API's workers on the odd attempts
                 continue
-            expected = self.batches.get(op, ROWS // BATCH)
+            expected = max(1, self.remaining(op) // BATCH // workers)  # batches per worker
             plan = [
                 (self.rng.randint(0, max(0, expected - 1)), self.rng.uniform(0, 0.05))
                 for _ in range(workers)
@@ -308,36 +307,58 @@ class Scenario:
                 if rc == -signal.SIGKILL:
                     self.tally.kills += 1
                     self.tally.ops[op] = self.tally.ops.get(op, 0) + 1
-                    # The next run resumes: fewer batches left (rotate starts over).
-                    if op != "rotate":
-                        self.batches[op] = max(1, expected - out.count("\nbatch ") // workers)
                     continue
                 # Finished before its moment: it must have finished properly.
                 err = Path(str(outs[k]) + ".err").read_text()
                 assert rc == 0, self.msg(f"{op} exited {rc}: {err[-3000:]}")
                 assert "\nreport " in out, self.msg(f"{op}: no report")
                 self.tally.finished_early += 1
-                # Aim the next kills inside the (shorter, resumed) run.
-                self.batches[op] = out.count("\nbatch ")
+
+    def remaining(self, op: str) -> int:
+        """Rows the next run of ``op`` has to change (rotate: every encrypted row)."""
+        rows = raw(self.engine).values()
+        if op == "encrypt":
+            return sum(1 for r in rows if any(v and not v.startswith("cmk:") for v in r[1:3]))
+        if op == "rewrap":
+            return sum(1 for r in rows if r[5] and b"-v2" not in r[5][SPLIT:])
+        encrypted = [
+            r for r in rows if r[3] is not None or any(v and v.startswith("cmk:") for v in r[1:3])
+        ]
+        return len(encrypted)
 
     def kill_cli(self) -> None:
         """The command with its workers: killed as a whole (the process group), or one worker
         alone, after which the command must exit 1 naming it."""
-        p = self.start_cli()
-        window = self.windows.get("cli", 5.0)
-        time.sleep(self.rng.uniform(0.3, window))
+        expected = max(1, self.remaining("encrypt") // BATCH)  # both workers' batches
+        after, delay = self.rng.randint(0, expected - 1), self.rng.uniform(0, 0.05)
         one = self.rng.random() < 0.5
+        p = self.start_cli(progress=True)
+        reached = None
+        deadline = time.monotonic() + 120
+        while p.p.poll() is None and time.monotonic() < deadline:
+            # One progress line a batch (--progress-every 0), whichever worker did it.
+            if p.err.read_text().count(f"{TABLE}: ") >= after:
+                reached = reached or time.monotonic()
+                if time.monotonic() >= reached + delay and (not one or worker_pids(p.p.pid)):
+                    break
+            time.sleep(0.002)
         victims = worker_pids(p.p.pid) if one else []
         if p.p.poll() is not None:
-            assert p.p.returncode == 0, self.msg(f"encrypt-column exited {p.p.returncode}")
+            err = p.err.read_text()[-2000:]
+            assert p.p.returncode == 0, self.msg(f"encrypt-column exited {p.p.returncode}: {err}")
             self.tally.finished_early += 1
-            self.windows["cli"] = max(0.5, 0.8 * (time.monotonic() - p.started))
             return
         if victims:
             os.kill(victims[0], signal.SIGKILL)
             rc = p.wait()
             err = p.err.read_text()
-            # The other worker may already have finished the job: still exit 1, named.
+            if rc == 0:
+                # The worker had finished its share and reported before the signal landed:
+                # then the job must be done (the application writes no plaintext).
+                left = self.remaining("encrypt")
+                assert left == 0, self.msg(f"exit 0 with {left} rows left: {err[-2000:]}")
+                self.tally.finished_early += 1
+                return
             assert rc == 1, self.msg(f"one worker killed: exit {rc}: {err[-2000:]}")
             assert "died (exit status -9)" in err, self.msg(err[-2000:])
         else:
