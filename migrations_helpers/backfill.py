@@ -59,6 +59,7 @@ Limits:
 from __future__ import annotations
 
 import base64
+import contextlib
 import functools
 import inspect
 import json
@@ -66,7 +67,7 @@ import re
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ParamSpec, TypeVar
 
@@ -1509,7 +1510,7 @@ def _walk(
     first, after = base.where(pending), base.where(pending, tgt.pk > bindparam("_last"))
     skip = tgt.postgresql
     # One connection for the walk, a transaction per batch: no pool checkout per batch.
-    with engine.connect() as walker:
+    with engine.connect() as walker, _batch_commits(walker, tgt.postgresql):
         while True:
             report.passes += 1
             found = 0
@@ -1567,6 +1568,38 @@ def _walk(
                     skip = False  # confirm, waiting for rows held by others
                     continue
                 return
+
+
+@contextlib.contextmanager
+def _batch_commits(conn: Connection, postgresql: bool) -> Iterator[None]:
+    """PostgreSQL: the walk's batches commit without waiting for the WAL flush
+    (``synchronous_commit = off``), and the walk ends with one commit that waits for it.
+
+    A batch is still one atomic transaction, visible to everyone at its commit; what changes
+    is only that a crash of the database server (not of this process) may undo the last
+    fraction of a second of committed batches, each whole, leaving their rows as they were
+    before, which the next run picks up: the same as batches that never ran. The final
+    commit flushes the WAL up to it, so every batch is durable before the operation returns.
+    The connection's setting is restored before it goes back to the pool.
+    """
+    if not postgresql:
+        yield
+        return
+    with conn.begin():
+        conn.exec_driver_sql("SET synchronous_commit TO OFF")
+    try:
+        yield
+        with conn.begin():
+            conn.exec_driver_sql("SET synchronous_commit TO ON")
+            # A transaction id makes the commit write a record, and wait for the WAL flush
+            # up to it: every earlier batch's commit is then durable too.
+            conn.exec_driver_sql("SELECT txid_current()")
+    finally:
+        try:
+            with conn.begin():
+                conn.exec_driver_sql("RESET synchronous_commit")
+        except DBAPIError:
+            conn.invalidate()  # never hand the pool a connection with the setting changed
 
 
 def _now() -> float:

@@ -25,8 +25,10 @@ from sqlalchemy import (
     Table,
     Text,
     Uuid,
+    create_engine,
     insert,
     select,
+    text,
 )
 
 from migrations_helpers import backfill
@@ -270,3 +272,34 @@ def test_every_value_and_key_type_survives_the_batch_update(engine: Engine) -> N
     with engine.connect() as conn:
         restored = dict(conn.execute(select(table.c.id, table.c.body)).all())
     assert restored == {k: v for k, (_, v) in rows.items()}
+
+
+def test_the_walk_gives_its_connection_back_as_it_found_it(engine: Engine) -> None:
+    """PostgreSQL batches commit without waiting for the WAL flush; the application must never
+    get a pooled connection left that way (with one pooled connection, it is the walk's)."""
+    if engine.dialect.name != "postgresql":
+        pytest.skip("synchronous_commit is PostgreSQL's")
+    with engine.connect() as conn:
+        schema = conn.execute(text("SELECT current_schema()")).scalar_one()
+    one = create_engine(
+        engine.url, pool_size=1, max_overflow=0, connect_args={"options": f"-csearch_path={schema}"}
+    )
+    table = make_table(one, 30)
+    backfill.encrypt_columns(
+        one, make_cmk(FakeKeyProvider()), "budget_notes", ["body"], tenant_column="tenant_id"
+    )
+    with one.connect() as conn:
+        assert conn.execute(text("SHOW synchronous_commit")).scalar() == "on"
+    # Also after a run that fails half-way.
+    kms = FakeKeyProvider()
+    cmk = make_cmk(kms)
+    with one.begin() as conn:
+        conn.execute(
+            insert(table), [{"id": 100 + i, "tenant_id": "t1", "body": "more"} for i in range(5)]
+        )
+    kms.inject("denied", operation="wrap", count=None)
+    with pytest.raises(Exception, match="revoked"):
+        backfill.encrypt_columns(one, cmk, "budget_notes", ["body"], tenant_column="tenant_id")
+    with one.connect() as conn:
+        assert conn.execute(text("SHOW synchronous_commit")).scalar() == "on"
+    one.dispose()
