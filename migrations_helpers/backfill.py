@@ -665,16 +665,48 @@ def check_encryptable(
     _refuse_unique(sa_inspect(bind), table, schema, columns)
 
 
+class UndeterminedColumnsError(IncompleteColumnsError):
+    """Without the model, the stored values do not say which columns are encrypted.
+
+    Raised before anything is written or checked, when a binary column holds values in the
+    sealed format beside values that are not (``missing`` names such columns), or when rows
+    hold companions (EDEKs) but no column holds a value in the sealed format (``missing`` is
+    empty). Pass the models (``metadata=``, ``--metadata``) or name the columns.
+    """
+
+
 def _encrypted_columns(
-    engine: Engine, tgt: _Target, crypto: _Crypto, metadata: Models | None
+    engine: Engine,
+    tgt: _Target,
+    metadata: Models | None,
+    operation: str,
+    named: Sequence[str] = (),
 ) -> tuple[str, ...]:
     """Every encrypted column of the table that shares ``tgt``'s companion.
 
     From the model when ``metadata`` holds the table (its ``EncryptedType`` columns that the
-    database has); else from
-    the database, in one scan: a text column holding a ``cmk:`` value in a row with a
-    companion, and a binary column whose value in such a row authenticates as a ciphertext of
-    that column (up to five candidate values are tried, so a plain blob is not mistaken).
+    database has). Else from the stored format alone, never from decrypting: a key that is
+    revoked, a tenant taken out of the configuration or a tampered value must not make an
+    encrypted column look plain (and a rotation strand it). One aggregate scan of every row
+    with a companion: a text column is encrypted if a value starts with ``cmk:``; a binary
+    column if a value is sealed (version byte first, at least the shortest sealed length).
+    Binary storage never holds plaintext, so a binary column with sealed values beside others
+    cannot be told from a plain column holding look-alikes: it is reported, not guessed.
+
+    Args:
+        engine: The database.
+        tgt: The table, with its companion column.
+        metadata: The application's models, if given.
+        operation: For messages: ``"rotate"``, ``"verify"``.
+        named: Columns the caller names as encrypted; they settle their own ambiguity.
+
+    Returns:
+        The encrypted columns, in table order.
+
+    Raises:
+        UndeterminedColumnsError: a binary column not in ``named`` holds sealed and unsealed
+            values, or rows hold companions while no column holds a sealed value and none is
+            named.
     """
     assert tgt.companion is not None
     model, _ = _model_table(tgt.name, tgt.raw.schema, metadata)
@@ -696,34 +728,62 @@ def _encrypted_columns(
             candidates.append((name, "binary"))
         elif isinstance(typ, sqltypes.String):
             candidates.append((name, "text"))
-    if not candidates:
-        return ()
     cols: list[Column[Any]] = [
         Column(n, LargeBinary() if s == "binary" else Text()) for n, s in candidates
     ]
     comp = Column(tgt.companion.name, LargeBinary())
     pk = Column(tgt.pk.name, tgt.pk.type, primary_key=True)
     raw = Table(tgt.name, MetaData(), pk, comp, *cols, schema=tgt.raw.schema)
-    looks: list[ColumnElement[bool]] = []
+
+    def count(cond: ColumnElement[bool]) -> ColumnElement[Any]:
+        return func.coalesce(func.sum(case((and_(comp.is_not(None), cond), 1), else_=0)), 0)
+
+    # Per column: values in the sealed format and (binary) non-NULL values not in it, counted
+    # over every row with a companion, in SQL: substr and length work on bytes in SQLite,
+    # PostgreSQL and MySQL alike (a SQLite text value is never equal to a blob).
+    counts: list[ColumnElement[Any]] = [count(comp.is_not(None))]
     for col, (_, s) in zip(cols, candidates, strict=True):
         if s == "binary":
-            first = func.substr(col, 1, 1) == literal(_format.VERSION_BYTE, type_=LargeBinary())
-            looks.append(and_(comp.is_not(None), first))
-        else:
-            looks.append(and_(comp.is_not(None), func.substr(col, 1, _MARKER_LEN) == TEXT_MARKER))
-    flags = [func.max(case((cond, 1), else_=0)) for cond in looks]
+            sealed = and_(
+                func.substr(col, 1, 1) == literal(_format.VERSION_BYTE, type_=LargeBinary()),
+                func.length(col) >= _format.MIN_VALUE,
+            )
+            counts += [count(sealed), count(and_(col.is_not(None), ~sealed))]
+        else:  # substr, not LIKE: SQLite's LIKE ignores case, and "CMK:..." is plaintext
+            counts += [count(func.substr(col, 1, _MARKER_LEN) == TEXT_MARKER), literal(0)]
     with engine.connect() as conn:
-        hits = conn.execute(select(*flags).select_from(raw)).one()
-        found: list[str] = []
-        for (name, s), col, cond, hit in zip(candidates, cols, looks, hits, strict=True):
-            if not hit:
-                continue
-            if s == "text":
-                found.append(name)
-                continue
-            sample = conn.execute(select(comp, col).where(cond).limit(5)).all()
-            if any(crypto.authenticates(bytes(r[0]), name, bytes(r[1])) for r in sample):
-                found.append(name)
+        got = [int(v) for v in conn.execute(select(*counts).select_from(raw)).one()]
+    with_companion = got[0]
+    found: list[str] = []
+    ambiguous: list[tuple[str, int, int]] = []
+    for k, (name, _) in enumerate(candidates):
+        sealed_n, other_n = got[1 + 2 * k], got[2 + 2 * k]
+        if sealed_n and other_n and name not in named:
+            ambiguous.append((name, sealed_n, other_n))
+        elif sealed_n:
+            found.append(name)
+    where = tgt.label()
+    if ambiguous:
+        detail = "; ".join(f"{n}: {s:,} sealed, {o:,} not" for n, s, o in ambiguous)
+        raise UndeterminedColumnsError(
+            f"{operation} of {where!r}: cannot tell whether binary column(s) "
+            f"{[n for n, _, _ in ambiguous]!r} are encrypted ({detail}, in rows with a "
+            "companion). An encrypted binary column holds only sealed values (others are "
+            "tampered or corrupt); a plain one may hold look-alikes. Nothing was changed. Pass "
+            "the models (metadata=, --metadata) or name the encrypted columns",
+            missing=tuple(n for n, _, _ in ambiguous),
+            table=tgt.name,
+            column=ambiguous[0][0],
+        )
+    if with_companion and not found and not named:
+        raise UndeterminedColumnsError(
+            f"{operation} of {where!r}: {with_companion:,} row(s) hold a companion (EDEK) but "
+            "no column holds a value in the sealed format: the encrypted values were decrypted "
+            "(drop the companions, or name the columns) or overwritten. Nothing was changed. "
+            "Pass the models (metadata=, --metadata) or name the encrypted columns",
+            missing=(),
+            table=tgt.name,
+        )
     return tuple(found)
 
 
@@ -2329,8 +2389,7 @@ def rotate_data_keys(
         schema=schema,
         metadata=metadata,
     )
-    with _Crypto(cmk, shape, actor) as probe:
-        everything = _encrypted_columns(engine, shape, probe, metadata)
+    everything = _encrypted_columns(engine, shape, metadata, "rotate", columns or ())
     if columns is not None:
         _require_every_column(shape, everything, columns, "rotate")
     chosen = tuple(columns) if columns is not None else everything
@@ -2483,8 +2542,8 @@ def verify(
             schema=schema,
             metadata=metadata,
         )
-        with _Crypto(cmk, shape, actor) as probe:
-            columns = _encrypted_columns(engine, shape, probe, metadata)
+        # Raises rather than find nothing while rows hold companions: "0 checked" is no "OK".
+        columns = _encrypted_columns(engine, shape, metadata, "verify")
         if not columns:
             return VerifyReport(table, ())
     tgt = _target(
