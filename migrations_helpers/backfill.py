@@ -1145,7 +1145,8 @@ class _Crypto:
         self._keys: OrderedDict[bytes, tuple[DataKey, bool]] = OrderedDict()  # (key, owned)
         self._proven: dict[bytes, DataKey] = {}
         self._tenants: dict[bytes, str] = {}
-        self._specs: dict[tuple[int, ...], TableSpec] = {}
+        # column tags -> the spec sealing them, and whether every value is text
+        self._specs: dict[tuple[int, ...], tuple[TableSpec, bool]] = {}
 
     def __enter__(self) -> _Crypto:
         return self
@@ -1257,12 +1258,13 @@ class _Crypto:
         assert self.tgt.companion is not None
         names = self.tgt.names
         specs: list[TableSpec] = []
+        all_text = True
         for row in rows:
-            tags = tuple(_tag(row.get(n)) for n in names)
-            spec = self._specs.get(tags)
-            if spec is None:
+            tags = tuple([_tag(row.get(n)) for n in names])
+            found = self._specs.get(tags)
+            if found is None:
                 comp = self.tgt.companion.name
-                spec = self._specs[tags] = TableSpec(
+                spec = TableSpec(
                     self.tgt.name,
                     comp,
                     comp,
@@ -1271,8 +1273,15 @@ class _Crypto:
                         for n, t in zip(names, tags, strict=True)
                     ),
                 )
-            specs.append(spec)
-        payloads = [{n: v if type(v) is str else v[1:] for n, v in row.items()} for row in rows]
+                found = self._specs[tags] = (spec, all(t in (_STR_TAG, 0) for t in tags))
+            specs.append(found[0])
+            all_text = all_text and found[1]
+        # Text values are sealed as they are; raw ones lose their tag (the spec's codec has it).
+        payloads = (
+            rows
+            if all_text
+            else [{n: v if type(v) is str else v[1:] for n, v in row.items()} for row in rows]
+        )
         return self.cmk.seal(
             payloads,
             specs,
@@ -1465,7 +1474,7 @@ class _Batch:
             bulk = self.set_based(conn)
             if bulk is not None:
                 # RETURNING reads back each updated row as stored, in the same statement.
-                now = {r[0]: r[1:] for r in conn.execute(bulk[0], bulk[1])}
+                now = {r[0]: r[1:] for r in conn.execute(bulk[0], bulk[1]).all()}
             else:
                 conn.execute(statement, self.params)
         except DBAPIError as exc:
@@ -1487,7 +1496,8 @@ class _Batch:
                 read = read.where(tgt.pk >= bindparam("_lo"), tgt.pk <= bindparam("_hi"))
             else:
                 read = read.where(tgt.pk.in_(bindparam("_pks", expanding=True)))
-            now = {r[0]: r[1:] for r in conn.execute(read, {"_lo": lo, "_hi": hi, "_pks": pks})}
+            result = conn.execute(read, {"_lo": lo, "_hi": hi, "_pks": pks})
+            now = {r[0]: r[1:] for r in result.all()}
         # A row is ours when every stored value equals, byte for byte, what was written; the
         # ciphertexts checked below are then the stored ones.
         ours: list[_Written] = []
@@ -1497,8 +1507,10 @@ class _Batch:
             current = now.get(p["_k"])
             if current is None or not _same(current[ncols], p["_ne"]):
                 continue
-            # current ends with the companion, compared above
-            if all(_same(stored, p[kn]) for stored, kn in zip(current, keys, strict=False)):
+            for i in range(ncols):
+                if not _same(current[i], p[keys[i]]):
+                    break
+            else:
                 ours.append((p["_k"], _as_bytes(current[ncols]), sealed))
                 by_tenant[t] = by_tenant.get(t, 0) + 1
         if check is not None and ours:
