@@ -30,8 +30,9 @@ What every operation guarantees (``tests/migrations/test_integrity.py``):
   decrypted must hold exactly the plaintext written; otherwise :class:`UnreadableWriteError`
   and the batch rolls back. :func:`rewrap_keys` proves each new envelope before writing it.
 * :func:`rotate_data_keys` never strands a column: it finds every encrypted column sharing the
-  companion (:func:`_encrypted_columns`) and refuses a set that leaves one out
-  (:class:`IncompleteColumnsError`).
+  companion from the stored format, never by decrypting (:func:`_encrypted_columns`), and
+  refuses a set that leaves one out (:class:`IncompleteColumnsError`), or a table whose values
+  do not say (:class:`UndeterminedColumnsError`).
 * Keys are opened by one per-call object (:class:`_Crypto`), which owns what it unwraps.
 * A database error leaves as :class:`MigrationDatabaseError`, scrubbed of row values, with
   nothing chained.
@@ -2539,6 +2540,8 @@ def verify(
     Raises:
         ConfigurationError: unknown table or column, no companion column, ``sample`` not in
             (0, 1], the tenant column (as :func:`encrypt_columns`).
+        UndeterminedColumnsError: ``columns=None`` and the stored values do not say which
+            columns are encrypted (see :func:`_encrypted_columns`).
     """
     _check_batch_args(batch_size)
     if sample is not None and not 0 < sample <= 1:
