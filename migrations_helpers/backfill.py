@@ -2513,6 +2513,7 @@ def rotate_data_keys(
 
 
 @_scrubbed("verify")
+@_budgeted
 def verify(
     engine: Engine,
     cmk: CMK,
@@ -2527,6 +2528,7 @@ def verify(
     sample: float | None = None,
     progress: ProgressCallback | None = None,
     actor: str = "sqlalchemy-cmk verify",
+    max_kms_rps: float | None = None,
 ) -> VerifyReport:
     """Decrypt every row (or a random ``sample`` fraction) and count ok / plaintext / failed
     per tenant (see :class:`VerifyReport`), text and binary storage alike. ``columns=None``
@@ -2536,6 +2538,8 @@ def verify(
     (``DecryptionError``), that decrypts to another type than the model's (with ``metadata``:
     ``ConfigurationError``), or whose key the KMS refuses (``KeyAccessDeniedError``...). Failures
     never stop the scan. Reads only, without locks, one batch at a time.
+
+    ``max_kms_rps`` caps its KMS requests per second, as for :func:`encrypt_columns`.
 
     Raises:
         ConfigurationError: unknown table or column, no companion column, ``sample`` not in

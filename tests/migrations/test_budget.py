@@ -153,6 +153,31 @@ def test_concurrent_unwraps_and_retries_count(engine: Engine) -> None:
     assert_within(kms.arrivals, started, rate, burst=rate)
 
 
+def test_verify_stays_within_the_budget(engine: Engine) -> None:
+    kms = TimedKMS()
+    make_table(engine, 60)
+    writer = make_cmk(kms, write_key_max_uses=2)
+    backfill.encrypt_columns(engine, writer, "budget_notes", ["body"], tenant_column="tenant_id")
+    kms.reset_counts()
+    kms.arrivals.clear()
+    rate = 10.0
+    started = time.monotonic()
+    report = backfill.verify(
+        engine,
+        make_cmk(kms),
+        "budget_notes",
+        ["body"],
+        tenant_column="tenant_id",
+        max_kms_rps=rate,
+    )
+    elapsed = time.monotonic() - started
+    assert report.ok and sum(report.encrypted_ok.values()) == 60
+    n = len(kms.calls)
+    assert n >= 30  # one unwrap per data key
+    assert n <= rate * elapsed + rate
+    assert_within(kms.arrivals, started, rate, burst=rate)
+
+
 def test_rewrap_and_rotate_stay_within_the_budget(engine: Engine) -> None:
     kms = TimedKMS()
     cmk = make_cmk(kms, write_key_max_uses=5)
