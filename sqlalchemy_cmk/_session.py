@@ -77,17 +77,8 @@ _registries_seen: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionar
 
 
 def _on_load(state: InstanceState[Any], context: Any, *args: Any) -> None:
-    committed = state.committed_state
-    if committed:
-        # A companion changed in memory (merge of a stale copy) is not the row's: it would
-        # never be written, so it must not be read either; nor can the value from before the
-        # change be trusted (a rewrap may have replaced it since). Dropped, it is read again
-        # from the database with the others a load left out. Now, not once the result is
-        # complete: a populate_existing load marks every attribute unchanged after this event.
-        for t in mapper_spec(state.mapper).tables:
-            if t.companion_key in committed:
-                del committed[t.companion_key]
-                state.dict.pop(t.companion_key, None)
+    if args or state.committed_state:  # a refresh (args: its attribute names), or a change
+        _drop_untrusted_companions(state, args[0] if args else (), refresh=bool(args))
     collected = _collector.get()
     if collected is not None:
         collected.append(state)
@@ -96,6 +87,34 @@ def _on_load(state: InstanceState[Any], context: Any, *args: Any) -> None:
     cmk = session.info.get(_INFO_KEY) if session is not None else None
     if cmk is not None:
         decrypt_states(cmk, [state])
+
+
+def _drop_untrusted_companions(state: InstanceState[Any], attrs: Any, *, refresh: bool) -> None:
+    """Drop the in-memory companions that may not be the row's own, so they are read again
+    from the database with the others a load left out.
+
+    Two kinds: one changed in memory (a merge of a stale copy: it would never be written, so it
+    must not be read either, nor can the value from before the change be trusted, as a rewrap
+    may have replaced it since); and, in a refresh that loaded encrypted values but not their
+    companion (``refresh(obj, [names])``, an expired or deferred attribute loaded on access,
+    ``populate_existing``), the companion from the earlier load, which a rotation or another
+    session's first write may have replaced since. Done at the event, not once the result is
+    complete: a populate_existing load marks every attribute unchanged right after it.
+    """
+    committed = state.committed_state
+    d = state.dict
+    for t in mapper_spec(state.mapper).tables:
+        key = t.companion_key
+        if key in committed:
+            del committed[key]
+            d.pop(key, None)
+        elif (
+            refresh
+            and (attrs is None or key not in attrs)
+            and key in d
+            and any(type(d.get(c.key)) is EncryptedValue for c in t.columns)
+        ):
+            del d[key]
 
 
 def _listen_mappers(mappers: Any) -> None:
@@ -501,6 +520,16 @@ def _before_flush(
             continue  # bound by its key: CMK.seal checks the key's tenant
         if bound is not None and bound != tenant:
             _refuse_other_tenant(t.table, bound, tenant, "was bound to")
+        key = specs_of[state.mapper].tenant_key
+        if (
+            key is not None
+            and state.key is not None
+            and tenant is not None
+            and state.dict.get(key, _ABSENT) is None
+        ):
+            # A legacy row with no tenant in its tenant column gets its first key: the column
+            # must name the key's tenant, or no load would accept the row again.
+            fills.append((state, key, tenant))
     for i in unknown:
         owner = _tenant_of_other_tables(session, states[i])
         if owner is not None and owner != tenant:

@@ -506,10 +506,13 @@ class CMKMachine(RuleBasedStateMachine):
             for c, v in changes.items():
                 setattr(obj, c, v)
         self.memory[key] = replace(row, values={**row.values, **changes})
-        if key in self.pending:
-            return  # a new row: sealed (or refused) by the next flush in any case
-        # What the next flush writes is the net change since the last flush (SQLAlchemy
-        # compares with what it flushed), not the last assignment.
+        if key not in self.pending:  # a new row: sealed (or refused) by the next flush anyway
+            self.net_change(key)
+
+    def net_change(self, key: Key) -> None:
+        """What the next flush writes for a persistent row is its net change since the last
+        flush (SQLAlchemy compares with what it flushed), not the last assignment."""
+        row = self.memory[key]
         flushed = self.flushed[key].values
         net = {c: v for c, v in self.memory[key].values.items() if flushed[c] != v}
         if any(v is not None for v in net.values()):
@@ -609,6 +612,38 @@ class CMKMachine(RuleBasedStateMachine):
                     assert getattr(obj, c) == v, f"refresh of {key}: {c} is not what was flushed"
         except CMKError as exc:
             self.read_refused("load after refresh", key, exc)
+
+    @precondition(lambda self: self.persistent())
+    @rule(data=st.data())
+    def partial_reload(self, data: st.DataObject) -> None:
+        """Reload some attributes of a row the session holds (refresh with names, or expire
+        them and read them back): after a rewrap or rotation elsewhere, the companion the
+        session holds is no longer the row's."""
+        keys = [k for k in self.persistent() if self.identity(k) is not None]
+        if not keys:
+            return
+        key = data.draw(st.sampled_from(keys), label="row")
+        kind = KINDS[key[0]]
+        obj = self.identity(key)
+        names = data.draw(st.lists(st.sampled_from(kind.columns), min_size=1, unique=True))
+        how = data.draw(st.sampled_from(["refresh", "expire"]), label="how")
+        try:
+            with self.scope(), self.session.no_autoflush:
+                if how == "refresh":
+                    self.session.refresh(obj, names)
+                else:
+                    self.session.expire(obj, names)
+                got = {c: getattr(obj, c) for c in names}
+        except CMKError as exc:
+            self.read_refused(f"partial {how}", key, exc)
+            return
+        self.loaded(key)
+        flushed = self.flushed[key].values
+        assert got == {c: flushed[c] for c in names}, f"partial {how} of {key}: {got}"
+        row = self.memory[key]
+        self.memory[key] = replace(row, values={**row.values, **got})
+        self.net_change(key)
+        self.count(f"partial {how}")
 
     # -- rules: detached copies and merge --------------------------------------------------------
 

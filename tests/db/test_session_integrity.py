@@ -125,6 +125,16 @@ class Document(EncryptedMixin, Base):
     body: Mapped[str | None] = mapped_column(EncryptedType(Text, storage="text"))
 
 
+class Legacy(EncryptedMixin, Base):
+    """A table whose rows predate tenancy: its tenant column may be NULL."""
+
+    __tablename__ = "si_legacy"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    tenant_id: Mapped[str | None] = tenant_column(String(50), nullable=True)
+    secret: Mapped[str | None] = mapped_column(EncryptedType(String))
+    other: Mapped[str | None] = mapped_column(EncryptedType(String))
+
+
 @dataclass
 class Env:
     engine: Engine
@@ -381,6 +391,87 @@ def test_merge_of_a_stale_copy_after_a_rotation_loses_nothing(env: Env) -> None:
         doc.body = "BODY-AFTER"
         s.commit()
     assert read(env, Document, 1, "acme").body == "BODY-AFTER"
+
+
+@pytest.mark.parametrize(
+    "how", ["refresh with names", "expired attribute", "deferred column", "populate_existing"]
+)
+@pytest.mark.parametrize("change", ["rotation", "first key from another session"])
+def test_a_partial_load_after_the_rows_key_changed_reads_the_rows_own_key(
+    env: Env, how: str, change: str
+) -> None:
+    """A session holds a row; its key changes elsewhere (an online rotation, or another
+    session's first write); then the session loads some encrypted attributes but not the
+    companion. The companion in memory is the old one: it must not open the new ciphertext."""
+    from migrations_helpers import backfill
+
+    first = change == "rotation"
+    with tenant_context("acme"), env.Session() as s:
+        s.add(Legacy(id=1, secret="S1" if first else None, other="O1" if first else None))
+        s.commit()
+    with tenant_context("acme"):
+        s = env.Session(expire_on_commit=False)
+        if how == "deferred column":
+            doc = s.scalars(select(Legacy).options(defer(Legacy.other))).one()
+        else:
+            doc = s.get(Legacy, 1)
+        assert doc is not None and doc.secret == ("S1" if first else None)
+        s.commit()  # the session keeps the row (and its companion) past its transaction
+        if first:
+            backfill.rotate_data_keys(env.engine, env.cmk, "si_legacy", metadata=Base)
+        else:
+            with env.Session() as other:
+                row = other.get(Legacy, 1)
+                assert row is not None
+                row.secret, row.other = "S2", "O2"
+                other.commit()
+        want = ("S1", "O1") if first else ("S2", "O2")
+        if how == "refresh with names":
+            s.refresh(doc, ["secret", "other"])
+        elif how == "expired attribute":
+            s.expire(doc, ["secret", "other"])
+        elif how == "populate_existing":
+            query = select(Legacy).options(load_only(Legacy.secret, Legacy.other))
+            s.scalars(query.execution_options(populate_existing=True)).one()
+        if how == "deferred column":
+            s.expire(doc, ["secret"])
+        assert (doc.secret, doc.other) == want
+        doc.secret = "S3"
+        s.commit()
+        s.close()
+    assert (read(env, Legacy, 1, "acme").secret, read(env, Legacy, 1, "acme").other) == (
+        "S3",
+        want[1],
+    )
+
+
+def test_a_legacy_row_with_no_tenant_gets_one_with_its_first_key(env: Env) -> None:
+    """A row written before tenancy (tenant column NULL) gets its first encrypted value: the
+    tenant column is filled with the key's tenant, so the row loads again (it used to be
+    refused to everyone, the column naming no tenant and the key one)."""
+    with env.engine.begin() as conn:
+        conn.execute(insert(Legacy.__table__).values(id=1, tenant_id=None))
+    with tenant_context("acme"), env.Session() as s:
+        row = s.get(Legacy, 1)
+        assert row is not None and row.tenant_id is None
+        row.secret = "LEGACY-SECRET"
+        s.commit()
+    assert env.raw("select tenant_id from si_legacy") == [("acme",)]
+    assert read(env, Legacy, 1, "acme").secret == "LEGACY-SECRET"
+    with pytest.raises(TenantMismatchError):
+        read(env, Legacy, 1, "globex")
+    no_plaintext(env, "LEGACY-SECRET")
+    # Another tenant cannot claim such a row by writing it: it is bound to its loader.
+    with env.engine.begin() as conn:
+        conn.execute(insert(Legacy.__table__).values(id=2, tenant_id=None))
+    with tenant_context("acme"), env.Session() as s:
+        row = s.get(Legacy, 2)
+        assert row is not None
+        with tenant_context("globex"):
+            row.secret = "GLOBEX-CLAIM"
+            with pytest.raises(TenantMismatchError):
+                s.flush()
+    assert env.raw("select tenant_id, secret from si_legacy where id = 2") == [(None, None)]
 
 
 def test_a_companion_copied_onto_a_new_row_without_values_is_dropped(env: Env) -> None:
