@@ -47,6 +47,7 @@ from sqlalchemy import (
     select,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+from sqlalchemy.orm.attributes import flag_modified
 
 from sqlalchemy_cmk import CMK, EncryptedMixin, EncryptedType, tenant_context
 from sqlalchemy_cmk.providers.local import LocalKeyProvider
@@ -282,7 +283,13 @@ def run_writer(spec: dict[str, Any]) -> None:
                             new[k] = value(rng, f"w{n}")
                             setattr(r, name, new[k])
                             if name == "c":
-                                r.c_plain = None  # a write of c supersedes a decrypted copy
+                                # A write of c supersedes a decrypted copy, and must say so
+                                # even when this session saw no copy: decrypt_columns(into=)
+                                # may have moved the value since the load, and an UPDATE
+                                # setting c alone would leave that copy to be read back
+                                # where c is NULL (found by this suite).
+                                r.c_plain = None
+                                flag_modified(r, "c_plain")
                     s.commit()
                 truth[i] = (new[0], new[1], new[2], new[3])
                 counts["updates"] += 1
