@@ -291,7 +291,7 @@ def run_writer(spec: dict[str, Any]) -> None:
                                 r.c_plain = None
                                 flag_modified(r, "c_plain")
                     s.commit()
-                truth[i] = (new[0], new[1], new[2], new[3])
+                truth[i] = (t, new[1], new[2], new[3])
                 counts["updates"] += 1
             elif roll < 0.93:
                 i, t = next_id, rng.choice(TENANTS)

@@ -309,8 +309,8 @@ class Scenario:
                     self.tally.ops[op] = self.tally.ops.get(op, 0) + 1
                     continue
                 # Finished before its moment: it must have finished properly.
-                err = Path(str(outs[k]) + ".err").read_text()
-                assert rc == 0, self.msg(f"{op} exited {rc}: {err[-3000:]}")
+                failure = Path(str(outs[k]) + ".err").read_text()
+                assert rc == 0, self.msg(f"{op} exited {rc}: {failure[-3000:]}")
                 assert "\nreport " in out, self.msg(f"{op}: no report")
                 self.tally.finished_early += 1
 
