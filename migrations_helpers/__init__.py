@@ -59,6 +59,7 @@ if TYPE_CHECKING:
     from .backfill import Progress as Progress
     from .backfill import Report as Report
     from .backfill import StatusReport as StatusReport
+    from .backfill import UndeterminedColumnsError as UndeterminedColumnsError
     from .backfill import UniqueColumnError as UniqueColumnError
     from .backfill import UnreadableWriteError as UnreadableWriteError
     from .backfill import VerifyReport as VerifyReport
@@ -84,6 +85,7 @@ __all__ = [
     "RewrapKeysOp",
     "RotateDataKeysOp",
     "StatusReport",
+    "UndeterminedColumnsError",
     "UniqueColumnError",
     "UnreadableWriteError",
     "VerifyReport",
@@ -123,6 +125,7 @@ _HOMES = {
     "Progress": ".backfill",
     "Report": ".backfill",
     "StatusReport": ".backfill",
+    "UndeterminedColumnsError": ".backfill",
     "UniqueColumnError": ".backfill",
     "UnreadableWriteError": ".backfill",
     "VerifyReport": ".backfill",
