@@ -166,6 +166,7 @@ class CMKMachine(RuleBasedStateMachine):
         self.maker = sessionmaker(self.engine)
         self.keys.cmk.install(self.maker)
         self.session: Session = self.maker()
+        _strong_references(self.session)
         self.ctx: str | None = TENANTS[0]
         self.committed: dict[Key, Row] = {}
         self.flushed: dict[Key, Row] = {}  # the open transaction, as the session's SQL sees it
@@ -548,6 +549,13 @@ class CMKMachine(RuleBasedStateMachine):
         except CMKError as exc:
             self.read_refused("cascade load of delete", key, exc)
             return
+        if key[0] == "page":
+            # A deleted object stays in its parent's loaded collection (SQLAlchemy's docs,
+            # "Deleting Objects Referenced from Collections"); a later cascade from the folder
+            # would reach it again, and SQLAlchemy's rollback then raises InvalidRequestError.
+            folder = self.identity(("folder", row.folder))
+            if folder is not None:
+                self.session.expire(folder, ["pages"])
         gone = [key]
         if key[0] == "folder":
             gone += [k for k, r in self.memory.items() if k[0] == "page" and r.folder == key[1]]
@@ -1129,6 +1137,30 @@ MINUTES = float(os.environ.get("SQLALCHEMY_CMK_STATEFUL_MINUTES", "0"))
 # Shrinking a 30-step failure can take minutes; SQLALCHEMY_CMK_STATEFUL_SHRINK=0 skips it.
 SHRINK = os.environ.get("SQLALCHEMY_CMK_STATEFUL_SHRINK", "1") not in ("", "0")
 N_TESTS = len(FAMILIES) * 2  # families x dialects: a long run's time is shared equally
+
+
+def _strong_references(session: Session) -> None:
+    """Keep every persistent object of ``session`` alive while it is in the session (the
+    SQLAlchemy docs' "Session Referencing Behavior" recipe). The identity map is weak: without
+    this, which rows a rule can pick would depend on when the garbage collector runs, and
+    Hypothesis could not replay an example (FlakyStrategyDefinition)."""
+    refs: set[Any] = set()
+
+    def keep(session: Session, instance: Any) -> None:
+        refs.add(instance)
+
+    def drop(session: Session, instance: Any) -> None:
+        refs.discard(instance)
+
+    for name in (
+        "pending_to_persistent",
+        "deleted_to_persistent",
+        "detached_to_persistent",
+        "loaded_as_persistent",
+    ):
+        event.listen(session, name, keep)
+    for name in ("persistent_to_detached", "persistent_to_deleted", "persistent_to_transient"):
+        event.listen(session, name, drop)
 
 
 def _real_sqlite_transactions(engine: Engine) -> None:
