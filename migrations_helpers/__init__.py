@@ -56,6 +56,7 @@ if TYPE_CHECKING:
     from .backfill import IncompleteColumnsError as IncompleteColumnsError
     from .backfill import MigrationDatabaseError as MigrationDatabaseError
     from .backfill import Models as Models
+    from .backfill import MoveNotFinishedError as MoveNotFinishedError
     from .backfill import Progress as Progress
     from .backfill import Report as Report
     from .backfill import StatusReport as StatusReport
@@ -63,6 +64,7 @@ if TYPE_CHECKING:
     from .backfill import UniqueColumnError as UniqueColumnError
     from .backfill import UnreadableWriteError as UnreadableWriteError
     from .backfill import VerifyReport as VerifyReport
+    from .backfill import check_cutover as check_cutover
     from .backfill import check_encryptable as check_encryptable
     from .backfill import decrypt_columns as decrypt_columns
     from .backfill import encrypt_columns as encrypt_columns
@@ -79,6 +81,7 @@ __all__ = [
     "IncompleteColumnsError",
     "MigrationDatabaseError",
     "Models",
+    "MoveNotFinishedError",
     "NothingToUndoOp",
     "Progress",
     "Report",
@@ -89,6 +92,7 @@ __all__ = [
     "UniqueColumnError",
     "UnreadableWriteError",
     "VerifyReport",
+    "check_cutover",
     "check_encryptable",
     "compare_type",
     "configure",
@@ -122,6 +126,7 @@ _HOMES = {
     "IncompleteColumnsError": ".backfill",
     "MigrationDatabaseError": ".backfill",
     "Models": ".backfill",
+    "MoveNotFinishedError": ".backfill",
     "Progress": ".backfill",
     "Report": ".backfill",
     "StatusReport": ".backfill",
@@ -129,6 +134,7 @@ _HOMES = {
     "UniqueColumnError": ".backfill",
     "UnreadableWriteError": ".backfill",
     "VerifyReport": ".backfill",
+    "check_cutover": ".backfill",
     "check_encryptable": ".backfill",
     "decrypt_columns": ".backfill",
     "encrypt_columns": ".backfill",
