@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from sqlalchemy_cmk._cmk import load_cmk as load_cmk
 
+    from .alembic_ops import CutoverColumnOp as CutoverColumnOp
     from .alembic_ops import DecryptColumnOp as DecryptColumnOp
     from .alembic_ops import EncryptColumnOp as EncryptColumnOp
     from .alembic_ops import NothingToUndoOp as NothingToUndoOp
@@ -76,6 +77,7 @@ if TYPE_CHECKING:
     from .backfill import verify as verify
 
 __all__ = [
+    "CutoverColumnOp",
     "DecryptColumnOp",
     "EncryptColumnOp",
     "IncompleteColumnsError",
@@ -111,6 +113,7 @@ __all__ = [
 ]
 
 _HOMES = {
+    "CutoverColumnOp": ".alembic_ops",
     "DecryptColumnOp": ".alembic_ops",
     "EncryptColumnOp": ".alembic_ops",
     "NothingToUndoOp": ".alembic_ops",

@@ -42,6 +42,7 @@ from sqlalchemy_cmk import (
     tenant_context,
 )
 from sqlalchemy_cmk.testing import FakeKeyProvider
+from tests.migrations.test_alembic_ops import _forget_cmk, db_url  # noqa: F401 (fixtures)
 from tests.migrations.test_backfill import _connect_args
 from tests.migrations.test_integrity import GarbageWrap
 
@@ -382,3 +383,161 @@ def test_a_target_too_small_is_refused() -> None:
         backfill._check_move_targets("t", "t", {"ssn": "small"}, where)
     with pytest.raises(ConfigurationError, match="too small"):  # any length of text
         backfill._check_move_targets("t", "t", {"any": "ok"}, where)
+
+
+# -- Alembic: the move, the cutover and their reverses -------------------------------------------
+
+R2_MOVE = '''
+"""move people.note into the binary column note_enc"""
+import sqlalchemy as sa
+from alembic import op
+
+revision = "r2"
+down_revision = "r1"
+
+
+def upgrade():
+    op.add_column("people", sa.Column("note_enc", sa.LargeBinary(), nullable=True))
+    op.encrypt_column("people", "note", tenant_column="tenant_id", into={"note": "note_enc"})
+
+
+def downgrade():
+    op.decrypt_column(
+        "people", "note_enc", tenant_column="tenant_id", into={"note_enc": "note"}
+    )
+    op.drop_column("people", "note_enc")
+'''
+
+R3_CUTOVER = '''
+"""cutover: drop the emptied people.note"""
+import sqlalchemy as sa
+from alembic import op
+
+revision = "r3"
+down_revision = "r2"
+
+
+def upgrade():
+    op.cutover_column("people", "note", "note_enc", type_=sa.Text())
+
+
+def downgrade():
+    op.add_column("people", sa.Column("note", sa.Text(), nullable=True))
+'''
+
+
+class AlembicBase(DeclarativeBase):
+    pass
+
+
+class PersonAfter(EncryptedMixin, AlembicBase):
+    """The model after the cutover: ``note`` maps the column it moved into."""
+
+    __tablename__ = "people"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(String(20))
+    name: Mapped[str | None] = mapped_column(Text)
+    note: Mapped[str | None] = mapped_column("note_enc", EncryptedType(Text))
+
+
+def test_alembic_move_cutover_and_downgrade(tmp_path: Any, db_url: str) -> None:  # noqa: F811
+    from alembic import command
+
+    from tests.migrations.test_alembic_ops import R1, ROWS, make_config, new_cmk
+
+    notes = {r["id"]: r["note"] for r in ROWS}
+    cmk = new_cmk(FakeKeyProvider())
+    cfg = make_config(
+        tmp_path,
+        db_url,
+        {"r1": R1, "r2": R2_MOVE, "r3": R3_CUTOVER},
+        cmk=cmk,
+        target_metadata=AlembicBase.metadata,
+    )
+    engine = create_engine(db_url)
+
+    def columns() -> dict[str, Any]:
+        with engine.connect() as conn:
+            names = [c["name"] for c in inspect_columns(conn)]
+            return {
+                n: dict(conn.execute(text(f"SELECT id, {n} FROM people")).all())  # type: ignore[arg-type]
+                for n in names
+                if n.startswith("note")
+            }
+
+    def app_notes() -> dict[int, str | None]:
+        maker = sessionmaker(engine)
+        cmk.install(maker)
+        out: dict[int, str | None] = {}
+        for t in ("acme", "globex"):
+            with tenant_context(t), maker() as s:
+                for p in s.scalars(select(PersonAfter).where(PersonAfter.tenant_id == t)):
+                    out[p.id] = p.note
+        return out
+
+    try:
+        command.upgrade(cfg, "r2")
+        got = columns()
+        assert all(v is None for v in got["note"].values())
+        for pk, note in notes.items():
+            enc = got["note_enc"][pk]
+            assert (enc is None) == (note is None)
+            assert note is None or note.encode() not in bytes(enc)
+        assert app_notes() == notes
+
+        # An old application instance writes the old column: the cutover refuses, naming it.
+        with engine.begin() as conn:
+            conn.execute(text("UPDATE people SET note = 'late write' WHERE id = 3"))
+        with pytest.raises(backfill.MoveNotFinishedError) as refused:
+            command.upgrade(cfg, "r3")
+        assert refused.value.remaining == 1 and refused.value.column == "note"
+        assert "note" in columns()  # nothing dropped
+        # The move again (as the CLI runs it) picks the late write up; then the cutover runs.
+        again = backfill.encrypt_columns(
+            engine, cmk, "people", ["note"], tenant_column="tenant_id", into={"note": "note_enc"}
+        )
+        assert again.rows == 1
+        notes[3] = "late write"
+        command.upgrade(cfg, "r3")
+        assert set(columns()) == {"note_enc"}
+        assert app_notes() == notes
+
+        command.downgrade(cfg, "r1")  # re-add note, move the values back, drop note_enc
+        assert columns() == {"note": notes}
+    finally:
+        engine.dispose()
+
+
+def inspect_columns(conn: Any) -> list[dict[str, Any]]:
+    from sqlalchemy import inspect
+
+    return list(inspect(conn).get_columns("people"))
+
+
+def test_alembic_reverses_of_the_move_and_the_cutover_render() -> None:
+    from alembic.autogenerate import render_op_text
+
+    import migrations_helpers
+    from migrations_helpers import alembic_ops
+    from tests.migrations.test_alembic_ops import _autogen_context
+
+    migrations_helpers.register()
+    autogen = _autogen_context()
+    forward = alembic_ops.EncryptColumnOp("people", "note", into={"note": "note_enc"})
+    back = forward.reverse()
+    assert render_op_text(autogen, forward) == (
+        "op.encrypt_column('people', 'note', into={'note': 'note_enc'})"
+    )
+    assert render_op_text(autogen, back) == (
+        "op.decrypt_column('people', 'note_enc', into={'note_enc': 'note'})"
+    )
+    assert render_op_text(autogen, back.reverse()) == render_op_text(autogen, forward)
+    cut = alembic_ops.CutoverColumnOp("people", "note", "note_enc", type_=Text)
+    assert render_op_text(autogen, cut) == (
+        "op.cutover_column('people', 'note', 'note_enc', type_=sa.Text())"
+    )
+    assert render_op_text(autogen, cut.reverse()) == (
+        "op.add_column('people', sa.Column('note', sa.Text(), nullable=True))"
+    )
+    with pytest.raises(ConfigurationError, match="not one of the columns"):
+        alembic_ops.EncryptColumnOp("people", "note", into={"name": "x"})
