@@ -50,7 +50,8 @@ Limits:
 * Only text columns (``TEXT``, or ``VARCHAR`` without a length) can be encrypted in place: the
   stored form is a third longer than the value plus about 45 characters. The other operations
   take text and binary (default-storage) columns alike; a binary column is decrypted ``into``
-  another column.
+  another column, and a column of any type is encrypted ``into`` a binary column (the move:
+  :func:`encrypt_columns` with ``into=``, then :func:`check_cutover`).
 * A plaintext value that itself starts with ``cmk:`` cannot be told from ciphertext: the walk
   leaves it alone, :func:`status` counts it as encrypted and :func:`verify` reports it failed.
 * :func:`rotate_data_keys` gives rows a new companion, so it takes *every* encrypted column of

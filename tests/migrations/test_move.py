@@ -11,6 +11,9 @@ refuses while a value is left, and the reverse move restores the exact text.
 from __future__ import annotations
 
 import datetime
+import sys
+import types
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -31,6 +34,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.ext.hybrid import hybrid_property
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+from sqlalchemy.orm.attributes import flag_modified
 
 from migrations_helpers import backfill
 from sqlalchemy_cmk import (
@@ -89,6 +93,10 @@ class Patient(EncryptedMixin, Base):
     def _ssn_set(self, value: str | None) -> None:
         self.ssn_new = value
         self.ssn_old = None
+        # Both columns in the UPDATE, changed or not as this session saw them: the backfill
+        # may have moved the value since the row was loaded.
+        flag_modified(self, "ssn_new")
+        flag_modified(self, "ssn_old")
 
 
 class After(DeclarativeBase):
@@ -221,6 +229,26 @@ def test_application_writes_during_the_move_are_kept(engine: Engine) -> None:
         expected[1000 + calls] = ("globex", f"new {calls}")
     backfill.check_cutover(engine, TABLE, INTO)
     assert read(engine, cmk, PatientAfter) == expected
+
+
+def test_a_write_by_a_session_that_loaded_the_row_before_it_moved_wins(engine: Engine) -> None:
+    """The session saw the old column's value and the new column NULL; the row moves; then the
+    session writes NULL. Both columns must be in its UPDATE, or the moved copy would be read
+    back (the setter's flag_modified)."""
+    seed(engine, 4)
+    cmk = make_cmk(FakeKeyProvider())
+    maker = sessionmaker(engine)
+    cmk.install(maker)
+    with tenant_context("globex"), maker() as s:
+        p = s.get(Patient, 1)
+        assert p is not None and p.ssn == value(1)
+        move(engine, cmk)  # meanwhile, on its own connections
+        p.ssn = None
+        s.commit()
+    with tenant_context("globex"), maker() as s:
+        again = s.get(Patient, 1)
+        assert again is not None and again.ssn is None
+    assert stored(engine)[1] == (None, None)
 
 
 def test_compare_and_swap_keeps_a_write_made_inside_the_batch(engine: Engine) -> None:
@@ -541,3 +569,72 @@ def test_alembic_reverses_of_the_move_and_the_cutover_render() -> None:
     )
     with pytest.raises(ConfigurationError, match="not one of the columns"):
         alembic_ops.EncryptColumnOp("people", "note", into={"name": "x"})
+
+
+# -- the recipe of docs/migrations.md, as written there --------------------------------------------
+
+DOC = Path(__file__).resolve().parents[2] / "docs" / "migrations.md"
+
+
+def doc_model() -> dict[str, Any]:
+    """Run the first Python block of the doc's "Moving a text column into binary storage"."""
+    doc = DOC.read_text()
+    section = doc[doc.index("## Moving a text column into binary storage") :]
+    block = section[section.index("```python\n") + len("```python\n") :]
+    # A module of its own: the ORM resolves the Mapped[...] annotations in the class's module.
+    module = types.ModuleType("docs_migrations_moving")
+    sys.modules[module.__name__] = module
+    try:
+        exec(compile(block[: block.index("```")], str(DOC), "exec"), module.__dict__)
+    finally:
+        del sys.modules[module.__name__]
+    return module.__dict__
+
+
+def test_the_documented_model_reads_and_writes_through_the_move(engine: Engine) -> None:
+    ns = doc_model()
+    base, patient = ns["Base"], ns["Patient"]
+    base.metadata.create_all(engine)
+    expected = {i: (TENANTS[i % 2], value(i)) for i in range(30)}
+    with engine.begin() as conn:  # the old release's rows: plaintext in ssn
+        conn.execute(
+            text("INSERT INTO patients (id, tenant_id, ssn) VALUES (:i, :t, :v)"),
+            [{"i": i, "t": t, "v": v} for i, (t, v) in expected.items()],
+        )
+    cmk = make_cmk(FakeKeyProvider())
+    maker = sessionmaker(engine)
+    cmk.install(maker)
+
+    def app_reads() -> dict[int, tuple[str, str | None]]:
+        out = {}
+        for t in TENANTS:
+            with tenant_context(t), maker() as s:
+                for p in s.scalars(select(patient).where(patient.tenant_id == t)):
+                    out[p.id] = (p.tenant_id, p.ssn)
+        return out
+
+    into = {"ssn": "ssn_enc"}
+    step = 0
+    while backfill.encrypt_columns(
+        engine, cmk, "patients", ["ssn"], metadata=base, into=into, batch_size=4, max_batches=1
+    ).batches:
+        step += 1
+        assert app_reads() == expected
+        i = (step * 5) % 30
+        t = expected[i][0]
+        with tenant_context(t), maker() as s:
+            row = s.get(patient, i)
+            row.ssn = None if step % 3 == 0 else f"app {step}"
+            s.commit()
+        expected[i] = (t, None if step % 3 == 0 else f"app {step}")
+        with tenant_context("acme"), maker() as s:
+            s.add(patient(id=100 + step, ssn=f"new {step}"))  # tenant_id from the context
+            s.commit()
+        expected[100 + step] = ("acme", f"new {step}")
+    assert backfill.check_cutover(engine, "patients", into) == sum(
+        1 for _, v in expected.values() if v is not None
+    )
+    assert app_reads() == expected
+    with engine.connect() as conn:
+        for enc in conn.execute(text("SELECT ssn_enc FROM patients")).scalars():
+            assert enc is None or b"123-45-6789" not in bytes(enc)
