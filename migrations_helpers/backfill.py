@@ -651,12 +651,24 @@ def _check_into(
                 table=table,
                 column=dst,
             )
-        if dst in (*columns, pk_name, tenant_column, companion_column) or targets.count(dst) > 1:
+        why = (
+            "the column itself"
+            if dst == src
+            else "one of the columns named"
+            if dst in columns
+            else "the primary key"
+            if dst == pk_name
+            else "the tenant column"
+            if dst == tenant_column
+            else "the companion column"
+            if dst == companion_column
+            else "the target of another column"
+            if targets.count(dst) > 1
+            else None
+        )
+        if why is not None:
             raise ConfigurationError(
-                f"{dst!r} cannot receive the values of {src!r}: it is "
-                + ("the column itself" if dst == src else "one of the columns moved")
-                + ", the primary key, the tenant or companion column, or the target of another "
-                "column",
+                f"{dst!r} cannot receive the values of {src!r}: it is {why}",
                 table=table,
                 column=dst,
             )
