@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from sqlalchemy_cmk._cmk import load_cmk as load_cmk
 
+    from .alembic_ops import CutoverColumnOp as CutoverColumnOp
     from .alembic_ops import DecryptColumnOp as DecryptColumnOp
     from .alembic_ops import EncryptColumnOp as EncryptColumnOp
     from .alembic_ops import NothingToUndoOp as NothingToUndoOp
@@ -56,6 +57,7 @@ if TYPE_CHECKING:
     from .backfill import IncompleteColumnsError as IncompleteColumnsError
     from .backfill import MigrationDatabaseError as MigrationDatabaseError
     from .backfill import Models as Models
+    from .backfill import MoveNotFinishedError as MoveNotFinishedError
     from .backfill import Progress as Progress
     from .backfill import Report as Report
     from .backfill import StatusReport as StatusReport
@@ -63,6 +65,7 @@ if TYPE_CHECKING:
     from .backfill import UniqueColumnError as UniqueColumnError
     from .backfill import UnreadableWriteError as UnreadableWriteError
     from .backfill import VerifyReport as VerifyReport
+    from .backfill import check_cutover as check_cutover
     from .backfill import check_encryptable as check_encryptable
     from .backfill import decrypt_columns as decrypt_columns
     from .backfill import encrypt_columns as encrypt_columns
@@ -74,11 +77,13 @@ if TYPE_CHECKING:
     from .backfill import verify as verify
 
 __all__ = [
+    "CutoverColumnOp",
     "DecryptColumnOp",
     "EncryptColumnOp",
     "IncompleteColumnsError",
     "MigrationDatabaseError",
     "Models",
+    "MoveNotFinishedError",
     "NothingToUndoOp",
     "Progress",
     "Report",
@@ -89,6 +94,7 @@ __all__ = [
     "UniqueColumnError",
     "UnreadableWriteError",
     "VerifyReport",
+    "check_cutover",
     "check_encryptable",
     "compare_type",
     "configure",
@@ -107,6 +113,7 @@ __all__ = [
 ]
 
 _HOMES = {
+    "CutoverColumnOp": ".alembic_ops",
     "DecryptColumnOp": ".alembic_ops",
     "EncryptColumnOp": ".alembic_ops",
     "NothingToUndoOp": ".alembic_ops",
@@ -122,6 +129,7 @@ _HOMES = {
     "IncompleteColumnsError": ".backfill",
     "MigrationDatabaseError": ".backfill",
     "Models": ".backfill",
+    "MoveNotFinishedError": ".backfill",
     "Progress": ".backfill",
     "Report": ".backfill",
     "StatusReport": ".backfill",
@@ -129,6 +137,7 @@ _HOMES = {
     "UniqueColumnError": ".backfill",
     "UnreadableWriteError": ".backfill",
     "VerifyReport": ".backfill",
+    "check_cutover": ".backfill",
     "check_encryptable": ".backfill",
     "decrypt_columns": ".backfill",
     "encrypt_columns": ".backfill",

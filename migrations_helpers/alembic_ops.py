@@ -54,7 +54,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -70,6 +70,7 @@ try:
     from alembic.autogenerate import renderers
     from alembic.autogenerate.api import AutogenContext
     from alembic.operations import MigrateOperation, Operations
+    from alembic.operations.ops import AddColumnOp
     from alembic.runtime.migration import MigrationContext
 except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
     raise ImportError(
@@ -78,6 +79,7 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
     ) from exc
 
 __all__ = [
+    "CutoverColumnOp",
     "DecryptColumnOp",
     "EncryptColumnOp",
     "NothingToUndoOp",
@@ -166,9 +168,20 @@ class _ColumnsOp(MigrateOperation):
         schema: str | None = None,
         batch_size: int = 1000,
         cmk: CMKSpec = None,
+        into: Mapping[str, str] | None = None,
     ) -> None:
         self.table_name = table_name
         self.columns = _columns(columns)
+        self.into = dict(into) if into else None
+        for src, dst in (self.into or {}).items():
+            if src not in self.columns or not isinstance(dst, str) or not dst:
+                raise ConfigurationError(
+                    f"into= maps {src!r}, which is not one of the columns {list(self.columns)!r}"
+                    if src not in self.columns
+                    else f"into= gives {src!r} no target column name",
+                    table=table_name,
+                    column=src,
+                )
         self.tenant_column = tenant_column
         self.companion_column = companion_column
         self.schema = schema
@@ -193,12 +206,19 @@ class _ColumnsOp(MigrateOperation):
             "cmk": self.cmk,
         }
 
+    def _reversed(self) -> tuple[tuple[str, ...], dict[str, str] | None]:
+        """The columns and ``into`` of the reverse move: each target moves back."""
+        if not self.into:
+            return self.columns, None
+        return tuple(self.into.values()), {dst: src for src, dst in self.into.items()}
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.table_name!r}, {list(self.columns)!r})"
 
 
 class EncryptColumnOp(_ColumnsOp):
-    """``op.encrypt_column``: encrypt an existing text column in place, online, resumably."""
+    """``op.encrypt_column``: encrypt an existing text column in place (or, with ``into``,
+    move a column into a binary column), online, resumably."""
 
     @classmethod
     def encrypt_column(
@@ -212,6 +232,7 @@ class EncryptColumnOp(_ColumnsOp):
         schema: str | None = None,
         batch_size: int = 1000,
         cmk: CMK | str | None = None,
+        into: Mapping[str, str] | None = None,
     ) -> backfill.Report:
         """Encrypt, in place, every plaintext value of text column(s) of ``table``.
 
@@ -219,6 +240,13 @@ class EncryptColumnOp(_ColumnsOp):
         tenant's key (from ``tenant_column``) in batches of ``batch_size`` rows, each in its own
         transaction. Running it again (after a failure, or on finished data) resumes or does
         nothing. The reverse is ``op.decrypt_column`` with the same arguments.
+
+        With ``into`` (``{"ssn": "ssn_enc"}``), each column is instead moved into an existing
+        binary column, as :func:`migrations_helpers.backfill.encrypt_columns` moves it (sealed as
+        the model's ``EncryptedType`` for the target, found in ``target_metadata``, writes it;
+        the source left NULL). The reverse moves each target back:
+        ``op.decrypt_column(table, "ssn_enc", into={"ssn_enc": "ssn"})``. Drop the source
+        afterwards with ``op.cutover_column``.
 
         Args:
             table: The table name.
@@ -232,13 +260,17 @@ class EncryptColumnOp(_ColumnsOp):
             batch_size: Rows per transaction.
             cmk: A CMK or ``"module:attribute"``; default: the one given to
                 ``migrations_helpers.configure``.
+            into: Source column -> existing binary target column, to move instead of
+                encrypting in place (every column named).
 
         Returns:
             The backfill's report (rows changed, by tenant, batches, seconds).
 
         Raises:
             ConfigurationError: no CMK, a missing table or column, offline (``--sql``) mode, no
-                tenant column given or declared, or one given that contradicts the model.
+                tenant column given or declared, or one given that contradicts the model; with
+                ``into``, a target that is missing, not binary or too small (before any
+                change).
             TenantNotConfiguredError: a row's tenant has no key; nothing of that batch is written.
             UniqueColumnError: a unique index or constraint covers a column; raised before the
                 companion column is added.
@@ -251,16 +283,19 @@ class EncryptColumnOp(_ColumnsOp):
             schema=schema,
             batch_size=batch_size,
             cmk=cmk,
+            into=into,
         )
         result: backfill.Report = operations.invoke(op)
         return result
 
     def reverse(self) -> DecryptColumnOp:
-        return DecryptColumnOp(self.table_name, self.columns, **self._kwargs())
+        columns, into = self._reversed()
+        return DecryptColumnOp(self.table_name, columns, **self._kwargs(), into=into)
 
 
 class DecryptColumnOp(_ColumnsOp):
-    """``op.decrypt_column``: restore an encrypted text column to plaintext, byte for byte."""
+    """``op.decrypt_column``: restore an encrypted text column to plaintext, byte for byte (or,
+    with ``into``, move an encrypted column's plaintext into another column)."""
 
     @classmethod
     def decrypt_column(
@@ -274,6 +309,7 @@ class DecryptColumnOp(_ColumnsOp):
         schema: str | None = None,
         batch_size: int = 1000,
         cmk: CMK | str | None = None,
+        into: Mapping[str, str] | None = None,
     ) -> backfill.Report:
         """Decrypt, in place, every encrypted value of text column(s) of ``table``.
 
@@ -281,6 +317,11 @@ class DecryptColumnOp(_ColumnsOp):
         The companion column is left in place, since other columns may still be encrypted under
         it; drop it with ``op.drop_column`` once no column uses it. Deploy the application with
         ``allow_plaintext=True`` (or the plain type) before running it.
+
+        With ``into`` (``{"ssn_enc": "ssn"}``), each column's plaintext goes to an existing
+        column and the encrypted value becomes NULL (required for a binary, default-storage
+        column), as :func:`migrations_helpers.backfill.decrypt_columns` does; the reverse is
+        ``op.encrypt_column`` moving each target back.
 
         Raises:
             ConfigurationError: no CMK, a missing table or column, or offline (``--sql``) mode.
@@ -296,12 +337,92 @@ class DecryptColumnOp(_ColumnsOp):
             schema=schema,
             batch_size=batch_size,
             cmk=cmk,
+            into=into,
         )
         result: backfill.Report = operations.invoke(op)
         return result
 
     def reverse(self) -> EncryptColumnOp:
-        return EncryptColumnOp(self.table_name, self.columns, **self._kwargs())
+        columns, into = self._reversed()
+        return EncryptColumnOp(self.table_name, columns, **self._kwargs(), into=into)
+
+
+class CutoverColumnOp(MigrateOperation):
+    """``op.cutover_column``: end a move by dropping the emptied source column."""
+
+    def __init__(
+        self,
+        table_name: str,
+        column_name: str,
+        into: str,
+        *,
+        type_: sa.types.TypeEngine[Any] | type[sa.types.TypeEngine[Any]],
+        schema: str | None = None,
+    ) -> None:
+        if not column_name or not into or column_name == into:
+            raise ConfigurationError(
+                "op.cutover_column takes the moved column and the column it moved into, "
+                "two different names",
+                table=table_name,
+                column=column_name,
+            )
+        self.table_name = table_name
+        self.column_name = column_name
+        self.into = into
+        self.type_ = type_() if isinstance(type_, type) else type_
+        self.schema = schema
+
+    @classmethod
+    def cutover_column(
+        cls,
+        operations: Operations,
+        table: str,
+        column: str,
+        into: str,
+        *,
+        type_: sa.types.TypeEngine[Any] | type[sa.types.TypeEngine[Any]],
+        schema: str | None = None,
+    ) -> int:
+        """Drop ``column`` once its move into ``into`` has finished: the cutover.
+
+        Counts the rows whose ``column`` still holds a value
+        (:func:`migrations_helpers.backfill.check_cutover`; on PostgreSQL under a ``SHARE ROW
+        EXCLUSIVE`` lock held until the migration commits, so no write slips in between) and
+        refuses while there is one; then ``op.drop_column``. The target keeps its name: an
+        encrypted value is bound to its column's name, so renaming the target would make every
+        value unreadable. Map the model's attribute to it instead
+        (``ssn = mapped_column("ssn_enc", EncryptedType(Text))``).
+
+        The reverse adds ``column`` back, empty and nullable, of ``type_``; a reversed move
+        (``op.decrypt_column(table, into, into={into: column})``) then fills it.
+
+        Args:
+            table: The table name.
+            column: The moved (source) column, dropped.
+            into: The column it moved into, which stays.
+            type_: The source column's type, for the reverse.
+            schema: The table's schema, if not the default.
+
+        Returns:
+            The number of rows whose ``into`` holds a value.
+
+        Raises:
+            MoveNotFinishedError: ``column`` still holds values (``remaining`` counts them);
+                nothing was changed. Run the move again, then this migration.
+            ConfigurationError: a missing table or column, or offline (``--sql``) mode: the
+                count needs the database.
+        """
+        op = cls(table, column, into, type_=type_, schema=schema)
+        result: int = operations.invoke(op)
+        return result
+
+    def reverse(self) -> AddColumnOp:
+        return AddColumnOp.from_column_and_tablename(
+            self.schema, self.table_name, sa.Column(self.column_name, self.type_, nullable=True)
+        )
+
+    def __repr__(self) -> str:
+        return f"CutoverColumnOp({self.table_name!r}, {self.column_name!r}, into={self.into!r})"
 
 
 class NothingToUndoOp(MigrateOperation):
@@ -584,10 +705,13 @@ def _encrypt_column(operations: Operations, operation: EncryptColumnOp) -> backf
         "encrypt-column",
         operation.cmk,
         operation.schema,
-        (*operation.columns, tenant_column),
+        (*operation.columns, *(operation.into or {}).values(), tenant_column),
     )
-    # Before the schema changes: a unique index over the column would enforce nothing.
-    backfill.check_encryptable(conn, table, operation.columns, schema=operation.schema)
+    # Before the schema changes: a unique index over the column would enforce nothing (and,
+    # for a move, a target that cannot take the values is refused).
+    backfill.check_encryptable(
+        conn, table, operation.columns, schema=operation.schema, into=operation.into
+    )
     if operation.companion_column not in present:
         operations.add_column(
             table,
@@ -606,6 +730,7 @@ def _encrypt_column(operations: Operations, operation: EncryptColumnOp) -> backf
         schema=operation.schema,
         batch_size=operation.batch_size,
         progress=_progress("encrypt", table),
+        **_moving(operations, operation),
     )
 
 
@@ -619,7 +744,12 @@ def _decrypt_column(operations: Operations, operation: DecryptColumnOp) -> backf
         "decrypt-column",
         operation.cmk,
         operation.schema,
-        (*operation.columns, tenant_column, operation.companion_column),
+        (
+            *operation.columns,
+            *(operation.into or {}).values(),
+            tenant_column,
+            operation.companion_column,
+        ),
     )
     return _backfill(
         operations,
@@ -633,7 +763,44 @@ def _decrypt_column(operations: Operations, operation: DecryptColumnOp) -> backf
         schema=operation.schema,
         batch_size=operation.batch_size,
         progress=_progress("decrypt", table),
+        **_moving(operations, operation),
     )
+
+
+def _moving(operations: Operations, operation: _ColumnsOp) -> dict[str, Any]:
+    """A move's extra arguments: ``into``, and the models, whose ``EncryptedType`` for each
+    encrypted column says how its values are encoded. None for an in-place run, which
+    behaves as it always did."""
+    if not operation.into:
+        return {}
+    return {
+        "into": operation.into,
+        "metadata": operations.get_context().opts.get("target_metadata"),
+    }
+
+
+def _cutover_column(operations: Operations, operation: CutoverColumnOp) -> int:
+    table = operation.table_name
+    _refuse_offline(operations, "cutover_column", table, "cutover")
+    conn = operations.get_bind()
+    if conn.dialect.name == "postgresql":
+        # Writes wait from here until the migration commits: none lands between the count and
+        # the drop.
+        prep = conn.dialect.identifier_preparer
+        name = prep.format_table(sa.Table(table, sa.MetaData(), schema=operation.schema))
+        conn.exec_driver_sql(f"LOCK TABLE {name} IN SHARE ROW EXCLUSIVE MODE")
+    moved = backfill.check_cutover(
+        conn, table, {operation.column_name: operation.into}, schema=operation.schema
+    )
+    operations.drop_column(table, operation.column_name, schema=operation.schema)
+    log.info(
+        "cutover %s: dropped %s; %d rows hold %s",
+        table,
+        operation.column_name,
+        moved,
+        operation.into,
+    )
+    return moved
 
 
 def _rewrap_keys(operations: Operations, operation: RewrapKeysOp) -> backfill.Report:
@@ -718,6 +885,8 @@ def _args(op: _ColumnsOp | RewrapKeysOp, positional: list[Any], extra: dict[str,
         parts.append(f"{key}={value!r}")
     if isinstance(op.cmk, str):  # a CMK object has no source form: rely on configure()
         parts.append(f"cmk={op.cmk!r}")
+    if isinstance(op, _ColumnsOp) and op.into:
+        parts.append(f"into={op.into!r}")
     return ", ".join(parts)
 
 
@@ -757,6 +926,17 @@ def _render_rotate(autogen_context: AutogenContext, op: RotateDataKeysOp) -> str
     return f"op.rotate_data_keys({_args(op, [op.table_name, _cols(op)], extra)})"
 
 
+def _render_cutover(autogen_context: AutogenContext, op: CutoverColumnOp) -> str:
+    # Alembic's own type renderer, as for op.add_column: it honours render_item and prefixes.
+    from alembic.autogenerate.render import _repr_type
+
+    parts = [repr(op.table_name), repr(op.column_name), repr(op.into)]
+    parts.append(f"type_={_repr_type(op.type_, autogen_context)}")
+    if op.schema is not None:
+        parts.append(f"schema={op.schema!r}")
+    return f"op.cutover_column({', '.join(parts)})"
+
+
 def _render_nothing(autogen_context: AutogenContext, op: NothingToUndoOp) -> str:
     # ``pass``, not a bare comment: it may be the only statement of downgrade().
     return f"pass  # op.{op.operation}({op.table_name!r}) has nothing to undo"
@@ -767,7 +947,8 @@ def _render_nothing(autogen_context: AutogenContext, op: NothingToUndoOp) -> str
 
 def register() -> None:
     """Register the operations with Alembic: ``op.encrypt_column``, ``op.decrypt_column``,
-    ``op.rewrap_keys``, ``op.rotate_data_keys``. Idempotent; :func:`configure` calls it."""
+    ``op.rewrap_keys``, ``op.rotate_data_keys``, ``op.cutover_column``. Idempotent;
+    :func:`configure` calls it."""
     global _registered
     with _lock:
         if _registered:
@@ -776,14 +957,17 @@ def register() -> None:
         Operations.register_operation("decrypt_column")(DecryptColumnOp)
         Operations.register_operation("rewrap_keys")(RewrapKeysOp)
         Operations.register_operation("rotate_data_keys")(RotateDataKeysOp)
+        Operations.register_operation("cutover_column")(CutoverColumnOp)
         Operations.implementation_for(EncryptColumnOp)(_encrypt_column)
         Operations.implementation_for(DecryptColumnOp)(_decrypt_column)
         Operations.implementation_for(RewrapKeysOp)(_rewrap_keys)
         Operations.implementation_for(RotateDataKeysOp)(_rotate_data_keys)
+        Operations.implementation_for(CutoverColumnOp)(_cutover_column)
         Operations.implementation_for(NothingToUndoOp)(_nothing_to_undo)
         renderers.dispatch_for(EncryptColumnOp)(_render_encrypt)
         renderers.dispatch_for(DecryptColumnOp)(_render_decrypt)
         renderers.dispatch_for(RewrapKeysOp)(_render_rewrap)
         renderers.dispatch_for(RotateDataKeysOp)(_render_rotate)
+        renderers.dispatch_for(CutoverColumnOp)(_render_cutover)
         renderers.dispatch_for(NothingToUndoOp)(_render_nothing)
         _registered = True

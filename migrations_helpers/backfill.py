@@ -50,7 +50,8 @@ Limits:
 * Only text columns (``TEXT``, or ``VARCHAR`` without a length) can be encrypted in place: the
   stored form is a third longer than the value plus about 45 characters. The other operations
   take text and binary (default-storage) columns alike; a binary column is decrypted ``into``
-  another column.
+  another column, and a column of any type is encrypted ``into`` a binary column (the move:
+  :func:`encrypt_columns` with ``into=``, then :func:`check_cutover`).
 * A plaintext value that itself starts with ``cmk:`` cannot be told from ciphertext: the walk
   leaves it alone, :func:`status` counts it as encrypted and :func:`verify` reports it failed.
 * :func:`rotate_data_keys` gives rows a new companion, so it takes *every* encrypted column of
@@ -113,12 +114,14 @@ __all__ = [
     "IncompleteColumnsError",
     "MigrationDatabaseError",
     "Models",
+    "MoveNotFinishedError",
     "Progress",
     "Report",
     "StatusReport",
     "UniqueColumnError",
     "UnreadableWriteError",
     "VerifyReport",
+    "check_cutover",
     "check_encryptable",
     "decrypt_columns",
     "encrypt_columns",
@@ -192,6 +195,7 @@ class StatusReport:
 
 
 _SPLIT = 1 + _format.ROW_ID_SIZE  # companion = version | row id | envelope
+_SEALED_OVERHEAD = _format.MIN_VALUE  # sealed value = version | nonce | tag | value | auth tag
 _MARKER_LEN = len(TEXT_MARKER)
 _MAX_FAILURES_LISTED = 1000
 _ENVELOPE_MEMO = 4096  # envelopes remembered by a call (rewrap: old -> new; keys), LRU
@@ -446,7 +450,7 @@ class _Target:
 
 
 def _target(
-    engine: Engine,
+    engine: Engine | Connection,
     table: str,
     columns: Sequence[str] | None,
     *,
@@ -488,6 +492,15 @@ def _target(
             table=table,
         )
     pk_name = pk_names[0]
+    # encrypt's into=: each column moves into a binary column, leaving NULL behind; the source
+    # keeps its own type (any type EncryptedType takes), text ones may hold text-storage values.
+    moving = for_encrypt and bool(into)
+    if moving and set(into or ()) != set(columns):
+        raise ConfigurationError(
+            f"into= must name a binary target for every column moved ({list(columns)!r}); "
+            "encrypt the others in place in a call of their own",
+            table=table,
+        )
     storage: list[str] = []
     for name in columns:
         info = reflected.get(name)
@@ -498,6 +511,17 @@ def _target(
                 column=name,
             )
         typ = info["type"]
+        if moving:
+            if name in (pk_name, tenant_column, companion_column):
+                raise ConfigurationError(
+                    f"{where}.{name} is the primary key, tenant or companion column; it cannot "
+                    "be encrypted",
+                    table=table,
+                    column=name,
+                )
+            codec_for(typ)  # ConfigurationError for a type EncryptedType cannot take
+            storage.append("text" if isinstance(typ, sqltypes.String) else "plain")
+            continue
         if isinstance(typ, sqltypes._Binary) and not for_encrypt:
             storage.append("binary")
             continue
@@ -524,7 +548,8 @@ def _target(
                 f"{where}.{name} is the primary key; it cannot be encrypted", table=table
             )
     if for_encrypt:
-        _refuse_unique(insp, table, schema, columns)
+        # A moved column's target holds ciphertext too: an index there enforces nothing either.
+        _refuse_unique(insp, table, schema, (*columns, *(into or {}).values()))
     if tenant_column is not None:
         if tenant_column not in reflected:
             raise ConfigurationError(
@@ -569,13 +594,20 @@ def _target(
     if tenant_column is not None:
         raw_cols.append(Column(tenant_column, reflected[tenant_column]["type"]))
     raw_cols += [
-        Column(name, LargeBinary() if s == "binary" else Text())
+        Column(
+            name,
+            LargeBinary() if s == "binary" else Text() if s == "text" else reflected[name]["type"],
+        )
         for name, s in zip(columns, storage, strict=True)
     ]
     targets = _check_into(
         where, table, into or {}, columns, reflected, pk_name, tenant_column, companion_column
     )
-    raw_cols += [Column(name, reflected[name]["type"]) for name in targets]
+    if moving:
+        _check_move_targets(where, table, into or {}, reflected)
+    raw_cols += [
+        Column(name, LargeBinary() if moving else reflected[name]["type"]) for name in targets
+    ]
     if companion_column is not None:
         raw_cols.append(Column(companion_column, LargeBinary()))
     raw = Table(table, MetaData(), *raw_cols, schema=schema)
@@ -585,7 +617,7 @@ def _target(
         pk=raw.c[pk_name],
         tenant=raw.c[tenant_column] if tenant_column is not None else None,
         cols=tuple(raw.c[name] for name in (*columns, *targets)),
-        storage=(*storage, *(["plain"] * len(targets))),
+        storage=(*storage, *(["binary" if moving else "plain"] * len(targets))),
         companion=raw.c[companion_column] if companion_column is not None else None,
         postgresql=engine.dialect.name == "postgresql",
         types={name: info["type"] for name, info in reflected.items()},
@@ -614,19 +646,68 @@ def _check_into(
             )
         if dst not in reflected:
             raise ConfigurationError(
-                f"table {where!r} has no column {dst!r} to decrypt {src!r} into: add it first "
-                "(nullable, of the plaintext's type)",
+                f"table {where!r} has no column {dst!r} to move {src!r} into: add it first "
+                "(nullable; of the plaintext's type to decrypt into, binary to encrypt into)",
                 table=table,
                 column=dst,
             )
-        if dst in (*columns, pk_name, tenant_column, companion_column) or targets.count(dst) > 1:
+        why = (
+            "the column itself"
+            if dst == src
+            else "one of the columns named"
+            if dst in columns
+            else "the primary key"
+            if dst == pk_name
+            else "the tenant column"
+            if dst == tenant_column
+            else "the companion column"
+            if dst == companion_column
+            else "the target of another column"
+            if targets.count(dst) > 1
+            else None
+        )
+        if why is not None:
             raise ConfigurationError(
-                f"{dst!r} cannot receive the plaintext of {src!r}: it is encrypted, the primary "
-                "key, the tenant or companion column, or the target of another column",
+                f"{dst!r} cannot receive the values of {src!r}: it is {why}",
                 table=table,
                 column=dst,
             )
     return targets
+
+
+def _check_move_targets(
+    where: str, table: str, into: Mapping[str, str], reflected: Mapping[str, Any]
+) -> None:
+    """encrypt's ``into=``: every target is binary and long enough for any sealed value of
+    its source (a sealed value is the encoded plaintext plus :data:`_SEALED_OVERHEAD` bytes)."""
+    for src, dst in into.items():
+        typ = reflected[dst]["type"]
+        if not isinstance(typ, sqltypes._Binary):
+            raise ConfigurationError(
+                f"{where}.{dst} is {typ!r}, not a binary column: the values of {src!r} are "
+                "moved into it as the default (binary) storage writes them. Add it as "
+                "LargeBinary (BYTEA, BLOB), nullable, or as the type EncryptedType renders",
+                table=table,
+                column=dst,
+            )
+        limit = getattr(typ, "length", None)
+        if limit is None:
+            continue
+        src_type = reflected[src]["type"]
+        src_len = getattr(src_type, "length", None)
+        needed = None
+        if isinstance(src_type, sqltypes.String) and src_len is not None:
+            needed = _SEALED_OVERHEAD + 4 * src_len  # UTF-8: at most 4 bytes a character
+        if needed is None or limit < needed:
+            raise ConfigurationError(
+                f"{where}.{dst} is {typ!r}, too small for every sealed value of {src!r} "
+                f"({typ!r} holds {limit} bytes; a sealed value is the value's bytes plus "
+                f"{_SEALED_OVERHEAD}"
+                + (f", up to {needed} here" if needed is not None else "")
+                + "): make it an unlimited binary column (LargeBinary: BYTEA, BLOB)",
+                table=table,
+                column=dst,
+            )
 
 
 def _refuse_unique(insp: Any, table: str, schema: str | None, columns: Sequence[str]) -> None:
@@ -654,16 +735,52 @@ def _refuse_unique(insp: Any, table: str, schema: str | None, columns: Sequence[
 
 
 def check_encryptable(
-    bind: Engine | Connection, table: str, columns: Sequence[str], *, schema: str | None = None
+    bind: Engine | Connection,
+    table: str,
+    columns: Sequence[str],
+    *,
+    schema: str | None = None,
+    into: Mapping[str, str] | None = None,
 ) -> None:
     """The checks :func:`encrypt_columns` makes before anything changes that need no tenant
-    column or companion: today, that no unique index or constraint covers a column. The Alembic
-    operation calls it before it adds the companion column.
+    column or companion: that no unique index or constraint covers a column; with ``into``,
+    every check of the move's columns and targets too. The Alembic operation and the CLI call
+    it before they add the companion column.
 
     Raises:
-        UniqueColumnError: a unique index or constraint covers one of ``columns``.
+        UniqueColumnError: a unique index or constraint covers one of ``columns`` (or a
+            target).
+        ConfigurationError: with ``into``, as :func:`encrypt_columns` raises for the columns
+            and targets.
     """
+    if into:
+        _target(
+            bind,
+            table,
+            columns,
+            tenant_column=None,
+            companion_column=None,
+            schema=schema,
+            for_encrypt=True,
+            with_tenant=False,
+            into=into,
+        )
+        return
     _refuse_unique(sa_inspect(bind), table, schema, columns)
+
+
+class MoveNotFinishedError(CMKError):
+    """A moved column still holds values: its move (``encrypt_columns(into=)`` or
+    ``decrypt_columns(into=)``) has not finished, so dropping it would lose them.
+
+    ``remaining`` counts the rows whose ``column`` is not NULL; ``into`` names the target.
+    Nothing was changed. Run the move again (it resumes), then the cutover.
+    """
+
+    def __init__(self, message: str, *, remaining: int, into: str, **kwargs: str | None) -> None:
+        super().__init__(message, **kwargs)
+        self.remaining = remaining
+        self.into = into
 
 
 class UndeterminedColumnsError(IncompleteColumnsError):
@@ -1744,8 +1861,10 @@ def encrypt_columns(
     actor: str = "sqlalchemy-cmk migration",
     max_batches: int | None = None,
     max_kms_rps: float | None = None,
+    into: Mapping[str, str] | None = None,
 ) -> Report:
-    """Encrypt, in place, every plaintext value of the text ``columns`` (see module docstring).
+    """Encrypt, in place, every plaintext value of the text ``columns`` (see module docstring);
+    or, with ``into``, move each column's values into a binary column.
 
     Each batch is one ``SELECT``, one ``executemany`` ``UPDATE`` and one ``SELECT`` reading the
     rows back, in one transaction; rows are sealed per tenant (one ``CMK.seal`` per tenant of
@@ -1767,6 +1886,20 @@ def encrypt_columns(
     second's worth), so a long run stays inside the tenants' KMS quotas (see "KMS request
     budget" in docs/migrations.md). With several worker processes, give each its share.
 
+    ``into`` (``{"ssn": "ssn_enc"}``) moves every column named into an existing binary column,
+    online, for a model that declares the target ``EncryptedType(<the source's type>)`` (the
+    default, binary storage): each value is sealed exactly as that type writes it (bound to
+    the *target's* name, as the ORM binds it) and written to the target while the source
+    becomes NULL, in the same compare-and-swap update, so a killed run resumes and an
+    application write in between is never overwritten. A source value already in the text
+    storage (``cmk:``, from an earlier in-place encryption) is opened and sealed again under
+    its row's key, never encrypted twice. The source may be of any type ``EncryptedType``
+    takes, of any length; the plaintext is encoded as the model's ``EncryptedType`` for the
+    target declares (``metadata``), else as the source's own type. Meanwhile the application
+    reads the source while it holds a value, else the target, and writes the target (NULLing
+    the source); then :func:`check_cutover` says when the source can be dropped. See "Moving
+    a text column into binary storage" in docs/migrations.md.
+
     Returns:
         What this call did: ``rows`` it encrypted (by tenant), compare-and-swap ``conflicts``
         (rows an application write changed in between: left to the application's value, and
@@ -1776,7 +1909,12 @@ def encrypt_columns(
         ConfigurationError: unknown table or column, no companion column, a composite primary
             key, a non-text or length-limited column, a row whose tenant column is NULL; no
             tenant column given or declared, or one given that contradicts the declared one.
-        UniqueColumnError: a unique index or constraint covers a column; nothing changed.
+            With ``into``: a target that is missing, not binary, too small for the source's
+            values, the source itself or another's target; a column left out of ``into``; a
+            source type ``EncryptedType`` cannot take, or that the model's target type
+            contradicts.
+        UniqueColumnError: a unique index or constraint covers a column (or, with ``into``, a
+            target); nothing changed.
         TenantNotConfiguredError: a row's tenant has no key (names the tenant); nothing of that
             batch is written, earlier batches stay done.
         TenantMismatchError: a row's existing EDEK belongs to another tenant than its tenant
@@ -1797,8 +1935,27 @@ def encrypt_columns(
         schema=schema,
         metadata=metadata,
         for_encrypt=True,
+        into=into,
     )
     report = Report("encrypt", table, tuple(columns))
+    if tgt.into:
+        pending = or_(*(tgt.cols[i].is_not(None) for i in tgt.into))
+        move = _mover(tgt, _move_codecs(tgt, metadata))
+        with _Crypto(cmk, tgt, actor) as crypto:
+            _walk(
+                engine,
+                tgt,
+                report,
+                pending=pending,
+                handle=functools.partial(_with, move, crypto),
+                batch_size=batch_size,
+                max_batches=max_batches,
+                progress=progress,
+                started=started,
+                total=_total(engine, tgt, pending) if progress is not None else None,
+            )
+        report.seconds = _now() - started
+        return report
     pending = or_(*(tgt.plaintext(i) for i in range(len(tgt.cols))))
     total = _total(engine, tgt, pending) if progress is not None else None
     ncols = len(tgt.cols)
@@ -1910,6 +2067,169 @@ def encrypt_columns(
         )
     report.seconds = _now() - started
     return report
+
+
+def _move_codecs(tgt: _Target, metadata: Models | None) -> dict[int, Codec]:
+    """encrypt's ``into=``: by source index, the codec its values are sealed with: the one of
+    the model's ``EncryptedType`` for the target (what the application will read them with),
+    else the one of the source's own type. A model that declares the target otherwise (not
+    encrypted, the text storage, another value type) is refused before anything is written."""
+    model, _ = _model_table(tgt.name, tgt.raw.schema, metadata)
+    codecs: dict[int, Codec] = {}
+    for s, t in tgt.into.items():
+        src, dst = tgt.cols[s].name, tgt.cols[t].name
+        own = codec_for(tgt.types[src])
+        declared = model.columns.get(dst) if model is not None else None
+        if declared is None:
+            codecs[s] = own
+            continue
+        typ = declared.type
+        if not isinstance(typ, EncryptedType) or typ.storage != "binary":
+            raise ConfigurationError(
+                f"the model declares {tgt.label()}.{dst} as {typ!r}: the values of {src!r} are "
+                "moved into it as EncryptedType(<type>) with the default (binary) storage "
+                "writes them; declare it so",
+                table=tgt.name,
+                column=dst,
+            )
+        if typ.codec.tag != own.tag:
+            raise ConfigurationError(
+                f"the model declares {tgt.label()}.{dst} as {typ!r}, which reads "
+                f"{typ.codec.name} values, but {src!r} holds {own.name} values: move the "
+                "values as they are, and change their type in a migration of its own",
+                table=tgt.name,
+                column=dst,
+            )
+        codecs[s] = typ.codec
+    return codecs
+
+
+def _mover(
+    tgt: _Target, codecs: Mapping[int, Codec]
+) -> Callable[[Connection, Sequence[Any], Report, _Crypto], None]:
+    """encrypt's ``into=``: the batch handler that seals each source value into its target
+    and NULLs the source, in one compare-and-swap update per row, read back before commit."""
+    names = tgt.names
+    pairs = sorted(tgt.into.items())
+    str_tag = _codecs.STR.tag
+
+    def move(conn: Connection, rows: Sequence[Any], part: Report, crypto: _Crypto) -> None:
+        # A text-storage value is opened under its row's key: load every such key at once.
+        errors = crypto.load(
+            bytes(row[-1])[_SPLIT:]
+            for row in rows
+            if row[-1] is not None
+            and any(tgt.storage[s] == "text" and tgt.ciphertext(s, row[2 + s]) for s, _ in pairs)
+        )
+        groups: dict[str, list[int]] = {}
+        values: list[dict[str, bytes | str]] = []
+        witnesses: list[dict[str, bytes] | None] = []
+        comps: list[bytes | None] = []
+        opened: dict[str, int] = {}
+        for i, row in enumerate(rows):
+            pk, tenant_raw = row[0], row[1]
+            tenant = tenant_raw if type(tenant_raw) is str else _require_tenant(tgt, pk, tenant_raw)
+            comp = _as_bytes(row[-1])
+            if comp is not None:
+                _check_row_tenant(tgt, pk, tenant, comp, crypto)
+            d: dict[str, bytes | str] = {}
+            witness: dict[str, bytes] | None = None
+            for s, t in pairs:
+                v = row[2 + s]
+                if v is None:
+                    continue
+                ct = tgt.ciphertext(s, v)
+                codec = codecs[s]
+                if ct is None:  # plaintext: encoded as the target's EncryptedType encodes it
+                    if type(v) is str and codec.tag == str_tag:
+                        d[names[t]] = v
+                    else:
+                        d[names[t]] = _codecs.encode(codec, v, table=tgt.name, column=names[t])
+                    continue
+                pt = None
+                if comp is not None:
+                    error = errors.get(comp[_SPLIT:])
+                    if error is not None:
+                        raise error
+                    with contextlib.suppress(DecryptionError):
+                        pt = crypto.open(comp, names[s], ct)
+                if pt is None:
+                    raise DecryptionError(
+                        f"row {_pk_repr(pk)} of {tgt.label()!r}: {names[s]} holds an encrypted "
+                        "value that does not decrypt (or its EDEK is NULL); nothing of its batch "
+                        "was written: run verify() for a full report",
+                        table=tgt.name,
+                    )
+                if pt[0] != codec.tag:
+                    raise ConfigurationError(
+                        f"row {_pk_repr(pk)} of {tgt.label()!r}: {names[s]} holds a value "
+                        f"written as another type than {codec.name}; nothing of its batch was "
+                        "written",
+                        table=tgt.name,
+                        column=names[s],
+                    )
+                d[names[t]] = pt  # the raw plaintext, sealed again: never encrypted twice
+                if witness is None:
+                    witness = {}
+                witness[names[s]] = ct
+            if witness:
+                _count(opened, tenant)
+            groups.setdefault(tenant, []).append(i)
+            values.append(d)
+            witnesses.append(witness)
+            comps.append(comp)
+        crypto.audit(opened)
+        # Seal every tenant's rows before writing any: a failure writes nothing of the batch.
+        new_comps: list[bytes | None] = [None] * len(rows)
+        cts: list[list[bytes]] = [[]] * len(rows)
+        new_envs: set[bytes] = set()
+        for tenant, idx in groups.items():
+            sealed_comps, flat = crypto.seal(
+                tenant,
+                [values[i] for i in idx],
+                [comps[i] for i in idx],
+                [witnesses[i] for i in idx],
+            )
+            k = 0
+            for i, new_comp in zip(idx, sealed_comps, strict=True):
+                if new_comp is not None:
+                    new_envs.add(new_comp[_SPLIT:])
+                new_comps[i] = new_comp
+                n = len(values[i])
+                cts[i] = flat[k : k + n]
+                k += n
+        batch = _Batch(tgt)
+        ncols = len(tgt.cols)
+        for i, row in enumerate(rows):
+            d = values[i]
+            if not d:
+                continue  # cannot happen: the row matched with a source value
+            old = row[2 : 2 + ncols]
+            new = list(old)
+            sealed: list[tuple[int, bytes]] = []
+            row_cts = iter(cts[i])
+            for j in range(ncols):  # the seal's flat order: the spec's, i.e. names' order
+                if names[j] in d:
+                    ct = next(row_cts)
+                    new[j] = ct
+                    sealed.append((j, ct))
+            for s, _ in pairs:
+                new[s] = None
+            comp = comps[i]
+            new_comp = new_comps[i]
+            batch.add(
+                row[0],
+                row[1],
+                old,
+                new,
+                comp,
+                new_comp if new_comp is not None else comp,
+                str(row[1]),
+                sealed,
+            )
+        batch.apply(conn, part, lambda ours: crypto.check_written(ours, new_envs))
+
+    return move
 
 
 def _codec_of_tag(tag: int, table: str, column: str) -> Codec:
@@ -2118,6 +2438,80 @@ def decrypt_columns(
         )
     report.seconds = _now() - started
     return report
+
+
+@_scrubbed("cutover")
+def check_cutover(
+    bind: Engine | Connection,
+    table: str,
+    into: Mapping[str, str],
+    *,
+    schema: str | None = None,
+) -> int:
+    """The cutover's check: every value of the moved columns (the keys of ``into``) has
+    reached its target (the values of ``into``), so the sources may be dropped.
+
+    The step between a move (:func:`encrypt_columns` or :func:`decrypt_columns` with
+    ``into=``) and the migration that drops the source (``op.cutover_column``, which calls
+    this first). One ``COUNT`` per source, no key needed. A source is not renamed after: an
+    encrypted value is bound to its column's name, so the target keeps its own name and the
+    model maps the attribute to it (``ssn = mapped_column("ssn_enc", EncryptedType(Text))``).
+
+    Args:
+        bind: The database (an engine, or the migration's connection).
+        table: The table.
+        into: Source -> target, as given to the move.
+        schema: The table's schema, if not the default.
+
+    Returns:
+        The number of rows whose targets hold a value.
+
+    Raises:
+        ConfigurationError: the table, a source or a target does not exist.
+        MoveNotFinishedError: a source still holds values (``remaining`` counts them).
+    """
+    where = f"{schema}.{table}" if schema else table
+    if not into:
+        raise ConfigurationError("into= names no column to cut over", table=table)
+    insp = sa_inspect(bind)
+    if not insp.has_table(table, schema=schema):
+        raise ConfigurationError(f"table {where!r} does not exist", table=table)
+    present = {c["name"] for c in insp.get_columns(table, schema=schema)}
+    for name in (*into, *into.values()):
+        if name not in present:
+            raise ConfigurationError(
+                f"table {where!r} has no column {name!r}; its columns: {sorted(present)}",
+                table=table,
+                column=name,
+            )
+    raw = Table(
+        table,
+        MetaData(),
+        *(Column(n, LargeBinary()) for n in dict.fromkeys((*into, *into.values()))),
+        schema=schema,
+    )
+
+    def count(conn: Connection) -> list[int]:
+        counts = [func.count(raw.c[n]) for n in (*into, *into.values())]
+        return [int(v) for v in conn.execute(select(*counts)).one()]
+
+    if isinstance(bind, Connection):
+        got = count(bind)
+    else:
+        with bind.connect() as conn:
+            got = count(conn)
+    for (src, dst), left in zip(into.items(), got, strict=False):
+        if left:
+            raise MoveNotFinishedError(
+                f"{where}.{src} still holds {left:,} value(s) not moved into {dst!r}: the move "
+                "has not finished (or an application still writes the old column). Nothing "
+                f"was changed; run the move again, then the cutover",
+                remaining=left,
+                into=dst,
+                table=table,
+                column=src,
+            )
+    return max(got[len(into) :], default=0)
 
 
 @_scrubbed("rewrap")

@@ -17,7 +17,7 @@ Usage::
     sqlalchemy-cmk check-tenant TENANT --cmk module:attribute [--app-dir DIR] [--json]
 
     sqlalchemy-cmk encrypt-column --table T --column C [--column C2 ...] --tenant-column TC
-                                  --cmk module:attribute [--workers N]
+                                  --cmk module:attribute [--into [C=]TARGET ...] [--workers N]
     sqlalchemy-cmk decrypt-column --table T --column C ... --tenant-column TC --cmk ...
                                   [--into [C=]TARGET ...] [--workers N]
     sqlalchemy-cmk rewrap --table T --cmk ... [--tenant TENANT]
@@ -30,10 +30,13 @@ Usage::
     encrypt-column, decrypt-column, rewrap and rotate take --max-kms-rps R, the command's KMS
     requests per second, shared by its workers)
     sqlalchemy-cmk status --table T --column C ...
+    sqlalchemy-cmk cutover --table T --column C ... --into [C=]TARGET ...
+    (encrypt-column --into: move text column C into the binary column TARGET, C left NULL;
+    cutover: exit 0 once every C is empty, 1 naming the values left; the drop is a migration's)
 
-    (all take --database-url, --schema and --json; all but status also --companion-column,
-    --batch-size, --progress-every SECONDS and --no-progress; instead of --tenant-column TC,
-    --metadata module:Base finds the tenant column the model declares)
+    (all take --database-url, --schema and --json; all but status and cutover also
+    --companion-column, --batch-size, --progress-every SECONDS and --no-progress; instead of
+    --tenant-column TC, --metadata module:Base finds the tenant column the model declares)
 
 The migration commands (encrypt-column ... status) run the backfill engine of
 ``migrations_helpers.backfill``, the one behind the Alembic operations, for tables too big to

@@ -1,5 +1,5 @@
 """The migration commands: ``encrypt-column``, ``decrypt-column``, ``rewrap``, ``rotate``,
-``verify`` and ``status``.
+``verify``, ``status`` and ``cutover``.
 
 Each runs the backfill engine behind the Alembic operations, for tables too big to encrypt
 inside a migration (docs/migrations.md), through the public API of ``migrations_helpers`` alone
@@ -46,7 +46,10 @@ from ._progress import PROGRESS_EVERY, _progress_view, _ProgressView
 if TYPE_CHECKING:
     from migrations_helpers import Progress, Report
 
-COMMANDS = frozenset({"encrypt-column", "decrypt-column", "rewrap", "rotate", "verify", "status"})
+COMMANDS = frozenset(
+    {"encrypt-column", "decrypt-column", "rewrap", "rotate", "verify", "status", "cutover"}
+)
+_NO_KEYS = frozenset({"status", "cutover"})  # SQL only: no CMK, no tenant column
 ACTOR = "sqlalchemy-cmk migration"
 _MAX_FAILURES_SHOWN = 20
 _VERBS = {
@@ -188,10 +191,20 @@ def add_parsers(commands: argparse._SubParsersAction[_Parser], as_json: _Parser)
     )
 
     backfill = [target, columns, batching, keys, tenant_column, workers, budget, as_json]
-    commands.add_parser(
+    p = commands.add_parser(
         "encrypt-column",
         parents=backfill,
-        help="encrypt existing plaintext text columns in place, online (adds the companion)",
+        help="encrypt existing plaintext text columns in place, online (adds the companion); "
+        "with --into, move them into binary columns",
+    )
+    p.add_argument(
+        "--into",
+        action="append",
+        default=[],
+        metavar="[COLUMN=]TARGET",
+        help="move COLUMN into the existing binary column TARGET (the default storage of "
+        "EncryptedType), leaving COLUMN NULL; then `cutover` (COLUMN= may be left out with one "
+        "--column; give one for every --column)",
     )
     p = commands.add_parser(
         "decrypt-column",
@@ -232,6 +245,19 @@ def add_parsers(commands: argparse._SubParsersAction[_Parser], as_json: _Parser)
         parents=[target, columns, as_json],
         help="count plaintext / encrypted / NULL values (SQL only, no keys needed)",
     )
+    p = commands.add_parser(
+        "cutover",
+        parents=[target, columns, as_json],
+        help="check that a move (--into) has finished: exit 0 when every moved column is "
+        "empty, 1 naming the count left (SQL only; the drop belongs in a migration)",
+    )
+    p.add_argument(
+        "--into",
+        action="append",
+        required=True,
+        metavar="[COLUMN=]TARGET",
+        help="the move to check, as given to encrypt-column or decrypt-column",
+    )
 
 
 @dataclass(frozen=True)
@@ -249,7 +275,7 @@ class _Job:
     companion_column: str
     schema: str | None
     batch_size: int
-    into: tuple[tuple[str, str], ...] = ()  # decrypt-column --into: (column, target) pairs
+    into: tuple[tuple[str, str], ...] = ()  # --into: (column, target) pairs
     max_kms_rps: float | None = None  # this process's share of --max-kms-rps
 
 
@@ -260,7 +286,7 @@ def _migration_engine(url: str) -> Engine:
 
 def run_migration(args: argparse.Namespace, out: TextIO) -> int:
     """Run the migration command ``args`` names; returns the exit status."""
-    from migrations_helpers import UniqueColumnError, check_encryptable, ensure_companion
+    from migrations_helpers import check_encryptable, ensure_companion
 
     url = args.database_url or os.environ.get(URL_ENV)
     if not url:
@@ -278,7 +304,7 @@ def run_migration(args: argparse.Namespace, out: TextIO) -> int:
         cmk: Any = None
         models: Any = None  # --metadata's models: rotate and verify find the columns in them
         workers: int = getattr(args, "workers", 1)
-        if args.command != "status":
+        if args.command not in _NO_KEYS:
             if workers > 1 and engine.dialect.name != "postgresql":
                 raise UsageError(
                     f"--workers {workers}: {engine.dialect.name} runs single-worker (parallel "
@@ -292,6 +318,8 @@ def run_migration(args: argparse.Namespace, out: TextIO) -> int:
             pass
         if args.command == "status":
             return _status(engine, args, out)
+        if args.command == "cutover":
+            return _cutover(engine, args, out)
         if args.command == "verify":
             return _verify_table(engine, cmk, models, args, out)
         job = _Job(
@@ -314,8 +342,10 @@ def run_migration(args: argparse.Namespace, out: TextIO) -> int:
         added = False
         if job.command == "encrypt-column":  # before any worker starts: one ALTER, not N
             try:  # what refuses the columns must do so before the companion is added
-                check_encryptable(engine, job.table, job.columns, schema=job.schema)
-            except UniqueColumnError as exc:
+                check_encryptable(
+                    engine, job.table, job.columns, schema=job.schema, into=dict(job.into) or None
+                )
+            except ConfigurationError as exc:  # UniqueColumnError, a target unfit for --into
                 raise UsageError(f"{type(exc).__name__}: {exc}") from None
             added = ensure_companion(
                 engine, job.table, companion_column=job.companion_column, schema=job.schema
@@ -340,8 +370,8 @@ def run_migration(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _into(args: argparse.Namespace) -> tuple[tuple[str, str], ...]:
-    """decrypt-column's ``--into [COLUMN=]TARGET`` as (column, target) pairs; a bare TARGET
-    belongs to the one ``--column``."""
+    """``--into [COLUMN=]TARGET`` (encrypt-column, decrypt-column, cutover) as (column, target)
+    pairs; a bare TARGET belongs to the one ``--column``."""
     pairs: list[tuple[str, str]] = []
     columns: list[str] = getattr(args, "columns", None) or []
     for item in getattr(args, "into", None) or []:
@@ -481,12 +511,15 @@ def _run_job(
         job.table,
         job.columns,
         tenant_column=job.tenant_column,
+        # A move seals values as the model's EncryptedType for the target encodes them.
+        metadata=models if job.into else None,
         companion_column=job.companion_column,
         schema=job.schema,
         batch_size=job.batch_size,
         progress=progress,
         actor=ACTOR,
         max_kms_rps=job.max_kms_rps,
+        into=dict(job.into) or None,
     )
 
 
@@ -626,6 +659,8 @@ def _print_report(
         if companion_added:
             print(f"added the companion column {job.companion_column} to {name}", file=out)
         columns = report.columns or job.columns  # rotate: the columns it found
+        if job.into:
+            columns = tuple(f"{src} -> {dst}" for src, dst in job.into)
         what = f"{name} ({', '.join(columns)})" if columns else name
         rate = report.rows / report.seconds if report.seconds > 0 else 0.0
         print(
@@ -742,4 +777,29 @@ def _status(engine: Engine, args: argparse.Namespace, out: TextIO) -> int:
         + (f"{left:,} plaintext value(s) left" if left else "no plaintext left"),
         file=out,
     )
+    return 0
+
+
+def _cutover(engine: Engine, args: argparse.Namespace, out: TextIO) -> int:
+    """Check a move's cutover: 0 when every moved column is empty (the next step is the
+    migration that drops it: ``op.cutover_column``); MoveNotFinishedError (exit 1) names the
+    count left. The DDL is left to Alembic, where the schema's history lives."""
+    from migrations_helpers import check_cutover
+
+    into = _into(args)
+    if len(into) != len(args.columns):
+        raise UsageError("cutover: give --into [COLUMN=]TARGET for every --column")
+    moved = check_cutover(engine, args.table, dict(into), schema=args.schema)
+    if args.json:
+        json.dump({"ok": True, "remaining": 0, "moved": moved, "into": dict(into)}, out, indent=2)
+        print(file=out)
+        return 0
+    for src, dst in into:
+        print(
+            f"{_fullname(args)}.{src} is empty: ready to drop (op.cutover_column("
+            f"{args.table!r}, {src!r}, {dst!r}, type_=...)); the model maps the attribute to "
+            f"{dst!r}, which keeps its name",
+            file=out,
+        )
+    print(f"{moved:,} row(s) hold the moved values", file=out)
     return 0

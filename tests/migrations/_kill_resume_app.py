@@ -17,8 +17,10 @@ Not a test module. Three roles share the model and the CMK defined here:
 The table ``kr_rows`` holds both storages: ``a`` and ``b`` are text-storage columns that start as
 plaintext (the dual-read window of an in-place encryption), ``c`` is a binary-storage
 (default) column the application encrypts from the start, and ``c_plain`` receives ``c``'s
-plaintext when ``decrypt_columns(into={"c": "c_plain"})`` runs. The value of ``c`` the
-application sees is ``c`` where it is not NULL, else ``c_plain``.
+plaintext when ``decrypt_columns(into={"c": "c_plain"})`` runs; ``encrypt_columns(["c_plain"],
+into={"c_plain": "c"})`` moves it back (the move into binary storage). The value of ``c`` the
+application sees is ``c`` where it is not NULL, else ``c_plain``; it writes ``c`` and empties
+``c_plain`` (the dual-read recipe of docs/migrations.md).
 """
 
 from __future__ import annotations
@@ -213,6 +215,17 @@ def run_op(spec: dict[str, Any]) -> None:
             tenant_column="tenant_id",
             metadata=Base,
             into={"c": "c_plain"},
+            **kw,
+        )
+    elif op == "move":  # c_plain's plaintext into the binary column c, c_plain left NULL
+        report = backfill.encrypt_columns(
+            engine,
+            cmk,
+            TABLE,
+            ["c_plain"],
+            tenant_column="tenant_id",
+            metadata=Base,
+            into={"c_plain": "c"},
             **kw,
         )
     else:
