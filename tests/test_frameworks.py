@@ -35,7 +35,8 @@ from sqlalchemy_cmk.testing import FakeKeyProvider, MemoryAuditSink
 with warnings.catch_warnings():
     # Starlette 1.x prefers the httpx2 package and warns once, at import, when it finds httpx.
     warnings.filterwarnings("ignore", message="Using `httpx` with `starlette.testclient`")
-    from fastapi import Depends, FastAPI
+    from fastapi import Depends, FastAPI, Request
+    from fastapi.concurrency import run_in_threadpool
     from fastapi.testclient import TestClient
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -281,4 +282,52 @@ def test_sync_yield_dependency_keeps_the_endpoint_error_chained(tmp_path: Path) 
     assert isinstance(info.value.__context__, NoTenantError)
     with engine.connect() as conn:
         assert conn.scalar(select(_Secret.id)) is None  # nothing written
+    engine.dispose()
+
+
+# -- the middleware recipe of docs/frameworks.md -------------------------------------------------
+
+
+def test_http_middleware_carries_the_tenant_to_sync_and_async_endpoints(tmp_path: Path) -> None:
+    engine = create_engine(f"sqlite:///{tmp_path}/db.sqlite")
+    _Base.metadata.create_all(engine)
+    SessionLocal = sessionmaker(engine)
+    audit = MemoryAuditSink()
+    CMK(
+        FakeKeyProvider(), tenant_keys={t: f"fake://{t}" for t in TENANTS}, audit_sinks=[audit]
+    ).install(SessionLocal)
+    app = FastAPI()
+
+    @app.middleware("http")
+    async def tenant_scope(request: Request, call_next: Any) -> Any:
+        tenant = request.headers["x-tenant"]  # stands in for the authenticated principal
+        with tenant_context(tenant, actor=f"user-{tenant}", request_id=request.headers["x-id"]):
+            return await call_next(request)
+
+    def write_and_read() -> dict[str, Any]:
+        ctx = current_context()
+        assert ctx is not None
+        with SessionLocal() as s:
+            s.add(_Secret(value=f"of {ctx.tenant_id}"))
+            s.commit()
+            values = [x.value for x in s.scalars(select(_Secret).order_by(_Secret.id))]
+        return {"tenant": ctx.tenant_id, "values": values}
+
+    @app.post("/sync")
+    def sync_endpoint() -> dict[str, Any]:
+        return write_and_read()
+
+    @app.post("/async")
+    async def async_endpoint() -> dict[str, Any]:
+        return await run_in_threadpool(write_and_read)
+
+    with TestClient(app) as client:
+        r = client.post("/sync", headers={"x-tenant": "acme", "x-id": "r1"})
+        assert r.json() == {"tenant": "acme", "values": ["of acme"]}
+        r = client.post("/async", headers={"x-tenant": "acme", "x-id": "r2"})
+        assert r.json() == {"tenant": "acme", "values": ["of acme", "of acme"]}
+    assert {(e.actor, e.request_id) for e in audit.of("encrypt")} == {
+        ("user-acme", "r1"),
+        ("user-acme", "r2"),
+    }
     engine.dispose()
