@@ -259,7 +259,7 @@ class CMK:
         """Refuse a tenant, reads and writes, at once here and within about a second everywhere.
 
         In this process, from the next wrap or unwrap on: the tenant's lookups raise
-        :class:`~sqlalchemy_cmk.errors.TenantNotConfiguredError` and its cached data keys are
+        :class:`~sqlalchemy_cmk.errors.TenantRevokedError` and its cached data keys are
         dropped (and zeroed); a KMS call already under way serves its own operation but does not
         cache its key. Then the revocation is made durable and
         published:

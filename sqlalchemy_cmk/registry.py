@@ -59,7 +59,8 @@ class KeyRegistry(Protocol):
         """Return the tenant's keys.
 
         Raises:
-            TenantNotConfiguredError: unknown or disabled tenant.
+            TenantNotConfiguredError: unknown tenant.
+            TenantRevokedError: disabled tenant (a TenantNotConfiguredError).
         """
         ...
 
