@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib.util
 import sys
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -37,6 +37,7 @@ with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message="Using `httpx` with `starlette.testclient`")
     from fastapi import Depends, FastAPI, Request
     from fastapi.concurrency import run_in_threadpool
+    from fastapi.responses import StreamingResponse
     from fastapi.testclient import TestClient
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -331,3 +332,34 @@ def test_http_middleware_carries_the_tenant_to_sync_and_async_endpoints(tmp_path
         ("user-acme", "r2"),
     }
     engine.dispose()
+
+
+def test_streamed_response_opens_the_context_in_an_async_generator() -> None:
+    app = FastAPI()
+
+    def tenant() -> str:
+        ctx = current_context()
+        return "none" if ctx is None else str(ctx.tenant_id)
+
+    @app.get("/async")
+    def stream_async() -> StreamingResponse:
+        async def chunks() -> AsyncIterator[str]:
+            with tenant_context("acme"):
+                for _ in range(3):
+                    yield await run_in_threadpool(tenant) + "\n"  # blocking work: in a thread
+
+        return StreamingResponse(chunks())
+
+    @app.get("/sync")
+    def stream_sync() -> StreamingResponse:
+        def chunks() -> Iterator[str]:  # each step runs in a fresh copy of the context
+            with tenant_context("acme"):
+                for _ in range(3):
+                    yield tenant() + "\n"
+
+        return StreamingResponse(chunks())
+
+    with TestClient(app) as client:
+        assert client.get("/async").text == "acme\n" * 3
+        with pytest.raises(ConfigurationError, match="another context"):
+            client.get("/sync")
