@@ -140,7 +140,7 @@ def create_app(engine: Engine, cmk: CMK, tokens: Mapping[str, Principal]) -> Fas
             return JSONResponse({"error": "internal error"}, status_code=500)
         log.warning("request refused (%s): %s: %s", status, type(exc).__name__, exc)
         return JSONResponse(
-            {"error": type(exc).__name__, "detail": PUBLIC_DETAIL[status]},
+            {"error": type(exc).__name__, "detail": PUBLIC_DETAIL.get(status, "request refused")},
             status_code=status,
             headers={"Retry-After": "5"} if status == 503 else None,
         )

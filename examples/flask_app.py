@@ -73,6 +73,9 @@ PUBLIC_DETAIL = {
 }
 
 
+FIELDS = ("title", "body")
+
+
 def note_json(row: Note) -> dict[str, Any]:
     return {"id": row.id, "title": row.title, "body": row.body}
 
@@ -121,7 +124,11 @@ def create_app(engine: Engine, cmk: CMK, tokens: Mapping[str, Principal]) -> Fla
             return jsonify(error="internal error"), 500, {}
         log.warning("request refused (%s): %s: %s", status, type(exc).__name__, exc)
         headers = {"Retry-After": "5"} if status == 503 else {}
-        return jsonify(error=type(exc).__name__, detail=PUBLIC_DETAIL[status]), status, headers
+        return (
+            jsonify(error=type(exc).__name__, detail=PUBLIC_DETAIL.get(status, "request refused")),
+            status,
+            headers,
+        )
 
     def tenant() -> str | None:
         ctx = current_context()
@@ -129,9 +136,11 @@ def create_app(engine: Engine, cmk: CMK, tokens: Mapping[str, Principal]) -> Fla
 
     @app.post("/notes")
     def create_note() -> tuple[Response, int]:
-        data = request.get_json(force=True)
+        data = request.get_json(silent=True)
+        if not (isinstance(data, dict) and all(isinstance(data.get(k), str) for k in FIELDS)):
+            abort(400)
         with SessionLocal() as db:
-            row = Note(title=str(data["title"]), body=str(data["body"]))  # tenant from context
+            row = Note(title=data["title"], body=data["body"])  # tenant_id from the context
             db.add(row)
             db.flush()  # encrypts, and assigns the id
             out = note_json(row)

@@ -179,6 +179,12 @@ def test_unknown_principal_gets_401(service: Service) -> None:
     assert r.status_code == 401
 
 
+def test_malformed_note_is_refused_and_writes_nothing(service: Service) -> None:
+    r = service.client.post("/notes", json={"title": 1}, headers=service.auth("acme"))
+    assert r.status_code == (422 if service.framework == "fastapi" else 400)
+    assert service.raw_rows() == []
+
+
 def test_tenant_revoked_by_the_operator_gets_403_for_reads_and_writes(service: Service) -> None:
     ids = seed(service)
     service.cmk.revoke("globex")
