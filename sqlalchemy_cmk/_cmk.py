@@ -141,7 +141,8 @@ class CMK:
             many provider calls run at once per CMK (hung calls keep their slot until they
             return).
         audit_sinks: Where audit events go; default: JSON lines to the ``sqlalchemy_cmk.audit``
-            logger. Pass ``[]`` to disable (not recommended). A sink that raises stops the
+            logger at INFO, which Python's default logging drops (configure logging to see or
+            ship them). Pass ``[]`` to disable (not recommended). A sink that raises stops the
             access with :class:`~sqlalchemy_cmk.errors.AuditError`.
         verify_write_keys: Before a new write key encrypts anything, unwrap its EDEK once
             through the provider and check that the same key comes back (default). Costs one
