@@ -31,6 +31,7 @@ from .errors import RegistryIntegrityError as RegistryIntegrityError
 from .errors import TenantContextError as TenantContextError
 from .errors import TenantMismatchError as TenantMismatchError
 from .errors import TenantNotConfiguredError as TenantNotConfiguredError
+from .errors import TenantRevokedError as TenantRevokedError
 from .errors import UnsupportedQueryError as UnsupportedQueryError
 from .providers import KeyProvider as KeyProvider
 from .types import EDEKType as EDEKType
@@ -66,6 +67,7 @@ __all__ = [
     "TenantContextError",
     "TenantMismatchError",
     "TenantNotConfiguredError",
+    "TenantRevokedError",
     "UnsupportedQueryError",
     "cross_tenant_context",
     "current_context",

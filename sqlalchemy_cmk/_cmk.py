@@ -141,7 +141,8 @@ class CMK:
             many provider calls run at once per CMK (hung calls keep their slot until they
             return).
         audit_sinks: Where audit events go; default: JSON lines to the ``sqlalchemy_cmk.audit``
-            logger. Pass ``[]`` to disable (not recommended). A sink that raises stops the
+            logger at INFO, which Python's default logging drops (configure logging to see or
+            ship them). Pass ``[]`` to disable (not recommended). A sink that raises stops the
             access with :class:`~sqlalchemy_cmk.errors.AuditError`.
         verify_write_keys: Before a new write key encrypts anything, unwrap its EDEK once
             through the provider and check that the same key comes back (default). Costs one
@@ -259,7 +260,7 @@ class CMK:
         """Refuse a tenant, reads and writes, at once here and within about a second everywhere.
 
         In this process, from the next wrap or unwrap on: the tenant's lookups raise
-        :class:`~sqlalchemy_cmk.errors.TenantNotConfiguredError` and its cached data keys are
+        :class:`~sqlalchemy_cmk.errors.TenantRevokedError` and its cached data keys are
         dropped (and zeroed); a KMS call already under way serves its own operation but does not
         cache its key. Then the revocation is made durable and
         published:

@@ -69,7 +69,12 @@ AuditSink = Callable[[AuditEvent], None]
 
 
 class LoggingAuditSink:
-    """Writes each event as one JSON line to a stdlib logger (default ``sqlalchemy_cmk.audit``)."""
+    """Writes each event as one JSON line to a stdlib logger (default ``sqlalchemy_cmk.audit``).
+
+    It adds no handler: where the lines go is the application's logging configuration. Under
+    Python's default one (no handler, root logger at WARNING) events at INFO are dropped;
+    ``logging.basicConfig(level=logging.INFO)`` shows them on stderr (``docs/usage.md#audit``).
+    """
 
     def __init__(
         self, logger: str | logging.Logger = "sqlalchemy_cmk.audit", level: int = logging.INFO

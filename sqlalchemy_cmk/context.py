@@ -70,8 +70,20 @@ def require_context() -> TenantContext:
     return ctx
 
 
-_tokens: contextvars.ContextVar[tuple[contextvars.Token[TenantContext | None], ...]] = (
-    contextvars.ContextVar("sqlalchemy_cmk_tokens", default=())
+# What undoes each open `with`: the manager that was entered and the token of its set(). Kept in
+# a context variable, like the context itself, so that an exit can tell whether it runs in the
+# context its enter ran in.
+_Entry = tuple["_ContextManager", contextvars.Token[TenantContext | None]]
+_entries: contextvars.ContextVar[tuple[_Entry, ...]] = contextvars.ContextVar(
+    "sqlalchemy_cmk_entries", default=()
+)
+
+_ELSEWHERE = (
+    "tenant_context() was exited in another context than the one it was entered in (or out of "
+    "order), so the tenant it set was never in force for the code in between. A sync (`def`) "
+    "FastAPI dependency with `yield` does this: FastAPI runs the code before and after its "
+    "`yield` in two threads, each in a copy of the request's context. Open the tenant context "
+    "in an `async def` dependency with `yield`, or in a middleware (docs/frameworks.md)"
 )
 
 
@@ -90,7 +102,8 @@ class _ContextManager:
         return self._ctx
 
     def __enter__(self) -> TenantContext:
-        _tokens.set((*_tokens.get(), _current.set(self._ctx)))
+        token = _current.set(self._ctx)
+        _entries.set((*_entries.get(), (self, token)))
         return self._ctx
 
     def __exit__(
@@ -99,9 +112,38 @@ class _ContextManager:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        stack = _tokens.get()
-        _tokens.set(stack[:-1])
-        _current.reset(stack[-1])
+        """Restore the context in force before :meth:`__enter__`.
+
+        Raises:
+            ConfigurationError: this exit does not run in the context the enter ran in, or
+                another ``with`` is still open inside it. An exception raised inside the block
+                is chained as ``__context__``; a ``BaseException`` that is not an ``Exception``
+                (a cancellation, ``KeyboardInterrupt``, ``GeneratorExit``) goes on unreplaced.
+        """
+        stack = _entries.get()
+        if stack and stack[-1][0] is self:
+            try:
+                _current.reset(stack[-1][1])
+            except (ValueError, RuntimeError):
+                # ValueError: the token was made in another Context (this one is a copy of it);
+                # RuntimeError: it was already used there. Either way not ours to undo here.
+                pass
+            else:
+                _entries.set(stack[:-1])
+                return
+        # Nothing here to restore: the enter changed another context, which this code cannot
+        # reach. Say so, rather than fail later with "no tenant in context" or restore the
+        # wrong tenant.
+        if exc is not None and not isinstance(exc, Exception):
+            return  # a cancellation or shutdown must not turn into a configuration error
+        err = ConfigurationError(
+            _ELSEWHERE
+            if exc is None
+            else f"{_ELSEWHERE}; the {type(exc).__name__} raised inside the block is chained",
+            tenant=self._ctx.tenant_id,
+        )
+        err.__context__ = exc
+        raise err
 
     def __call__(self, func: _F) -> _F:
         ctx = self._ctx

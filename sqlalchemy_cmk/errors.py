@@ -9,6 +9,7 @@ The tree::
     CMKError
     ├── ConfigurationError          the application is set up wrongly; fix code or config
     │   ├── TenantNotConfiguredError    no key reference for the tenant (or key not allowed)
+    │   │   └── TenantRevokedError          revoked by the operator (CMK.revoke, registry)
     │   └── RegistryIntegrityError      a key-registry row failed its integrity check
     ├── TenantContextError
     │   ├── NoTenantError               encrypted data touched with no tenant in context
@@ -23,6 +24,9 @@ The tree::
     ├── AuditError                  an audit sink failed, so the access did not happen
     ├── RegistryConflictError       a concurrent registry change won; nothing was written
     └── InvalidValueError           a value that the column's underlying type cannot hold
+
+A web application answers each with :func:`http_status`: 403 for a revocation, 503 for a KMS
+outage, 409 for a registry conflict, 422 for a value the column cannot hold, 500 for the rest.
 
 Messages and attributes name the tenant, table, column, key reference and provider where they
 are known, and what to do; they never carry plaintext, key bytes or ciphertext.
@@ -51,7 +55,9 @@ __all__ = [
     "TenantContextError",
     "TenantMismatchError",
     "TenantNotConfiguredError",
+    "TenantRevokedError",
     "UnsupportedQueryError",
+    "http_status",
 ]
 
 
@@ -95,6 +101,14 @@ class ConfigurationError(CMKError):
 
 class TenantNotConfiguredError(ConfigurationError):
     """The tenant has no key reference, or a stored key reference is not one of its keys."""
+
+
+class TenantRevokedError(TenantNotConfiguredError):
+    """The operator revoked the tenant: :meth:`CMK.revoke <sqlalchemy_cmk.CMK.revoke>`, here or
+    published by another process, or the tenant disabled in the database key registry.
+
+    The tenant's own KMS refusing its key is :class:`KeyAccessDeniedError` instead.
+    """
 
 
 class TenantContextError(CMKError):
@@ -195,6 +209,39 @@ class RegistryConflictError(CMKError):
 
 class InvalidValueError(CMKError):
     """A value does not fit the encrypted column's underlying type (a ``str`` for an Integer)."""
+
+
+# Most specific first: the first class the error is an instance of gives the status.
+_HTTP_STATUS: tuple[tuple[type[CMKError], int], ...] = (
+    (TenantRevokedError, 403),  # the operator said no
+    (KeyAccessDeniedError, 403),  # the tenant's KMS said no: revoked, disabled, forbidden
+    (KMSUnavailableError, 503),  # transient: the client may retry later
+    (RegistryConflictError, 409),  # another writer won: read again, then retry
+    (InvalidValueError, 422),  # the value does not fit the column's type
+)
+
+
+def http_status(exc: BaseException) -> int:
+    """The HTTP status code a web application should answer for ``exc``.
+
+    403 when the tenant's access is revoked (:class:`TenantRevokedError`, or
+    :class:`KeyAccessDeniedError` from the tenant's KMS), 503 when its KMS is unavailable
+    (:class:`KMSUnavailableError`, worth a ``Retry-After``), 409 for a
+    :class:`RegistryConflictError`, 422 for an :class:`InvalidValueError`, and 500 for every
+    other error, of this library or not: those are the application's bugs or misconfiguration
+    (no tenant in context, a query that forgot the tenant filter, a key reference the KMS does
+    not know, tampered data), which the client cannot fix. See ``docs/frameworks.md``.
+
+    Args:
+        exc: Any exception; only instances of :class:`CMKError` get a status other than 500.
+
+    Returns:
+        The status code.
+    """
+    for cls, status in _HTTP_STATUS:
+        if isinstance(exc, cls):
+            return status
+    return 500
 
 
 def _rebuild(cls: type[CMKError], message: str, state: dict[str, Any]) -> CMKError:

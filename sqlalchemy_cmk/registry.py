@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
-from .errors import ConfigurationError, TenantNotConfiguredError
+from .errors import ConfigurationError, TenantNotConfiguredError, TenantRevokedError
 
 __all__ = [
     "TENANT_ID_MAX",
@@ -59,7 +59,8 @@ class KeyRegistry(Protocol):
         """Return the tenant's keys.
 
         Raises:
-            TenantNotConfiguredError: unknown or disabled tenant.
+            TenantNotConfiguredError: unknown tenant.
+            TenantRevokedError: disabled tenant (a TenantNotConfiguredError).
         """
         ...
 
@@ -159,10 +160,11 @@ class RevocableRegistry:
         """The tenant's keys from the registry behind, unless the tenant is revoked.
 
         Raises:
-            TenantNotConfiguredError: the tenant is revoked, or the registry behind refuses it.
+            TenantRevokedError: the tenant is revoked.
+            TenantNotConfiguredError: the registry behind refuses it.
         """
         if tenant in self._revoked:
-            raise TenantNotConfiguredError(
+            raise TenantRevokedError(
                 f"tenant {tenant!r} is revoked (CMK.revoke, or a revocation another process "
                 "published): CMK.reinstate lifts it",
                 tenant=tenant,

@@ -92,6 +92,7 @@ from .errors import (
     RegistryConflictError,
     RegistryIntegrityError,
     TenantNotConfiguredError,
+    TenantRevokedError,
 )
 from .registry import TENANT_ID_MAX as _TENANT_MAX
 from .registry import TenantKeys, parse_key_ref, tenant_id_problem
@@ -577,15 +578,16 @@ class DatabaseKeyRegistry:
         """The tenant's keys, from the cache or a verified row.
 
         Raises:
+            TenantRevokedError: the tenant is disabled.
             TenantNotConfiguredError: the tenant is not in the registry (a tenant id that is
-                not canonical never is), or is disabled.
+                not canonical never is).
             RegistryIntegrityError: the tenant's row failed its integrity check.
         """
         rec = self._lookup(tenant)
         if rec is None:
             raise self._unknown(tenant, advice=True)
         if rec.disabled:
-            raise TenantNotConfiguredError(
+            raise TenantRevokedError(
                 f"tenant {tenant!r} is disabled in the key registry (table "
                 f"{self.table.fullname}): enable it with `sqlalchemy-cmk tenants enable "
                 f"{shlex.quote(tenant)}`",

@@ -15,7 +15,7 @@ default). A :class:`RevocationWatcher`, started in every process, closes that ga
 * For every tenant whose row changed it drops the registry's cached lookup and ``CMK``'s cached
   data keys (read and write); a key that a KMS call already under way fetches is not cached
   either (``CMK.forget_tenant`` is final). A revoked tenant's next read or write goes to the
-  registry and is refused with :class:`~sqlalchemy_cmk.errors.TenantNotConfiguredError`.
+  registry and is refused with :class:`~sqlalchemy_cmk.errors.TenantRevokedError`.
 
 Nothing runs at import: the thread starts when the application calls :meth:`start`. It survives
 ``os.fork`` (gunicorn ``--preload``, Celery prefork, ``multiprocessing`` with fork): in the child,

@@ -28,6 +28,7 @@ from sqlalchemy_cmk import (
     EncryptedMixin,
     EncryptedType,
     TenantNotConfiguredError,
+    TenantRevokedError,
     tenant_context,
 )
 from sqlalchemy_cmk._format import parse_envelope, split_companion
@@ -131,7 +132,7 @@ def test_unknown_and_disabled_tenants_are_refused_with_what_to_do(
     registry.add_tenant("acme", "fake://acme")
     rec = registry.disable("acme")
     assert rec.disabled and rec.version == 2
-    with pytest.raises(TenantNotConfiguredError, match=r"disabled.*tenants enable acme") as info:
+    with pytest.raises(TenantRevokedError, match=r"disabled.*tenants enable acme") as info:
         registry.tenant_keys("acme")
     assert info.value.tenant == "acme"
     assert registry.get("acme").disabled  # get() still shows it

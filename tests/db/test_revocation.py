@@ -24,7 +24,13 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, event, text
 
-from sqlalchemy_cmk import CMK, KeyAccessDeniedError, TenantNotConfiguredError, tenant_context
+from sqlalchemy_cmk import (
+    CMK,
+    KeyAccessDeniedError,
+    TenantNotConfiguredError,
+    TenantRevokedError,
+    tenant_context,
+)
 from sqlalchemy_cmk.errors import ConfigurationError
 from sqlalchemy_cmk.providers.local import LocalKeyProvider
 from sqlalchemy_cmk.registry_db import DatabaseKeyRegistry
@@ -154,7 +160,7 @@ def test_a_registry_disable_reaches_another_cmk_within_the_bound(
     took = refused_within(bound(engine), read_and_write(app, doc))
     print(f"\n{engine.dialect.name}: refused {took:.3f}s after the disable")
     # Refused from the registry, never served from a cache: the error says disabled.
-    with tenant_context("acme"), pytest.raises(TenantNotConfiguredError, match="disabled"):
+    with tenant_context("acme"), pytest.raises(TenantRevokedError, match="disabled"):
         app.decrypt_document(doc)
     with tenant_context("globex"):  # others keep their cached keys
         calls = provider.unwrap_count
@@ -216,14 +222,14 @@ def test_revoke_with_tenants_in_code_reaches_every_watcher(
     admin.revoke("acme")
     took = refused_within(bound(engine), read_and_write(app, doc))
     print(f"\n{engine.dialect.name}: refused {took:.3f}s after revoke()")
-    with tenant_context("acme"), pytest.raises(TenantNotConfiguredError, match="revoked"):
+    with tenant_context("acme"), pytest.raises(TenantRevokedError, match="revoked"):
         app.encrypt_document({"f": b"x"})
     with tenant_context("globex"):
         app.encrypt_document({"f": b"x"})
     # A process started after the revocation refuses the tenant from its start.
     late = static_cmk(provider)
     start(watchers, late, engine)
-    with tenant_context("acme"), pytest.raises(TenantNotConfiguredError, match="revoked"):
+    with tenant_context("acme"), pytest.raises(TenantRevokedError, match="revoked"):
         late.decrypt_document(doc)
     stored = _rows(engine, "SELECT tenant_id, revoked, version FROM cmk_revocations")
     assert [(t, bool(r), v) for t, r, v in stored] == [("acme", True, 1)]

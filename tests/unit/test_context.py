@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import dataclasses
 import inspect
 import threading
@@ -274,6 +275,103 @@ def test_shared_manager_object_across_tasks():
         return await asyncio.gather(job(0.01), job(0.02))
 
     assert asyncio.run(main()) == ["acme", "acme"]
+
+
+# -- an exit that cannot undo its enter ------------------------------------------------------
+# FastAPI runs a sync dependency's code before and after `yield` in two worker threads, each in
+# a copy of the request's context (see tests/test_frameworks.py for the real thing). These
+# tests do the same with contextvars directly.
+
+
+def test_exit_in_a_copy_of_the_context_is_a_configuration_error():
+    cm = tenant_context("acme")
+    contextvars.copy_context().run(cm.__enter__)  # the enter's change is lost with its copy
+    assert current_context() is None
+    with pytest.raises(ConfigurationError, match=r"docs/frameworks\.md") as info:
+        contextvars.copy_context().run(cm.__exit__, None, None, None)
+    assert "async def" in str(info.value) and info.value.tenant == "acme"
+    assert info.value.__context__ is None
+
+
+def test_exit_where_the_enter_is_visible_but_its_token_is_not_is_refused():
+    # The enter ran here; its exit runs in a copy that still sees the entry (a thread started
+    # inside the block), where the token cannot be reset.
+    cm = tenant_context("acme")
+    with cm:
+        ctx = contextvars.copy_context()
+        with pytest.raises(ConfigurationError, match="another context"):
+            ctx.run(cm.__exit__, None, None, None)
+        assert tenant() == "acme"  # the block itself is intact
+
+
+def test_sync_generator_with_halves_in_copied_contexts_fails_clearly():
+    # The shape of `def dep(): with tenant_context(t): yield` under FastAPI.
+    def dep():
+        with tenant_context("acme"):
+            yield
+
+    gen = dep()
+    contextvars.copy_context().run(next, gen)
+    with pytest.raises(ConfigurationError, match="FastAPI"):
+        contextvars.copy_context().run(next, gen, None)
+
+
+def test_an_exception_from_the_block_is_chained_not_lost():
+    def dep():
+        with tenant_context("acme"):
+            yield
+
+    gen = dep()
+    contextvars.copy_context().run(next, gen)
+    original = NoTenantError("no tenant in context")
+    with pytest.raises(ConfigurationError, match="NoTenantError raised inside") as info:
+        contextvars.copy_context().run(gen.throw, original)
+    assert info.value.__context__ is original
+
+
+def test_direct_exit_call_chains_the_exception_too():
+    cm = tenant_context("acme")
+    contextvars.copy_context().run(cm.__enter__)
+    original = KeyError("x")
+    with pytest.raises(ConfigurationError) as info:
+        cm.__exit__(KeyError, original, None)
+    assert info.value.__context__ is original
+
+
+@pytest.mark.parametrize("exc", [KeyboardInterrupt(), asyncio.CancelledError(), GeneratorExit()])
+def test_cancellation_and_shutdown_are_not_replaced(exc: BaseException):
+    cm = tenant_context("acme")
+    contextvars.copy_context().run(cm.__enter__)
+    assert cm.__exit__(type(exc), exc, None) is None  # not suppressed: the caller re-raises it
+    assert current_context() is None
+
+
+def test_abandoned_generator_closed_elsewhere_does_not_raise():
+    def gen():
+        with tenant_context("acme"):
+            yield tenant()
+
+    g = gen()
+    assert contextvars.copy_context().run(next, g) == "acme"
+    g.close()  # GeneratorExit at the yield, in another context: nothing to report
+    assert current_context() is None
+
+
+def test_out_of_order_exit_is_refused_and_leaves_the_inner_block_in_force():
+    outer, inner = tenant_context("acme"), tenant_context("globex")
+    outer.__enter__()
+    inner.__enter__()
+    with pytest.raises(ConfigurationError, match="out of order"):
+        outer.__exit__(None, None, None)
+    assert tenant() == "globex"
+    inner.__exit__(None, None, None)
+    outer.__exit__(None, None, None)
+    assert current_context() is None
+
+
+def test_exit_without_enter_is_refused():
+    with pytest.raises(ConfigurationError, match="another context"):
+        tenant_context("acme").__exit__(None, None, None)
 
 
 # -- validation ---------------------------------------------------------------------------------
