@@ -121,7 +121,8 @@ class LocalKeyProvider:
             doc = json.loads(p.read_text())
         except FileNotFoundError:
             problem = (
-                "does not exist; create one with LocalKeyProvider.generate_key_file(path, [names])"
+                "does not exist; create one with `sqlalchemy-cmk keys init FILE --tenant T` or "
+                "LocalKeyProvider.generate_key_file(path, [names])"
             )
         except (OSError, ValueError) as exc:
             problem = f"is unreadable or not JSON ({type(exc).__name__})"
