@@ -1,4 +1,5 @@
-"""The code blocks of README.md and docs/**/*.md, as the tests read them: one parser for all.
+"""The code blocks of README.md, the other root pages and docs/**/*.md, as the tests read them:
+one parser for all.
 
 A block is a fenced block (```lang ... ```), possibly indented inside a list. The nearest
 non-blank line before its fence may carry one marker, an HTML comment that readers of the
@@ -51,8 +52,13 @@ class Block:
 
 
 def pages() -> list[Path]:
-    """README.md and every Markdown file under docs/, relative to the root (new files too)."""
-    return [Path("README.md"), *sorted(p.relative_to(ROOT) for p in (ROOT / "docs").rglob("*.md"))]
+    """The Markdown files at the root (README.md first) and under docs/, relative to the root.
+
+    Found by glob, so a new page is run without anyone listing it.
+    """
+    top = sorted(p.name for p in ROOT.glob("*.md") if p.name != "README.md")
+    docs = sorted(p.relative_to(ROOT) for p in (ROOT / "docs").rglob("*.md"))
+    return [Path("README.md"), *map(Path, top), *docs]
 
 
 def blocks(page: str | Path) -> list[Block]:

@@ -1,4 +1,5 @@
-"""Every code block of README.md and docs/**/*.md runs, so an example that stops working fails.
+"""Every code block of README.md (and the root's other pages) and docs/**/*.md runs, so an
+example that stops working fails.
 
 One test per page (new pages are found by the glob). The page's blocks run in order, in one
 namespace, in a fresh working directory that holds what a reader of the docs has set up:
