@@ -146,6 +146,19 @@ def test_a_missing_or_broken_file_is_one_line(
     assert keys("rotate", broken, "--tenant", "acme") == 1
     err = capsys.readouterr().err
     assert "not a key file" in err and "c2VjcmV0" not in err and err.count("\n") == 1
+    # Keys and tenants checked as the provider checks them at start-up, before any change.
+    key = base64.b64encode(os.urandom(32)).decode()
+    for doc, says in (
+        ({"keys": {"acme": key}, "tenants": ["acme"]}, "not a key file"),
+        ({"keys": {"acme": key}, "tenants": {"acme": ["gone"]}}, "must name one or more"),
+        ({"keys": {"acme": "c2hvcnQ="}}, "must be 32 bytes"),
+    ):
+        broken.write_text(json.dumps(doc))
+        before = broken.read_bytes()
+        assert keys("rotate", broken, "--tenant", "acme") == 1
+        err = capsys.readouterr().err
+        assert says in err and err.count("\n") == 1 and key not in err
+        assert broken.read_bytes() == before
 
 
 def test_concurrent_rotates_all_land(tmp_path: Path) -> None:

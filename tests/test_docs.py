@@ -164,9 +164,12 @@ def _check_mark(block: Block) -> None:
     assert match, f"{block.where}: run-by needs tests/FILE.py::test_name, not {block.reason!r}"
     source = ROOT / match[1]
     assert source.exists(), f"{block.where}: {match[1]} does not exist"
-    assert re.search(rf"^def {match[2]}\(", source.read_text(), re.M), (
+    code = source.read_text()
+    assert re.search(rf"^def {match[2]}\(", code, re.M), (
         f"{block.where}: {match[1]} has no test {match[2]}"
     )
+    # The test reads its blocks from the page (docblocks.doc_block), so it names the page.
+    assert block.path.name in code, f"{block.where}: {match[1]} never names {block.path.name}"
 
 
 def _commands(block: Block, shell_vars: dict[str, str]) -> Iterator[list[str]]:
@@ -256,6 +259,11 @@ def _page(tmp_path: Path, text: str) -> list[Block]:
         ("```yaml\na: 1\n```\n", "cannot run a 'yaml' block"),
         ("<!-- not-run: -->\n```python\nx\n```\n", "needs a reason"),
         ("<!-- run-by: tests/test_docs.py::test_nothing -->\n```python\nx\n```\n", "has no test"),
+        (
+            "<!-- run-by: tests/test_examples.py::test_demo_runs_and_shows_revocation -->\n"
+            "```python\nx\n```\n",
+            "never names page.md",
+        ),
     ],
 )
 def test_a_broken_block_fails_naming_its_line(

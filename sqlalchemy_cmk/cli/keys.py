@@ -144,31 +144,26 @@ def _add(doc: dict[str, Any], tenant: str, key_id: str | None, *, rotate: bool) 
 
 
 def _read(path: Path) -> dict[str, Any]:
-    """The key file, checked by the provider that will read it."""
+    """The key file, checked as the provider that will read it checks it."""
     if not path.exists():
         raise UsageError(f"key file {path} does not exist; create it with `keys init {path}`")
     try:
         doc = json.loads(path.read_text())
-        keys_ok = isinstance(doc, dict) and isinstance(doc.get("keys"), dict)
+        shape_ok = (
+            isinstance(doc, dict)
+            and isinstance(doc.get("keys"), dict)
+            and isinstance(doc.setdefault("tenants", {}), dict)
+        )
     except (OSError, ValueError) as exc:
         # Not chained: a JSONDecodeError holds the whole file (the keys) in its ``doc``.
         problem = type(exc).__name__
     else:
-        problem = "" if keys_ok else 'not {"keys": {...}}'
+        problem = "" if shape_ok else 'not {"keys": {...}, "tenants": {...}}'
     if problem:
         raise ConfigurationError(f"key file {path} is unreadable or not a key file ({problem})")
-    doc.setdefault("tenants", {})
-    if doc["keys"]:
-        LocalKeyProvider({n: base64.b64decode(k) for n, k in _checked(doc).items()}, doc["tenants"])
+    if doc["keys"] or doc["tenants"]:  # a file just made by `init` with no tenant is empty
+        LocalKeyProvider.from_file(path)  # every key and every tenant's list, as at start-up
     return dict(doc)
-
-
-def _checked(doc: dict[str, Any]) -> dict[str, str]:
-    keys = doc["keys"]
-    for name, value in keys.items():
-        if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9+/]*={0,2}", value):
-            raise ConfigurationError(f"key file: key {name!r} is not a base64 string")
-    return dict(keys)
 
 
 def _write_new(path: Path, doc: dict[str, Any]) -> None:
