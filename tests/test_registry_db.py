@@ -688,25 +688,6 @@ def test_a_lookup_racing_an_invalidation_is_not_cached(
         reader.tenant_keys("acme")
 
 
-# -- the documentation's example -------------------------------------------------------------
-
-
-def test_the_docs_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    doc = (Path(__file__).resolve().parent.parent / "docs" / "registry.md").read_text()
-    code = doc.split("```python\n", 1)[1].split("```", 1)[0]
-    monkeypatch.setenv("DATABASE_URL", f"sqlite:///{tmp_path}/app.db")
-    monkeypatch.setenv("SQLALCHEMY_CMK_REGISTRY_SECRET", base64.b64encode(SECRET).decode())
-    keys = {n: base64.b64encode(os.urandom(32)).decode() for n in ("acme-2025", "acme-2026")}
-    monkeypatch.setenv("SQLALCHEMY_CMK_LOCAL_KEYS", ",".join(f"{n}={k}" for n, k in keys.items()))
-    namespace: dict[str, Any] = {}
-    try:
-        exec(compile(code, "docs/registry.md", "exec"), namespace)
-    finally:
-        if "engine" in namespace:
-            namespace["engine"].dispose()
-    assert namespace["registry"].get("acme").primary == "local://acme-2026"
-
-
 # -- registry identity: rows from another deployment ------------------------------------------
 
 GOLDEN_SECRET = bytes(range(32))

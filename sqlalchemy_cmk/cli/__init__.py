@@ -16,6 +16,11 @@ Usage::
     sqlalchemy-cmk tenants upgrade-mac   (re-MAC rows written before registry_id existed)
     sqlalchemy-cmk check-tenant TENANT --cmk module:attribute [--app-dir DIR] [--json]
 
+    sqlalchemy-cmk keys init FILE [--tenant TENANT ...]     (a local key file; never replaced)
+    sqlalchemy-cmk keys add FILE --tenant TENANT [--key-id ID]
+    sqlalchemy-cmk keys rotate FILE --tenant TENANT [--key-id ID]   (older keys kept, for reading)
+    sqlalchemy-cmk keys list FILE [--json]                  (key names only, never the keys)
+
     sqlalchemy-cmk encrypt-column --table T --column C [--column C2 ...] --tenant-column TC
                                   --cmk module:attribute [--into [C=]TARGET ...] [--workers N]
     sqlalchemy-cmk decrypt-column --table T --column C ... --tenant-column TC --cmk ...
@@ -66,7 +71,8 @@ quotes a value from the database (a driver's DETAIL lines, SQLAlchemy's ``[SQL: 
 unexpected error (it may show data).
 
 The package: :mod:`._common` (exit codes, the one-line failure, scrubbed database errors),
-:mod:`.tenants` (the registry commands and ``check-tenant``), :mod:`.migrate` (the migration
+:mod:`.tenants` (the registry commands and ``check-tenant``), :mod:`.keys` (local key
+files), :mod:`.migrate` (the migration
 commands, on the public API of ``migrations_helpers``) and :mod:`._progress`.
 """
 
@@ -82,7 +88,7 @@ from collections.abc import Sequence
 from sqlalchemy.exc import SQLAlchemyError
 
 from ..errors import CMKError
-from . import migrate, tenants
+from . import keys, migrate, tenants
 from ._common import (
     EXIT_BROKEN_PIPE,
     EXIT_FAILED,
@@ -115,6 +121,7 @@ def _parser() -> argparse.ArgumentParser:
     as_json = _Parser(add_help=False)
     as_json.add_argument("--json", action="store_true", help="print JSON for machines")
     tenants.add_parsers(commands, as_json)
+    keys.add_parsers(commands, as_json)
     migrate.add_parsers(commands, as_json)
     return parser
 
@@ -156,6 +163,8 @@ def _main(argv: Sequence[str] | None) -> int:
             return tenants.run_check_tenant(args, out)
         if migration:
             return migrate.run_migration(args, out)
+        if args.command == "keys":
+            return keys.run_keys(args, out)
         return tenants.run_tenants(args, out)
     except UsageError as exc:
         _fail(f"error: {exc}")

@@ -3,8 +3,21 @@
 For development, demos, tests and single-tenant installs where the operator holds the key. It is
 not customer-managed: the master keys sit with the application. Use a cloud provider for CMK.
 
-Key references are ``local://<name>``. The key file is JSON, ``{"keys": {"<name>": "<base64 of
-32 random bytes>"}}``; :meth:`LocalKeyProvider.generate_key_file` writes one.
+Key references are ``local://<name>``. The key file is JSON::
+
+    {
+      "keys": {"<name>": "<base64 of 32 random bytes>", ...},
+      "tenants": {"<tenant>": ["<name>", ...], ...}
+    }
+
+``tenants`` is optional: each tenant's key names, the primary (which encrypts new data) first,
+the others still accepted for reading; :attr:`LocalKeyProvider.tenant_keys` gives it in the
+form ``CMK(tenant_keys=...)`` takes. ``sqlalchemy-cmk keys init|add|rotate|list`` keeps such a
+file (atomically, mode 0600, never replacing a key);
+:meth:`LocalKeyProvider.generate_key_file` writes one without ``tenants``.
+
+:meth:`LocalKeyProvider.from_env` reads the same keys from one environment variable,
+``name=base64,name2=base64`` (by default ``SQLALCHEMY_CMK_LOCAL_KEYS``).
 """
 
 from __future__ import annotations
@@ -14,7 +27,7 @@ import binascii
 import json
 import os
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
@@ -57,23 +70,45 @@ class LocalKeyProvider:
 
     scheme = _SCHEME
 
-    def __init__(self, keys: Mapping[str, bytes]) -> None:
+    def __init__(
+        self,
+        keys: Mapping[str, bytes],
+        tenant_keys: Mapping[str, Sequence[str]] | None = None,
+    ) -> None:
         """Args:
             keys: Key name -> 32 random bytes.
+            tenant_keys: Tenant id -> its key names, primary first (a key file's ``tenants``).
 
         Raises:
-            ConfigurationError: no keys, or a key of the wrong size or visibly not random.
+            ConfigurationError: no keys, a key of the wrong size or visibly not random, or a
+                tenant naming no key or a key that is not there.
         """
         if not keys:
             raise ConfigurationError("LocalKeyProvider needs at least one master key")
         for name, key in keys.items():
             _check_key(name, key)
+        self._tenant_keys: dict[str, list[str]] = {}
+        for tenant, names in (tenant_keys or {}).items():
+            if isinstance(names, str) or not names or any(n not in keys for n in names):
+                raise ConfigurationError(
+                    f"tenant {tenant!r} must name one or more of the provider's keys"
+                )
+            self._tenant_keys[tenant] = [_PREFIX + n for n in names]
         self._aeads = {name: AESGCM(key) for name, key in keys.items()}
         self._revoked: set[str] = set()
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"LocalKeyProvider(keys={sorted(self._aeads)!r})"
+
+    @property
+    def tenant_keys(self) -> dict[str, list[str]]:
+        """The key file's tenants as ``CMK(tenant_keys=...)`` takes them (a copy).
+
+        Tenant id -> ``local://`` key references, the primary first; empty when the file has no
+        ``tenants`` (or the keys came from :meth:`from_env`).
+        """
+        return {tenant: list(refs) for tenant, refs in self._tenant_keys.items()}
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str]) -> LocalKeyProvider:
@@ -86,7 +121,8 @@ class LocalKeyProvider:
             doc = json.loads(p.read_text())
         except FileNotFoundError:
             problem = (
-                "does not exist; create one with LocalKeyProvider.generate_key_file(path, [names])"
+                "does not exist; create one with `sqlalchemy-cmk keys init FILE --tenant T` or "
+                "LocalKeyProvider.generate_key_file(path, [names])"
             )
         except (OSError, ValueError) as exc:
             problem = f"is unreadable or not JSON ({type(exc).__name__})"
@@ -94,11 +130,25 @@ class LocalKeyProvider:
             raise ConfigurationError(f"key file {p} {problem}")
         if not isinstance(doc, dict) or not isinstance(doc.get("keys"), dict):
             raise ConfigurationError(f'key file {p} must hold {{"keys": {{"name": "base64"}}}}')
-        return cls(_decode_keys(doc["keys"], str(p)))
+        tenants = doc.get("tenants", {})
+        if not isinstance(tenants, dict) or not all(
+            isinstance(names, list) and all(isinstance(n, str) for n in names)
+            for names in tenants.values()
+        ):
+            raise ConfigurationError(f'key file {p}: "tenants" must map tenant ids to key names')
+        return cls(_decode_keys(doc["keys"], str(p)), tenants)
 
     @classmethod
     def from_env(cls, variable: str = "SQLALCHEMY_CMK_LOCAL_KEYS") -> LocalKeyProvider:
-        """Load master keys from an environment variable: ``name=base64,name2=base64``."""
+        """Load master keys from an environment variable: ``name=base64,name2=base64``.
+
+        Each name is a key reference's ``local://<name>``; each value the standard base64 of 32
+        random bytes. Spaces around an entry are ignored.
+
+        Raises:
+            ConfigurationError: the variable is unset or empty, or an entry is not
+                ``name=base64`` of a 32-byte key.
+        """
         raw = os.environ.get(variable)
         if not raw:
             raise ConfigurationError(f"environment variable {variable} is not set or empty")

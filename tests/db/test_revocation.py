@@ -10,7 +10,6 @@ against the moment of the revocation (``docs/registry.md`` reports the numbers).
 
 from __future__ import annotations
 
-import base64
 import logging
 import os
 import subprocess
@@ -627,22 +626,3 @@ def test_configuration_errors(engine: Engine) -> None:
     finally:
         w.stop()
     assert not w.running
-
-
-def test_the_docs_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    doc = (REPO / "docs" / "registry.md").read_text()
-    section = doc.split("## Revocation in seconds", 1)[1]
-    code = section.split("```python\n", 1)[1].split("```", 1)[0]
-    monkeypatch.setenv("DATABASE_URL", f"sqlite:///{tmp_path}/app.db")
-    monkeypatch.setenv("SQLALCHEMY_CMK_LOCAL_KEYS", "acme-2026=" + base64.b64encode(KEY).decode())
-    namespace: dict[str, Any] = {}
-    try:
-        exec(compile(code, "docs/registry.md", "exec"), namespace)
-    finally:
-        if "watcher" in namespace:
-            namespace["watcher"].stop()
-        if "engine" in namespace:
-            namespace["engine"].dispose()
-    assert not namespace["watcher"].running
-    stored = _rows(namespace["engine"], "SELECT tenant_id, revoked, version FROM cmk_revocations")
-    assert [(t, bool(r), v) for t, r, v in stored] == [("acme", False, 2)]

@@ -21,6 +21,7 @@ import pytest
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
+from docblocks import doc_block
 from sqlalchemy import (
     Column,
     Integer,
@@ -162,6 +163,12 @@ def test_autogenerate_widens_a_length_limited_column_for_text_storage(
         assert "type_=sqlalchemy_cmk.EncryptedType(sa.Text(), storage='text')" in source
         assert "\nimport sqlalchemy_cmk\n" in source
         assert "'tenant_id'" not in source and "'cmk_edek'" not in source  # nothing else
+        # What docs/migrations.md shows is what autogenerate writes (quotes and layout aside;
+        # on SQLite inside a batch_alter_table("notes"), as render_as_batch makes it).
+        shown = "".join(doc_block("migrations.md", "python", "sa.VARCHAR(length=200)").split())
+        flat = "".join(upgrade.replace("'", '"').split())
+        assert shown.startswith('op.alter_column("notes","body",existing_type=')
+        assert shown[shown.index("existing_type=") :].rstrip(",)") in flat
 
         command.upgrade(cfg, "head")  # the generated script runs ...
         body = {c["name"]: c["type"] for c in inspect(engine).get_columns("notes")}["body"]

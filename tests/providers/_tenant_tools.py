@@ -8,9 +8,10 @@ the command's call against the local server.
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Any
+
+import docblocks
 
 from sqlalchemy_cmk._format import encode_envelope
 
@@ -23,11 +24,12 @@ def companion(tenant: str, scheme: str, key_ref: str, wrapped: bytes) -> bytes:
 
 
 def doc_block(page: str, lang: str, marker: str) -> str:
-    """The one ``lang`` code block of ``docs/providers/<page>`` that contains ``marker``."""
-    text = (DOCS / page).read_text()
-    blocks = re.findall(rf"```{lang}\n(.*?)```", text, re.S)
-    (block,) = [b for b in blocks if marker in b]
-    return str(block)
+    """The one ``lang`` code block of ``docs/providers/<page>`` that contains ``marker``.
+
+    Read by the docs runner's parser (``tests/docblocks.py``); the page marks the block
+    ``<!-- run-by: ... -->`` so that ``tests/test_docs.py`` leaves it to the calling test.
+    """
+    return docblocks.doc_block(Path("docs/providers") / page, lang, marker)
 
 
 def run_script(page: str, marker: str, cwd: Path) -> dict[str, Any]:

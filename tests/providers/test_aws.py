@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import docblocks
 import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeoutError
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -830,8 +831,7 @@ DOC_ARN = "arn:aws:kms:eu-west-1:111122223333:key/1234abcd-12ab-34cd-56ef-123456
 
 
 def doc_blocks(lang: str) -> list[str]:
-    text = DOC.read_text()
-    return [b.split("\n", 1)[1] for b in text.split("```")[1::2] if b.startswith(lang + "\n")]
+    return [b.code for b in docblocks.blocks(DOC.relative_to(docblocks.ROOT)) if b.lang == lang]
 
 
 def doc_block(lang: str, containing: str) -> str:

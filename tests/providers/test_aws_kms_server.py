@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -30,6 +31,7 @@ from sqlalchemy_cmk.testing.aws_kms import (
 )
 
 # The session's server, shared with the provider's tests.
+from ._tenant_tools import doc_block
 from .test_aws import kms, kms_server  # noqa: F401
 
 CONTEXT = {"tenant": "acme", "data_label": "patient-notes"}
@@ -434,9 +436,13 @@ def test_servers_in_one_process_share_keys(kms: LocalKms) -> None:  # noqa: F811
 
 
 def test_the_command_serves_on_a_port_until_terminated() -> None:
+    # The command as docs/providers/aws.md gives it.
+    (command,) = doc_block("aws.md", "sh", "sqlalchemy_cmk.testing.aws_kms").splitlines()
+    argv = shlex.split(command)
+    assert argv[:3] == ["python", "-m", "sqlalchemy_cmk.testing.aws_kms"]
     env = {k: v for k, v in os.environ.items() if k not in UNSET_ENV} | GUARD_ENV
     proc = subprocess.Popen(
-        [sys.executable, "-m", "sqlalchemy_cmk.testing.aws_kms", "--port", "0"],
+        [sys.executable, *argv[1:]],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

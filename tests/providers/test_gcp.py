@@ -536,8 +536,9 @@ def test_docs_example_runs(
     kms_server: KmsServer, kms_client: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The Python example of docs/providers/gcp.md, with its client pointed at the local KMS."""
-    doc = (Path(__file__).resolve().parents[2] / "docs" / "providers" / "gcp.md").read_text()
-    example = re.findall(r"```python\n(.*?)```", doc, re.S)[0]  # the application's example
+    from ._tenant_tools import doc_block
+
+    example = doc_block("gcp.md", "python", "GcpKmsProvider.from_credentials(timeout=5.0)")
     for ref in re.findall(r'"gcp-kms://([^"]+)"', example):
         kms_server.add_key(ref)
     built: list[float] = []

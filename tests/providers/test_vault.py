@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import docblocks
 import pytest
 
 hvac = pytest.importorskip("hvac")
@@ -604,8 +605,7 @@ DOC = Path(__file__).parents[2] / "docs" / "providers" / "vault.md"
 
 
 def doc_blocks(lang: str) -> list[str]:
-    text = DOC.read_text()
-    return [b.split("\n", 1)[1] for b in text.split("```")[1::2] if b.startswith(lang + "\n")]
+    return [b.code for b in docblocks.blocks(DOC.relative_to(docblocks.ROOT)) if b.lang == lang]
 
 
 def test_docs_policy_and_example(

@@ -316,3 +316,25 @@ def test_a_broken_key_file_does_not_chain_its_contents(tmp_path: Path):
         LocalKeyProvider.from_file(path)
     assert info.value.__context__ is None and info.value.__cause__ is None
     assert b64(KEY_A) not in repr(pickle.dumps(info.value))
+
+
+@pytest.mark.parametrize(
+    ("tenants", "says"),
+    [
+        ({"acme": ["acme-2"]}, "must name one or more of the provider's keys"),
+        ({"acme": []}, "must name one or more of the provider's keys"),
+        ({"acme": "acme"}, '"tenants" must map tenant ids to key names'),
+        (["acme"], '"tenants" must map tenant ids to key names'),
+    ],
+)
+def test_a_key_file_s_tenants_must_name_its_keys(
+    tmp_path: Path, tenants: object, says: str
+) -> None:
+    path = tmp_path / "keys.json"
+    key = base64.b64encode(os.urandom(32)).decode()
+    path.write_text(json.dumps({"keys": {"acme": key}, "tenants": tenants}))
+    with pytest.raises(ConfigurationError, match=says) as info:
+        LocalKeyProvider.from_file(path)
+    assert key not in str(info.value)
+    path.write_text(json.dumps({"keys": {"acme": key}, "tenants": {"acme": ["acme"]}}))
+    assert LocalKeyProvider.from_file(path).tenant_keys == {"acme": ["local://acme"]}
