@@ -58,7 +58,7 @@ def _docker_postgres() -> tuple[str, object]:
 
 
 def _docker_mariadb() -> tuple[str, object]:
-    """Start a MariaDB container (the oldest release with SKIP LOCKED); its URL and the container."""
+    """Start a MariaDB container (the oldest with SKIP LOCKED); its URL and the container."""
     try:
         from testcontainers.community.mysql import MySqlContainer  # type: ignore
     except ImportError:
