@@ -28,6 +28,10 @@ class DialectSupport:
     #: the whole database, so callers take that lock with a no-op write instead).
     row_locks: bool = True
 
+    #: Whether migrations update a batch with one set-based statement (PostgreSQL's
+    #: ``UPDATE ... FROM json_to_recordset``) rather than an executemany of compare-and-swaps.
+    set_based_update: bool = False
+
     def skip_locked(self, dialect: Dialect) -> bool:
         """Whether the connected server takes ``FOR UPDATE SKIP LOCKED``.
 
@@ -73,6 +77,14 @@ class DialectSupport:
     def raw_column(self, col: ColumnElement[Any]) -> ColumnElement[Any]:
         """``col`` read as the driver returns it, without SQLAlchemy's result processing."""
         return type_coerce(col, NullType()).label(col.name)
+
+    def has_prefix(self, col: ColumnElement[Any], prefix: str) -> ColumnElement[bool]:
+        """SQL: ``col`` (text) begins with exactly ``prefix``, case and accents included.
+
+        ``substr``, not ``LIKE``: SQLite's ``LIKE`` ignores case, and ``CMK:...`` is not
+        ``cmk:...``.
+        """
+        return func.substr(col, 1, len(prefix)) == prefix
 
     def random_below(self, fraction: float) -> ColumnElement[bool]:
         """A condition true for about ``fraction`` of the rows, drawn per row."""

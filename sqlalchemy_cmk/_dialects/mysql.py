@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from sqlalchemy import LargeBinary, cast, func, literal
 from sqlalchemy import types as sqltypes
 from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import Dialect
+from sqlalchemy.sql.elements import ColumnElement
 
 from . import DialectSupport
 
@@ -49,6 +51,12 @@ class MySQLSupport(DialectSupport):
         # accents, and VARBINARY (unlike the PAD SPACE _bin collations) keeps trailing spaces.
         # Four bytes per character: UTF-8's longest.
         return mysql.VARBINARY(4 * length)
+
+    def has_prefix(self, col: ColumnElement[Any], prefix: str) -> ColumnElement[bool]:
+        # Compared as bytes: under the usual case-insensitive collations "CMK:" = "cmk:", and a
+        # plaintext value beginning with "CMK:" would pass for an encrypted one.
+        head = cast(func.substr(col, 1, len(prefix)), LargeBinary)
+        return head == literal(prefix.encode("utf-8"), LargeBinary)
 
 
 MYSQL = MySQLSupport()

@@ -15,6 +15,8 @@ from . import DialectSupport
 class PostgreSQLSupport(DialectSupport):
     """PostgreSQL (9.5+ has SKIP LOCKED; the library is tested on 12+)."""
 
+    set_based_update = True
+
     def skip_locked(self, dialect: Dialect) -> bool:
         return True
 
