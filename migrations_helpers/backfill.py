@@ -69,7 +69,7 @@ import re
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ParamSpec, TypeVar
 
@@ -100,6 +100,7 @@ from sqlalchemy.exc import CompileError, DBAPIError, StatementError
 from sqlalchemy_cmk import CMK, TenantContext, _codecs, _format
 from sqlalchemy_cmk._cmk import _aad_prefix
 from sqlalchemy_cmk._codecs import Codec, codec_for
+from sqlalchemy_cmk._dialects import DialectSupport, select_dialect
 from sqlalchemy_cmk._keys import DataKey, kms_call_gate
 from sqlalchemy_cmk._mapping import ColumnSpec, TableSpec, is_tenant_column
 from sqlalchemy_cmk.errors import (
@@ -400,7 +401,7 @@ class _Target:
     cols: tuple[Column[Any], ...]
     storage: tuple[str, ...]
     companion: Column[Any] | None
-    postgresql: bool
+    db: DialectSupport  # what the database can do (SKIP LOCKED, set-based updates...)
     types: dict[str, Any]  # every column of the table, as reflected: name -> type
     into: dict[int, int] = field(default_factory=dict)
     bulk_update: Any = None  # _Batch.set_based's statement, built once
@@ -419,14 +420,13 @@ class _Target:
             return false()
         if self.storage[i] == "binary":
             return col.is_not(None)
-        # substr, not LIKE: SQLite's LIKE ignores case, and "CMK:..." is plaintext.
-        return func.substr(col, 1, _MARKER_LEN) == TEXT_MARKER
+        return self.db.has_prefix(col, TEXT_MARKER)  # "CMK:..." is plaintext
 
     def plaintext(self, i: int) -> ColumnElement[bool]:
         """SQL: ``cols[i]`` holds plaintext (NULL is neither)."""
         if self.storage[i] != "text":
             return false()
-        return func.substr(self.cols[i], 1, _MARKER_LEN) != TEXT_MARKER
+        return ~self.db.has_prefix(self.cols[i], TEXT_MARKER)
 
     def is_plain(self, i: int, value: Any) -> bool:
         return self.storage[i] == "text" and value is not None and not value.startswith(TEXT_MARKER)
@@ -619,7 +619,7 @@ def _target(
         cols=tuple(raw.c[name] for name in (*columns, *targets)),
         storage=(*storage, *(["binary" if moving else "plain"] * len(targets))),
         companion=raw.c[companion_column] if companion_column is not None else None,
-        postgresql=engine.dialect.name == "postgresql",
+        db=select_dialect(engine.dialect),
         types={name: info["type"] for name, info in reflected.items()},
         into={columns.index(src): len(columns) + k for k, src in enumerate(into or {})},
     )
@@ -867,8 +867,8 @@ def _encrypted_columns(
                 func.length(col) >= _format.MIN_VALUE,
             )
             counts += [count(sealed), count(and_(col.is_not(None), ~sealed))]
-        else:  # substr, not LIKE: SQLite's LIKE ignores case, and "CMK:..." is plaintext
-            counts += [count(func.substr(col, 1, _MARKER_LEN) == TEXT_MARKER), literal(0)]
+        else:  # "CMK:..." is plaintext
+            counts += [count(tgt.db.has_prefix(col, TEXT_MARKER)), literal(0)]
     with engine.connect() as conn:
         got = [int(v) for v in conn.execute(select(*counts).select_from(raw)).one()]
     with_companion = got[0]
@@ -1023,6 +1023,11 @@ class _DBFailure:
             # taken only when it is a bare identifier list.
             found = _SQLITE_CONSTRAINT.match(str(orig))
             constraint = found.group(1) if found else None
+        if constraint is None and len(getattr(orig, "args", ())) == 2:
+            # MariaDB and MySQL name a violated CHECK (and no value) in these two shapes.
+            # Never "Duplicate entry '<value>' for key ...": that one quotes the row.
+            found = _MYSQL_CHECK.match(str(orig.args[1]))  # type: ignore[union-attr]
+            constraint = (found.group(1) or found.group(2)) if found else None
         return cls(
             type(orig).__name__ if orig is not None else type(exc).__name__,
             str(sqlstate) if sqlstate else None,
@@ -1032,6 +1037,11 @@ class _DBFailure:
 
 _SQLITE_CONSTRAINT = re.compile(
     r"(?:CHECK|UNIQUE|NOT NULL|FOREIGN KEY) constraint failed: ([\w.]+(?:, [\w.]+)*)\Z"
+)
+
+
+_MYSQL_CHECK = re.compile(
+    r"(?:CONSTRAINT `(\w+)` failed for `[\w$]+`\.`[\w$]+`|Check constraint '(\w+)' is violated\.)\Z"
 )
 
 
@@ -1537,7 +1547,7 @@ class _Batch:
         (another database, a column receiving plaintext of an arbitrary type, a key or
         tenant column type without a name)."""
         tgt = self.tgt
-        if not tgt.postgresql or "plain" in tgt.storage or tgt.companion is None:
+        if not tgt.db.set_based_update or "plain" in tgt.storage or tgt.companion is None:
             return None
         sql = tgt.bulk_update
         if sql is None:
@@ -1698,14 +1708,17 @@ def _walk(
     selected += [*tgt.cols, tgt.companion]
     base = select(*selected).order_by(tgt.pk).limit(batch_size)
     first, after = base.where(pending), base.where(pending, tgt.pk > bindparam("_last"))
-    skip = tgt.postgresql
     # One connection for the walk, a transaction per batch: no pool checkout per batch.
-    with engine.connect() as walker, _batch_commits(walker, tgt.postgresql):
+    with engine.connect() as walker, tgt.db.fast_commits(walker):
+        # Known once connected: MariaDB before 10.6 and MySQL before 8.0 have no SKIP LOCKED,
+        # and walk without row locks, as SQLite does (each write compares and swaps anyway).
+        locks = tgt.db.row_locks and tgt.db.skip_locked(walker.dialect)
+        skip = locks
         while True:
             report.passes += 1
             found = 0
             last: Any = None
-            if tgt.postgresql:
+            if locks:
                 stmts = (
                     first.with_for_update(skip_locked=skip),
                     after.with_for_update(skip_locked=skip),
@@ -1758,38 +1771,6 @@ def _walk(
                     skip = False  # confirm, waiting for rows held by others
                     continue
                 return
-
-
-@contextlib.contextmanager
-def _batch_commits(conn: Connection, postgresql: bool) -> Iterator[None]:
-    """PostgreSQL: the walk's batches commit without waiting for the WAL flush
-    (``synchronous_commit = off``), and the walk ends with one commit that waits for it.
-
-    A batch is still one atomic transaction, visible to everyone at its commit; what changes
-    is only that a crash of the database server (not of this process) may undo the last
-    fraction of a second of committed batches, each whole, leaving their rows as they were
-    before, which the next run picks up: the same as batches that never ran. The final
-    commit flushes the WAL up to it, so every batch is durable before the operation returns.
-    The connection's setting is restored before it goes back to the pool.
-    """
-    if not postgresql:
-        yield
-        return
-    with conn.begin():
-        conn.exec_driver_sql("SET synchronous_commit TO OFF")
-    try:
-        yield
-        with conn.begin():
-            conn.exec_driver_sql("SET synchronous_commit TO ON")
-            # A transaction id makes the commit write a record, and wait for the WAL flush
-            # up to it: every earlier batch's commit is then durable too.
-            conn.exec_driver_sql("SELECT txid_current()")
-    finally:
-        try:
-            with conn.begin():
-                conn.exec_driver_sql("RESET synchronous_commit")
-        except DBAPIError:
-            conn.invalidate()  # never hand the pool a connection with the setting changed
 
 
 def _now() -> float:
@@ -2655,7 +2636,7 @@ def rewrap_keys(
                 hi: Any = hi,
             ) -> Report:
                 part = Report("rewrap", table, ())
-                if tgt.postgresql:  # set-based: one UPDATE per envelope in the batch's range
+                if tgt.db.set_based_update:  # one UPDATE per envelope in the batch's range
                     for env, (new, owner) in moves.items():
                         res = conn.execute(
                             set_based, {"_lo": lo, "_hi": hi, "_old": env, "_new": new}
@@ -2732,7 +2713,7 @@ def _target_companion_only(
         cols=(),
         storage=(),
         companion=raw.c[companion_column],
-        postgresql=engine.dialect.name == "postgresql",
+        db=select_dialect(engine.dialect),
         types={name: info["type"] for name, info in reflected.items()},
     )
 
@@ -2981,10 +2962,7 @@ def verify(
                 tags[j] = bytes([declared.type.codec.tag])
     conds: list[ColumnElement[bool]] = [or_(*(c.is_not(None) for c in tgt.cols))]
     if sample is not None and sample < 1:
-        if tgt.postgresql:
-            conds.append(func.random() < sample)
-        else:  # SQLite's random() is a 64-bit integer
-            conds.append(func.abs(func.random()) % 1_000_000 < int(sample * 1_000_000))
+        conds.append(tgt.db.random_below(sample))
     total = None
     if progress is not None:
         with engine.connect() as conn:

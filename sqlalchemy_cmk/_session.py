@@ -41,6 +41,7 @@ from sqlalchemy.orm.state import InstanceState
 
 from . import _format
 from ._cmk import CMK
+from ._dialects import select_dialect
 from ._mapping import (
     ColumnSpec,
     MapperSpec,
@@ -665,8 +666,8 @@ def _current_companions(
         for (mapper, lookup, key), by_ident in groups.items():
             t = tables[next(iter(by_ident.values()))[0]]
             extra = [lookup.companion.table.c[c.name] for c in t.columns]
-            if session.get_bind(mapper).dialect.name == "sqlite":
-                # Take the write lock first: a no-op write that matches no row.
+            if not select_dialect(session.get_bind(mapper).dialect).row_locks:
+                # SQLite: take the write lock first, a no-op write that matches no row.
                 key_col = lookup.pk[0]
                 session.execute(update(key_col.table).where(false()).values({key_col: key_col}))
                 found = _by_own_key(

@@ -66,27 +66,21 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from sqlalchemy import (
     Boolean,
     Column,
-    ColumnElement,
     Connection,
-    DateTime,
     Engine,
     Integer,
-    LargeBinary,
     MetaData,
     Select,
     String,
     Table,
-    Text,
-    cast,
-    func,
     insert,
     select,
-    type_coerce,
     update,
 )
+from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.types import NullType
 
+from ._dialects import ExactString, LongText, Timestamp, select_dialect
 from .errors import (
     ConfigurationError,
     RegistryConflictError,
@@ -137,8 +131,7 @@ def notify_change(conn: Connection, table: Table) -> None:
     Run inside the writing transaction: PostgreSQL delivers the notification at commit, and
     drops it on rollback, so listeners never re-read for a change that did not happen.
     """
-    if conn.dialect.name == "postgresql":
-        conn.execute(select(func.pg_notify(NOTIFY_CHANNEL, table.fullname)))
+    select_dialect(conn.dialect).notify(conn, NOTIFY_CHANNEL, table.fullname)
 
 
 # Credential names that announce a secret value rather than a reference to one. ``secret_name``,
@@ -333,13 +326,14 @@ def _table(metadata: MetaData, name: str, schema: str | None) -> Table:
     return Table(
         name,
         metadata,
-        Column("tenant_id", String(_TENANT_MAX), primary_key=True),
-        Column("primary_key_ref", Text, nullable=False),
-        Column("accepted_key_refs", Text, nullable=False),  # JSON list, sorted, primary included
-        Column("credentials", Text, nullable=False),  # JSON object of references
+        Column("tenant_id", ExactString(_TENANT_MAX), primary_key=True),
+        Column("primary_key_ref", LongText(), nullable=False),
+        # A JSON list, sorted, primary included; then a JSON object of references.
+        Column("accepted_key_refs", LongText(), nullable=False),
+        Column("credentials", LongText(), nullable=False),
         Column("disabled", Boolean, nullable=False),
         Column("version", Integer, nullable=False),
-        Column("updated_at", DateTime(timezone=True), nullable=False),
+        Column("updated_at", Timestamp(), nullable=False),
         Column("mac", String(64), nullable=False),  # "v2:" + base64url, or v1: hex
         schema=schema,
         comment="sqlalchemy-cmk tenant key registry; rows are HMAC-protected, edit via the API",
@@ -353,21 +347,14 @@ class _Malformed(Exception):
     """Internal: why a stored row does not parse (becomes a RegistryIntegrityError)."""
 
 
-def _raw_select(table: Table, dialect: str) -> Select[Any]:
+def _raw_select(table: Table, dialect: Dialect) -> Select[Any]:
     """Every column as the driver returns it, without SQLAlchemy's result processing.
 
-    A vandalized value must become a reported bad row, not an exception while fetching: on
-    SQLite a column may hold any type, SQLAlchemy's DateTime processor raises on a bad string,
-    and the driver raises on TEXT that is not UTF-8, failing the whole result. So on SQLite the
-    text columns are read as BLOBs and decoded here; other dialects type their columns.
+    A vandalized value must become a reported bad row, not an exception while fetching (see
+    ``DialectSupport.raw_column``: SQLite's text comes back as BLOBs, decoded here).
     """
-    cols: list[ColumnElement[Any]] = []
-    for col in table.c:
-        if dialect == "sqlite" and isinstance(col.type, String | DateTime):
-            cols.append(cast(col, LargeBinary).label(col.name))
-        else:
-            cols.append(type_coerce(col, NullType()).label(col.name))
-    return select(*cols)
+    db = select_dialect(dialect)
+    return select(*(db.raw_column(col) for col in table.c))
 
 
 def _text(value: object, what: str, limit: int) -> str:
@@ -953,7 +940,7 @@ class DatabaseKeyRegistry:
         return rec
 
     def _rows(self, conn: Connection, tenant: str | None = None) -> list[Mapping[str, Any]]:
-        stmt = _raw_select(self.table, conn.dialect.name)
+        stmt = _raw_select(self.table, conn.dialect)
         if tenant is None:
             stmt = stmt.order_by(self.table.c.tenant_id)
         else:

@@ -44,11 +44,9 @@ from sqlalchemy import (
     Boolean,
     Column,
     Connection,
-    DateTime,
     Engine,
     Integer,
     MetaData,
-    String,
     Table,
     func,
     insert,
@@ -59,6 +57,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.types import NullType
 
+from ._dialects import ExactString, Timestamp, select_dialect
 from .errors import ConfigurationError
 from .registry import TENANT_ID_MAX, tenant_id_problem
 from .registry_db import NOTIFY_CHANNEL, DatabaseKeyRegistry, notify_change
@@ -87,10 +86,10 @@ def revocations_table(
     return Table(
         table_name,
         metadata,
-        Column("tenant_id", String(TENANT_ID_MAX), primary_key=True),
+        Column("tenant_id", ExactString(TENANT_ID_MAX), primary_key=True),
         Column("revoked", Boolean, nullable=False),
         Column("version", Integer, nullable=False),
-        Column("updated_at", DateTime(timezone=True), nullable=False),
+        Column("updated_at", Timestamp(), nullable=False),
         schema=schema,
         comment="sqlalchemy-cmk revocations of tenants configured in code",
     )
@@ -157,7 +156,7 @@ class RevocationWatcher:
                     "when the CMK's tenants are configured in code"
                 )
             engine = self.registry._engine
-        can_listen = engine.dialect.name == "postgresql" and engine.dialect.driver == "psycopg"
+        can_listen = select_dialect(engine.dialect).can_listen(engine.dialect)
         if listen and not can_listen:
             raise ConfigurationError(
                 "listen=True needs PostgreSQL through psycopg (postgresql+psycopg://); "

@@ -36,7 +36,9 @@ from sqlalchemy.sql import operators
 from sqlalchemy.sql.base import SchemaEventTarget
 from sqlalchemy.sql.elements import ClauseElement, Null
 
+from . import _format
 from ._codecs import Codec, codec_for
+from ._dialects import select_dialect
 from .errors import ConfigurationError, DecryptionError, PlaintextWriteError, UnsupportedQueryError
 
 __all__ = ["TEXT_MARKER", "EDEKType", "EncryptedMixin", "EncryptedType", "EncryptedValue"]
@@ -148,6 +150,14 @@ def _before_create(table: Any, *args: Any, **kwargs: Any) -> None:
     check_table(table)
 
 
+# Version byte, nonce, codec tag and GCM tag around the encoded value.
+_VALUE_OVERHEAD = _format.MIN_VALUE
+# The longest encoding of a bounded value that is neither text nor bytes: an integer (Python
+# converts at most 4300 digits to text), a Numeric (at most 1000 digits of precision and
+# scale, or an exponent), a date, a UUID. Far more than any of them takes.
+_SMALL_VALUE = 1 << 16
+
+
 class EncryptedType(sqltypes.TypeDecorator[Any]):
     """A column encrypted per tenant; stored as binary (BYTEA, BLOB), or as text.
 
@@ -201,10 +211,39 @@ class EncryptedType(sqltypes.TypeDecorator[Any]):
         return f"EncryptedType({self.underlying!r}{extra})"
 
     def load_dialect_impl(self, dialect: Dialect) -> sqltypes.TypeEngine[Any]:
+        # Sized from the declared type: MySQL's BLOB and TEXT would stop at 64 KiB.
+        impl = select_dialect(dialect).encrypted_storage(self.storage, self.max_stored_size)
         if self.storage == "text":
             # Not dialect.type_descriptor(Text()): PostgreSQL's would render VARCHAR.
-            return sqltypes.Text()
-        return dialect.type_descriptor(sqltypes.LargeBinary())
+            return impl
+        return dialect.type_descriptor(impl)
+
+    @property
+    def max_stored_size(self) -> int | None:
+        """The most bytes a stored value of this column can take, or None if unbounded.
+
+        From the declared type: ``String(n)`` takes at most 4 bytes per character in UTF-8,
+        ``LargeBinary(n)`` n bytes; ``Text``, ``JSON`` and types without a length are
+        unbounded; numbers, dates, UUIDs and booleans encode to a few bytes (at most
+        :data:`_SMALL_VALUE`). Then the ciphertext's overhead, and for ``storage="text"``
+        the ``cmk:`` prefix and base64.
+        """
+        t = self.underlying
+        plain: int | None
+        if isinstance(t, sqltypes._Binary):
+            plain = t.length
+        elif isinstance(t, sqltypes.String):
+            plain = None if t.length is None else 4 * t.length
+        elif isinstance(t, sqltypes.JSON):
+            plain = None
+        else:
+            plain = _SMALL_VALUE
+        if plain is None:
+            return None
+        sealed = plain + _VALUE_OVERHEAD
+        if self.storage == "text":
+            return len(TEXT_MARKER) + 4 * -(-sealed // 3)
+        return sealed
 
     @property
     def python_type(self) -> type[Any]:

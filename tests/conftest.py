@@ -1,9 +1,11 @@
-"""Database fixtures: SQLite always, PostgreSQL from wherever one can be had.
+"""Database fixtures: SQLite always; PostgreSQL and MariaDB from wherever one can be had.
 
-PostgreSQL, in order: ``SQLALCHEMY_CMK_TEST_POSTGRES_URL`` (a server URL; the tests create and
-drop their own database on it), else a testcontainers container when a Docker daemon answers,
-else the local server at 127.0.0.1:5432 (user postgres). With ``CI`` set, a PostgreSQL that
-cannot be reached fails the run instead of skipping its tests.
+Each server, in order: an environment variable holding a server URL
+(``SQLALCHEMY_CMK_TEST_POSTGRES_URL``, ``SQLALCHEMY_CMK_TEST_MYSQL_URL``; the tests create and
+drop their own databases on it), else a testcontainers container when a Docker daemon answers,
+else the local server (PostgreSQL at 127.0.0.1:5432 as user postgres, MariaDB at
+127.0.0.1:3306 as root without a password). With ``CI`` set, a server that cannot be reached
+fails the run instead of skipping its tests.
 """
 
 from __future__ import annotations
@@ -11,21 +13,26 @@ from __future__ import annotations
 import os
 import uuid
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from sqlalchemy import Engine, create_engine, make_url, text
 from sqlalchemy.exc import OperationalError
 
 LOCAL_PG = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
-DIALECTS = ["sqlite", "postgresql"]
+LOCAL_MYSQL = "mysql+pymysql://root@127.0.0.1:3306/test"
+DIALECTS = [
+    "sqlite",
+    pytest.param("postgresql", marks=pytest.mark.postgresql),
+    pytest.param("mariadb", marks=pytest.mark.mariadb),
+]
 
 
-def _docker_postgres() -> tuple[str, object] | None:
-    """Start a PostgreSQL container when a Docker daemon answers; None when none does."""
+def _docker_reachable() -> bool:
+    """Whether a Docker daemon answers."""
     # Only ask Docker when one could be there: a failed docker.from_env() leaks a socket.
     if not (os.environ.get("DOCKER_HOST") or os.path.exists("/var/run/docker.sock")):
-        return None
+        return False
     try:
         import docker  # type: ignore[import-untyped]
 
@@ -33,7 +40,12 @@ def _docker_postgres() -> tuple[str, object] | None:
         client.ping()
         client.close()
     except Exception:
-        return None
+        return False
+    return True
+
+
+def _docker_postgres() -> tuple[str, object]:
+    """Start a PostgreSQL container; its URL and the container."""
     try:
         from testcontainers.community.postgres import PostgresContainer  # type: ignore
     except ImportError:
@@ -45,30 +57,52 @@ def _docker_postgres() -> tuple[str, object] | None:
     return container.get_connection_url(), container
 
 
-@pytest.fixture(scope="session")
-def postgres_server_url() -> Iterator[str]:
-    """A URL of a PostgreSQL server (its maintenance database), or skip (fail under CI)."""
-    url = os.environ.get("SQLALCHEMY_CMK_TEST_POSTGRES_URL")
+def _docker_mariadb() -> tuple[str, object]:
+    """Start a MariaDB container (the oldest with SKIP LOCKED); its URL and the container."""
+    try:
+        from testcontainers.community.mysql import MySqlContainer  # type: ignore
+    except ImportError:
+        with warnings.catch_warnings():  # the old module path warns it is deprecated
+            warnings.simplefilter("ignore", DeprecationWarning)
+            from testcontainers.mysql import MySqlContainer  # type: ignore
+    # root: the tests create a database per test.
+    container = MySqlContainer("mariadb:10.6", dialect="pymysql", username="root")
+    container.start()
+    return container.get_connection_url(), container
+
+
+def _server_url(
+    name: str, env: str, local: str, docker: Callable[[], tuple[str, object]]
+) -> Iterator[str]:
+    """Yield a reachable server URL (starting a container if need be), or skip (fail under CI)."""
+    url = os.environ.get(env)
     container = None
     if not url:
-        found = _docker_postgres()
-        if found is not None:
-            url, container = found
+        if _docker_reachable():
+            url, container = docker()
         else:
-            url = LOCAL_PG
+            url = local
     try:
         eng = create_engine(url)
         with eng.connect() as conn:
             conn.execute(text("select 1"))
         eng.dispose()
     except OperationalError as exc:
-        msg = f"PostgreSQL unreachable at {make_url(url).render_as_string()}: {exc.orig}"
+        msg = f"{name} unreachable at {make_url(url).render_as_string()}: {exc.orig}"
         if os.environ.get("CI"):
-            pytest.fail(msg + " (CI is set: PostgreSQL tests must run)")
+            pytest.fail(msg + f" (CI is set: {name} tests must run)")
         pytest.skip(msg)
     yield url
     if container is not None:
         container.stop()  # type: ignore[attr-defined]
+
+
+@pytest.fixture(scope="session")
+def postgres_server_url() -> Iterator[str]:
+    """A URL of a PostgreSQL server (its maintenance database), or skip (fail under CI)."""
+    yield from _server_url(
+        "PostgreSQL", "SQLALCHEMY_CMK_TEST_POSTGRES_URL", LOCAL_PG, _docker_postgres
+    )
 
 
 @pytest.fixture(scope="session")
@@ -86,11 +120,34 @@ def postgres_url(postgres_server_url: str) -> Iterator[str]:
         admin.dispose()
 
 
+@pytest.fixture(scope="session")
+def mariadb_server_url() -> Iterator[str]:
+    """A URL of a MariaDB (or MySQL) server whose user may create databases, or skip."""
+    yield from _server_url("MariaDB", "SQLALCHEMY_CMK_TEST_MYSQL_URL", LOCAL_MYSQL, _docker_mariadb)
+
+
+@pytest.fixture
+def mariadb_url(mariadb_server_url: str) -> Iterator[str]:
+    """A fresh, empty database for this test (MySQL's schemas are databases), dropped after."""
+    name = f"cmk_test_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(mariadb_server_url)
+    with admin.begin() as conn:
+        conn.execute(text(f"CREATE DATABASE `{name}`"))
+    try:
+        yield make_url(mariadb_server_url).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.begin() as conn:
+            conn.execute(text(f"DROP DATABASE IF EXISTS `{name}`"))
+        admin.dispose()
+
+
 @pytest.fixture(params=DIALECTS)
 def engine(request: pytest.FixtureRequest, tmp_path: object) -> Iterator[Engine]:
     """An engine on each dialect, with an empty schema per test."""
     if request.param == "sqlite":
         eng = create_engine(f"sqlite:///{tmp_path}/test.db")  # a file: threads share it
+    elif request.param == "mariadb":
+        eng = create_engine(request.getfixturevalue("mariadb_url"))
     else:
         eng = create_engine(request.getfixturevalue("postgres_url"))
         schema = f"t_{uuid.uuid4().hex[:10]}"

@@ -712,6 +712,16 @@ def elsewhere(engine: Engine, tmp_path: Path) -> Iterator[Engine]:
     """Another deployment's database: same table names, reached by another engine."""
     if engine.dialect.name == "sqlite":
         other = create_engine(f"sqlite:///{tmp_path}/staging.db")
+    elif engine.dialect.name == "mysql":  # a schema is a database: one of its own, dropped after
+        name = f"s_{uuid.uuid4().hex[:10]}"
+        with engine.begin() as conn:
+            conn.execute(text(f"CREATE DATABASE `{name}`"))
+        other = create_engine(engine.url.set(database=name))
+        yield other
+        other.dispose()
+        with engine.begin() as conn:
+            conn.execute(text(f"DROP DATABASE `{name}`"))
+        return
     else:
         schema = f"s_{uuid.uuid4().hex[:10]}"
         with engine.begin() as conn:
@@ -788,20 +798,30 @@ def test_the_mac_binds_the_schema(engine: Engine) -> None:
     if engine.dialect.name == "sqlite":
         pytest.skip("SQLite has no schemas but attached databases; covered by PostgreSQL")
     schemas = [f"r_{uuid.uuid4().hex[:10]}" for _ in range(2)]
+    q = engine.dialect.identifier_preparer.quote_identifier
     with engine.begin() as conn:
         for schema in schemas:
-            conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-    regs = [DatabaseKeyRegistry(engine, SECRET, registry_id="prod", schema=s) for s in schemas]
-    for reg in regs:
-        reg.create_table()
-    regs[0].add_tenant("acme", "fake://acme")
-    with engine.begin() as conn:
-        conn.execute(
-            text(f'insert into "{schemas[1]}".cmk_tenants select * from "{schemas[0]}".cmk_tenants')
-        )
-    assert regs[0].tenant_keys("acme").primary == "fake://acme"
-    with pytest.raises(RegistryIntegrityError):
-        regs[1].tenant_keys("acme")
+            conn.execute(text(f"CREATE SCHEMA {q(schema)}"))
+    try:
+        regs = [DatabaseKeyRegistry(engine, SECRET, registry_id="prod", schema=s) for s in schemas]
+        for reg in regs:
+            reg.create_table()
+        regs[0].add_tenant("acme", "fake://acme")
+        with engine.begin() as conn:
+            conn.execute(
+                text(
+                    f"insert into {q(schemas[1])}.cmk_tenants "
+                    f"select * from {q(schemas[0])}.cmk_tenants"
+                )
+            )
+        assert regs[0].tenant_keys("acme").primary == "fake://acme"
+        with pytest.raises(RegistryIntegrityError):
+            regs[1].tenant_keys("acme")
+    finally:
+        if engine.dialect.name == "mysql":  # schemas are databases, outside the test's own
+            with engine.begin() as conn:
+                for schema in schemas:
+                    conn.execute(text(f"DROP SCHEMA {q(schema)}"))
 
 
 @pytest.mark.parametrize(
@@ -933,64 +953,64 @@ MALFORMED: dict[str, tuple[Callable[[Engine], None], set[str]]] = {
     # name: (mutation, dialects it can be stored on)
     "negative version": (
         _mutate_sql("update cmk_tenants set version = -1 where tenant_id = 'acme'"),
-        {"sqlite", "postgresql"},
+        {"sqlite", "postgresql", "mysql"},
     ),
     "version 0": (
         _mutate_sql("update cmk_tenants set version = 0 where tenant_id = 'acme'"),
-        {"sqlite", "postgresql"},
+        {"sqlite", "postgresql", "mysql"},
     ),
     "deeply nested accepted_key_refs": (
         _mutate_sql(
             "update cmk_tenants set accepted_key_refs = :v where tenant_id = 'acme'", v=DEEP
         ),
-        {"sqlite", "postgresql"},
+        {"sqlite", "postgresql", "mysql"},
     ),
     "deeply nested credentials": (
         _mutate_sql(
             "update cmk_tenants set credentials = :v where tenant_id = 'acme'",
             v='{"a":' * 50_000 + "1" + "}" * 50_000,
         ),
-        {"sqlite", "postgresql"},
+        {"sqlite", "postgresql", "mysql"},
     ),
     "oversized accepted_key_refs": (
         _mutate_sql(
             "update cmk_tenants set accepted_key_refs = :v where tenant_id = 'acme'",
             v=json.dumps(["fake://acme"] + [f"fake://k{i}" for i in range(20_000)]),
         ),
-        {"sqlite", "postgresql"},
+        {"sqlite", "postgresql", "mysql"},
     ),
     "lone surrogate in JSON": (
         _mutate_sql(
             "update cmk_tenants set accepted_key_refs = :v where tenant_id = 'acme'",
             v='["fake://acme","fake://\\ud800"]',
         ),
-        {"sqlite", "postgresql"},
+        {"sqlite", "postgresql", "mysql"},
     ),
     "duplicate credential name": (
         _mutate_sql(
             "update cmk_tenants set credentials = :v where tenant_id = 'acme'",
             v=json.dumps({"role_arn": ROLE})[:-1] + ',"role_arn":"x"}',
         ),
-        {"sqlite", "postgresql"},
+        {"sqlite", "postgresql", "mysql"},
     ),
     "non-ASCII MAC": (
         _mutate_sql("update cmk_tenants set mac = :v where tenant_id = 'acme'", v="é" * 64),
-        {"sqlite", "postgresql"},
+        {"sqlite", "postgresql", "mysql"},
     ),
     "empty MAC": (
         _mutate_sql("update cmk_tenants set mac = '' where tenant_id = 'acme'"),
-        {"sqlite", "postgresql"},
+        {"sqlite", "postgresql", "mysql"},
     ),
     "JSON that is not a list": (
         _mutate_sql("update cmk_tenants set accepted_key_refs = '7' where tenant_id = 'acme'"),
-        {"sqlite", "postgresql"},
+        {"sqlite", "postgresql", "mysql"},
     ),
     "huge integer in JSON": (
         _mutate_sql(
             "update cmk_tenants set accepted_key_refs = :v where tenant_id = 'acme'",
             v="[" + "9" * 5000 + "]",
         ),
-        {"sqlite", "postgresql"},
+        {"sqlite", "postgresql", "mysql"},
     ),
     # SQLite keeps whatever type it is given, whatever the column's type.
     "version as text": (
@@ -1148,6 +1168,8 @@ def test_a_collation_match_of_another_spelling_is_an_unknown_tenant(engine: Engi
     # "ACME" to "acme": the registry compares code points itself, so that is another tenant.
     if engine.dialect.name == "sqlite":
         collation = "NOCASE"
+    elif engine.dialect.name == "mysql":
+        collation = "utf8mb4_general_ci"  # MariaDB's default: folds case and accents, pads
     else:
         try:
             with engine.begin() as conn:
@@ -1169,7 +1191,46 @@ def test_a_collation_match_of_another_spelling_is_an_unknown_tenant(engine: Engi
         reg.tenant_keys("ACME")
     with pytest.raises(TenantNotConfiguredError):
         reg.set_primary("ACME", "fake://x")
+    if engine.dialect.name == "mysql":
+        for other in ("acmé", "Acmé"):  # accent-insensitive too
+            with pytest.raises(TenantNotConfiguredError):
+                reg.tenant_keys(other)
     assert reg.tenant_keys("acme").primary == "fake://acme"
+    assert reg.verify() == []
+
+
+def test_ids_compare_bytewise_whatever_the_servers_collation(engine: Engine) -> None:
+    # The registry's own table, as create_table makes it, on a server whose default collation
+    # folds case and accents and ignores trailing spaces (MariaDB's utf8mb4_general_ci).
+    reg = DatabaseKeyRegistry(engine, SECRET, registry_id="test-eu")
+    reg.create_table()
+    reg.add_tenant("acme", "fake://acme")
+    for other in ("ACME", "acmé", "Acme"):
+        with pytest.raises(TenantNotConfiguredError) as info:
+            reg.tenant_keys(other)
+        assert not isinstance(info.value, RegistryIntegrityError)
+    with pytest.raises(TenantNotConfiguredError, match="not a valid tenant id"):
+        reg.tenant_keys("acme ")
+    # The other spellings are other tenants, with keys of their own.
+    reg.add_tenant("ACME", "fake://ACME")
+    reg.add_tenant("acmé", "fake://acme-e")
+    assert reg.tenant_keys("ACME").primary == "fake://ACME"
+    assert reg.tenant_keys("acmé").primary == "fake://acme-e"
+    assert reg.tenant_keys("acme").primary == "fake://acme"
+    assert sorted(r.tenant for r in reg.list_tenants()) == ["ACME", "acme", "acmé"]
+    assert reg.verify() == []
+
+
+def test_updated_at_keeps_its_microseconds(engine: Engine) -> None:
+    # A column that drops them (MySQL's DATETIME) would fail every row's MAC on its next read.
+    reg = DatabaseKeyRegistry(engine, SECRET, registry_id="test-eu")
+    reg.create_table()
+    for _ in range(3):  # one write landing on a whole second would hide the loss
+        reg.add_tenant(f"t{_}", "fake://t")
+    records = DatabaseKeyRegistry(engine, SECRET, registry_id="test-eu").list_tenants()
+    assert any(r.updated_at.microsecond for r in records)
+    assert all(r.updated_at.tzinfo is not None for r in records)
+    assert reg.verify() == []
 
 
 def test_written_values_are_bounded_and_printable(registry: DatabaseKeyRegistry) -> None:

@@ -9,7 +9,8 @@ that. ``migrations_helpers`` is imported when a command runs, not with the CLI: 
 commands do not need it.
 
 ``--workers N`` (encrypt-column, decrypt-column) starts N spawned processes, each with its own
-engine, that partition the table through PostgreSQL's ``FOR UPDATE SKIP LOCKED``. Progress goes
+engine, that partition the table through ``FOR UPDATE SKIP LOCKED`` (PostgreSQL, MariaDB
+10.6+, MySQL 8.0+). Progress goes
 to stderr (:mod:`._progress`), the final report to stdout (``--json`` for machines).
 """
 
@@ -30,6 +31,7 @@ from sqlalchemy import Engine, create_engine, make_url
 from sqlalchemy.exc import ArgumentError
 
 from sqlalchemy_cmk import ConfigurationError
+from sqlalchemy_cmk._dialects import select_dialect
 
 from ._common import (
     URL_ENV,
@@ -305,17 +307,23 @@ def run_migration(args: argparse.Namespace, out: TextIO) -> int:
         models: Any = None  # --metadata's models: rotate and verify find the columns in them
         workers: int = getattr(args, "workers", 1)
         if args.command not in _NO_KEYS:
-            if workers > 1 and engine.dialect.name != "postgresql":
+            if workers > 1 and not select_dialect(engine.dialect).row_locks:
                 raise UsageError(
                     f"--workers {workers}: {engine.dialect.name} runs single-worker (parallel "
-                    "workers partition the table with PostgreSQL's FOR UPDATE SKIP LOCKED); "
-                    "use --workers 1"
+                    "workers partition the table with FOR UPDATE SKIP LOCKED); use --workers 1"
                 )
             cmk = _load_cmk(args.cmk, args.app_dir)
             if hasattr(args, "tenant_column"):  # every command that seals or opens rows
                 args.tenant_column, models = _tenant_column(args)
         with engine.connect():
             pass
+        # Known once connected: the server's version decides (MariaDB 10.6+, MySQL 8.0+).
+        if workers > 1 and not select_dialect(engine.dialect).skip_locked(engine.dialect):
+            raise UsageError(
+                f"--workers {workers}: this {engine.dialect.name} server has no FOR UPDATE SKIP "
+                "LOCKED (MariaDB 10.6+ and MySQL 8.0+ have it), so it runs single-worker; "
+                "use --workers 1"
+            )
         if args.command == "status":
             return _status(engine, args, out)
         if args.command == "cutover":

@@ -111,6 +111,10 @@ class Env:
     touched: set[tuple[str, int]] = field(default_factory=set)
     tried: dict[str, int] = field(default_factory=dict)
 
+    def q(self, column: str) -> str:
+        """``column`` quoted for the dialect: ``blob`` is a MySQL keyword."""
+        return str(self.engine.dialect.identifier_preparer.quote(column))
+
     def cells(self, table: str) -> tuple[str, ...]:
         return (*ENCRYPTED[table], COMPANIONS[table])
 
@@ -118,13 +122,14 @@ class Env:
         cols = self.cells(table) + (("tenant_id",) if table != "adv_employees" else ())
         with self.engine.connect() as conn:
             row = conn.execute(
-                text(f"SELECT {', '.join(cols)} FROM {table} WHERE id = :id"), {"id": row_id}
+                text(f"SELECT {', '.join(map(self.q, cols))} FROM {table} WHERE id = :id"),
+                {"id": row_id},
             ).one()
         return {k: bytes(v) if isinstance(v, memoryview) else v for k, v in row._mapping.items()}
 
     def write(self, table: str, row_id: int, **cells: Any) -> None:
         """UPDATE through a plain connection, as someone with write access to the database."""
-        sets = ", ".join(f"{c} = :{c}" for c in cells)
+        sets = ", ".join(f"{self.q(c)} = :{c}" for c in cells)
         with self.engine.begin() as conn:
             conn.execute(text(f"UPDATE {table} SET {sets} WHERE id = :id"), {**cells, "id": row_id})
         self.touched.add((table, row_id))
@@ -133,7 +138,7 @@ class Env:
         for table, row_id in sorted(self.touched):
             with self.engine.begin() as conn:
                 cells = self.original[(table, row_id)]
-                sets = ", ".join(f"{c} = :{c}" for c in cells)
+                sets = ", ".join(f"{self.q(c)} = :{c}" for c in cells)
                 conn.execute(
                     text(f"UPDATE {table} SET {sets} WHERE id = :id"), {**cells, "id": row_id}
                 )

@@ -169,7 +169,8 @@ class Env:
             return list(conn.execute(text(sql), params))
 
     def raw_bytes(self, table: str, column: str, row_id: int) -> bytes | None:
-        (value,) = self.raw(f"select {column} from {table} where id = :id", id=row_id)[0]
+        q = self.engine.dialect.identifier_preparer.quote  # "blob" is a MySQL keyword
+        (value,) = self.raw(f"select {q(column)} from {q(table)} where id = :id", id=row_id)[0]
         return None if value is None else bytes(value)
 
 

@@ -378,7 +378,8 @@ def store_documents(env: Env, docs: list[EncryptedDocument]) -> list[EncryptedDo
     with env.engine.begin() as conn:
         conn.execute(
             DOCS.insert(),
-            [{"id": i, "edek": d.edek, **d.fields} for i, d in enumerate(docs)],
+            # From 1: MySQL takes an id of 0 as "the next AUTO_INCREMENT value".
+            [{"id": i, "edek": d.edek, **d.fields} for i, d in enumerate(docs, start=1)],
         )
     with env.engine.connect() as conn:
         rows = conn.execute(select(DOCS).order_by(DOCS.c.id)).all()

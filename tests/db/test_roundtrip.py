@@ -84,6 +84,30 @@ def test_every_type_round_trips_with_its_python_type(env: Env, values: dict[str,
         assert stored[0] == 0x01
 
 
+# MySQL's BLOB and TEXT stop at 65,535 bytes: values past it must come back whole.
+PAST_64K = 70_000
+
+
+def test_values_past_64_kib_round_trip_exactly(env: Env) -> None:
+    values = {
+        "txt": "é" * (PAST_64K // 2 - 100) + "x" * 200,  # past 64 KiB in UTF-8 only
+        "blob": bytes(range(256)) * (PAST_64K // 256 + 1),
+        "doc": {"items": ["y" * 100 for _ in range(PAST_64K // 100)]},
+        "s": "\U0001f510" * 200,  # String(200): 200 four-byte characters, 800 bytes
+    }
+    with tenant_context("acme"):
+        row_id = add(env, AllTypes(**values))
+        env.cmk.forget_tenant()
+        with env.Session() as s:
+            obj = s.get(AllTypes, row_id)
+            assert obj is not None
+            for col, expected in values.items():
+                assert getattr(obj, col) == expected, col
+    for col in ("txt", "blob", "doc"):
+        stored = env.raw_bytes("all_types", col, row_id)
+        assert stored is not None and len(stored) > 65_535, col
+
+
 def test_timezone_offset_is_kept_not_normalized(env: Env) -> None:
     minus = datetime.timezone(datetime.timedelta(hours=-3, minutes=-30))
     value = datetime.datetime(2001, 1, 1, 23, 0, tzinfo=minus)
@@ -105,7 +129,8 @@ def test_null_stays_sql_null_and_needs_no_key(env: Env) -> None:
             obj = s.get(AllTypes, row_id)
             assert obj is not None
             assert all(getattr(obj, c) is None for c in ENCRYPTED_COLUMNS)
-    columns = ", ".join([*ENCRYPTED_COLUMNS, "cmk_edek"])
+    q = env.engine.dialect.identifier_preparer.quote  # "blob" is a MySQL keyword
+    columns = ", ".join(q(c) for c in [*ENCRYPTED_COLUMNS, "cmk_edek"])
     (row,) = env.raw(f"select {columns} from all_types")
     assert all(v is None for v in row)
     assert env.kms.wrap_count == 0
@@ -374,6 +399,17 @@ def test_raw_column_is_binary(env: Env) -> None:
     if env.engine.dialect.name == "postgresql":
         (row,) = env.raw("select pg_typeof(ssn)::text, pg_typeof(cmk_edek)::text from patients")
         assert tuple(row) == ("bytea", "bytea")
+    elif env.engine.dialect.name == "mysql":
+        # BLOB would stop at 64 KiB: the unbounded String gets LONGBLOB, the companion (at most
+        # about 11 KiB) BLOB.
+        rows = env.raw(
+            "select column_name, data_type from information_schema.columns "
+            "where table_schema = database() and table_name = 'patients'"
+        )
+        types = {name.lower(): kind.lower() for name, kind in rows}
+        kinds = (types["ssn"], types["notes"], types["age"])
+        assert kinds == ("longblob", "longblob", "mediumblob")
+        assert types["cmk_edek"] == "blob"
     else:
         (row,) = env.raw("select typeof(ssn), typeof(cmk_edek) from patients")
         assert tuple(row) == ("blob", "blob")

@@ -52,6 +52,8 @@ from sqlalchemy_cmk import (
 )
 from sqlalchemy_cmk.testing import FakeKeyProvider, MemoryAuditSink
 
+from ._upsert import insert_or_ignore
+
 TENANTS = {"acme": "fake://acme", "globex": "fake://globex"}
 
 
@@ -684,15 +686,10 @@ def test_statements_cannot_move_a_row_to_another_tenant(env: Env, how: str) -> N
 
 
 def test_insert_on_conflict_do_nothing_keeps_existing_rows(env: Env) -> None:
-    dialect = env.engine.dialect.name
-    if dialect == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert as dialect_insert
-    else:
-        from sqlalchemy.dialects.sqlite import insert as dialect_insert
     with tenant_context("acme"), env.Session() as s:
         s.add(Plain(id=1, ssn="EXISTING"))
         s.commit()
-        stmt = dialect_insert(Plain).on_conflict_do_nothing()
+        stmt = insert_or_ignore(env.engine, Plain)
         s.execute(stmt, [{"id": 1, "ssn": "IGNORED"}, {"id": 2, "ssn": "INSERTED"}])
         s.commit()
     assert read(env, Plain, 1, "acme").ssn == "EXISTING"

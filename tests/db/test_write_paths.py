@@ -9,7 +9,6 @@ from typing import Any
 
 import pytest
 from sqlalchemy import Engine, create_engine, func, insert, select, text, update
-from sqlalchemy.dialects import postgresql, sqlite
 
 from sqlalchemy_cmk import (
     DecryptionError,
@@ -21,6 +20,7 @@ from sqlalchemy_cmk import (
     tenant_context,
 )
 
+from ._upsert import upsert
 from .models import (
     Env,
     Patient,
@@ -197,9 +197,7 @@ def test_merge_of_detached_object_encrypts(env: Env, row_id: int) -> None:
 
 
 def test_upsert_never_leaves_an_undecryptable_row(env: Env, row_id: int) -> None:
-    dialect_insert = postgresql.insert if env.engine.dialect.name == "postgresql" else sqlite.insert
-    stmt = dialect_insert(Patient)
-    stmt = stmt.on_conflict_do_update(index_elements=[Patient.id], set_={"ssn": stmt.excluded.ssn})
+    stmt = upsert(env.engine, Patient, lambda proposed: {"ssn": proposed.ssn})
     with tenant_context("acme"), env.Session() as s:
         with pytest.raises(PlaintextWriteError, match="upsert"):
             s.execute(stmt, [{"id": row_id, "tenant_id": "acme", "ssn": "UPSERTED-SSN"}])

@@ -165,7 +165,9 @@ def cli_cmk() -> CMK:
 def make_engine(url: str, schema: str | None) -> Engine:
     if schema:
         return create_engine(url, connect_args={"options": f"-csearch_path={schema}"})
-    return create_engine(url, connect_args={"timeout": 30})  # SQLite: wait for the writer lock
+    if url.startswith("sqlite"):
+        return create_engine(url, connect_args={"timeout": 30})  # wait for the writer lock
+    return create_engine(url)  # MariaDB: the URL names the test's own database
 
 
 def read_all(engine: Engine, cmk: CMK) -> Truth:

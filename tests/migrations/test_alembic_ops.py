@@ -204,11 +204,22 @@ def _forget_cmk() -> Iterator[None]:
     migrations_helpers.configure(None)
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+# The dialects of the db_url fixtures, marked as conftest's engine fixture marks them.
+DIALECTS = [
+    "sqlite",
+    pytest.param("postgresql", marks=pytest.mark.postgresql),
+    pytest.param("mariadb", marks=pytest.mark.mariadb),
+]
+
+
+@pytest.fixture(params=DIALECTS)
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A database URL with an empty schema: a SQLite file, or a PostgreSQL schema of its own."""
+    """An empty database: a SQLite file, a PostgreSQL schema or a MariaDB database of its own."""
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path}/app.db"
+        return
+    if request.param == "mariadb":  # a database of its own (MySQL's schemas are databases)
+        yield request.getfixturevalue("mariadb_url")
         return
     base = request.getfixturevalue("postgres_url")
     schema = f"mig_{uuid.uuid4().hex[:10]}"

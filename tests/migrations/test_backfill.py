@@ -319,10 +319,14 @@ def test_compare_and_swap_keeps_a_write_made_inside_the_batch(engine: Engine, cm
         if engine.dialect.name == "sqlite":
             app_write()  # SQLite: the SELECT took no lock; the write lands before our UPDATE
         else:
-            # PostgreSQL: the batch's rows are claimed (FOR UPDATE), so the write must wait.
+            # PostgreSQL, MariaDB: the batch's rows are claimed (FOR UPDATE), so the write
+            # must wait.
             with app.connect() as c:
-                c.execute(text("SET lock_timeout = '200ms'"))
-                with pytest.raises(OperationalError, match="lock"):
+                if engine.dialect.name == "mysql":
+                    c.execute(text("SET SESSION innodb_lock_wait_timeout = 1"))
+                else:
+                    c.execute(text("SET lock_timeout = '200ms'"))
+                with pytest.raises(OperationalError, match=r"(?i)lock"):
                     c.execute(text(f"UPDATE {TABLE} SET name = 'x' WHERE id = 4"))
 
     event.listen(engine, "before_cursor_execute", before_update)
@@ -380,9 +384,15 @@ def test_stale_session_writing_one_column_after_the_backfill(engine: Engine, cmk
     assert read_app(engine, cmk) == rows
 
 
-@pytest.mark.postgresql
-@pytest.mark.parametrize("engine", ["postgresql"], indirect=True)  # SQLite: one worker
-def test_concurrent_writer_thread_on_postgres(engine: Engine, provider: FakeKeyProvider) -> None:
+@pytest.mark.parametrize(
+    "engine",
+    [
+        pytest.param("postgresql", marks=pytest.mark.postgresql),
+        pytest.param("mariadb", marks=pytest.mark.mariadb),
+    ],
+    indirect=True,
+)  # SQLite: one worker
+def test_concurrent_writer_thread_on_a_server(engine: Engine, provider: FakeKeyProvider) -> None:
     cmk = make_cmk(provider, write_key_max_uses=8)
     provider.latency = 0.002  # every batch wraps: the backfill and the writer overlap
     expected = seed(engine, 300)
@@ -478,9 +488,15 @@ def test_sigkill_mid_run_then_rerun_finishes_exactly_once(engine: Engine, keyfil
     assert encrypt(engine, cmk).rows == 0
 
 
-@pytest.mark.postgresql
-@pytest.mark.parametrize("engine", ["postgresql"], indirect=True)  # SQLite: one worker
-def test_two_workers_share_the_job_on_postgres(
+@pytest.mark.parametrize(
+    "engine",
+    [
+        pytest.param("postgresql", marks=pytest.mark.postgresql),
+        pytest.param("mariadb", marks=pytest.mark.mariadb),
+    ],
+    indirect=True,
+)  # SQLite: one worker
+def test_two_workers_share_the_job_on_a_server(
     engine: Engine, keyfile: Path, tmp_path: Path
 ) -> None:
     rows = seed(engine, 300)

@@ -59,16 +59,20 @@ from sqlalchemy_cmk._format import parse_envelope
 from sqlalchemy_cmk.cli import main
 from sqlalchemy_cmk.testing import FakeKeyProvider
 
-from .test_alembic_ops import make_config
+from .test_alembic_ops import DIALECTS, make_config
 
 TENANTS = ("acme", "globex")
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=DIALECTS)
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """For the Alembic tests: a SQLite file, or a PostgreSQL schema of its own."""
+    """For the Alembic tests: a SQLite file, a PostgreSQL schema or a MariaDB database."""
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path}/app.db"
+        migrations_helpers.configure(None)
+        return
+    if request.param == "mariadb":  # a database of its own (MySQL's schemas are databases)
+        yield request.getfixturevalue("mariadb_url")
         migrations_helpers.configure(None)
         return
     base = request.getfixturevalue("postgres_url")

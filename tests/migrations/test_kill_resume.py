@@ -580,8 +580,14 @@ def test_kill_and_resume_one_worker(engine: Engine, tmp_path: Path, keyfile: Pat
     run_rounds(engine, tmp_path, keyfile, workers=1, cli=False)
 
 
-@pytest.mark.postgresql
-@pytest.mark.parametrize("engine", ["postgresql"], indirect=True)  # SQLite: one worker
+@pytest.mark.parametrize(
+    "engine",
+    [
+        pytest.param("postgresql", marks=pytest.mark.postgresql),
+        pytest.param("mariadb", marks=pytest.mark.mariadb),
+    ],
+    indirect=True,
+)  # SQLite: one worker
 def test_kill_and_resume_two_workers_and_the_command(
     engine: Engine, tmp_path: Path, keyfile: Path
 ) -> None:
