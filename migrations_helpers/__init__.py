@@ -70,6 +70,7 @@ if TYPE_CHECKING:
     from .backfill import decrypt_columns as decrypt_columns
     from .backfill import encrypt_columns as encrypt_columns
     from .backfill import ensure_companion as ensure_companion
+    from .backfill import parallel_workers as parallel_workers
     from .backfill import resolve_tenant_column as resolve_tenant_column
     from .backfill import rewrap_keys as rewrap_keys
     from .backfill import rotate_data_keys as rotate_data_keys
@@ -103,6 +104,7 @@ __all__ = [
     "encrypt_columns",
     "ensure_companion",
     "load_cmk",
+    "parallel_workers",
     "register",
     "render_item",
     "resolve_tenant_column",
@@ -139,6 +141,7 @@ _HOMES = {
     "VerifyReport": ".backfill",
     "check_cutover": ".backfill",
     "check_encryptable": ".backfill",
+    "parallel_workers": ".backfill",
     "decrypt_columns": ".backfill",
     "encrypt_columns": ".backfill",
     "ensure_companion": ".backfill",

@@ -734,6 +734,20 @@ def _refuse_unique(insp: Any, table: str, schema: str | None, columns: Sequence[
                 )
 
 
+def parallel_workers(engine: Engine) -> bool:
+    """Whether several processes may run one operation on a table of this database at once.
+
+    Workers partition the rows with ``FOR UPDATE SKIP LOCKED``: PostgreSQL, MariaDB 10.6+ and
+    MySQL 8.0+ have it (the server's version decides, so this connects once); SQLite does not.
+    """
+    db = select_dialect(engine.dialect)
+    if not db.row_locks:
+        return False
+    with engine.connect():
+        pass
+    return db.skip_locked(engine.dialect)
+
+
 def check_encryptable(
     bind: Engine | Connection,
     table: str,

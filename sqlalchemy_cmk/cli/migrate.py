@@ -31,7 +31,6 @@ from sqlalchemy import Engine, create_engine, make_url
 from sqlalchemy.exc import ArgumentError
 
 from sqlalchemy_cmk import ConfigurationError
-from sqlalchemy_cmk._dialects import select_dialect
 
 from ._common import (
     URL_ENV,
@@ -288,7 +287,7 @@ def _migration_engine(url: str) -> Engine:
 
 def run_migration(args: argparse.Namespace, out: TextIO) -> int:
     """Run the migration command ``args`` names; returns the exit status."""
-    from migrations_helpers import check_encryptable, ensure_companion
+    from migrations_helpers import check_encryptable, ensure_companion, parallel_workers
 
     url = args.database_url or os.environ.get(URL_ENV)
     if not url:
@@ -307,23 +306,18 @@ def run_migration(args: argparse.Namespace, out: TextIO) -> int:
         models: Any = None  # --metadata's models: rotate and verify find the columns in them
         workers: int = getattr(args, "workers", 1)
         if args.command not in _NO_KEYS:
-            if workers > 1 and not select_dialect(engine.dialect).row_locks:
+            # Known once connected: the server's version decides (MariaDB 10.6+, MySQL 8.0+).
+            if workers > 1 and not parallel_workers(engine):
                 raise UsageError(
-                    f"--workers {workers}: {engine.dialect.name} runs single-worker (parallel "
-                    "workers partition the table with FOR UPDATE SKIP LOCKED); use --workers 1"
+                    f"--workers {workers}: this {engine.dialect.name} database runs single-worker "
+                    "(parallel workers partition the table with FOR UPDATE SKIP LOCKED: "
+                    "PostgreSQL, MariaDB 10.6+, MySQL 8.0+); use --workers 1"
                 )
             cmk = _load_cmk(args.cmk, args.app_dir)
             if hasattr(args, "tenant_column"):  # every command that seals or opens rows
                 args.tenant_column, models = _tenant_column(args)
         with engine.connect():
             pass
-        # Known once connected: the server's version decides (MariaDB 10.6+, MySQL 8.0+).
-        if workers > 1 and not select_dialect(engine.dialect).skip_locked(engine.dialect):
-            raise UsageError(
-                f"--workers {workers}: this {engine.dialect.name} server has no FOR UPDATE SKIP "
-                "LOCKED (MariaDB 10.6+ and MySQL 8.0+ have it), so it runs single-worker; "
-                "use --workers 1"
-            )
         if args.command == "status":
             return _status(engine, args, out)
         if args.command == "cutover":
