@@ -442,8 +442,14 @@ if env.get("W_FORK"):
     child = os.fork()
     if child == 0:
         time.sleep(0.3)  # the restarted watcher's first read
-print(f"ready {os.getpid()} {int(child == 0 and bool(env.get('W_FORK')))} {int(watcher.running)}",
-      flush=True)
+def say(line):
+    # One write per line: parent and child share the pipe, and with PYTHONUNBUFFERED (as on
+    # CI) print() writes a line and its newline separately, so two lines could interleave.
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+say(f"ready {os.getpid()} {int(child == 0 and bool(env.get('W_FORK')))} {int(watcher.running)}")
 read_at = write_at = None
 served_after = False
 stop = time.time() + 20
@@ -461,7 +467,7 @@ while time.time() < stop and not (read_at and write_at):
         except TenantNotConfiguredError:
             write_at = write_at or now
     time.sleep(0.005)
-print(f"result {os.getpid()} {read_at} {write_at} {int(served_after)}", flush=True)
+say(f"result {os.getpid()} {read_at} {write_at} {int(served_after)}")
 if env.get("W_FORK") and child == 0:
     os._exit(0)
 if child:
