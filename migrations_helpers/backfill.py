@@ -1543,11 +1543,12 @@ class _Batch:
     def statement(self) -> Any:
         tgt = self.tgt
         assert tgt.companion is not None
+        same = tgt.db.same
         conds: list[ColumnElement[bool]] = [tgt.pk == bindparam("_k")]
         if tgt.tenant is not None:
-            conds.append(tgt.tenant == bindparam("_t"))
-        conds += [c.is_not_distinct_from(bindparam(f"_o{i}")) for i, c in enumerate(tgt.cols)]
-        conds.append(tgt.companion.is_not_distinct_from(bindparam("_oe")))
+            conds.append(same(tgt.tenant, bindparam("_t")))
+        conds += [same(c, bindparam(f"_o{i}")) for i, c in enumerate(tgt.cols)]
+        conds.append(same(tgt.companion, bindparam("_oe")))
         values: dict[Any, Any] = {c: bindparam(f"_n{i}") for i, c in enumerate(tgt.cols)}
         values[tgt.companion] = bindparam("_ne")
         return update(tgt.raw).where(and_(*conds)).values(values)

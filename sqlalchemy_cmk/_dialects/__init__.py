@@ -78,6 +78,15 @@ class DialectSupport:
         """``col`` read as the driver returns it, without SQLAlchemy's result processing."""
         return type_coerce(col, NullType()).label(col.name)
 
+    def same(self, col: ColumnElement[Any], value: ColumnElement[Any]) -> ColumnElement[bool]:
+        """SQL: ``col`` holds exactly ``value``, NULL matching NULL: a compare-and-swap's test.
+
+        Exact means what Python's ``==`` says of the stored value: a collation that folds case,
+        accents or trailing spaces would let a concurrent write that changed only those pass
+        for the value read, and the swap would overwrite it.
+        """
+        return col.is_not_distinct_from(value)
+
     def has_prefix(self, col: ColumnElement[Any], prefix: str) -> ColumnElement[bool]:
         """SQL: ``col`` (text) begins with exactly ``prefix``, case and accents included.
 

@@ -52,11 +52,23 @@ class MySQLSupport(DialectSupport):
         # Four bytes per character: UTF-8's longest.
         return mysql.VARBINARY(4 * length)
 
+    def same(self, col: ColumnElement[Any], value: ColumnElement[Any]) -> ColumnElement[bool]:
+        # The usual collations fold case and accents, and pad trailing spaces ('abc' = 'ABC '):
+        # strings are compared as their UTF-8 bytes instead, converted alike on both sides
+        # whatever the column's and the connection's character sets.
+        if not isinstance(col.type, sqltypes.String):
+            return col.is_not_distinct_from(value)
+        return _utf8(col).is_not_distinct_from(_utf8(value))
+
     def has_prefix(self, col: ColumnElement[Any], prefix: str) -> ColumnElement[bool]:
         # Compared as bytes: under the usual case-insensitive collations "CMK:" = "cmk:", and a
         # plaintext value beginning with "CMK:" would pass for an encrypted one.
         head = cast(func.substr(col, 1, len(prefix)), LargeBinary)
         return head == literal(prefix.encode("utf-8"), LargeBinary)
+
+
+def _utf8(expr: ColumnElement[Any]) -> ColumnElement[Any]:
+    return cast(cast(expr, mysql.CHAR(charset="utf8mb4")), LargeBinary)
 
 
 MYSQL = MySQLSupport()

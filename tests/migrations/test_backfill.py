@@ -350,6 +350,45 @@ def test_compare_and_swap_keeps_a_write_made_inside_the_batch(engine: Engine, cm
     app.dispose()
 
 
+@pytest.mark.parametrize("change", ["upper", "trailing space", "accent"])
+def test_compare_and_swap_is_exact_whatever_the_collation(
+    engine: Engine, cmk: CMK, change: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A plaintext write landing inside a batch (an instance not yet in dual-read mode) that
+    changes only case, trailing spaces or accents must still win: under MariaDB's default
+    collation 'abc' = 'ABC' = 'abc ', and a compare-and-swap comparing that way would seal the
+    old value over the new one. Walked without row locks (SQLite; MariaDB before 10.6)."""
+    if engine.dialect.name == "postgresql":
+        pytest.skip("PostgreSQL claims the batch's rows: the write waits (test above)")
+    if engine.dialect.name == "mysql":  # as on a server without SKIP LOCKED
+        from sqlalchemy_cmk._dialects.mysql import MYSQL
+
+        monkeypatch.setattr(MYSQL, "skip_locked", lambda dialect: False)
+    metadata.create_all(engine)
+    before = {"upper": "abc", "trailing space": "abc", "accent": "resume"}[change]
+    after = {"upper": "ABC", "trailing space": "abc ", "accent": "résumé"}[change]
+    with engine.begin() as conn:
+        conn.execute(insert(people), [{"id": 1, "tenant_id": "acme", "name": before}])
+    fired: list[object] = []
+
+    def before_update(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if fired or not statement.lstrip().upper().startswith("UPDATE"):
+            return
+        fired.append(statement)
+        with engine.connect() as other:  # another connection, committed before our UPDATE
+            other.execute(people.update().where(people.c.id == 1).values(name=after))
+            other.commit()
+
+    event.listen(engine, "before_cursor_execute", before_update)
+    try:
+        report = encrypt(engine, cmk, batch_size=10)
+    finally:
+        event.remove(engine, "before_cursor_execute", before_update)
+    assert fired and report.conflicts == 1
+    assert read_app(engine, cmk) == {1: ("acme", after, None)}
+    assert plaintext_rows(engine) == 0
+
+
 def raw_originals(n: int) -> dict[int, tuple[str, str | None, str | None]]:
     return {i: original(i) for i in range(n)}
 
