@@ -298,12 +298,14 @@ def run_writer(spec: dict[str, Any]) -> None:
                             new[k] = value(rng, f"w{n}")
                             setattr(r, name, new[k])
                             if name == "c":
-                                # A write of c supersedes a decrypted copy, and must say so
-                                # even when this session saw no copy: decrypt_columns(into=)
-                                # may have moved the value since the load, and an UPDATE
-                                # setting c alone would leave that copy to be read back
-                                # where c is NULL (found by this suite).
+                                # A write of c supersedes a copy in c_plain, and both columns
+                                # go in the UPDATE whatever this session saw: a migration may
+                                # have moved the value between them since the load, and an
+                                # UPDATE of one column alone leaves the other's copy to be read
+                                # back (found by this suite: decrypt into c_plain, then the
+                                # move back into c, each with the application writing NULL).
                                 r.c_plain = None
+                                flag_modified(r, "c")
                                 flag_modified(r, "c_plain")
                     s.commit()
                 truth[i] = (t, new[1], new[2], new[3])
