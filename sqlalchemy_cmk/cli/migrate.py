@@ -360,7 +360,8 @@ def run_migration(args: argparse.Namespace, out: TextIO) -> int:
                     args.command, job, engine, cmk, lambda p: view.update(p.done, p.total)
                 )
             else:
-                # The models stay here: a spawned worker could not import them from --app-dir.
+                # Workers run without the models, as they always have: a spawned worker
+                # unpickles its copy before --app-dir is on its import path.
                 run = _Run(
                     command=args.command,
                     url=url,
