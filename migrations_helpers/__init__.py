@@ -30,7 +30,9 @@ Then, in a migration: ``op.encrypt_column("patients", "ssn", tenant_column="tena
 
 The backfill engine's functions, reports and errors are exported here too (``encrypt_columns``,
 ``verify``, ``Report``...): the ``sqlalchemy-cmk`` migration commands use these names and no
-other. The names below are loaded on first use: the backfill engine must work without Alembic
+other. A run's options travel as one :class:`~migrations_helpers.backfill.Job`, which
+:func:`~migrations_helpers.backfill.run_job` runs: the CLI and the Alembic operations both build
+one. The names below are loaded on first use: the backfill engine must work without Alembic
 installed (Alembic is the ``migrations`` extra), and importing this
 package registers nothing with Alembic (call :func:`register` or :func:`configure`).
 """
@@ -55,6 +57,7 @@ if TYPE_CHECKING:
     from .autogenerate import compare_type as compare_type
     from .autogenerate import render_item as render_item
     from .backfill import IncompleteColumnsError as IncompleteColumnsError
+    from .backfill import Job as Job
     from .backfill import MigrationDatabaseError as MigrationDatabaseError
     from .backfill import Models as Models
     from .backfill import MoveNotFinishedError as MoveNotFinishedError
@@ -74,6 +77,7 @@ if TYPE_CHECKING:
     from .backfill import resolve_tenant_column as resolve_tenant_column
     from .backfill import rewrap_keys as rewrap_keys
     from .backfill import rotate_data_keys as rotate_data_keys
+    from .backfill import run_job as run_job
     from .backfill import status as status
     from .backfill import verify as verify
 
@@ -82,6 +86,7 @@ __all__ = [
     "DecryptColumnOp",
     "EncryptColumnOp",
     "IncompleteColumnsError",
+    "Job",
     "MigrationDatabaseError",
     "Models",
     "MoveNotFinishedError",
@@ -110,6 +115,7 @@ __all__ = [
     "resolve_tenant_column",
     "rewrap_keys",
     "rotate_data_keys",
+    "run_job",
     "status",
     "verify",
 ]
@@ -129,6 +135,7 @@ _HOMES = {
     # The backfill engine (what the operations and the CLI run) and its errors and reports:
     # these work without Alembic.
     "IncompleteColumnsError": ".backfill",
+    "Job": ".backfill",
     "MigrationDatabaseError": ".backfill",
     "Models": ".backfill",
     "MoveNotFinishedError": ".backfill",
@@ -148,6 +155,7 @@ _HOMES = {
     "resolve_tenant_column": ".backfill",
     "rewrap_keys": ".backfill",
     "rotate_data_keys": ".backfill",
+    "run_job": ".backfill",
     "status": ".backfill",
     "verify": ".backfill",
     # The loader behind configure() and the CLI's --cmk: a CMK, or "module:attribute" naming

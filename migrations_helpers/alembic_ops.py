@@ -52,10 +52,11 @@ summary per operation.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
 
 import sqlalchemy as sa
 
@@ -155,8 +156,40 @@ def _columns(value: str | Sequence[str]) -> tuple[str, ...]:
     return cols
 
 
-class _ColumnsOp(MigrateOperation):
+class _JobField:
+    """An operation's argument, kept in the operation's :class:`~migrations_helpers.Job` (its
+    one copy): read from it, and set by replacing the Job."""
+
+    def __init__(self, name: str | None = None) -> None:
+        self.name = name
+
+    def __set_name__(self, owner: type, attr: str) -> None:
+        self.name = self.name or attr
+
+    def __get__(self, op: Any, owner: type | None = None) -> Any:
+        return self if op is None else getattr(op.job, str(self.name))
+
+    def __set__(self, op: Any, value: Any) -> None:
+        op.job = dataclasses.replace(op.job, **{str(self.name): value})
+
+
+class _JobOp(MigrateOperation):
+    """An operation that runs a backfill: its options are one Job, built by the constructor."""
+
+    job: backfill.Job
+    cmk: CMKSpec
+    table_name = _JobField("table")
+    companion_column = _JobField()
+    schema = _JobField()
+    batch_size = _JobField()
+
+
+class _ColumnsOp(_JobOp):
     """Shared arguments of the operations that work on encrypted text columns."""
+
+    columns = _JobField()
+    into = _JobField()
+    tenant_column = _JobField()
 
     def __init__(
         self,
@@ -170,32 +203,33 @@ class _ColumnsOp(MigrateOperation):
         cmk: CMKSpec = None,
         into: Mapping[str, str] | None = None,
     ) -> None:
-        self.table_name = table_name
-        self.columns = _columns(columns)
-        self.into = dict(into) if into else None
-        for src, dst in (self.into or {}).items():
-            if src not in self.columns or not isinstance(dst, str) or not dst:
+        cols = _columns(columns)
+        for src, dst in (into or {}).items():
+            if src not in cols or not isinstance(dst, str) or not dst:
                 raise ConfigurationError(
-                    f"into= maps {src!r}, which is not one of the columns {list(self.columns)!r}"
-                    if src not in self.columns
+                    f"into= maps {src!r}, which is not one of the columns {list(cols)!r}"
+                    if src not in cols
                     else f"into= gives {src!r} no target column name",
                     table=table_name,
                     column=src,
                 )
-        self.tenant_column = tenant_column
-        self.companion_column = companion_column
-        self.schema = schema
-        self.batch_size = batch_size
-        self.cmk = cmk
         for reserved in (tenant_column, companion_column):
-            if reserved in self.columns:
+            if reserved in cols:
                 raise ConfigurationError(
                     f"{reserved!r} cannot be encrypted: it is the tenant or companion column",
                     table=table_name,
                     column=reserved,
                 )
-        if batch_size < 1:
-            raise ConfigurationError("batch_size must be at least 1", table=table_name)
+        self.job = backfill.Job(
+            table=table_name,
+            columns=cols,
+            tenant_column=tenant_column,
+            companion_column=companion_column,
+            schema=schema,
+            batch_size=batch_size,
+            into=into,
+        )
+        self.cmk = cmk
 
     def _kwargs(self) -> dict[str, Any]:
         return {
@@ -447,8 +481,10 @@ _ROTATE_REASON = (
 )
 
 
-class RewrapKeysOp(MigrateOperation):
+class RewrapKeysOp(_JobOp):
     """``op.rewrap_keys``: re-wrap a table's data keys under each tenant's current primary key."""
+
+    tenant = _JobField()
 
     def __init__(
         self,
@@ -460,13 +496,13 @@ class RewrapKeysOp(MigrateOperation):
         batch_size: int = 1000,
         cmk: CMKSpec = None,
     ) -> None:
-        if batch_size < 1:
-            raise ConfigurationError("batch_size must be at least 1", table=table_name)
-        self.table_name = table_name
-        self.tenant = tenant
-        self.companion_column = companion_column
-        self.schema = schema
-        self.batch_size = batch_size
+        self.job = backfill.Job(
+            table=table_name,
+            tenant=tenant,
+            companion_column=companion_column,
+            schema=schema,
+            batch_size=batch_size,
+        )
         self.cmk = cmk
 
     @classmethod
@@ -511,6 +547,8 @@ class RewrapKeysOp(MigrateOperation):
 
 class RotateDataKeysOp(_ColumnsOp):
     """``op.rotate_data_keys``: re-encrypt rows under fresh data keys."""
+
+    tenant = _JobField()
 
     def __init__(
         self,
@@ -684,99 +722,72 @@ def _prepare(
     return resolved, conn, _check_columns(conn, table, schema, columns)
 
 
-def _backfill(
-    operations: Operations, run: Callable[..., backfill.Report], *args: Any, **kwargs: Any
+_NAMES = {  # operation -> (its op.<name>, the CLI command doing the same)
+    "encrypt": ("encrypt_column", "encrypt-column"),
+    "decrypt": ("decrypt_column", "decrypt-column"),
+    "rewrap": ("rewrap_keys", "rewrap"),
+    "rotate": ("rotate_data_keys", "rotate"),
+}
+
+
+def _run(
+    operations: Operations,
+    operation: Literal["encrypt", "decrypt", "rewrap", "rotate"],
+    op: _JobOp,
 ) -> backfill.Report:
+    """Run ``op``'s Job through :func:`migrations_helpers.backfill.run_job`, once the checks
+    that change nothing when they fail have passed (and, to encrypt, the companion is added)."""
+    name, command = _NAMES[operation]
+    job = op.job
+    needed = [*job.columns, *(job.into or {}).values()]
+    if isinstance(op, _ColumnsOp):
+        job = dataclasses.replace(job, tenant_column=_tenant_column(operations, op))
+        needed.append(str(job.tenant_column))
+    if operation != "encrypt":  # encrypt adds it
+        needed.append(job.companion_column)
+    cmk, conn, present = _prepare(
+        operations, name, job.table, command, op.cmk, job.schema, tuple(needed)
+    )
+    if operation == "encrypt":
+        # Before the schema changes: a unique index over the column would enforce nothing
+        # (and, for a move, a target that cannot take the values is refused).
+        backfill.check_encryptable(conn, job.table, job.columns, schema=job.schema, into=job.into)
+        if job.companion_column not in present:
+            operations.add_column(
+                job.table,
+                sa.Column(job.companion_column, EDEKType(), nullable=True),
+                schema=job.schema,
+            )
+    if job.into or operation == "rotate":
+        # The models: a move encodes values as the model's EncryptedType for each column says,
+        # and rotate refuses a column list that leaves one of the model's encrypted columns out.
+        # An in-place run behaves as it always did, without them.
+        job = dataclasses.replace(
+            job, metadata=operations.get_context().opts.get("target_metadata")
+        )
+    job = dataclasses.replace(job, progress=_progress(operation, job.table))
     # Commit the migration's transaction (and so its schema change) first: the backfill works
     # in batches on connections of its own, which must see it.
     with operations.get_context().autocommit_block():
-        report = run(*args, **kwargs)
+        report = backfill.run_job(conn.engine, cmk, operation, job)
     _summary(report)
     return report
 
 
-def _encrypt_column(operations: Operations, operation: EncryptColumnOp) -> backfill.Report:
-    table = operation.table_name
-    tenant_column = _tenant_column(operations, operation)
-    cmk, conn, present = _prepare(
-        operations,
-        "encrypt_column",
-        table,
-        "encrypt-column",
-        operation.cmk,
-        operation.schema,
-        (*operation.columns, *(operation.into or {}).values(), tenant_column),
-    )
-    # Before the schema changes: a unique index over the column would enforce nothing (and,
-    # for a move, a target that cannot take the values is refused).
-    backfill.check_encryptable(
-        conn, table, operation.columns, schema=operation.schema, into=operation.into
-    )
-    if operation.companion_column not in present:
-        operations.add_column(
-            table,
-            sa.Column(operation.companion_column, EDEKType(), nullable=True),
-            schema=operation.schema,
-        )
-    return _backfill(
-        operations,
-        backfill.encrypt_columns,
-        conn.engine,
-        cmk,
-        table,
-        operation.columns,
-        tenant_column=tenant_column,
-        companion_column=operation.companion_column,
-        schema=operation.schema,
-        batch_size=operation.batch_size,
-        progress=_progress("encrypt", table),
-        **_moving(operations, operation),
-    )
+def _encrypt_column(operations: Operations, op: EncryptColumnOp) -> backfill.Report:
+    return _run(operations, "encrypt", op)
 
 
-def _decrypt_column(operations: Operations, operation: DecryptColumnOp) -> backfill.Report:
-    table = operation.table_name
-    tenant_column = _tenant_column(operations, operation)
-    cmk, conn, _ = _prepare(
-        operations,
-        "decrypt_column",
-        table,
-        "decrypt-column",
-        operation.cmk,
-        operation.schema,
-        (
-            *operation.columns,
-            *(operation.into or {}).values(),
-            tenant_column,
-            operation.companion_column,
-        ),
-    )
-    return _backfill(
-        operations,
-        backfill.decrypt_columns,
-        conn.engine,
-        cmk,
-        table,
-        operation.columns,
-        tenant_column=tenant_column,
-        companion_column=operation.companion_column,
-        schema=operation.schema,
-        batch_size=operation.batch_size,
-        progress=_progress("decrypt", table),
-        **_moving(operations, operation),
-    )
+def _decrypt_column(operations: Operations, op: DecryptColumnOp) -> backfill.Report:
+    return _run(operations, "decrypt", op)
 
 
-def _moving(operations: Operations, operation: _ColumnsOp) -> dict[str, Any]:
-    """A move's extra arguments: ``into``, and the models, whose ``EncryptedType`` for each
-    encrypted column says how its values are encoded. None for an in-place run, which
-    behaves as it always did."""
-    if not operation.into:
-        return {}
-    return {
-        "into": operation.into,
-        "metadata": operations.get_context().opts.get("target_metadata"),
-    }
+def _rewrap_keys(operations: Operations, op: RewrapKeysOp) -> backfill.Report:
+    return _run(operations, "rewrap", op)
+
+
+def _rotate_data_keys(operations: Operations, op: RotateDataKeysOp) -> backfill.Report:
+    return _run(operations, "rotate", op)
 
 
 def _cutover_column(operations: Operations, operation: CutoverColumnOp) -> int:
@@ -801,61 +812,6 @@ def _cutover_column(operations: Operations, operation: CutoverColumnOp) -> int:
         operation.into,
     )
     return moved
-
-
-def _rewrap_keys(operations: Operations, operation: RewrapKeysOp) -> backfill.Report:
-    table = operation.table_name
-    cmk, conn, _ = _prepare(
-        operations,
-        "rewrap_keys",
-        table,
-        "rewrap",
-        operation.cmk,
-        operation.schema,
-        (operation.companion_column,),
-    )
-    return _backfill(
-        operations,
-        backfill.rewrap_keys,
-        conn.engine,
-        cmk,
-        table,
-        tenant=operation.tenant,
-        companion_column=operation.companion_column,
-        schema=operation.schema,
-        batch_size=operation.batch_size,
-        progress=_progress("rewrap", table),
-    )
-
-
-def _rotate_data_keys(operations: Operations, operation: RotateDataKeysOp) -> backfill.Report:
-    table = operation.table_name
-    tenant_column = _tenant_column(operations, operation)
-    cmk, conn, _ = _prepare(
-        operations,
-        "rotate_data_keys",
-        table,
-        "rotate",
-        operation.cmk,
-        operation.schema,
-        (*operation.columns, tenant_column, operation.companion_column),
-    )
-    return _backfill(
-        operations,
-        backfill.rotate_data_keys,
-        conn.engine,
-        cmk,
-        table,
-        operation.columns,
-        tenant_column=tenant_column,
-        # The model's encrypted columns: rotate refuses a column list that leaves one out.
-        metadata=operations.get_context().opts.get("target_metadata"),
-        tenant=operation.tenant,
-        companion_column=operation.companion_column,
-        schema=operation.schema,
-        batch_size=operation.batch_size,
-        progress=_progress("rotate", table),
-    )
 
 
 def _nothing_to_undo(operations: Operations, operation: NothingToUndoOp) -> None:

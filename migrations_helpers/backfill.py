@@ -70,8 +70,8 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, ParamSpec, TypeVar
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal, ParamSpec, TypeVar, overload
 
 from sqlalchemy import (
     Column,
@@ -113,9 +113,11 @@ from sqlalchemy_cmk.types import TEXT_MARKER, EncryptedType, _binary, _from_text
 
 __all__ = [
     "IncompleteColumnsError",
+    "Job",
     "MigrationDatabaseError",
     "Models",
     "MoveNotFinishedError",
+    "Operation",
     "Progress",
     "Report",
     "StatusReport",
@@ -130,6 +132,7 @@ __all__ = [
     "resolve_tenant_column",
     "rewrap_keys",
     "rotate_data_keys",
+    "run_job",
     "status",
     "verify",
 ]
@@ -983,6 +986,11 @@ def _check_batch_args(batch_size: int, max_batches: int | None = None) -> None:
         raise ConfigurationError(f"batch_size must be at least 1, not {batch_size}")
     if max_batches is not None and max_batches < 0:
         raise ConfigurationError(f"max_batches must be >= 0, not {max_batches}")
+
+
+def _check_sample(sample: float | None) -> None:
+    if sample is not None and not 0 < sample <= 1:
+        raise ConfigurationError(f"sample must be in (0, 1], not {sample}")
 
 
 def _transient(exc: DBAPIError) -> bool:
@@ -2938,8 +2946,7 @@ def verify(
             columns are encrypted (see :func:`_encrypted_columns`).
     """
     _check_batch_args(batch_size)
-    if sample is not None and not 0 < sample <= 1:
-        raise ConfigurationError(f"sample must be in (0, 1], not {sample}")
+    _check_sample(sample)
     started = _now()
     if columns is None:
         shape = _target(
@@ -3135,3 +3142,148 @@ def status(
             "null": rows - non_null,
         }
     return StatusReport(table, counts)
+
+
+# -- one run, as a value ------------------------------------------------------------------------
+
+Operation = Literal["encrypt", "decrypt", "rotate", "rewrap", "verify"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Job:
+    """The options of one migration run, given once: what :func:`run_job` hands to the
+    operation. The ``sqlalchemy-cmk`` migration commands and the Alembic operations
+    (``op.encrypt_column``...) each build one from their own arguments, so an option is a field
+    here and a keyword of the one function that uses it, not a keyword re-listed by every
+    caller.
+
+    A field left at its default is not passed on, so the operation's own default applies (for
+    ``actor``: ``"sqlalchemy-cmk migration"``, or ``"sqlalchemy-cmk verify"``); a field set
+    that the operation does not take is refused by :func:`run_job`. What can be checked
+    without a database is checked here. Change a field with :func:`dataclasses.replace`,
+    which checks again.
+
+    Attributes:
+        table: The table name.
+        columns: The columns (a sequence, kept as a tuple); empty for rotate and verify means
+            every encrypted column of the table, for rewrap it must be empty.
+        schema: The table's schema, if not the default.
+        tenant_column: The column naming each row's tenant; default: the model's declared one,
+            found in ``metadata``.
+        metadata: The models (see :data:`Models`).
+        companion_column: The EDEK companion column.
+        batch_size: Rows per batch, each in its own transaction (at least 1).
+        max_batches: Stop after this many batches (encrypt, decrypt); a later run resumes.
+        max_kms_rps: KMS requests per second for the whole run (a positive number).
+        progress: Called after every batch with a :class:`Progress`.
+        actor: The audit events' actor; ``None``: the operation's default.
+        into: Source column -> target column, for a move (encrypt, decrypt); kept as a dict.
+        tenant: Only this tenant's rows (rotate, rewrap).
+        sample: The share of rows to check, in (0, 1] (verify).
+
+    Raises:
+        ConfigurationError: ``columns`` given as one str, ``batch_size`` below 1,
+            ``max_batches`` below 0, ``max_kms_rps`` not a positive number, ``sample`` outside
+            (0, 1]; the message names the option.
+    """
+
+    table: str
+    columns: Sequence[str] = ()
+    schema: str | None = None
+    tenant_column: str | None = None
+    metadata: Models | None = None
+    companion_column: str = "cmk_edek"
+    batch_size: int = 1000
+    max_batches: int | None = None
+    max_kms_rps: float | None = None
+    progress: ProgressCallback | None = None
+    actor: str | None = None
+    into: Mapping[str, str] | None = None
+    tenant: str | None = None
+    sample: float | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.columns, str):
+            raise ConfigurationError(
+                "columns must be a list of column names, not a str", table=self.table
+            )
+        # Normalised so that two jobs of the same options compare equal, however given.
+        object.__setattr__(self, "columns", tuple(self.columns))
+        object.__setattr__(self, "into", dict(self.into) if self.into else None)
+        _check_batch_args(self.batch_size, self.max_batches)
+        _budget_of(self.max_kms_rps)
+        _check_sample(self.sample)
+
+
+_OPERATIONS: dict[str, Callable[..., Any]] = {
+    "encrypt": encrypt_columns,
+    "decrypt": decrypt_columns,
+    "rotate": rotate_data_keys,
+    "rewrap": rewrap_keys,
+    "verify": verify,
+}
+
+
+def _is_default(value: Any, default: Any) -> bool:
+    # By identity for None: a model (a Table, a declarative class) may overload ==.
+    return value is None if default is None else bool(value == default)
+
+
+@overload
+def run_job(engine: Engine, cmk: CMK, operation: Literal["verify"], job: Job) -> VerifyReport: ...
+
+
+@overload
+def run_job(
+    engine: Engine,
+    cmk: CMK,
+    operation: Literal["encrypt", "decrypt", "rotate", "rewrap"],
+    job: Job,
+) -> Report: ...
+
+
+def run_job(engine: Engine, cmk: CMK, operation: Operation, job: Job) -> Report | VerifyReport:
+    """Run one operation with the options ``job`` holds.
+
+    ``"encrypt"`` is :func:`encrypt_columns`, ``"decrypt"`` :func:`decrypt_columns`,
+    ``"rotate"`` :func:`rotate_data_keys`, ``"rewrap"`` :func:`rewrap_keys` and ``"verify"``
+    :func:`verify`; each takes the fields its keywords name, and a field set for an operation
+    that does not take it (``sample`` for encrypt, ``into`` for rotate...) is refused before
+    anything is read, rather than silently ignored.
+
+    Args:
+        engine: The database.
+        cmk: The CMK.
+        operation: What to run.
+        job: The options.
+
+    Returns:
+        The operation's report: a :class:`VerifyReport` for verify, else a :class:`Report`.
+
+    Raises:
+        ConfigurationError: an unknown operation, or fields set that it does not take (named);
+            and whatever the operation raises.
+    """
+    run = _OPERATIONS.get(operation)
+    if run is None:
+        raise ConfigurationError(
+            f"unknown operation {operation!r}: one of {sorted(_OPERATIONS)}", table=job.table
+        )
+    takes = inspect.signature(run).parameters  # through the decorators, to the function's own
+    given = {
+        f.name: getattr(job, f.name)
+        for f in fields(job)
+        if f.name != "table" and not _is_default(getattr(job, f.name), f.default)
+    }
+    refused = [name for name in given if name not in takes]
+    if refused:
+        raise ConfigurationError(
+            f"{operation} does not take {', '.join(refused)}: leave "
+            + ("it" if len(refused) == 1 else "them")
+            + " unset",
+            table=job.table,
+        )
+    if "columns" in takes and takes["columns"].default is inspect.Parameter.empty:
+        given.setdefault("columns", job.columns)  # empty: the operation says it needs one
+    result: Report | VerifyReport = run(engine, cmk, job.table, **given)
+    return result

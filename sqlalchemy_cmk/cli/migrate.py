@@ -23,9 +23,9 @@ import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any, Literal, TextIO
 
 from sqlalchemy import Engine, create_engine, make_url
 from sqlalchemy.exc import ArgumentError
@@ -45,15 +45,14 @@ from ._common import (
 from ._progress import PROGRESS_EVERY, _progress_view, _ProgressView
 
 if TYPE_CHECKING:
-    from migrations_helpers import Progress, Report
+    from migrations_helpers import Job, Progress, Report
 
 COMMANDS = frozenset(
     {"encrypt-column", "decrypt-column", "rewrap", "rotate", "verify", "status", "cutover"}
 )
 _NO_KEYS = frozenset({"status", "cutover"})  # SQL only: no CMK, no tenant column
-ACTOR = "sqlalchemy-cmk migration"
 _MAX_FAILURES_SHOWN = 20
-_VERBS = {
+_VERBS: dict[str, tuple[Literal["encrypt", "decrypt", "rewrap", "rotate"], str]] = {
     "encrypt-column": ("encrypt", "encrypted"),
     "decrypt-column": ("decrypt", "decrypted"),
     "rewrap": ("rewrap", "rewrapped"),
@@ -262,22 +261,36 @@ def add_parsers(commands: argparse._SubParsersAction[_Parser], as_json: _Parser)
 
 
 @dataclass(frozen=True)
-class _Job:
-    """One backfill, as every worker process runs it (picklable: spawned workers get a copy)."""
+class _Run:
+    """One backfill command, as every worker process runs it (picklable: spawned workers get a
+    copy, whose Job holds no models and no progress callback)."""
 
     command: str
     url: str
     cmk: str
     app_dir: str
-    table: str
-    columns: tuple[str, ...]
-    tenant_column: str | None
-    tenant: str | None
-    companion_column: str
-    schema: str | None
-    batch_size: int
-    into: tuple[tuple[str, str], ...] = ()  # --into: (column, target) pairs
-    max_kms_rps: float | None = None  # this process's share of --max-kms-rps
+    job: Job
+
+
+def _job(args: argparse.Namespace, models: Any = None) -> Job:
+    """The Job of the command ``args`` names (its tenant column resolved by the caller), as an
+    Alembic operation of the same options holds it."""
+    from migrations_helpers import Job
+
+    return Job(
+        table=args.table,
+        columns=getattr(args, "columns", None) or (),  # none: rotate/verify find them
+        schema=args.schema,
+        tenant_column=getattr(args, "tenant_column", None),
+        # decrypt-column decodes each value as it was written, never as --metadata declares.
+        metadata=None if args.command == "decrypt-column" else models,
+        companion_column=args.companion_column,
+        batch_size=args.batch_size,
+        max_kms_rps=getattr(args, "max_kms_rps", None),
+        into=dict(_into(args)),
+        tenant=getattr(args, "tenant", None),
+        sample=getattr(args, "sample", None),
+    )
 
 
 def _migration_engine(url: str) -> Engine:
@@ -324,48 +337,43 @@ def run_migration(args: argparse.Namespace, out: TextIO) -> int:
             return _cutover(engine, args, out)
         if args.command == "verify":
             return _verify_table(engine, cmk, models, args, out)
-        job = _Job(
-            command=args.command,
-            url=url,
-            cmk=args.cmk,
-            app_dir=str(Path(args.app_dir).resolve()),
-            table=args.table,
-            columns=tuple(getattr(args, "columns", None) or ()),
-            tenant_column=getattr(args, "tenant_column", None),
-            tenant=getattr(args, "tenant", None),
-            companion_column=args.companion_column,
-            schema=args.schema,
-            batch_size=args.batch_size,
-            into=_into(args),
+        job = _job(args, models)
+        if job.max_kms_rps is not None:
             # One bucket per process: N workers each get 1/N of the budget, so that together
             # they stay within it (bursts included).
-            max_kms_rps=None if args.max_kms_rps is None else args.max_kms_rps / workers,
-        )
+            job = replace(job, max_kms_rps=job.max_kms_rps / workers)
         added = False
-        if job.command == "encrypt-column":  # before any worker starts: one ALTER, not N
+        if args.command == "encrypt-column":  # before any worker starts: one ALTER, not N
             try:  # what refuses the columns must do so before the companion is added
-                check_encryptable(
-                    engine, job.table, job.columns, schema=job.schema, into=dict(job.into) or None
-                )
+                check_encryptable(engine, job.table, job.columns, schema=job.schema, into=job.into)
             except ConfigurationError as exc:  # UniqueColumnError, a target unfit for --into
                 raise UsageError(f"{type(exc).__name__}: {exc}") from None
             added = ensure_companion(
                 engine, job.table, companion_column=job.companion_column, schema=job.schema
             )
-        view = _progress_view(args, _VERBS[job.command][0] + " " + _fullname(args))
+        view = _progress_view(args, _VERBS[args.command][0] + " " + _fullname(args))
         problems: list[str] = []
         started = time.monotonic()
         try:
             if workers == 1:
                 report = _run_job(
-                    job, engine, cmk, lambda p: view.update(p.done, p.total), models=models
+                    args.command, job, engine, cmk, lambda p: view.update(p.done, p.total)
                 )
             else:
-                report, problems = _run_workers(job, workers, view)
+                # Workers run without the models, as they always have: a spawned worker
+                # unpickles its copy before --app-dir is on its import path.
+                run = _Run(
+                    command=args.command,
+                    url=url,
+                    cmk=args.cmk,
+                    app_dir=str(Path(args.app_dir).resolve()),
+                    job=replace(job, metadata=None),
+                )
+                report, problems = _run_workers(run, workers, view)
         finally:
             view.close()
         report.seconds = time.monotonic() - started
-        _print_report(report, job, workers, added, problems, args, out)
+        _print_report(report, args.command, job, workers, added, problems, args, out)
         return 1 if problems else 0
     finally:
         engine.dispose()
@@ -451,84 +459,18 @@ def _fullname(args: argparse.Namespace) -> str:
 
 
 def _run_job(
-    job: _Job,
-    engine: Engine,
-    cmk: Any,
-    progress: Callable[[Progress], None],
-    *,
-    models: Any = None,
+    command: str, job: Job, engine: Engine, cmk: Any, progress: Callable[[Progress], None]
 ) -> Report:
-    """Run the job's backfill once, in this process. ``models`` (--metadata's, in the process
-    that loaded them) tell rotate the table's encrypted columns."""
-    from migrations_helpers import decrypt_columns, encrypt_columns, rewrap_keys, rotate_data_keys
+    """Run the command's backfill once, in this process."""
+    from migrations_helpers import run_job
 
-    if job.command == "rewrap":
-        return rewrap_keys(
-            engine,
-            cmk,
-            job.table,
-            tenant=job.tenant,
-            companion_column=job.companion_column,
-            schema=job.schema,
-            batch_size=job.batch_size,
-            progress=progress,
-            actor=ACTOR,
-            max_kms_rps=job.max_kms_rps,
-        )
-    assert job.tenant_column is not None  # argparse requires it for the other commands
-    if job.command == "rotate":
-        return rotate_data_keys(
-            engine,
-            cmk,
-            job.table,
-            job.columns or None,  # None: every encrypted column (the backfill finds them)
-            tenant_column=job.tenant_column,
-            metadata=models,
-            tenant=job.tenant,
-            companion_column=job.companion_column,
-            schema=job.schema,
-            batch_size=job.batch_size,
-            progress=progress,
-            actor=ACTOR,
-            max_kms_rps=job.max_kms_rps,
-        )
-    if job.command == "decrypt-column":
-        return decrypt_columns(
-            engine,
-            cmk,
-            job.table,
-            job.columns,
-            tenant_column=job.tenant_column,
-            companion_column=job.companion_column,
-            schema=job.schema,
-            batch_size=job.batch_size,
-            progress=progress,
-            actor=ACTOR,
-            max_kms_rps=job.max_kms_rps,
-            into=dict(job.into) or None,
-        )
-    return encrypt_columns(
-        engine,
-        cmk,
-        job.table,
-        job.columns,
-        tenant_column=job.tenant_column,
-        # A move seals values as the model's EncryptedType for the target encodes them.
-        metadata=models if job.into else None,
-        companion_column=job.companion_column,
-        schema=job.schema,
-        batch_size=job.batch_size,
-        progress=progress,
-        actor=ACTOR,
-        max_kms_rps=job.max_kms_rps,
-        into=dict(job.into) or None,
-    )
+    return run_job(engine, cmk, _VERBS[command][0], replace(job, progress=progress))
 
 
-def _worker(index: int, job: _Job, conn: Any) -> None:
+def _worker(index: int, run: _Run, conn: Any) -> None:
     """Body of one ``--workers`` process: its own engine and CMK, the same backfill as the others.
 
-    Runs in a spawned process, so it imports everything afresh (the CMK from ``job.cmk``).
+    Runs in a spawned process, so it imports everything afresh (the CMK from ``run.cmk``).
     Everything it has to say goes to the parent through ``conn``, its own pipe: no lock is
     shared between workers, so one killed mid-message cannot block the others.
     """
@@ -536,9 +478,11 @@ def _worker(index: int, job: _Job, conn: Any) -> None:
     silenced = _driver_logs_silenced()
     silenced.__enter__()  # for the life of the process: it ends with the job
     try:
-        engine = _migration_engine(job.url)
-        cmk = _load_cmk(job.cmk, job.app_dir)
-        report = _run_job(job, engine, cmk, lambda p: conn.send(("progress", p.done, p.total)))
+        engine = _migration_engine(run.url)
+        cmk = _load_cmk(run.cmk, run.app_dir)
+        report = _run_job(
+            run.command, run.job, engine, cmk, lambda p: conn.send(("progress", p.done, p.total))
+        )
         conn.send(("done", report))
     except BaseException as exc:  # reported to the parent, which decides
         with contextlib.suppress(OSError):  # unless the parent is gone
@@ -549,8 +493,8 @@ def _worker(index: int, job: _Job, conn: Any) -> None:
             engine.dispose()
 
 
-def _run_workers(job: _Job, count: int, view: _ProgressView) -> tuple[Report, list[str]]:
-    """Run ``job`` in ``count`` spawned processes at once; merge their reports.
+def _run_workers(run: _Run, count: int, view: _ProgressView) -> tuple[Report, list[str]]:
+    """Run ``run`` in ``count`` spawned processes at once; merge their reports.
 
     No coordinator: each worker runs the whole backfill and PostgreSQL's ``SKIP LOCKED`` hands
     each batch to one of them. Returns the merged report and one line per worker that failed
@@ -574,7 +518,7 @@ def _run_workers(job: _Job, count: int, view: _ProgressView) -> tuple[Report, li
             read_end, writer = context.Pipe(duplex=False)
             process = context.Process(
                 target=_worker,
-                args=(i, job, writer),
+                args=(i, run, writer),
                 name=f"sqlalchemy-cmk-worker-{i}",
                 daemon=True,
             )
@@ -626,9 +570,9 @@ def _run_workers(job: _Job, count: int, view: _ProgressView) -> tuple[Report, li
                 process.join()
             process.close()
     merged = Report(
-        operation=reports[0].operation if reports else _VERBS[job.command][0],
-        table=job.table,
-        columns=job.columns,
+        operation=reports[0].operation if reports else _VERBS[run.command][0],
+        table=run.job.table,
+        columns=tuple(run.job.columns),
     )
     for report in reports:
         merged.rows += report.rows
@@ -642,7 +586,8 @@ def _run_workers(job: _Job, count: int, view: _ProgressView) -> tuple[Report, li
 
 def _print_report(
     report: Report,
-    job: _Job,
+    command: str,
+    job: Job,
     workers: int,
     companion_added: bool,
     problems: list[str],
@@ -660,13 +605,13 @@ def _print_report(
         name = _fullname(args)
         if companion_added:
             print(f"added the companion column {job.companion_column} to {name}", file=out)
-        columns = report.columns or job.columns  # rotate: the columns it found
+        columns = report.columns or tuple(job.columns)  # rotate: the columns it found
         if job.into:
-            columns = tuple(f"{src} -> {dst}" for src, dst in job.into)
+            columns = tuple(f"{src} -> {dst}" for src, dst in job.into.items())
         what = f"{name} ({', '.join(columns)})" if columns else name
         rate = report.rows / report.seconds if report.seconds > 0 else 0.0
         print(
-            f"{_VERBS[job.command][1]} {report.rows:,} row(s) of {what} in "
+            f"{_VERBS[command][1]} {report.rows:,} row(s) of {what} in "
             f"{report.seconds:.1f} s ({rate:,.0f} rows/s, {workers} worker(s)); "
             f"{report.batches:,} batch(es), {report.passes} pass(es), "
             f"{report.conflicts:,} compare-and-swap conflict(s) retried",
@@ -685,26 +630,17 @@ def _print_report(
 def _verify_table(
     engine: Engine, cmk: Any, models: Any, args: argparse.Namespace, out: TextIO
 ) -> int:
-    from migrations_helpers import verify
+    from migrations_helpers import run_job
 
     view = _progress_view(args, "verify " + _fullname(args))
     sampled = args.sample is not None and args.sample < 1
     try:
-        report = verify(
-            engine,
-            cmk,
-            args.table,
-            args.columns,  # None: every encrypted column (the model's, else the database's)
-            tenant_column=args.tenant_column,
-            metadata=models,
-            companion_column=args.companion_column,
-            schema=args.schema,
-            batch_size=args.batch_size,
-            sample=args.sample,
-            # The engine's total is the whole table's; a sample checks a share of it, so no
-            # total (and no ETA) is shown rather than one the run will never reach.
-            progress=lambda p: view.update(p.done, None if sampled else p.total),
+        # The engine's total is the whole table's; a sample checks a share of it, so no total
+        # (and no ETA) is shown rather than one the run will never reach.
+        job = replace(
+            _job(args, models), progress=lambda p: view.update(p.done, None if sampled else p.total)
         )
+        report = run_job(engine, cmk, "verify", job)
     finally:
         view.close()
     encrypted = sum(report.encrypted_ok.values())
