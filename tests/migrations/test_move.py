@@ -89,8 +89,8 @@ class Patient(EncryptedMixin, Base):
     def ssn(self) -> str | None:
         return self.ssn_old if self.ssn_old is not None else self.ssn_new
 
-    @ssn.inplace.setter
-    def _ssn_set(self, value: str | None) -> None:
+    @ssn.setter  # the form of docs/migrations.md: 2.0.0 has no hybrid .inplace
+    def ssn(self, value: str | None) -> None:
         self.ssn_new = value
         self.ssn_old = None
         # Both columns in the UPDATE, changed or not as this session saw them: the backfill
