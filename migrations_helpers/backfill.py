@@ -520,6 +520,16 @@ def _target(
                     column=name,
                 )
             codec_for(typ)  # ConfigurationError for a type EncryptedType cannot take
+            if isinstance(typ, sqltypes.JSON):
+                # The compare-and-swap cannot hold a JSON source: PostgreSQL's json has no
+                # equality, SQLite's text never equals the re-serialised value, and JSON null
+                # reads as None yet is not SQL NULL, so the walk selected such rows forever.
+                raise ConfigurationError(
+                    f"{where}.{name} is {typ!r}: a JSON column cannot be moved online; add "
+                    "the EncryptedType(JSON) column and copy the values in application code",
+                    table=table,
+                    column=name,
+                )
             storage.append("text" if isinstance(typ, sqltypes.String) else "plain")
             continue
         if isinstance(typ, sqltypes._Binary) and not for_encrypt:
