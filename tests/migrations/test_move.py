@@ -372,6 +372,14 @@ def test_bad_moves_are_refused_before_anything_changes(engine: Engine) -> None:
         if k < 3:  # the checks that need no tenant or companion column: before the companion
             with pytest.raises(ConfigurationError, match=message):
                 backfill.check_encryptable(engine, TABLE, ["ssn"], into=into)
+    for bad in ({"ssn": "ssn"}, {"ssn": "ssn_enc", "ssn_text": "ssn_enc"}):
+        with pytest.raises(ConfigurationError, match="another column"):  # not 'still holds'
+            backfill.check_cutover(engine, TABLE, bad)
+    with engine.begin() as conn:
+        blob = "BYTEA" if engine.dialect.name == "postgresql" else "BLOB"
+        conn.execute(text(f"ALTER TABLE {TABLE} ADD COLUMN ssn_nn {blob} NOT NULL DEFAULT 'x'"))
+    with pytest.raises(ConfigurationError, match="NOT NULL"):
+        backfill.check_encryptable(engine, TABLE, ["ssn"], into={"ssn": "ssn_nn"})
     with pytest.raises(ConfigurationError, match="every column"):
         backfill.encrypt_columns(
             engine, cmk, TABLE, ["ssn", "ssn_text"], tenant_column="tenant_id", into=INTO
