@@ -213,3 +213,19 @@ def test_a_path_the_system_refuses_is_one_line(
     err = capsys.readouterr().err
     assert err.startswith("sqlalchemy-cmk: ") and err.count("\n") == 1
     assert str(where) in err and "unexpected" not in err
+
+
+def test_list_escapes_names_from_a_hand_edited_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`keys add` refuses a non-printable tenant id, but a file edited by hand (or written by
+    generate_key_file) can hold one: listed escaped, it cannot forge a line or a terminal
+    sequence."""
+    path = tmp_path / "keys.json"
+    key = base64.b64encode(os.urandom(32)).decode()
+    forged = "evil\nacme  acme  -"
+    doc = {"keys": {"k\x1b[2J": key}, "tenants": {forged: ["k\x1b[2J"]}}
+    path.write_text(json.dumps(doc))
+    assert keys("list", path) == 0
+    out = capsys.readouterr().out
+    assert out.count("\n") == 2 and "\x1b" not in out and "\\n" in out

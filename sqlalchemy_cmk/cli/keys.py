@@ -99,8 +99,12 @@ def _run(args: argparse.Namespace, out: TextIO) -> int:
             json.dump({"tenants": tenants, "unassigned_keys": unassigned}, out, indent=2)
             out.write("\n")
         else:
-            rows = [[t, names[0], " ".join(names[1:]) or "-"] for t, names in tenants.items()]
-            rows += [["(no tenant)", "-", name] for name in unassigned]
+            # Escaped: `keys add` refuses such names, but a file edited by hand may hold them.
+            rows = [
+                [_printable(t), _printable(names[0]), _printable(" ".join(names[1:])) or "-"]
+                for t, names in tenants.items()
+            ]
+            rows += [["(no tenant)", "-", _printable(name)] for name in unassigned]
             _print_table(["TENANT", "PRIMARY", "ALSO ACCEPTED"], rows, out)
         return EXIT_OK
     with _locked(path):
