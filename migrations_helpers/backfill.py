@@ -523,6 +523,16 @@ def _target(
                     column=name,
                 )
             codec_for(typ)  # ConfigurationError for a type EncryptedType cannot take
+            if isinstance(typ, sqltypes.JSON):
+                # The compare-and-swap cannot hold a JSON source: PostgreSQL's json has no
+                # equality, SQLite's text never equals the re-serialised value, and JSON null
+                # reads as None yet is not SQL NULL, so the walk selected such rows forever.
+                raise ConfigurationError(
+                    f"{where}.{name} is {typ!r}: a JSON column cannot be moved online; add "
+                    "the EncryptedType(JSON) column and copy the values in application code",
+                    table=table,
+                    column=name,
+                )
             storage.append("text" if isinstance(typ, sqltypes.String) else "plain")
             continue
         if isinstance(typ, sqltypes._Binary) and not for_encrypt:
@@ -690,6 +700,16 @@ def _check_move_targets(
                 f"{where}.{dst} is {typ!r}, not a binary column: the values of {src!r} are "
                 "moved into it as the default (binary) storage writes them. Add it as "
                 "LargeBinary (BYTEA, BLOB), nullable, or as the type EncryptedType renders",
+                table=table,
+                column=dst,
+            )
+        if reflected[dst].get("nullable") is False:
+            # The application empties the target when it writes None through the dual-read
+            # model, and a row with no value keeps the target NULL (a default there would be
+            # read as a ciphertext after the cutover).
+            raise ConfigurationError(
+                f"{where}.{dst} is NOT NULL: the values of {src!r} are moved into a nullable "
+                "column (NULL where there is no value); make it nullable first",
                 table=table,
                 column=dst,
             )
@@ -2481,6 +2501,16 @@ def check_cutover(
     if not insp.has_table(table, schema=schema):
         raise ConfigurationError(f"table {where!r} does not exist", table=table)
     present = {c["name"] for c in insp.get_columns(table, schema=schema)}
+    for src, dst in into.items():
+        # A column "moved into itself" always holds its values: the count would read as a
+        # move never finished, and the drop would take the values with it.
+        if src == dst or dst in into or list(into.values()).count(dst) > 1:
+            raise ConfigurationError(
+                f"into= cannot cut {src!r} over to {dst!r}: a target must be another column, "
+                "neither cut over itself nor the target of two",
+                table=table,
+                column=dst,
+            )
     for name in (*into, *into.values()):
         if name not in present:
             raise ConfigurationError(

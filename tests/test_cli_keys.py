@@ -181,3 +181,51 @@ def test_concurrent_rotates_all_land(tmp_path: Path) -> None:
     assert sorted(provider.tenant_keys["acme"]) == sorted(
         ["local://acme"] + [f"local://acme-p{n}" for n in range(4)]
     )
+
+
+def test_a_change_through_a_symlink_lands_in_the_file_it_points_to(tmp_path: Path) -> None:
+    """A key file reached through a link (a mounted secret, a 'current' link) is changed where
+    it lives: replacing the link with a copy would leave the real file without the new key,
+    and whatever reads the real file could not open data sealed under it."""
+    real = tmp_path / "keys.json"
+    link = tmp_path / "current.json"
+    assert keys("init", real, "--tenant", "acme") == 0
+    link.symlink_to(real)
+    assert keys("add", link, "--tenant", "globex") == 0
+    assert keys("rotate", link, "--tenant", "acme") == 0
+    assert link.is_symlink()
+    assert LocalKeyProvider.from_file(real).tenant_keys == {
+        "acme": ["local://acme-2", "local://acme"],
+        "globex": ["local://globex"],
+    }
+    assert stat.S_IMODE(real.stat().st_mode) == 0o600
+
+
+@pytest.mark.parametrize("action", ["init", "add", "list"])
+def test_a_path_the_system_refuses_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], action: str
+) -> None:
+    """A directory where the file should be, or a directory that does not exist: one line
+    naming the file and the system's reason, exit 1, never 'unexpected ...'."""
+    where = tmp_path / "no-such-dir" / "keys.json" if action == "init" else tmp_path
+    argv = ["--tenant", "acme"] if action != "list" else []
+    assert keys(action, where, *argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("sqlalchemy-cmk: ") and err.count("\n") == 1
+    assert str(where) in err and "unexpected" not in err
+
+
+def test_list_escapes_names_from_a_hand_edited_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`keys add` refuses a non-printable tenant id, but a file edited by hand (or written by
+    generate_key_file) can hold one: listed escaped, it cannot forge a line or a terminal
+    sequence."""
+    path = tmp_path / "keys.json"
+    key = base64.b64encode(os.urandom(32)).decode()
+    forged = "evil\nacme  acme  -"
+    doc = {"keys": {"k\x1b[2J": key}, "tenants": {forged: ["k\x1b[2J"]}}
+    path.write_text(json.dumps(doc))
+    assert keys("list", path) == 0
+    out = capsys.readouterr().out
+    assert out.count("\n") == 2 and "\x1b" not in out and "\\n" in out

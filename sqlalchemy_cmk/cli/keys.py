@@ -68,14 +68,27 @@ def add_parsers(commands: argparse._SubParsersAction[_Parser], as_json: _Parser)
 
 def run_keys(args: argparse.Namespace, out: TextIO) -> int:
     """Run ``keys ACTION``; returns the exit status (errors raise, for ``main`` to report)."""
-    path = Path(args.file)
+    try:
+        return _run(args, out)
+    except OSError as exc:
+        # The system's reason (no such directory, permission denied) names no key; the path
+        # is the one the user gave.
+        raise ConfigurationError(
+            f"key file {args.file}: {exc.strerror or type(exc).__name__}"
+        ) from None
+
+
+def _run(args: argparse.Namespace, out: TextIO) -> int:
+    # Through a link, the file it points to: replacing the link by a changed copy would leave
+    # the real file, which something else may read, without the new key.
+    path = Path(os.path.realpath(args.file))
     if args.action == "init":
         doc: dict[str, Any] = {"keys": {}, "tenants": {}}
         for tenant in args.tenant:
             _add(doc, tenant, None, rotate=False)
         _write_new(path, doc)
         tenants = _count(len(args.tenant), "tenant")
-        print(f"created {_printable(str(path))} with {tenants}", file=out)
+        print(f"created {_printable(args.file)} with {tenants}", file=out)
         return EXIT_OK
     if args.action == "list":
         doc = _read(path)
@@ -86,8 +99,12 @@ def run_keys(args: argparse.Namespace, out: TextIO) -> int:
             json.dump({"tenants": tenants, "unassigned_keys": unassigned}, out, indent=2)
             out.write("\n")
         else:
-            rows = [[t, names[0], " ".join(names[1:]) or "-"] for t, names in tenants.items()]
-            rows += [["(no tenant)", "-", name] for name in unassigned]
+            # Escaped: `keys add` refuses such names, but a file edited by hand may hold them.
+            rows = [
+                [_printable(t), _printable(names[0]), _printable(" ".join(names[1:])) or "-"]
+                for t, names in tenants.items()
+            ]
+            rows += [["(no tenant)", "-", _printable(name)] for name in unassigned]
             _print_table(["TENANT", "PRIMARY", "ALSO ACCEPTED"], rows, out)
         return EXIT_OK
     with _locked(path):

@@ -372,6 +372,14 @@ def test_bad_moves_are_refused_before_anything_changes(engine: Engine) -> None:
         if k < 3:  # the checks that need no tenant or companion column: before the companion
             with pytest.raises(ConfigurationError, match=message):
                 backfill.check_encryptable(engine, TABLE, ["ssn"], into=into)
+    for bad in ({"ssn": "ssn"}, {"ssn": "ssn_enc", "ssn_text": "ssn_enc"}):
+        with pytest.raises(ConfigurationError, match="another column"):  # not 'still holds'
+            backfill.check_cutover(engine, TABLE, bad)
+    with engine.begin() as conn:
+        blob = "BYTEA" if engine.dialect.name == "postgresql" else "BLOB"
+        conn.execute(text(f"ALTER TABLE {TABLE} ADD COLUMN ssn_nn {blob} NOT NULL DEFAULT 'x'"))
+    with pytest.raises(ConfigurationError, match="NOT NULL"):
+        backfill.check_encryptable(engine, TABLE, ["ssn"], into={"ssn": "ssn_nn"})
     with pytest.raises(ConfigurationError, match="every column"):
         backfill.encrypt_columns(
             engine, cmk, TABLE, ["ssn", "ssn_text"], tenant_column="tenant_id", into=INTO
@@ -638,3 +646,53 @@ def test_the_documented_model_reads_and_writes_through_the_move(engine: Engine) 
     with engine.connect() as conn:
         for enc in conn.execute(text("SELECT ssn_enc FROM patients")).scalars():
             assert enc is None or b"123-45-6789" not in bytes(enc)
+
+
+def test_a_json_column_is_refused_before_anything_changes(engine: Engine) -> None:
+    """A JSON source cannot go through the compare-and-swap (PostgreSQL's json has no
+    equality; on SQLite a JSON null reads as None but is not SQL NULL, so the walk selected the
+    row forever and the call never returned): refused up front, with a clear error."""
+    from sqlalchemy import JSON
+
+    md = MetaData()
+    table = Table(
+        "mv_json",
+        md,
+        Column("id", Integer, primary_key=True, autoincrement=False),
+        Column("tenant_id", String(20)),
+        Column("doc", JSON),
+        Column("doc_enc", LargeBinary),
+        Column("cmk_edek", LargeBinary),
+    )
+    md.create_all(engine)
+    docs: dict[int, Any] = {1: {"a": [1, "x"]}, 2: None, 3: "null"}
+    with engine.begin() as conn:
+        conn.execute(
+            insert(table), [{"id": i, "tenant_id": "acme", "doc": d} for i, d in docs.items()]
+        )
+    with engine.connect() as conn:
+        before = conn.execute(select(table).order_by(table.c.id)).all()
+    cmk = make_cmk(FakeKeyProvider())
+    into = {"doc": "doc_enc"}
+    # MariaDB's JSON is LONGTEXT with a check: reflected as text, refused as another type.
+    mysql = engine.dialect.name in ("mysql", "mariadb")
+    message = "holds str values" if mysql else "JSON column"
+
+    class B(DeclarativeBase):
+        pass
+
+    class Doc(EncryptedMixin, B):
+        __tablename__ = "mv_json"
+        id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+        tenant_id: Mapped[str] = mapped_column(String(20))
+        doc: Mapped[Any] = mapped_column("doc_enc", EncryptedType(JSON))
+
+    with pytest.raises(ConfigurationError, match=message):
+        backfill.encrypt_columns(
+            engine, cmk, "mv_json", ["doc"], tenant_column="tenant_id", metadata=B, into=into
+        )
+    if not mysql:
+        with pytest.raises(ConfigurationError, match=message):
+            backfill.check_encryptable(engine, "mv_json", ["doc"], into=into)
+    with engine.connect() as conn:
+        assert conn.execute(select(table).order_by(table.c.id)).all() == before
