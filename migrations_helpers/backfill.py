@@ -1965,6 +1965,7 @@ def encrypt_columns(
     if tgt.into:
         pending = or_(*(tgt.cols[i].is_not(None) for i in tgt.into))
         move = _mover(tgt, _move_codecs(tgt, metadata))
+        _refuse_occupied_targets(engine, tgt)
         with _Crypto(cmk, tgt, actor) as crypto:
             _walk(
                 engine,
@@ -2254,6 +2255,29 @@ def _mover(
         batch.apply(conn, part, lambda ours: crypto.check_written(ours, new_envs))
 
     return move
+
+
+def _refuse_occupied_targets(engine: Engine, tgt: _Target) -> None:
+    """encrypt's ``into=``: refuse, before any write, a target holding values in rows whose
+    source holds one too. Through the documented model the two never both hold one (a write
+    fills the target and empties the source), so such rows mean a target that is not the
+    column meant (its values would be overwritten) or an instance still on the old model."""
+    with engine.connect() as conn:
+        for s, t in sorted(tgt.into.items()):
+            src, dst = tgt.cols[s], tgt.cols[t]
+            both = conn.execute(
+                select(func.count()).select_from(tgt.raw).where(src.is_not(None), dst.is_not(None))
+            ).scalar_one()
+            if both:
+                raise ConfigurationError(
+                    f"{both} rows of {tgt.label()!r} hold a value in both {src.name!r} and "
+                    f"{dst.name!r}: a move fills an empty target, and would overwrite these. "
+                    f"Check that {dst.name!r} is the column meant, and that every instance "
+                    "runs the model reading both columns (docs/migrations.md); nothing was "
+                    "written",
+                    table=tgt.name,
+                    column=dst.name,
+                )
 
 
 def _codec_of_tag(tag: int, table: str, column: str) -> Codec:

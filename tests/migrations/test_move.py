@@ -407,6 +407,21 @@ def test_bad_moves_are_refused_before_anything_changes(engine: Engine) -> None:
     assert stored(engine) == before
 
 
+def test_a_target_already_holding_values_is_refused(engine: Engine) -> None:
+    """A mistyped into= naming a column with data of its own would overwrite it row by row."""
+    seed(engine, 6)
+    cmk = make_cmk(FakeKeyProvider())
+    with engine.begin() as conn:
+        conn.execute(patients.update().where(patients.c.id < 3).values(ssn_enc=b"other data"))
+    before = stored(engine)
+    with pytest.raises(ConfigurationError, match=r"hold a value in both 'ssn' and 'ssn_enc'"):
+        move(engine, cmk)
+    assert stored(engine) == before
+    with engine.begin() as conn:  # once the target is empty where the source has a value
+        conn.execute(patients.update().values(ssn_enc=None))
+    assert move(engine, cmk).rows == sum(1 for v, _ in before.values() if v is not None)
+
+
 def test_a_target_too_small_is_refused() -> None:
     where: dict[str, Any] = {
         "ssn": {"type": String(11)},
