@@ -363,6 +363,13 @@ def test_encrypt_column_into_moves_text_columns_into_binary_and_back(
         1,
     )
     assert "MoveNotFinishedError" in line and f"{left:,} value(s)" in line
+    for wrong, why in (  # invoked wrongly: exit 2, as encrypt-column --into says it
+        (["--table", "nope", "--column", "a", "--into", "a_plain"], "does not exist"),
+        (["--table", "cli_docs", "--column", "nope", "--into", "a_plain"], "nope"),
+        (["--table", "cli_docs", "--column", "a", "--into", "a"], "another column"),
+    ):
+        line = one_line_failure(sql_only(app, engine, "cutover", *wrong), 2)
+        assert why in line, line
 
     cols = ["--column", "a_plain", "--column", "b_plain"]
     before = raw(engine)

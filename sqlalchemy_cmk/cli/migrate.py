@@ -727,7 +727,10 @@ def _cutover(engine: Engine, args: argparse.Namespace, out: TextIO) -> int:
     into = _into(args)
     if len(into) != len(args.columns):
         raise UsageError("cutover: give --into [COLUMN=]TARGET for every --column")
-    moved = check_cutover(engine, args.table, dict(into), schema=args.schema)
+    try:
+        moved = check_cutover(engine, args.table, dict(into), schema=args.schema)
+    except ConfigurationError as exc:  # no such table or column, or no move it could be
+        raise UsageError(f"{type(exc).__name__}: {exc}") from None
     if args.json:
         json.dump({"ok": True, "remaining": 0, "moved": moved, "into": dict(into)}, out, indent=2)
         print(file=out)
