@@ -87,6 +87,20 @@ def test_a_file_from_generate_key_file_can_be_rotated(tmp_path: Path) -> None:
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
 
 
+@pytest.mark.parametrize(("mode", "kept"), [(0o640, 0o640), (0o400, 0o400), (0o644, 0o640)])
+def test_a_change_keeps_the_mode_given_to_the_file_never_for_others(
+    tmp_path: Path, mode: int, kept: int
+) -> None:
+    """An operator who made the file group-readable for the application's user must not find
+    it 0600 (an outage at the next start) after `keys add`; bits for others are dropped."""
+    path = tmp_path / "keys.json"
+    assert keys("init", path, "--tenant", "acme") == 0
+    path.chmod(mode)
+    assert keys("add", path, "--tenant", "globex") == 0
+    assert stat.S_IMODE(path.stat().st_mode) == kept
+    assert LocalKeyProvider.from_file(path).tenant_keys["globex"] == ["local://globex"]
+
+
 @pytest.mark.parametrize(
     ("argv", "status", "says"),
     [

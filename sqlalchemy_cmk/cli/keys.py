@@ -16,6 +16,7 @@ import contextlib
 import json
 import os
 import re
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -197,7 +198,14 @@ def _write_new(path: Path, doc: dict[str, Any]) -> None:
 
 
 def _replace(path: Path, doc: dict[str, Any]) -> None:
+    was = os.stat(path)
     with _temporary(path, doc) as tmp:
+        # The mode and group the operator gave the file (0640 for the application's group,
+        # say) stay, or the application could not read its keys at the next start; bits for
+        # others never come back.
+        os.chmod(tmp, stat.S_IMODE(was.st_mode) & 0o770)
+        with contextlib.suppress(PermissionError):  # only a member of the group may
+            os.chown(tmp, -1, was.st_gid)
         os.replace(tmp, path)
     _sync_directory(path)
 
