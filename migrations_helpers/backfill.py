@@ -2030,25 +2030,7 @@ def encrypt_columns(
             values.append(d)
             witnesses.append(witness)
             comps.append(comp)
-        # Seal every tenant's rows before writing any: a failure writes nothing of the batch.
-        new_comps: list[bytes | None] = [None] * len(rows)
-        cts: list[list[bytes]] = [[]] * len(rows)
-        new_envs: set[bytes] = set()
-        for tenant, idx in groups.items():
-            sealed_comps, flat = crypto.seal(
-                tenant,
-                [values[i] for i in idx],
-                [comps[i] for i in idx],
-                [witnesses[i] for i in idx],
-            )
-            k = 0
-            for i, new_comp in zip(idx, sealed_comps, strict=True):
-                if new_comp is not None:
-                    new_envs.add(new_comp[_SPLIT:])
-                new_comps[i] = new_comp
-                n = len(values[i])
-                cts[i] = flat[k : k + n]
-                k += n
+        new_comps, cts, new_envs = _seal_groups(crypto, groups, values, comps, witnesses)
         batch = _Batch(tgt)
         for i, row in enumerate(rows):
             d = values[i]
@@ -2204,25 +2186,7 @@ def _mover(
             witnesses.append(witness)
             comps.append(comp)
         crypto.audit(opened)
-        # Seal every tenant's rows before writing any: a failure writes nothing of the batch.
-        new_comps: list[bytes | None] = [None] * len(rows)
-        cts: list[list[bytes]] = [[]] * len(rows)
-        new_envs: set[bytes] = set()
-        for tenant, idx in groups.items():
-            sealed_comps, flat = crypto.seal(
-                tenant,
-                [values[i] for i in idx],
-                [comps[i] for i in idx],
-                [witnesses[i] for i in idx],
-            )
-            k = 0
-            for i, new_comp in zip(idx, sealed_comps, strict=True):
-                if new_comp is not None:
-                    new_envs.add(new_comp[_SPLIT:])
-                new_comps[i] = new_comp
-                n = len(values[i])
-                cts[i] = flat[k : k + n]
-                k += n
+        new_comps, cts, new_envs = _seal_groups(crypto, groups, values, comps, witnesses)
         batch = _Batch(tgt)
         ncols = len(tgt.cols)
         for i, row in enumerate(rows):
@@ -2255,6 +2219,38 @@ def _mover(
         batch.apply(conn, part, lambda ours: crypto.check_written(ours, new_envs))
 
     return move
+
+
+def _seal_groups(
+    crypto: _Crypto,
+    groups: Mapping[str, list[int]],
+    values: Sequence[Mapping[str, bytes | str]],
+    comps: Sequence[bytes | None],
+    witnesses: Sequence[dict[str, bytes] | None],
+) -> tuple[list[bytes | None], list[list[bytes]], set[bytes]]:
+    """Seal a batch's values, tenant by tenant (``groups``: tenant -> row indexes), before any
+    is written, so that a failure writes nothing of the batch. Returns, by row, the new
+    companion (None: unchanged) and the ciphertexts in the spec's column order, and the set of
+    new envelopes (for the read-back check)."""
+    new_comps: list[bytes | None] = [None] * len(values)
+    cts: list[list[bytes]] = [[]] * len(values)
+    new_envs: set[bytes] = set()
+    for tenant, idx in groups.items():
+        sealed_comps, flat = crypto.seal(
+            tenant,
+            [values[i] for i in idx],
+            [comps[i] for i in idx],
+            [witnesses[i] for i in idx],
+        )
+        k = 0
+        for i, new_comp in zip(idx, sealed_comps, strict=True):
+            if new_comp is not None:
+                new_envs.add(new_comp[_SPLIT:])
+            new_comps[i] = new_comp
+            n = len(values[i])
+            cts[i] = flat[k : k + n]
+            k += n
+    return new_comps, cts, new_envs
 
 
 def _refuse_occupied_targets(engine: Engine, tgt: _Target) -> None:
