@@ -751,7 +751,14 @@ def _run(
     if operation == "encrypt":
         # Before the schema changes: a unique index over the column would enforce nothing
         # (and, for a move, a target that cannot take the values is refused).
-        backfill.check_encryptable(conn, job.table, job.columns, schema=job.schema, into=job.into)
+        backfill.check_encryptable(
+            conn,
+            job.table,
+            job.columns,
+            schema=job.schema,
+            into=job.into,
+            metadata=operations.get_context().opts.get("target_metadata"),
+        )
         if job.companion_column not in present:
             operations.add_column(
                 job.table,

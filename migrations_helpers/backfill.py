@@ -778,11 +778,14 @@ def check_encryptable(
     *,
     schema: str | None = None,
     into: Mapping[str, str] | None = None,
+    metadata: Models | None = None,
 ) -> None:
     """The checks :func:`encrypt_columns` makes before anything changes that need no tenant
     column or companion: that no unique index or constraint covers a column; with ``into``,
-    every check of the move's columns and targets too. The Alembic operation and the CLI call
-    it before they add the companion column.
+    every check of the move's columns and targets too (with ``metadata``, against the types
+    the model declares for the targets). The Alembic operation and the CLI call it before
+    they add the companion column, and before the CLI's workers start (which run without the
+    models).
 
     Raises:
         UniqueColumnError: a unique index or constraint covers one of ``columns`` (or a
@@ -791,7 +794,7 @@ def check_encryptable(
             and targets.
     """
     if into:
-        _target(
+        tgt = _target(
             bind,
             table,
             columns,
@@ -802,6 +805,8 @@ def check_encryptable(
             with_tenant=False,
             into=into,
         )
+        _move_codecs(tgt, metadata)
+        _refuse_occupied_targets(bind, tgt)
         return
     _refuse_unique(sa_inspect(bind), table, schema, columns)
 
@@ -2253,12 +2258,12 @@ def _seal_groups(
     return new_comps, cts, new_envs
 
 
-def _refuse_occupied_targets(engine: Engine, tgt: _Target) -> None:
+def _refuse_occupied_targets(bind: Engine | Connection, tgt: _Target) -> None:
     """encrypt's ``into=``: refuse, before any write, a target holding values in rows whose
     source holds one too. Through the documented model the two never both hold one (a write
     fills the target and empties the source), so such rows mean a target that is not the
     column meant (its values would be overwritten) or an instance still on the old model."""
-    with engine.connect() as conn:
+    with bind.connect() if isinstance(bind, Engine) else contextlib.nullcontext(bind) as conn:
         for s, t in sorted(tgt.into.items()):
             src, dst = tgt.cols[s], tgt.cols[t]
             both = conn.execute(

@@ -345,7 +345,14 @@ def run_migration(args: argparse.Namespace, out: TextIO) -> int:
         added = False
         if args.command == "encrypt-column":  # before any worker starts: one ALTER, not N
             try:  # what refuses the columns must do so before the companion is added
-                check_encryptable(engine, job.table, job.columns, schema=job.schema, into=job.into)
+                check_encryptable(
+                    engine,
+                    job.table,
+                    job.columns,
+                    schema=job.schema,
+                    into=job.into,
+                    metadata=models,
+                )
             except ConfigurationError as exc:  # UniqueColumnError, a target unfit for --into
                 raise UsageError(f"{type(exc).__name__}: {exc}") from None
             added = ensure_companion(

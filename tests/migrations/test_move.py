@@ -396,6 +396,9 @@ def test_bad_moves_are_refused_before_anything_changes(engine: Engine) -> None:
 
     with pytest.raises(ConfigurationError, match="default \\(binary\\) storage"):
         move(engine, cmk, metadata=Wrong)
+    with pytest.raises(ConfigurationError, match="default \\(binary\\) storage"):
+        # What the CLI checks before its workers start (they run without the models).
+        backfill.check_encryptable(engine, TABLE, ["ssn"], into=INTO, metadata=Wrong)
 
     with engine.begin() as conn:  # SQL, not Index(): that would stay on the shared Table
         conn.execute(text(f"CREATE UNIQUE INDEX mv_ssn_unique ON {TABLE} (ssn)"))
@@ -414,8 +417,12 @@ def test_a_target_already_holding_values_is_refused(engine: Engine) -> None:
     with engine.begin() as conn:
         conn.execute(patients.update().where(patients.c.id < 3).values(ssn_enc=b"other data"))
     before = stored(engine)
-    with pytest.raises(ConfigurationError, match=r"hold a value in both 'ssn' and 'ssn_enc'"):
-        move(engine, cmk)
+    for check in (
+        lambda: move(engine, cmk),
+        lambda: backfill.check_encryptable(engine, TABLE, ["ssn"], into=INTO),
+    ):
+        with pytest.raises(ConfigurationError, match=r"hold a value in both 'ssn' and 'ssn_enc'"):
+            check()
     assert stored(engine) == before
     with engine.begin() as conn:  # once the target is empty where the source has a value
         conn.execute(patients.update().values(ssn_enc=None))
