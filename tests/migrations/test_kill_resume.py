@@ -2,9 +2,10 @@
 
 For each operation (``encrypt_columns`` on text storage; ``rotate_data_keys``, ``rewrap_keys``
 and ``decrypt_columns`` on text and binary storage at once; ``encrypt_columns(into=)`` moving
-the decrypted text column back into binary storage), on SQLite and PostgreSQL, with one
-worker process and (PostgreSQL) two: the operation runs in subprocesses that are SIGKILLed at
-random moments while the application (another process, see ``_kill_resume_app.py``) updates,
+the decrypted text column back into binary storage), on SQLite, PostgreSQL and MariaDB, with
+one worker process and (PostgreSQL, MariaDB) two: the operation runs in subprocesses that are
+SIGKILLed at random moments while the application (another process, see
+``_kill_resume_app.py``) updates,
 inserts and deletes rows through the ORM with the session hooks installed, and checks every row
 it loads against what it last wrote. Then the application pauses, the operation runs again to
 completion (exit 0), and the test checks what an operator would: every row the application
