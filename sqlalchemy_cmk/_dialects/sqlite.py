@@ -25,6 +25,13 @@ class SQLiteSupport(DialectSupport):
             return cast(col, LargeBinary).label(col.name)
         return super().raw_column(col)
 
+    def same(self, col: ColumnElement[Any], value: ColumnElement[Any]) -> ColumnElement[bool]:
+        # A column declared COLLATE NOCASE (or RTRIM) compares folded; BINARY is exact. SQLite
+        # walks without row locks, so a write can land between a batch's read and its swap.
+        if isinstance(col.type, String):
+            return col.collate("BINARY").is_not_distinct_from(value)
+        return col.is_not_distinct_from(value)
+
     def random_below(self, fraction: float) -> ColumnElement[bool]:
         # random() is a signed 64-bit integer here, not a fraction.
         return func.abs(func.random()) % 1_000_000 < int(fraction * 1_000_000)

@@ -356,15 +356,26 @@ def test_compare_and_swap_is_exact_whatever_the_collation(
 ) -> None:
     """A plaintext write landing inside a batch (an instance not yet in dual-read mode) that
     changes only case, trailing spaces or accents must still win: under MariaDB's default
-    collation 'abc' = 'ABC' = 'abc ', and a compare-and-swap comparing that way would seal the
-    old value over the new one. Walked without row locks (SQLite; MariaDB before 10.6)."""
+    collation (or a SQLite column's NOCASE, RTRIM) 'abc' = 'ABC' = 'abc ', and a compare-and-swap
+    comparing that way would seal the old value over the new one. Walked without row locks
+    (SQLite; MariaDB before 10.6)."""
     if engine.dialect.name == "postgresql":
         pytest.skip("PostgreSQL claims the batch's rows: the write waits (test above)")
     if engine.dialect.name == "mysql":  # as on a server without SKIP LOCKED
         from sqlalchemy_cmk._dialects.mysql import MYSQL
 
         monkeypatch.setattr(MYSQL, "skip_locked", lambda dialect: False)
-    metadata.create_all(engine)
+    if engine.dialect.name == "sqlite":  # the column as a user may declare it: folding
+        collation = {"upper": "NOCASE", "trailing space": "RTRIM", "accent": "BINARY"}[change]
+        with engine.begin() as conn:
+            conn.execute(
+                text(
+                    f"CREATE TABLE {TABLE} (id INTEGER PRIMARY KEY, tenant_id VARCHAR(20), "
+                    f"name TEXT COLLATE {collation}, note TEXT, cmk_edek BLOB)"
+                )
+            )
+    else:
+        metadata.create_all(engine)
     before = {"upper": "abc", "trailing space": "abc", "accent": "resume"}[change]
     after = {"upper": "ABC", "trailing space": "abc ", "accent": "résumé"}[change]
     with engine.begin() as conn:
