@@ -19,6 +19,7 @@ from .errors import AuditError as AuditError
 from .errors import CMKError as CMKError
 from .errors import ConfigurationError as ConfigurationError
 from .errors import DecryptionError as DecryptionError
+from .errors import IndexNotReadyError as IndexNotReadyError
 from .errors import InvalidValueError as InvalidValueError
 from .errors import KeyAccessDeniedError as KeyAccessDeniedError
 from .errors import KeyAccessError as KeyAccessError
@@ -34,6 +35,7 @@ from .errors import TenantNotConfiguredError as TenantNotConfiguredError
 from .errors import TenantRevokedError as TenantRevokedError
 from .errors import UnsupportedQueryError as UnsupportedQueryError
 from .providers import KeyProvider as KeyProvider
+from .search import BlindIndex as BlindIndex
 from .types import EDEKType as EDEKType
 from .types import EncryptedMixin as EncryptedMixin
 from .types import EncryptedType as EncryptedType
@@ -43,6 +45,7 @@ __all__ = [
     "CMK",
     "AuditError",
     "AuditEvent",
+    "BlindIndex",
     "CMKError",
     "ConfigurationError",
     "DecryptionError",
@@ -51,6 +54,7 @@ __all__ = [
     "EncryptedMixin",
     "EncryptedType",
     "EncryptedValue",
+    "IndexNotReadyError",
     "InvalidValueError",
     "KMSUnavailableError",
     "KeyAccessDeniedError",

@@ -149,6 +149,9 @@ class CMK:
             KMS unwrap per write window; it keeps a provider whose wrap returns an unusable blob
             from writing rows that can never be decrypted. Turn off only for a provider you
             trust to round-trip (the flush then fails at the first load instead).
+        search_state_ttl: Seconds a blind index's state (built, rotating...) and a tenant's
+            search root-key envelope are cached; the rotation tool waits twice this between
+            phases, so keep it the same in every process (``docs/search.md``).
         clock: Monotonic seconds, for the cache's time limits; a seam for tests (default
             ``time.monotonic``). KMS call deadlines always use real time.
 
@@ -174,6 +177,7 @@ class CMK:
         max_concurrency: int = 16,
         audit_sinks: Sequence[AuditSink] | None = None,
         verify_write_keys: bool = True,
+        search_state_ttl: float = 5.0,
         clock: Callable[[], float] | None = None,
     ) -> None:
         all_providers = ([provider] if provider is not None else []) + list(providers)
@@ -203,6 +207,11 @@ class CMK:
             verify_write_keys=verify_write_keys,
         )
         self._installed: list[tuple[Any, list[tuple[str, Any]]]] = []
+        if search_state_ttl < 0:
+            raise ConfigurationError("search_state_ttl must be >= 0")
+        from ._search import SearchStore
+
+        self._search = SearchStore(self, search_state_ttl)
         if isinstance(registry, StaticKeyRegistry):
             for tenant in registry.tenants():  # fail at start-up, not at a tenant's first write
                 self._keys.tenant_keys(tenant)

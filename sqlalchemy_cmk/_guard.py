@@ -77,6 +77,7 @@ from .errors import (
     TenantContextError,
     UnsupportedQueryError,
 )
+from .search import BlindIndexType
 from .types import EDEKType, EncryptedType
 
 __all__ = ["SUPPORTED_READS", "check_column", "check_statement", "check_table"]
@@ -204,7 +205,7 @@ def _structure(stmt: Any) -> Any:
 
 
 def _protected(col: Any) -> bool:
-    return isinstance(getattr(col, "type", None), EncryptedType | EDEKType)
+    return isinstance(getattr(col, "type", None), EncryptedType | EDEKType | BlindIndexType)
 
 
 def _encrypted(node: Any) -> bool:
@@ -464,6 +465,22 @@ class _Walk:
             if isinstance(value, ClauseElement):
                 self.expr(value, where, None)
             return
+        if "INSERT" not in where and isinstance(col.type, BlindIndexType):
+            raise PlaintextWriteError(
+                f"refusing to set the blind index column {_table_name(col.table)}.{col.name} "
+                f"({where}): index values are written by sqlalchemy-cmk's session hooks only, "
+                "with the value they index. Nothing was sent",
+                table=_table_name(col.table),
+                column=col.name,
+            )
+        if "INSERT" not in where and _encrypted(col) and getattr(col.type, "search", None):
+            raise PlaintextWriteError(
+                f"refusing to set the searchable column {_name(col)} ({where}): its blind "
+                "index would keep indexing the old value. Change it on the loaded object "
+                "through an installed session. Nothing was sent",
+                table=_locate(col)[0],
+                column=col.name,
+            )
         if "INSERT" not in where and isinstance(col.type, EDEKType):
             # An UPDATE (or upsert) never sets a companion in the statement itself: the flush
             # passes its own as parameters. Any value here, NULL included, strands the row.

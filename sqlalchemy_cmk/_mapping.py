@@ -21,6 +21,7 @@ class ColumnSpec:
     name: str  # column name in the database; bound into the associated data
     codec: Codec
     max_length: int | None = None  # String(n): enforced here, since the stored column is binary
+    search: tuple[Any, ...] = ()  # its blind indexes (_search.SearchSpec)
 
 
 @dataclass(frozen=True, eq=False)
@@ -60,10 +61,15 @@ def tenant_column(type_: Any = None, **kwargs: Any) -> Any:
     from sqlalchemy import String
     from sqlalchemy.orm import mapped_column
 
+    from ._search import listen_tenant_columns
+
     kwargs.setdefault("nullable", False)
     info = dict(kwargs.pop("info", None) or {})
     info[TENANT_INFO[0]] = TENANT_INFO[1]
-    return mapped_column(String(255) if type_ is None else type_, info=info, **kwargs)
+    made = mapped_column(String(255) if type_ is None else type_, info=info, **kwargs)
+    # A searchable column declared before the tenant column gets its indexes when this joins.
+    listen_tenant_columns(made.column)
+    return made
 
 
 def is_tenant_column(column: Any) -> bool:
@@ -130,16 +136,26 @@ def _table_spec(table: FromClause, keys: dict[str, str] | None, owner: str) -> T
             f"{owner}: the companion column of {name!r} must be mapped with its encrypted columns",
             table=name,
         )
+    from ._search import specs_for
+
     cols = tuple(
         ColumnSpec(
             mapped[c.name],
             c.name,
             c.type.codec,  # type: ignore[attr-defined]
             getattr(c.type.underlying, "length", None),  # type: ignore[attr-defined]
+            specs_for(table, c, mapped),  # type: ignore[arg-type]
         )
         for c in encrypted
     )
     tenant = next((c.name for c in table.columns if is_tenant_column(c)), None)
+    if tenant is None and any(c.search for c in cols):
+        raise ConfigurationError(
+            f"{owner}: {name!r} has a searchable (blind-indexed) column, so it needs a tenant "
+            "column: declare `tenant_id: Mapped[str] = tenant_column()`; searches and unique "
+            "indexes are per tenant",
+            table=name,
+        )
     return TableSpec(name, mapped[comp.name], comp.name, cols, tenant)
 
 

@@ -282,7 +282,7 @@ def _load_missing_companions(
             state.committed_state.pop(t.companion_key, None)
 
 
-def _do_orm_execute(cmk: CMK, orm_state: ORMExecuteState) -> Any:
+def _do_orm_execute(cmk: CMK, orm_state: ORMExecuteState, checks: Any = None) -> Any:
     session = orm_state.session
     session.info[_INFO_KEY] = cmk
     if not orm_state.is_orm_statement:
@@ -304,6 +304,10 @@ def _do_orm_execute(cmk: CMK, orm_state: ORMExecuteState) -> Any:
     finally:
         _collector.reset(token)
     decrypt_states(cmk, collected)
+    if checks:
+        from ._search import filter_rows
+
+        frozen = filter_rows(checks, frozen)
     return frozen()
 
 
@@ -447,6 +451,7 @@ def _before_flush(
     lookups: list[RowLookup] = []
     columns: list[Sequence[ColumnSpec]] = []
     specs_of: dict[Mapper[Any], MapperSpec] = {}
+    cleared: list[tuple[InstanceState[Any], dict[str, Any], ColumnSpec]] = []  # set to None
     for obj in list(session.new) + list(session.dirty):
         state: InstanceState[Any] = obj._sa_instance_state
         mapper = state.mapper
@@ -496,6 +501,9 @@ def _before_flush(
                 and type(v) is not EncryptedValue
                 and committed[c.key] != v
             ]
+            for c in t.columns:
+                if c.search and c.key in committed and d.get(c.key, 0) is None:
+                    cleared.append((state, d, c))
             if cols:
                 states.append(state)
                 dicts.append(d)
@@ -503,11 +511,22 @@ def _before_flush(
                 lookups.append(lookup)
                 columns.append(cols)
     _load_expired_deletes(session)
+    if cleared:
+        _set_indexes([(st, c.search, None) for st, _, c in cleared])
     if not dicts:
         _fill(fills)
         return
     ctx = require_context()
     _listen_mappers(specs_of)
+    searched = [
+        (state, d, c)
+        for state, d, row_cols in zip(states, dicts, columns, strict=True)
+        for c in row_cols
+        if c.search
+    ]
+    indexes: list[tuple[InstanceState[Any], Any, Any]] = []
+    if searched:
+        indexes = _index_values(cmk, session, searched, ctx)
     companions, witnesses = _current_companions(session, states, tables, lookups)
     unknown: list[int] = []  # rows that get their first key here with no known tenant
     for i, (state, t, comp) in enumerate(zip(states, tables, companions, strict=True)):
@@ -572,7 +591,50 @@ def _before_flush(
             if obj is not None:
                 setattr(obj, t.companion_key, box)
     _swaps[session.hash_key] = (s_dicts, s_keys, s_boxes, s_plain, starts)
+    _set_indexes(indexes)
     _fill(fills)
+
+
+def _index_values(
+    cmk: CMK,
+    session: Session,
+    searched: list[tuple[Any, dict[str, Any], ColumnSpec]],
+    ctx: TenantContext,
+) -> list[tuple[Any, Any, Any]]:
+    """(row, slot attribute key, index value) for each searchable value written, computed
+    before anything is sealed (a KMS failure for the tenant's root key stops the flush)."""
+    from ._search import _Reader, index_writes
+
+    owner = {id(d): row for row, d, _ in searched}
+    mapper = searched[0][0].mapper if isinstance(searched[0][0], InstanceState) else None
+    reader = _Reader(lambda: session.connection(bind_arguments={"mapper": mapper}))
+    found = index_writes(cmk._search, reader, [(d, c, d.get(c.key)) for _, d, c in searched], ctx)
+    return [(owner[id(d)], key, value) for d, key, value in found]
+
+
+def _set_indexes(items: list[tuple[Any, Any, Any]]) -> None:
+    """Put index values in place: new rows' dicts directly, loaded rows through the attribute
+    (so the UPDATE carries them). A tuple of specs with None clears every slot of each."""
+    for row, key, value in items:
+        if isinstance(key, tuple):  # (specs, None): a searchable value set to None
+            for spec in key:
+                for k in spec.keys:
+                    _set_one(row, k, None)
+            continue
+        _set_one(row, key, value)
+
+
+def _set_one(row: Any, key: str, value: Any) -> None:
+    if isinstance(row, dict):
+        row[key] = value
+        return
+    state: InstanceState[Any] = row
+    if state.key is None:
+        state.dict[key] = value
+        return
+    obj = state.obj()
+    if obj is not None and state.dict.get(key, _ABSENT) != value:
+        setattr(obj, key, value)
 
 
 def _name(spec: MapperSpec, mapper: Mapper[Any]) -> str:
@@ -712,12 +774,21 @@ def _refuse_companions(orm_state: ORMExecuteState) -> None:
         return
     spec = mapper_spec(mapper)
     keys = {t.companion_key for t in spec.tables}
+    searchable = {
+        k for t in spec.tables for c in t.columns for s in c.search for k in (c.key, *s.keys)
+    }
     params: Any = orm_state.parameters
     for row in params if isinstance(params, list) else [params]:
         if spec.tenant_key is not None and spec.tenant_key in row:
             raise TenantContextError(
                 f"a bulk UPDATE of {mapper.class_.__name__} sets its tenant column: a row "
                 "cannot move to another tenant; nothing was sent"
+            )
+        if searchable.intersection(row):
+            raise PlaintextWriteError(
+                f"a bulk UPDATE of {mapper.class_.__name__} sets a searchable column or its "
+                "blind index: the index would not follow the value. Change it on the loaded "
+                "object; nothing was sent"
             )
         if keys.intersection(row):
             raise PlaintextWriteError(
@@ -793,9 +864,16 @@ def _bulk_insert(cmk: CMK, orm_state: ORMExecuteState) -> Any:
             else:
                 d.pop(t.companion_key, None)  # no values, no key: never a companion from outside
     if dicts:
+        searched = [
+            (d, d, c) for d, t in zip(dicts, tables, strict=True) for c in t.columns if c.search
+        ]
+        indexes = (
+            _index_values(cmk, orm_state.session, searched, require_context()) if searched else []
+        )
         companions, cts = cmk.seal(
             dicts, tables, [t.columns for t in tables], [None] * len(dicts), require_context()
         )
+        _set_indexes(indexes)
         n = 0
         for d, t, companion in zip(dicts, tables, companions, strict=True):
             d[t.companion_key] = Sealed(companion or b"")
@@ -820,18 +898,32 @@ def install(cmk: CMK, target: Any) -> list[tuple[str, Any]]:
         # Core execution cannot seal (a value is bound to its row's key, which only the unit of
         # work knows), but the statement guard still refuses what would store plaintext or read
         # ciphertext wrongly. The ORM's own flush statements pass through here too, and pass.
-        def before_execute(conn: Any, stmt: Any, *args: Any) -> None:
+        def before_execute(
+            conn: Any, stmt: Any, multiparams: Any, params: Any, execution_options: Any
+        ) -> tuple[Any, Any, Any]:
+            stmt = _search_rewrite(cmk, stmt, lambda: conn, orm=False)[0]
             check_statement(stmt)
+            return stmt, multiparams, params
 
-        event.listen(target, "before_execute", before_execute)
+        event.listen(target, "before_execute", before_execute, retval=True)
         return [("before_execute", before_execute)]
 
     def before_flush(session: Session, flush_context: UOWTransaction, instances: Any) -> None:
         _before_flush(cmk, session, flush_context, instances)
 
     def do_orm_execute(orm_state: ORMExecuteState) -> Any:
+        opts = orm_state.execution_options
+        stmt, checks = _search_rewrite(
+            cmk,
+            orm_state.statement,
+            lambda: orm_state.session.connection(bind_arguments=orm_state.bind_arguments),
+            orm=orm_state.is_select,
+            streaming=bool(opts.get("yield_per") or opts.get("stream_results")),
+        )
+        if stmt is not orm_state.statement:
+            orm_state.statement = stmt
         check_statement(orm_state.statement)  # before anything, internal queries included
-        return _do_orm_execute(cmk, orm_state)
+        return _do_orm_execute(cmk, orm_state, checks)
 
     listeners: list[tuple[str, Any]] = [
         ("before_flush", before_flush),
@@ -843,6 +935,33 @@ def install(cmk: CMK, target: Any) -> list[tuple[str, Any]]:
     for name, fn in listeners:
         event.listen(target, name, fn)
     return listeners
+
+
+_no_terms: dict[Any, bool] = {}
+
+
+def _search_rewrite(
+    cmk: CMK, stmt: Any, own: Any, *, orm: bool, streaming: bool = False
+) -> tuple[Any, Any]:
+    """Search terms rewritten into blind index comparisons; statements known to hold none
+    (by structure) cost a lookup."""
+    from sqlalchemy.sql.elements import ClauseElement
+
+    from ._guard import _structure
+    from ._search import has_terms, rewrite
+
+    if not isinstance(stmt, ClauseElement):
+        return stmt, None
+    key = _structure(stmt)
+    if key is not None and key in _no_terms:
+        return stmt, None
+    if not has_terms(stmt):
+        if key is not None:
+            if len(_no_terms) > 2000:
+                _no_terms.clear()
+            _no_terms[key] = True
+        return stmt, None
+    return rewrite(cmk, stmt, own, orm=orm, streaming=streaming)
 
 
 def uninstall(target: Any, listeners: list[tuple[str, Any]]) -> None:

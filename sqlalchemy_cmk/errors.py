@@ -21,6 +21,7 @@ The tree::
     ├── DecryptionError             stored bytes failed to parse or authenticate (opaque)
     ├── PlaintextWriteError         a write path that would store plaintext; nothing was sent
     ├── UnsupportedQueryError       a read that cannot work on ciphertext; nothing was sent
+    │   └── IndexNotReadyError          a blind index not built yet: searching would miss rows
     ├── AuditError                  an audit sink failed, so the access did not happen
     ├── RegistryConflictError       a concurrent registry change won; nothing was written
     └── InvalidValueError           a value that the column's underlying type cannot hold
@@ -43,6 +44,7 @@ __all__ = [
     "CMKError",
     "ConfigurationError",
     "DecryptionError",
+    "IndexNotReadyError",
     "InvalidValueError",
     "KMSUnavailableError",
     "KeyAccessDeniedError",
@@ -177,7 +179,16 @@ class UnsupportedQueryError(CMKError):
     Comparisons, ``LIKE``, ``IN``, ``ORDER BY``, ``GROUP BY``, ``DISTINCT`` over the column,
     aggregates and functions or casts of it would run on randomized ciphertext and silently
     return wrong rows or a wrong order. Nothing was sent. Supported: selecting the column (the
-    hooks decrypt it), ``IS NULL`` / ``IS NOT NULL``, and entity-level ``DISTINCT``.
+    hooks decrypt it), ``IS NULL`` / ``IS NOT NULL``, and entity-level ``DISTINCT``; and on a
+    column with a blind index, equality, ``IN`` and joins (``docs/search.md``).
+    """
+
+
+class IndexNotReadyError(UnsupportedQueryError):
+    """A search on a blind index that is not built yet for every row: it would miss rows.
+
+    Raised until ``sqlalchemy-cmk search build`` (or the Alembic operation) has indexed the
+    rows written before the index existed; nothing was sent.
     """
 
 

@@ -102,6 +102,14 @@ class _Comparator(sqltypes.TypeDecorator.Comparator[Any]):
             arg = other[0]
             if arg is None or isinstance(arg, Null):
                 return super().operate(op, *other, **kwargs)
+        if self.type.search and len(other) == 1:  # type: ignore[attr-defined]
+            from ._search import make_term
+
+            term = make_term(self.expr, op, other[0])
+            if term is not None:
+                return term
+        if op in _NULL_TESTS and len(other) == 1:
+            arg = other[0]
             if op in (operators.eq, operators.ne) and (
                 isinstance(arg, ClauseElement) or hasattr(arg, "__clause_element__")
             ):
@@ -110,6 +118,42 @@ class _Comparator(sqltypes.TypeDecorator.Comparator[Any]):
 
     def reverse_operate(self, op: Any, other: Any, **kwargs: Any) -> Any:
         raise _refuse_operator(self.expr, op)
+
+    def blind(self, name: str) -> _DerivedSearch:
+        """Search a derived blind index: ``Model.ssn.blind("ssn_last4") == "6789"``."""
+        return _DerivedSearch(self.expr, name)
+
+
+class _DerivedSearch:
+    """The operators of one derived blind index of a column: ``==``, ``!=``, ``in_``."""
+
+    __slots__ = ("expr", "name")
+
+    def __init__(self, expr: Any, name: str) -> None:
+        self.expr = expr
+        self.name = name
+
+    def _term(self, op: Any, other: Any) -> Any:
+        from ._search import make_term
+
+        term = make_term(self.expr, op, other, self.name)
+        if term is None:
+            raise _refuse_operator(self.expr, op)
+        return term
+
+    def __eq__(self, other: Any) -> Any:
+        return self._term(operators.eq, other)
+
+    def __ne__(self, other: Any) -> Any:
+        return self._term(operators.ne, other)
+
+    def in_(self, values: Any) -> Any:
+        return self._term(operators.in_op, values)
+
+    def not_in(self, values: Any) -> Any:
+        return self._term(operators.not_in_op, values)
+
+    __hash__ = None  # type: ignore[assignment]
 
 
 def _refuse_operator(expr: Any, op: Any) -> UnsupportedQueryError:
@@ -138,6 +182,10 @@ def _on_attach(column: Column[Any], table: Any) -> None:
     from ._guard import check_column
 
     check_column(column)
+    if isinstance(column.type, EncryptedType) and column.type.search:
+        from ._search import add_index_columns
+
+        add_index_columns(column, table)
     # Constraints and indexes are attached after the columns: check them when the table is
     # created (and the guard checks each table the first time a statement uses it).
     if not event.contains(table, "before_create", _before_create):
@@ -188,6 +236,7 @@ class EncryptedType(sqltypes.TypeDecorator[Any]):
         *,
         storage: str = "binary",
         allow_plaintext: bool = False,
+        search: Any = None,
     ) -> None:
         super().__init__()
         self.underlying: sqltypes.TypeEngine[Any] = (
@@ -203,11 +252,19 @@ class EncryptedType(sqltypes.TypeDecorator[Any]):
             )
         self.storage = storage
         self.allow_plaintext = allow_plaintext
+        from .search import BlindIndex
+
+        found = () if search is None else (search,) if isinstance(search, BlindIndex) else search
+        self.search: tuple[BlindIndex, ...] = tuple(found)
+        if not all(isinstance(ix, BlindIndex) for ix in self.search):
+            raise ConfigurationError("search= takes a BlindIndex or a sequence of them")
 
     def __repr__(self) -> str:
         extra = "" if self.storage == "binary" else f", storage={self.storage!r}"
         if self.allow_plaintext:
             extra += ", allow_plaintext=True"
+        if self.search:
+            extra += f", search={self.search[0] if len(self.search) == 1 else self.search!r}"
         return f"EncryptedType({self.underlying!r}{extra})"
 
     def load_dialect_impl(self, dialect: Dialect) -> sqltypes.TypeEngine[Any]:

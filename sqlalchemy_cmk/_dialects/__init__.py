@@ -58,6 +58,10 @@ class DialectSupport:
         # Text(), not dialect.type_descriptor(Text()): PostgreSQL's would render VARCHAR.
         return Text() if storage == "text" else LargeBinary()
 
+    def index_storage(self, max_bytes: int) -> sqltypes.TypeEngine[Any]:
+        """The column type of a blind index: short binary that a B-tree index can hold whole."""
+        return LargeBinary(max_bytes)
+
     def long_text(self) -> sqltypes.TypeEngine[Any]:
         """Text without a practical length limit (the registry's JSON lists)."""
         return Text()

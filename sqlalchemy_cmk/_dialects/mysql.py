@@ -37,6 +37,10 @@ class MySQLSupport(DialectSupport):
             return mysql.MEDIUMTEXT() if medium else mysql.LONGTEXT()
         return mysql.MEDIUMBLOB() if medium else mysql.LONGBLOB()
 
+    def index_storage(self, max_bytes: int) -> sqltypes.TypeEngine[Any]:
+        # A BLOB cannot be indexed without a prefix length; VARBINARY can, whole.
+        return mysql.VARBINARY(max_bytes)
+
     def long_text(self) -> sqltypes.TypeEngine[Any]:
         # TEXT stops at 64 KiB; a tenant with many accepted keys can outgrow it.
         return mysql.MEDIUMTEXT()
