@@ -632,12 +632,25 @@ def has_terms(stmt: Any) -> bool:
     return any(isinstance(node, SearchTerm) for node in iterate(stmt))
 
 
+def find_terms(stmt: Any) -> list[SearchTerm]:
+    """The statement's search terms, in traversal order."""
+    return [node for node in iterate(stmt) if isinstance(node, SearchTerm)]
+
+
 def rewrite(
-    cmk: Any, stmt: Any, own: Callable[[], Connection], *, orm: bool, streaming: bool = False
+    cmk: Any,
+    stmt: Any,
+    own: Callable[[], Connection],
+    *,
+    orm: bool,
+    streaming: bool = False,
+    terms: list[SearchTerm] | None = None,
 ) -> tuple[Any, list[_Check] | None]:
     """The statement with every search term replaced by index comparisons, and the checks
-    the loaded rows must pass (None: no checks possible, every term's index is exact)."""
-    terms = [node for node in iterate(stmt) if isinstance(node, SearchTerm)]
+    the loaded rows must pass (None: no checks possible, every term's index is exact).
+    ``terms``: the statement's terms, when the caller has found them already."""
+    if terms is None:
+        terms = find_terms(stmt)
     if not terms:
         return stmt, None
     ctx = current_context()
@@ -741,6 +754,10 @@ def _replacement(
     if term.kind in ("eq", "in"):
         if not hashes:
             return false()
+        if len(hashes) == 1:
+            # A point lookup, the common case: "=" and not "IN (...)", which is an expanding
+            # parameter that every execution re-renders into the SQL.
+            return and_(own_tenant, target == hashes[0])
         return and_(own_tenant, target.in_(hashes))
     if not hashes:
         return and_(own_tenant, target.is_not(None))

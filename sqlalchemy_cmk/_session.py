@@ -948,20 +948,21 @@ def _search_rewrite(
     from sqlalchemy.sql.elements import ClauseElement
 
     from ._guard import _structure
-    from ._search import has_terms, rewrite
+    from ._search import find_terms, rewrite
 
     if not isinstance(stmt, ClauseElement):
         return stmt, None
     key = _structure(stmt)
     if key is not None and key in _no_terms:
         return stmt, None
-    if not has_terms(stmt):
+    terms = find_terms(stmt)  # one traversal, handed on: a search pays it once, not twice
+    if not terms:
         if key is not None:
             if len(_no_terms) > 2000:
                 _no_terms.clear()
             _no_terms[key] = True
         return stmt, None
-    return rewrite(cmk, stmt, own, orm=orm, streaming=streaming)
+    return rewrite(cmk, stmt, own, orm=orm, streaming=streaming, terms=terms)
 
 
 def uninstall(target: Any, listeners: list[tuple[str, Any]]) -> None:
