@@ -56,7 +56,11 @@ from .errors import (
     UnsupportedQueryError,
 )
 
-_INFO = "sqlalchemy_cmk.search"  # table.info: slot column name -> (source column, index, slot)
+# Column.info key: on a slot column its Slot; on a searchable column, _SLOTS_ADDED once it has
+# added its slots to a table. Not table.info: Alembic's autogenerate renders a table's info
+# into the migration script (a column's it does not), where a Slot is not valid Python.
+_INFO = "sqlalchemy_cmk.search"
+_SLOTS_ADDED = "slots added"
 PURPOSE = "index"
 PHASES = ("building", "ready", "rotating", "switched")
 
@@ -93,7 +97,11 @@ def slot_columns(name: str) -> tuple[str, str]:
 def add_index_columns(column: Column[Any], table: Any) -> None:
     """Give the table the index's slot columns, and the database index over each (once the
     tenant column is there too: whichever of the two comes last adds it)."""
-    info = table.info.setdefault(_INFO, {})
+    # A copy of a column that already added its slots to its table (Alembic's autogenerate and
+    # Table.to_metadata build tables from copies of every column, in order, its info copied
+    # with it): the slots' own copies come after it, and adding them here would make them
+    # duplicates. A mixin's column is never in a table itself, so each model's copy adds them.
+    copied = column.info.get(_INFO) == _SLOTS_ADDED
     names = index_names(column)
     _s.check_plan(f"{table.name}.{column.name}", [ix for _, ix in names])
     for name, ix in names:
@@ -105,6 +113,7 @@ def add_index_columns(column: Column[Any], table: Any) -> None:
                 column=column.name,
             )
         for n, col_name in enumerate(slot_columns(name)):
+            slot = Slot(column.name, ix, name, n)
             if col_name in table.c:
                 existing = table.c[col_name]
                 if not isinstance(existing.type, _s.BlindIndexType):
@@ -114,14 +123,22 @@ def add_index_columns(column: Column[Any], table: Any) -> None:
                         table=table.name,
                         column=col_name,
                     )
-            else:
-                table.append_column(Column(col_name, _s.BlindIndexType(), nullable=True))
-            info[col_name] = Slot(column.name, ix, name, n)
+                existing.info[_INFO] = slot
+            elif not copied:
+                table.append_column(
+                    Column(col_name, _s.BlindIndexType(), nullable=True, info={_INFO: slot})
+                )
+    column.info[_INFO] = _SLOTS_ADDED
     ensure_db_indexes(table)
 
 
+def _slots(table: Any) -> dict[str, Slot]:
+    """The table's slot columns: name -> Slot."""
+    return {c.name: c.info[_INFO] for c in table.columns if isinstance(c.info.get(_INFO), Slot)}
+
+
 def ensure_db_indexes(table: Any) -> None:
-    info = table.info.get(_INFO)
+    info = _slots(table)
     if not info:
         return
     tenant = next((c for c in table.columns if is_tenant_column(c)), None)
