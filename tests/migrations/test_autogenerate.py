@@ -36,9 +36,11 @@ from sqlalchemy import (
     make_url,
     text,
 )
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 import migrations_helpers
-from sqlalchemy_cmk import EDEKType, EncryptedType
+from sqlalchemy_cmk import EDEKType, EncryptedMixin, EncryptedType, tenant_column
+from sqlalchemy_cmk.search import BlindIndex, BlindIndexType, last_digits, search_tables
 
 from .test_alembic_ops import DIALECTS
 
@@ -229,3 +231,104 @@ def test_text_storage_needs_a_column_of_unlimited_length(reflected: str, differs
     # Binary storage wants a binary column, whatever the text column's length.
     assert _compare(EncryptedType(Text), inspected) is True
     assert _compare(EncryptedType(Text), LargeBinary()) is False
+
+
+def searchable_model() -> MetaData:
+    """A model with a searchable e-mail (exact, unique) and SSN (truncated, and a derived
+    last-4 index), and the two tables searching needs."""
+
+    class Base(DeclarativeBase):
+        pass
+
+    class Person(EncryptedMixin, Base):
+        __tablename__ = "ag_people"
+
+        id: Mapped[int] = mapped_column(primary_key=True)
+        tenant_id: Mapped[str] = tenant_column(String(50))
+        email: Mapped[str] = mapped_column(
+            EncryptedType(String(255), search=BlindIndex(normalize="email", unique=True))
+        )
+        ssn: Mapped[str | None] = mapped_column(
+            EncryptedType(
+                String(20),
+                search=[
+                    BlindIndex(normalize="digits", bits=16),
+                    BlindIndex(name="ssn_last4", transform=last_digits(4), bits=8),
+                ],
+            ),
+            nullable=True,
+        )
+
+    search_tables(Base.metadata)
+    return Base.metadata
+
+
+SLOTS = {
+    "email_bidx": True,
+    "email_bidx_alt": True,
+    "ssn_bidx": False,
+    "ssn_bidx_alt": False,
+    "ssn_last4": False,
+    "ssn_last4_alt": False,
+}
+
+
+def test_autogenerate_writes_a_searchable_model(tmp_path: Path, db_url: str) -> None:
+    """The slot columns, their (tenant, slot) indexes and the two search tables are written
+    into a script that imports what it names, runs, and leaves nothing to autogenerate."""
+    model = searchable_model()
+    cfg = make_config(tmp_path, db_url, model)
+    engine = create_engine(db_url)
+    try:
+        script = command.revision(cfg, message="people", autogenerate=True, rev_id="s1")
+        assert script is not None and not isinstance(script, list)
+        source = Path(script.path).read_text()
+        upgrade = source[source.index("def upgrade") : source.index("def downgrade")]
+        assert "\nimport sqlalchemy_cmk.search\n" in source
+        assert "\nimport sqlalchemy_cmk\n" in source
+        for slot, unique in SLOTS.items():
+            column = f"sa.Column('{slot}', sqlalchemy_cmk.search.BlindIndexType(), nullable=True)"
+            assert column in upgrade, upgrade
+            assert re.search(
+                rf"create_index\('ix_ag_people_{slot}', (?:'ag_people', )?\['tenant_id', "
+                rf"'{slot}'\], unique={unique}\)",
+                upgrade,
+            ), upgrade
+        # The encrypted columns without their search=: the slots are in the script already.
+        assert "sqlalchemy_cmk.EncryptedType(sa.String(length=255))" in upgrade
+        assert "BlindIndex(" not in source and "info=" not in source
+        assert "op.create_table('cmk_tenant_keys'" in upgrade
+        assert "op.create_table('cmk_search_indexes'" in upgrade
+
+        command.upgrade(cfg, "head")  # the script runs ...
+        found = {
+            ix["name"]: (ix["column_names"], bool(ix["unique"]))
+            for ix in inspect(engine).get_indexes("ag_people")
+        }
+        for slot, unique in SLOTS.items():
+            assert found[f"ix_ag_people_{slot}"] == (["tenant_id", slot], unique)
+        assert {"cmk_tenant_keys", "cmk_search_indexes"} <= set(inspect(engine).get_table_names())
+        command.check(cfg)  # ... and leaves nothing to autogenerate
+        command.downgrade(cfg, "base")
+        assert "ag_people" not in inspect(engine).get_table_names()
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize(
+    ("reflected", "differs"),
+    [
+        ("postgresql.BYTEA()", False),
+        ("sqlite.BLOB()", False),
+        ("mysql.VARBINARY(37)", False),
+        ("mysql.BLOB()", False),
+        ("mysql.VARBINARY(21)", True),  # too short for a 256-bit index value
+        ("postgresql.VARCHAR(37)", True),
+        ("postgresql.TEXT()", True),
+    ],
+)
+def test_a_blind_index_slot_is_a_binary_column(reflected: str, differs: bool) -> None:
+    from sqlalchemy.dialects import mysql, postgresql, sqlite
+
+    inspected = eval(reflected, {"postgresql": postgresql, "sqlite": sqlite, "mysql": mysql})
+    assert _compare(BlindIndexType(), inspected) is differs
