@@ -431,13 +431,21 @@ def compute(
     *,
     create: bool,
     slots: Sequence[tuple[int, int, int]],
+    keys: dict[tuple[str, int], bytes] | None = None,
 ) -> dict[int, _s.IndexValue | None] | None:
     """Index values of ``value`` for each (slot, version, bits); None if the tenant has no root
-    key and ``create`` is false (then it has no index values at all)."""
+    key and ``create`` is false (then it has no index values at all). ``keys``: index keys by
+    (domain, version) that one flush of one tenant reuses, as it reuses one data key."""
     prepared = None if value is None else spec.index.prepare(value)
     if prepared is None:
         return {slot: None for slot, _, _ in slots}
-    env = store.create_root(reader, tenant, ctx) if create else store.root_envelope(reader, tenant)
+    env: bytes | None = b""
+    if keys is None or any((spec.domain, version) not in keys for _, version, _ in slots):
+        env = (
+            store.create_root(reader, tenant, ctx)
+            if create
+            else store.root_envelope(reader, tenant)
+        )
     if env is None:
         return None
     msg = _s.message(
@@ -448,7 +456,11 @@ def compute(
     )
     out: dict[int, _s.IndexValue | None] = {}
     for slot, version, bits in slots:
-        key = store.index_key(env, spec.domain, version, ctx)
+        key = None if keys is None else keys.get((spec.domain, version))
+        if key is None:
+            key = store.index_key(env, spec.domain, version, ctx)
+            if keys is not None:
+                keys[(spec.domain, version)] = key
         out[slot] = _s.IndexValue(_s.index_value(key, version, bits, msg))
     return out
 
@@ -464,6 +476,7 @@ def index_writes(
     tenant = ctx.tenant_id
     out: list[tuple[dict[str, Any], str, _s.IndexValue | None]] = []
     states: dict[str, DomainState] = {}
+    keys: dict[tuple[str, int], bytes] = {}
     for d, c, value in rows:
         if tenant is None:
             raise NoTenantError("searchable columns are written under a tenant context")
@@ -473,7 +486,16 @@ def index_writes(
                 state = states[spec.domain] = store.state(reader, spec)
             writes = state.writes()
             found = compute(
-                store, reader, tenant, spec, c.codec, value, ctx, create=True, slots=writes
+                store,
+                reader,
+                tenant,
+                spec,
+                c.codec,
+                value,
+                ctx,
+                create=True,
+                slots=writes,
+                keys=keys,
             )
             assert found is not None
             written = set(found)

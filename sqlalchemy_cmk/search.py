@@ -34,6 +34,7 @@ derived index, transformed) value: the same canonical encoding that is encrypted
 from __future__ import annotations
 
 import datetime
+import functools
 import hashlib
 import hmac
 import math
@@ -51,7 +52,7 @@ from sqlalchemy import Column, Integer, LargeBinary, MetaData, String, Table
 from sqlalchemy import types as sqltypes
 from sqlalchemy.engine import Dialect
 
-from ._codecs import Codec, codec_for
+from ._codecs import Codec, codec_for, encode
 from ._dialects import ExactString, Timestamp, select_dialect
 from .errors import ConfigurationError, InvalidValueError
 
@@ -235,8 +236,9 @@ class BlindIndex:
         ):
             raise ConfigurationError("BlindIndex expected_rows must be a positive int")
 
-    @property
+    @functools.cached_property
     def steps(self) -> tuple[Callable[[Any], Any], ...]:
+        """The normalizers as callables (cached: every indexed value and term runs them)."""
         raw = self.normalize
         items = [raw] if isinstance(raw, str) or callable(raw) else list(raw)
         return tuple(
@@ -391,15 +393,13 @@ def message(value: Any, codec: Codec | None, *, table: str, column: str) -> byte
                 table=table,
                 column=column,
             )
-    from ._codecs import encode
-
     return bytes([codec.tag]) + encode(codec, value, table=table, column=column)
 
 
 def index_value(key: bytes, version: int, bits: int, msg: bytes) -> bytes:
     """A stored index value: header, then the MAC truncated to ``bits``."""
     n = (bits + 7) // 8
-    tag = bytearray(hmac.new(key, msg, hashlib.sha256).digest()[:n])
+    tag = bytearray(hmac.digest(key, msg, hashlib.sha256)[:n])
     spare = n * 8 - bits
     if spare:
         tag[-1] &= (0xFF << spare) & 0xFF
