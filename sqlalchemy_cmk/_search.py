@@ -33,6 +33,7 @@ from sqlalchemy import (
     Column,
     Connection,
     Index,
+    Select,
     and_,
     event,
     false,
@@ -43,7 +44,13 @@ from sqlalchemy import types as sqltypes
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql import operators
-from sqlalchemy.sql.elements import BindParameter, BooleanClauseList, ClauseElement, ColumnElement
+from sqlalchemy.sql.elements import (
+    BinaryExpression,
+    BindParameter,
+    BooleanClauseList,
+    ClauseElement,
+    ColumnElement,
+)
 from sqlalchemy.sql.visitors import InternalTraversal, iterate, replacement_traverse
 
 from . import search as _s
@@ -742,6 +749,21 @@ def rewrite(
             # ne / not_in on an exact index: the database decides; a post-check of "value not
             # in" would drop nothing a collision let in, so none is kept
 
+    where = getattr(stmt, "_where_criteria", None)
+    if (
+        isinstance(stmt, Select)
+        and where is not None
+        and sum(isinstance(w, SearchTerm) for w in where) == len(terms)
+    ):
+        # Every term is a WHERE conjunct of its own (select(User).where(User.email == x), the
+        # common case): a shallow copy with those conjuncts swapped, as .where() itself copies,
+        # instead of cloning the whole statement tree.
+        new = stmt._generate()
+        new._where_criteria = tuple(
+            replaced[id(w)] if isinstance(w, SearchTerm) else w for w in where
+        )
+        return new, checks
+
     def swap(node: Any, **kw: Any) -> Any:
         return replaced.get(id(node)) if isinstance(node, SearchTerm) else None
 
@@ -762,7 +784,7 @@ def _replacement(
     col = term.operands[0]
     spec = specs[0]
     tenant_col = _tenant_col(col)
-    own_tenant = tenant_col == _tenant_value(tenant_col, tenant)
+    own_tenant = _equals(tenant_col, _tenant_value(tenant_col, tenant))
     if term.kind == "join":
         peer = term.operands[1]
         return and_(
@@ -796,11 +818,18 @@ def _replacement(
         if len(hashes) == 1:
             # A point lookup, the common case: "=" and not "IN (...)", which is an expanding
             # parameter that every execution re-renders into the SQL.
-            return and_(own_tenant, target == hashes[0])
+            return and_(own_tenant, _equals(target, hashes[0]))
         return and_(own_tenant, target.in_(hashes))
     if not hashes:
         return and_(own_tenant, target.is_not(None))
     return and_(own_tenant, target.not_in(hashes))
+
+
+def _equals(col: Any, value: Any) -> ColumnElement[bool]:
+    """``col = :value``, built directly: what ``col == value`` builds, without the operator
+    dispatch and coercion that cost more than the rest of a point lookup's rewrite."""
+    bind = BindParameter(None, value, type_=col.type, unique=True)
+    return BinaryExpression(col, bind, operators.eq, type_=Boolean())
 
 
 def _slot_col(col: Any, spec: SearchSpec, slot: int) -> Any:
