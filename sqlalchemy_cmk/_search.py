@@ -68,6 +68,7 @@ from .errors import (
 # into the migration script (a column's it does not), where a Slot is not valid Python.
 _INFO = "sqlalchemy_cmk.search"
 _SLOTS_ADDED = "slots added"
+_ATTACHED = "attached"  # on a tenant column, once in a table
 PURPOSE = "index"
 PHASES = ("building", "ready", "rotating", "switched")
 
@@ -136,7 +137,8 @@ def add_index_columns(column: Column[Any], table: Any) -> None:
                     Column(col_name, _s.BlindIndexType(), nullable=True, info={_INFO: slot})
                 )
     column.info[_INFO] = _SLOTS_ADDED
-    ensure_db_indexes(table)
+    if not copied:  # a copied table gets copies of the indexes too (or, in Alembic, its ops)
+        ensure_db_indexes(table)
 
 
 def _slots(table: Any) -> dict[str, Slot]:
@@ -159,6 +161,9 @@ def ensure_db_indexes(table: Any) -> None:
 
 
 def on_tenant_attach(column: Column[Any], table: Any) -> None:
+    if column.info.get(_INFO) == _ATTACHED:
+        return  # a copy of a model's tenant column: as a copied searchable column, above
+    column.info[_INFO] = _ATTACHED
     ensure_db_indexes(table)
 
 

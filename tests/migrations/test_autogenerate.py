@@ -332,3 +332,41 @@ def test_a_blind_index_slot_is_a_binary_column(reflected: str, differs: bool) ->
 
     inspected = eval(reflected, {"postgresql": postgresql, "sqlite": sqlite, "mysql": mysql})
     assert _compare(BlindIndexType(), inspected) is differs
+
+
+def test_a_searchable_table_copies_with_its_slots_and_indexes_once() -> None:
+    """Table.to_metadata (and Alembic, which builds tables from copies of the columns) copies
+    the slot columns and their indexes; the copied searchable and tenant columns add none."""
+    table = searchable_model().tables["ag_people"]
+    copy = table.to_metadata(MetaData())
+    assert [c.name for c in copy.c] == [c.name for c in table.c]
+    assert sorted(ix.name for ix in copy.indexes) == sorted(f"ix_ag_people_{s}" for s in SLOTS)
+    copy.create(create_engine("sqlite://"))  # no index created twice
+
+
+class _Contact:
+    """A mixin's searchable column: each model gets its own copy, and its own slots."""
+
+    tenant_id: Mapped[str] = tenant_column(String(50))
+    phone: Mapped[str] = mapped_column(EncryptedType(String(20), search=BlindIndex(bits=128)))
+
+
+def test_a_mixin_searchable_column_gives_each_model_its_slots() -> None:
+    class Base(DeclarativeBase):
+        pass
+
+    class Lead(_Contact, EncryptedMixin, Base):
+        __tablename__ = "ag_leads"
+        id: Mapped[int] = mapped_column(primary_key=True)
+
+    class Client(_Contact, EncryptedMixin, Base):
+        __tablename__ = "ag_clients"
+        id: Mapped[int] = mapped_column(primary_key=True)
+
+    for model in (Lead, Client):
+        table = model.__table__
+        assert {"phone_bidx", "phone_bidx_alt"} <= set(table.c.keys())
+        assert {ix.name for ix in table.indexes} == {
+            f"ix_{table.name}_phone_bidx",
+            f"ix_{table.name}_phone_bidx_alt",
+        }
