@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import datetime
 import threading
-import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -231,7 +230,7 @@ class SearchStore:
     and the index keys derived from unwrapped root keys (valid while the key manager serves
     the same unwrapped root: a forget or revocation makes the next use unwrap again)."""
 
-    def __init__(self, cmk: Any, ttl: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, cmk: Any, ttl: float, clock: Callable[[], float]) -> None:
         self._cmk = cmk
         self.ttl = ttl
         self._clock = clock
@@ -253,8 +252,8 @@ class SearchStore:
             with reader.conn() as conn:
                 row = conn.execute(select(states).where(states.c.domain == spec.domain)).first()
             found = None if row is None else _row_state(row)
-            if reader.cacheable:
-                self._states[spec.domain] = (found, now + self.ttl)
+            # States are written only by the index tools, committed: cacheable everywhere.
+            self._states[spec.domain] = (found, now + self.ttl)
         state = default_state(spec.index) if found is None else found
         if state.fingerprint != spec.index.fingerprint:
             raise ConfigurationError(
@@ -360,31 +359,39 @@ def _metadata() -> Any:
 
 
 class _Reader:
-    """Where the store reads and writes its tables: a connection of its own from the same
-    engine (committed data only, so cacheable), unless that would be the very DBAPI
-    connection the session uses (SQLite in memory), where it uses the session's."""
+    """Where the store reads and writes its tables.
+
+    A connection of its own from the session's engine, so a root key is created in its own
+    transaction (committed whatever the application's transaction does) and what is read is
+    committed, hence cacheable. Not on SQLite: there a second connection would wait for the
+    database lock the session may hold (or be the session's own DBAPI connection, in memory),
+    so the session's connection is used, and tenant root envelopes are not cached (one that
+    this transaction created could still be rolled back).
+    """
 
     def __init__(self, own: Callable[[], Connection]) -> None:
         self._own = own
-        self.cacheable = True
-        self._shared: Connection | None = None
+        self._session_conn: Connection | None = None
+
+    def _session(self) -> Connection:
+        if self._session_conn is None:
+            self._session_conn = self._own()
+        return self._session_conn
+
+    @property
+    def cacheable(self) -> bool:
+        return self._session().dialect.name != "sqlite"
 
     def conn(self, write: bool = False) -> Any:
         import contextlib
 
         @contextlib.contextmanager
         def manage() -> Any:
-            if self._shared is not None:
-                yield self._shared
-                return
-            session_conn = self._own()
-            engine = session_conn.engine
-            if engine.dialect.name == "sqlite" and _is_memory(engine):
-                self._shared = session_conn
-                self.cacheable = False
+            session_conn = self._session()
+            if session_conn.dialect.name == "sqlite":
                 yield session_conn
                 return
-            with engine.connect() as conn:
+            with session_conn.engine.connect() as conn:
                 if write:
                     with conn.begin():
                         yield conn
@@ -393,11 +400,6 @@ class _Reader:
                     conn.rollback()
 
         return manage()
-
-
-def _is_memory(engine: Any) -> bool:
-    db = engine.url.database
-    return db in (None, "", ":memory:") or "mode=memory" in str(engine.url)
 
 
 # -- values -------------------------------------------------------------------------------------
@@ -652,6 +654,8 @@ def rewrite(
             "none: search each tenant in its own tenant_context"
         )
     tenant = ctx.tenant_id
+    # A revoked or unknown tenant is refused here, typed, even when it has nothing indexed.
+    cmk._keys.tenant_keys(tenant)
     store: SearchStore = cmk._search
     reader = _Reader(own)
     entities = _entity_positions(stmt) if orm and not streaming else None
