@@ -373,27 +373,24 @@ _PY_CODECS: dict[type, Codec] = {
 
 
 def message(value: Any, codec: Codec | None, *, table: str, column: str) -> bytes:
-    """The bytes an index MACs: codec tag and canonical encoding of the prepared value.
+    """The bytes an index MACs: the codec tag and canonical encoding of the prepared value.
 
-    ``codec`` is the column's own for an index of the value itself; a derived index's output is
-    encoded by its Python type (str, int, bytes).
+    ``codec`` is the column's own for an index of the value itself (a value it cannot encode
+    is refused as a write would be); a derived index's output is encoded by its Python type
+    (str, int, bytes).
     """
-    if (
-        codec is None
-        or not isinstance(value, codec.accepts)
-        or isinstance(value, bool) != (codec.name == "bool")
-    ):
+    from ._codecs import encode
+
+    if codec is None:
         codec = _PY_CODECS.get(type(value))
         if codec is None:
             raise InvalidValueError(
-                f"{table}.{column}: a blind index value must be str, int or bytes after its "
-                f"transform, not {type(value).__name__}",
+                f"{table}.{column}: a derived blind index must give str, int or bytes, not "
+                f"{type(value).__name__}",
                 table=table,
                 column=column,
             )
-    from ._codecs import encode
-
-    return bytes([codec.tag]) + encode(codec, value, table=table, column=column)
+    return encode(codec, value, table=table, column=column)
 
 
 def index_value(key: bytes, version: int, bits: int, msg: bytes) -> bytes:
