@@ -701,7 +701,7 @@ def check_column(column: Column[Any]) -> None:
             (
                 bool(column.unique or column.index),
                 "unique=/index= would index randomized ciphertext and enforce nothing; "
-                "searchable encrypted columns are not supported yet",
+                "for equality search and uniqueness declare EncryptedType(..., search=BlindIndex(...))",
             ),
             (
                 "_ext_mutable_orig_type" in column.info,
@@ -748,8 +748,8 @@ def check_table(table: Table) -> None:
                     kind = type(item).__name__
                     raise ConfigurationError(
                         f"{_name(col)} is an encrypted column: {kind} over it would index "
-                        "randomized ciphertext and enforce or speed up nothing; searchable "
-                        "encrypted columns are not supported yet",
+                        "randomized ciphertext and enforce or speed up nothing; for search and "
+                        "uniqueness declare EncryptedType(..., search=BlindIndex(...))",
                         table=table.name,
                         column=getattr(col, "name", None),
                     )
