@@ -700,8 +700,8 @@ def check_column(column: Column[Any]) -> None:
             ),
             (
                 bool(column.unique or column.index),
-                "unique=/index= would index randomized ciphertext and enforce nothing; "
-                "for equality search and uniqueness declare EncryptedType(..., search=BlindIndex(...))",
+                "unique=/index= would index randomized ciphertext and enforce nothing; for "
+                "equality search and uniqueness declare EncryptedType(..., search=BlindIndex())",
             ),
             (
                 "_ext_mutable_orig_type" in column.info,
