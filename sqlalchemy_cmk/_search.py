@@ -39,7 +39,7 @@ from sqlalchemy import (
 )
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy import types as sqltypes
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql import operators
 from sqlalchemy.sql.elements import BindParameter, BooleanClauseList, ClauseElement, ColumnElement
@@ -387,6 +387,23 @@ class _Reader:
 
         @contextlib.contextmanager
         def manage() -> Any:
+            try:
+                with opened() as conn:
+                    yield conn
+            except DBAPIError as exc:
+                if isinstance(exc, IntegrityError):
+                    raise
+                # Most often: the tables were never created. Typed and scrubbed: a driver's
+                # message may quote parameters (tenant ids, envelopes).
+                raise ConfigurationError(
+                    f"reading or writing the search tables ({_s.KEYS_TABLE}, "
+                    f"{_s.STATES_TABLE}) failed with {type(exc.orig).__name__}: create them "
+                    "with sqlalchemy_cmk.search.search_tables(metadata) and create_all() or an "
+                    "Alembic migration"
+                ) from None
+
+        @contextlib.contextmanager
+        def opened() -> Any:
             session_conn = self._session()
             if session_conn.dialect.name == "sqlite":
                 yield session_conn
