@@ -84,8 +84,9 @@ __all__ = ["SUPPORTED_READS", "check_column", "check_statement", "check_table"]
 
 SUPPORTED_READS = (
     "Supported on an encrypted column: selecting it (the hooks decrypt it), IS NULL / IS NOT "
-    "NULL, and DISTINCT over rows that include the primary key (select(Model).distinct()). "
-    "Filter, sort and group on a plaintext column instead."
+    "NULL, and DISTINCT over rows that include the primary key (select(Model).distinct()); "
+    "on a column declared with search=BlindIndex(...), also ==, !=, in_(), not_in() and "
+    "joins on a shared index domain (docs/search.md). Sort and group on a plaintext column."
 )
 
 # Statement attributes that the walk handles itself; every other child of a statement is
