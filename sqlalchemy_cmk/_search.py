@@ -752,8 +752,9 @@ def _slot_col(col: Any, spec: SearchSpec, slot: int) -> Any:
 
 
 def _tenant_col(col: Any) -> Any:
+    # An aliased entity's columns are proxies that carry no info: look through to the table's.
     for c in col.table.c:
-        if is_tenant_column(_base_column(c)) or is_tenant_column(c):
+        if is_tenant_column(c) or any(is_tenant_column(b) for b in getattr(c, "base_columns", ())):
             return c
     raise ConfigurationError(
         f"{_describe(col)} is searchable, so its table needs a tenant column: declare it with "
