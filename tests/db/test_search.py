@@ -117,15 +117,19 @@ def test_derived_index_with_collisions(env: SearchEnv) -> None:
 
 
 def test_normalizers(env: SearchEnv) -> None:
-    add(env, "acme", SrchUser(email="Ann.Lee@Example.COM", name="ｆｏｏ Ⅸ"))
-    for term in ["ann.lee@example.com", "  ANN.LEE@example.com ", "ＡＮＮ.lee@example.com"]:
+    add(env, "acme", SrchUser(email="Ann.Lee@Example.COM", name="\uff46\uff4f\uff4f \u2168"))
+    for term in [
+        "ann.lee@example.com",
+        "  ANN.LEE@example.com ",
+        "\uff21\uff2e\uff2e.lee@example.com",
+    ]:
         assert emails(env, "acme", select(SrchUser).where(SrchUser.email == term)) == [
             "Ann.Lee@Example.COM"
         ], term
     # NFKC folds compatibility forms, and only them: case still counts.
     with tenant_context("acme"), env.Session() as s:
         assert [x.name for x in s.scalars(select(SrchUser).where(SrchUser.name == "foo IX"))] == [
-            "ｆｏｏ Ⅸ"
+            "\uff46\uff4f\uff4f \u2168"
         ]
         assert s.scalars(select(SrchUser).where(SrchUser.name == "FOO IX")).all() == []
 
@@ -346,12 +350,11 @@ SSN = "secret.term"
 
 
 def refused(env: SearchEnv, stmt_or_fn: Any, error: type[CMKError] = UnsupportedQueryError) -> None:
-    with tenant_context("acme"), env.Session() as s:
-        with pytest.raises(error) as info:
-            if callable(stmt_or_fn):
-                stmt_or_fn(s)
-            else:
-                s.execute(stmt_or_fn).all()
+    with tenant_context("acme"), env.Session() as s, pytest.raises(error) as info:
+        if callable(stmt_or_fn):
+            stmt_or_fn(s)
+        else:
+            s.execute(stmt_or_fn).all()
     for form in (TERM, TERM.upper(), "secret.term"):
         assert form not in str(info.value)
 
@@ -465,36 +468,37 @@ def test_the_term_is_absent_from_everything_sent(
 ) -> None:
     term = "Zelda.Quux@Example.org"
     forms = {term, term.lower(), term.upper(), "zelda.quux", "Zelda.Quux", "quux"}
-    add(env, "acme", SrchUser(email=term, ssn="777-66-5555", name="Ｚelda"))
+    add(env, "acme", SrchUser(email=term, ssn="777-66-5555", name="\uff3aelda"))
     env.engine.echo = True
     sent.clear()
     stmts: list[Any] = []
-    with caplog.at_level(logging.DEBUG, logger="sqlalchemy"):
-        with tenant_context("acme"), env.Session() as s:
-            for stmt in (
-                select(SrchUser).where(SrchUser.email == term),
-                select(SrchUser).where(SrchUser.email == " " + term.upper()),
-                select(SrchUser).where(SrchUser.email.in_([term, "quux@x"])),
-                select(SrchUser).filter_by(email=term),
-                select(SrchUser).where(SrchUser.ssn == "777-66-5555"),
-                select(SrchUser).where(SrchUser.ssn.blind("ssn_last4") == "5555"),
-                select(SrchUser).where(SrchUser.name == "Zelda"),
-                select(func.count()).select_from(SrchUser).where(SrchUser.name != "Zelda"),
-                select(SrchUser, SrchContact).join(
-                    SrchContact, SrchUser.email == SrchContact.email
-                ),
-            ):
-                stmts.append(stmt)
-                s.execute(stmt).all()
-            s.query(SrchUser).filter(SrchUser.email == term).all()
-            u = s.scalars(select(SrchUser).where(SrchUser.email == term)).one()
-            u.email = term + "x"
-            s.commit()
+    with (
+        caplog.at_level(logging.DEBUG, logger="sqlalchemy"),
+        tenant_context("acme"),
+        env.Session() as s,
+    ):
+        for stmt in (
+            select(SrchUser).where(SrchUser.email == term),
+            select(SrchUser).where(SrchUser.email == " " + term.upper()),
+            select(SrchUser).where(SrchUser.email.in_([term, "quux@x"])),
+            select(SrchUser).filter_by(email=term),
+            select(SrchUser).where(SrchUser.ssn == "777-66-5555"),
+            select(SrchUser).where(SrchUser.ssn.blind("ssn_last4") == "5555"),
+            select(SrchUser).where(SrchUser.name == "Zelda"),
+            select(func.count()).select_from(SrchUser).where(SrchUser.name != "Zelda"),
+            select(SrchUser, SrchContact).join(SrchContact, SrchUser.email == SrchContact.email),
+        ):
+            stmts.append(stmt)
+            s.execute(stmt).all()
+        s.query(SrchUser).filter(SrchUser.email == term).all()
+        u = s.scalars(select(SrchUser).where(SrchUser.email == term)).one()
+        u.email = term + "x"
+        s.commit()
     env.engine.echo = False
     assert sent, "the listener saw the statements"
     text = "\n".join(sent) + "\n" + caplog.text + "\n" + "\n".join(str(x) for x in stmts)
     assert "srch_users" in caplog.text
-    for form in forms | {"777-66-5555", "5555", "Zelda", "Ｚelda"}:
+    for form in forms | {"777-66-5555", "5555", "Zelda", "\uff3aelda"}:
         assert form not in text, form
     assert "blind index search" in str(stmts[0])
 
