@@ -84,6 +84,19 @@ class SrchTiny(EncryptedMixin, SearchBase):
     )
 
 
+class SrchProp(EncryptedMixin, SearchBase):
+    """A 2-bit index with a normalizer, for the property tests: collisions at every step."""
+
+    __tablename__ = "srch_props"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    tenant_id: Mapped[str] = tenant_column(String(50))
+    code: Mapped[str | None] = mapped_column(
+        EncryptedType(String(20), search=BlindIndex(normalize=("trim", "lower"), bits=2)),
+        nullable=True,
+    )
+
+
 KEYS_TABLE, STATES_TABLE = search_tables(SearchBase.metadata)
 
 
@@ -134,7 +147,7 @@ class SearchEnv:
             return list(conn.execute(text(sql), params))
 
     def ready(self) -> None:
-        set_phase(self.engine, self.cmk, SrchUser, SrchContact, SrchTiny)
+        set_phase(self.engine, self.cmk, SrchUser, SrchContact, SrchTiny, SrchProp)
 
 
 def make_search_env(engine: Engine, *, ready: bool = True, **cmk_kwargs: Any) -> SearchEnv:
