@@ -217,9 +217,8 @@ class BlindIndex:
                 )
         if self.transform is not None and not callable(self.transform):
             raise ConfigurationError("BlindIndex transform must be callable")
-        if self.bits is not None and not (
-            isinstance(self.bits, int) and 1 <= self.bits <= MAX_BITS
-        ):
+        # bool is an int subclass: BlindIndex(bits=True) would silently mean a 1-bit index.
+        if self.bits is not None and not (type(self.bits) is int and 1 <= self.bits <= MAX_BITS):
             raise ConfigurationError(f"BlindIndex bits must be an int from 1 to {MAX_BITS}")
         if self.unique and self.bits is not None and self.bits < EXACT_BITS:
             raise ConfigurationError(
@@ -231,7 +230,7 @@ class BlindIndex:
         ):
             raise ConfigurationError("BlindIndex domain must be a non-empty str of at most 200")
         if self.expected_rows is not None and not (
-            isinstance(self.expected_rows, int) and self.expected_rows >= 1
+            type(self.expected_rows) is int and self.expected_rows >= 1
         ):
             raise ConfigurationError("BlindIndex expected_rows must be a positive int")
 

@@ -238,6 +238,8 @@ def test_fingerprint_names_the_normalizers() -> None:
         {"bits": 257},
         {"bits": "8"},
         {"bits": 8.0},
+        {"bits": True},  # a bool is an int to Python, not a width
+        {"expected_rows": True},
         {"unique": True, "bits": 64},
         {"unique": True, "bits": 127},
         {"normalize": "nope"},
