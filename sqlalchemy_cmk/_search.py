@@ -215,7 +215,7 @@ def default_state(ix: _s.BlindIndex) -> DomainState:
 
 
 def _row_state(row: Any) -> DomainState:
-    return DomainState(
+    state = DomainState(
         row.phase,
         int(row.slot),
         int(row.version),
@@ -223,6 +223,31 @@ def _row_state(row: Any) -> DomainState:
         None if row.other_version is None else int(row.other_version),
         None if row.other_bits is None else int(row.other_bits),
         row.fingerprint,
+    )
+    # The row is data anyone with write access to the database can change: a phase or slot
+    # this code does not know, or a width out of range, must stop searches and writes rather
+    # than be read as "ready" (or pick a slot by Python's negative indexing).
+    rotating = state.phase in ("rotating", "switched")
+    if (
+        state.phase not in PHASES
+        or state.slot not in (0, 1)
+        or not _valid(state.version, state.bits)
+        or (rotating and not _valid(state.other_version, state.other_bits))
+    ):
+        raise ConfigurationError(
+            f"the state of blind index domain {row.domain!r} in {_s.STATES_TABLE} is not one "
+            "this version understands (phase, slot, key version or width out of range): "
+            "refusing to search or write it"
+        )
+    return state
+
+
+def _valid(version: int | None, bits: int | None) -> bool:
+    return (
+        version is not None
+        and bits is not None
+        and 1 <= version <= 0xFFFFFFFF
+        and 1 <= bits <= _s.MAX_BITS
     )
 
 
