@@ -53,6 +53,7 @@ from .errors import (
     ConfigurationError,
     IndexNotReadyError,
     NoTenantError,
+    TenantMismatchError,
     UnsupportedQueryError,
 )
 
@@ -305,6 +306,8 @@ class SearchStore:
                 .limit(1)
             ).scalar()
         env: bytes | None = None if raw is None else bytes(raw)
+        if env is not None:
+            _check_owner(env, tenant)
         if reader.cacheable and env is not None:
             self._roots[tenant] = (env, now + self.ttl)
         return env
@@ -370,6 +373,23 @@ class SearchStore:
             self._states.clear()
             self._roots.clear()
             self._derived.clear()
+
+
+def _check_owner(envelope: bytes, tenant: str) -> None:
+    """The stored root key must be the tenant's own. Another tenant's envelope (copied over by
+    someone with write access to the database) would unwrap through that tenant's KMS, and the
+    two tenants' equal values would get equal index values."""
+    from ._format import parse_envelope
+
+    owner = parse_envelope(envelope).tenant  # garbage: the opaque DecryptionError
+    if owner != tenant:
+        raise TenantMismatchError(
+            f"the search root key stored for tenant {tenant!r} in {_s.KEYS_TABLE} belongs to "
+            "another tenant: the table was edited outside the application",
+            row_tenant=owner,
+            tenant=tenant,
+            table=_s.KEYS_TABLE,
+        )
 
 
 _meta: Any = None
