@@ -723,6 +723,10 @@ def rewrite(
                 column=spec.column,
             )
         slot, version, bits = state.read
+        if check is None and bits < _s.EXACT_BITS:
+            # Declared exact, but the state (a rotation to a narrower width, or an edit of the
+            # table) says the index read is truncated: the database may not decide alone.
+            raise UnsupportedQueryError(_why_refused(term, spec, streaming, orm, bits))
         replaced[id(term)] = _replacement(
             store, reader, tenant, term, specs, slot, version, bits, ctx
         )
@@ -829,7 +833,9 @@ def _join_spec(peer: Any, spec: SearchSpec) -> SearchSpec:
     )
 
 
-def _why_refused(term: SearchTerm, spec: SearchSpec, streaming: bool, orm: bool) -> str:
+def _why_refused(
+    term: SearchTerm, spec: SearchSpec, streaming: bool, orm: bool, bits: int | None = None
+) -> str:
     where = (
         "a streamed result (yield_per)"
         if streaming
@@ -840,7 +846,8 @@ def _why_refused(term: SearchTerm, spec: SearchSpec, streaming: bool, orm: bool)
     )
     return (
         f"{spec.table}.{spec.column}'s blind index {spec.name!r} is truncated to "
-        f"{spec.index.width} bits, so values collide by design, and in {where} the database "
+        f"{spec.index.width if bits is None else bits} bits, so values collide by design, and "
+        f"in {where} the database "
         "would decide the result from the index alone. A truncated index is searched in "
         "select(Model).where(Model.col == term) (and in_, filter_by, inner joins), whose rows "
         f"are checked after decryption; declare bits >= {_s.EXACT_BITS} for an exact index, "
