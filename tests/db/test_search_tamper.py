@@ -88,6 +88,40 @@ def test_another_tenants_root_key_is_refused(env: SearchEnv) -> None:
     assert env.raw("select count(*) from srch_users where email_bidx is null") == [(0,)]
 
 
+def test_forged_root_key_owner_is_refused(env: SearchEnv) -> None:
+    """globex's wrapped root key re-labelled as acme's: the key reference is not one of acme's
+    configured keys, so the key manager refuses it before any KMS call."""
+    from sqlalchemy_cmk._format import encode_envelope, parse_envelope
+    from sqlalchemy_cmk.errors import TenantNotConfiguredError
+
+    g = parse_envelope(envelope(env, "globex"))
+    forged = encode_envelope("acme", g.provider, g.key_ref, g.wrapped)
+    tamper(env, "update cmk_tenant_keys set envelope = :e where tenant = 'acme'", e=forged)
+    env.cmk.forget_tenant()
+    with pytest.raises(TenantNotConfiguredError):
+        found(env, "acme", SrchUser.name == "n1")
+
+
+def test_a_data_key_as_root_key_misses_rows(env: SearchEnv) -> None:
+    """One of acme's row data keys put in place of its root key: accepted (nothing binds an
+    envelope to its purpose), so old rows are missed and new ones indexed under it; never a
+    wrong row. Reported in the branch's notes: binding the purpose needs a wrap context."""
+    from sqlalchemy_cmk._format import split_companion
+
+    (edek,) = env.raw(
+        "select cmk_edek from srch_users where tenant_id = 'acme' and name_bidx "
+        "is not null order by id"
+    )[0]
+    tamper(
+        env,
+        "update cmk_tenant_keys set envelope = :e where tenant = 'acme'",
+        e=split_companion(bytes(edek))[1],
+    )
+    env.cmk.forget_tenant()
+    assert found(env, "acme", SrchUser.name == "n1") == []
+    assert found(env, "globex", SrchUser.name == "n1") == [("globex", "n1")]
+
+
 def test_garbage_root_key_fails_closed(env: SearchEnv) -> None:
     tamper(env, "update cmk_tenant_keys set envelope = :e where tenant = 'acme'", e=b"\x00" * 40)
     with pytest.raises(CMKError):
