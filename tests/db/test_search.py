@@ -527,3 +527,68 @@ def test_kms_calls_of_a_search(env: SearchEnv) -> None:
         emails(fresh, "acme", select(SrchUser).where(SrchUser.email == "nobody@example.com")) == []
     )
     assert fresh.kms.unwrap_count == 1
+
+
+# -- rotation phases (the core's part: which slots are written and read) --------------------
+
+
+def _state(env: SearchEnv, domain: str, **values: Any) -> None:
+    from sqlalchemy import update as sql_update
+
+    from .search_models import STATES_TABLE
+
+    with env.engine.begin() as conn:
+        conn.execute(
+            sql_update(STATES_TABLE).where(STATES_TABLE.c.domain == domain).values(**values)
+        )
+    env.cmk._search.forget()
+
+
+def test_rotation_phases_write_both_slots_and_read_one(env: SearchEnv) -> None:
+    domain = "srch_users.name_bidx"
+    (old,) = add(env, "acme", SrchUser(name="old"))
+    _state(env, domain, phase="rotating", other_version=2, other_bits=128)
+    (mid,) = add(env, "acme", SrchUser(name="mid"))
+    v1 = raw_slot(env, "srch_users", "name_bidx", mid)
+    v2 = raw_slot(env, "srch_users", "name_bidx_alt", mid)
+    assert v1 is not None and v2 is not None and v1 != v2
+    assert v1[:5] == b"\x01\x00\x00\x00\x01" and v2[:5] == b"\x01\x00\x00\x00\x02"
+    assert raw_slot(env, "srch_users", "name_bidx_alt", old) is None  # the build tool's job
+    # rotating reads the current slot: both rows found.
+    assert ids(env, "acme", select(SrchUser).where(SrchUser.name.in_(["old", "mid"]))) == [
+        old,
+        mid,
+    ]
+    _state(env, domain, phase="switched", slot=1, version=2, other_version=1, other_bits=128)
+    (new,) = add(env, "acme", SrchUser(name="new"))
+    assert raw_slot(env, "srch_users", "name_bidx_alt", new) == _value_like(v2, env, new)
+    # switched reads slot 1 (version 2): rows written since rotating began are found.
+    assert ids(env, "acme", select(SrchUser).where(SrchUser.name.in_(["mid", "new"]))) == [
+        mid,
+        new,
+    ]
+    # Both slots still written, so a process one phase behind reads a complete slot 0.
+    assert raw_slot(env, "srch_users", "name_bidx", new) is not None
+    # An update in the switched phase rewrites both slots.
+    with tenant_context("acme"), env.Session.begin() as s:
+        row = s.get(SrchUser, mid)
+        assert row is not None
+        row.name = "mid2"
+    assert raw_slot(env, "srch_users", "name_bidx_alt", mid) != v2
+    assert raw_slot(env, "srch_users", "name_bidx", mid) != v1
+    assert ids(env, "acme", select(SrchUser).where(SrchUser.name == "mid2")) == [mid]
+    # Back to ready on slot 1: the other slot is cleared on the next write.
+    _state(env, domain, phase="ready", other_version=None, other_bits=None)
+    with tenant_context("acme"), env.Session.begin() as s:
+        row = s.get(SrchUser, mid)
+        assert row is not None
+        row.name = "mid3"
+    assert raw_slot(env, "srch_users", "name_bidx", mid) is None
+    assert ids(env, "acme", select(SrchUser).where(SrchUser.name == "mid3")) == [mid]
+
+
+def _value_like(v: bytes, env: SearchEnv, row_id: int) -> bytes | None:
+    """The row's slot-1 value, checked to carry version 2 like ``v``."""
+    got = raw_slot(env, "srch_users", "name_bidx_alt", row_id)
+    assert got is not None and got[:5] == v[:5]
+    return got
