@@ -592,3 +592,28 @@ def _value_like(v: bytes, env: SearchEnv, row_id: int) -> bytes | None:
     got = raw_slot(env, "srch_users", "name_bidx_alt", row_id)
     assert got is not None and got[:5] == v[:5]
     return got
+
+
+def test_first_searchable_write_after_other_writes(env: SearchEnv) -> None:
+    """A tenant's root key is created on its first searchable write; the session may already
+    have written in its transaction (on SQLite that holds the database's write lock)."""
+    for tenant in ("acme", "globex"):
+        with tenant_context(tenant), env.Session() as s:
+            s.add(SrchContact(label="plain"))
+            s.flush()
+            s.add(SrchUser(email=f"first@{tenant}"))
+            s.flush()
+            s.rollback()  # the root key goes with the transaction, or stays: either works
+        with tenant_context(tenant), env.Session.begin() as s:
+            s.add(SrchContact(label="plain"))
+            s.flush()
+            s.add(SrchUser(email=f"first@{tenant}"))
+    assert emails(env, "acme", select(SrchUser).where(SrchUser.email == "first@acme")) == [
+        "first@acme"
+    ]
+    fresh = make_search_env(env.engine)
+    fresh.kms._keys = env.kms._keys
+    assert emails(fresh, "globex", select(SrchUser).where(SrchUser.email == "first@globex")) == [
+        "first@globex"
+    ]
+    assert env.raw("select count(*) from cmk_tenant_keys") == [(2,)]
