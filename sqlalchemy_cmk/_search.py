@@ -407,7 +407,14 @@ def _metadata() -> Any:
 class _Reader:
     """Where the store reads and writes its tables: a connection of its own from the same
     engine (committed data only, so cacheable), unless that would be the very DBAPI
-    connection the session uses (SQLite in memory), where it uses the session's."""
+    connection the session uses (SQLite in memory), where it uses the session's.
+
+    A root key is written through the session's connection on SQLite too: SQLite has one
+    writer per database file, and the session's transaction may already hold the lock (it
+    wrote before this flush), so a second connection would wait for it and fail ("database is
+    locked"). The root key then commits or rolls back with the session's rows, and nothing read
+    after it through this reader is cached, since it may never be committed.
+    """
 
     def __init__(self, own: Callable[[], Connection]) -> None:
         self._own = own
@@ -424,7 +431,7 @@ class _Reader:
                 return
             session_conn = self._own()
             engine = session_conn.engine
-            if engine.dialect.name == "sqlite" and _is_memory(engine):
+            if engine.dialect.name == "sqlite" and (write or _is_memory(engine)):
                 self._shared = session_conn
                 self.cacheable = False
                 yield session_conn
