@@ -617,3 +617,20 @@ def test_first_searchable_write_after_other_writes(env: SearchEnv) -> None:
         "first@globex"
     ]
     assert env.raw("select count(*) from cmk_tenant_keys") == [(2,)]
+
+
+def test_bulk_insert_returning_the_entity(env: SearchEnv) -> None:
+    """RETURNING a model with two searchable columns: SQLAlchemy tests ``column in list``,
+    which compares columns with ``==``, a search term between two searchable columns."""
+    with tenant_context("acme"), env.Session.begin() as s:
+        got = s.scalars(
+            insert(SrchUser).returning(SrchUser),
+            [{"email": "r1@example.com", "name": "r"}, {"email": "r2@example.com"}],
+        ).all()
+        assert sorted(u.email for u in got) == ["r1@example.com", "r2@example.com"]
+    assert emails(env, "acme", select(SrchUser).where(SrchUser.email == "r2@example.com")) == [
+        "r2@example.com"
+    ]
+    c = SrchUser.__table__.c
+    assert c.email in [c.name, c.email]
+    assert c.ssn not in [c.name, c.email]
