@@ -569,6 +569,14 @@ class SearchTerm(ColumnElement[bool]):
     def self_group(self, against: Any = None) -> ColumnElement[Any]:
         return self
 
+    def __bool__(self) -> bool:
+        # SQLAlchemy tests ``column in [columns]`` (RETURNING, column collections), which calls
+        # ``==`` between columns: between two searchable ones that is a join term, and it must
+        # answer as a BinaryExpression does, by identity. A value term has no truth value.
+        if self.kind == "join":
+            return hash(self.operands[0]) == hash(self.operands[1])
+        raise TypeError("Boolean value of this clause is not defined")
+
     def __invert__(self) -> ColumnElement[bool]:
         flipped = {"eq": "ne", "ne": "eq", "in": "not_in", "not_in": "in"}.get(self.kind)
         if flipped is None:
