@@ -636,3 +636,19 @@ def test_bulk_insert_returning_the_entity(env: SearchEnv) -> None:
     c = SrchUser.__table__.c
     assert c.email in [c.name, c.email]
     assert c.ssn not in [c.name, c.email]
+
+
+def test_kms_calls_of_writes(engine: Engine) -> None:
+    env = make_search_env(engine)
+    env.kms.reset_counts()
+    # A tenant that never wrote a searchable value has no root key: a search costs nothing.
+    assert emails(env, "acme", select(SrchUser).where(SrchUser.email == "a@example.com")) == []
+    assert env.kms.calls == []
+    add(env, "acme", SrchUser(email="a@example.com"))
+    # The root key and the row's data key, each wrapped once and proved by an unwrap (plus,
+    # today, one more unwrap of the root key: the proved key is not kept for reading).
+    assert env.kms.wrap_count == 2
+    assert 2 <= env.kms.unwrap_count <= 3
+    env.kms.reset_counts()
+    add(env, "acme", SrchUser(email="b@example.com"))
+    assert env.kms.calls == []  # warm: the write key and the index key are cached
