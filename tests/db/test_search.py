@@ -652,3 +652,22 @@ def test_kms_calls_of_writes(engine: Engine) -> None:
     env.kms.reset_counts()
     add(env, "acme", SrchUser(email="b@example.com"))
     assert env.kms.calls == []  # warm: the write key and the index key are cached
+
+
+def test_core_on_an_installed_engine(env: SearchEnv) -> None:
+    """Core statements on an installed engine: an exact index is searched (tenant scoped), a
+    truncated one refused, and nothing is sent for it."""
+    (a,) = add(env, "acme", SrchUser(name="n", ssn="1"))
+    add(env, "globex", SrchUser(name="n", ssn="1"))
+    t = SrchUser.__table__
+    env.cmk.install(env.engine)
+    try:
+        with tenant_context("acme"), env.engine.connect() as conn:
+            assert conn.execute(select(t.c.id).where(SrchUser.name == "n")).scalars().all() == [a]
+            assert conn.scalar(select(func.count()).select_from(t).where(t.c.name == "n")) == 1
+            with pytest.raises(UnsupportedQueryError):
+                conn.execute(select(t.c.id).where(t.c.ssn == "1"))
+        with pytest.raises(CMKError), env.engine.connect() as conn:  # no tenant
+            conn.execute(select(t.c.id).where(SrchUser.name == "n"))
+    finally:
+        env.cmk.uninstall(env.engine)
