@@ -671,3 +671,18 @@ def test_core_on_an_installed_engine(env: SearchEnv) -> None:
             conn.execute(select(t.c.id).where(SrchUser.name == "n"))
     finally:
         env.cmk.uninstall(env.engine)
+
+
+def test_a_term_never_compiles_for_a_database() -> None:
+    from sqlalchemy.dialects import mysql, postgresql, sqlite
+
+    term = "Zelda.Quux@Example.org"
+    stmt = select(SrchUser).where(SrchUser.email.in_([term, "x@y"]))
+    assert term not in str(stmt)
+    assert term not in str(stmt.compile(compile_kwargs={"literal_binds": True}))
+    for dialect in (postgresql.dialect(), mysql.dialect(), sqlite.dialect()):
+        for kw in ({}, {"compile_kwargs": {"literal_binds": True}}):
+            with pytest.raises(UnsupportedQueryError) as info:
+                stmt.compile(dialect=dialect, **kw)
+            assert term not in str(info.value)
+    assert term not in repr(stmt.whereclause)
