@@ -341,7 +341,7 @@ def check_plan(column: str, indexes: Sequence[BlindIndex]) -> None:
             f"apart from the index alone. Use fewer bits (plan_bits({rows}) = "
             f"{plan_bits(rows)}) or fewer derived indexes, or declare the index unique",
             SearchLeakageWarning,
-            stacklevel=4,
+            stacklevel=_outside(),
         )
     elif c > math.sqrt(rows):
         warnings.warn(
@@ -350,8 +350,30 @@ def check_plan(column: str, indexes: Sequence[BlindIndex]) -> None:
             "a search reads (and decrypts) too many rows to be useful. Use more bits "
             f"(plan_bits({rows}) = {plan_bits(rows)})",
             SearchLeakageWarning,
-            stacklevel=4,
+            stacklevel=_outside(),
         )
+
+
+def _outside() -> int:
+    """The ``stacklevel`` (for a warning raised by this module's caller) of the first frame
+    outside SQLAlchemy and sqlalchemy-cmk: the model's declaration, however many event and
+    declarative frames lie between it and :func:`check_plan`, or whoever called it directly."""
+    import os
+    import sys
+
+    import sqlalchemy
+
+    ours = (
+        os.path.dirname(sqlalchemy.__file__) + os.sep,
+        os.path.dirname(__file__) + os.sep,
+        "<sqlalchemy",  # code SQLAlchemy generates (its decorators), named like <sqlalchemy.x>
+    )
+    frame = sys._getframe(2)  # the frame that called the caller of this function
+    level = 2
+    while frame is not None and frame.f_code.co_filename.startswith(ours):
+        frame = frame.f_back  # type: ignore[assignment]
+        level += 1
+    return level
 
 
 # -- index values -------------------------------------------------------------------------------

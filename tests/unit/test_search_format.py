@@ -177,8 +177,9 @@ def test_check_plan_warns_too_many_bits() -> None:
 
 
 def test_check_plan_warns_too_few_bits() -> None:
-    with pytest.warns(SearchLeakageWarning, match="above sqrt"):
+    with pytest.warns(SearchLeakageWarning, match="above sqrt") as record:
         check_plan("t.c", [BlindIndex(expected_rows=10_000, bits=1)])
+    assert record[0].filename == __file__
 
 
 def test_check_plan_warns_too_many_derived_indexes() -> None:
@@ -321,8 +322,10 @@ def test_missing_tenant_column_refused_when_mapped() -> None:
 
 
 def test_leakage_warning_when_declared() -> None:
-    with pytest.warns(SearchLeakageWarning):
+    """The warning points at the model's declaration, not into SQLAlchemy's event code."""
+    with pytest.warns(SearchLeakageWarning) as record:
         _model(
             "srchu_leaky",
             EncryptedType(String(20), search=BlindIndex(expected_rows=10_000, bits=40)),
         )
+    assert record[0].filename == __file__
