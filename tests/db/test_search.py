@@ -709,3 +709,31 @@ def test_a_row_changed_elsewhere_is_found_by_its_new_value(env: SearchEnv) -> No
         got = s.scalars(select(SrchUser).where(SrchUser.email == "anna@example.com")).all()
         assert [u.id for u in got] == [a]
         assert held.email == "ann@example.com"  # stale, as SQLAlchemy leaves it
+
+
+@pytest.mark.parametrize("sync", ["auto", "fetch", False])
+def test_orm_update_and_delete_where_on_an_exact_index(env: SearchEnv, sync: Any) -> None:
+    from sqlalchemy import delete
+
+    add(env, "acme", *(SrchUser(name=f"n{i}", note="x") for i in range(4)))
+    add(env, "globex", SrchUser(name="n1", note="x"), SrchUser(name="n2", note="x"))
+    opts = {"synchronize_session": sync}
+    with tenant_context("acme"), env.Session() as s:
+        held = s.scalars(select(SrchUser).where(SrchUser.tenant_id == "acme")).all()
+        s.execute(
+            update(SrchUser).where(SrchUser.name == "n1").values(note="hit"),
+            **{"execution_options": opts},
+        )
+        if sync:
+            assert sorted((u.name, u.note) for u in held)[1] == ("n1", "hit")
+        r = s.execute(
+            delete(SrchUser).where(SrchUser.name.in_(["n2", "n3"])), execution_options=opts
+        )
+        assert r.rowcount == 2  # type: ignore[attr-defined]
+        s.commit()
+    assert sorted(env.raw("select tenant_id, note from srch_users")) == [
+        ("acme", "hit"),
+        ("acme", "x"),
+        ("globex", "x"),
+        ("globex", "x"),
+    ]
