@@ -499,6 +499,8 @@ def test_the_term_is_absent_from_everything_sent(
     env.engine.echo = False
     assert sent, "the listener saw the statements"
     text = "\n".join(sent) + "\n" + caplog.text + "\n" + "\n".join(str(x) for x in stmts)
+    text += "\n".join(repr(ev) for ev in env.audit.events)  # audit events too
+    assert env.audit.events
     assert "srch_users" in caplog.text
     for form in forms | {"777-66-5555", "5555", "Zelda", "\uff3aelda"}:
         assert form not in text, form
