@@ -357,23 +357,26 @@ def check_plan(column: str, indexes: Sequence[BlindIndex]) -> None:
 def _outside() -> int:
     """The ``stacklevel`` (for a warning raised by this module's caller) of the first frame
     outside SQLAlchemy and sqlalchemy-cmk: the model's declaration, however many event and
-    declarative frames lie between it and :func:`check_plan`, or whoever called it directly."""
-    import os
+    declarative frames lie between it and :func:`check_plan`, or whoever called it directly.
+
+    Frames are told by their module (``__name__`` of their globals), not their file: SQLAlchemy
+    also runs code it generates, whose file is ``<string>`` or ``<sqlalchemy...>``.
+    """
     import sys
 
-    import sqlalchemy
-
-    ours = (
-        os.path.dirname(sqlalchemy.__file__) + os.sep,
-        os.path.dirname(__file__) + os.sep,
-        "<sqlalchemy",  # code SQLAlchemy generates (its decorators), named like <sqlalchemy.x>
-    )
     frame = sys._getframe(2)  # the frame that called the caller of this function
     level = 2
-    while frame is not None and frame.f_code.co_filename.startswith(ours):
+    while frame is not None and _ours(str(frame.f_globals.get("__name__", ""))):
         frame = frame.f_back  # type: ignore[assignment]
         level += 1
     return level
+
+
+def _ours(module: str) -> bool:
+    return any(module == top or module.startswith(top + ".") for top in _OURS)
+
+
+_OURS = ("sqlalchemy", "sqlalchemy_cmk")
 
 
 # -- index values -------------------------------------------------------------------------------
