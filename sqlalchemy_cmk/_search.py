@@ -52,6 +52,7 @@ from .errors import (
     ConfigurationError,
     IndexNotReadyError,
     NoTenantError,
+    TenantMismatchError,
     UnsupportedQueryError,
 )
 
@@ -214,7 +215,7 @@ def default_state(ix: _s.BlindIndex) -> DomainState:
 
 
 def _row_state(row: Any) -> DomainState:
-    return DomainState(
+    state = DomainState(
         row.phase,
         int(row.slot),
         int(row.version),
@@ -222,6 +223,31 @@ def _row_state(row: Any) -> DomainState:
         None if row.other_version is None else int(row.other_version),
         None if row.other_bits is None else int(row.other_bits),
         row.fingerprint,
+    )
+    # The row is data anyone with write access to the database can change: a phase or slot
+    # this code does not know, or a width out of range, must stop searches and writes rather
+    # than be read as "ready" (or pick a slot by Python's negative indexing).
+    rotating = state.phase in ("rotating", "switched")
+    if (
+        state.phase not in PHASES
+        or state.slot not in (0, 1)
+        or not _valid(state.version, state.bits)
+        or (rotating and not _valid(state.other_version, state.other_bits))
+    ):
+        raise ConfigurationError(
+            f"the state of blind index domain {row.domain!r} in {_s.STATES_TABLE} is not one "
+            "this version understands (phase, slot, key version or width out of range): "
+            "refusing to search or write it"
+        )
+    return state
+
+
+def _valid(version: int | None, bits: int | None) -> bool:
+    return (
+        version is not None
+        and bits is not None
+        and 1 <= version <= 0xFFFFFFFF
+        and 1 <= bits <= _s.MAX_BITS
     )
 
 
@@ -279,6 +305,8 @@ class SearchStore:
                 .limit(1)
             ).scalar()
         env: bytes | None = None if raw is None else bytes(raw)
+        if env is not None:
+            _check_owner(env, tenant)
         if reader.cacheable and env is not None:
             self._roots[tenant] = (env, now + self.ttl)
         return env
@@ -344,6 +372,23 @@ class SearchStore:
             self._states.clear()
             self._roots.clear()
             self._derived.clear()
+
+
+def _check_owner(envelope: bytes, tenant: str) -> None:
+    """The stored root key must be the tenant's own. Another tenant's envelope (copied over by
+    someone with write access to the database) would unwrap through that tenant's KMS, and the
+    two tenants' equal values would get equal index values."""
+    from ._format import parse_envelope
+
+    owner = parse_envelope(envelope).tenant  # garbage: the opaque DecryptionError
+    if owner != tenant:
+        raise TenantMismatchError(
+            f"the search root key stored for tenant {tenant!r} in {_s.KEYS_TABLE} belongs to "
+            "another tenant: the table was edited outside the application",
+            row_tenant=owner,
+            tenant=tenant,
+            table=_s.KEYS_TABLE,
+        )
 
 
 _meta: Any = None
@@ -536,6 +581,14 @@ class SearchTerm(ColumnElement[bool]):
     def self_group(self, against: Any = None) -> ColumnElement[Any]:
         return self
 
+    def __bool__(self) -> bool:
+        # SQLAlchemy tests ``column in [columns]`` (RETURNING, column collections), which calls
+        # ``==`` between columns: between two searchable ones that is a join term, and it must
+        # answer as a BinaryExpression does, by identity. A value term has no truth value.
+        if self.kind == "join":
+            return hash(self.operands[0]) == hash(self.operands[1])
+        raise TypeError("Boolean value of this clause is not defined")
+
     def __invert__(self) -> ColumnElement[bool]:
         flipped = {"eq": "ne", "ne": "eq", "in": "not_in", "not_in": "in"}.get(self.kind)
         if flipped is None:
@@ -702,6 +755,10 @@ def rewrite(
                 column=spec.column,
             )
         slot, version, bits = state.read
+        if check is None and bits < _s.EXACT_BITS:
+            # Declared exact, but the state (a rotation to a narrower width, or an edit of the
+            # table) says the index read is truncated: the database may not decide alone.
+            raise UnsupportedQueryError(_why_refused(term, spec, streaming, orm, bits))
         replaced[id(term)] = _replacement(
             store, reader, tenant, term, specs, slot, version, bits, ctx
         )
@@ -781,8 +838,9 @@ def _slot_col(col: Any, spec: SearchSpec, slot: int) -> Any:
 
 
 def _tenant_col(col: Any) -> Any:
+    # An aliased entity's columns are proxies that carry no info: look through to the table's.
     for c in col.table.c:
-        if is_tenant_column(_base_column(c)) or is_tenant_column(c):
+        if is_tenant_column(c) or any(is_tenant_column(b) for b in getattr(c, "base_columns", ())):
             return c
     raise ConfigurationError(
         f"{_describe(col)} is searchable, so its table needs a tenant column: declare it with "
@@ -812,7 +870,9 @@ def _join_spec(peer: Any, spec: SearchSpec) -> SearchSpec:
     )
 
 
-def _why_refused(term: SearchTerm, spec: SearchSpec, streaming: bool, orm: bool) -> str:
+def _why_refused(
+    term: SearchTerm, spec: SearchSpec, streaming: bool, orm: bool, bits: int | None = None
+) -> str:
     where = (
         "a streamed result (yield_per)"
         if streaming
@@ -823,7 +883,8 @@ def _why_refused(term: SearchTerm, spec: SearchSpec, streaming: bool, orm: bool)
     )
     return (
         f"{spec.table}.{spec.column}'s blind index {spec.name!r} is truncated to "
-        f"{spec.index.width} bits, so values collide by design, and in {where} the database "
+        f"{spec.index.width if bits is None else bits} bits, so values collide by design, and "
+        f"in {where} the database "
         "would decide the result from the index alone. A truncated index is searched in "
         "select(Model).where(Model.col == term) (and in_, filter_by, inner joins), whose rows "
         f"are checked after decryption; declare bits >= {_s.EXACT_BITS} for an exact index, "
