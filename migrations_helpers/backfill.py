@@ -1738,10 +1738,13 @@ def _walk(
     progress: ProgressCallback | None,
     started: float,
     total: int | None,
+    max_passes: int | None = None,
 ) -> None:
     """Walk the rows matching ``pending`` by primary key, one transaction per batch, in passes
-    until a pass finds nothing. ``handle`` updates a batch inside its transaction and counts
-    into the report it is given, merged into ``report`` once the transaction committed.
+    until a pass finds nothing (or ``max_passes`` passes: for a ``pending`` that a handled row
+    may still match, such as a blind index's candidates, whose SQL cannot tell a rightly
+    empty derived value from a missing one). ``handle`` updates a batch inside its transaction
+    and counts into the report it is given, merged into ``report`` once the transaction committed.
 
     On PostgreSQL, batches are claimed with ``FOR UPDATE SKIP LOCKED``; once a pass finds
     nothing, a confirming pass uses plain ``FOR UPDATE`` (it waits for rows others hold, then
@@ -1764,6 +1767,8 @@ def _walk(
         skip = locks
         while True:
             report.passes += 1
+            if max_passes is not None and report.passes >= max_passes:
+                skip = False  # the last pass waits for rows others hold
             found = 0
             last: Any = None
             if locks:
@@ -1814,6 +1819,8 @@ def _walk(
                     progress(
                         Progress(report.operation, tgt.name, report.rows, total, _now() - started)
                     )
+            if max_passes is not None and report.passes >= max_passes:
+                return
             if found == 0:
                 if skip:
                     skip = False  # confirm, waiting for rows held by others
