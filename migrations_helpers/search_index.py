@@ -382,31 +382,33 @@ class _Plan:
     """One table of the domain: its backfill target, and where each member's columns are."""
 
     tgt: _Target
-    members: list[tuple[_Member, int, tuple[int, int]]]  # member, source index, slot indexes
+    # member, its source's column index, slot -> the slot column's index (the slots taken)
+    members: list[tuple[_Member, int, dict[int, int]]]
 
 
-def _plan(engine: Engine, table: Table, members: Sequence[_Member]) -> _Plan:
+def _plan(
+    engine: Engine, table: Table, members: Sequence[_Member], slots: Sequence[int] = (0, 1)
+) -> _Plan:
+    """The target over the members' sources and the slot columns ``slots`` (a walk takes only
+    the slots it fills: the rows it sends and compares are then the smallest they can be)."""
     sources: list[str] = []
     for m in members:
         if m.column.name not in sources:
             sources.append(m.column.name)
-    slots = [s for m in members for s in m.slots]
+    names = [m.slots[k] for m in members for k in slots]
     tgt = _target(
         engine,
         table.name,
-        [*sources, *slots],
+        [*sources, *names],
         tenant_column=None,
         companion_column=_companion(table),
         schema=table.schema,
         metadata=table,
     )
-    if tgt.storage[0] == "plain":  # pragma: no cover - _target gives text or binary
-        raise ConfigurationError(f"{table.name}: unexpected column storage", table=table.name)
     placed = []
     for m in members:
         i = sources.index(m.column.name)
-        j = len(sources) + slots.index(m.slots[0])
-        placed.append((m, i, (j, j + 1)))
+        placed.append((m, i, {k: len(sources) + names.index(m.slots[k]) for k in slots}))
     return _Plan(tgt, placed)
 
 
@@ -589,13 +591,18 @@ def _fill(
     full: bool,
     started: float,
 ) -> None:
-    """Walk every table of the domain and write each row's values of the slots ``state``
-    writes, where they differ, with compare-and-swap."""
-    writes = state.writes()
+    """Walk every table of the domain and write each row's values of the slot to fill, where
+    they differ, with compare-and-swap: while building, the one slot written; while rotating,
+    the new one (the current slot, complete since the build, is kept by every write)."""
+    if state.phase == "rotating":
+        assert state.other_version is not None and state.other_bits is not None
+        writes = [(1 - state.slot, state.other_version, state.other_bits)]
+    else:
+        writes = [state.read]
     versions = [v for _, v, _ in writes]
     indexer = _Indexer(cmk, domain, actor)
     for table, ms in _by_table(members).items():
-        plan = _plan(engine, table, ms)
+        plan = _plan(engine, table, ms, [slot for slot, _, _ in writes])
         tgt = plan.tgt
         sources = sorted({i for _, i, _ in plan.members})
         pending = _pending(plan, writes, full)
