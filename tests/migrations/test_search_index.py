@@ -9,13 +9,18 @@ verify_index finds nothing wrong at the end.
 
 from __future__ import annotations
 
+import json
+import logging
 import random
+import sys
 import threading
 import time
+import types
+import uuid
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, String, select
+from sqlalchemy import Engine, String, select, text
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
@@ -29,6 +34,7 @@ from sqlalchemy_cmk import (
     tenant_column,
     tenant_context,
 )
+from sqlalchemy_cmk.cli import main
 from sqlalchemy_cmk.errors import IndexNotReadyError
 from sqlalchemy_cmk.search import BlindIndex, last_digits, search_tables
 from sqlalchemy_cmk.testing import FakeKeyProvider, MemoryAuditSink
@@ -370,3 +376,139 @@ def test_concurrent_writer_and_reader_across_whole_rotations(engine: Engine) -> 
         assert find(searching, tenant, Person.email == email) == [pk]
     for tenant, pk, email in stable:
         assert find(searching, tenant, Person.email == email) == [pk]
+
+
+# -- the CLI and the Alembic operations ----------------------------------------------------------
+
+
+def _database_url(engine: Engine) -> str:
+    url = engine.url
+    if url.get_backend_name() == "postgresql":
+        with engine.connect() as conn:
+            schema = conn.execute(text("select current_schema()")).scalar_one()
+        url = url.update_query_dict({"options": f"-csearch_path={schema}"})
+    return url.render_as_string(hide_password=False)
+
+
+@pytest.fixture
+def app_module(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """An application module (its CMK and models) that --cmk and --metadata import."""
+    module = types.ModuleType(f"sr_app_{uuid.uuid4().hex[:8]}")
+    module.cmk = make_cmk(ttl=0.05)  # type: ignore[attr-defined]
+    module.Base = Base  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    return module
+
+
+def test_cli_build_status_verify_rotate(
+    engine: Engine, app_module: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cmk = app_module.cmk
+    plain, searching = setup(engine, cmk)
+    rows = seed(plain, 6)
+    name = app_module.__name__
+    base = ["--database-url", _database_url(engine), "--metadata", f"{name}:Base"]
+    keys = ["--cmk", f"{name}:cmk"]
+    index = ["--index", f"{TABLE}.email_bidx"]
+
+    def run(*argv: str) -> tuple[int, str, str]:
+        capsys.readouterr()
+        code = main(list(argv))
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    code, out, _ = run("search", "status", *base, "--json")
+    assert code == 0
+    doc = {d["domain"]: d for d in json.loads(out)}
+    assert doc[f"{TABLE}.email_bidx"]["phase"] == "building"
+    assert doc[f"{TABLE}.email_bidx"]["tables"][TABLE] == {"done": 0, "pending": 12}
+
+    code, out, err = run("search", "build", *base, *keys, *index, "--no-progress")
+    assert code == 0, err
+    assert "building -> ready" in out and "12 row(s)" in out
+    code, out, _ = run("search", "verify", *base, *keys, *index, "--json")
+    assert code == 0 and json.loads(out)["ok"] and json.loads(out)["checked"] == 12
+    code, out, err = run("search", "rotate", *base, *keys, *index, "--no-progress", "--json")
+    assert code == 0, err
+    assert json.loads(out)["steps"][-1] == "switched -> ready"
+    code, out, _ = run("search", "status", *base, *index)
+    assert code == 0 and "ready" in out and "slot 1 v2/128b" in out
+    cmk._search.forget()
+    tenant, people = next(iter(rows.items()))
+    assert find(searching, tenant, Person.email == people[2][1]) == [people[2][0]]
+
+    # A stored value tampered with: verify names the row, never the value; exit 1.
+    with engine.begin() as conn:
+        conn.execute(
+            text(f"UPDATE {TABLE} SET email_bidx_alt = email_bidx WHERE id = :id"),
+            {"id": people[0][0]},
+        )
+    code, out, err = run("search", "verify", *base, *keys, *index)
+    assert code == 1
+    assert f"MISMATCH {TABLE} row {people[0][0]}" in out and "verify failed" in err
+    assert people[0][1] not in out + err
+
+    # Usage errors: exit 2, nothing done.
+    code, _, err = run("search", "build", *base, *keys, "--index", f"{TABLE}.nope")
+    assert code == 2 and "no such blind index" in err
+    code, _, err = run("search", "rotate", *base, *keys, *index, "--bits", "64")
+    assert code == 1 and "exact" in err
+
+
+def test_alembic_build_and_rotate_operations(
+    engine: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    from alembic.operations import Operations
+    from alembic.runtime.migration import MigrationContext
+
+    import migrations_helpers
+    from migrations_helpers import alembic_ops
+
+    cmk = make_cmk(ttl=0.05)
+    plain, searching = setup(engine, cmk)
+    rows = seed(plain, 5)
+    migrations_helpers.register()
+    with engine.connect() as conn:
+        ctx = MigrationContext.configure(
+            conn, opts={"target_metadata": Base.metadata, "transaction_per_migration": True}
+        )
+        op = Operations(ctx)
+        with caplog.at_level(logging.INFO, logger=alembic_ops.log.name), ctx.begin_transaction():
+            built = op.build_blind_index(f"{TABLE}.ssn_bidx", cmk=cmk, batch_size=3)
+            rotated = op.rotate_blind_index(f"{TABLE}.ssn_bidx", bits=12, cmk=cmk)
+    assert built.steps[-1] == "building -> ready" and built.rows == 8
+    assert (rotated.phase, rotated.version, rotated.bits) == ("ready", 2, 12)
+    assert "build_index sr_people.ssn_bidx" in caplog.text
+    cmk._search.forget()
+    for tenant, people in rows.items():
+        for pk, _, ssn in people:
+            if ssn is not None:
+                assert pk in find(searching, tenant, Person.ssn == ssn)
+    # Reverses do nothing, and render as runnable source.
+    undo = alembic_ops.RotateBlindIndexOp(f"{TABLE}.ssn_bidx", bits=12).reverse()
+    assert isinstance(undo, alembic_ops.NothingToUndoOp)
+    from alembic.autogenerate.api import AutogenContext
+    from alembic.autogenerate.render import render_op_text
+
+    autogen = AutogenContext(
+        MigrationContext.configure(
+            dialect_name="postgresql",
+            opts={"sqlalchemy_module_prefix": "sa.", "alembic_module_prefix": "op."},
+        )
+    )
+    assert (
+        render_op_text(
+            autogen, alembic_ops.RotateBlindIndexOp("users.email_bidx", bits=160, settle=12.0)
+        )
+        == "op.rotate_blind_index('users.email_bidx', bits=160, settle=12.0)"
+    )
+    assert (
+        render_op_text(autogen, alembic_ops.BuildBlindIndexOp("users.email_bidx", cmk="app:cmk"))
+        == "op.build_blind_index('users.email_bidx', cmk='app:cmk')"
+    )
+    # Offline (--sql) mode refuses.
+    offline = MigrationContext.configure(
+        dialect_name="sqlite", opts={"as_sql": True, "target_metadata": Base.metadata}
+    )
+    with pytest.raises(ConfigurationError, match="offline"):
+        Operations(offline).build_blind_index(f"{TABLE}.ssn_bidx", cmk=cmk)
