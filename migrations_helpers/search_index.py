@@ -692,7 +692,8 @@ def build_index(
     would) and written with compare-and-swap. Then the state moves to ``ready``.
 
     Rerunning finishes a killed run; on a ready (or rotating) index the call only verifies
-    (:func:`verify_index`, in ``report.verify``).
+    (:func:`verify_index`, in ``report.verify``), after, with ``full=True`` on a ready index,
+    recomputing every row's read slot (a repair, for rows a process wrote without the index).
 
     Args:
         engine: The database.
@@ -740,6 +741,20 @@ def build_index(
     state, since = found
     report = IndexReport("build", domain, state.phase, state.version, state.bits, steps)
     if state.phase != "building":
+        if full and state.phase == "ready":  # repair: every row's read slot, recomputed
+            _fill(
+                engine,
+                cmk,
+                domain,
+                members,
+                state,
+                report,
+                batch_size=batch_size,
+                progress=progress,
+                actor=actor,
+                full=True,
+                started=started,
+            )
         report.verify = verify_index(engine, cmk, metadata, domain, actor=actor)
         report.seconds = _now() - started
         return report

@@ -447,6 +447,12 @@ def test_cli_build_status_verify_rotate(
     assert code == 1
     assert f"MISMATCH {TABLE} row {people[0][0]}" in out and "verify failed" in err
     assert people[0][1] not in out + err
+    # The repair: a full build of a ready index rewrites the row, and verifies clean.
+    repaired = search_index.build_index(
+        engine, cmk, Base.metadata, f"{TABLE}.email_bidx", full=True, settle=0
+    )
+    assert repaired.rows == 1 and repaired.phase == "ready"
+    assert repaired.verify is not None and repaired.verify.clean
 
     # Usage errors: exit 2, nothing done.
     code, _, err = run("search", "build", *base, *keys, "--index", f"{TABLE}.nope")
