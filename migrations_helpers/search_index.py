@@ -153,7 +153,9 @@ class IndexReport:
     version: int
     bits: int
     steps: list[str] = field(default_factory=list)  # state changes made, "ready -> rotating"
-    rows: int = 0  # rows whose slots this call wrote
+    # rows whose slots this call wrote (without row locks, as on SQLite, a row another worker
+    # wrote with the very same value in between counts too)
+    rows: int = 0
     conflicts: int = 0  # rows an application write changed in between (left to it)
     by_table: dict[str, int] = field(default_factory=dict)
     waited: float = 0.0  # seconds spent waiting for every process to see a state
