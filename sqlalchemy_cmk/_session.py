@@ -944,6 +944,13 @@ def install(cmk: CMK, target: Any) -> list[tuple[str, Any]]:
         )
         if stmt is not orm_state.statement:
             orm_state.statement = stmt
+        session = orm_state.session
+        if checks and not session.dirty and not session.new:
+            # Rows are checked against their decrypted value: objects already in the identity
+            # map must hold the database's value, not one another transaction has since
+            # changed, or a row matched by its new value would be dropped as a collision.
+            # (Nothing unflushed is lost: there is nothing unflushed.)
+            orm_state.update_execution_options(populate_existing=True)
         check_statement(orm_state.statement)  # before anything, internal queries included
         return _do_orm_execute(cmk, orm_state, checks)
 

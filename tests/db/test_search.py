@@ -690,11 +690,6 @@ def test_a_term_never_compiles_for_a_database() -> None:
     assert term not in repr(stmt.whereclause)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known limitation: collision rows are dropped by checking the identity map's "
-    "instance, which keeps its stale value when another transaction changed the row",
-)
 def test_a_row_changed_elsewhere_is_found_by_its_new_value(env: SearchEnv) -> None:
     if env.engine.dialect.name in ("mysql", "mariadb"):
         pytest.skip("REPEATABLE READ: the session's snapshot does not see the change at all")
@@ -706,11 +701,13 @@ def test_a_row_changed_elsewhere_is_found_by_its_new_value(env: SearchEnv) -> No
             row = other.get(SrchUser, a)
             assert row is not None
             row.email = "anna@example.com"
-        # The database matches the row by its new index value; plain SQLAlchemy would return
-        # it (with stale attributes). The check drops it: the row is found by neither value.
+        # The database matches the row by its new index value; the search refreshes the
+        # objects it returns (populate_existing), so the check sees the value the database
+        # holds and keeps the row, instead of dropping it as a collision.
         got = s.scalars(select(SrchUser).where(SrchUser.email == "anna@example.com")).all()
         assert [u.id for u in got] == [a]
-        assert held.email == "ann@example.com"  # stale, as SQLAlchemy leaves it
+        assert held.email == "anna@example.com"
+        assert not s.scalars(select(SrchUser).where(SrchUser.email == "ann@example.com")).all()
 
 
 @pytest.mark.parametrize("sync", ["auto", "fetch", False])
