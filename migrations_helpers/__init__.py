@@ -5,7 +5,8 @@ In ``env.py``::
     import migrations_helpers
 
     # The CMK the operations use (a CMK, or "module:attribute"); also registers
-    # op.encrypt_column, op.decrypt_column, op.rewrap_keys and op.rotate_data_keys.
+    # op.encrypt_column, op.decrypt_column, op.rewrap_keys, op.rotate_data_keys,
+    # op.build_blind_index and op.rotate_blind_index.
     migrations_helpers.configure("myapp.crypto:cmk")
 
     def run_migrations_online():
@@ -45,11 +46,13 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from sqlalchemy_cmk._cmk import load_cmk as load_cmk
 
+    from .alembic_ops import BuildBlindIndexOp as BuildBlindIndexOp
     from .alembic_ops import CutoverColumnOp as CutoverColumnOp
     from .alembic_ops import DecryptColumnOp as DecryptColumnOp
     from .alembic_ops import EncryptColumnOp as EncryptColumnOp
     from .alembic_ops import NothingToUndoOp as NothingToUndoOp
     from .alembic_ops import RewrapKeysOp as RewrapKeysOp
+    from .alembic_ops import RotateBlindIndexOp as RotateBlindIndexOp
     from .alembic_ops import RotateDataKeysOp as RotateDataKeysOp
     from .alembic_ops import configure as configure
     from .alembic_ops import configured_cmk as configured_cmk
@@ -80,12 +83,23 @@ if TYPE_CHECKING:
     from .backfill import run_job as run_job
     from .backfill import status as status
     from .backfill import verify as verify
+    from .search_index import IndexReport as IndexReport
+    from .search_index import IndexStatus as IndexStatus
+    from .search_index import IndexVerifyReport as IndexVerifyReport
+    from .search_index import build_index as build_index
+    from .search_index import index_status as index_status
+    from .search_index import rotate_index as rotate_index
+    from .search_index import verify_index as verify_index
 
 __all__ = [
+    "BuildBlindIndexOp",
     "CutoverColumnOp",
     "DecryptColumnOp",
     "EncryptColumnOp",
     "IncompleteColumnsError",
+    "IndexReport",
+    "IndexStatus",
+    "IndexVerifyReport",
     "Job",
     "MigrationDatabaseError",
     "Models",
@@ -94,12 +108,14 @@ __all__ = [
     "Progress",
     "Report",
     "RewrapKeysOp",
+    "RotateBlindIndexOp",
     "RotateDataKeysOp",
     "StatusReport",
     "UndeterminedColumnsError",
     "UniqueColumnError",
     "UnreadableWriteError",
     "VerifyReport",
+    "build_index",
     "check_cutover",
     "check_encryptable",
     "compare_type",
@@ -108,6 +124,7 @@ __all__ = [
     "decrypt_columns",
     "encrypt_columns",
     "ensure_companion",
+    "index_status",
     "load_cmk",
     "parallel_workers",
     "register",
@@ -115,17 +132,21 @@ __all__ = [
     "resolve_tenant_column",
     "rewrap_keys",
     "rotate_data_keys",
+    "rotate_index",
     "run_job",
     "status",
     "verify",
+    "verify_index",
 ]
 
 _HOMES = {
+    "BuildBlindIndexOp": ".alembic_ops",
     "CutoverColumnOp": ".alembic_ops",
     "DecryptColumnOp": ".alembic_ops",
     "EncryptColumnOp": ".alembic_ops",
     "NothingToUndoOp": ".alembic_ops",
     "RewrapKeysOp": ".alembic_ops",
+    "RotateBlindIndexOp": ".alembic_ops",
     "RotateDataKeysOp": ".alembic_ops",
     "configure": ".alembic_ops",
     "configured_cmk": ".alembic_ops",
@@ -158,6 +179,14 @@ _HOMES = {
     "run_job": ".backfill",
     "status": ".backfill",
     "verify": ".backfill",
+    # Blind indexes (searchable columns): build, rotate, status, verify; on the same engine.
+    "IndexReport": ".search_index",
+    "IndexStatus": ".search_index",
+    "IndexVerifyReport": ".search_index",
+    "build_index": ".search_index",
+    "index_status": ".search_index",
+    "rotate_index": ".search_index",
+    "verify_index": ".search_index",
     # The loader behind configure() and the CLI's --cmk: a CMK, or "module:attribute" naming
     # one (or a function of no arguments returning one); whatever the module does wrong ends
     # as one ConfigurationError.

@@ -80,11 +80,13 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
     ) from exc
 
 __all__ = [
+    "BuildBlindIndexOp",
     "CutoverColumnOp",
     "DecryptColumnOp",
     "EncryptColumnOp",
     "NothingToUndoOp",
     "RewrapKeysOp",
+    "RotateBlindIndexOp",
     "RotateDataKeysOp",
     "configure",
     "configured_cmk",
@@ -614,6 +616,115 @@ class RotateDataKeysOp(_ColumnsOp):
         return NothingToUndoOp("rotate_data_keys", self.table_name, _ROTATE_REASON)
 
 
+_BUILD_REASON = (
+    "a built index stays correct whatever the schema does next: downgrading the column (or "
+    "dropping its index columns) is the migration's own op.drop_column"
+)
+_ROTATE_INDEX_REASON = (
+    "the index now uses its next key version; rotating back would be another rotation "
+    "(op.rotate_blind_index again), never an undo"
+)
+
+
+class _IndexOp(_JobOp):
+    """An operation on a blind index: its Job's ``table`` holds the index's name."""
+
+    index = _JobField("table")
+    settle = _JobField()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.index!r})"
+
+
+class BuildBlindIndexOp(_IndexOp):
+    """``op.build_blind_index``: fill a searchable column's blind index for the rows that
+    exist, then make it searchable."""
+
+    def __init__(
+        self,
+        index: str,
+        *,
+        batch_size: int = 1000,
+        settle: float | None = None,
+        cmk: CMKSpec = None,
+    ) -> None:
+        self.job = backfill.Job(table=index, batch_size=batch_size, settle=settle)
+        self.cmk = cmk
+
+    @classmethod
+    def build_blind_index(
+        cls,
+        operations: Operations,
+        index: str,
+        *,
+        batch_size: int = 1000,
+        settle: float | None = None,
+        cmk: CMK | str | None = None,
+    ) -> Any:
+        """Build the blind index ``index`` (``"table.index_name"`` or a shared domain) over
+        the rows that exist (:func:`migrations_helpers.search_index.build_index`), with the
+        models of ``target_metadata``. Deploy the application declaring the column
+        searchable first; the call waits ``settle`` seconds (default twice the CMK's
+        ``search_state_ttl``) before the walk. Rerunning after a failure finishes the build.
+
+        The reverse does nothing (and logs why).
+
+        Raises:
+            ConfigurationError: no CMK, no ``target_metadata``, an unknown index, or offline
+                (``--sql``) mode.
+        """
+        op = cls(index, batch_size=batch_size, settle=settle, cmk=cmk)
+        return operations.invoke(op)
+
+    def reverse(self) -> NothingToUndoOp:
+        return NothingToUndoOp("build_blind_index", self.index, _BUILD_REASON)
+
+
+class RotateBlindIndexOp(_IndexOp):
+    """``op.rotate_blind_index``: move a blind index to its next key version, online."""
+
+    bits = _JobField()
+
+    def __init__(
+        self,
+        index: str,
+        *,
+        bits: int | None = None,
+        batch_size: int = 1000,
+        settle: float | None = None,
+        cmk: CMKSpec = None,
+    ) -> None:
+        self.job = backfill.Job(table=index, bits=bits, batch_size=batch_size, settle=settle)
+        self.cmk = cmk
+
+    @classmethod
+    def rotate_blind_index(
+        cls,
+        operations: Operations,
+        index: str,
+        *,
+        bits: int | None = None,
+        batch_size: int = 1000,
+        settle: float | None = None,
+        cmk: CMK | str | None = None,
+    ) -> Any:
+        """Rotate the blind index ``index`` to its next key version (and, with ``bits``, a new
+        width): :func:`migrations_helpers.search_index.rotate_index`, every phase in one call
+        (it waits ``settle`` seconds twice). Rerunning after a failure resumes the rotation.
+
+        The reverse does nothing (and logs why).
+
+        Raises:
+            ConfigurationError: no CMK, no ``target_metadata``, an index not built yet, or
+                offline (``--sql``) mode.
+        """
+        op = cls(index, bits=bits, batch_size=batch_size, settle=settle, cmk=cmk)
+        return operations.invoke(op)
+
+    def reverse(self) -> NothingToUndoOp:
+        return NothingToUndoOp("rotate_blind_index", self.index, _ROTATE_INDEX_REASON)
+
+
 # -- implementations ---------------------------------------------------------------------------
 
 
@@ -781,6 +892,44 @@ def _run(
     return report
 
 
+def _run_index(
+    operations: Operations, operation: Literal["build_index", "rotate_index"], op: _IndexOp
+) -> Any:
+    """Run a blind index operation's Job through :func:`migrations_helpers.backfill.run_job`,
+    with the models of ``target_metadata``, outside the migration's transaction."""
+    name = "build_blind_index" if operation == "build_index" else "rotate_blind_index"
+    command = "search build" if operation == "build_index" else "search rotate"
+    _refuse_offline(operations, name, op.index, command)
+    cmk = _resolve(op.cmk, name)
+    _check_transaction(operations)
+    conn = operations.get_bind()
+    job = dataclasses.replace(
+        op.job,
+        metadata=operations.get_context().opts.get("target_metadata"),
+        progress=_progress(operation, op.index),
+    )
+    with operations.get_context().autocommit_block():
+        report = backfill.run_job(conn.engine, cmk, operation, job)
+    log.info(
+        "%s %s: %s; %d rows written, %.1fs (%.1fs waiting for every process to see a state)",
+        operation,
+        report.domain,
+        ", ".join(report.steps) or f"nothing to do (phase {report.phase})",
+        report.rows,
+        report.seconds,
+        report.waited,
+    )
+    return report
+
+
+def _build_blind_index(operations: Operations, op: BuildBlindIndexOp) -> Any:
+    return _run_index(operations, "build_index", op)
+
+
+def _rotate_blind_index(operations: Operations, op: RotateBlindIndexOp) -> Any:
+    return _run_index(operations, "rotate_index", op)
+
+
 def _encrypt_column(operations: Operations, op: EncryptColumnOp) -> backfill.Report:
     return _run(operations, "encrypt", op)
 
@@ -900,6 +1049,20 @@ def _render_cutover(autogen_context: AutogenContext, op: CutoverColumnOp) -> str
     return f"op.cutover_column({', '.join(parts)})"
 
 
+def _render_index(autogen_context: AutogenContext, op: _IndexOp) -> str:
+    name = "build_blind_index" if isinstance(op, BuildBlindIndexOp) else "rotate_blind_index"
+    parts = [repr(op.index)]
+    if isinstance(op, RotateBlindIndexOp) and op.bits is not None:
+        parts.append(f"bits={op.bits!r}")
+    if op.batch_size != 1000:
+        parts.append(f"batch_size={op.batch_size!r}")
+    if op.settle is not None:
+        parts.append(f"settle={op.settle!r}")
+    if isinstance(op.cmk, str):
+        parts.append(f"cmk={op.cmk!r}")
+    return f"op.{name}({', '.join(parts)})"
+
+
 def _render_nothing(autogen_context: AutogenContext, op: NothingToUndoOp) -> str:
     # ``pass``, not a bare comment: it may be the only statement of downgrade().
     return f"pass  # op.{op.operation}({op.table_name!r}) has nothing to undo"
@@ -910,7 +1073,8 @@ def _render_nothing(autogen_context: AutogenContext, op: NothingToUndoOp) -> str
 
 def register() -> None:
     """Register the operations with Alembic: ``op.encrypt_column``, ``op.decrypt_column``,
-    ``op.rewrap_keys``, ``op.rotate_data_keys``, ``op.cutover_column``. Idempotent;
+    ``op.rewrap_keys``, ``op.rotate_data_keys``, ``op.cutover_column``,
+    ``op.build_blind_index``, ``op.rotate_blind_index``. Idempotent;
     :func:`configure` calls it."""
     global _registered
     with _lock:
@@ -921,12 +1085,18 @@ def register() -> None:
         Operations.register_operation("rewrap_keys")(RewrapKeysOp)
         Operations.register_operation("rotate_data_keys")(RotateDataKeysOp)
         Operations.register_operation("cutover_column")(CutoverColumnOp)
+        Operations.register_operation("build_blind_index")(BuildBlindIndexOp)
+        Operations.register_operation("rotate_blind_index")(RotateBlindIndexOp)
         Operations.implementation_for(EncryptColumnOp)(_encrypt_column)
         Operations.implementation_for(DecryptColumnOp)(_decrypt_column)
         Operations.implementation_for(RewrapKeysOp)(_rewrap_keys)
         Operations.implementation_for(RotateDataKeysOp)(_rotate_data_keys)
         Operations.implementation_for(CutoverColumnOp)(_cutover_column)
         Operations.implementation_for(NothingToUndoOp)(_nothing_to_undo)
+        Operations.implementation_for(BuildBlindIndexOp)(_build_blind_index)
+        Operations.implementation_for(RotateBlindIndexOp)(_rotate_blind_index)
+        renderers.dispatch_for(BuildBlindIndexOp)(_render_index)
+        renderers.dispatch_for(RotateBlindIndexOp)(_render_index)
         renderers.dispatch_for(EncryptColumnOp)(_render_encrypt)
         renderers.dispatch_for(DecryptColumnOp)(_render_decrypt)
         renderers.dispatch_for(RewrapKeysOp)(_render_rewrap)

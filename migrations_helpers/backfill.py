@@ -71,7 +71,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any, Literal, ParamSpec, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Literal, ParamSpec, TypeVar, overload
 
 from sqlalchemy import (
     Column,
@@ -110,6 +110,9 @@ from sqlalchemy_cmk.errors import (
     TenantMismatchError,
 )
 from sqlalchemy_cmk.types import TEXT_MARKER, EncryptedType, _binary, _from_text
+
+if TYPE_CHECKING:
+    from .search_index import IndexReport
 
 __all__ = [
     "IncompleteColumnsError",
@@ -1738,10 +1741,13 @@ def _walk(
     progress: ProgressCallback | None,
     started: float,
     total: int | None,
+    max_passes: int | None = None,
 ) -> None:
     """Walk the rows matching ``pending`` by primary key, one transaction per batch, in passes
-    until a pass finds nothing. ``handle`` updates a batch inside its transaction and counts
-    into the report it is given, merged into ``report`` once the transaction committed.
+    until a pass finds nothing (or ``max_passes`` passes: for a ``pending`` that a handled row
+    may still match, such as a blind index's candidates, whose SQL cannot tell a rightly
+    empty derived value from a missing one). ``handle`` updates a batch inside its transaction
+    and counts into the report it is given, merged into ``report`` once the transaction committed.
 
     On PostgreSQL, batches are claimed with ``FOR UPDATE SKIP LOCKED``; once a pass finds
     nothing, a confirming pass uses plain ``FOR UPDATE`` (it waits for rows others hold, then
@@ -1764,6 +1770,8 @@ def _walk(
         skip = locks
         while True:
             report.passes += 1
+            if max_passes is not None and report.passes >= max_passes:
+                skip = False  # the last pass waits for rows others hold
             found = 0
             last: Any = None
             if locks:
@@ -1814,6 +1822,8 @@ def _walk(
                     progress(
                         Progress(report.operation, tgt.name, report.rows, total, _now() - started)
                     )
+            if max_passes is not None and report.passes >= max_passes:
+                return
             if found == 0:
                 if skip:
                     skip = False  # confirm, waiting for rows held by others
@@ -3201,7 +3211,9 @@ def status(
 
 # -- one run, as a value ------------------------------------------------------------------------
 
-Operation = Literal["encrypt", "decrypt", "rotate", "rewrap", "verify"]
+Operation = Literal[
+    "encrypt", "decrypt", "rotate", "rewrap", "verify", "build_index", "rotate_index"
+]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -3219,7 +3231,8 @@ class Job:
     which checks again.
 
     Attributes:
-        table: The table name.
+        table: The table name; for ``build_index`` and ``rotate_index``, the blind index
+            (``"table.index_name"``, or a domain shared by several tables).
         columns: The columns (a sequence, kept as a tuple); empty for rotate and verify means
             every encrypted column of the table, for rewrap it must be empty.
         schema: The table's schema, if not the default.
@@ -3235,6 +3248,10 @@ class Job:
         into: Source column -> target column, for a move (encrypt, decrypt); kept as a dict.
         tenant: Only this tenant's rows (rotate, rewrap).
         sample: The share of rows to check, in (0, 1] (verify).
+        bits: The new width of a rotated blind index (rotate_index).
+        settle: Seconds to wait after each state change of a blind index, so every process
+            has read it (build_index, rotate_index; default: twice the CMK's
+            ``search_state_ttl``).
 
     Raises:
         ConfigurationError: ``columns`` given as one str, ``batch_size`` below 1,
@@ -3256,6 +3273,8 @@ class Job:
     into: Mapping[str, str] | None = None
     tenant: str | None = None
     sample: float | None = None
+    bits: int | None = None
+    settle: float | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.columns, str):
@@ -3270,12 +3289,82 @@ class Job:
         _check_sample(self.sample)
 
 
+def _index_models(metadata: Models | None, index: str) -> Models:
+    if metadata is None:
+        raise ConfigurationError(
+            f"blind index {index!r}: the models are needed to find its columns (metadata=; "
+            "in Alembic, target_metadata in env.py; CLI: --metadata MODULE:Base)"
+        )
+    return metadata
+
+
+def _build_index(
+    engine: Engine,
+    cmk: CMK,
+    table: str,
+    *,
+    metadata: Models | None = None,
+    batch_size: int = 1000,
+    progress: ProgressCallback | None = None,
+    actor: str = "sqlalchemy-cmk search",
+    max_kms_rps: float | None = None,
+    settle: float | None = None,
+) -> Any:
+    """run_job's "build_index": :func:`migrations_helpers.search_index.build_index` of the
+    index named by ``table``."""
+    from .search_index import build_index
+
+    return build_index(
+        engine,
+        cmk,
+        _index_models(metadata, table),
+        table,
+        batch_size=batch_size,
+        progress=progress,
+        actor=actor,
+        max_kms_rps=max_kms_rps,
+        settle=settle,
+    )
+
+
+def _rotate_index(
+    engine: Engine,
+    cmk: CMK,
+    table: str,
+    *,
+    metadata: Models | None = None,
+    batch_size: int = 1000,
+    progress: ProgressCallback | None = None,
+    actor: str = "sqlalchemy-cmk search",
+    max_kms_rps: float | None = None,
+    settle: float | None = None,
+    bits: int | None = None,
+) -> Any:
+    """run_job's "rotate_index": :func:`migrations_helpers.search_index.rotate_index`."""
+    from .search_index import rotate_index
+
+    return rotate_index(
+        engine,
+        cmk,
+        _index_models(metadata, table),
+        table,
+        bits=bits,
+        batch_size=batch_size,
+        progress=progress,
+        actor=actor,
+        max_kms_rps=max_kms_rps,
+        settle=settle,
+    )
+
+
 _OPERATIONS: dict[str, Callable[..., Any]] = {
     "encrypt": encrypt_columns,
     "decrypt": decrypt_columns,
     "rotate": rotate_data_keys,
     "rewrap": rewrap_keys,
     "verify": verify,
+    "build_index": _build_index,
+    "rotate_index": _rotate_index,
 }
 
 
@@ -3297,14 +3386,24 @@ def run_job(
 ) -> Report: ...
 
 
-def run_job(engine: Engine, cmk: CMK, operation: Operation, job: Job) -> Report | VerifyReport:
+@overload
+def run_job(
+    engine: Engine, cmk: CMK, operation: Literal["build_index", "rotate_index"], job: Job
+) -> IndexReport: ...
+
+
+def run_job(
+    engine: Engine, cmk: CMK, operation: Operation, job: Job
+) -> Report | VerifyReport | IndexReport:
     """Run one operation with the options ``job`` holds.
 
     ``"encrypt"`` is :func:`encrypt_columns`, ``"decrypt"`` :func:`decrypt_columns`,
-    ``"rotate"`` :func:`rotate_data_keys`, ``"rewrap"`` :func:`rewrap_keys` and ``"verify"``
-    :func:`verify`; each takes the fields its keywords name, and a field set for an operation
-    that does not take it (``sample`` for encrypt, ``into`` for rotate...) is refused before
-    anything is read, rather than silently ignored.
+    ``"rotate"`` :func:`rotate_data_keys`, ``"rewrap"`` :func:`rewrap_keys`, ``"verify"``
+    :func:`verify`, and ``"build_index"`` / ``"rotate_index"`` the functions of
+    :mod:`migrations_helpers.search_index` of that name (``job.table`` names the index, and
+    ``job.metadata`` is required); each takes the fields its keywords name, and a field set
+    for an operation that does not take it (``sample`` for encrypt, ``into`` for rotate...) is
+    refused before anything is read, rather than silently ignored.
 
     Args:
         engine: The database.
@@ -3313,7 +3412,9 @@ def run_job(engine: Engine, cmk: CMK, operation: Operation, job: Job) -> Report 
         job: The options.
 
     Returns:
-        The operation's report: a :class:`VerifyReport` for verify, else a :class:`Report`.
+        The operation's report: a :class:`VerifyReport` for verify, an
+        :class:`~migrations_helpers.search_index.IndexReport` for the index operations, else a
+        :class:`Report`.
 
     Raises:
         ConfigurationError: an unknown operation, or fields set that it does not take (named);
@@ -3340,5 +3441,5 @@ def run_job(engine: Engine, cmk: CMK, operation: Operation, job: Job) -> Report 
         )
     if "columns" in takes and takes["columns"].default is inspect.Parameter.empty:
         given.setdefault("columns", job.columns)  # empty: the operation says it needs one
-    result: Report | VerifyReport = run(engine, cmk, job.table, **given)
+    result: Report | VerifyReport | IndexReport = run(engine, cmk, job.table, **given)
     return result

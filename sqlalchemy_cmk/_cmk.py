@@ -211,7 +211,9 @@ class CMK:
             raise ConfigurationError("search_state_ttl must be >= 0")
         from ._search import SearchStore
 
-        self._search = SearchStore(self, search_state_ttl)
+        self._search = SearchStore(
+            self, search_state_ttl, time.monotonic if clock is None else clock
+        )
         if isinstance(registry, StaticKeyRegistry):
             for tenant in registry.tenants():  # fail at start-up, not at a tenant's first write
                 self._keys.tenant_keys(tenant)

@@ -84,8 +84,9 @@ __all__ = ["SUPPORTED_READS", "check_column", "check_statement", "check_table"]
 
 SUPPORTED_READS = (
     "Supported on an encrypted column: selecting it (the hooks decrypt it), IS NULL / IS NOT "
-    "NULL, and DISTINCT over rows that include the primary key (select(Model).distinct()). "
-    "Filter, sort and group on a plaintext column instead."
+    "NULL, and DISTINCT over rows that include the primary key (select(Model).distinct()); "
+    "on a column declared with search=BlindIndex(...), also ==, !=, in_(), not_in() and "
+    "joins on a shared index domain (docs/search.md). Sort and group on a plaintext column."
 )
 
 # Statement attributes that the walk handles itself; every other child of a statement is
@@ -700,8 +701,8 @@ def check_column(column: Column[Any]) -> None:
             ),
             (
                 bool(column.unique or column.index),
-                "unique=/index= would index randomized ciphertext and enforce nothing; "
-                "searchable encrypted columns are not supported yet",
+                "unique=/index= would index randomized ciphertext and enforce nothing; for "
+                "equality search and uniqueness declare EncryptedType(..., search=BlindIndex())",
             ),
             (
                 "_ext_mutable_orig_type" in column.info,
@@ -748,8 +749,8 @@ def check_table(table: Table) -> None:
                     kind = type(item).__name__
                     raise ConfigurationError(
                         f"{_name(col)} is an encrypted column: {kind} over it would index "
-                        "randomized ciphertext and enforce or speed up nothing; searchable "
-                        "encrypted columns are not supported yet",
+                        "randomized ciphertext and enforce or speed up nothing; for search and "
+                        "uniqueness declare EncryptedType(..., search=BlindIndex(...))",
                         table=table.name,
                         column=getattr(col, "name", None),
                     )

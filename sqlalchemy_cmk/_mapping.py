@@ -98,10 +98,13 @@ class MapperSpec:
     # Derived, as plain fields: the flush reads them for every row.
     active: bool = field(init=False)  # any work for the hooks: encrypted or tenant columns
     pairs: tuple[tuple[TableSpec, RowLookup], ...] = field(init=False)
+    slot_keys: tuple[str, ...] = field(init=False)  # attribute keys of blind index slots
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "active", bool(self.tables) or self.tenant_key is not None)
         object.__setattr__(self, "pairs", tuple(zip(self.tables, self.lookups, strict=True)))
+        slots = [k for t in self.tables for c in t.columns for s in c.search for k in s.keys]
+        object.__setattr__(self, "slot_keys", tuple(slots))
 
 
 _NO_SPEC = MapperSpec(())

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import datetime
 import threading
-import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -41,7 +40,7 @@ from sqlalchemy import (
 )
 from sqlalchemy import inspect as sa_inspect
 from sqlalchemy import types as sqltypes
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql import operators
 from sqlalchemy.sql.elements import (
@@ -60,6 +59,7 @@ from .errors import (
     ConfigurationError,
     IndexNotReadyError,
     NoTenantError,
+    TenantMismatchError,
     UnsupportedQueryError,
 )
 
@@ -244,7 +244,7 @@ def default_state(ix: _s.BlindIndex) -> DomainState:
 
 
 def _row_state(row: Any) -> DomainState:
-    return DomainState(
+    state = DomainState(
         row.phase,
         int(row.slot),
         int(row.version),
@@ -253,6 +253,31 @@ def _row_state(row: Any) -> DomainState:
         None if row.other_bits is None else int(row.other_bits),
         row.fingerprint,
     )
+    # The row is data anyone with write access to the database can change: a phase or slot
+    # this code does not know, or a width out of range, must stop searches and writes rather
+    # than be read as "ready" (or pick a slot by Python's negative indexing).
+    rotating = state.phase in ("rotating", "switched")
+    if (
+        state.phase not in PHASES
+        or state.slot not in (0, 1)
+        or not _valid(state.version, state.bits)
+        or (rotating and not _valid(state.other_version, state.other_bits))
+    ):
+        raise ConfigurationError(
+            f"the state of blind index domain {row.domain!r} in {_s.STATES_TABLE} is not one "
+            "this version understands (phase, slot, key version or width out of range): "
+            "refusing to search or write it"
+        )
+    return state
+
+
+def _valid(version: int | None, bits: int | None) -> bool:
+    return (
+        version is not None
+        and bits is not None
+        and 1 <= version <= 0xFFFFFFFF
+        and 1 <= bits <= _s.MAX_BITS
+    )
 
 
 class SearchStore:
@@ -260,7 +285,7 @@ class SearchStore:
     and the index keys derived from unwrapped root keys (valid while the key manager serves
     the same unwrapped root: a forget or revocation makes the next use unwrap again)."""
 
-    def __init__(self, cmk: Any, ttl: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, cmk: Any, ttl: float, clock: Callable[[], float]) -> None:
         self._cmk = cmk
         self.ttl = ttl
         self._clock = clock
@@ -282,8 +307,8 @@ class SearchStore:
             with reader.conn() as conn:
                 row = conn.execute(select(states).where(states.c.domain == spec.domain)).first()
             found = None if row is None else _row_state(row)
-            if reader.cacheable:
-                self._states[spec.domain] = (found, now + self.ttl)
+            # States are written only by the index tools, committed: cacheable everywhere.
+            self._states[spec.domain] = (found, now + self.ttl)
         state = default_state(spec.index) if found is None else found
         if state.fingerprint != spec.index.fingerprint:
             raise ConfigurationError(
@@ -309,6 +334,8 @@ class SearchStore:
                 .limit(1)
             ).scalar()
         env: bytes | None = None if raw is None else bytes(raw)
+        if env is not None:
+            _check_owner(env, tenant)
         if reader.cacheable and env is not None:
             self._roots[tenant] = (env, now + self.ttl)
         return env
@@ -376,6 +403,23 @@ class SearchStore:
             self._derived.clear()
 
 
+def _check_owner(envelope: bytes, tenant: str) -> None:
+    """The stored root key must be the tenant's own. Another tenant's envelope (copied over by
+    someone with write access to the database) would unwrap through that tenant's KMS, and the
+    two tenants' equal values would get equal index values."""
+    from ._format import parse_envelope
+
+    owner = parse_envelope(envelope).tenant  # garbage: the opaque DecryptionError
+    if owner != tenant:
+        raise TenantMismatchError(
+            f"the search root key stored for tenant {tenant!r} in {_s.KEYS_TABLE} belongs to "
+            "another tenant: the table was edited outside the application",
+            row_tenant=owner,
+            tenant=tenant,
+            table=_s.KEYS_TABLE,
+        )
+
+
 _meta: Any = None
 
 
@@ -389,31 +433,56 @@ def _metadata() -> Any:
 
 
 class _Reader:
-    """Where the store reads and writes its tables: a connection of its own from the same
-    engine (committed data only, so cacheable), unless that would be the very DBAPI
-    connection the session uses (SQLite in memory), where it uses the session's."""
+    """Where the store reads and writes its tables.
+
+    A connection of its own from the session's engine, so a root key is created in its own
+    transaction (committed whatever the application's transaction does) and what is read is
+    committed, hence cacheable. Not on SQLite: there a second connection would wait for the
+    database lock the session may hold (or be the session's own DBAPI connection, in memory),
+    so the session's connection is used, and tenant root envelopes are not cached (one that
+    this transaction created could still be rolled back).
+    """
 
     def __init__(self, own: Callable[[], Connection]) -> None:
         self._own = own
-        self.cacheable = True
-        self._shared: Connection | None = None
+        self._session_conn: Connection | None = None
+
+    def _session(self) -> Connection:
+        if self._session_conn is None:
+            self._session_conn = self._own()
+        return self._session_conn
+
+    @property
+    def cacheable(self) -> bool:
+        return self._session().dialect.name != "sqlite"
 
     def conn(self, write: bool = False) -> Any:
         import contextlib
 
         @contextlib.contextmanager
         def manage() -> Any:
-            if self._shared is not None:
-                yield self._shared
-                return
-            session_conn = self._own()
-            engine = session_conn.engine
-            if engine.dialect.name == "sqlite" and _is_memory(engine):
-                self._shared = session_conn
-                self.cacheable = False
+            try:
+                with opened() as conn:
+                    yield conn
+            except DBAPIError as exc:
+                if isinstance(exc, IntegrityError):
+                    raise
+                # Most often: the tables were never created. Typed and scrubbed: a driver's
+                # message may quote parameters (tenant ids, envelopes).
+                raise ConfigurationError(
+                    f"reading or writing the search tables ({_s.KEYS_TABLE}, "
+                    f"{_s.STATES_TABLE}) failed with {type(exc.orig).__name__}: create them "
+                    "with sqlalchemy_cmk.search.search_tables(metadata) and create_all() or an "
+                    "Alembic migration"
+                ) from None
+
+        @contextlib.contextmanager
+        def opened() -> Any:
+            session_conn = self._session()
+            if session_conn.dialect.name == "sqlite":
                 yield session_conn
                 return
-            with engine.connect() as conn:
+            with session_conn.engine.connect() as conn:
                 if write:
                     with conn.begin():
                         yield conn
@@ -422,11 +491,6 @@ class _Reader:
                     conn.rollback()
 
         return manage()
-
-
-def _is_memory(engine: Any) -> bool:
-    db = engine.url.database
-    return db in (None, "", ":memory:") or "mode=memory" in str(engine.url)
 
 
 # -- values -------------------------------------------------------------------------------------
@@ -567,6 +631,14 @@ class SearchTerm(ColumnElement[bool]):
 
     def self_group(self, against: Any = None) -> ColumnElement[Any]:
         return self
+
+    def __bool__(self) -> bool:
+        # SQLAlchemy tests ``column in [columns]`` (RETURNING, column collections), which calls
+        # ``==`` between columns: between two searchable ones that is a join term, and it must
+        # answer as a BinaryExpression does, by identity. A value term has no truth value.
+        if self.kind == "join":
+            return hash(self.operands[0]) == hash(self.operands[1])
+        raise TypeError("Boolean value of this clause is not defined")
 
     def __invert__(self) -> ColumnElement[bool]:
         flipped = {"eq": "ne", "ne": "eq", "in": "not_in", "not_in": "in"}.get(self.kind)
@@ -716,12 +788,15 @@ def rewrite(
             "none: search each tenant in its own tenant_context"
         )
     tenant = ctx.tenant_id
+    # A revoked or unknown tenant is refused here, typed, even when it has nothing indexed.
+    cmk._keys.tenant_keys(tenant)
     store: SearchStore = cmk._search
     reader = _Reader(own)
     entities = _entity_positions(stmt) if orm and not streaming else None
     top = _top_level(stmt) if entities is not None and _filterable(stmt) else set()
     checks: list[_Check] = []
     replaced: dict[int, Any] = {}
+    searched: dict[str, set[str]] = {}
     for term in terms:
         col = term.operands[0]
         spec = _spec_of_column(col, term.index_name)
@@ -733,6 +808,8 @@ def rewrite(
         check = _check_for(term, specs, entities, top)
         if check is None and not all(s.exact for s in specs):
             raise UnsupportedQueryError(_why_refused(term, spec, streaming, orm))
+        for sp in specs:
+            searched.setdefault(sp.table, set()).add(sp.column)
         state = store.state(reader, spec)
         if state.phase == "building":
             raise IndexNotReadyError(
@@ -742,6 +819,10 @@ def rewrite(
                 column=spec.column,
             )
         slot, version, bits = state.read
+        if check is None and bits < _s.EXACT_BITS:
+            # Declared exact, but the state (a rotation to a narrower width, or an edit of the
+            # table) says the index read is truncated: the database may not decide alone.
+            raise UnsupportedQueryError(_why_refused(term, spec, streaming, orm, bits))
         replaced[id(term)] = _replacement(
             store, reader, tenant, term, specs, slot, version, bits, ctx
         )
@@ -753,6 +834,11 @@ def rewrite(
                 checks.append(check)
             # ne / not_in on an exact index: the database decides; a post-check of "value not
             # in" would drop nothing a collision let in, so none is kept
+
+    # The tenant's security team sees every search (never its term), also one that finds
+    # nothing and so decrypts nothing.
+    for table, cols in sorted(searched.items()):
+        cmk._keys.emit(ctx, "search", "ok", tenant, table=table, columns=sorted(cols))
 
     where = getattr(stmt, "_where_criteria", None)
     if (
@@ -842,8 +928,9 @@ def _slot_col(col: Any, spec: SearchSpec, slot: int) -> Any:
 
 
 def _tenant_col(col: Any) -> Any:
+    # An aliased entity's columns are proxies that carry no info: look through to the table's.
     for c in col.table.c:
-        if is_tenant_column(_base_column(c)) or is_tenant_column(c):
+        if is_tenant_column(c) or any(is_tenant_column(b) for b in getattr(c, "base_columns", ())):
             return c
     raise ConfigurationError(
         f"{_describe(col)} is searchable, so its table needs a tenant column: declare it with "
@@ -873,7 +960,9 @@ def _join_spec(peer: Any, spec: SearchSpec) -> SearchSpec:
     )
 
 
-def _why_refused(term: SearchTerm, spec: SearchSpec, streaming: bool, orm: bool) -> str:
+def _why_refused(
+    term: SearchTerm, spec: SearchSpec, streaming: bool, orm: bool, bits: int | None = None
+) -> str:
     where = (
         "a streamed result (yield_per)"
         if streaming
@@ -884,7 +973,8 @@ def _why_refused(term: SearchTerm, spec: SearchSpec, streaming: bool, orm: bool)
     )
     return (
         f"{spec.table}.{spec.column}'s blind index {spec.name!r} is truncated to "
-        f"{spec.index.width} bits, so values collide by design, and in {where} the database "
+        f"{spec.index.width if bits is None else bits} bits, so values collide by design, and "
+        f"in {where} the database "
         "would decide the result from the index alone. A truncated index is searched in "
         "select(Model).where(Model.col == term) (and in_, filter_by, inner joins), whose rows "
         f"are checked after decryption; declare bits >= {_s.EXACT_BITS} for an exact index, "

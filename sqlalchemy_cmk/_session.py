@@ -53,6 +53,7 @@ from ._mapping import (
 )
 from .context import TenantContext, current_context, require_context
 from .errors import NoTenantError, PlaintextWriteError, TenantContextError, TenantMismatchError
+from .search import IndexValue
 from .types import EncryptedValue, Sealed
 
 _INFO_KEY = "sqlalchemy_cmk"
@@ -420,6 +421,25 @@ def _check_tenant_column(
             _refuse_other_tenant(table, str(value), tenant, "names")
 
 
+def _revert_slots(state: InstanceState[Any], keys: tuple[str, ...]) -> None:
+    """Undo changes of blind index slots that these hooks did not make (a merge of a stale
+    copy, an assignment): index values are computed here, from the value they index."""
+    d = state.dict
+    committed = state.committed_state
+    for key in keys:
+        value = d.get(key)
+        if value is None or type(value) is IndexValue:
+            continue
+        if state.key is None:
+            d[key] = None  # copied onto a new object: recomputed below if the value is set
+        elif key in committed:
+            old = committed.pop(key)
+            if old is None or isinstance(old, bytes):
+                d[key] = old
+            else:
+                d.pop(key, None)
+
+
 def _revert_companion(state: InstanceState[Any], key: str) -> None:
     """Undo a change of a persistent row's companion that these hooks did not make."""
     committed = state.committed_state
@@ -468,6 +488,8 @@ def _before_flush(
         if spec.tenant_key is not None:
             _check_tenant_column(state, spec.tenant_key, _name(spec, mapper), ctx, fills)
         d = state.dict
+        if spec.slot_keys:
+            _revert_slots(state, spec.slot_keys)
         if state.key is None:  # new: every value that is set
             for t, lookup in spec.pairs:
                 for c in t.columns:
@@ -922,6 +944,13 @@ def install(cmk: CMK, target: Any) -> list[tuple[str, Any]]:
         )
         if stmt is not orm_state.statement:
             orm_state.statement = stmt
+        session = orm_state.session
+        if checks and not session.dirty and not session.new:
+            # Rows are checked against their decrypted value: objects already in the identity
+            # map must hold the database's value, not one another transaction has since
+            # changed, or a row matched by its new value would be dropped as a collision.
+            # (Nothing unflushed is lost: there is nothing unflushed.)
+            orm_state.update_execution_options(populate_existing=True)
         check_statement(orm_state.statement)  # before anything, internal queries included
         return _do_orm_execute(cmk, orm_state, checks)
 

@@ -8,6 +8,8 @@ Operations:
     ``encrypt``: rows were encrypted for the tenant (``rows`` says how many, ``columns`` which).
     ``decrypt``: rows were decrypted for the tenant, whether the key came from the KMS or the
         cache, so that every access is recorded, not only the KMS calls.
+    ``search``: a search on blind-indexed columns ran for the tenant (``table``, ``columns``;
+        never the term), also one that matched nothing.
 
 Outcomes: ``ok``, ``denied``, ``not_found``, ``unavailable``, ``mismatch``, ``error``.
 

@@ -218,9 +218,8 @@ class BlindIndex:
                 )
         if self.transform is not None and not callable(self.transform):
             raise ConfigurationError("BlindIndex transform must be callable")
-        if self.bits is not None and not (
-            isinstance(self.bits, int) and 1 <= self.bits <= MAX_BITS
-        ):
+        # bool is an int subclass: BlindIndex(bits=True) would silently mean a 1-bit index.
+        if self.bits is not None and not (type(self.bits) is int and 1 <= self.bits <= MAX_BITS):
             raise ConfigurationError(f"BlindIndex bits must be an int from 1 to {MAX_BITS}")
         if self.unique and self.bits is not None and self.bits < EXACT_BITS:
             raise ConfigurationError(
@@ -232,7 +231,7 @@ class BlindIndex:
         ):
             raise ConfigurationError("BlindIndex domain must be a non-empty str of at most 200")
         if self.expected_rows is not None and not (
-            isinstance(self.expected_rows, int) and self.expected_rows >= 1
+            type(self.expected_rows) is int and self.expected_rows >= 1
         ):
             raise ConfigurationError("BlindIndex expected_rows must be a positive int")
 
@@ -344,7 +343,7 @@ def check_plan(column: str, indexes: Sequence[BlindIndex]) -> None:
             f"apart from the index alone. Use fewer bits (plan_bits({rows}) = "
             f"{plan_bits(rows)}) or fewer derived indexes, or declare the index unique",
             SearchLeakageWarning,
-            stacklevel=4,
+            stacklevel=_outside(),
         )
     elif c > math.sqrt(rows):
         warnings.warn(
@@ -353,8 +352,33 @@ def check_plan(column: str, indexes: Sequence[BlindIndex]) -> None:
             "a search reads (and decrypts) too many rows to be useful. Use more bits "
             f"(plan_bits({rows}) = {plan_bits(rows)})",
             SearchLeakageWarning,
-            stacklevel=4,
+            stacklevel=_outside(),
         )
+
+
+def _outside() -> int:
+    """The ``stacklevel`` (for a warning raised by this module's caller) of the first frame
+    outside SQLAlchemy and sqlalchemy-cmk: the model's declaration, however many event and
+    declarative frames lie between it and :func:`check_plan`, or whoever called it directly.
+
+    Frames are told by their module (``__name__`` of their globals), not their file: SQLAlchemy
+    also runs code it generates, whose file is ``<string>`` or ``<sqlalchemy...>``.
+    """
+    import sys
+
+    frame = sys._getframe(2)  # the frame that called the caller of this function
+    level = 2
+    while frame is not None and _ours(str(frame.f_globals.get("__name__", ""))):
+        frame = frame.f_back  # type: ignore[assignment]
+        level += 1
+    return level
+
+
+def _ours(module: str) -> bool:
+    return any(module == top or module.startswith(top + ".") for top in _OURS)
+
+
+_OURS = ("sqlalchemy", "sqlalchemy_cmk")
 
 
 # -- index values -------------------------------------------------------------------------------
@@ -375,25 +399,22 @@ _PY_CODECS: dict[type, Codec] = {
 
 
 def message(value: Any, codec: Codec | None, *, table: str, column: str) -> bytes:
-    """The bytes an index MACs: codec tag and canonical encoding of the prepared value.
+    """The bytes an index MACs: the codec tag and canonical encoding of the prepared value.
 
-    ``codec`` is the column's own for an index of the value itself; a derived index's output is
-    encoded by its Python type (str, int, bytes).
+    ``codec`` is the column's own for an index of the value itself (a value it cannot encode
+    is refused as a write would be); a derived index's output is encoded by its Python type
+    (str, int, bytes).
     """
-    if (
-        codec is None
-        or not isinstance(value, codec.accepts)
-        or isinstance(value, bool) != (codec.name == "bool")
-    ):
+    if codec is None:
         codec = _PY_CODECS.get(type(value))
         if codec is None:
             raise InvalidValueError(
-                f"{table}.{column}: a blind index value must be str, int or bytes after its "
-                f"transform, not {type(value).__name__}",
+                f"{table}.{column}: a derived blind index must give str, int or bytes, not "
+                f"{type(value).__name__}",
                 table=table,
                 column=column,
             )
-    return bytes([codec.tag]) + encode(codec, value, table=table, column=column)
+    return encode(codec, value, table=table, column=column)
 
 
 def index_value(key: bytes, version: int, bits: int, msg: bytes) -> bytes:

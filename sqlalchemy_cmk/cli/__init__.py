@@ -34,6 +34,11 @@ Usage::
     --into: a binary, default-storage column's plaintext goes to the plain column TARGET;
     encrypt-column, decrypt-column, rewrap and rotate take --max-kms-rps R, the command's KMS
     requests per second, shared by its workers)
+    sqlalchemy-cmk search build|rotate|verify --index TABLE.NAME --metadata module:Base --cmk ...
+                          [--settle SECONDS] [--bits N (rotate)]
+    sqlalchemy-cmk search status [--index TABLE.NAME] --metadata module:Base
+    (blind indexes of searchable columns: build one over existing rows, rotate its key; see
+    docs/search-rotation.md)
     sqlalchemy-cmk status --table T --column C ...
     sqlalchemy-cmk cutover --table T --column C ... --into [C=]TARGET ...
     (encrypt-column --into: move text column C into the binary column TARGET, C left NULL;
@@ -73,7 +78,8 @@ unexpected error (it may show data).
 The package: :mod:`._common` (exit codes, the one-line failure, scrubbed database errors),
 :mod:`.tenants` (the registry commands and ``check-tenant``), :mod:`.keys` (local key
 files), :mod:`.migrate` (the migration
-commands, on the public API of ``migrations_helpers``) and :mod:`._progress`.
+commands, on the public API of ``migrations_helpers``), :mod:`.search` (blind indexes, on the
+same API) and :mod:`._progress`.
 """
 
 from __future__ import annotations
@@ -88,7 +94,7 @@ from collections.abc import Sequence
 from sqlalchemy.exc import SQLAlchemyError
 
 from ..errors import CMKError
-from . import keys, migrate, tenants
+from . import keys, migrate, search, tenants
 from ._common import (
     EXIT_BROKEN_PIPE,
     EXIT_FAILED,
@@ -123,6 +129,7 @@ def _parser() -> argparse.ArgumentParser:
     tenants.add_parsers(commands, as_json)
     keys.add_parsers(commands, as_json)
     migrate.add_parsers(commands, as_json)
+    search.add_parsers(commands, as_json)
     return parser
 
 
@@ -157,10 +164,12 @@ def _main(argv: Sequence[str] | None) -> int:
     except SystemExit as exc:  # --help (0), or argparse's own usage errors (2)
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     out = sys.stdout
-    migration = args.command in migrate.COMMANDS
+    migration = args.command in migrate.COMMANDS or args.command == "search"
     try:
         if args.command == "check-tenant":
             return tenants.run_check_tenant(args, out)
+        if args.command == "search":
+            return search.run_search(args, out)
         if migration:
             return migrate.run_migration(args, out)
         if args.command == "keys":
