@@ -463,6 +463,31 @@ class BlindIndexType(sqltypes.TypeDecorator[bytes]):
     def process_result_value(self, value: Any, dialect: Dialect) -> bytes | None:
         return None if value is None else bytes(value)
 
+    def result_processor(self, dialect: Dialect, coltype: object) -> Any:
+        impl = self.impl_instance.result_processor(dialect, coltype)
+
+        def process(value: Any) -> bytes | None:
+            if value is None:
+                return None
+            raw: Any = value if impl is None else impl(value)
+            return bytes(raw)
+
+        return process
+
+    def bind_processor(self, dialect: Dialect) -> Any:
+        # One flat function instead of TypeDecorator's chain (4.5 us a value, two values a
+        # written row): drivers that take bytes get bytes, the rest the impl's wrapper.
+        from .types import _BYTES_NATIVE
+
+        if dialect.name not in _BYTES_NATIVE:
+            return super().bind_processor(dialect)
+        guard = self.process_bind_param
+
+        def process(value: Any) -> Any:
+            return bytes(value) if type(value) is IndexValue else guard(value, dialect)
+
+        return process
+
 
 #: Table of the tenants' wrapped root keys, and of the search indexes' states.
 KEYS_TABLE = "cmk_tenant_keys"
