@@ -32,6 +32,7 @@ from sqlalchemy import (
     Column,
     Connection,
     Index,
+    Table,
     and_,
     event,
     false,
@@ -42,7 +43,14 @@ from sqlalchemy import types as sqltypes
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql import operators
-from sqlalchemy.sql.elements import BindParameter, BooleanClauseList, ClauseElement, ColumnElement
+from sqlalchemy.sql.elements import (
+    BindParameter,
+    BooleanClauseList,
+    ClauseElement,
+    ColumnElement,
+    _anonymous_label,
+)
+from sqlalchemy.sql.selectable import FromClause
 from sqlalchemy.sql.visitors import InternalTraversal, iterate, replacement_traverse
 
 from . import search as _s
@@ -628,6 +636,14 @@ def make_term(expr: Any, op: Any, other: Any, index_name: str | None = None) -> 
     """Build the term for ``expr <op> other`` on a searchable column, or None when the
     operator is not one a blind index answers."""
     column = _base_column(expr)
+    if not _is_column_itself(expr, column):
+        if op in (operators.eq, operators.ne) and _is_column_peer(other):
+            return None  # SQLAlchemy compares columns internally; the guard refuses it if run
+        raise UnsupportedQueryError(
+            f"{_describe(_searchable_in(expr))}: a blind index answers for the column itself, "
+            "not for an expression over it (a function, CAST, CASE, type_coerce or label has "
+            "another value, or none the index knows): compare the column, Model.col == term"
+        )
     names = index_names(column)
     if index_name is None:
         plain = [n for n, ix in names if ix.transform is None]
@@ -646,6 +662,7 @@ def make_term(expr: Any, op: Any, other: Any, index_name: str | None = None) -> 
                 return SearchTerm((expr, peer), (), "join", index_name)
             return None
         if isinstance(peer, BindParameter):
+            _refuse_named(peer, column)
             peer = peer.effective_value
         if peer is None:
             return None
@@ -664,6 +681,39 @@ def make_term(expr: Any, op: Any, other: Any, index_name: str | None = None) -> 
             index_name,
         )
     return None
+
+
+def _is_column_itself(expr: Any, column: Any) -> bool:
+    """The operand is a table's searchable column (or an alias' or subquery's proxy of it),
+    whose value is the column's: not a function, CASE, CAST, type_coerce or label over it."""
+    return isinstance(column, Column) and isinstance(getattr(expr, "table", None), FromClause)
+
+
+def _is_column_peer(other: Any) -> bool:
+    peer = other.__clause_element__() if hasattr(other, "__clause_element__") else other
+    return isinstance(peer, ColumnElement) and not isinstance(peer, BindParameter)
+
+
+def _searchable_in(expr: Any) -> Any:
+    """The searchable column inside an expression, to name it in an error."""
+    for node in iterate(expr):
+        if isinstance(node, Column) and getattr(node.type, "search", None):
+            return node
+    return expr
+
+
+def _refuse_named(peer: BindParameter[Any], column: Any) -> None:
+    """A term holds index values of its value, computed before the statement runs. A named
+    ``bindparam("key", value)`` can be given another value when executed (``{"key": other}``),
+    and a ``callable_`` gives its value then: taking the construction-time value would
+    silently search for the wrong one."""
+    if peer.callable is not None or not (peer.unique or isinstance(peer.key, _anonymous_label)):
+        raise UnsupportedQueryError(
+            f"{_describe(column)}: a search term is turned into blind index values before the "
+            "statement runs, so it cannot be a named bindparam() (or one with callable_) whose "
+            "value is given at execution: compare with the value itself (Model.col == value), "
+            "or literal(value)"
+        )
 
 
 def _bind(value: Any) -> BindParameter[Any]:
@@ -834,7 +884,19 @@ def _replacement(
 
 
 def _slot_col(col: Any, spec: SearchSpec, slot: int) -> Any:
-    return col.table.c[slot_columns(spec.name)[slot]]
+    name = slot_columns(spec.name)[slot]
+    if name not in col.table.c:
+        raise _missing_from(col, f"its index columns {', '.join(slot_columns(spec.name))}")
+    return col.table.c[name]
+
+
+def _missing_from(col: Any, what: str) -> UnsupportedQueryError:
+    # A subquery or CTE selecting the searchable column without what the search compares.
+    return UnsupportedQueryError(
+        f"{_describe(_base_column(col))} is searched through a subquery (or CTE) that does not "
+        f"select {what}: select them in it too (the tenant column and both index columns), "
+        "or search the table itself"
+    )
 
 
 def _tenant_col(col: Any) -> Any:
@@ -842,6 +904,8 @@ def _tenant_col(col: Any) -> Any:
     for c in col.table.c:
         if is_tenant_column(c) or any(is_tenant_column(b) for b in getattr(c, "base_columns", ())):
             return c
+    if not isinstance(col.table, Table):
+        raise _missing_from(col, "the tenant column")
     raise ConfigurationError(
         f"{_describe(col)} is searchable, so its table needs a tenant column: declare it with "
         "sqlalchemy_cmk.tenant_column()"
