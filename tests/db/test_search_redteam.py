@@ -4,6 +4,7 @@ tenants, threads, revocation inside a session, and the term in exception chains.
 
 from __future__ import annotations
 
+import threading
 import traceback
 from typing import Any
 
@@ -12,13 +13,16 @@ from sqlalchemy import (
     Engine,
     bindparam,
     case,
+    exists,
     func,
+    lambda_stmt,
     select,
     type_coerce,
+    union,
 )
 
 from sqlalchemy_cmk import tenant_context
-from sqlalchemy_cmk.errors import UnsupportedQueryError
+from sqlalchemy_cmk.errors import TenantRevokedError, UnsupportedQueryError
 
 from .search_models import SearchEnv, SrchContact, SrchUser, make_search_env
 
@@ -67,6 +71,23 @@ def test_a_named_bind_parameter_is_refused_not_silently_frozen(env: SearchEnv) -
         assert [x.email for x in s.scalars(select(u).where(u.email == literal(TERM)))] == [TERM]
 
 
+def test_a_variable_in_a_lambda_statement_is_refused_typed(env: SearchEnv) -> None:
+    """In lambda_stmt, SQLAlchemy turns a variable into a parameter whose value it sets at
+    each execution, while a term's index values are computed from the value it is built with:
+    refused, typed and saying why, not an InvalidValueError about a "PyWrapper" (and never a
+    statement cached with the first value)."""
+    u = SrchUser
+    with tenant_context("acme"), env.Session() as s:
+        for build in (
+            lambda: lambda_stmt(lambda: select(u).where(u.email == TERM)),
+            lambda: lambda_stmt(lambda: select(u).where(u.email.in_([TERM, OTHER]))),
+            lambda: lambda_stmt(lambda: select(u).where(u.ssn.blind("ssn_last4") == TERM)),
+        ):
+            with pytest.raises(UnsupportedQueryError, match="lambda") as info:
+                s.scalars(build()).all()
+            assert TERM not in _chain(info.value)
+
+
 @pytest.mark.parametrize(
     "make",
     [
@@ -101,3 +122,94 @@ def test_a_subquery_without_the_index_columns_is_refused_typed(env: SearchEnv) -
         # With them, it works.
         sq = select(u.id, u.email, u.tenant_id, u.email_bidx, u.email_bidx_alt).subquery()
         assert len(s.execute(select(sq.c.id).where(sq.c.email == TERM)).all()) == 1
+
+
+# -- what held --------------------------------------------------------------------------------
+
+
+def test_one_statement_object_under_two_tenants_and_one_session(env: SearchEnv) -> None:
+    """The rewrite happens per execution: a statement object (and SQLAlchemy's compiled
+    cache) reused under another tenant, or in one session that switches tenants, finds that
+    tenant's row only."""
+    stmt = select(SrchUser).where(SrchUser.email == TERM)
+    seen = []
+    for tenant in ("acme", "globex", "acme"):
+        with tenant_context(tenant), env.Session() as s:
+            seen.append([u.tenant_id for u in s.scalars(stmt)])
+    assert seen == [["acme"], ["globex"], ["acme"]]
+    with env.Session() as s:
+        with tenant_context("acme"):
+            a = s.scalars(stmt).one()
+        with tenant_context("globex"):
+            b = s.scalars(stmt).one()
+            assert s.scalars(select(SrchUser).where(SrchUser.ssn == "123-45-6789")).one() is not a
+        assert (a.tenant_id, b.tenant_id) == ("acme", "globex") and a is not b
+
+
+def test_threads_searching_two_tenants_on_one_cmk(env: SearchEnv) -> None:
+    stmt = select(SrchUser).where(SrchUser.email == TERM)
+    truncated = select(SrchUser).where(SrchUser.ssn == "123-45-6789")
+    errors: list[BaseException] = []
+
+    def work(tenant: str) -> None:
+        try:
+            for _ in range(15):
+                with tenant_context(tenant), env.Session() as s:
+                    assert [u.tenant_id for u in s.scalars(stmt)] == [tenant]
+                    assert [u.tenant_id for u in s.scalars(truncated)] == [tenant]
+        except BaseException as exc:  # reported below, with the thread's traceback
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in ("acme", "globex") * 2]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+
+
+def test_revocation_inside_a_session(env: SearchEnv) -> None:
+    """Revoked between two searches of one session: the next one raises the typed error,
+    returns nothing, and names no term anywhere in its chain."""
+    stmt = select(SrchUser).where(SrchUser.email == TERM)
+    with tenant_context("acme"), env.Session() as s:
+        assert len(s.scalars(stmt).all()) == 1
+        env.cmk.revoke("acme")
+        with pytest.raises(TenantRevokedError) as info:
+            s.scalars(stmt).all()
+        assert TERM not in _chain(info.value)
+        with pytest.raises(TenantRevokedError):
+            s.scalars(select(SrchUser).where(SrchUser.ssn == "123-45-6789")).all()
+    with tenant_context("globex"), env.Session() as s:
+        assert len(s.scalars(stmt).all()) == 1  # the other tenant is untouched
+
+
+def test_query_shapes_on_an_exact_index(env: SearchEnv) -> None:
+    """Exact indexes are usable anywhere: EXISTS, scalar subqueries, IN (subquery), CTEs,
+    UNION, labels, LIMIT, lambda_stmt with a literal; each per tenant."""
+    u, c = SrchUser, SrchContact
+    with tenant_context("acme"), env.Session() as s:
+        got = s.scalars(
+            select(c).where(c.tenant_id == "acme", exists().where(u.email == c.email))
+        ).all()
+        assert [x.label for x in got] == ["acme"]
+        sub = select(u.id).where(u.email == TERM).scalar_subquery()
+        assert len(s.scalars(select(c).where(c.tenant_id == "acme", c.id <= sub)).all()) == 1
+        assert (
+            len(s.scalars(select(u).where(u.id.in_(select(u.id).where(u.email == TERM)))).all())
+            == 1
+        )
+        cte = select(u.id).where(u.email == TERM).cte()
+        assert len(s.execute(select(cte)).all()) == 1
+        both = union(select(u.id).where(u.email == TERM), select(u.id).where(u.email == OTHER))
+        assert len(s.execute(both).all()) == 2
+        assert len(s.execute(select(u.email.label("e")).where(u.email == TERM)).all()) == 1
+        assert len(s.scalars(select(u).where(u.email == TERM).limit(1)).all()) == 1
+        assert [
+            x.email
+            for x in s.scalars(lambda_stmt(lambda: select(u).where(u.email == "ann@example.com")))
+        ] == [TERM]
+        # A truncated index in one(): rows checked after decryption, the others refused.
+        assert s.query(u).filter(u.ssn == "123-45-6789").one().ssn == "123-45-6789"
+        with pytest.raises(UnsupportedQueryError):
+            s.query(u).filter(u.ssn == "123-45-6789").first()  # LIMIT 1
