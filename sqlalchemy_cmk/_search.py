@@ -644,6 +644,7 @@ def make_term(expr: Any, op: Any, other: Any, index_name: str | None = None) -> 
             "not for an expression over it (a function, CAST, CASE, type_coerce or label has "
             "another value, or none the index knows): compare the column, Model.col == term"
         )
+    _refuse_tracked(other, column)
     names = index_names(column)
     if index_name is None:
         plain = [n for n, ix in names if ix.transform is None]
@@ -713,6 +714,23 @@ def _refuse_named(peer: BindParameter[Any], column: Any) -> None:
             "statement runs, so it cannot be a named bindparam() (or one with callable_) whose "
             "value is given at execution: compare with the value itself (Model.col == value), "
             "or literal(value)"
+        )
+
+
+def _refuse_tracked(other: Any, column: Any) -> None:
+    """Inside lambda_stmt, SQLAlchemy hands a variable over as a tracker (PyWrapper) and sets
+    its value anew at each execution, from a statement cached once: a term, whose index
+    values are computed from the value it is built with, would search the first value (or,
+    given the tracker itself, fail in the codec). Literals written in the lambda are fine."""
+    from sqlalchemy.sql.lambdas import PyWrapper
+
+    values = other if isinstance(other, (list, tuple, set, frozenset)) else (other,)
+    if any(isinstance(v, PyWrapper) for v in values):
+        raise UnsupportedQueryError(
+            f"{_describe(column)}: a search term inside lambda_stmt() compares with a variable, "
+            "whose value SQLAlchemy sets at each execution of a statement built once, while "
+            "the term's index values come from the value it is built with: search with "
+            "select() (or write the value as a literal in the lambda)"
         )
 
 
