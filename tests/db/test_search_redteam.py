@@ -213,3 +213,15 @@ def test_query_shapes_on_an_exact_index(env: SearchEnv) -> None:
         assert s.query(u).filter(u.ssn == "123-45-6789").one().ssn == "123-45-6789"
         with pytest.raises(UnsupportedQueryError):
             s.query(u).filter(u.ssn == "123-45-6789").first()  # LIMIT 1
+
+
+@pytest.mark.parametrize("ttl", [float("nan"), float("inf"), -1.0])
+def test_search_state_ttl_must_be_a_finite_number(ttl: float) -> None:
+    """A process caching states for ever (inf) never sees a rotation move on and searches a
+    slot the others stop writing; NaN never caches (and made the tools' default wait NaN)."""
+    from sqlalchemy_cmk import CMK
+    from sqlalchemy_cmk.errors import ConfigurationError
+    from sqlalchemy_cmk.testing import FakeKeyProvider
+
+    with pytest.raises(ConfigurationError, match="search_state_ttl"):
+        CMK(FakeKeyProvider(), tenant_keys={"acme": "fake://acme"}, search_state_ttl=ttl)
