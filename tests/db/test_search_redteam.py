@@ -225,3 +225,37 @@ def test_search_state_ttl_must_be_a_finite_number(ttl: float) -> None:
 
     with pytest.raises(ConfigurationError, match="search_state_ttl"):
         CMK(FakeKeyProvider(), tenant_keys={"acme": "fake://acme"}, search_state_ttl=ttl)
+
+
+def test_tenants_a_collation_calls_equal_stay_apart(engine: Engine) -> None:
+    """ "ACME" and "acm\u00e9" are tenants other than "acme" (Python's ==), but MariaDB's usual
+    collations fold case and accents: the rewrite's own tenant filter must not let a join
+    (which compares stored index values, with no key of the tenant's) or a != search return
+    another tenant's rows."""
+    from sqlalchemy.orm import sessionmaker
+
+    from sqlalchemy_cmk import CMK
+    from sqlalchemy_cmk.testing import FakeKeyProvider
+
+    from .search_models import SearchBase, set_phase
+
+    SearchBase.metadata.create_all(engine)
+    tenants = ("acme", "ACME", "acm\u00e9")
+    cmk = CMK(FakeKeyProvider(), tenant_keys={t: f"fake://t{i}" for i, t in enumerate(tenants)})
+    maker = sessionmaker(engine, expire_on_commit=False)
+    cmk.install(maker)
+    set_phase(engine, cmk, SrchUser, SrchContact)
+    for t in tenants:
+        with tenant_context(t), maker.begin() as s:
+            s.add_all([SrchUser(email=f"{t}@x.org", note=t), SrchContact(email=TERM, label=t)])
+    with tenant_context("acme"), maker.begin() as s:
+        s.add_all([SrchUser(email=TERM, note="acme's"), SrchContact(email=OTHER, label="acme's")])
+    u, c = SrchUser, SrchContact
+    for t in tenants:
+        with tenant_context(t), maker() as s:
+            joined = s.execute(select(u.note, c.label).join(c, u.email == c.email)).all()
+            assert joined == ([("acme's", "acme")] if t == "acme" else []), t
+            notes = s.scalars(select(u.note).where(u.email != "nobody@x.org")).all()
+            assert sorted(notes) == sorted(
+                n for n in ([t] + (["acme's"] if t == "acme" else []))
+            ), t
