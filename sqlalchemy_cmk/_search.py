@@ -54,6 +54,7 @@ from sqlalchemy.sql.selectable import FromClause
 from sqlalchemy.sql.visitors import InternalTraversal, iterate, replacement_traverse
 
 from . import search as _s
+from ._dialects import select_dialect
 from ._mapping import is_tenant_column
 from .context import TenantContext, current_context
 from .errors import (
@@ -434,6 +435,10 @@ class _Reader:
     @property
     def cacheable(self) -> bool:
         return self._session().dialect.name != "sqlite"
+
+    @property
+    def dialect(self) -> Any:
+        return self._session().dialect
 
     def conn(self, write: bool = False) -> Any:
         import contextlib
@@ -863,14 +868,18 @@ def _replacement(
 ) -> ColumnElement[bool]:
     col = term.operands[0]
     spec = specs[0]
+    # Exactly the tenant, not what the column's collation calls equal to it ('ACME' for
+    # 'acme' on MySQL): a join compares stored index values, with no key of the tenant's,
+    # and != matches every row of a tenant whose values were indexed under another key.
+    exact = select_dialect(reader.dialect).equals_exactly
     tenant_col = _tenant_col(col)
-    own_tenant = tenant_col == _tenant_value(tenant_col, tenant)
+    own_tenant = exact(tenant_col, _tenant_value(tenant_col, tenant))
     if term.kind == "join":
         peer = term.operands[1]
         return and_(
             _slot_col(col, spec, slot) == _slot_col(peer, specs[1], slot),
             own_tenant,
-            _tenant_col(peer) == _tenant_value(_tenant_col(peer), tenant),
+            exact(_tenant_col(peer), _tenant_value(_tenant_col(peer), tenant)),
         )
     codec = getattr(_base_column(col).type, "codec", None)
     hashes: list[_s.IndexValue] = []
