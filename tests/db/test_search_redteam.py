@@ -259,3 +259,21 @@ def test_tenants_a_collation_calls_equal_stay_apart(engine: Engine) -> None:
             assert sorted(notes) == sorted(
                 n for n in ([t] + (["acme's"] if t == "acme" else []))
             ), t
+
+
+def test_a_search_in_a_loader_criteria_is_refused_as_a_search(env: SearchEnv) -> None:
+    """with_loader_criteria() and relationship.and_() criteria are added where the rewrite
+    never sees them: refused, saying that a search cannot go there, not that the column's
+    comparisons "cannot match" (it is searchable)."""
+    from sqlalchemy.orm import with_loader_criteria
+
+    u = SrchUser
+    with tenant_context("acme"), env.Session() as s:
+        for opt in (
+            with_loader_criteria(u, u.email == TERM),
+            with_loader_criteria(u, lambda cls: cls.email == "ann@example.com"),
+        ):
+            with pytest.raises(UnsupportedQueryError, match="search") as info:
+                s.scalars(select(u).options(opt)).all()
+            assert "cannot match" not in str(info.value)
+            assert TERM not in _chain(info.value)
