@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import datetime
 import functools
+import math
 import struct
 import time
 from collections.abc import Callable, Sequence
@@ -348,11 +349,32 @@ def _swap(engine: Engine, domain: str, old: _core.DomainState, new: _core.Domain
     return bool(result.rowcount == 1)
 
 
+#: The longest wait between two phases: a longer one is a typo, and time.sleep() overflows
+#: somewhere past it, after the state has moved.
+MAX_SETTLE = 86400.0
+
+
 def _settle(cmk: CMK, settle: float | None) -> float:
+    # Checked before anything moves. NaN passes a ">= 0" test and then waits nothing (the
+    # wait that keeps every process in adjacent phases), infinity moves the state and then
+    # overflows the sleep: neither is a number of seconds.
     if settle is None:
-        return 2.0 * float(cmk._search.ttl)
-    if isinstance(settle, bool) or not isinstance(settle, int | float) or settle < 0:
-        raise ConfigurationError(f"settle must be a number of seconds >= 0, not {settle!r}")
+        derived = 2.0 * float(cmk._search.ttl)
+        if not math.isfinite(derived) or derived > MAX_SETTLE:
+            raise ConfigurationError(
+                f"twice the CMK's search_state_ttl ({cmk._search.ttl!r}) is not a wait of at "
+                f"most {MAX_SETTLE:g} seconds: pass settle= explicitly"
+            )
+        return derived
+    if (
+        isinstance(settle, bool)
+        or not isinstance(settle, int | float)
+        or not math.isfinite(settle)
+        or not 0 <= settle <= MAX_SETTLE
+    ):
+        raise ConfigurationError(
+            f"settle must be a number of seconds from 0 to {MAX_SETTLE:g}, not {settle!r}"
+        )
     return float(settle)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import math
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -207,8 +208,10 @@ class CMK:
             verify_write_keys=verify_write_keys,
         )
         self._installed: list[tuple[Any, list[tuple[str, Any]]]] = []
-        if search_state_ttl < 0:
-            raise ConfigurationError("search_state_ttl must be >= 0")
+        # Finite: a process caching states for ever never follows a rotation (it searches a
+        # slot the others stop writing), and NaN never caches and makes the tools' wait NaN.
+        if not (math.isfinite(search_state_ttl) and search_state_ttl >= 0):
+            raise ConfigurationError("search_state_ttl must be a finite number of seconds >= 0")
         from ._search import SearchStore
 
         self._search = SearchStore(

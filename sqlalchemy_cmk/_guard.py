@@ -68,7 +68,7 @@ from sqlalchemy.sql.expression import (
     UpdateBase,
 )
 from sqlalchemy.sql.sqltypes import NullType
-from sqlalchemy.sql.visitors import HasTraverseInternals
+from sqlalchemy.sql.visitors import HasTraverseInternals, iterate
 
 from ._mapping import is_tenant_column
 from .errors import (
@@ -203,6 +203,21 @@ def _structure(stmt: Any) -> Any:
     generate = getattr(stmt, "_generate_cache_key", None)
     found = generate() if generate is not None else None
     return None if found is None else found.key
+
+
+def _refuse_search_in(crit: Any, where: str) -> None:
+    """A blind index search in criteria an ORM option adds to the statements it reaches (its
+    own, lazy and eager loads) that the search rewrite does not see: named as a search, not as
+    a comparison of ciphertext."""
+    from ._search import SearchTerm
+
+    for node in iterate(crit):
+        if isinstance(node, SearchTerm):
+            raise UnsupportedQueryError(
+                f"a blind index search ({node!r}) cannot be part of {where}: those criteria "
+                "are added to the statements the option reaches, where searches are not "
+                "rewritten; search in the statement's WHERE: .where(Model.col == term)"
+            )
 
 
 def _protected(col: Any) -> bool:
@@ -553,9 +568,13 @@ class _Walk:
         """Criteria carried by ORM options: with_loader_criteria(), relationship.and_()."""
         crit = getattr(opt, "where_criteria", None)
         if isinstance(crit, ClauseElement):
+            _refuse_search_in(crit, "with_loader_criteria()")
             self.expr(crit, "a loader criteria", None)
         for element in getattr(opt, "context", ()) or ():
-            self.exprs(getattr(element, "_extra_criteria", ()), "a relationship criteria")
+            extra = getattr(element, "_extra_criteria", ())
+            for node in extra:
+                _refuse_search_in(node, "relationship.and_()")
+            self.exprs(extra, "a relationship criteria")
 
     # -- FROM clauses ----------------------------------------------------------------------
 

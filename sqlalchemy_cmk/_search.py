@@ -33,6 +33,7 @@ from sqlalchemy import (
     Connection,
     Index,
     Select,
+    Table,
     and_,
     event,
     false,
@@ -49,10 +50,13 @@ from sqlalchemy.sql.elements import (
     BooleanClauseList,
     ClauseElement,
     ColumnElement,
+    _anonymous_label,
 )
+from sqlalchemy.sql.selectable import FromClause
 from sqlalchemy.sql.visitors import InternalTraversal, iterate, replacement_traverse
 
 from . import search as _s
+from ._dialects import select_dialect
 from ._mapping import is_tenant_column
 from .context import TenantContext, current_context
 from .errors import (
@@ -456,6 +460,10 @@ class _Reader:
     def cacheable(self) -> bool:
         return self._session().dialect.name != "sqlite"
 
+    @property
+    def dialect(self) -> Any:
+        return self._session().dialect
+
     def conn(self, write: bool = False) -> Any:
         import contextlib
 
@@ -679,6 +687,15 @@ def make_term(expr: Any, op: Any, other: Any, index_name: str | None = None) -> 
     """Build the term for ``expr <op> other`` on a searchable column, or None when the
     operator is not one a blind index answers."""
     column = _base_column(expr)
+    if not _is_column_itself(expr, column):
+        if op in (operators.eq, operators.ne) and _is_column_peer(other):
+            return None  # SQLAlchemy compares columns internally; the guard refuses it if run
+        raise UnsupportedQueryError(
+            f"{_describe(_searchable_in(expr))}: a blind index answers for the column itself, "
+            "not for an expression over it (a function, CAST, CASE, type_coerce or label has "
+            "another value, or none the index knows): compare the column, Model.col == term"
+        )
+    _refuse_tracked(other, column)
     names = index_names(column)
     if index_name is None:
         plain = [n for n, ix in names if ix.transform is None]
@@ -697,6 +714,7 @@ def make_term(expr: Any, op: Any, other: Any, index_name: str | None = None) -> 
                 return SearchTerm((expr, peer), (), "join", index_name)
             return None
         if isinstance(peer, BindParameter):
+            _refuse_named(peer, column)
             peer = peer.effective_value
         if peer is None:
             return None
@@ -715,6 +733,56 @@ def make_term(expr: Any, op: Any, other: Any, index_name: str | None = None) -> 
             index_name,
         )
     return None
+
+
+def _is_column_itself(expr: Any, column: Any) -> bool:
+    """The operand is a table's searchable column (or an alias' or subquery's proxy of it),
+    whose value is the column's: not a function, CASE, CAST, type_coerce or label over it."""
+    return isinstance(column, Column) and isinstance(getattr(expr, "table", None), FromClause)
+
+
+def _is_column_peer(other: Any) -> bool:
+    peer = other.__clause_element__() if hasattr(other, "__clause_element__") else other
+    return isinstance(peer, ColumnElement) and not isinstance(peer, BindParameter)
+
+
+def _searchable_in(expr: Any) -> Any:
+    """The searchable column inside an expression, to name it in an error."""
+    for node in iterate(expr):
+        if isinstance(node, Column) and getattr(node.type, "search", None):
+            return node
+    return expr
+
+
+def _refuse_named(peer: BindParameter[Any], column: Any) -> None:
+    """A term holds index values of its value, computed before the statement runs. A named
+    ``bindparam("key", value)`` can be given another value when executed (``{"key": other}``),
+    and a ``callable_`` gives its value then: taking the construction-time value would
+    silently search for the wrong one."""
+    if peer.callable is not None or not (peer.unique or isinstance(peer.key, _anonymous_label)):
+        raise UnsupportedQueryError(
+            f"{_describe(column)}: a search term is turned into blind index values before the "
+            "statement runs, so it cannot be a named bindparam() (or one with callable_) whose "
+            "value is given at execution: compare with the value itself (Model.col == value), "
+            "or literal(value)"
+        )
+
+
+def _refuse_tracked(other: Any, column: Any) -> None:
+    """Inside lambda_stmt, SQLAlchemy hands a variable over as a tracker (PyWrapper) and sets
+    its value anew at each execution, from a statement cached once: a term, whose index
+    values are computed from the value it is built with, would search the first value (or,
+    given the tracker itself, fail in the codec). Literals written in the lambda are fine."""
+    from sqlalchemy.sql.lambdas import PyWrapper
+
+    values = other if isinstance(other, (list, tuple, set, frozenset)) else (other,)
+    if any(isinstance(v, PyWrapper) for v in values):
+        raise UnsupportedQueryError(
+            f"{_describe(column)}: a search term inside lambda_stmt() compares with a variable, "
+            "whose value SQLAlchemy sets at each execution of a statement built once, while "
+            "the term's index values come from the value it is built with: search with "
+            "select() (or write the value as a literal in the lambda)"
+        )
 
 
 def _bind(value: Any) -> BindParameter[Any]:
@@ -874,14 +942,18 @@ def _replacement(
 ) -> ColumnElement[bool]:
     col = term.operands[0]
     spec = specs[0]
+    # Exactly the tenant, not what the column's collation calls equal to it ('ACME' for
+    # 'acme' on MySQL): a join compares stored index values, with no key of the tenant's,
+    # and != matches every row of a tenant whose values were indexed under another key.
+    exact = select_dialect(reader.dialect).equals_exactly
     tenant_col = _tenant_col(col)
-    own_tenant = _equals(tenant_col, _tenant_value(tenant_col, tenant))
+    own_tenant = exact(tenant_col, _tenant_value(tenant_col, tenant))
     if term.kind == "join":
         peer = term.operands[1]
         return and_(
             _slot_col(col, spec, slot) == _slot_col(peer, specs[1], slot),
             own_tenant,
-            _tenant_col(peer) == _tenant_value(_tenant_col(peer), tenant),
+            exact(_tenant_col(peer), _tenant_value(_tenant_col(peer), tenant)),
         )
     codec = getattr(_base_column(col).type, "codec", None)
     hashes: list[_s.IndexValue] = []
@@ -924,7 +996,19 @@ def _equals(col: Any, value: Any) -> ColumnElement[bool]:
 
 
 def _slot_col(col: Any, spec: SearchSpec, slot: int) -> Any:
-    return col.table.c[slot_columns(spec.name)[slot]]
+    name = slot_columns(spec.name)[slot]
+    if name not in col.table.c:
+        raise _missing_from(col, f"its index columns {', '.join(slot_columns(spec.name))}")
+    return col.table.c[name]
+
+
+def _missing_from(col: Any, what: str) -> UnsupportedQueryError:
+    # A subquery or CTE selecting the searchable column without what the search compares.
+    return UnsupportedQueryError(
+        f"{_describe(_base_column(col))} is searched through a subquery (or CTE) that does not "
+        f"select {what}: select them in it too (the tenant column and both index columns), "
+        "or search the table itself"
+    )
 
 
 def _tenant_col(col: Any) -> Any:
@@ -932,6 +1016,8 @@ def _tenant_col(col: Any) -> Any:
     for c in col.table.c:
         if is_tenant_column(c) or any(is_tenant_column(b) for b in getattr(c, "base_columns", ())):
             return c
+    if not isinstance(col.table, Table):
+        raise _missing_from(col, "the tenant column")
     raise ConfigurationError(
         f"{_describe(col)} is searchable, so its table needs a tenant column: declare it with "
         "sqlalchemy_cmk.tenant_column()"

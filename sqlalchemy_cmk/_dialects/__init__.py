@@ -91,6 +91,17 @@ class DialectSupport:
         """
         return col.is_not_distinct_from(value)
 
+    def equals_exactly(self, col: ColumnElement[Any], value: Any) -> ColumnElement[bool]:
+        """SQL: ``col`` (a tenant column) holds exactly ``value``, as Python's ``==`` says,
+        still answered by an index on ``col``: a search's own tenant filter.
+
+        A collation that folds case or accents would let tenant ``acme``'s search match the
+        rows of ``ACME`` and ``acmé``. PostgreSQL's and SQLite's default collations are
+        exact; the plain comparison is the one an index serves.
+        """
+        same: ColumnElement[bool] = col == value
+        return same
+
     def has_prefix(self, col: ColumnElement[Any], prefix: str) -> ColumnElement[bool]:
         """SQL: ``col`` (text) begins with exactly ``prefix``, case and accents included.
 

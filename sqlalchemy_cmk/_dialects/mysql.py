@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import LargeBinary, cast, func, literal
+from sqlalchemy import LargeBinary, and_, cast, func, literal
 from sqlalchemy import types as sqltypes
 from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import Dialect
@@ -63,6 +63,14 @@ class MySQLSupport(DialectSupport):
         if not isinstance(col.type, sqltypes.String):
             return col.is_not_distinct_from(value)
         return _utf8(col).is_not_distinct_from(_utf8(value))
+
+    def equals_exactly(self, col: ColumnElement[Any], value: Any) -> ColumnElement[bool]:
+        # The collation's comparison first, which the (tenant, index) B-tree answers, then the
+        # UTF-8 bytes, which drop what the collation folded together ('ACME', 'acmé' for 'acme').
+        indexed: ColumnElement[bool] = col == value
+        if not isinstance(col.type, sqltypes.String):
+            return indexed
+        return and_(indexed, _utf8(col) == _utf8(literal(value, col.type)))
 
     def has_prefix(self, col: ColumnElement[Any], prefix: str) -> ColumnElement[bool]:
         # Compared as bytes: under the usual case-insensitive collations "CMK:" = "cmk:", and a

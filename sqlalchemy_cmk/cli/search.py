@@ -24,11 +24,13 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import math
 import os
 from dataclasses import asdict
 from typing import Any, TextIO
 
 from sqlalchemy import Engine
+from sqlalchemy.exc import ArgumentError
 
 from ._common import URL_ENV, UsageError, _app_path, _fail, _Parser, _print_table
 from ._progress import PROGRESS_EVERY, _progress_view
@@ -42,8 +44,12 @@ def _seconds(value: str) -> float:
         n = float(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number of seconds: {value!r}") from None
-    if not n >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, not {value}")
+    from migrations_helpers.search_index import MAX_SETTLE  # lazy: the CLI starts fast
+
+    # NaN passes a ">= 0" test and would wait nothing between phases; infinity would move
+    # the state and then overflow the sleep.
+    if not (math.isfinite(n) and 0 <= n <= MAX_SETTLE):
+        raise argparse.ArgumentTypeError(f"must be from 0 to {MAX_SETTLE:g}, not {value}")
     return n
 
 
@@ -103,7 +109,7 @@ def add_parsers(commands: argparse._SubParsersAction[_Parser], as_json: _Parser)
     )
     walking.add_argument(
         "--progress-every",
-        type=float,
+        type=_seconds,
         default=PROGRESS_EVERY,
         metavar="SECONDS",
         help="seconds between progress lines when stderr is not a terminal (default: %(default)s)",
@@ -163,7 +169,7 @@ def run_search(args: argparse.Namespace, out: TextIO) -> int:
         raise UsageError(f"no database URL: pass --database-url or set ${URL_ENV}")
     try:
         engine = _migration_engine(url)
-    except (ValueError, ImportError) as exc:
+    except (ArgumentError, ValueError, ImportError) as exc:
         raise UsageError(f"invalid database URL or driver: {exc}") from None
     try:
         models = _models(args.metadata, args.app_dir)
