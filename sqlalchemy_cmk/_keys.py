@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextvars
 import hmac
+import math
 import os
 import random
 import threading
@@ -90,6 +91,11 @@ class CachePolicy:
     write_key_max_uses: int = 2**20
 
     def __post_init__(self) -> None:
+        if not math.isfinite(self.ttl) or (
+            self.write_key_max_age is not None and not math.isfinite(self.write_key_max_age)
+        ):
+            # inf would cache a key for ever (no revocation bound); nan never compares.
+            raise ConfigurationError("cache_ttl and write_key_max_age must be finite seconds")
         if self.ttl < 0 or self.max_entries < 1 or self.write_key_max_uses < 1:
             raise ConfigurationError(
                 "cache_ttl >= 0, cache_max_entries >= 1, write_key_max_uses >= 1"

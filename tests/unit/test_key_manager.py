@@ -686,3 +686,11 @@ def test_rewrap_of_a_key_evicted_meanwhile_does_not_wrap_zeros(fake: FakeKeyProv
     key = km.read_keys([env], None)[env]
     key.wipe()  # as an eviction by another thread between read_keys and the wrap would
     assert key.copy_material() is None
+
+
+@pytest.mark.parametrize("field", ["cache_ttl", "write_key_max_age"])
+@pytest.mark.parametrize("value", [float("inf"), float("nan")])
+def test_cache_times_must_be_finite(fake: FakeKeyProvider, field: str, value: float):
+    # inf would keep a key for ever, past any revocation; nan passed every comparison.
+    with pytest.raises(ConfigurationError, match="must be finite"):
+        CMK(fake, tenant_keys={"acme": "fake://acme"}, **{field: value})
