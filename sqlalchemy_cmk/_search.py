@@ -22,6 +22,7 @@ out in every phase. No query ever expands to two versions.
 from __future__ import annotations
 
 import datetime
+import hmac
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -61,6 +62,7 @@ from ._mapping import is_tenant_column
 from .context import TenantContext, current_context
 from .errors import (
     ConfigurationError,
+    DecryptionError,
     IndexNotReadyError,
     NoTenantError,
     TenantMismatchError,
@@ -297,6 +299,7 @@ class SearchStore:
         self._states: dict[str, tuple[DomainState | None, float]] = {}
         self._roots: dict[str, tuple[bytes | None, float]] = {}
         self._derived: dict[tuple[bytes, str, int], tuple[Any, bytes]] = {}
+        self._checks: dict[bytes, bytes] = {}  # root envelope -> its stored check value
         self._tables = _s.search_tables(_metadata())
 
     # -- reading -------------------------------------------------------------------------
@@ -331,15 +334,20 @@ class SearchStore:
             return hit[0]
         keys = self._tables[0]
         with reader.conn() as conn:
-            raw = conn.execute(
-                select(keys.c.envelope)
+            row = conn.execute(
+                select(keys.c.envelope, keys.c.check_value)
                 .where(keys.c.tenant == tenant, keys.c.purpose == PURPOSE)
                 .order_by(keys.c.version.desc())
                 .limit(1)
-            ).scalar()
-        env: bytes | None = None if raw is None else bytes(raw)
+            ).first()
+        env: bytes | None = None if row is None else bytes(row[0])
         if env is not None:
             _check_owner(env, tenant)
+            assert row is not None
+            with self._lock:
+                if len(self._checks) > 65536:
+                    self._checks.clear()
+                self._checks[env] = bytes(row[1] or b"")
         if reader.cacheable and env is not None:
             self._roots[tenant] = (env, now + self.ttl)
         return env
@@ -360,6 +368,7 @@ class SearchStore:
                 "purpose": PURPOSE,
                 "version": 1,
                 "envelope": key.envelope,
+                "check_value": _s.root_check(key.material),
                 "created_at": datetime.datetime.now(datetime.timezone.utc),
             }
             try:
@@ -391,6 +400,18 @@ class SearchStore:
             material = dk.copy_material()
             assert material is not None
         try:
+            expected = self._checks.get(envelope)
+            if expected is None or not hmac.compare_digest(_s.root_check(material), expected):
+                # Never served again from the cache: the next use asks the KMS anew.
+                self._cmk._keys.discard(envelope)
+                raise DecryptionError(
+                    f"the search root key of tenant {dk.tenant!r} does not match the check "
+                    f"value stored with it in {_s.KEYS_TABLE}: the KMS unwrapped it to another "
+                    "key, or the row was altered; nothing was indexed or searched with it",
+                    tenant=dk.tenant,
+                    key_ref=dk.key_ref,
+                    provider=dk.provider,
+                )
             derived = _s.index_key(material, domain, version)
         finally:
             material[:] = bytes(len(material))

@@ -417,6 +417,18 @@ def message(value: Any, codec: Codec | None, *, table: str, column: str) -> byte
     return encode(codec, value, table=table, column=column)
 
 
+def root_check(root: bytes | bytearray) -> bytes:
+    """A root key's check value, stored beside its envelope: HMAC-SHA256(root, a fixed label).
+
+    A KMS that unwraps a root envelope to another key (a lying or broken KMS, or one of the
+    tenant's data-key envelopes put in the root's place by someone who can write to the
+    database) would otherwise index and search under a wrong key without a sound: new rows
+    indexed so, and every search missing rows. The check refuses the key instead. It reveals
+    nothing of the key (a MAC under it, of a public message).
+    """
+    return hmac.digest(bytes(root), b"sqlalchemy-cmk/root-check/v1", "sha256")
+
+
 def index_value(key: bytes, version: int, bits: int, msg: bytes) -> bytes:
     """A stored index value: header, then the MAC truncated to ``bits``."""
     n = (bits + 7) // 8
@@ -511,6 +523,8 @@ def search_tables(metadata: MetaData) -> tuple[Table, Table]:
             Column("purpose", String(16), primary_key=True),
             Column("version", Integer, primary_key=True, autoincrement=False),
             Column("envelope", LargeBinary, nullable=False),
+            # root_check(root key): proves an unwrapped root key is the one stored here
+            Column("check_value", LargeBinary, nullable=False),
             Column("created_at", Timestamp(), nullable=False),
         )
     states = metadata.tables.get(STATES_TABLE)

@@ -16,6 +16,7 @@ from sqlalchemy_cmk import tenant_context
 from sqlalchemy_cmk.errors import (
     CMKError,
     ConfigurationError,
+    DecryptionError,
     TenantMismatchError,
     UnsupportedQueryError,
 )
@@ -102,10 +103,11 @@ def test_forged_root_key_owner_is_refused(env: SearchEnv) -> None:
         found(env, "acme", SrchUser.name == "n1")
 
 
-def test_a_data_key_as_root_key_misses_rows(env: SearchEnv) -> None:
-    """One of acme's row data keys put in place of its root key: accepted (nothing binds an
-    envelope to its purpose), so old rows are missed and new ones indexed under it; never a
-    wrong row. Reported in the branch's notes: binding the purpose needs a wrap context."""
+def test_a_data_key_as_root_key_fails_closed(env: SearchEnv) -> None:
+    """One of acme's row data keys put in place of its root key: acme's KMS unwraps it, but
+    it is not the key whose check value is stored with the row, so searches and writes are
+    refused (typed) instead of indexing and searching under it, in this process and a fresh
+    one; the other tenant is untouched."""
     from sqlalchemy_cmk._format import split_companion
 
     (edek,) = env.raw(
@@ -118,8 +120,22 @@ def test_a_data_key_as_root_key_misses_rows(env: SearchEnv) -> None:
         e=split_companion(bytes(edek))[1],
     )
     env.cmk.forget_tenant()
-    assert found(env, "acme", SrchUser.name == "n1") == []
+    for e in (env, fresh(env)):
+        with pytest.raises(DecryptionError, match="check value"):
+            found(e, "acme", SrchUser.name == "n1")
+        with tenant_context("acme"), e.Session() as s:
+            s.add(SrchUser(email="carl@x", name="n9"))
+            with pytest.raises(DecryptionError):
+                s.flush()
     assert found(env, "globex", SrchUser.name == "n1") == [("globex", "n1")]
+
+
+def test_a_root_key_the_kms_unwraps_differently_fails_closed(env: SearchEnv) -> None:
+    """The stored check value altered (as if the KMS had answered another key): refused."""
+    tamper(env, "update cmk_tenant_keys set check_value = :c where tenant = 'acme'", c=b"\0" * 32)
+    env.cmk.forget_tenant()
+    with pytest.raises(DecryptionError, match="check value"):
+        found(fresh(env), "acme", SrchUser.name == "n1")
 
 
 def test_garbage_root_key_fails_closed(env: SearchEnv) -> None:

@@ -333,3 +333,13 @@ def test_leakage_warning_when_declared() -> None:
             EncryptedType(String(20), search=BlindIndex(expected_rows=10_000, bits=40)),
         )
     assert record[0].filename == __file__
+
+
+def test_root_check_golden() -> None:
+    from sqlalchemy_cmk.search import root_check
+
+    expected = "96b4abc0f214b07051dd063a75ec0e21b85c485a986771820309e22e9cd474da"
+    assert root_check(ROOT).hex() == expected
+    assert root_check(bytearray(ROOT)).hex() == expected
+    label = b"sqlalchemy-cmk/root-check/v1"
+    assert root_check(ROOT) == hmac.new(ROOT, label, hashlib.sha256).digest()
