@@ -25,7 +25,7 @@ import datetime
 import hmac
 import threading
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import (
@@ -812,13 +812,14 @@ def _bind(value: Any) -> BindParameter[Any]:
 
 @dataclass
 class _Check:
-    """One post-filter: the row's entity at ``pos`` must (or, ``keep=False``, must not) hold a
-    value that prepares to one of ``wanted``; for a join, equal to the entity at ``pos2``."""
+    """One post-filter: the row's entity at ``pos`` must hold a value that prepares to one of
+    ``wanted``; for a join, equal to the entity at ``pos2``. ``wanted`` holds the normalized
+    terms: never in a repr (error trackers that record frames' locals print reprs)."""
 
     pos: int
     key: str
     index: _s.BlindIndex
-    wanted: frozenset[Any] | None = None
+    wanted: frozenset[Any] | None = field(default=None, repr=False)
     pos2: int = -1
     key2: str = ""
     index2: _s.BlindIndex | None = None
