@@ -133,7 +133,9 @@ class Leases:
             AESGCM(material),
             material,
             expires_at=lease.expires_at,
-            write_until=min(now + km._cache_policy.write_age, lease.expires_at),
+            # Within the lease's own period (so a lease period ends its data keys' writes too),
+            # and never past the KMS answer's cache_ttl (lease.write_until <= expires_at).
+            write_until=min(now + km._cache_policy.write_age, lease.write_until),
             generation=generation,
         )
 
