@@ -258,7 +258,8 @@ def unwrap_local(lease: AESGCM, tenant: str, local_wrap: bytes) -> bytes:
     if len(key) != DEK_SIZE:  # outside the handler: no InvalidTag chained
         raise DecryptionError(
             "a data key failed authentication under its lease key: its envelope was tampered "
-            "with, or its lease envelope taken from another lease or tenant",
+            "with, its lease envelope taken from another lease or tenant, or the KMS unwrapped "
+            "the lease to a wrong key",
             tenant=tenant,
         )
     return key

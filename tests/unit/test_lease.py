@@ -357,3 +357,20 @@ def test_lease_period_must_be_finite_positive_and_within_cache_ttl(
 ) -> None:
     with pytest.raises(ConfigurationError, match="lease_period"):
         CMK(local, tenant_keys={ACME: "local://acme"}, cache_ttl=120.0, lease_period=period)
+
+
+@pytest.mark.parametrize("mask", [0x01, 0x80])
+def test_flipping_any_byte_of_a_version_2_companion_fails_closed(env: Env, mask: int) -> None:
+    from sqlalchemy_cmk import CMKError
+
+    env.write(ACME, range(1))
+    original = env.companions()[0]
+    for pos in range(len(original)):
+        tampered = original[:pos] + bytes([original[pos] ^ mask]) + original[pos + 1 :]
+        env.set_companion(0, tampered)
+        env.cmk.forget_tenant()
+        with pytest.raises(CMKError) as info:
+            env.read(ACME)
+        assert "ssn-" not in str(info.value), pos
+    env.set_companion(0, original)
+    assert env.read(ACME) == {0: "ssn-0"}
