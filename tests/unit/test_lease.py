@@ -374,3 +374,11 @@ def test_flipping_any_byte_of_a_version_2_companion_fails_closed(env: Env, mask:
         assert "ssn-" not in str(info.value), pos
     env.set_companion(0, original)
     assert env.read(ACME) == {0: "ssn-0"}
+
+
+def test_a_leased_envelope_is_never_a_search_root_key(env: Env) -> None:
+    from sqlalchemy_cmk._search import _check_owner
+
+    env.write(ACME, range(1))
+    with pytest.raises(DecryptionError):
+        _check_owner(env.companions()[0][SPLIT:], ACME)
