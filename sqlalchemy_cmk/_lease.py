@@ -104,6 +104,7 @@ class Leases:
                     km._read.move_to_end(lease.envelope)  # in use: not the LRU's next victim
             else:
                 lease = None
+        kept = True
         if lease is None:
             lease = km._wrap_new(tenant, primary, ctx, generation)
             lease.envelope = LEASE_KEY + lease.envelope
@@ -115,7 +116,8 @@ class Leases:
                     lease.wipe()
                     raise
             with km._lock:
-                if km._current(lease):
+                kept = km._current(lease)
+                if kept:
                     self._write[tenant] = lease
                     self._write.move_to_end(tenant)
                     while len(self._write) > km._cache_policy.max_entries:
@@ -125,6 +127,8 @@ class Leases:
         # before the forget, as for a plain write key.
         material = bytearray(km.rng(_format.DEK_SIZE))
         local = _format.wrap_local(lease.aead, km.rng(_format.NONCE_SIZE), tenant, bytes(material))
+        if not kept:  # forgotten while it was wrapped: it served this key, nothing later
+            lease.wipe()
         return DataKey(
             tenant,
             lease.provider,

@@ -382,3 +382,22 @@ def test_a_leased_envelope_is_never_a_search_root_key(env: Env) -> None:
     env.write(ACME, range(1))
     with pytest.raises(DecryptionError):
         _check_owner(env.companions()[0][SPLIT:], ACME)
+
+
+def test_a_forget_during_the_lease_wrap_keeps_that_lease_out(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    wrap = env.kms.wrap_key
+
+    def forgetting_wrap(key_ref: str, data_key: bytes, context: Mapping[str, str]) -> bytes:
+        env.cmk.forget_tenant(ACME)  # e.g. a revocation arriving while the KMS answers
+        return wrap(key_ref, data_key, context)
+
+    monkeypatch.setattr(env.kms, "wrap_key", forgetting_wrap)
+    env.write(ACME, range(1))  # the flush that began before the forget still writes
+    monkeypatch.setattr(env.kms, "wrap_key", wrap)
+    wraps = env.kms.wraps
+    env.clock.now += 1  # a new write window: the forgotten lease must not serve it
+    env.write(ACME, range(1, 2))
+    assert env.kms.wraps == wraps + 1
+    assert env.read(ACME) == {0: "ssn-0", 1: "ssn-1"}
