@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 from cryptography.exceptions import InvalidTag
 from sqlalchemy import LargeBinary, Table
 
-from . import _codecs, _format
+from . import _codecs, _format, _lease
 from ._keys import CachePolicy, DataKey, KeyManager, RetryPolicy
 from ._mapping import ColumnSpec, TableSpec, table_spec
 from .audit import AuditSink, LoggingAuditSink
@@ -155,6 +155,12 @@ class CMK:
             phases, so keep it the same in every process (``docs/search.md``).
         clock: Monotonic seconds, for the cache's time limits; a seam for tests (default
             ``time.monotonic``). KMS call deadlines always use real time.
+        lease_period: None (default): every write window's data key is wrapped by the
+            tenant's KMS (stored format version 1). Seconds, at most ``cache_ttl``: a tenant's
+            data keys are wrapped locally under a *lease key* that its KMS wraps once per
+            lease period (format version 2), so KMS calls grow with tenants x lease periods,
+            not with data keys (``docs/key-rotation.md``). Every release from 0.x reads both
+            versions: in a rolling deploy, set this only once every process runs one.
 
     Raises:
         ConfigurationError: no provider, a key reference whose scheme has no provider, a tenant
@@ -180,6 +186,7 @@ class CMK:
         verify_write_keys: bool = True,
         search_state_ttl: float = 5.0,
         clock: Callable[[], float] | None = None,
+        lease_period: float | None = None,
     ) -> None:
         all_providers = ([provider] if provider is not None else []) + list(providers)
         if not all_providers:
@@ -206,6 +213,7 @@ class CMK:
             [LoggingAuditSink()] if audit_sinks is None else audit_sinks,
             clock=time.monotonic if clock is None else clock,
             verify_write_keys=verify_write_keys,
+            lease_period=lease_period,
         )
         self._installed: list[tuple[Any, list[tuple[str, Any]]]] = []
         # Finite: a process caching states for ever never follows a rotation (it searches a
@@ -434,6 +442,7 @@ class CMK:
                 chunk += k
         if chunk or n_new:
             write_keys.append(self._keys.write_key(tenant, chunk, ctx))
+        heads = [_format.companion_version(k.envelope) for k in write_keys]
         rng = self._keys.rng
         nonces = rng(_format.NONCE_SIZE * n_values)
         row_ids = rng(_format.ROW_ID_SIZE * n_new)
@@ -460,7 +469,7 @@ class CMK:
                 key_uses += k
                 row_id = row_ids[r_i : r_i + _format.ROW_ID_SIZE]
                 r_i += _format.ROW_ID_SIZE
-                new_companions.append(version + row_id + key.envelope)
+                new_companions.append(heads[k_i] + row_id + key.envelope)
             else:
                 row_id = comp[1:split]
                 key = keys[comp[split:]]
@@ -506,7 +515,9 @@ class CMK:
     ) -> list[DataKey]:
         """Check each freshly unwrapped key against a stored value of a row it serves, else by
         a second unwrap; return the keys proven. Raises DecryptionError for a wrong key."""
-        todo = {k.envelope: k for k in fresh}
+        # A fresh lease key is proven by the data keys it opened (remember() caches it with
+        # them), never confirmed on its own.
+        todo = {k.envelope: k for k in fresh if not _lease.is_lease(k)}
         proven: list[DataKey] = []
         split = 1 + _format.ROW_ID_SIZE
         for t, comp, witness in zip(
@@ -540,6 +551,8 @@ class CMK:
         for key in todo.values():
             self._keys.confirm(key, ctx)
             proven.append(key)
+        # Every data key is proven (else this raised), and so the leases that opened them.
+        proven += [k for k in fresh if _lease.is_lease(k)]
         return proven
 
     def open(
@@ -578,7 +591,12 @@ class CMK:
                         table=t.table,
                     )
                 continue
-            if type(companion) is not bytes or len(companion) < min_companion or companion[0] != 1:
+            if (
+                type(companion) is not bytes
+                or len(companion) < min_companion
+                # the version byte matches the envelope's kind (version 2: leased, 0x0000)
+                or companion[0] != (2 if companion[split] == 0 == companion[split + 1] else 1)
+            ):
                 raise DecryptionError(
                     "stored companion value is malformed or of an unknown version"
                 )

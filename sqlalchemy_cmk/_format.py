@@ -1,4 +1,4 @@
-"""Stored formats, version 1. Any change here must keep the golden vectors in tests passing.
+"""Stored formats, versions 1 and 2. Any change here must keep the golden vectors in tests passing.
 
 The companion value (one per row and table, in the ``EDEKType`` column)::
 
@@ -30,6 +30,42 @@ and its associated data, never stored, rebuilt from the row::
     b"sqlalchemy-cmk\\x01" || u16 len || tenant || u16 len || table || u16 len || column || row id
 
 so a value moved to another row, column, table or tenant fails authentication.
+
+Version 2 (leased keys, written only when ``CMK(lease_period=...)`` is set; always read). The
+companion::
+
+    offset  size  field
+    0       1     version, 0x02
+    1       16    row id, as in version 1
+    17      2     0x0000: a zero tenant length, which no version-1 envelope has
+    19      2     L, length of the lease envelope (big-endian)
+    21      L     lease envelope: a version-1 envelope (tenant, provider, key reference, and the
+                  tenant's KMS's wrap of a 32-byte *lease key*)
+    ..      12    nonce, random
+    ..      48    AES-256-GCM(lease key, data key, aad) then the 16-byte tag
+    (end)         nothing may follow
+
+with, for the local wrap of the data key::
+
+    aad = b"sqlalchemy-cmk/lease-dek\x02" || u16 len || tenant
+
+Bytes 17 to the end are the version-2 *envelope*. Its two leading zero bytes make an envelope
+tell its own version wherever it travels without its companion (the key caches are keyed by
+envelope; the session and the migration tools parse envelopes alone). The lease envelope is the
+only part the KMS sees: one unwrap per lease, however many data keys it wraps.
+
+What the local wrap binds, and why no more: the tenant (belt and braces: the KMS already binds
+the lease key to the tenant through its wrap context). Not the KMS blob or the key reference,
+so that re-wrapping a lease under the tenant's new primary key keeps every data key wrapped
+under it valid (one KMS round trip per lease, not per data key). Not a lease id: a data key
+wrapped under lease A presented with lease B's envelope is decrypted with B's key, a different
+random 256-bit key, so the GCM tag fails; forging a wrap that opens under a key one does not
+know is GCM's forgery bound (2**-128 per try), and lease keys never leave the process and the
+tenant's KMS. The domain label keeps a lease key's wraps apart from every other use of
+AES-GCM here (values use ``sqlalchemy-cmk\x01``), so a data key's envelope substituted for a
+lease envelope (or the reverse) never authenticates either.
+
+The value format is the same in both versions.
 """
 
 from __future__ import annotations
@@ -58,6 +94,12 @@ _MAX_WRAPPED = 8192
 MAX_WRAPPED = _MAX_WRAPPED  # the most a provider's wrapped key may hold
 # version + nonce + codec tag + GCM tag: anything shorter cannot be a value we wrote.
 MIN_VALUE = 1 + NONCE_SIZE + 1 + TAG_SIZE
+
+VERSION_2 = 2
+VERSION_2_BYTE = bytes([VERSION_2])
+LEASED_MARK = b"\x00\x00"  # a version-2 envelope's first bytes: no tenant id is empty
+LOCAL_WRAP_SIZE = NONCE_SIZE + DEK_SIZE + TAG_SIZE
+_LEASE_DEK_MAGIC = b"sqlalchemy-cmk/lease-dek\x02"
 
 
 AUTH_FAILED = (
@@ -102,7 +144,17 @@ def encode_envelope(tenant: str, provider: str, key_ref: str, wrapped: bytes) ->
 
 
 def parse_envelope(data: bytes) -> Envelope:
-    """Parse an envelope; every malformation raises the same opaque DecryptionError."""
+    """Parse an envelope; every malformation raises the same opaque DecryptionError.
+
+    A version-2 envelope gives its lease envelope's fields: the tenant, and the KMS key and
+    provider its lease key is wrapped under (``wrapped`` is then the lease key's wrap).
+    """
+    if data[:2] == LEASED_MARK:
+        return _parse_v1(split_leased(data)[0])
+    return _parse_v1(data)
+
+
+def _parse_v1(data: bytes) -> Envelope:
     try:
         pos = 0
         (n,) = _U16.unpack_from(data, pos)
@@ -140,15 +192,77 @@ def parse_envelope(data: bytes) -> Envelope:
     raise DecryptionError("stored key envelope is malformed")
 
 
+def is_leased(envelope: bytes) -> bool:
+    """Whether ``envelope`` is of version 2 (a data key wrapped under a lease key)."""
+    return envelope[:2] == LEASED_MARK
+
+
+def companion_version(envelope: bytes) -> bytes:
+    """The companion version byte that goes with ``envelope``."""
+    return VERSION_2_BYTE if envelope[:2] == LEASED_MARK else VERSION_BYTE
+
+
 def encode_companion(row_id: bytes, envelope: bytes) -> bytes:
-    return VERSION_BYTE + row_id + envelope
+    return companion_version(envelope) + row_id + envelope
 
 
 def split_companion(data: bytes) -> tuple[bytes, bytes]:
-    """Return (row id, envelope bytes) of a companion value, checking version and length."""
-    if not isinstance(data, bytes) or len(data) < 1 + ROW_ID_SIZE + 8 or data[0] != VERSION:
+    """Return (row id, envelope bytes) of a companion value, checking version and length.
+
+    The version byte must match the envelope's kind: a version-1 companion never carries a
+    leased envelope, nor the reverse.
+    """
+    if (
+        not isinstance(data, bytes)
+        or len(data) < 1 + ROW_ID_SIZE + 8
+        or data[0] != (VERSION_2 if data[1 + ROW_ID_SIZE : 3 + ROW_ID_SIZE] == LEASED_MARK else 1)
+    ):
         raise DecryptionError("stored companion value is malformed or of an unknown version")
     return data[1 : 1 + ROW_ID_SIZE], data[1 + ROW_ID_SIZE :]
+
+
+def encode_leased(lease_envelope: bytes, local_wrap: bytes) -> bytes:
+    """A version-2 envelope: the lease envelope (a version-1 envelope), then the local wrap."""
+    return LEASED_MARK + _lp(lease_envelope) + local_wrap
+
+
+def split_leased(envelope: bytes) -> tuple[bytes, bytes]:
+    """(lease envelope, local wrap) of a version-2 envelope; the lease envelope is parsed to
+    check its form. Every malformation raises the same opaque DecryptionError."""
+    ok = len(envelope) > 4 + LOCAL_WRAP_SIZE and envelope[:2] == LEASED_MARK
+    if ok:
+        (n,) = _U16.unpack_from(envelope, 2)
+        ok = len(envelope) == 4 + n + LOCAL_WRAP_SIZE and envelope[4:6] != LEASED_MARK
+    if not ok:
+        raise DecryptionError("stored key envelope is malformed")
+    lease = envelope[4 : 4 + n]
+    _parse_v1(lease)
+    return lease, envelope[4 + n :]
+
+
+def _lease_aad(tenant: str) -> bytes:
+    return _LEASE_DEK_MAGIC + _lp(tenant.encode())
+
+
+def wrap_local(lease: AESGCM, nonce: bytes, tenant: str, data_key: bytes) -> bytes:
+    """The local wrap of a data key under a lease key: nonce || AES-256-GCM(...) || tag."""
+    return nonce + lease.encrypt(nonce, data_key, _lease_aad(tenant))
+
+
+def unwrap_local(lease: AESGCM, tenant: str, local_wrap: bytes) -> bytes:
+    """The data key of a local wrap; DecryptionError if it does not authenticate."""
+    try:
+        key = lease.decrypt(local_wrap[:NONCE_SIZE], local_wrap[NONCE_SIZE:], _lease_aad(tenant))
+    except InvalidTag:
+        key = b""
+    if len(key) != DEK_SIZE:  # outside the handler: no InvalidTag chained
+        raise DecryptionError(
+            "a data key failed authentication under its lease key: its envelope was tampered "
+            "with, its lease envelope taken from another lease or tenant, or the KMS unwrapped "
+            "the lease to a wrong key",
+            tenant=tenant,
+        )
+    return key
 
 
 def aad_prefix(tenant: str, table: str, column: str) -> bytes:

@@ -53,7 +53,7 @@ from typing import TypeVar
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from . import _format
+from . import _format, _lease
 from .audit import AuditSink, make_event
 from .context import TenantContext
 from .errors import (
@@ -221,7 +221,9 @@ class KeyManager:
         clock: Callable[[], float] = time.monotonic,
         rng: Callable[[int], bytes] = os.urandom,
         verify_write_keys: bool = True,
+        lease_period: float | None = None,
     ) -> None:
+        _lease.check_period(lease_period, cache.ttl)
         self._providers = dict(providers)
         self._registry: KeyRegistry = (
             tenants if isinstance(tenants, KeyRegistry) else _MappingRegistry(dict(tenants))
@@ -244,6 +246,7 @@ class KeyManager:
         # Expired keys are swept at most this often (a sweep walks both caches).
         self._prune_every = min(cache.ttl, cache.write_age) / 4
         self._next_prune = clock() + self._prune_every
+        self._leases = _lease.Leases(self, lease_period)  # lease_period None: write version 1
 
     # -- tenants -------------------------------------------------------------------------------
 
@@ -313,13 +316,16 @@ class KeyManager:
             raise ConfigurationError(
                 f"one row needs {uses} encryptions, more than write_key_max_uses", tenant=tenant
             )
-        key = self._wrap_new(tenant, self.tenant_keys(tenant).primary, ctx, generation)
-        if self.verify_write_keys:
-            try:
-                self._verify(key, ctx)
-            except BaseException:
-                key.wipe()
-                raise
+        if self._leases.period is not None:  # wrapped locally: a KMS call per lease, not here
+            key = self._leases.new_write_key(tenant, ctx, generation)
+        else:
+            key = self._wrap_new(tenant, self.tenant_keys(tenant).primary, ctx, generation)
+            if self.verify_write_keys:
+                try:
+                    self._verify(key, ctx)
+                except BaseException:
+                    key.wipe()
+                    raise
         key.uses = uses
         victims: list[DataKey] = []
         with self._lock:
@@ -473,6 +479,12 @@ class KeyManager:
                     missing.append(env)
         if not missing:
             return found
+        leased = [e for e in missing if e[:2] == _format.LEASED_MARK]
+        if leased:  # version 2: each distinct lease from the KMS once, then local unwraps
+            found.update(self._leases.read(leased, ctx, fresh))
+            missing = [e for e in missing if e[:2] != _format.LEASED_MARK]
+            if not missing:
+                return found
         keep = fresh is None
         if len(missing) == 1:
             results: list[DataKey | CMKError] = [self._unwrap_or_error(missing[0], ctx, keep)]
@@ -532,10 +544,15 @@ class KeyManager:
         before the caller replaces a working envelope with it. The data key, and so every
         value encrypted under it, is unchanged.
 
+        A version-2 envelope has its lease envelope re-wrapped so (one round trip per lease,
+        memoised), its locally wrapped data key kept.
+
         Raises:
             DecryptionError: the new envelope unwraps to another key (a broken KMS or provider).
             KeyAccessError, TenantNotConfiguredError: as an unwrap or a wrap.
         """
+        if _format.is_leased(envelope):
+            return self._leases.rewrap(envelope, ctx)
         env = _format.parse_envelope(envelope)
         primary = self.tenant_keys(env.tenant).primary
         if env.key_ref == primary:
@@ -590,8 +607,12 @@ class KeyManager:
         remember: bool = True,
         purpose: str | None = None,
     ) -> DataKey:
+        if _format.is_leased(envelope):
+            return self._leases.unwrap(envelope, ctx, remember=remember, purpose=purpose)
+        if envelope[:1] == _lease.LEASE_KEY and purpose is None:
+            purpose = "lease"
         generation = self._generation  # before the registry lookup: see the module doc
-        env = _format.parse_envelope(envelope)
+        env = _format.parse_envelope(_lease.kms_envelope(envelope))
         keys = self.tenant_keys(env.tenant)
         if env.key_ref not in keys.accepted:
             raise TenantNotConfiguredError(
@@ -748,6 +769,7 @@ class KeyManager:
             for t in [t for t in self._write if tenant is None or t == tenant]:
                 k = self._write.pop(t)
                 dropped[id(k)] = k
+            self._leases.forget(tenant)  # its lease keys are in _read, dropped above
         for k in dropped.values():
             k.wipe()
         return len(dropped)

@@ -432,8 +432,10 @@ def _check_owner(envelope: bytes, tenant: str) -> None:
     """The stored root key must be the tenant's own. Another tenant's envelope (copied over by
     someone with write access to the database) would unwrap through that tenant's KMS, and the
     two tenants' equal values would get equal index values."""
-    from ._format import parse_envelope
+    from ._format import is_leased, parse_envelope
 
+    if is_leased(envelope):  # a root key is wrapped by the KMS itself, never under a lease
+        raise DecryptionError("stored search root key envelope is malformed")
     owner = parse_envelope(envelope).tenant  # garbage: the opaque DecryptionError
     if owner != tenant:
         raise TenantMismatchError(

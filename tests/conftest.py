@@ -6,10 +6,17 @@ drop their own databases on it), else a testcontainers container when a Docker d
 else the local server (PostgreSQL at 127.0.0.1:5432 as user postgres, MariaDB at
 127.0.0.1:3306 as root without a password). With ``CI`` set, a server that cannot be reached
 fails the run instead of skipping its tests.
+
+``SQLALCHEMY_CMK_TEST_LEASE=1`` runs the suite with leased keys on (stored format version 2):
+every ``CMK`` made in the test process without a ``lease_period`` argument gets ``lease_period =
+cache_ttl`` (when that is a positive finite number), so the integrity tests written for
+version 1 check version 2 too. Tests that count KMS calls per write window then fail by design.
 """
 
 from __future__ import annotations
 
+import functools
+import math
 import os
 import uuid
 import warnings
@@ -18,6 +25,29 @@ from collections.abc import Callable, Iterator
 import pytest
 from sqlalchemy import Engine, create_engine, make_url, text
 from sqlalchemy.exc import OperationalError
+
+if os.environ.get("SQLALCHEMY_CMK_TEST_LEASE") not in (None, "", "0"):
+
+    @pytest.fixture(autouse=True)
+    def _leases_on(monkeypatch: pytest.MonkeyPatch) -> None:
+        from sqlalchemy_cmk import CMK
+
+        original = CMK.__init__
+
+        @functools.wraps(original)
+        def init(self: CMK, *args: object, **kw: object) -> None:
+            ttl = kw.get("cache_ttl", 60.0)
+            if (
+                "lease_period" not in kw  # an explicit None stays version 1
+                and type(ttl) in (int, float)
+                and math.isfinite(ttl)  # type: ignore[arg-type]
+                and ttl > 0  # type: ignore[operator]
+            ):
+                kw["lease_period"] = ttl
+            original(self, *args, **kw)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(CMK, "__init__", init)
+
 
 LOCAL_PG = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 LOCAL_MYSQL = "mysql+pymysql://root@127.0.0.1:3306/test"

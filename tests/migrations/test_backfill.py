@@ -52,7 +52,7 @@ from sqlalchemy_cmk import (
     TenantNotConfiguredError,
     tenant_context,
 )
-from sqlalchemy_cmk._format import parse_envelope
+from sqlalchemy_cmk._format import parse_envelope, split_leased
 from sqlalchemy_cmk.providers.local import LocalKeyProvider
 from sqlalchemy_cmk.testing import FakeKeyProvider
 
@@ -788,3 +788,56 @@ def test_configuration_errors_say_what_to_do(engine: Engine, cmk: CMK) -> None:
         backfill.encrypt_columns(engine, cmk, "bare", ["v"], tenant_column="t", max_batches=0).rows
         == 0
     )
+
+
+# -- leased keys (stored format version 2) ----------------------------------------------------
+
+
+def test_rewrap_and_rotate_handle_v1_and_v2_rows_in_one_table(
+    engine: Engine, provider: FakeKeyProvider
+) -> None:
+    v1_keys = {t: f"fake://{t}-v1" for t in TENANTS}
+    rows = seed(engine, 30)
+    encrypt(engine, make_cmk(provider, tenant_keys=v1_keys, write_key_max_uses=9), batch_size=10)
+    rows.update(seed(engine, 30, start=30))
+    leased = make_cmk(provider, tenant_keys=v1_keys, write_key_max_uses=9, lease_period=60.0)
+    encrypt(engine, leased, batch_size=10)
+    before = raw(engine)
+    comps = [r[3] for r in before.values() if r[3] is not None]
+    assert {c[0] for c in comps} == {1, 2}
+    v1_envs = {c[17:] for c in comps if c[0] == 1}
+    v2_envs = {c[17:] for c in comps if c[0] == 2}
+    leases = {split_leased(e)[0] for e in v2_envs}
+    assert len(v2_envs) > len(leases) == len(TENANTS)  # several data keys under each lease
+
+    new = make_cmk(
+        provider,
+        tenant_keys={t: [f"fake://{t}-v2", f"fake://{t}-v1"] for t in TENANTS},
+        lease_period=60.0,
+    )
+    provider.reset_counts()
+    report = backfill.rewrap_keys(engine, new, TABLE, batch_size=7)
+    # A verified round trip per v1 data key, and per lease: not per v2 data key.
+    assert provider.wrap_count == len(v1_envs) + len(leases)
+    assert provider.unwrap_count == 2 * provider.wrap_count
+    assert report.rows == len(comps)
+    after = raw(engine)
+    for i, r in after.items():
+        assert r[:3] == before[i][:3]  # data untouched
+        if r[3] is not None:
+            assert r[3][:17] == before[i][3][:17]  # same version and row id
+            assert (
+                parse_envelope(r[3][17:]).key_ref == f"fake://{parse_envelope(r[3][17:]).tenant}-v2"
+            )
+            if r[3][0] == 2:  # the data key's local wrap is kept: only the lease moved
+                assert split_leased(r[3][17:])[1] == split_leased(before[i][3][17:])[1]
+    only_v2 = make_cmk(provider, tenant_keys={t: f"fake://{t}-v2" for t in TENANTS})
+    assert read_app(engine, only_v2) == rows
+
+    # Rotation writes what the CMK writes: version 2 with leases on, version 1 without.
+    backfill.rotate_data_keys(engine, new, TABLE, COLS, tenant_column="tenant_id", batch_size=10)
+    assert {r[3][0] for r in raw(engine).values() if r[3] is not None} == {2}
+    assert read_app(engine, only_v2) == rows
+    backfill.rotate_data_keys(engine, only_v2, TABLE, COLS, tenant_column="tenant_id")
+    assert {r[3][0] for r in raw(engine).values() if r[3] is not None} == {1}
+    assert read_app(engine, new) == rows

@@ -1,0 +1,244 @@
+"""Leased tenant keys: data keys wrapped locally under a lease key the tenant's KMS wraps.
+
+One tier of the tenant's key hierarchy (``docs/design.md``): the tenant's master key, in its
+KMS, wraps the tenant's own keys (the search root key, persisted; lease keys, carried inline in
+each row's companion), and a lease key wraps data keys locally with AES-256-GCM. With
+``CMK(lease_period=...)`` a tenant's writes reuse one lease for ``lease_period`` seconds (one
+KMS wrap, plus the verify unwrap), and each write window's new data key costs no KMS call. A
+cold read unwraps each distinct lease once through the KMS and every data key under it locally,
+so KMS calls grow with tenants x lease periods, not with data keys.
+
+Lease keys live in the key manager's own read cache, keyed by :data:`LEASE_KEY` + the lease
+envelope (a prefix no stored envelope starts with), so they share its ``cache_ttl``, its LRU
+bound, ``forget``/``revoke``, the sweep and the "cached only once proven" rule of
+``read_keys(fresh=...)``: a fresh lease goes into ``fresh`` beside the data keys it opened and
+is cached with them by ``remember`` once a value authenticated, or wiped with them. A data key
+opened under a lease is never used past the lease's own expiry, so revocation keeps its bound.
+
+The format is in :mod:`sqlalchemy_cmk._format` (version 2). Only the key manager calls this
+module, through small hooks in ``write_key``, ``read_keys``, ``_unwrap``, ``rewrap`` and
+``forget``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from typing import TYPE_CHECKING
+
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from . import _format
+from .context import TenantContext
+from .errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from ._keys import DataKey, KeyManager
+
+#: Prefix of a lease key's entry in the read cache: never the first byte of a stored envelope
+#: (a version-1 envelope starts with a tenant length <= 1024, a version-2 one with 0x0000).
+LEASE_KEY = b"\xff"
+
+_REWRAP_MEMO = 4096  # lease envelopes re-wrapped, remembered per key manager (no key bytes)
+
+
+def check_period(period: float | None, ttl: float) -> None:
+    """ConfigurationError unless ``period`` is None or finite seconds in ``(0, ttl]``."""
+    if period is None:
+        return
+    if (
+        isinstance(period, bool)
+        or not isinstance(period, (int, float))
+        or not math.isfinite(period)
+        or period <= 0
+    ):
+        raise ConfigurationError("lease_period must be None or a finite number of seconds > 0")
+    if period > ttl:
+        raise ConfigurationError(
+            "lease_period must not exceed cache_ttl: revocation is promised within cache_ttl, "
+            "and a lease outliving it would keep writing and reading after a revocation"
+        )
+
+
+def kms_envelope(envelope: bytes) -> bytes:
+    """The envelope the KMS unwraps for a read-cache entry (a lease's entry without its
+    prefix)."""
+    return envelope[1:] if envelope[:1] == LEASE_KEY else envelope
+
+
+def is_lease(key: DataKey) -> bool:
+    return key.envelope[:1] == LEASE_KEY
+
+
+class Leases:
+    """The lease tier of one :class:`~sqlalchemy_cmk._keys.KeyManager`."""
+
+    def __init__(self, km: KeyManager, period: float | None) -> None:
+        self._km = km
+        self.period = period
+        # tenant -> its write lease, least recently used first; guarded by km._lock.
+        self._write: OrderedDict[str, DataKey] = OrderedDict()
+        self._rewrapped: OrderedDict[bytes, bytes] = OrderedDict()
+
+    # -- writing -------------------------------------------------------------------------------
+
+    def new_write_key(self, tenant: str, ctx: TenantContext | None, generation: int) -> DataKey:
+        """A new data key for ``tenant``, wrapped locally under the tenant's write lease (a new
+        lease, wrapped and verified through the KMS, when none is current)."""
+        from ._keys import DataKey
+
+        km = self._km
+        primary = km.tenant_keys(tenant).primary  # a revoked tenant raises here
+        now = km._clock()
+        with km._lock:
+            lease = self._write.get(tenant)
+            if (
+                lease is not None
+                and not lease.wiped  # forgotten, evicted or swept meanwhile
+                and lease.write_until > now
+                and lease.key_ref == primary  # the tenant moved keys: a new lease
+                and km._current(lease)
+            ):
+                self._write.move_to_end(tenant)
+                if lease.envelope in km._read:
+                    km._read.move_to_end(lease.envelope)  # in use: not the LRU's next victim
+            else:
+                lease = None
+        kept = True
+        if lease is None:
+            lease = km._wrap_new(tenant, primary, ctx, generation)
+            lease.envelope = LEASE_KEY + lease.envelope
+            lease.write_until = now + (self.period or 0.0)
+            if km.verify_write_keys:
+                try:
+                    km._verify(lease, ctx)
+                except BaseException:
+                    lease.wipe()
+                    raise
+            with km._lock:
+                kept = km._current(lease)
+                if kept:
+                    self._write[tenant] = lease
+                    self._write.move_to_end(tenant)
+                    while len(self._write) > km._cache_policy.max_entries:
+                        self._write.popitem(last=False)
+                    km._remember(lease)
+        # The lease's AESGCM works even if a forget wiped its bytes just now: this flush began
+        # before the forget, as for a plain write key.
+        material = bytearray(km.rng(_format.DEK_SIZE))
+        local = _format.wrap_local(lease.aead, km.rng(_format.NONCE_SIZE), tenant, bytes(material))
+        if not kept:  # forgotten while it was wrapped: it served this key, nothing later
+            lease.wipe()
+        return DataKey(
+            tenant,
+            lease.provider,
+            lease.key_ref,
+            _format.encode_leased(kms_envelope(lease.envelope), local),
+            AESGCM(material),
+            material,
+            expires_at=lease.expires_at,
+            # Within the lease's own period (so a lease period ends its data keys' writes too),
+            # and never past the KMS answer's cache_ttl (lease.write_until <= expires_at).
+            write_until=min(now + km._cache_policy.write_age, lease.write_until),
+            generation=generation,
+        )
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def read(
+        self,
+        envelopes: list[bytes],
+        ctx: TenantContext | None,
+        fresh: list[DataKey] | None,
+    ) -> dict[bytes, DataKey]:
+        """Data keys of version-2 envelopes missing from the cache: their leases from the cache
+        or the KMS (each distinct lease once, concurrently), then a local unwrap each."""
+        km = self._km
+        parts = {e: _format.split_leased(e) for e in envelopes}
+        lease_fresh: list[DataKey] | None = None if fresh is None else []
+        leases = km.read_keys(
+            dict.fromkeys(LEASE_KEY + lease for lease, _ in parts.values()),
+            ctx,
+            fresh=lease_fresh,
+        )
+        found: dict[bytes, DataKey] = {}
+        try:
+            for env, (lease_env, local) in parts.items():
+                found[env] = self._open(env, leases[LEASE_KEY + lease_env], local)
+        except BaseException:
+            for key in [*found.values(), *(lease_fresh or [])]:
+                key.wipe()
+            raise
+        if fresh is None:
+            with km._lock:
+                for key in found.values():
+                    km._remember(key)
+        else:
+            fresh.extend(found.values())
+            fresh.extend(lease_fresh or [])
+        return found
+
+    def unwrap(
+        self,
+        envelope: bytes,
+        ctx: TenantContext | None,
+        *,
+        remember: bool,
+        purpose: str | None,
+    ) -> DataKey:
+        """A version-2 envelope's data key, its lease unwrapped through the KMS now (a private
+        copy, wiped after: for :meth:`KeyManager.own_key` and the verify/confirm round trips)."""
+        km = self._km
+        lease_env, local = _format.split_leased(envelope)
+        lease = km._unwrap(LEASE_KEY + lease_env, ctx, remember=False, purpose=purpose or "lease")
+        try:
+            key = self._open(envelope, lease, local)
+        finally:
+            lease.wipe()
+        if remember:
+            with km._lock:
+                km._remember(key)
+        return key
+
+    def _open(self, envelope: bytes, lease: DataKey, local: bytes) -> DataKey:
+        from ._keys import DataKey
+
+        material = bytearray(_format.unwrap_local(lease.aead, lease.tenant, local))
+        return DataKey(
+            lease.tenant,
+            lease.provider,
+            lease.key_ref,
+            envelope,
+            AESGCM(material),
+            material,
+            expires_at=lease.expires_at,  # never used past the KMS answer's own bound
+            generation=lease.generation,
+        )
+
+    # -- rewrap and forget ---------------------------------------------------------------------
+
+    def rewrap(self, envelope: bytes, ctx: TenantContext | None) -> bytes:
+        """``envelope`` with its lease re-wrapped under the tenant's primary key; the local wrap
+        is kept as is (it binds no KMS blob). One verified KMS round trip per lease, memoised."""
+        km = self._km
+        lease_env, local = _format.split_leased(envelope)
+        env = _format.parse_envelope(lease_env)
+        primary = km.tenant_keys(env.tenant).primary
+        if env.key_ref == primary:
+            return envelope
+        with km._lock:
+            new = self._rewrapped.get(lease_env)
+        if new is None or _format.parse_envelope(new).key_ref != primary:
+            new = km.rewrap(lease_env, ctx)
+            with km._lock:
+                self._rewrapped[lease_env] = new
+                while len(self._rewrapped) > _REWRAP_MEMO:
+                    self._rewrapped.popitem(last=False)
+        return _format.encode_leased(new, local)
+
+    def forget(self, tenant: str | None) -> None:
+        """Drop write leases (caller holds km._lock; the read cache entries are the caller's)."""
+        if tenant is None:
+            self._write.clear()
+        else:
+            self._write.pop(tenant, None)
