@@ -5,9 +5,10 @@ greenlet that SQLAlchemy bridges to the event loop: whenever that code hands an 
 ``sqlalchemy.util.await_only``, the greenlet pauses and the loop runs other tasks until the
 awaitable is done. Provider calls already run on threads of their own (``_keys._Runner``, the
 unwrap pool of ``KeyManager.read_keys``); :func:`wait` is the one place their callers wait for
-them, and :func:`off_loop` (the pool) goes through it. Inside such a greenlet it awaits the
-threads' futures, so a 50 ms KMS call costs the loop nothing; anywhere else (sync sessions,
-scripts, a plain thread) it blocks as before.
+them, and :func:`off_loop` (the pool) goes through it; :func:`sleep` is a retry's backoff.
+Inside such a greenlet they await (the threads' futures, the backoff), so a 50 ms KMS call
+costs the loop nothing; anywhere else (sync sessions, scripts, a plain thread) they block as
+before.
 
 Native async SDK clients would save the thread, not loop time: the wait is already off the
 loop, and one mechanism serves every provider (including those with no async SDK: AWS's
@@ -21,11 +22,14 @@ import concurrent.futures
 import contextvars
 import functools
 import importlib
+import os
+import queue
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-__all__ = ["in_async_greenlet", "off_loop", "wait"]
+__all__ = ["in_async_greenlet", "off_loop", "sleep", "start_thread", "wait"]
 
 _T = TypeVar("_T")
 
@@ -46,6 +50,17 @@ def in_async_greenlet() -> bool:
     except RuntimeError:  # a greenlet driven by something other than a running loop
         return False
     return True
+
+
+def sleep(seconds: float) -> None:
+    """``time.sleep``, or inside SQLAlchemy's asyncio greenlet an ``asyncio.sleep`` awaited:
+    a retry's backoff is a KMS wait too."""
+    if not in_async_greenlet():
+        time.sleep(seconds)
+        return
+    from sqlalchemy.util import await_only
+
+    await_only(asyncio.sleep(seconds))
 
 
 @functools.cache
@@ -98,9 +113,57 @@ def off_loop(fn: Callable[[], _T]) -> _T:
         else:
             future.set_result(value)
 
-    threading.Thread(target=target, name="sqlalchemy-cmk-off-loop", daemon=True).start()
+    start_thread(target, "sqlalchemy-cmk-off-loop", future.set_exception)
     wait([future], None)
     return future.result()
+
+
+def start_thread(
+    target: Callable[[], None], name: str, failed: Callable[[BaseException], None]
+) -> None:
+    """Start a daemon thread running ``target``; ``failed(exc)`` if it cannot be started.
+
+    ``Thread.start()`` waits until the new thread runs: on a loaded machine that held the
+    loop 50-650 ms per KMS call (2 cores, a load average of 8). So inside SQLAlchemy's
+    asyncio greenlet the start is handed to a starter thread of the library's (started
+    once per process, the only start the loop waits for), and the caller's wait, which is
+    awaited, covers it. Elsewhere the thread is started here, and a failure also raised.
+    """
+    if not in_async_greenlet():
+        try:
+            threading.Thread(target=target, name=name, daemon=True).start()
+        except BaseException as exc:
+            failed(exc)
+            raise
+        return
+    _starter().put((target, name, failed))
+
+
+_Start = tuple[Callable[[], None], str, Callable[[BaseException], None]]
+_starter_queue: tuple[int, queue.SimpleQueue[_Start]] | None = None
+_starter_lock = threading.Lock()
+
+
+def _starter() -> queue.SimpleQueue[_Start]:
+    global _starter_queue
+    with _starter_lock:
+        # By process: a child made by fork() has the queue but not the thread.
+        if _starter_queue is None or _starter_queue[0] != os.getpid():
+            starts: queue.SimpleQueue[_Start] = queue.SimpleQueue()
+            threading.Thread(
+                target=_run_starter, args=(starts,), name="sqlalchemy-cmk-starter", daemon=True
+            ).start()
+            _starter_queue = (os.getpid(), starts)
+        return _starter_queue[1]
+
+
+def _run_starter(starts: queue.SimpleQueue[_Start]) -> None:
+    while True:
+        target, name, failed = starts.get()
+        try:
+            threading.Thread(target=target, name=name, daemon=True).start()
+        except BaseException as exc:  # handed to the thread's waiter
+            failed(exc)
 
 
 async def _all_done(

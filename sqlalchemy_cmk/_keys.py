@@ -802,7 +802,7 @@ class KeyManager:
                         key_ref=key_ref,
                         provider=scheme,
                     ) from exc
-                time.sleep(delay)
+                _aio.sleep(delay)  # awaited under an AsyncSession, as the calls are
             except (KeyAccessDeniedError, KeyNotFoundError) as exc:
                 hint = _HINTS[type(exc) if type(exc) in _HINTS else KeyAccessDeniedError]
                 raise type(exc)(
@@ -858,11 +858,11 @@ class _Runner:
                 self._slots.release()
                 outcome.set_result(value)
 
-        try:
-            threading.Thread(target=target, name="sqlalchemy-cmk-kms", daemon=True).start()
-        except BaseException:
+        def failed(exc: BaseException) -> None:  # the thread could not be started
             self._slots.release()
-            raise
+            outcome.set_exception(exc)
+
+        _aio.start_thread(target, "sqlalchemy-cmk-kms", failed)
         # Blocks this thread, or under an AsyncSession awaits on its event loop (see _aio).
         if not _aio.wait([outcome], max(end - time.monotonic(), 0.0)):
             raise _Timeout
