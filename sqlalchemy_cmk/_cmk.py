@@ -246,9 +246,17 @@ class CMK:
         the hooks sealed and NULL can be written. Raw ``text()`` and ``exec_driver_sql`` are
         out of the guard's reach.
 
+        Asyncio: install on an ``async_sessionmaker`` (before it makes the sessions to hook;
+        it is given a ``sync_session_class`` subclass of its own to listen on), one
+        ``AsyncSession``, or the ``Session`` subclass you pass as ``sync_session_class``; an
+        ``AsyncEngine`` gets the statement guard like an ``Engine``. KMS calls made from an
+        ``AsyncSession`` are awaited on its event loop, never waited for while blocking it.
+
         Args:
             target: A ``sessionmaker``, a ``Session`` subclass, one ``Session``, or an
-                ``Engine`` or ``Connection`` (the statement guard only).
+                ``Engine`` or ``Connection`` (the statement guard only); or their asyncio
+                counterparts: ``async_sessionmaker``, ``AsyncSession``, ``AsyncEngine``,
+                ``AsyncConnection``.
 
         Raises:
             ConfigurationError: already installed on ``target``.

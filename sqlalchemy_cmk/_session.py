@@ -52,7 +52,13 @@ from ._mapping import (
     mapper_spec,
 )
 from .context import TenantContext, current_context, require_context
-from .errors import NoTenantError, PlaintextWriteError, TenantContextError, TenantMismatchError
+from .errors import (
+    ConfigurationError,
+    NoTenantError,
+    PlaintextWriteError,
+    TenantContextError,
+    TenantMismatchError,
+)
 from .search import IndexValue
 from .types import EncryptedValue, Sealed
 
@@ -911,11 +917,53 @@ def _bulk_insert(cmk: CMK, orm_state: ORMExecuteState) -> Any:
 # -- install -------------------------------------------------------------------------------------
 
 
+# async_sessionmaker -> the Session subclass install() gave it as its sync_session_class.
+_async_makers: weakref.WeakKeyDictionary[Any, type[Session]] = weakref.WeakKeyDictionary()
+
+
+def _sync_target(target: Any, *, installing: bool) -> Any:
+    """The synchronous object whose events serve ``target``: SQLAlchemy's asyncio classes
+    have no events of their own, their sync counterparts run every flush and load."""
+    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
+    from sqlalchemy.ext.asyncio import async_sessionmaker as AsyncSessionmaker
+
+    if isinstance(target, AsyncEngine):
+        return target.sync_engine
+    if isinstance(target, AsyncConnection):
+        if target.sync_connection is None:
+            raise ConfigurationError(
+                "this AsyncConnection is not started: install on its AsyncEngine, or await "
+                "its start() first"
+            )
+        return target.sync_connection
+    if isinstance(target, AsyncSession):
+        return target.sync_session
+    if isinstance(target, AsyncSessionmaker):
+        hooked = _async_makers.get(target)
+        if hooked is None:
+            if not installing:
+                raise ConfigurationError("CMK is not installed on this async_sessionmaker")
+            # A subclass of its own, as sessionmaker makes for each maker: listening on the
+            # sync_session_class itself (Session, by default) would hook every session.
+            base = target.kw.get("sync_session_class") or target.class_.sync_session_class
+            hooked = type(base.__name__, (base,), {"__module__": base.__module__})
+            target.configure(sync_session_class=hooked)
+            _async_makers[target] = hooked
+        return hooked
+    if isinstance(target, type) and issubclass(target, AsyncSession):
+        raise ConfigurationError(
+            "install on an async_sessionmaker, one AsyncSession, or the Session subclass "
+            "given as sync_session_class, not on an AsyncSession class"
+        )
+    return target
+
+
 def install(cmk: CMK, target: Any) -> list[tuple[str, Any]]:
     from sqlalchemy import Connection, Engine
 
     from ._guard import check_statement
 
+    target = _sync_target(target, installing=True)
     if isinstance(target, Engine | Connection):
         # Core execution cannot seal (a value is bound to its row's key, which only the unit of
         # work knows), but the statement guard still refuses what would store plaintext or read
@@ -995,5 +1043,8 @@ def _search_rewrite(
 
 
 def uninstall(target: Any, listeners: list[tuple[str, Any]]) -> None:
+    # An async_sessionmaker keeps its hooked subclass (inert without listeners) so that its
+    # sessions already made are not left with a class the maker no longer knows.
+    target = _sync_target(target, installing=False)
     for name, fn in listeners:
         event.remove(target, name, fn)
