@@ -252,6 +252,10 @@ class CMK:
         the hooks sealed and NULL can be written. Raw ``text()`` and ``exec_driver_sql`` are
         out of the guard's reach.
 
+        The CMK keeps ``target`` by weak reference and the hooks keep the CMK: it lives as
+        long as something it is installed on (or your own reference) and is freed, cached
+        keys included, when the last of them is dropped.
+
         Args:
             target: A ``sessionmaker``, a ``Session`` subclass, one ``Session``, or an
                 ``Engine`` or ``Connection`` (the statement guard only).

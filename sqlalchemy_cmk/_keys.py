@@ -6,7 +6,13 @@ Two caches, both bounded in time by ``cache_ttl`` so that a revocation takes eff
   and ``write_key_max_age`` seconds, so that one flush of many rows costs one wrap. With random
   96-bit nonces, NIST SP 800-38D allows 2**32 encryptions per key; the default of 2**20 leaves the
   collision probability below 2**-57.
-* the *read cache*: unwrapped data keys by envelope, LRU-bounded to ``cache_max_entries``.
+* the *read cache*: unwrapped data keys by envelope, at most ``cache_max_entries``, in a
+  segmented LRU with a tenant index (see ``_cache`` for the capacity rule): a load of more keys
+  than that keeps the keys other loads use again, and ``forget(tenant)`` costs O(its keys).
+
+Lookups cost O(1) per key and hold the lock for one chunk of keys at a time (``_CHUNK``), so a
+cached lookup in another thread never waits for the whole of a large load; a forked child gets
+fresh locks and KMS slots (``_after_fork_in_child``).
 
 What Python can wipe: the data key is kept in a ``bytearray`` that is overwritten with zeros on
 eviction. What it cannot: the ``bytes`` the provider returned (immutable; dropped at once but
@@ -579,17 +585,19 @@ class KeyManager:
 
     def remember(self, keys: Iterable[DataKey]) -> None:
         """Cache keys that :meth:`read_keys` returned as ``fresh``, once they are proven."""
-        with self._lock:
-            for key in keys:
-                if key.wiped:
-                    continue
-                cached = self._read.get(key.envelope)
-                if cached is not None and cached is not key:
-                    key.wipe()  # another thread cached the same key meanwhile
-                    continue
-                self._remember(key)
-                if self._read.get(key.envelope) is not key:
-                    key.wipe()  # not cached (cache_ttl=0): its use is over
+        batch = list(keys)
+        for i in range(0, len(batch), _CHUNK):  # a bounded hold per chunk, as in read_keys
+            with self._lock:
+                for key in batch[i : i + _CHUNK]:
+                    if key.wiped:
+                        continue
+                    cached = self._read.get(key.envelope)
+                    if cached is not None and cached is not key:
+                        key.wipe()  # another thread cached the same key meanwhile
+                        continue
+                    self._remember(key)
+                    if self._read.get(key.envelope) is not key:
+                        key.wipe()  # not cached (cache_ttl=0): its use is over
 
     def _unwrap_or_error(
         self, envelope: bytes, ctx: TenantContext | None, remember: bool = True
