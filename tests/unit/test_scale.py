@@ -298,11 +298,14 @@ def _in_child(body: Any) -> int:
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
+# Python 3.12+ warns on a fork with threads running: that is the situation under test.
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
 def test_a_child_forked_while_the_lock_and_every_kms_slot_are_held_works(
     fake: FakeKeyProvider,
 ):
     cached, *hanging, fresh = envelopes(fake, 6)
-    km = manager(fake, concurrency=1, deadline=5.0)  # 4 KMS slots
+    # 4 KMS slots; a deadline past the child's alarm, so that a child stuck on a slot dies
+    km = manager(fake, concurrency=1, deadline=20.0)
     km.read_keys([cached], None)
     fake.inject("hang", operation="unwrap", hang=30.0)
     threads = [
