@@ -339,20 +339,24 @@ class KeyManager:
         self._prune(now)
         found: dict[str, DataKey] = {}
         missing: list[tuple[str, int]] = []
-        with self._lock:
-            generation = self._generation  # before the registry lookups: see the module doc
-            seen: set[str] = set()
-            for tenant, uses in requests:
-                if tenant in seen:
-                    raise ConfigurationError("one write key per tenant per call", tenant=tenant)
-                seen.add(tenant)
-                key = self._write.get(tenant)
-                if key is not None and key.write_until > now and key.uses + uses <= self.max_uses:
-                    key.uses += uses
-                    self._write.move_to_end(tenant)
-                    found[tenant] = key
-                else:
-                    missing.append((tenant, uses))
+        requests = list(requests)
+        if len({tenant for tenant, _ in requests}) != len(requests):
+            raise ConfigurationError("write_keys: one request per tenant")
+        generation = self._generation  # before the registry lookups: see the module doc
+        for i in range(0, len(requests), _CHUNK):  # bounded holds, as in read_keys
+            with self._lock:
+                for tenant, uses in requests[i : i + _CHUNK]:
+                    key = self._write.get(tenant)
+                    if (
+                        key is not None
+                        and key.write_until > now
+                        and key.uses + uses <= self.max_uses
+                    ):
+                        key.uses += uses
+                        self._write.move_to_end(tenant)
+                        found[tenant] = key
+                    else:
+                        missing.append((tenant, uses))
         if not missing:
             return found
         for tenant, uses in missing:
@@ -382,13 +386,15 @@ class KeyManager:
                 if isinstance(res, DataKey):
                     res.wipe()
             raise error
-        with self._lock:
-            for (tenant, uses), res in zip(missing, results, strict=True):
-                assert isinstance(res, DataKey)
-                res.uses = uses
-                found[tenant] = res
-                self._cache_write_key(res)
-        return found
+        done = list(zip(missing, results, strict=True))
+        for i in range(0, len(done), _CHUNK):
+            with self._lock:
+                for (tenant, uses), res in done[i : i + _CHUNK]:
+                    assert isinstance(res, DataKey)
+                    res.uses = uses
+                    found[tenant] = res
+                    self._cache_write_key(res)
+        return {tenant: found[tenant] for tenant, _ in requests}  # in request order
 
     def _new_write_key_or_error(
         self, tenant: str, ctx: TenantContext | None, generation: int

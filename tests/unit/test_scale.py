@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from sqlalchemy_cmk import CMK, KeyAccessDeniedError, _format
+from sqlalchemy_cmk import CMK, ConfigurationError, KeyAccessDeniedError, _format
 from sqlalchemy_cmk._cache import SegmentedCache
 from sqlalchemy_cmk._keys import DataKey
 from sqlalchemy_cmk.testing import FakeKeyProvider
@@ -149,6 +149,14 @@ def test_a_failed_batch_of_write_keys_raises_the_first_error_and_caches_nothing(
     fake.reset_counts()
     km.write_key("a", 1, None)
     assert fake.wrap_count == 1  # "a"'s key of the failed batch was not cached
+
+
+def test_write_keys_refuses_a_tenant_twice_before_reserving_anything(fake: FakeKeyProvider):
+    km = manager(fake)
+    key = km.write_key("acme", 1, None)
+    with pytest.raises(ConfigurationError, match="one request per tenant"):
+        km.write_keys([("acme", 5), ("globex", 1), ("acme", 1)], None)
+    assert key.uses == 1 and fake.wrap_count == 1
 
 
 # -- forget ------------------------------------------------------------------------------------
