@@ -258,7 +258,13 @@ class KeyManager:
     def _after_fork_in_child(self) -> None:
         # A fork copies only the forking thread: a lock another thread held stays held for
         # ever in the child, and the runner's slots count threads the child does not have.
-        # The cached keys themselves are still good (the child inherits the parent's memory).
+        # The cached keys are inherited with the parent's memory, and kept, unless the lock was
+        # held at the fork: then another thread may have been half-way through a change of the
+        # caches (an entry moved but its tenant index not yet, say), and a forget() in the
+        # child could miss a key. The child starts with empty caches then, and asks the KMS.
+        if self._lock.locked():
+            self._read = SegmentedCache(self._cache_policy.max_entries)
+            self._write = OrderedDict()
         self._lock = threading.Lock()
         self._runner = _Runner(4 * self._retry.max_concurrency)
         for _, key in self._read.snapshot():
