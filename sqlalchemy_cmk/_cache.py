@@ -49,6 +49,13 @@ class SegmentedCache(Generic[V]):
     def __len__(self) -> int:
         return len(self._probation) + len(self._protected)
 
+    def __contains__(self, key: bytes) -> bool:
+        return key in self._protected or key in self._probation
+
+    def move_to_end(self, key: bytes) -> None:
+        """Record ``key`` as used (OrderedDict's name for it, as the lease code calls it)."""
+        self.hit(key)
+
     def get(self, key: bytes) -> V | None:
         """The entry, with no bookkeeping (a peek)."""
         value = self._protected.get(key)

@@ -216,6 +216,7 @@ def test_the_tenant_index_stays_in_step_with_the_cache():
                 if g is not value:
                     model = {k: v for k, v in model.items() if v is not g}
         elif op < 0.8:
+            assert (key in cache) is (key in model)
             assert cache.hit(key) is model.get(key)
         elif op < 0.95:
             assert cache.pop(key) is model.pop(key, None)
