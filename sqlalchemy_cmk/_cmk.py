@@ -6,6 +6,7 @@ import functools
 import importlib
 import math
 import time
+import weakref
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -35,6 +36,15 @@ from .registry import KeyRegistry, RevocableRegistry, StaticKeyRegistry, tenant_
 from .types import EncryptedValue
 
 __all__ = ["CMK", "EncryptedDocument", "TenantCheck", "load_cmk"]
+
+
+def _weak(target: Any) -> Callable[[], Any]:
+    """A weak reference to ``target``, or a strong one if it takes none."""
+    try:
+        return weakref.ref(target)
+    except TypeError:
+        return lambda: target
+
 
 _aad_prefix = functools.lru_cache(maxsize=65536)(_format.aad_prefix)
 
@@ -215,7 +225,11 @@ class CMK:
             verify_write_keys=verify_write_keys,
             lease_period=lease_period,
         )
-        self._installed: list[tuple[Any, list[tuple[str, Any]]]] = []
+        # Targets by weak reference: their listeners hold this CMK, so a strong reference
+        # back kept both alive for ever (SQLAlchemy keeps a Session class's listeners in a
+        # WeakKeyDictionary whose values, through us, held its key). Now the CMK lives as long
+        # as something it is installed on, or the caller's own reference.
+        self._installed: list[tuple[Callable[[], Any], list[tuple[str, Any]]]] = []
         # Finite: a process caching states for ever never follows a rotation (it searches a
         # slot the others stop writing), and NaN never caches and makes the tools' wait NaN.
         if not (math.isfinite(search_state_ttl) and search_state_ttl >= 0):
@@ -252,6 +266,10 @@ class CMK:
         ``AsyncEngine`` gets the statement guard like an ``Engine``. KMS calls made from an
         ``AsyncSession`` are awaited on its event loop, never waited for while blocking it.
 
+        The CMK keeps ``target`` by weak reference and the hooks keep the CMK: it lives as
+        long as something it is installed on (or your own reference) and is freed, cached
+        keys included, when the last of them is dropped.
+
         Args:
             target: A ``sessionmaker``, a ``Session`` subclass, one ``Session``, or an
                 ``Engine`` or ``Connection`` (the statement guard only); or their asyncio
@@ -263,16 +281,17 @@ class CMK:
         """
         from ._session import install
 
-        if any(t is target for t, _ in self._installed):
+        self._installed = [(ref, ls) for ref, ls in self._installed if ref() is not None]
+        if any(ref() is target for ref, _ in self._installed):
             raise ConfigurationError("CMK is already installed on this target")
-        self._installed.append((target, install(self, target)))
+        self._installed.append((_weak(target), install(self, target)))
 
     def uninstall(self, target: Any) -> None:
         """Detach the hooks that :meth:`install` attached to ``target``."""
         from ._session import uninstall
 
-        for i, (t, listeners) in enumerate(self._installed):
-            if t is target:
+        for i, (ref, listeners) in enumerate(self._installed):
+            if ref() is target:
                 uninstall(target, listeners)
                 del self._installed[i]
                 return

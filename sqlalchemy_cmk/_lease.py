@@ -23,6 +23,7 @@ module, through small hooks in ``write_key``, ``read_keys``, ``_unwrap``, ``rewr
 from __future__ import annotations
 
 import math
+import threading
 from collections import OrderedDict
 from typing import TYPE_CHECKING
 
@@ -235,6 +236,14 @@ class Leases:
                 while len(self._rewrapped) > _REWRAP_MEMO:
                     self._rewrapped.popitem(last=False)
         return _format.encode_leased(new, local)
+
+    def after_fork(self, held: bool) -> None:
+        """In a forked child (the key manager's fork hook): fresh key locks, and no write
+        leases if the key manager's lock was held at the fork (a change may be half done)."""
+        if held:
+            self._write = OrderedDict()
+        for lease in self._write.values():
+            lease.lock = threading.Lock()
 
     def forget(self, tenant: str | None) -> None:
         """Drop write leases (caller holds km._lock; the read cache entries are the caller's)."""
