@@ -329,8 +329,10 @@ def _stream(cmk: CMK, orm_state: ORMExecuteState) -> Any:
     is closed.
     """
     result = orm_state.invoke_statement()
-    if not isinstance(result, ChunkedIteratorResult):  # pragma: no cover - the ORM's own type
-        raise TypeError(f"cannot decrypt a streamed {type(result).__name__}")
+    if not isinstance(result, ChunkedIteratorResult):
+        # Another listener answered (a result cache's frozen rows, say): whatever built its
+        # instances did so with no collector set, so _on_load decrypted each as it arrived.
+        return result
     chunks = result.chunks
 
     def decrypted(size: int | None) -> Iterator[Any]:
