@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, inspect, select, text
+from sqlalchemy import Engine, event, inspect, select, text
 from sqlalchemy.orm import selectinload, sessionmaker
 
 from sqlalchemy_cmk import CMK, DecryptionError, tenant_context
@@ -164,3 +164,20 @@ def test_relationships_loaded_with_a_partition_are_decrypted_with_it(env: Env) -
                 assert inspect(pet).dict["chip"] == f"chip-{owner.id}"
                 got.append((owner.name, pet.chip))
     assert got == [(f"owner-{i}", f"chip-{i}") for i in range(1, 5)]
+
+
+def test_a_stream_answered_by_another_listener_is_still_decrypted(env: Env) -> None:
+    # A result cache's listener (installed after CMK) answers with frozen rows, as in
+    # SQLAlchemy's dogpile caching example: its instances are decrypted as they are built.
+    def cache(orm_state: Any) -> Any:
+        if orm_state.is_select:
+            return orm_state.invoke_statement().freeze()()
+        return None
+
+    event.listen(env.Session, "do_orm_execute", cache)
+    try:
+        with tenant_context("acme"), env.Session() as s:
+            got = list(s.scalars(STMT.execution_options(yield_per=PER)))
+            assert values(got) == expected(range(1, ROWS + 1))
+    finally:
+        event.remove(env.Session, "do_orm_execute", cache)
