@@ -46,7 +46,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy_cmk import CMK, LoggingAuditSink, cross_tenant_context, tenant_context
 from sqlalchemy_cmk.testing import FakeKeyProvider
 
-from ._models import Base, CmkNote, PeerNote, PlainNote, make_rows
+from ._models import Base, CmkNote, FloorNote, PeerNote, PlainNote, make_rows
 
 LOCAL_PG = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 PG_ENV = "SQLALCHEMY_CMK_BENCH_POSTGRES_URL"
@@ -54,10 +54,13 @@ TENANT = "acme"
 KMS_LATENCY = 0.03
 CROSS_ROWS = 1000
 CROSS_TENANTS = 50
+STREAM_PARTITION = 1000
 
 # Targets (warm key cache), checked in the printed summary.
 TARGET_LOAD = 1.3  # ORM load, encrypted / plain, at most
 TARGET_INSERT = 1.25  # ORM insert, encrypted / plain, at most
+TARGET_STREAM = 1.25  # ORM load, yield_per streamed / .all(), at most
+TARGET_FLOOR = 1.25  # ORM load, our added cost per row / the floor's added cost per row, at most
 TARGET_PEER_SPEEDUP = 4.0  # ORM load, peer / encrypted, at least
 TARGET_CROSS_ROUND_TRIPS = 5.0  # cross-tenant cold load, wall time in KMS round-trips, about
 
@@ -83,6 +86,8 @@ class Result:
     audit: str
     gc_full_collections: list[int]
     speedup_vs_peer: float | None = None
+    added_us_per_row: float | None = None  # (median - plain median) / rows, in microseconds
+    added_vs_floor: float | None = None  # added_us_per_row / the floor variant's
     kms_round_trips_of_wall_time: float | None = None
     note: str = ""
 
@@ -236,16 +241,23 @@ def run_load(
     limit: int | None = None,
     check: Sequence[dict[str, Any]] | None = None,
     profiler: cProfile.Profile | None = None,
+    yield_per: int | None = None,
 ) -> Sample:
     """Load every row with ``session.scalars(select(Model)).all()`` in a fresh session; only that
-    call is timed. ``check``: rows to compare the loaded values with (done after timing)."""
+    call is timed. ``check``: rows to compare the loaded values with (done after timing).
+    ``yield_per``: stream the rows instead, in partitions of that many, through
+    ``.partitions()``."""
     gc.collect()
     calls = kms_calls(v.provider)
     stmt = select(v.model) if limit is None else select(v.model).limit(limit)
     ctx = context() if context is not None else tenant_context(TENANT, actor="benchmark")
     with ctx, v.sessions() as session:
         with timed(profiler) as sample:
-            objs = session.scalars(stmt).all()
+            if yield_per is None:
+                objs = session.scalars(stmt).all()
+            else:
+                result = session.scalars(stmt.execution_options(yield_per=yield_per))
+                objs = [o for part in result.partitions() for o in part]
         if len(objs) != expect:
             raise RuntimeError(f"{v.key}: loaded {len(objs)} rows, expected {expect}")
         if check is not None:
@@ -312,6 +324,12 @@ def warm_variants(engine: Engine) -> tuple[list[Variant], FakeKeyProvider]:
         Variant("cmk, audit log WARNING", CmkNote, installed(cmk_warning), fake, AUDIT_WARNING),
         Variant("cmk, audit log INFO", CmkNote, installed(cmk_info), fake, AUDIT_INFO),
         Variant(
+            "floor",
+            FloorNote,
+            sessionmaker(engine),
+            note="hand-written AES-GCM type: key per tenant in memory, AAD, no row binding/audit",
+        ),
+        Variant(
             "sqlalchemy-utils",
             PeerNote,
             sessionmaker(engine),
@@ -340,6 +358,7 @@ def _result(
         seconds_min=min(t.samples),
         samples=t.samples,
         ratio_vs_plain=t.median / plain.median if plain is not None else None,
+        added_us_per_row=(t.median - plain.median) / rows * 1e6 if plain is not None else None,
         kms_calls=max(t.kms_calls),
         audit=v.audit,
         gc_full_collections=t.gc_full,
@@ -368,11 +387,35 @@ def warm_scenarios(engine: Engine, db: str, n: int, repeats: int) -> list[Result
     for v in variants:
         results.append(_result("orm_load", v, db, n, loads[v.key], loads["plain"]))
 
+    # Streamed: the same load in partitions of STREAM_PARTITION rows (one decrypt per partition).
+    streamed = interleaved(
+        ["plain", "cmk"],
+        repeats,
+        lambda k: run_load(by_key[k], n, yield_per=STREAM_PARTITION),
+    )
+    for k in ("plain", "cmk"):
+        results.append(
+            _result(
+                "orm_load_yield_per",
+                by_key[k],
+                db,
+                n,
+                streamed[k],
+                streamed["plain"],
+                note=f"yield_per={STREAM_PARTITION}, .partitions(); x plain: the streamed plain",
+            )
+        )
+
     for scenario, timings in (("orm_insert", inserts), ("orm_load", loads)):
         peer = timings["sqlalchemy-utils"].median
+        floor = next(r for r in results if r.scenario == scenario and r.variant == "floor")
         for r in results:
             if r.scenario == scenario and r.variant.startswith("cmk"):
                 r.speedup_vs_peer = peer / r.seconds
+            if r.scenario == scenario and r.variant != "plain":
+                assert r.added_us_per_row is not None and floor.added_us_per_row is not None
+                if floor.added_us_per_row > 0:
+                    r.added_vs_floor = r.added_us_per_row / floor.added_us_per_row
     return results
 
 
@@ -551,9 +594,9 @@ def _fmt(x: float | None, spec: str) -> str:
 
 def table(results: Sequence[Result]) -> str:
     lines = [
-        "| scenario | db | variant | rows | median s | min s | x plain | x faster than peer "
-        "| KMS calls | full GCs | notes |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| scenario | db | variant | rows | median s | min s | x plain | added µs/row "
+        "| x floor's added | x faster than peer | KMS calls | full GCs | notes |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in results:
         notes = [r.note] if r.note else []
@@ -564,6 +607,7 @@ def table(results: Sequence[Result]) -> str:
         lines.append(
             f"| {r.scenario} | {r.db} | {r.variant} | {r.rows:,} | {r.seconds:.4f} "
             f"| {r.seconds_min:.4f} | {_fmt(r.ratio_vs_plain, '.2f')} "
+            f"| {_fmt(r.added_us_per_row, '.2f')} | {_fmt(r.added_vs_floor, '.2f')} "
             f"| {_fmt(r.speedup_vs_peer, '.1f')} | {r.kms_calls} "
             f"| {statistics.median(r.gc_full_collections):g} | {'; '.join(notes)} |"
         )
@@ -589,9 +633,24 @@ def verdicts(results: Sequence[Result]) -> str:
         assert load.speedup_vs_peer is not None
         assert cross.kms_round_trips_of_wall_time is not None
         speed = load.speedup_vs_peer
+        floor = by["orm_load/floor"]
+        stream = by["orm_load_yield_per/cmk"]
+        per_row_stream = stream.seconds / load.seconds
+        assert floor.added_us_per_row is not None and load.added_us_per_row is not None
+        vs_floor = load.added_vs_floor
         lines += [
+            f"- {db}: ORM load adds {load.added_us_per_row:.2f} µs/row, the floor "
+            f"{floor.added_us_per_row:.2f}: "
+            + (
+                f"{vs_floor:.2f}x the floor's (target <= {TARGET_FLOOR}x): "
+                f"{at_most(vs_floor, TARGET_FLOOR)}"
+                if vs_floor is not None
+                else "the floor added nothing measurable"
+            ),
             f"- {db}: ORM load {load.ratio_vs_plain:.2f}x plain (target <= {TARGET_LOAD}x): "
             f"{at_most(load.ratio_vs_plain, TARGET_LOAD)}",
+            f"- {db}: ORM load with yield_per={STREAM_PARTITION} {per_row_stream:.2f}x the cost "
+            f"of .all() (target <= {TARGET_STREAM}x): {at_most(per_row_stream, TARGET_STREAM)}",
             f"- {db}: ORM insert {insert.ratio_vs_plain:.2f}x plain (target <= {TARGET_INSERT}x): "
             f"{at_most(insert.ratio_vs_plain, TARGET_INSERT)}",
             f"- {db}: ORM load {speed:.1f}x faster than sqlalchemy-utils (target >= "

@@ -21,7 +21,8 @@ key of the companion's own table, so a concurrent rotation or first write cannot
 Load: ``do_orm_execute`` runs each ORM SELECT with a collector in a context variable, so the
 mapper-level ``load``/``refresh`` events only note which instances arrived; once the result is
 complete, all of them are decrypted together (distinct data keys unwrapped once each, in
-parallel). Streaming results (``yield_per``) are decrypted instance by instance instead.
+parallel). Streaming results (``yield_per``, ``stream_results``) are decrypted the same way one
+partition at a time, each before any of it reaches the caller (``_stream``).
 
 Listeners are attached to the user's sessionmaker (or session) by ``install``; the per-class
 listeners are inert outside an installed session.
@@ -30,11 +31,13 @@ listeners are inert outside an installed session.
 from __future__ import annotations
 
 import contextvars
+import itertools
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from sqlalchemy import event, false, select, tuple_, update
+from sqlalchemy.engine.result import ChunkedIteratorResult
 from sqlalchemy.orm import Mapper, ORMExecuteState, Session, UOWTransaction
 from sqlalchemy.orm.exc import StaleDataError
 from sqlalchemy.orm.state import InstanceState
@@ -303,7 +306,7 @@ def _do_orm_execute(cmk: CMK, orm_state: ORMExecuteState, checks: Any = None) ->
         return None
     opts = orm_state.execution_options
     if opts.get("yield_per") or opts.get("stream_results"):
-        return None  # streaming: _on_load decrypts each instance as it arrives
+        return _stream(cmk, orm_state)
     collected: list[InstanceState[Any]] = []
     token = _collector.set(collected)
     try:
@@ -316,6 +319,55 @@ def _do_orm_execute(cmk: CMK, orm_state: ORMExecuteState, checks: Any = None) ->
 
         frozen = filter_rows(checks, frozen)
     return frozen()
+
+
+def _stream(cmk: CMK, orm_state: ORMExecuteState) -> Any:
+    """A streamed result (``yield_per``, ``stream_results``) decrypted one partition at a time.
+
+    The ORM builds the objects of a streamed result in chunks (``yield_per`` rows each, or all
+    the rows at once for ``stream_results`` without it): a ``ChunkedIteratorResult`` whose
+    ``chunks(size)`` generator fetches and populates one chunk per step. Wrapping that generator
+    covers every way of consuming the result (iteration, ``partitions()``, ``fetchmany()``,
+    ``scalars()``, legacy ``Query.yield_per``): each chunk is built with the collector set, then
+    decrypted as one batch (one key lookup per distinct data key, unwrapped in parallel, one
+    audit event) before any of it is handed on. A chunk that fails to decrypt raises before it
+    is yielded, its objects' encrypted attributes expired (``decrypt_states``), and the result
+    is closed.
+    """
+    result = orm_state.invoke_statement()
+    if not isinstance(result, ChunkedIteratorResult):
+        # Another listener answered (a result cache's frozen rows, say): whatever built its
+        # instances did so with no collector set, so _on_load decrypted each as it arrived.
+        return result
+    chunks = result.chunks
+
+    def decrypted(size: int | None) -> Iterator[Any]:
+        source = chunks(size)
+        try:
+            while True:
+                collected: list[InstanceState[Any]] = []
+                token = _collector.set(collected)
+                try:
+                    rows = next(source, _ABSENT)
+                finally:
+                    _collector.reset(token)
+                if rows is _ABSENT:
+                    return
+                decrypt_states(cmk, collected)
+                yield rows
+        except Exception:
+            # Not GeneratorExit: a server-side result drops this generator for a new one at
+            # every fetchmany(), and must stay open.
+            close = getattr(source, "close", None)  # the ORM's is a generator
+            if close is not None:
+                close()
+            result.close()
+            raise
+
+    result.chunks = decrypted
+    # The result's iterator was made from the undecorated chunks, and not yet started.
+    result.iterator = itertools.chain.from_iterable(decrypted(result._yield_per))
+    return result
 
 
 # -- flush ---------------------------------------------------------------------------------------
