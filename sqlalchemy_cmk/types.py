@@ -47,7 +47,8 @@ __all__ = ["TEXT_MARKER", "EDEKType", "EncryptedMixin", "EncryptedType", "Encryp
 class Sealed(bytes):
     """A value the hooks encrypted, on its way to the database. Internal.
 
-    A bytes subclass without slots, so the garbage collector does not track one per value.
+    A bytes subclass with empty ``__slots__``: no per-value ``__dict__``. (CPython still tracks
+    every instance of a class defined in Python with the garbage collector, this one included.)
     """
 
     __slots__ = ()
