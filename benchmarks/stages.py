@@ -31,7 +31,7 @@ from sqlalchemy_cmk._cmk import CMK as _CMK
 from sqlalchemy_cmk.testing import FakeKeyProvider
 
 from . import run
-from ._models import CmkNote, FloorNote, PlainNote, make_rows
+from ._models import Base, CmkNote, FloorNote, PlainNote, make_rows
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -48,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else run.postgresql_engine(os.environ.get(run.PG_ENV, run.LOCAL_PG))
     )
     with engines as engine:
-        run.Base.metadata.create_all(engine)
+        Base.metadata.create_all(engine)
         cmk = CMK(FakeKeyProvider(), tenant_keys={run.TENANT: "fake://acme"}, audit_sinks=[])
         installed = sessionmaker(engine)
         cmk.install(installed)
