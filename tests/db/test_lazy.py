@@ -366,3 +366,17 @@ def test_revocation_bound_holds_for_pending_values(engine: Engine) -> None:
         with pytest.raises(TenantRevokedError):
             p.ssn  # noqa: B018
         assert_pending(p, "ssn")
+
+
+def test_partial_refresh_keeps_the_other_pending_values(env: Env) -> None:
+    with tenant_context("acme"), env.Session() as s:
+        rows = load_all(env, s)
+        s.refresh(rows[0], ["age"])
+        assert rows[0].__dict__["age"] == 41
+        assert_pending(rows[0], "ssn", "notes")
+        assert [p.ssn for p in rows] == [SSN[1], SSN[2], SSN[3]]
+        rows[0].notes = {"n": "new"}
+        s.commit()
+    with tenant_context("acme"), env.Session() as s:
+        p = s.get(Patient, 1)
+        assert p is not None and (p.ssn, p.notes, p.age) == (SSN[1], {"n": "new"}, 41)
