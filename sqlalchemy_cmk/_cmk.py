@@ -171,6 +171,10 @@ class CMK:
             lease period (format version 2), so KMS calls grow with tenants x lease periods,
             not with data keys (``docs/key-rotation.md``). Every release from 0.x reads both
             versions: in a rolling deploy, set this only once every process runs one.
+        lazy_decrypt: Default of the ``cmk_lazy`` execution option. False (default): every
+            loaded value is decrypted before the query returns. True: a query's encrypted
+            values are checked (format, tenant) at load and decrypted on first access of each
+            column, for every row of the query at once (``docs/performance.md``).
 
     Raises:
         ConfigurationError: no provider, a key reference whose scheme has no provider, a tenant
@@ -197,7 +201,9 @@ class CMK:
         search_state_ttl: float = 5.0,
         clock: Callable[[], float] | None = None,
         lease_period: float | None = None,
+        lazy_decrypt: bool = False,
     ) -> None:
+        self.lazy_decrypt = lazy_decrypt
         all_providers = ([provider] if provider is not None else []) + list(providers)
         if not all_providers:
             raise ConfigurationError("CMK needs a provider, e.g. LocalKeyProvider.from_file(...)")
@@ -599,6 +605,49 @@ class CMK:
         function calls but the cipher's, so that few objects the garbage collector tracks are
         allocated per row.
         """
+        started = time.monotonic()
+        checked = self._check_open(dicts, tables, ctx)
+        if checked is None:
+            return
+        ctx, tenant_of, needed = checked
+        self._open_checked(dicts, tables, ctx, started, tenant_of, needed)
+
+    def _open_checked(
+        self,
+        dicts: Sequence[dict[str, Any]],
+        tables: Sequence[TableSpec],
+        ctx: TenantContext,
+        started: float,
+        tenant_of: dict[bytes, str],
+        needed: dict[bytes, None],
+    ) -> None:
+        """:meth:`open` once :meth:`_check_open` has passed: keys looked up, values opened."""
+        # Keys unwrapped now are cached only once this load has proven them (every value
+        # authenticated): a KMS that answered with a wrong key must not poison the cache.
+        fresh: list[DataKey] = []
+        keys = self._keys.read_keys(needed, ctx, fresh=fresh) if needed else {}
+        try:
+            self._open(dicts, tables, ctx, started, tenant_of, keys)
+        except BaseException:
+            for key in fresh:
+                key.wipe()
+            raise
+        if fresh:
+            self._keys.remember(fresh)
+
+    def _check_open(
+        self,
+        dicts: Sequence[dict[str, Any]],
+        tables: Sequence[TableSpec],
+        ctx: TenantContext | None,
+    ) -> tuple[TenantContext, dict[bytes, str], dict[bytes, None]] | None:
+        """Everything :meth:`open` checks before it unwraps a key: companions well formed and
+        of a known version, a tenant in context, every row's key bound to it.
+
+        Returns:
+            None if there is nothing to decrypt; else the context, the tenant of each
+            envelope, and the envelopes of rows holding a value to decrypt.
+        """
         split = 1 + _format.ROW_ID_SIZE
         min_companion = split + 8
         envelopes: dict[bytes, None] = {}
@@ -637,7 +686,7 @@ class CMK:
                 needed[last] = None
                 last_needed = True
         if not envelopes:
-            return
+            return None
         if ctx is None:
             names = sorted({t.table for t in tables})
             raise NoTenantError(
@@ -645,20 +694,8 @@ class CMK:
                 "the work in `with tenant_context(tenant_id, ...)`",
                 table=names[0],
             )
-        started = time.monotonic()
         tenant_of = self._check_tenants(envelopes, ctx, tables[0].table, "decrypt")
-        # Keys unwrapped now are cached only once this load has proven them (every value
-        # authenticated): a KMS that answered with a wrong key must not poison the cache.
-        fresh: list[DataKey] = []
-        keys = self._keys.read_keys(needed, ctx, fresh=fresh) if needed else {}
-        try:
-            self._open(dicts, tables, ctx, started, tenant_of, keys)
-        except BaseException:
-            for key in fresh:
-                key.wipe()
-            raise
-        if fresh:
-            self._keys.remember(fresh)
+        return ctx, tenant_of, needed
 
     def _open(
         self,

@@ -45,6 +45,7 @@ from sqlalchemy.orm.state import InstanceState
 from . import _format
 from ._cmk import CMK
 from ._dialects import select_dialect
+from ._lazy import defer_values
 from ._mapping import (
     ColumnSpec,
     MapperSpec,
@@ -150,9 +151,12 @@ def _listen_mappers(mappers: Any) -> None:
         _registries_seen[registry] = len(registry.mappers)
 
 
-def decrypt_states(cmk: CMK, states: list[InstanceState[Any]]) -> None:
+def decrypt_states(cmk: CMK, states: list[InstanceState[Any]], *, lazy: bool = False) -> None:
+    """Decrypt loaded objects' encrypted values in place, or with ``lazy``, check them as
+    ``CMK.open`` does before any unwrap and leave them pending (``_lazy``)."""
     dicts: list[dict[str, Any]] = []
     tables: list[TableSpec] = []
+    owners: list[InstanceState[Any]] = []  # the state of each row dict (lazy only)
     specs_of: dict[Mapper[Any], MapperSpec] = {}
     deferred: list[InstanceState[Any]] = []  # companion not loaded (load_only, defer)
     unkeyed: list[InstanceState[Any]] = []  # no companion yet: bound to the loading tenant
@@ -167,6 +171,8 @@ def decrypt_states(cmk: CMK, states: list[InstanceState[Any]]) -> None:
             for t in spec.tables:
                 dicts.append(d)
                 tables.append(t)
+                if lazy:
+                    owners.append(state)
                 companion = d.get(t.companion_key, _ABSENT)
                 if companion is _ABSENT:
                     deferred.append(state)
@@ -181,7 +187,10 @@ def decrypt_states(cmk: CMK, states: list[InstanceState[Any]]) -> None:
         ctx = current_context()
         if checked:
             _check_loaded_tenants(checked, ctx)
-        cmk.open(dicts, tables, ctx)
+        if lazy:
+            defer_values(cmk, owners, dicts, tables)
+        else:
+            cmk.open(dicts, tables, ctx)
         if unkeyed and ctx is not None and ctx.tenant_id is not None:
             for state in unkeyed:
                 # A declared tenant column says whose row it is, whoever loaded it.
@@ -313,7 +322,14 @@ def _do_orm_execute(cmk: CMK, orm_state: ORMExecuteState, checks: Any = None) ->
         frozen = orm_state.invoke_statement().freeze()
     finally:
         _collector.reset(token)
-    decrypt_states(cmk, collected)
+    # Lazy only where the objects outlive the query: a column load (refresh, an expired or
+    # deferred attribute) must leave its value in place, and a search checks decrypted rows.
+    lazy = (
+        not checks
+        and not orm_state.is_column_load
+        and bool(orm_state.execution_options.get("cmk_lazy", cmk.lazy_decrypt))
+    )
+    decrypt_states(cmk, collected, lazy=lazy)
     if checks:
         from ._search import filter_rows
 

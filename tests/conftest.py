@@ -11,6 +11,11 @@ fails the run instead of skipping its tests.
 every ``CMK`` made in the test process without a ``lease_period`` argument gets ``lease_period =
 cache_ttl`` (when that is a positive finite number), so the integrity tests written for
 version 1 check version 2 too. Tests that count KMS calls per write window then fail by design.
+
+``SQLALCHEMY_CMK_TEST_LAZY=1`` runs it with lazy decryption on: every ``CMK`` made without a
+``lazy_decrypt`` argument gets ``lazy_decrypt=True``, so the integrity tests check values
+decrypted on first access too. Tests that count decryptions or audit events at load (not at
+access) then fail by design.
 """
 
 from __future__ import annotations
@@ -44,6 +49,22 @@ if os.environ.get("SQLALCHEMY_CMK_TEST_LEASE") not in (None, "", "0"):
                 and ttl > 0  # type: ignore[operator]
             ):
                 kw["lease_period"] = ttl
+            original(self, *args, **kw)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(CMK, "__init__", init)
+
+
+if os.environ.get("SQLALCHEMY_CMK_TEST_LAZY") not in (None, "", "0"):
+
+    @pytest.fixture(autouse=True)
+    def _lazy_on(monkeypatch: pytest.MonkeyPatch) -> None:
+        from sqlalchemy_cmk import CMK
+
+        original = CMK.__init__
+
+        @functools.wraps(original)
+        def init(self: CMK, *args: object, **kw: object) -> None:
+            kw.setdefault("lazy_decrypt", True)
             original(self, *args, **kw)  # type: ignore[arg-type]
 
         monkeypatch.setattr(CMK, "__init__", init)
