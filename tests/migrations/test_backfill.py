@@ -841,3 +841,25 @@ def test_rewrap_and_rotate_handle_v1_and_v2_rows_in_one_table(
     backfill.rotate_data_keys(engine, only_v2, TABLE, COLS, tenant_column="tenant_id")
     assert {r[3][0] for r in raw(engine).values() if r[3] is not None} == {1}
     assert read_app(engine, new) == rows
+
+
+@pytest.mark.parametrize("lease_period", [None, 60.0], ids=["v1", "v2"])
+def test_rewrap_refuses_a_key_the_kms_unwrapped_wrongly_and_keeps_the_rows(
+    engine: Engine, provider: FakeKeyProvider, lease_period: float | None
+) -> None:
+    # A KMS that answers one unwrap of an old envelope with a wrong key: re-wrapping that key
+    # under the new primary would point every row of the envelope at it for ever (the old
+    # envelope, the only way back, is overwritten). The rewrap must raise and write nothing.
+    rows = seed(engine, 12)
+    v1_keys = {t: f"fake://{t}-v1" for t in TENANTS}
+    encrypt(engine, make_cmk(provider, tenant_keys=v1_keys, lease_period=lease_period))
+    before = raw(engine)
+    moved = {t: [f"fake://{t}-v2", f"fake://{t}-v1"] for t in TENANTS}
+    provider.inject("garbage", operation="unwrap", count=1)
+    with pytest.raises(DecryptionError, match="old envelope was kept"):
+        backfill.rewrap_keys(engine, make_cmk(provider, tenant_keys=moved), TABLE)
+    assert raw(engine) == before
+    provider.heal()
+    assert backfill.rewrap_keys(engine, make_cmk(provider, tenant_keys=moved), TABLE).rows > 0
+    only_v2 = make_cmk(provider, tenant_keys={t: f"fake://{t}-v2" for t in TENANTS})
+    assert read_app(engine, only_v2) == rows
