@@ -689,13 +689,14 @@ def test_rewrap_moves_every_envelope_with_one_wrap_and_a_proof_each(
     provider.reset_counts()
     only = backfill.rewrap_keys(engine, new, TABLE, tenant="acme", batch_size=7)
     acme_envs = {e for e in envelopes if parse_envelope(e).tenant == "acme"}
-    # Per envelope: an unwrap into a key the call owns, the wrap, the unwrap that proves it.
-    assert provider.unwrap_count == 2 * provider.wrap_count == 2 * len(acme_envs)
+    # Per envelope: an unwrap into a key the call owns and a second one that must agree (a
+    # wrong key re-wrapped would be lost for good), the wrap, the unwrap that proves it.
+    assert provider.unwrap_count == 3 * provider.wrap_count == 3 * len(acme_envs)
     assert set(only.by_tenant) == {"acme"}
 
     provider.reset_counts()
     report = backfill.rewrap_keys(engine, new, TABLE, batch_size=7)
-    assert provider.unwrap_count == 2 * provider.wrap_count == 2 * len(envelopes - acme_envs)
+    assert provider.unwrap_count == 3 * provider.wrap_count == 3 * len(envelopes - acme_envs)
     after = raw(engine)
     assert only.rows + report.rows == len(envelopes and [r for r in after.values() if r[3]])
     for i, r in after.items():
@@ -817,9 +818,10 @@ def test_rewrap_and_rotate_handle_v1_and_v2_rows_in_one_table(
     )
     provider.reset_counts()
     report = backfill.rewrap_keys(engine, new, TABLE, batch_size=7)
-    # A verified round trip per v1 data key, and per lease: not per v2 data key.
+    # A verified round trip per v1 data key (and its confirming unwrap), and per lease (proven
+    # against a local wrap, no KMS call): not per v2 data key.
     assert provider.wrap_count == len(v1_envs) + len(leases)
-    assert provider.unwrap_count == 2 * provider.wrap_count
+    assert provider.unwrap_count == 3 * len(v1_envs) + 2 * len(leases)
     assert report.rows == len(comps)
     after = raw(engine)
     for i, r in after.items():
