@@ -446,7 +446,12 @@ class KeyManager:
         self._round_trip(key, ctx, "confirm", "the KMS unwrapped one key twice, differently")
 
     def _round_trip(
-        self, key: DataKey, ctx: TenantContext | None, purpose: str, problem: str
+        self,
+        key: DataKey,
+        ctx: TenantContext | None,
+        purpose: str,
+        problem: str,
+        outcome: str = "nothing was encrypted under it",
     ) -> None:
         back = self._unwrap(key.envelope, ctx, remember=False, purpose=purpose)
         try:
@@ -455,7 +460,7 @@ class KeyManager:
             back.wipe()
         if not same:
             raise DecryptionError(
-                f"{problem}; nothing was encrypted under it",
+                f"{problem}; {outcome}",
                 tenant=key.tenant,
                 key_ref=key.key_ref,
                 provider=key.provider,
@@ -633,19 +638,32 @@ class KeyManager:
         except CMKError as exc:
             return exc
 
-    def rewrap(self, envelope: bytes, ctx: TenantContext | None) -> bytes:
+    def rewrap(
+        self,
+        envelope: bytes,
+        ctx: TenantContext | None,
+        *,
+        proof: Callable[[DataKey], None] | None = None,
+    ) -> bytes:
         """The envelope of the same data key wrapped under its tenant's current primary key.
 
-        Returns ``envelope`` itself if it already uses the primary. Otherwise three KMS calls:
-        the data key is unwrapped into a copy this call owns (:meth:`own_key`: never a cache
-        entry, which another thread's ``forget_tenant()`` or an eviction could wipe while it is
-        being wrapped), wrapped under the primary, and the new envelope is unwrapped again and
-        must give back the same key. So a wrap that returns an unusable blob raises here,
+        Returns ``envelope`` itself if it already uses the primary. Otherwise the data key is
+        unwrapped into a copy this call owns (:meth:`own_key`: never a cache entry, which
+        another thread's ``forget_tenant()`` or an eviction could wipe while it is being
+        wrapped) and proven, wrapped under the primary, and the new envelope is unwrapped again
+        and must give back the same key. So a wrap that returns an unusable blob raises here,
         before the caller replaces a working envelope with it. The data key, and so every
         value encrypted under it, is unchanged.
 
+        The proof comes first because the caller overwrites the old envelope, the only way
+        back: a key the KMS unwrapped wrongly once, then faithfully wrapped and unwrapped
+        again, would leave every row of the envelope unreadable for good. ``proof`` checks the
+        key against something it opens (a lease against its local wrap: no KMS call); without
+        one, a second unwrap must give the same key (four KMS calls in all; a KMS that always
+        gives the same wrong key still passes, as there is nothing stored to check it with).
+
         A version-2 envelope has its lease envelope re-wrapped so (one round trip per lease,
-        memoised), its locally wrapped data key kept.
+        memoised, proven against the envelope's local wrap), its locally wrapped data key kept.
 
         Raises:
             DecryptionError: the new envelope unwraps to another key (a broken KMS or provider).
@@ -659,6 +677,16 @@ class KeyManager:
             return envelope
         key = self.own_key(envelope, ctx)
         try:
+            if proof is not None:
+                proof(key)
+            else:
+                self._round_trip(
+                    key,
+                    ctx,
+                    "confirm",
+                    "the KMS unwrapped the data key to re-wrap twice, differently",
+                    "the old envelope was kept",
+                )
             new = self._wrap(env.tenant, primary, key.material, ctx)
             back = self.own_key(new, ctx, purpose="verify")
             try:

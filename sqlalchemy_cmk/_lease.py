@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from . import _format
 from .context import TenantContext
-from .errors import ConfigurationError
+from .errors import ConfigurationError, DecryptionError
 
 if TYPE_CHECKING:
     from ._keys import DataKey, KeyManager
@@ -230,7 +230,23 @@ class Leases:
         with km._lock:
             new = self._rewrapped.get(lease_env)
         if new is None or _format.parse_envelope(new).key_ref != primary:
-            new = km.rewrap(lease_env, ctx)
+
+            def proof(lease: DataKey) -> None:
+                # The lease key must open this envelope's data key before it is wrapped anew:
+                # a wrong lease key re-wrapped would orphan every data key under the lease.
+                try:
+                    _format.unwrap_local(lease.aead, env.tenant, local)
+                except DecryptionError:
+                    raise DecryptionError(
+                        "the KMS unwrapped a lease to a key that does not open a data key "
+                        "wrapped under it (or that row's envelope was tampered with); the old "
+                        "envelope was kept",
+                        tenant=env.tenant,
+                        key_ref=env.key_ref,
+                        provider=env.provider,
+                    ) from None
+
+            new = km.rewrap(lease_env, ctx, proof=proof)
             with km._lock:
                 self._rewrapped[lease_env] = new
                 while len(self._rewrapped) > _REWRAP_MEMO:

@@ -1047,6 +1047,7 @@ def install(cmk: CMK, target: Any) -> list[tuple[str, Any]]:
         return [("before_execute", before_execute)]
 
     def before_flush(session: Session, flush_context: UOWTransaction, instances: Any) -> None:
+        _one_cmk(session.dispatch.before_flush, cmk)
         _before_flush(cmk, session, flush_context, instances)
 
     def do_orm_execute(orm_state: ORMExecuteState) -> Any:
@@ -1061,6 +1062,7 @@ def install(cmk: CMK, target: Any) -> list[tuple[str, Any]]:
         if stmt is not orm_state.statement:
             orm_state.statement = stmt
         session = orm_state.session
+        _one_cmk(session.dispatch.do_orm_execute, cmk)
         if checks and not session.dirty and not session.new:
             # Rows are checked against their decrypted value: objects already in the identity
             # map must hold the database's value, not one another transaction has since
@@ -1077,9 +1079,30 @@ def install(cmk: CMK, target: Any) -> list[tuple[str, Any]]:
         ("transient_to_pending", _on_pending),
         ("do_orm_execute", do_orm_execute),
     ]
+    for fn in (before_flush, do_orm_execute):  # this CMK's own closures (not _restore...)
+        setattr(fn, _OWNER, cmk)  # an attribute, not a registry: nothing here outlives fn
     for name, fn in listeners:
         event.listen(target, name, fn)
     return listeners
+
+
+_OWNER = "_sqlalchemy_cmk_owner"
+
+
+def _one_cmk(listeners: Any, cmk: CMK) -> None:
+    """ConfigurationError if a hook of another CMK serves this session too: each would seal
+    and open every value with its own keys, rows written under one failing every read as if
+    tampered with. Hooks reach a session through its class and every base class, its
+    sessionmaker and the session itself, so only the session's own listeners tell (a few)."""
+    for fn in listeners:
+        owner = getattr(fn, _OWNER, None)
+        if owner is not None and owner is not cmk:
+            raise ConfigurationError(
+                "more than one CMK is installed on this session (through its sessionmaker, "
+                "its class or a base class, or the session itself), and each would seal and "
+                "open its values with its own keys: install one CMK, and uninstall() any "
+                "other first"
+            )
 
 
 _no_terms: dict[Any, bool] = {}

@@ -39,6 +39,7 @@ from sqlalchemy.orm import (
 from sqlalchemy_cmk import (
     CMK,
     CMKError,
+    ConfigurationError,
     EDEKType,
     EncryptedMixin,
     EncryptedType,
@@ -710,3 +711,42 @@ def test_an_application_before_insert_listener_sees_every_row_alike(env: Env) ->
     finally:
         event.remove(Plain, "before_insert", watch)
     assert len({type(v) for v in seen}) == 1, "every row must look the same to a listener"
+
+
+# -- one CMK per session -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["maker", "base class", "session"])
+def test_a_second_cmk_hooked_into_the_same_session_is_refused_loudly(env: Env, where: str) -> None:
+    # An app factory run twice, or a CMK on a Session base class and another on the maker:
+    # each CMK's hooks seal and open every value with its own keys, so rows were written
+    # under one and every read failed as if tampered with (DecryptionError), the cause hidden.
+    class Base_(Session):
+        pass
+
+    class Sub(Base_):
+        pass
+
+    maker = sessionmaker(env.engine, class_=Sub)
+    env.cmk.install(maker)
+    other = CMK(FakeKeyProvider(), tenant_keys=TENANTS)
+    session = maker()
+    target = {"maker": maker, "base class": Base_, "session": session}[where]
+    other.install(target)
+    before = env.dump()
+    with tenant_context("acme"), pytest.raises(ConfigurationError, match="more than one CMK"):
+        session.add(Document(id=1, tenant_id="acme", body="two keys"))
+        session.flush()
+    session.rollback()
+    assert env.dump() == before
+    with tenant_context("acme"), pytest.raises(ConfigurationError, match="more than one CMK"):
+        session.scalars(select(Document)).all()
+    session.close()
+    other.uninstall(target)
+    # The same CMK on the class and the maker is one CMK: it works.
+    one = sessionmaker(env.engine, class_=Sub)
+    env.cmk.install(Base_)
+    with tenant_context("acme"), one() as s:
+        s.add(Document(id=2, tenant_id="acme", body="one key"))
+        s.commit()
+    assert read(env, Document, 2, "acme").body == "one key"

@@ -689,13 +689,14 @@ def test_rewrap_moves_every_envelope_with_one_wrap_and_a_proof_each(
     provider.reset_counts()
     only = backfill.rewrap_keys(engine, new, TABLE, tenant="acme", batch_size=7)
     acme_envs = {e for e in envelopes if parse_envelope(e).tenant == "acme"}
-    # Per envelope: an unwrap into a key the call owns, the wrap, the unwrap that proves it.
-    assert provider.unwrap_count == 2 * provider.wrap_count == 2 * len(acme_envs)
+    # Per envelope: an unwrap into a key the call owns and a second one that must agree (a
+    # wrong key re-wrapped would be lost for good), the wrap, the unwrap that proves it.
+    assert provider.unwrap_count == 3 * provider.wrap_count == 3 * len(acme_envs)
     assert set(only.by_tenant) == {"acme"}
 
     provider.reset_counts()
     report = backfill.rewrap_keys(engine, new, TABLE, batch_size=7)
-    assert provider.unwrap_count == 2 * provider.wrap_count == 2 * len(envelopes - acme_envs)
+    assert provider.unwrap_count == 3 * provider.wrap_count == 3 * len(envelopes - acme_envs)
     after = raw(engine)
     assert only.rows + report.rows == len(envelopes and [r for r in after.values() if r[3]])
     for i, r in after.items():
@@ -817,9 +818,10 @@ def test_rewrap_and_rotate_handle_v1_and_v2_rows_in_one_table(
     )
     provider.reset_counts()
     report = backfill.rewrap_keys(engine, new, TABLE, batch_size=7)
-    # A verified round trip per v1 data key, and per lease: not per v2 data key.
+    # A verified round trip per v1 data key (and its confirming unwrap), and per lease (proven
+    # against a local wrap, no KMS call): not per v2 data key.
     assert provider.wrap_count == len(v1_envs) + len(leases)
-    assert provider.unwrap_count == 2 * provider.wrap_count
+    assert provider.unwrap_count == 3 * len(v1_envs) + 2 * len(leases)
     assert report.rows == len(comps)
     after = raw(engine)
     for i, r in after.items():
@@ -841,3 +843,25 @@ def test_rewrap_and_rotate_handle_v1_and_v2_rows_in_one_table(
     backfill.rotate_data_keys(engine, only_v2, TABLE, COLS, tenant_column="tenant_id")
     assert {r[3][0] for r in raw(engine).values() if r[3] is not None} == {1}
     assert read_app(engine, new) == rows
+
+
+@pytest.mark.parametrize("lease_period", [None, 60.0], ids=["v1", "v2"])
+def test_rewrap_refuses_a_key_the_kms_unwrapped_wrongly_and_keeps_the_rows(
+    engine: Engine, provider: FakeKeyProvider, lease_period: float | None
+) -> None:
+    # A KMS that answers one unwrap of an old envelope with a wrong key: re-wrapping that key
+    # under the new primary would point every row of the envelope at it for ever (the old
+    # envelope, the only way back, is overwritten). The rewrap must raise and write nothing.
+    rows = seed(engine, 12)
+    v1_keys = {t: f"fake://{t}-v1" for t in TENANTS}
+    encrypt(engine, make_cmk(provider, tenant_keys=v1_keys, lease_period=lease_period))
+    before = raw(engine)
+    moved = {t: [f"fake://{t}-v2", f"fake://{t}-v1"] for t in TENANTS}
+    provider.inject("garbage", operation="unwrap", count=1)
+    with pytest.raises(DecryptionError, match="old envelope was kept"):
+        backfill.rewrap_keys(engine, make_cmk(provider, tenant_keys=moved), TABLE)
+    assert raw(engine) == before
+    provider.heal()
+    assert backfill.rewrap_keys(engine, make_cmk(provider, tenant_keys=moved), TABLE).rows > 0
+    only_v2 = make_cmk(provider, tenant_keys={t: f"fake://{t}-v2" for t in TENANTS})
+    assert read_app(engine, only_v2) == rows
