@@ -842,7 +842,11 @@ class KeyManager:
     def _wipe_unless_cached(self, keys: Iterable[DataKey]) -> None:
         # Caller holds self._lock. A key leaves memory when neither cache holds it any more.
         for k in keys:
-            if self._read.get(k.envelope) is not k and self._write.get(k.tenant) is not k:
+            if (
+                self._read.get(k.envelope) is not k
+                and self._write.get(k.tenant) is not k
+                and not self._leases.holds(k)
+            ):
                 k.wipe()
 
     def _prune(self, now: float) -> None:
@@ -872,6 +876,8 @@ class KeyManager:
                         del self._write[k.tenant]
                         gone.append(k)
                 self._wipe_unless_cached(gone)
+        with self._lock:  # write leases: at most one per tenant, cache_max_entries in all
+            self._wipe_unless_cached(self._leases.expired(now))
 
     def discard(self, envelope: bytes) -> None:
         """Drop (and zero) the cached key of ``envelope``: a value failed to authenticate under
@@ -907,8 +913,8 @@ class KeyManager:
                 write = self._write.pop(tenant, None)
                 if write is not None:
                     keys.append(write)
+            keys += self._leases.forget(tenant)  # write leases (also in _read, unless evicted)
             dropped = {id(k): k for k in keys}
-            self._leases.forget(tenant)  # its lease keys are in _read, dropped above
         for k in dropped.values():
             k.wipe()
         return len(dropped)

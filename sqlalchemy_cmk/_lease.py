@@ -77,8 +77,12 @@ class Leases:
     def __init__(self, km: KeyManager, period: float | None) -> None:
         self._km = km
         self.period = period
-        # tenant -> its write lease, least recently used first; guarded by km._lock.
+        # tenant -> its write lease, least recently used first; guarded by km._lock. A write
+        # lease is held here whatever the read cache does (see holds()), and found by its
+        # envelope for reads: so with leases the cache's capacity counts tenants, and a load of
+        # many data keys never evicts the lease they are wrapped under.
         self._write: OrderedDict[str, DataKey] = OrderedDict()
+        self._by_envelope: dict[bytes, DataKey] = {}
         self._rewrapped: OrderedDict[bytes, bytes] = OrderedDict()
 
     # -- writing -------------------------------------------------------------------------------
@@ -101,8 +105,6 @@ class Leases:
                 and km._current(lease)
             ):
                 self._write.move_to_end(tenant)
-                if lease.envelope in km._read:
-                    km._read.move_to_end(lease.envelope)  # in use: not the LRU's next victim
             else:
                 lease = None
         kept = True
@@ -119,11 +121,16 @@ class Leases:
             with km._lock:
                 kept = km._current(lease)
                 if kept:
+                    old = self._write.pop(tenant, None)
+                    gone = [] if old is None else [old]
                     self._write[tenant] = lease
-                    self._write.move_to_end(tenant)
+                    self._by_envelope[lease.envelope] = lease
                     while len(self._write) > km._cache_policy.max_entries:
-                        self._write.popitem(last=False)
+                        gone.append(self._write.popitem(last=False)[1])
+                    for victim in gone:
+                        self._by_envelope.pop(victim.envelope, None)
                     km._remember(lease)
+                    km._wipe_unless_cached(gone)
         # The lease's AESGCM works even if a forget wiped its bytes just now: this flush began
         # before the forget, as for a plain write key.
         material = bytearray(km.rng(_format.DEK_SIZE))
@@ -157,11 +164,22 @@ class Leases:
         km = self._km
         parts = {e: _format.split_leased(e) for e in envelopes}
         lease_fresh: list[DataKey] | None = None if fresh is None else []
-        leases = km.read_keys(
-            dict.fromkeys(LEASE_KEY + lease for lease, _ in parts.values()),
-            ctx,
-            fresh=lease_fresh,
-        )
+        wanted = dict.fromkeys(LEASE_KEY + lease for lease, _ in parts.values())
+        now = km._clock()
+        leases: dict[bytes, DataKey] = {}
+        with km._lock:  # this process's write leases: made here, verified, never from a KMS
+            for e in wanted:
+                lease = self._by_envelope.get(e)
+                if (
+                    lease is not None
+                    and not lease.wiped
+                    and lease.expires_at > now
+                    and km._current(lease)
+                ):
+                    leases[e] = lease
+        rest = [e for e in wanted if e not in leases]
+        if rest:
+            leases.update(km.read_keys(rest, ctx, fresh=lease_fresh))
         found: dict[bytes, DataKey] = {}
         try:
             for env, (lease_env, local) in parts.items():
@@ -258,12 +276,31 @@ class Leases:
         leases if the key manager's lock was held at the fork (a change may be half done)."""
         if held:
             self._write = OrderedDict()
+            self._by_envelope = {}
         for lease in self._write.values():
             lease.lock = threading.Lock()
 
-    def forget(self, tenant: str | None) -> None:
-        """Drop write leases (caller holds km._lock; the read cache entries are the caller's)."""
+    def holds(self, key: DataKey) -> bool:
+        """Whether ``key`` is a tenant's current write lease (caller holds km._lock)."""
+        return self._write.get(key.tenant) is key
+
+    def expired(self, now: float) -> list[DataKey]:
+        """Drop the write leases past their read bound, for the sweep (caller holds km._lock)."""
+        gone = [lease for lease in self._write.values() if lease.expires_at <= now]
+        for lease in gone:
+            del self._write[lease.tenant]
+            self._by_envelope.pop(lease.envelope, None)
+        return gone
+
+    def forget(self, tenant: str | None) -> list[DataKey]:
+        """Drop write leases and return them (caller holds km._lock and wipes them)."""
         if tenant is None:
+            gone = list(self._write.values())
             self._write.clear()
-        else:
-            self._write.pop(tenant, None)
+            self._by_envelope.clear()
+            return gone
+        lease = self._write.pop(tenant, None)
+        if lease is None:
+            return []
+        self._by_envelope.pop(lease.envelope, None)
+        return [lease]

@@ -79,11 +79,11 @@ class Env:
         self.engine, self.kms, self.clock = engine, kms, clock
         self.sink = MemoryAuditSink()
         options.setdefault("lease_period", 100.0)
+        options.setdefault("cache_max_entries", 5000)
         self.cmk = CMK(
             kms,  # type: ignore[arg-type]
             tenant_keys={ACME: ["local://acme", "local://acme2"], GLOBEX: "local://globex"},
             cache_ttl=120.0,
-            cache_max_entries=5000,
             audit_sinks=[self.sink],
             clock=clock,
             **options,
@@ -401,3 +401,41 @@ def test_a_forget_during_the_lease_wrap_keeps_that_lease_out(
     env.write(ACME, range(1, 2))
     assert env.kms.wraps == wraps + 1
     assert env.read(ACME) == {0: "ssn-0", 1: "ssn-1"}
+
+
+def test_capacity_counts_tenants_not_data_keys(make_env: Callable[..., Env]) -> None:
+    """A cache smaller than the data keys in use: a tenant's lease is neither re-wrapped per
+    data key on writes nor lost to them on reads (it was: one KMS wrap and verify per data key,
+    as in version 1, once the cache held fewer than about two entries per tenant)."""
+    env = make_env(write_key_max_age=0.05, cache_max_entries=3)
+    ids = iter(range(10_000))
+    for _ in range(30):  # two tenants' writes interleaved, a new data key each time
+        for tenant in (ACME, GLOBEX):
+            env.write(tenant, range(next(ids), next(ids) + 1))
+    assert (env.kms.wraps, env.kms.unwraps) == (2, 2)  # one lease each: wrap, verify unwrap
+    before = env.kms.calls
+    for _ in range(3):  # 60 data keys per load, capacity 3: the writer's leases serve them
+        with cross_tenant_context(actor="test"), env.sessions() as s:
+            assert len(s.scalars(select(Patient)).all()) == 120
+    assert env.kms.calls == before
+
+
+def test_a_write_lease_evicted_from_the_read_cache_still_obeys_forget_and_ttl(
+    make_env: Callable[..., Env], local: LocalKeyProvider
+) -> None:
+    env = make_env(write_key_max_age=0.05, cache_max_entries=2)
+    env.write(ACME, range(40), windows=20)
+    env.cmk.forget_tenant(ACME)
+    local.revoke("acme")
+    with pytest.raises(KeyAccessDeniedError):
+        env.read(ACME)
+    with pytest.raises(KeyAccessDeniedError):
+        env.write(ACME, range(100, 101))
+    local.restore("acme")
+    env.write(ACME, range(200, 240), windows=20)
+    env.clock.now += 121  # past cache_ttl: the write lease is no longer used, even if held
+    local.revoke("acme")
+    with pytest.raises(KeyAccessDeniedError):
+        env.read(ACME)
+    with pytest.raises(KeyAccessDeniedError):
+        env.write(ACME, range(300, 301))
