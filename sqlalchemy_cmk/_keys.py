@@ -62,7 +62,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from . import _aio, _format, _lease
 from ._cache import SegmentedCache
-from .audit import AuditSink, make_event
+from .audit import AuditEvent, AuditSink, make_event
 from .context import TenantContext
 from .errors import (
     AuditError,
@@ -240,6 +240,9 @@ class KeyManager:
         self._cache_policy = cache
         self._retry = retry
         self._audit = tuple(audit)
+        # Set by CMK(audit_delivery=...): records each event for the tenant's own destinations
+        # (durably, before the access goes on); raises AuditError when it cannot.
+        self.deliver: Callable[[AuditEvent, TenantContext | None], None] | None = None
         self._clock = clock
         self.rng = rng
         self.verify_write_keys = verify_write_keys
@@ -302,8 +305,9 @@ class KeyManager:
         tenant: str | None,
         **kw: object,
     ) -> None:
-        """Send one event to every sink; a sink that raises stops the access (AuditError)."""
-        if self._audit:
+        """Send one event to every sink, then to the tenant's delivery; a sink that raises stops
+        the access (AuditError)."""
+        if self._audit or self.deliver is not None:
             event = make_event(ctx, operation, outcome, tenant, **kw)
             for sink in self._audit:
                 try:
@@ -320,6 +324,8 @@ class KeyManager:
                         provider=_str_or_none(kw.get("provider")),
                         table=_str_or_none(kw.get("table")),
                     ) from exc
+            if self.deliver is not None:
+                self.deliver(event, ctx)
 
     # -- write keys ----------------------------------------------------------------------------
 

@@ -23,6 +23,7 @@ The tree::
     ├── UnsupportedQueryError       a read that cannot work on ciphertext; nothing was sent
     │   └── IndexNotReadyError          a blind index not built yet: searching would miss rows
     ├── AuditError                  an audit sink failed, so the access did not happen
+    ├── DeliveryError               an audit destination did not take a batch (the shipper retries)
     ├── RegistryConflictError       a concurrent registry change won; nothing was written
     └── InvalidValueError           a value that the column's underlying type cannot hold
 
@@ -44,6 +45,7 @@ __all__ = [
     "CMKError",
     "ConfigurationError",
     "DecryptionError",
+    "DeliveryError",
     "IndexNotReadyError",
     "InvalidValueError",
     "KMSUnavailableError",
@@ -197,6 +199,29 @@ class AuditError(CMKError):
 
     The sink's own exception is the ``__cause__``; audit events carry no plaintext.
     """
+
+
+class DeliveryError(CMKError):
+    """An audit destination did not take a batch; the events stay in the spool.
+
+    Attributes:
+        retryable: False when retrying cannot help until an operator acts (a 4xx answer, a
+            credential the destination refuses); the shipper still keeps the events and retries
+            at its longest backoff.
+        retry_after: Seconds the destination asked to wait, if it said.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        retryable: bool = True,
+        retry_after: float | None = None,
+        **kwargs: str | None,
+    ) -> None:
+        super().__init__(message, **kwargs)
+        self.retryable = retryable
+        self.retry_after = retry_after
 
 
 class RegistryIntegrityError(ConfigurationError):

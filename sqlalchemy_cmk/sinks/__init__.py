@@ -1,0 +1,278 @@
+"""Where a tenant's audit events go: one sink per destination kind, built from a JSON spec.
+
+A *destination* is a JSON-ready mapping set by the operator (in code, in the key registry or with
+``sqlalchemy-cmk tenants audit ...``), never by the tenant: ``{"kind": "webhook", "url": ...}``.
+:func:`check_destination` validates and normalises one without any I/O or secret;
+:func:`build_sink` makes the :class:`Sink` that ships batches of :class:`Record` to it.
+
+Credentials in a spec are *references* (``env:NAME``, ``file:/path``, or a scheme the
+application registers), resolved when the sink is built; never the secret itself.
+
+Kinds and their optional extras (``pip install "sqlalchemy-cmk[audit-<extra>]"``)::
+
+    webhook        HTTPS POST, each batch signed (HMAC-SHA256 or Ed25519)   (no extra)
+    splunk_hec     Splunk HTTP Event Collector                              (no extra)
+    otlp_http      OpenTelemetry logs over OTLP/HTTP (the OTel SDK)         audit-otlp
+    syslog_tls     RFC 5424 messages, RFC 5425 (TLS) framing                (no extra)
+    cloudwatch     AWS CloudWatch Logs                                      audit-aws
+    gcp_logging    Google Cloud Logging                                     audit-gcp
+    azure_monitor  Azure Monitor Logs ingestion (DCR)                       audit-azure
+
+Network destinations pass a :class:`NetworkPolicy`: https (or TLS) only, no redirects, and no
+private, loopback or link-local address unless the policy allows it (tests, on-premises
+collectors); an allowlist can limit hosts further.
+"""
+
+from __future__ import annotations
+
+import importlib
+import ipaddress
+import os
+import socket
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+from urllib.parse import SplitResult, urlsplit
+
+from ..errors import ConfigurationError, DeliveryError
+
+__all__ = [
+    "DeliveryError",
+    "NetworkPolicy",
+    "Record",
+    "Sink",
+    "SinkEnv",
+    "build_sink",
+    "check_destination",
+    "resolve_secret",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One audit event as shipped to a tenant.
+
+    Attributes:
+        id: The stable event id: the same on every re-delivery, so a receiver de-duplicates by it.
+        tenant: The tenant it is delivered to.
+        time_ns: When the access happened, nanoseconds since the epoch.
+        severity: ``"info"`` for an access that was served, ``"warning"`` for a refused one.
+        body: The event as canonical JSON (UTF-8), exactly the bytes the tenant's hash chain
+            covers (``docs/audit.md``). Sinks send it unchanged, as the message or log body.
+    """
+
+    id: str
+    tenant: str
+    time_ns: int
+    severity: str
+    body: bytes
+
+
+@runtime_checkable
+class Sink(Protocol):
+    """Ships batches of records to one destination.
+
+    ``send`` delivers the whole batch, in order, or raises :class:`DeliveryError` (anything
+    else it raises is treated as a retryable DeliveryError). It must return or raise within
+    the spec's ``timeout`` (seconds, default 10). The shipper calls one sink from one thread at
+    a time, and never with more than ``max_batch`` records.
+    """
+
+    kind: str
+    max_batch: int
+
+    def send(self, records: Sequence[Record]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class NetworkPolicy:
+    """Which network destinations a sink may reach.
+
+    Attributes:
+        allowed_hosts: None: any host whose addresses are public. Otherwise only these host
+            names (exact, case-insensitive, or ``*.example.com`` for its subdomains).
+        allow_private: Allow loopback, private, link-local and other non-global addresses
+            (tests and on-premises collectors). Off by default: an operator's typo, or a
+            registry row someone edited, must not make the application POST to its own
+            metadata service or admin ports.
+    """
+
+    allowed_hosts: frozenset[str] | None = None
+    allow_private: bool = False
+
+    def check_url(self, url: str, *, what: str = "destination url") -> SplitResult:
+        """Parse an ``https://`` URL and check its host against the allowlist (no DNS).
+
+        Raises:
+            ConfigurationError: not https, no host, credentials in the URL, or a host the
+                allowlist does not name.
+        """
+        parts = urlsplit(url)
+        if parts.scheme != "https":
+            raise ConfigurationError(f"{what} must be an https:// URL, not {parts.scheme!r}")
+        if not parts.hostname:
+            raise ConfigurationError(f"{what} has no host")
+        if parts.username or parts.password:
+            raise ConfigurationError(
+                f"{what} carries credentials: give them as a secret reference instead"
+            )
+        self.check_host(parts.hostname, what=what)
+        return parts
+
+    def check_host(self, host: str, *, what: str = "destination host") -> None:
+        """Check a host name against the allowlist (no DNS)."""
+        if self.allowed_hosts is None:
+            return
+        name = host.lower().rstrip(".")
+        for allowed in self.allowed_hosts:
+            a = allowed.lower().rstrip(".")
+            if name == a or (a.startswith("*.") and name.endswith(a[1:])):
+                return
+        raise ConfigurationError(f"{what} host {host!r} is not in the allowlist")
+
+    def resolve(self, host: str, port: int, *, what: str = "destination host") -> list[str]:
+        """The addresses to connect to for ``host``, each checked against the policy.
+
+        Connect to one of these, not to ``host`` again: resolving twice would let a DNS answer
+        that changes in between (rebinding) reach an address that was never checked.
+
+        Raises:
+            ConfigurationError: the host is not allowed or resolves to a refused address.
+            DeliveryError: the name does not resolve (retryable).
+        """
+        self.check_host(host, what=what)
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except OSError as exc:
+            raise DeliveryError(f"{what} {host!r} does not resolve: {exc}") from None
+        addrs: list[str] = []
+        for info in infos:
+            addr = str(info[4][0])
+            ip = ipaddress.ip_address(addr.split("%", 1)[0])
+            if not ip.is_global and not self.allow_private:
+                raise ConfigurationError(
+                    f"{what} {host!r} resolves to the non-public address {addr}: refused "
+                    "(NetworkPolicy(allow_private=True) allows it, for tests and on-premises "
+                    "collectors)"
+                )
+            if addr not in addrs:
+                addrs.append(addr)
+        return addrs
+
+
+SecretResolver = Callable[[str], bytes]
+
+
+def resolve_secret(ref: str, resolvers: Mapping[str, SecretResolver] | None = None) -> bytes:
+    """The secret a reference names: ``env:NAME``, ``file:/path`` or ``<scheme>:...`` of a
+    resolver the application registers (a secret manager's client, say).
+
+    Raises:
+        ConfigurationError: an unknown scheme, an unset variable, an unreadable file. The
+            message names the reference, never the secret.
+    """
+    scheme, sep, rest = ref.partition(":")
+    if not sep or not rest:
+        raise ConfigurationError(
+            f"secret reference {ref!r} must look like env:NAME or file:/path (never the secret "
+            "itself)"
+        )
+    if resolvers and scheme in resolvers:
+        return resolvers[scheme](rest)
+    if scheme == "env":
+        value = os.environ.get(rest)
+        if not value:
+            raise ConfigurationError(f"secret reference {ref!r}: the variable is not set")
+        return value.encode()
+    if scheme == "file":
+        try:
+            with open(rest, "rb") as f:
+                return f.read().strip()
+        except OSError as exc:
+            raise ConfigurationError(
+                f"secret reference {ref!r}: cannot read the file ({exc.strerror})"
+            ) from None
+    raise ConfigurationError(
+        f"secret reference {ref!r} has the unknown scheme {scheme!r}; known: env, file"
+        + "".join(f", {s}" for s in sorted(resolvers or ()))
+    )
+
+
+@dataclass(frozen=True)
+class SinkEnv:
+    """What a sink is built with besides its spec.
+
+    Attributes:
+        policy: The network policy every network destination passes.
+        secret_resolvers: Extra secret-reference schemes (see :func:`resolve_secret`).
+        clients: SDK clients or factories by kind, for tests and unusual set-ups (a boto3
+            ``logs`` client with its own endpoint, say); a sink without one makes its own.
+    """
+
+    policy: NetworkPolicy = field(default_factory=NetworkPolicy)
+    secret_resolvers: Mapping[str, SecretResolver] = field(default_factory=dict)
+    clients: Mapping[str, Any] = field(default_factory=dict)
+
+    def secret(self, ref: str) -> bytes:
+        return resolve_secret(ref, self.secret_resolvers)
+
+
+# kind -> (module, extra). Each module has ``check(spec) -> dict`` (validate and normalise,
+# no I/O, no secrets) and ``build(spec, env) -> Sink``.
+_KINDS: dict[str, tuple[str, str | None]] = {
+    "webhook": ("sqlalchemy_cmk.sinks.webhook", None),
+    "splunk_hec": ("sqlalchemy_cmk.sinks.splunk", None),
+    "otlp_http": ("sqlalchemy_cmk.sinks.otlp", "audit-otlp"),
+    "syslog_tls": ("sqlalchemy_cmk.sinks.syslog", None),
+    "cloudwatch": ("sqlalchemy_cmk.sinks.cloudwatch", "audit-aws"),
+    "gcp_logging": ("sqlalchemy_cmk.sinks.gcp_logging", "audit-gcp"),
+    "azure_monitor": ("sqlalchemy_cmk.sinks.azure_monitor", "audit-azure"),
+}
+
+
+def _module(spec: Mapping[str, Any]) -> Any:
+    if not isinstance(spec, Mapping):
+        raise ConfigurationError("an audit destination is a mapping with a 'kind'")
+    kind = spec.get("kind")
+    if kind not in _KINDS:
+        raise ConfigurationError(
+            f"audit destination kind {kind!r} is unknown; known: {', '.join(sorted(_KINDS))}"
+        )
+    name, extra = _KINDS[kind]
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        if extra is None or (exc.name or "").startswith("sqlalchemy_cmk"):
+            raise
+        raise ConfigurationError(
+            f"audit destination kind {kind!r} needs an optional extra: "
+            f'pip install "sqlalchemy-cmk[{extra}]" ({exc.name} is missing)'
+        ) from None
+
+
+def check_destination(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """Validate and normalise one destination spec, with no I/O and no secret resolved.
+
+    Raises:
+        ConfigurationError: naming the field to fix.
+    """
+    checked: dict[str, Any] = _module(spec).check(spec)
+    return checked
+
+
+def build_sink(spec: Mapping[str, Any], env: SinkEnv | None = None) -> Sink:
+    """The sink for one destination spec (checked first).
+
+    Raises:
+        ConfigurationError: a bad spec, a missing extra or an unresolvable secret reference.
+    """
+    mod = _module(spec)
+    sink: Sink = mod.build(mod.check(spec), env or SinkEnv())
+    return sink
+
+
+def batches(records: Sequence[Record], size: int) -> list[Sequence[Record]]:
+    """``records`` in slices of at most ``size``."""
+    return [records[i : i + size] for i in range(0, len(records), size)]
