@@ -20,6 +20,7 @@ from ._keys import CachePolicy, DataKey, KeyManager, RetryPolicy
 from ._mapping import ColumnSpec, TableSpec, table_spec
 from .audit import AuditSink, LoggingAuditSink
 from .context import TenantContext, require_context, tenant_context
+from .delivery import AuditDelivery
 from .errors import (
     CMKError,
     ConfigurationError,
@@ -175,6 +176,10 @@ class CMK:
             loaded value is decrypted before the query returns. True: a query's encrypted
             values are checked (format, tenant) at load and decrypted on first access of each
             column, for every row of the query at once (``docs/performance.md``).
+        audit_delivery: Deliver each tenant's events to the tenant's own destinations (its
+            SIEM), through a durable spool: an
+            :class:`~sqlalchemy_cmk.delivery.AuditDelivery` (``docs/audit.md``). The
+            ``audit_sinks`` still get every event.
 
     Raises:
         ConfigurationError: no provider, a key reference whose scheme has no provider, a tenant
@@ -202,6 +207,7 @@ class CMK:
         clock: Callable[[], float] | None = None,
         lease_period: float | None = None,
         lazy_decrypt: bool = False,
+        audit_delivery: AuditDelivery | None = None,
     ) -> None:
         self.lazy_decrypt = lazy_decrypt
         all_providers = ([provider] if provider is not None else []) + list(providers)
@@ -231,6 +237,11 @@ class CMK:
             verify_write_keys=verify_write_keys,
             lease_period=lease_period,
         )
+        if audit_delivery is not None:
+            if not isinstance(audit_delivery, AuditDelivery):
+                raise ConfigurationError("audit_delivery must be an AuditDelivery")
+            self._keys.deliver = audit_delivery.record
+        self.audit_delivery = audit_delivery
         # Targets by weak reference: their listeners hold this CMK, so a strong reference
         # back kept both alive for ever (SQLAlchemy keeps a Session class's listeners in a
         # WeakKeyDictionary whose values, through us, held its key). Now the CMK lives as long

@@ -19,14 +19,26 @@ integrity check).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+import weakref
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
-from .errors import ConfigurationError
-from .sinks import check_destination
+from . import _shipper, _spool
+from .audit import AuditEvent, make_event
+from .context import TenantContext
+from .errors import AuditError, ConfigurationError
+from .sinks import NetworkPolicy, SinkEnv, check_destination, destination_name
 
-__all__ = ["AuditDestinations", "StaticDestinations", "TenantAudit"]
+__all__ = ["AuditDelivery", "AuditDestinations", "StaticDestinations", "TenantAudit"]
+
+log = logging.getLogger("sqlalchemy_cmk.delivery")
 
 SpoolPolicy = Literal["deny", "serve"]
 
@@ -61,6 +73,11 @@ class TenantAudit:
         if rate is not None and not (isinstance(rate, (int, float)) and rate > 0):
             raise ConfigurationError("max_events_per_second must be a number > 0, or None")
         checked = tuple(check_destination(d) for d in self.destinations)
+        names = [destination_name(d) for d in checked]
+        if len(set(names)) != len(names):
+            raise ConfigurationError(
+                "two of a tenant's destinations have the same name: give each a distinct 'name'"
+            )
         object.__setattr__(self, "destinations", checked)
 
     def to_dict(self) -> dict[str, Any]:
@@ -111,3 +128,370 @@ class StaticDestinations:
 
     def tenant_audit(self, tenant: str) -> TenantAudit | None:
         return self._tenants.get(tenant)
+
+
+# -- the runtime -------------------------------------------------------------------------------
+
+SCHEMA = "sqlalchemy-cmk.audit/1"
+OCSF_VERSION = "1.3.0"
+_GENESIS = "0" * 64
+# OCSF API Activity (class 6003): activity ids by operation.
+_ACTIVITY = {"wrap": 1, "encrypt": 3, "decrypt": 2, "unwrap": 2, "search": 2}
+_SEVERITY = {"ok": 1, "tampered": 4}  # Informational, High; every other refusal: Medium (3)
+
+
+def deliver_to(event: AuditEvent, ctx: TenantContext | None) -> str | None:
+    """Which tenant an event is delivered to, if any.
+
+    A served access (``ok``) is the tenant whose key was used: the KMS and the authenticated
+    ciphertext vouch for it. A refused one goes to the context's tenant, never to a tenant named
+    only by a stored envelope that did not authenticate (anyone able to write a row could name
+    any tenant in it, and flood or probe that tenant's SIEM).
+    """
+    if event.outcome == "ok":
+        return event.tenant
+    if ctx is not None and not ctx.cross_tenant:
+        return ctx.tenant_id
+    return None
+
+
+def event_body(
+    event: AuditEvent,
+    ctx: TenantContext | None,
+    to: str,
+    event_id: str,
+    chain: tuple[str, int, str],
+) -> bytes:
+    """The event as delivered to tenant ``to``: OCSF API Activity JSON, canonical (sorted keys,
+    no spaces, UTF-8), so a tenant can re-hash exactly what it received."""
+    own = event.tenant == to
+    # Another tenant's envelope named it: its key reference and provider are not ``to``'s.
+    key_ref, provider = (event.key_ref, event.provider) if own else (None, None)
+    # Whose request it was: only when the request was ``to``'s own (or a declared
+    # cross-tenant operator's), never one tenant's actor and request details to another.
+    mine = ctx is None or ctx.cross_tenant or ctx.tenant_id == to
+    actor = event.actor if mine else None
+    activity = _ACTIVITY.get(event.operation, 99)
+    ok = event.outcome == "ok"
+    time_ns = int(event.timestamp * 1e9)
+    writer, seq, prev = chain
+    doc: dict[str, Any] = {
+        "activity_id": activity,
+        "category_uid": 6,
+        "class_uid": 6003,
+        "type_uid": 600300 + activity,
+        "time": time_ns // 1_000_000,
+        "severity_id": _SEVERITY.get(event.outcome, 3),
+        "status_id": 1 if ok else 2,
+        "status": "Success" if ok else "Failure",
+        "status_code": event.outcome,
+        "metadata": {
+            "version": OCSF_VERSION,
+            "uid": event_id,
+            "log_name": SCHEMA,
+            "product": {"name": "sqlalchemy-cmk", "vendor_name": "sqlalchemy-cmk"},
+        },
+        "api": {"operation": event.operation},
+        "unmapped": {
+            "schema": SCHEMA,
+            "tenant": to,
+            "time_ns": time_ns,
+            "writer": writer,
+            "seq": seq,
+            "prev": prev,
+        },
+    }
+    if event.error:
+        doc["status_detail"] = event.error
+    if actor:
+        doc["actor"] = {"user": {"name": actor}}
+    if mine and event.source_ip:
+        doc["src_endpoint"] = {"ip": event.source_ip}
+    if mine and event.request_id:
+        doc["api"]["request"] = {"uid": event.request_id}
+        doc["metadata"]["correlation_uid"] = event.request_id
+    resource: dict[str, Any] = {}
+    if event.table:
+        resource = {"type": "table", "name": event.table}
+        data: dict[str, Any] = {"rows": event.rows}
+        if event.columns:
+            data["columns"] = list(event.columns)
+        resource["data"] = data
+    if mine and event.object_id:
+        resource["uid"] = event.object_id
+    if mine and event.data_label:
+        resource["labels"] = [event.data_label]
+    if resource:
+        doc["resources"] = [resource]
+    un = doc["unmapped"]
+    if key_ref:
+        un["key_ref"] = key_ref
+    if provider:
+        un["provider"] = provider
+    if event.purpose:
+        un["purpose"] = event.purpose
+    if event.duration_ms:
+        un["duration_ms"] = round(event.duration_ms, 3)
+    if mine and event.extra:
+        un["extra"] = dict(event.extra)
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+class AuditDelivery:
+    """Records each tenant's events in a durable spool and ships them to its destinations.
+
+    Args:
+        spool: A directory on a persistent, local disk (created 0700). Every process of the
+            application may share it: each writes its own subdirectory, and a process that
+            starts adopts the subdirectories of processes that died.
+        destinations: ``{tenant: TenantAudit}`` in code, or an :class:`AuditDestinations`
+            (``DatabaseKeyRegistry``). Looked up again every ``destinations_ttl`` seconds.
+        network: The policy every network destination passes (default: public addresses
+            only, any host).
+        secret_resolvers: Extra secret-reference schemes for destination credentials.
+        clients: SDK clients by destination kind (tests, custom endpoints).
+        max_spool_bytes: This process's spool refuses events past this size (then each
+            tenant's ``on_spool_failure`` applies).
+        retention: Seconds delivered events stay in the spool, for ``sqlalchemy-cmk audit
+            replay`` (pruned earlier under ``max_spool_bytes`` pressure).
+        workers: Batches sent at once (one per tenant destination at a time).
+        batch_max: Most events per batch (a sink may allow fewer).
+        poll: Seconds between the shipper's looks at the spool (delivery latency).
+        max_backoff: Longest wait between retries of a failing destination.
+        max_lag: ``health()`` reports ``degraded`` when a tenant's oldest undelivered event is
+            older than this.
+        start: Start the shipper now (default). False: only record; another process ships
+            (``sqlalchemy-cmk audit ship``) or a later :meth:`start`.
+
+    Raises:
+        ConfigurationError: a bad destination or setting.
+    """
+
+    def __init__(
+        self,
+        spool: str | os.PathLike[str],
+        destinations: Mapping[str, TenantAudit] | AuditDestinations,
+        *,
+        network: NetworkPolicy | None = None,
+        secret_resolvers: Mapping[str, Callable[[str], bytes]] | None = None,
+        clients: Mapping[str, Any] | None = None,
+        max_spool_bytes: int = 1 << 30,
+        segment_bytes: int = 16 << 20,
+        retention: float = 3600.0,
+        workers: int = 8,
+        batch_max: int = 500,
+        poll: float = 0.05,
+        max_backoff: float = 60.0,
+        destinations_ttl: float = 5.0,
+        max_lag: float = 300.0,
+        start: bool = True,
+    ) -> None:
+        self.root = os.fspath(spool)
+        if isinstance(destinations, AuditDestinations):
+            self._source: AuditDestinations = destinations
+        elif isinstance(destinations, Mapping):
+            self._source = StaticDestinations(destinations)
+        else:
+            raise ConfigurationError(
+                "destinations must be {tenant: TenantAudit} or an AuditDestinations"
+            )
+        for name, value in (("workers", workers), ("batch_max", batch_max)):
+            if not (isinstance(value, int) and value > 0):
+                raise ConfigurationError(f"{name} must be an int > 0")
+        self.env = SinkEnv(
+            network or NetworkPolicy(), dict(secret_resolvers or {}), dict(clients or {})
+        )
+        self._max_bytes = max_spool_bytes
+        self._segment_bytes = segment_bytes
+        self._ttl = destinations_ttl
+        self.max_lag = max_lag
+        self._shipper_args = dict(
+            workers=workers,
+            batch_max=batch_max,
+            poll=poll,
+            retention=retention,
+            max_backoff=max_backoff,
+            lane_cap=10_000,
+        )
+        self._lock = threading.Lock()
+        self._writer: _spool.Writer | None = None
+        self._chains: dict[str, tuple[int, str]] = {}  # tenant -> (seq, hash) of this writer
+        self._audits: dict[str, tuple[float, TenantAudit | None]] = {}
+        self.dropped: dict[str, int] = {}
+        self._gaps: dict[str, int] = {}  # dropped events not yet announced in the chain
+        self._spool_error: str | None = None
+        self._ship = start
+        self._shipper: _shipper.Shipper | None = None
+        _live.add(self)
+        if start:
+            self.start()
+
+    def __repr__(self) -> str:
+        return f"<AuditDelivery spool={self.root!r}>"
+
+    # -- configuration -------------------------------------------------------------------------
+
+    def tenant_audit(self, tenant: str) -> TenantAudit | None:
+        """The tenant's audit set-up (cached ``destinations_ttl`` seconds)."""
+        now = time.monotonic()
+        hit = self._audits.get(tenant)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        audit = self._source.tenant_audit(tenant)
+        self._audits[tenant] = (now + self._ttl, audit)
+        return audit
+
+    def _audit_for_shipper(self, tenant: str) -> TenantAudit | None:
+        try:
+            return self.tenant_audit(tenant)
+        except Exception as exc:
+            log.warning("audit destinations of tenant %r unavailable: %s", tenant, exc)
+            return None
+
+    # -- recording (the access path) -----------------------------------------------------------
+
+    def _current_writer(self) -> _spool.Writer:
+        w = self._writer
+        if w is None:
+            with self._lock:
+                w = self._writer
+                if w is None:
+                    w = self._writer = _spool.Writer(
+                        self.root, segment_bytes=self._segment_bytes, max_bytes=self._max_bytes
+                    )
+                    self._chains = {}
+                    if self._shipper is not None:
+                        self._shipper.set_writer(w)
+        return w
+
+    def record(self, event: AuditEvent, ctx: TenantContext | None) -> None:
+        """Record ``event`` for its tenant's destinations; returns once it is on disk.
+
+        Raises:
+            AuditError: the spool could not take it and the tenant's policy is ``deny``.
+        """
+        to = deliver_to(event, ctx)
+        if to is None:
+            return
+        audit = self.tenant_audit(to)
+        if audit is None or not audit.destinations:
+            return
+        if self._ship and (self._shipper is None or not self._shipper.alive()):
+            self.start()
+        try:
+            writer = self._current_writer()
+            gap = self._gaps.pop(to, 0)
+            if gap:
+                self._append(writer, to, make_event(None, "audit", "dropped", to, rows=gap), None)
+            self._append(writer, to, event, ctx)
+            self._spool_error = None
+        except (_spool.SpoolError, OSError) as exc:
+            self._spool_error = str(exc)
+            if gap:
+                self._gaps[to] = self._gaps.get(to, 0) + gap
+            if audit.on_spool_failure == "serve":
+                self.dropped[to] = self.dropped.get(to, 0) + 1
+                self._gaps[to] = self._gaps.get(to, 0) + 1
+                log.warning("audit event of tenant %r dropped (policy serve): %s", to, exc)
+                return
+            raise AuditError(
+                f"the audit spool could not record a {event.operation!r} event ({exc}): the "
+                "access was stopped, since the tenant's policy is to deny an access that "
+                "cannot be audited",
+                tenant=to,
+            ) from None
+
+    def _append(
+        self, writer: _spool.Writer, to: str, event: AuditEvent, ctx: TenantContext | None
+    ) -> None:
+        event_id = os.urandom(16).hex()
+
+        def build() -> bytes:  # under the writer's lock: chain order is file order
+            seq, prev = self._chains.get(to, (0, _GENESIS))
+            body = event_body(event, ctx, to, event_id, (writer.writer_id, seq + 1, prev))
+            self._chains[to] = (seq + 1, hashlib.sha256(body).hexdigest())
+            return body
+
+        writer.append(to, build)
+
+    # -- shipping ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start (or restart, after a fork) the background shipper."""
+        with self._lock:
+            self._ship = True
+            if self._shipper is None:
+                self._shipper = _shipper.Shipper(
+                    self.root,
+                    self._audit_for_shipper,
+                    self.env,
+                    self._writer,
+                    **self._shipper_args,  # type: ignore[arg-type]
+                )
+            os.makedirs(self.root, mode=0o700, exist_ok=True)
+            self._shipper.start()
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until every recorded event is delivered; True if all were within ``timeout``."""
+        if self._shipper is None:
+            return False
+        return self._shipper.drain(timeout)
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the shipper and close the spool (what is undelivered stays for the next start)."""
+        with self._lock:
+            shipper, self._shipper = self._shipper, None
+            writer, self._writer = self._writer, None
+        if shipper is not None:
+            shipper.stop(timeout)
+        if writer is not None:
+            writer.close()
+        _live.discard(self)
+
+    def _after_fork_in_child(self) -> None:
+        self._lock = threading.Lock()
+        if self._writer is not None:
+            self._writer.abandon_after_fork()
+            self._writer = None  # a new writer (and chain) at the child's first event
+        self._chains = {}
+        if self._shipper is not None:
+            self._shipper.abandon_after_fork()
+            self._shipper = None  # restarted by the child's first event
+
+    # -- the operator's side -------------------------------------------------------------------
+
+    def health(self) -> dict[str, Any]:
+        """A health report for an orchestrator's probe.
+
+        ``status`` is ``failing`` when the spool cannot record (accesses of tenants with the
+        ``deny`` policy are refused: restarting may help if the disk is the problem),
+        ``degraded`` when a tenant's oldest undelivered event is older than ``max_lag`` (its
+        SIEM is down: restarting does not help, alert instead), else ``ok``.
+        """
+        tenants = self._shipper.tenants() if self._shipper is not None else {}
+        lagging = sorted(
+            t
+            for t, dests in tenants.items()
+            if any(d["lag_seconds"] > self.max_lag for d in dests.values())
+        )
+        status = "failing" if self._spool_error else ("degraded" if lagging else "ok")
+        return {
+            "status": status,
+            "spool": self.root,
+            "spool_error": self._spool_error,
+            "shipper_running": bool(self._shipper and self._shipper.alive()),
+            "lagging_tenants": lagging,
+            "dropped": dict(self.dropped),
+            "tenants": tenants,
+        }
+
+
+_live: weakref.WeakSet[AuditDelivery] = weakref.WeakSet()
+
+
+def _after_fork() -> None:
+    for d in list(_live):
+        d._after_fork_in_child()
+
+
+os.register_at_fork(after_in_child=_after_fork)

@@ -255,11 +255,33 @@ def _module(spec: Mapping[str, Any]) -> Any:
 def check_destination(spec: Mapping[str, Any]) -> dict[str, Any]:
     """Validate and normalise one destination spec, with no I/O and no secret resolved.
 
+    Every kind takes an optional ``name`` (letters, digits, ``-_.``; default: the kind): the
+    shipper keeps each destination's delivery position under it, so changing a destination's
+    other settings (a new URL) continues where it left off, and a new name starts afresh.
+
     Raises:
         ConfigurationError: naming the field to fix.
     """
-    checked: dict[str, Any] = _module(spec).check(spec)
+    mod = _module(spec)
+    rest = dict(spec)
+    name = rest.pop("name", None)
+    checked: dict[str, Any] = mod.check(rest)
+    if name is not None:
+        if not (
+            isinstance(name, str)
+            and 0 < len(name) <= 64
+            and all(c.isascii() and (c.isalnum() or c in "-_.") for c in name)
+        ):
+            raise ConfigurationError(
+                "a destination's name must be 1 to 64 ASCII letters, digits, '-', '_' or '.'"
+            )
+        checked["name"] = name
     return checked
+
+
+def destination_name(spec: Mapping[str, Any]) -> str:
+    """The name a checked destination is delivered under (its ``name``, else its kind)."""
+    return str(spec.get("name") or spec["kind"])
 
 
 def build_sink(spec: Mapping[str, Any], env: SinkEnv | None = None) -> Sink:
@@ -269,7 +291,9 @@ def build_sink(spec: Mapping[str, Any], env: SinkEnv | None = None) -> Sink:
         ConfigurationError: a bad spec, a missing extra or an unresolvable secret reference.
     """
     mod = _module(spec)
-    sink: Sink = mod.build(mod.check(spec), env or SinkEnv())
+    checked = check_destination(spec)
+    checked.pop("name", None)
+    sink: Sink = mod.build(checked, env or SinkEnv())
     return sink
 
 

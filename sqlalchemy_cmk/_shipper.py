@@ -1,0 +1,584 @@
+"""The background shipper: reads the spool and delivers each tenant's events to its destinations.
+
+One *lane* per (writer directory, tenant, destination): a lane sends its events in spool order,
+one batch at a time, and only moves its cursor once the destination took the batch (at least
+once; receivers drop duplicates by event id). Lanes are independent: a destination that fails
+backs off (exponential, full jitter, honouring ``Retry-After``) or hangs in its own worker until
+its sink's timeout, while the others go on. A lane that falls far behind stops holding its
+events in memory and catches up from the files later.
+
+The shipper ships its own process's directory and adopts any other whose lock is free: a process
+that died (SIGKILL included) leaves its directory unlocked, and the next shipper to start
+delivers what it recorded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import random
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import _spool
+from .errors import DeliveryError
+from .sinks import Record, Sink, SinkEnv, build_sink, destination_name
+
+log = logging.getLogger("sqlalchemy_cmk.delivery")
+
+Pos = tuple[int, int]  # (segment, offset after the frame)
+
+
+def record_of(tenant: str, body: bytes) -> Record:
+    doc = json.loads(body)
+    return Record(
+        id=doc["metadata"]["uid"],
+        tenant=tenant,
+        time_ns=int(doc["unmapped"]["time_ns"]),
+        severity="info" if doc["status_id"] == 1 else "warning",
+        body=body,
+    )
+
+
+@dataclass
+class Lane:
+    """One destination of one tenant, for one writer directory."""
+
+    tenant: str
+    name: str
+    cursor: Pos
+    pending: deque[tuple[Pos, Record]] = field(default_factory=deque)
+    overflow_from: Pos | None = None  # events from here on are only on disk
+    in_flight: bool = False
+    next_try: float = 0.0
+    attempts: int = 0
+    delivered: int = 0
+    delivered_at: float | None = None  # wall clock
+    failures: int = 0
+    last_error: str | None = None
+    last_error_at: float | None = None
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "cursor": list(self.cursor),
+            "delivered": self.delivered,
+            "delivered_at": self.delivered_at,
+            "failures": self.failures,
+            "last_error": self.last_error,
+            "last_error_at": self.last_error_at,
+        }
+
+
+@dataclass
+class WriterDir:
+    path: str
+    lock_fd: int | None  # None: our own writer holds the lock
+    saved: dict[str, Any]
+    scan: Pos = (0, 0)
+    lanes: dict[tuple[str, str], Lane] = field(default_factory=dict)
+    seg_tenants: dict[int, set[str]] = field(default_factory=dict)
+    dirty: bool = False
+
+    def lane_key(self, tenant: str, name: str) -> str:
+        return f"{tenant}\n{name}"
+
+
+class Shipper:
+    """Delivers spooled events; see the module docstring."""
+
+    def __init__(
+        self,
+        root: str,
+        audit_of: Callable[[str], Any],
+        env: SinkEnv,
+        writer: _spool.Writer | None,
+        *,
+        workers: int,
+        batch_max: int,
+        poll: float,
+        retention: float,
+        max_backoff: float,
+        lane_cap: int,
+        sink_factory: Callable[[dict[str, Any], SinkEnv], Sink] = build_sink,
+    ) -> None:
+        self.root = root
+        self._audit_of = audit_of  # tenant -> TenantAudit | None (cached by the caller)
+        self._env = env
+        self._writer = writer
+        self._workers = workers
+        self._batch_max = batch_max
+        self._poll = poll
+        self._retention = retention
+        self._max_backoff = max_backoff
+        self._lane_cap = lane_cap
+        self._sink_factory = sink_factory
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._dirs: dict[str, WriterDir] = {}
+        self._sinks: dict[tuple[str, str], tuple[str, Sink]] = {}  # (tenant, name) -> (spec, sink)
+        self._tokens: dict[str, tuple[float, float]] = {}  # tenant -> (tokens, at)
+        self._pool: ThreadPoolExecutor | None = None
+        self._thread: threading.Thread | None = None
+        self._next_adopt = 0.0
+        self.undeliverable = 0  # events of tenants with no destination any more
+        self.passes = 0
+
+    # -- life cycle ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._stop.clear()
+        self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="cmk-audit-send")
+        self._thread = threading.Thread(target=self._run, name="cmk-audit-shipper", daemon=True)
+        self._thread.start()
+
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def set_writer(self, writer: _spool.Writer) -> None:
+        with self._lock:
+            self._writer = writer
+        self._next_adopt = 0.0  # pick its directory up at the next pass
+
+    def notify(self) -> None:
+        self._wake.set()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop after the batches in flight (waits at most ``timeout``), saving cursors."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+        with self._lock:
+            for d in self._dirs.values():
+                self._save(d)
+                if d.lock_fd is not None:
+                    os.close(d.lock_fd)
+                    d.lock_fd = None
+            self._dirs.clear()
+            for _, sink in self._sinks.values():
+                with contextlib.suppress(Exception):
+                    sink.close()
+            self._sinks.clear()
+
+    def abandon_after_fork(self) -> None:
+        """In a forked child: forget the parent's threads and descriptors (never ship them)."""
+        for d in self._dirs.values():
+            if d.lock_fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(d.lock_fd)
+        self._dirs = {}
+        self._sinks = {}
+        self._thread = None
+        self._pool = None
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+
+    def drain(self, timeout: float) -> bool:
+        """Wait until every known lane is delivered (tests, shutdown); True if it was."""
+        deadline = time.monotonic() + timeout
+        first = self.passes + 2  # a whole pass that began after this call (adoptions too)
+        self._next_adopt = 0.0
+        while time.monotonic() < deadline:
+            self._wake.set()
+            if self.passes < first:
+                time.sleep(0.005)
+                continue
+            # In this order: frames join a lane's backlog only when scanned, so a scan at the
+            # end followed by an empty backlog means all of them were delivered.
+            if self._scanned_to_end() and self.backlog() == 0:
+                return True
+            time.sleep(0.01)
+        return False
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.step()
+            except Exception:
+                log.exception("audit shipper pass failed; retrying")
+                self._stop.wait(1.0)
+            self._wake.wait(self._poll)
+            self._wake.clear()
+
+    def step(self) -> None:
+        now = time.monotonic()
+        if now >= self._next_adopt:
+            self._adopt()
+            self._next_adopt = now + 2.0
+        with self._lock:
+            dirs = list(self._dirs.values())
+        for d in dirs:
+            self._scan(d)
+        self._schedule()
+        with self._lock:
+            for d in dirs:
+                if d.dirty:
+                    self._save(d)
+        for d in dirs:
+            self._prune(d)
+        self.passes += 1
+
+    def _adopt(self) -> None:
+        try:
+            names = os.listdir(self.root)
+        except FileNotFoundError:
+            return
+        own = self._writer.dir if self._writer is not None else None
+        for name in names:
+            path = os.path.join(self.root, name)
+            if not name.startswith("w-") or path in self._dirs:
+                continue
+            if path == own:
+                fd = None
+            else:
+                fd = _spool.try_lock(path)
+                if fd is None:
+                    continue  # a live process owns it
+            saved = _spool.load_state(path)
+            segs = _spool.segments(path)
+            d = WriterDir(path, fd, saved, scan=(segs[0], 0) if segs else (0, 0))
+            with self._lock:
+                self._dirs[path] = d
+
+    def _lanes_for(self, d: WriterDir, tenant: str) -> list[Lane]:
+        audit = self._audit_of(tenant)
+        if audit is None or not audit.destinations:
+            return []
+        out = []
+        for spec in audit.destinations:
+            name = destination_name(spec)
+            lane = d.lanes.get((tenant, name))
+            if lane is None:
+                saved = d.saved.get("lanes", {}).get(d.lane_key(tenant, name), {})
+                cur = saved.get("cursor") or [0, 0]
+                lane = Lane(tenant, name, (int(cur[0]), int(cur[1])))
+                for k in ("delivered", "failures"):
+                    setattr(lane, k, int(saved.get(k) or 0))
+                lane.delivered_at = saved.get("delivered_at")
+                lane.last_error = saved.get("last_error")
+                lane.last_error_at = saved.get("last_error_at")
+                d.lanes[(tenant, name)] = lane
+            out.append(lane)
+        return out
+
+    def _scan(self, d: WriterDir) -> None:
+        """Read new frames into the lanes."""
+        try:
+            segs = _spool.segments(d.path)
+        except FileNotFoundError:
+            return
+        if not segs:
+            return
+        seg, off = d.scan
+        if seg < segs[0]:
+            seg, off = segs[0], 0
+        while True:
+            path = os.path.join(d.path, _spool.segment_name(seg))
+            end = off
+            try:
+                frames = list(_spool.read_frames(path, off))
+            except FileNotFoundError:
+                frames = []
+            with self._lock:
+                tenants = d.seg_tenants.setdefault(seg, set())
+                for _, nxt, tenant, body in frames:
+                    end = nxt
+                    tenants.add(tenant)
+                    lanes = self._lanes_for(d, tenant)
+                    if not lanes:
+                        self.undeliverable += 1
+                        continue
+                    rec: Record | None = None
+                    for lane in lanes:
+                        if (seg, nxt) <= lane.cursor:
+                            continue  # delivered before a restart
+                        if lane.overflow_from is not None or len(lane.pending) >= self._lane_cap:
+                            if lane.overflow_from is None:
+                                lane.overflow_from = (seg, nxt)
+                            continue
+                        if rec is None:
+                            rec = record_of(tenant, body)
+                        lane.pending.append(((seg, nxt), rec))
+                d.scan = (seg, end)
+                # Lanes with nothing pending have seen every frame up to here.
+                for lane in d.lanes.values():
+                    idle = not lane.pending and lane.overflow_from is None and not lane.in_flight
+                    if idle and lane.cursor < d.scan:
+                        lane.cursor = d.scan
+                        d.dirty = True
+            later = [s for s in segs if s > seg]
+            if not later:
+                return
+            seg, off = later[0], 0  # listed before the read: the old segment was complete
+
+    def _catch_up(self, d: WriterDir, lane: Lane) -> None:
+        """Refill an overflowed lane from the files, up to the shared scan position."""
+        assert lane.overflow_from is not None
+        seg, _ = lane.overflow_from
+        start = lane.cursor if lane.cursor[0] == seg else (seg, 0)
+        added = 0
+        for s in [x for x in _spool.segments(d.path) if x >= seg]:
+            off = start[1] if s == start[0] else 0
+            for _, nxt, tenant, body in _spool.read_frames(
+                os.path.join(d.path, _spool.segment_name(s)), off
+            ):
+                if (s, nxt) > d.scan:
+                    lane.overflow_from = None
+                    return
+                if tenant != lane.tenant or (s, nxt) <= lane.cursor:
+                    continue
+                if added >= self._lane_cap:
+                    lane.overflow_from = (s, nxt)
+                    return
+                lane.pending.append(((s, nxt), record_of(tenant, body)))
+                added += 1
+        lane.overflow_from = None
+
+    # -- sending -------------------------------------------------------------------------------
+
+    def _take_tokens(self, tenant: str, want: int) -> int:
+        audit = self._audit_of(tenant)
+        rate = getattr(audit, "max_events_per_second", None)
+        if not rate:
+            return want
+        now = time.monotonic()
+        tokens, at = self._tokens.get(tenant, (float(max(rate, 1.0)), now))
+        tokens = min(float(max(rate, 1.0)), tokens + (now - at) * rate)
+        n = min(want, int(tokens))
+        self._tokens[tenant] = (tokens - n, now)
+        return n
+
+    def _schedule(self) -> None:
+        assert self._pool is not None or self._thread is None
+        now = time.monotonic()
+        with self._lock:
+            for d in list(self._dirs.values()):
+                for lane in list(d.lanes.values()):
+                    if lane.in_flight or now < lane.next_try:
+                        continue
+                    if not lane.pending and lane.overflow_from is not None:
+                        self._catch_up(d, lane)
+                    if not lane.pending:
+                        continue
+                    sink = self._sink(lane)
+                    if sink is None:
+                        continue
+                    n = self._take_tokens(
+                        lane.tenant, min(self._batch_max, sink.max_batch, len(lane.pending))
+                    )
+                    if n <= 0:
+                        lane.next_try = now + 0.05
+                        continue
+                    batch = [lane.pending[i] for i in range(n)]
+                    lane.in_flight = True
+                    if self._pool is None:
+                        self._send(d, lane, sink, batch)
+                    else:
+                        self._pool.submit(self._send, d, lane, sink, batch)
+
+    def _sink(self, lane: Lane) -> Sink | None:
+        audit = self._audit_of(lane.tenant)
+        spec = None
+        for s in getattr(audit, "destinations", ()):
+            if destination_name(s) == lane.name:
+                spec = s
+        if spec is None:
+            return None
+        text = json.dumps(spec, sort_keys=True)
+        have = self._sinks.get((lane.tenant, lane.name))
+        if have is not None and have[0] == text:
+            return have[1]
+        try:
+            sink = self._sink_factory(dict(spec), self._env)
+        except Exception as exc:
+            self._failed(lane, f"{type(exc).__name__}: {exc}", None, retryable=False)
+            return None
+        if have is not None:
+            with contextlib.suppress(Exception):
+                have[1].close()
+        self._sinks[(lane.tenant, lane.name)] = (text, sink)
+        return sink
+
+    def _send(self, d: WriterDir, lane: Lane, sink: Sink, batch: list[tuple[Pos, Record]]) -> None:
+        try:
+            sink.send([r for _, r in batch])
+        except DeliveryError as exc:
+            with self._lock:
+                self._failed(lane, str(exc), exc.retry_after, retryable=exc.retryable)
+                lane.in_flight = False
+            self._wake.set()
+            return
+        except Exception as exc:
+            with self._lock:
+                self._failed(lane, f"{type(exc).__name__}: {exc}", None, retryable=True)
+                lane.in_flight = False
+            self._wake.set()
+            return
+        with self._lock:
+            for _ in batch:
+                lane.pending.popleft()
+            lane.cursor = max(lane.cursor, batch[-1][0])
+            lane.delivered += len(batch)
+            lane.delivered_at = time.time()
+            lane.attempts = 0
+            lane.next_try = 0.0
+            lane.in_flight = False
+            d.dirty = True
+        self._wake.set()
+
+    def _failed(
+        self, lane: Lane, error: str, retry_after: float | None, *, retryable: bool
+    ) -> None:
+        lane.failures += 1
+        lane.attempts += 1
+        lane.last_error = error[:500]
+        lane.last_error_at = time.time()
+        if retryable:
+            delay = random.uniform(  # noqa: S311 - jitter, not a secret
+                0, min(self._max_backoff, 0.2 * 2 ** min(lane.attempts, 20))
+            )
+        else:
+            delay = self._max_backoff
+        if retry_after is not None:
+            delay = max(delay, min(retry_after, self._max_backoff))
+        lane.next_try = time.monotonic() + delay
+        log.warning(
+            "audit delivery to %s of tenant %r failed (attempt %d), retrying in %.1fs: %s",
+            lane.name,
+            lane.tenant,
+            lane.attempts,
+            delay,
+            lane.last_error,
+        )
+
+    # -- state ---------------------------------------------------------------------------------
+
+    def _save(self, d: WriterDir) -> None:
+        lanes = dict(d.saved.get("lanes", {}))
+        for (tenant, name), lane in d.lanes.items():
+            lanes[d.lane_key(tenant, name)] = lane.state()
+        d.saved = {"lanes": lanes, "scan": list(d.scan), "undeliverable": self.undeliverable}
+        try:
+            _spool.save_state(d.path, d.saved)
+            d.dirty = False
+        except OSError as exc:
+            log.warning("audit shipper could not save its cursors in %s: %s", d.path, exc)
+
+    def _prune(self, d: WriterDir) -> None:
+        """Delete segments every lane has delivered, once older than the retention."""
+        current = self._writer.position.segment if self._writer and d.lock_fd is None else None
+        try:
+            segs = _spool.segments(d.path)
+        except FileNotFoundError:
+            return
+        now = time.time()
+        for s in segs:
+            path = os.path.join(d.path, _spool.segment_name(s))
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                continue
+            # Complete: the scan moved past it, or it is the last of a dead writer, read whole.
+            complete = s < d.scan[0] or (
+                d.lock_fd is not None and d.scan == (s, st.st_size) and s != current
+            )
+            if not complete or now - st.st_mtime < self._retention:
+                break
+            with self._lock:
+                if s not in d.seg_tenants:
+                    break  # not read by this shipper: its lanes are unknown
+                done = all(
+                    lane.cursor >= (s, st.st_size)
+                    for t in d.seg_tenants[s]
+                    for lane in self._lanes_for(d, t)
+                )
+            if not done:
+                break
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                continue
+            if self._writer is not None and d.lock_fd is None:
+                self._writer.forget_bytes(st.st_size)
+            with self._lock:
+                d.seg_tenants.pop(s, None)
+        if d.lock_fd is not None and not _spool.segments(d.path):
+            # An adopted directory, fully delivered and past retention: remove it.
+            with self._lock:
+                self._dirs.pop(d.path, None)
+            for name in os.listdir(d.path):
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(d.path, name))
+            with contextlib.suppress(OSError):
+                os.rmdir(d.path)
+            os.close(d.lock_fd)
+            d.lock_fd = None
+
+    # -- what the operator sees ----------------------------------------------------------------
+
+    def backlog(self) -> int:
+        with self._lock:
+            return sum(
+                len(lane.pending) + (1 if lane.overflow_from else 0) + (1 if lane.in_flight else 0)
+                for d in self._dirs.values()
+                for lane in d.lanes.values()
+            )
+
+    def _scanned_to_end(self) -> bool:
+        with self._lock:
+            dirs = list(self._dirs.values())
+        for d in dirs:
+            segs = _spool.segments(d.path) if os.path.isdir(d.path) else []
+            if not segs:
+                continue
+            last = segs[-1]
+            size = os.path.getsize(os.path.join(d.path, _spool.segment_name(last)))
+            if d.scan < (last, size):
+                return False
+        return True
+
+    def tenants(self) -> dict[str, dict[str, Any]]:
+        """Per tenant and destination: backlog, oldest pending age, deliveries, failures."""
+        out: dict[str, dict[str, Any]] = {}
+        now = time.time_ns()
+        with self._lock:
+            for d in self._dirs.values():
+                for lane in d.lanes.values():
+                    t = out.setdefault(lane.tenant, {})
+                    s = t.setdefault(
+                        lane.name,
+                        {
+                            "backlog": 0,
+                            "lag_seconds": 0.0,
+                            "delivered": 0,
+                            "delivered_at": None,
+                            "failures": 0,
+                            "last_error": None,
+                        },
+                    )
+                    s["backlog"] += len(lane.pending) + (1 if lane.overflow_from else 0)
+                    if lane.pending:
+                        lag = (now - lane.pending[0][1].time_ns) / 1e9
+                        s["lag_seconds"] = max(s["lag_seconds"], lag)
+                    s["delivered"] += lane.delivered
+                    if lane.delivered_at and (s["delivered_at"] or 0) < lane.delivered_at:
+                        s["delivered_at"] = lane.delivered_at
+                    s["failures"] += lane.failures
+                    if lane.last_error and lane.pending:
+                        s["last_error"] = lane.last_error
+        return out

@@ -1,0 +1,286 @@
+"""The durable audit spool: fsync'd append-only segment files, one directory per writer process.
+
+Layout of a spool directory::
+
+    <spool>/
+      w-<writer>/             one per process that wrote (a fork gets its own)
+        lock                  flock'd by the process that writes or ships this directory
+        00000001.seg ...      segments, appended to, rolled at ``segment_bytes``
+        state.json            delivery cursors and status (the shipper's, replaced atomically)
+
+A segment is a sequence of frames, version byte first::
+
+    u8  version (1) | u32 length of body | u32 crc32(tenant + body) | u16 length of tenant
+    tenant (UTF-8) | body (the event's canonical JSON)
+
+The tenant is outside the JSON so that a reader catching one tenant up skips the others' frames
+without parsing them.
+
+:meth:`Writer.append` returns only once the frame is on disk (``fdatasync``). Appends from many
+threads share one sync: a thread that finds its frame already synced by another returns at once,
+so throughput grows with concurrency instead of paying one sync per event (group commit).
+
+A reader stops at the first frame that is short or fails its CRC: that is where a crash cut the
+file (only a power loss can leave one; SIGKILL keeps every completed ``write``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import socket
+import struct
+import threading
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+_HEAD = struct.Struct(">BIIH")
+VERSION = 1
+MAX_FRAME = 1 << 20  # an event is a few hundred bytes; a larger length is a torn or foreign file
+SEGMENT_GLOB = ".seg"
+
+
+class SpoolError(Exception):
+    """The spool could not take an event (full, or the disk failed); internal."""
+
+
+def new_writer_id() -> str:
+    """``<host>-<pid>-<random>``: unique per process and per fork, readable by an operator."""
+    host = socket.gethostname().split(".", 1)[0] or "host"
+    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in host)[:40]
+    return f"{safe}-{os.getpid()}-{os.urandom(4).hex()}"
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def segment_name(n: int) -> str:
+    return f"{n:08d}{SEGMENT_GLOB}"
+
+
+def segments(wdir: str) -> list[int]:
+    """The segment numbers in a writer directory, oldest first."""
+    out = []
+    for name in os.listdir(wdir):
+        if name.endswith(SEGMENT_GLOB) and name[:-4].isdigit():
+            out.append(int(name[:-4]))
+    return sorted(out)
+
+
+def read_frames(path: str, offset: int = 0) -> Iterator[tuple[int, int, str, bytes]]:
+    """``(offset, next_offset, tenant, body)`` of each whole frame from ``offset``; stops at a
+    torn tail."""
+    with open(path, "rb") as f:
+        f.seek(offset)
+        data = f.read()
+    pos = 0
+    while pos + _HEAD.size <= len(data):
+        version, length, crc, tlen = _HEAD.unpack_from(data, pos)
+        start = pos + _HEAD.size
+        end = start + tlen + length
+        if version != VERSION or length > MAX_FRAME or end > len(data):
+            return
+        if zlib.crc32(data[start:end]) != crc:
+            return
+        tenant = data[start : start + tlen].decode()
+        yield offset + pos, offset + end, tenant, data[start + tlen : end]
+        pos = end
+
+
+def frame(tenant: str, body: bytes) -> bytes:
+    t = tenant.encode()
+    return _HEAD.pack(VERSION, len(body), zlib.crc32(t + body), len(t)) + t + body
+
+
+def try_lock(wdir: str) -> int | None:
+    """Take the directory's lock without waiting; its fd (keep it open), or None if held."""
+    fd = os.open(os.path.join(wdir, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def load_state(wdir: str) -> dict[str, Any]:
+    try:
+        with open(os.path.join(wdir, "state.json"), "rb") as f:
+            state: dict[str, Any] = json.loads(f.read())
+            return state
+    except FileNotFoundError:
+        return {}
+    except ValueError:
+        # A state file cut by a crash: start over, which re-delivers (at least once, never lost).
+        return {}
+
+
+def save_state(wdir: str, state: dict[str, Any]) -> None:
+    """Replace ``state.json`` atomically (write, fsync, rename)."""
+    tmp = os.path.join(wdir, f".state.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(json.dumps(state, sort_keys=True).encode())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(wdir, "state.json"))
+
+
+@dataclass
+class Position:
+    """Where a frame ends: segment number and byte offset after it (orders frames of a writer)."""
+
+    segment: int
+    offset: int
+
+    def key(self) -> tuple[int, int]:
+        return (self.segment, self.offset)
+
+
+class Writer:
+    """Appends frames to this process's writer directory, durably (see the module docstring).
+
+    Args:
+        root: The spool directory (created if missing, mode 0700).
+        segment_bytes: Roll to a new segment past this size.
+        max_bytes: Refuse appends (SpoolError) once this writer's segments hold this much.
+    """
+
+    def __init__(self, root: str, *, segment_bytes: int, max_bytes: int) -> None:
+        os.makedirs(root, mode=0o700, exist_ok=True)
+        self.root = root
+        self.writer_id = new_writer_id()
+        self.dir = os.path.join(root, f"w-{self.writer_id}")
+        # Locked under a name no shipper adopts, then renamed: a shipper that listed the root
+        # in between would otherwise take the new directory's lock first.
+        tmp = os.path.join(root, f".new-{self.writer_id}")
+        os.makedirs(tmp, mode=0o700)
+        lock = try_lock(tmp)
+        assert lock is not None  # nobody else knows the name yet
+        os.rename(tmp, self.dir)
+        _fsync_dir(root)
+        self.lock_fd: int | None = lock
+        self._segment_bytes = segment_bytes
+        self._max_bytes = max_bytes
+        self._lock = threading.Lock()  # frame order and the chain
+        self._sync_lock = threading.Lock()  # one fdatasync at a time
+        self._cond = threading.Condition(self._lock)
+        self._segment = 0
+        self._fd = -1
+        self._size = 0  # bytes in the current segment
+        self._closed_bytes = 0  # bytes in earlier segments still on disk (approx.)
+        self._written = 0  # frames written
+        self._synced = 0  # frames known on disk
+        self._broken = False
+        self._retired: list[int] = []
+        self._roll()
+
+    @property
+    def position(self) -> Position:
+        return Position(self._segment, self._size)
+
+    def _roll(self) -> None:
+        # Called under _lock. The old segment is synced and closed by the next _sync, under
+        # _sync_lock: closing it here could pull the descriptor from under a sync in flight.
+        if self._fd >= 0:
+            self._retired.append(self._fd)
+            self._closed_bytes += self._size
+        self._segment += 1
+        path = os.path.join(self.dir, segment_name(self._segment))
+        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
+        _fsync_dir(self.dir)  # the new name itself must survive a crash
+        self._size = 0
+
+    def forget_bytes(self, n: int) -> None:
+        """The shipper deleted ``n`` bytes of old segments."""
+        with self._lock:
+            self._closed_bytes = max(0, self._closed_bytes - n)
+
+    def append(self, tenant: str, build: Any) -> tuple[bytes, Position]:
+        """Write one frame and wait until it is on disk; return its body and end position.
+
+        ``build()`` is called under the writer's lock (so chain order is file order) and returns
+        the body bytes.
+
+        Raises:
+            SpoolError: the spool is full or the disk failed (nothing is half-recorded: a frame
+                that was not synced is never reported as recorded).
+        """
+        with self._lock:
+            if self._closed_bytes + self._size >= self._max_bytes:
+                raise SpoolError("the audit spool is full")
+            try:
+                if self._broken or self._size >= self._segment_bytes:
+                    # After a failed write or sync the file's tail is unknown: start a new one.
+                    self._roll()
+                    self._broken = False
+                body: bytes = build()
+                data = frame(tenant, body)
+                os.write(self._fd, data)
+            except OSError as exc:
+                self._broken = True
+                raise SpoolError(f"the audit spool could not write: {exc.strerror}") from None
+            self._size += len(data)
+            self._written += 1
+            mine = self._written
+            pos = Position(self._segment, self._size)
+        self._sync(mine)
+        return body, pos
+
+    def _sync(self, mine: int) -> None:
+        if self._synced >= mine:
+            return
+        with self._sync_lock:
+            if self._synced >= mine:  # another thread's sync covered this frame
+                return
+            with self._lock:
+                target = self._written
+                fd = self._fd
+                retired, self._retired = self._retired, []
+            try:
+                for old in retired:
+                    try:
+                        os.fdatasync(old)
+                    finally:
+                        os.close(old)
+                os.fdatasync(fd)
+            except OSError as exc:
+                with self._lock:
+                    self._broken = True
+                raise SpoolError(f"the audit spool could not sync: {exc.strerror}") from None
+            self._synced = target
+
+    def close(self) -> None:
+        with self._sync_lock, self._lock:
+            for fd in [*self._retired, self._fd]:
+                if fd >= 0:
+                    try:
+                        os.fdatasync(fd)
+                    finally:
+                        os.close(fd)
+            self._retired, self._fd = [], -1
+            if self.lock_fd is not None:
+                os.close(self.lock_fd)
+                self.lock_fd = None
+
+    def abandon_after_fork(self) -> None:
+        """In a forked child: drop the parent's descriptors without touching its files.
+
+        The child must not keep the parent's directory locked (flock locks belong to the open
+        file, which the fork shares): if the parent died first, the lock would keep its
+        unshipped events from being adopted for as long as the child lives.
+        """
+        for fd in (*self._retired, self._fd, self.lock_fd):
+            if fd is not None and fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._retired, self._fd = [], -1
+        self.lock_fd = None
