@@ -1,4 +1,5 @@
-"""``python -m benchmarks``: see :mod:`benchmarks.run`; ``--scale``: :mod:`benchmarks.scale`."""
+"""``python -m benchmarks``: see :mod:`benchmarks.run`; ``--scale``: :mod:`benchmarks.scale`;
+``--audit``: :mod:`benchmarks.audit`."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import sys
 
 if "--scale" in sys.argv[1:]:
     from .scale import main
+elif "--audit" in sys.argv[1:]:
+    from .audit import main
 else:
     from .run import main
 

@@ -19,6 +19,7 @@ integrity check).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -26,17 +27,33 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
 from . import _shipper, _spool
 from .audit import AuditEvent, make_event
 from .context import TenantContext
-from .errors import AuditError, ConfigurationError
-from .sinks import NetworkPolicy, SinkEnv, check_destination, destination_name
+from .errors import AuditError, CMKError, ConfigurationError
+from .sinks import (
+    NetworkPolicy,
+    Record,
+    SinkEnv,
+    build_sink,
+    check_destination,
+    destination_name,
+)
 
-__all__ = ["AuditDelivery", "AuditDestinations", "StaticDestinations", "TenantAudit"]
+__all__ = [
+    "AuditDelivery",
+    "AuditDestinations",
+    "ChainError",
+    "StaticDestinations",
+    "TenantAudit",
+    "spool_events",
+    "spool_status",
+    "verify_chain",
+]
 
 log = logging.getLogger("sqlalchemy_cmk.delivery")
 
@@ -448,6 +465,67 @@ class AuditDelivery:
             writer.close()
         _live.discard(self)
 
+    def replay(
+        self,
+        tenant: str,
+        *,
+        since_ns: int | None = None,
+        until_ns: int | None = None,
+        destination: str | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> int:
+        """Send the tenant's events still in the spool again (a range, one destination or all),
+        in order, with their original ids (the tenant's SIEM drops what it already has).
+
+        Returns:
+            The number of events sent to each destination.
+
+        Raises:
+            ConfigurationError: the tenant has no such destination.
+            DeliveryError: a destination refused a batch; events before it were sent.
+        """
+        audit = self.tenant_audit(tenant)
+        specs = [
+            s
+            for s in (audit.destinations if audit else ())
+            if destination is None or destination_name(s) == destination
+        ]
+        if not specs:
+            raise ConfigurationError(
+                f"tenant {tenant!r} has no audit destination"
+                + (f" named {destination!r}" if destination else "")
+            )
+        built = [build_sink(s, self.env) for s in specs]
+        sent = 0
+        try:
+            batch: list[Record] = []
+            size = min([self._shipper_args["batch_max"], *(s.max_batch for s in built)])
+
+            def flush() -> None:
+                for sink in built:
+                    sink.send(batch)
+                batch.clear()
+
+            for _, rec in spool_events(self.root, tenant, since_ns=since_ns, until_ns=until_ns):
+                batch.append(rec)
+                if len(batch) >= size:
+                    n = len(batch)
+                    flush()
+                    sent += n
+                    if progress is not None:
+                        progress(sent)
+            if batch:
+                n = len(batch)
+                flush()
+                sent += n
+                if progress is not None:
+                    progress(sent)
+        finally:
+            for sink in built:
+                with contextlib.suppress(Exception):
+                    sink.close()
+        return sent
+
     def _after_fork_in_child(self) -> None:
         self._lock = threading.Lock()
         if self._writer is not None:
@@ -495,3 +573,136 @@ def _after_fork() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork)
+
+
+# -- reading a spool (the CLI, an operator's scripts) --------------------------------------------
+
+
+def _writer_dirs(spool: str | os.PathLike[str]) -> list[str]:
+    root = os.fspath(spool)
+    if not os.path.isdir(root):
+        raise ConfigurationError(f"no audit spool at {root!r}")
+    return sorted(os.path.join(root, n) for n in os.listdir(root) if n.startswith("w-"))
+
+
+def spool_events(
+    spool: str | os.PathLike[str],
+    tenant: str | None = None,
+    *,
+    since_ns: int | None = None,
+    until_ns: int | None = None,
+) -> Iterator[tuple[str, Record]]:
+    """``(writer, record)`` of every event still in the spool (delivered ones until their
+    retention ends), each writer's in the order written, writers one after another."""
+    for wdir in _writer_dirs(spool):
+        writer = os.path.basename(wdir)[2:]
+        for seg in _spool.segments(wdir):
+            path = os.path.join(wdir, _spool.segment_name(seg))
+            try:
+                frames = list(_spool.read_frames(path))
+            except FileNotFoundError:
+                continue  # pruned meanwhile
+            for _, _, t, body in frames:
+                if tenant is not None and t != tenant:
+                    continue
+                rec = _shipper.record_of(t, body)
+                if since_ns is not None and rec.time_ns < since_ns:
+                    continue
+                if until_ns is not None and rec.time_ns >= until_ns:
+                    continue
+                yield writer, rec
+
+
+def spool_status(spool: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """One entry per writer, tenant and destination: backlog, oldest undelivered event's age,
+    deliveries, failures and the last error, as the shipper last saved them; ``destination`` is
+    None for a tenant whose events no shipper has picked up yet."""
+    out: list[dict[str, Any]] = []
+    now = time.time_ns()
+    for wdir in _writer_dirs(spool):
+        fd = _spool.try_lock(wdir)
+        alive = fd is None
+        if fd is not None:
+            os.close(fd)
+        lanes = _spool.load_state(wdir).get("lanes", {})
+        by_tenant: dict[str, list[tuple[str | None, dict[str, Any]]]] = {}
+        for key, st in lanes.items():
+            t, _, name = key.partition("\n")
+            by_tenant.setdefault(t, []).append((name, st))
+        rows: dict[tuple[str, str | None], dict[str, Any]] = {}
+        for t, dests in by_tenant.items():
+            for name, st in dests:
+                rows[(t, name)] = {
+                    "writer": os.path.basename(wdir)[2:],
+                    "writer_alive": alive,
+                    "tenant": t,
+                    "destination": name,
+                    "backlog": 0,
+                    "oldest_undelivered_seconds": None,
+                    "delivered": st.get("delivered", 0),
+                    "delivered_at": st.get("delivered_at"),
+                    "failures": st.get("failures", 0),
+                    "last_error": st.get("last_error"),
+                }
+        for seg in _spool.segments(wdir):
+            path = os.path.join(wdir, _spool.segment_name(seg))
+            with contextlib.suppress(FileNotFoundError):
+                for _, nxt, t, body in _spool.read_frames(path):
+                    targets = by_tenant.get(t) or [(None, {})]
+                    for name, st in targets:
+                        cursor = tuple(st.get("cursor") or (0, 0))
+                        if (seg, nxt) <= cursor:
+                            continue
+                        row = rows.setdefault(
+                            (t, name),
+                            {
+                                "writer": os.path.basename(wdir)[2:],
+                                "writer_alive": alive,
+                                "tenant": t,
+                                "destination": name,
+                                "backlog": 0,
+                                "oldest_undelivered_seconds": None,
+                                "delivered": 0,
+                                "delivered_at": None,
+                                "failures": 0,
+                                "last_error": None,
+                            },
+                        )
+                        row["backlog"] += 1
+                        if row["oldest_undelivered_seconds"] is None:
+                            age = (now - _shipper.record_of(t, body).time_ns) / 1e9
+                            row["oldest_undelivered_seconds"] = round(age, 3)
+        out.extend(rows.values())
+    return out
+
+
+def verify_chain(bodies: Iterable[bytes]) -> dict[tuple[str, str], int]:
+    """Check the hash chains of delivered events, as a tenant does (``docs/audit.md``).
+
+    Events may come in any order across writers but in order within one writer (as delivered).
+
+    Returns:
+        The number of events per (tenant, writer).
+
+    Raises:
+        ChainError: a gap (an event missing), an edited event, or a reordering.
+    """
+    last: dict[tuple[str, str], tuple[int, str]] = {}
+    for body in bodies:
+        un = json.loads(body)["unmapped"]
+        key = (un["tenant"], un["writer"])
+        seq, prev = last.get(key, (0, _GENESIS))
+        if un["seq"] != seq + 1:
+            raise ChainError(
+                f"writer {un['writer']}: event {seq + 1} is missing before {un['seq']}"
+            )
+        if un["prev"] != prev:
+            raise ChainError(
+                f"writer {un['writer']}: event {seq} was changed, or another took its place"
+            )
+        last[key] = (seq + 1, hashlib.sha256(body).hexdigest())
+    return {k: v[0] for k, v in last.items()}
+
+
+class ChainError(CMKError):
+    """A tenant's hash chain does not verify: an event is missing, edited or out of order."""

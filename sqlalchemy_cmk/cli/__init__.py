@@ -39,6 +39,9 @@ Usage::
     sqlalchemy-cmk search status [--index TABLE.NAME] --metadata module:Base
     (blind indexes of searchable columns: build one over existing rows, rotate its key; see
     docs/search-rotation.md)
+    sqlalchemy-cmk audit status|tail|verify|replay --spool DIR [--tenant T] ...
+    (the audit spool of each tenant's events: backlog, deliveries, the hash chains, re-delivery
+    of a range; docs/audit.md)
     sqlalchemy-cmk status --table T --column C ...
     sqlalchemy-cmk cutover --table T --column C ... --into [C=]TARGET ...
     (encrypt-column --into: move text column C into the binary column TARGET, C left NULL;
@@ -94,7 +97,7 @@ from collections.abc import Sequence
 from sqlalchemy.exc import SQLAlchemyError
 
 from ..errors import CMKError
-from . import keys, migrate, search, tenants
+from . import audit, keys, migrate, search, tenants
 from ._common import (
     EXIT_BROKEN_PIPE,
     EXIT_FAILED,
@@ -130,6 +133,7 @@ def _parser() -> argparse.ArgumentParser:
     keys.add_parsers(commands, as_json)
     migrate.add_parsers(commands, as_json)
     search.add_parsers(commands, as_json)
+    audit.add_parsers(commands, as_json)
     return parser
 
 
@@ -174,6 +178,8 @@ def _main(argv: Sequence[str] | None) -> int:
             return migrate.run_migration(args, out)
         if args.command == "keys":
             return keys.run_keys(args, out)
+        if args.command == "audit":
+            return audit.run_audit(args, out)
         return tenants.run_tenants(args, out)
     except UsageError as exc:
         _fail(f"error: {exc}")
