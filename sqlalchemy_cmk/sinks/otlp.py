@@ -18,10 +18,12 @@ which would drop a failed batch): its failure becomes a :class:`DeliveryError`. 
 through a ``requests.Session`` whose ``request`` is the shared client of ``_http``, so OTLP
 obeys the same rules as the other HTTP destinations: policy-checked and pinned address, verified
 TLS, no redirect, no proxy or ``.netrc`` from the environment, one timeout, the same retryable
-statuses. Only the exporter's own ``Content-Type``, ``Content-Encoding`` and ``User-Agent``
-headers pass, plus the spec's: headers the process's ``OTEL_EXPORTER_OTLP_*HEADERS`` variables
-add (credentials for the application's own collector) never reach a tenant; likewise the
-resource is built without ``OTEL_RESOURCE_ATTRIBUTES``.
+statuses. (The stock exporter, left to ``requests``, would count a 3xx answer as a successful
+export: a redirecting collector would silently lose the batch.) Only the exporter's own
+``Content-Type``, ``Content-Encoding`` and ``User-Agent`` headers pass, plus the spec's: headers
+the process's ``OTEL_EXPORTER_OTLP_*HEADERS`` variables add (credentials for the application's
+own collector) never reach a tenant; likewise the resource is built without
+``OTEL_RESOURCE_ATTRIBUTES``.
 """
 
 from __future__ import annotations
