@@ -126,6 +126,9 @@ class _PinnedHTTPSConnection(http.client.HTTPSConnection):
 
     def connect(self) -> None:
         raw = socket.create_connection((self._address, self.port), self.timeout)
+        # As http.client's own connect does: headers and body go out in separate writes, and
+        # Nagle's algorithm would hold the body for the server's delayed ACK (~40 ms).
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         # Set before the handshake so that the deadline timer can abort a stalled one.
         self.sock = raw
         try:

@@ -18,6 +18,7 @@ import gzip
 import http.server
 import ipaddress
 import json
+import socket
 import ssl
 import threading
 from collections.abc import Callable, Iterator, Mapping
@@ -153,6 +154,12 @@ class Receiver:
 
         class _Handler(http.server.BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+
+            def setup(self) -> None:
+                super().setup()
+                # Headers and body are separate writes: without this, Nagle's algorithm holds
+                # the body for the client's delayed ACK (~40 ms a request).
+                self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
             def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length", "0"))
