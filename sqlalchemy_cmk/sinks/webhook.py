@@ -1,0 +1,239 @@
+"""The ``webhook`` destination: each batch POSTed over HTTPS as JSON, signed for the tenant.
+
+Spec (``docs/audit.md`` shows the tenant's side and the verification recipe)::
+
+    {"kind": "webhook",
+     "url": "https://siem.acme.example/cmk-audit",
+     "signing": {"alg": "hmac-sha256", "key": "env:ACME_WEBHOOK_KEY", "key_id": "acme-1"},
+     # or {"alg": "ed25519", "private_key": "file:/etc/myapp/acme-webhook.pem"}
+     "timeout": 10, "max_batch": 100, "ca_file": null}
+
+The request body holds the records' bodies verbatim, one per line, inside a JSON document::
+
+    {"events":[
+    <body 1>,
+    <body 2>
+    ]}
+
+so a receiver either parses it as JSON, or takes the exact bytes of each event (to re-hash the
+tenant's hash chain) as the lines between the first and the last, less one trailing comma.
+
+Headers: ``CMK-Signature: t=<unix seconds>,kid=<key id>,v1=<hex HMAC-SHA256>`` (or
+``v1-ed25519=<base64 signature>``), the signature over ``b"<t>." + body``; ``CMK-Tenant``;
+``CMK-Event-Count``. A receiver checks the signature with the tenant's key, refuses a ``t`` more
+than five minutes from its clock (replays) and de-duplicates by event id (re-deliveries).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from ..errors import ConfigurationError, DeliveryError
+from . import Record, SinkEnv
+from ._http import HttpsClient, check_common, raise_for_status
+
+__all__ = ["SIGNATURE_HEADER", "WebhookSink", "build", "check", "sign"]
+
+KIND = "webhook"
+MAX_BATCH = 500
+SIGNATURE_HEADER = "CMK-Signature"
+_ALGS = {"hmac-sha256": "key", "ed25519": "private_key"}
+# HMAC keys shorter than the hash's output weaken it; 32 random bytes is what the docs generate.
+_MIN_HMAC_KEY = 32
+
+
+def check(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """Validate and normalise a webhook spec (no I/O, no secret resolved).
+
+    Raises:
+        ConfigurationError: naming the field.
+    """
+    out = check_common(spec, KIND, max_batch=MAX_BATCH)
+    unknown = set(spec) - {"kind", "url", "timeout", "ca_file", "max_batch", "signing"}
+    if unknown:
+        raise ConfigurationError(f"webhook destination: unknown field(s) {sorted(unknown)}")
+    signing = spec.get("signing")
+    if not isinstance(signing, Mapping):
+        raise ConfigurationError(
+            "webhook destination: 'signing' is required, e.g. "
+            '{"alg": "hmac-sha256", "key": "env:NAME"} or '
+            '{"alg": "ed25519", "private_key": "file:/path.pem"}'
+        )
+    alg = signing.get("alg")
+    if alg not in _ALGS:
+        raise ConfigurationError(
+            f"webhook destination: 'signing.alg' must be one of {sorted(_ALGS)}, not {alg!r}"
+        )
+    field_name = _ALGS[alg]
+    ref = signing.get(field_name)
+    if not isinstance(ref, str) or ":" not in ref:
+        raise ConfigurationError(
+            f"webhook destination: 'signing.{field_name}' must be a secret reference "
+            "(env:NAME or file:/path), never the key itself"
+        )
+    unknown = set(signing) - {"alg", field_name, "key_id"}
+    if unknown:
+        raise ConfigurationError(
+            f"webhook destination: unknown 'signing' field(s) {sorted(unknown)}"
+        )
+    checked: dict[str, Any] = {"alg": alg, field_name: ref}
+    key_id = signing.get("key_id")
+    if key_id is not None:
+        if not isinstance(key_id, str) or not key_id or not _is_token(key_id):
+            raise ConfigurationError(
+                "webhook destination: 'signing.key_id' must be letters, digits, '-', '_' or '.'"
+            )
+        checked["key_id"] = key_id
+    out["signing"] = checked
+    return out
+
+
+def _is_token(s: str) -> bool:
+    return len(s) <= 64 and all(c.isascii() and (c.isalnum() or c in "-_.") for c in s)
+
+
+@dataclass(frozen=True)
+class _Signer:
+    """Signs ``b"<t>." + body`` with one key; knows the key's id."""
+
+    alg: str
+    key_id: str
+    _sign: Callable[[bytes], str] = field(repr=False)
+
+    def header(self, body: bytes, timestamp: int) -> str:
+        sig = self._sign(f"{timestamp}.".encode() + body)
+        name = "v1" if self.alg == "hmac-sha256" else "v1-ed25519"
+        return f"t={timestamp},kid={self.key_id},{name}={sig}"
+
+
+def _signer(signing: Mapping[str, Any], env: SinkEnv) -> _Signer:
+    if signing["alg"] == "hmac-sha256":
+        ref = signing["key"]
+        key = env.secret(ref)
+        if len(key) < _MIN_HMAC_KEY:
+            raise ConfigurationError(
+                f"webhook signing key {ref!r} is shorter than {_MIN_HMAC_KEY} bytes"
+            )
+        # A key id derived from the key (not a hash of it alone): names the key, reveals nothing.
+        key_id = signing.get("key_id") or (
+            "hmac-" + hmac.new(key, b"sqlalchemy-cmk webhook key id", "sha256").hexdigest()[:16]
+        )
+        return _Signer(
+            "hmac-sha256", key_id, lambda m: hmac.new(key, m, hashlib.sha256).hexdigest()
+        )
+    ref = signing["private_key"]
+    pem = env.secret(ref)
+    try:
+        private = serialization.load_pem_private_key(pem, password=None)
+    except (ValueError, TypeError):
+        raise ConfigurationError(
+            f"webhook signing private_key {ref!r} is not an unencrypted PEM private key"
+        ) from None
+    if not isinstance(private, Ed25519PrivateKey):
+        raise ConfigurationError(f"webhook signing private_key {ref!r} is not an Ed25519 key")
+    key_id = signing.get("key_id") or public_key_id(private.public_key().public_bytes_raw())
+    return _Signer("ed25519", key_id, lambda m: base64.b64encode(private.sign(m)).decode("ascii"))
+
+
+def public_key_id(raw_public_key: bytes) -> str:
+    """The default key id of an Ed25519 key: ``ed25519-`` and 16 hex digits of the SHA-256 of
+    its raw 32-byte public key (what a tenant computes from the public key it was given)."""
+    return "ed25519-" + hashlib.sha256(raw_public_key).hexdigest()[:16]
+
+
+def payload(records: Sequence[Record]) -> bytes:
+    """The request body: the records' bodies verbatim, one per line, in a JSON document.
+
+    Raises:
+        DeliveryError: a body with a line break (not canonical JSON), not retryable.
+    """
+    for r in records:
+        if b"\n" in r.body or b"\r" in r.body:
+            raise DeliveryError(
+                f"audit event {r.id} is not single-line JSON: cannot frame it", retryable=False
+            )
+    return b'{"events":[\n' + b",\n".join(r.body for r in records) + b"\n]}"
+
+
+def sign(records: Sequence[Record], signer: _Signer, timestamp: int) -> tuple[bytes, str]:
+    """The request body for ``records`` and its ``CMK-Signature`` header value."""
+    body = payload(records)
+    return body, signer.header(body, timestamp)
+
+
+class WebhookSink:
+    """POSTs signed batches to a tenant's HTTPS endpoint (see the module docstring).
+
+    Args:
+        client: The HTTPS client for the endpoint.
+        signer: The tenant's signing key.
+        max_batch: Records per request at most.
+        clock: Seconds since the epoch, for the signature's timestamp (a seam for tests).
+    """
+
+    kind = KIND
+
+    def __init__(
+        self,
+        client: HttpsClient,
+        signer: _Signer,
+        *,
+        max_batch: int = MAX_BATCH,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.max_batch = max_batch
+        self._client = client
+        self._signer = signer
+        self._clock = clock
+
+    @property
+    def key_id(self) -> str:
+        """The id of the signing key, sent in every signature header."""
+        return self._signer.key_id
+
+    def send(self, records: Sequence[Record]) -> None:
+        """POST ``records`` as one signed request.
+
+        Raises:
+            DeliveryError: the endpoint did not take them (see ``_http.raise_for_status``).
+        """
+        if not records:
+            return
+        body, signature = sign(records, self._signer, int(self._clock()))
+        headers = {
+            "Content-Type": "application/json",
+            "User-Agent": "sqlalchemy-cmk",
+            SIGNATURE_HEADER: signature,
+            "CMK-Tenant": records[0].tenant,
+            "CMK-Event-Count": str(len(records)),
+        }
+        raise_for_status(self._client.post(body, headers), self._client)
+
+    def close(self) -> None:
+        """Nothing to release: each request has its own connection."""
+
+
+def build(spec: Mapping[str, Any], env: SinkEnv) -> WebhookSink:
+    """The sink for a checked spec: the URL passes ``env.policy``, the key is resolved.
+
+    Raises:
+        ConfigurationError: a refused URL or host, an unloadable ``ca_file``, or a signing key
+            that cannot be resolved or is unfit (the message names the reference).
+    """
+    client = HttpsClient(
+        spec["url"],
+        policy=env.policy,
+        timeout=spec["timeout"],
+        ca_file=spec.get("ca_file"),
+        what="webhook",
+    )
+    return WebhookSink(client, _signer(spec["signing"], env), max_batch=spec["max_batch"])
