@@ -5,6 +5,7 @@ receiver down for a while, the shipper killed mid-batch, a slow tenant beside a 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -201,5 +202,34 @@ def test_a_shipper_killed_mid_batch_loses_nothing(
         rows = [json.loads(b)["resources"][0]["data"]["rows"] for b in got]
         assert rows == list(range(300))
         assert sum(verify_chain(got).values()) == 300
+    finally:
+        delivery.close()
+
+
+def test_a_forked_worker_ships_its_own_events(
+    tmp_path: Path, pki: Pki, siems: dict[str, Siem]
+) -> None:
+    """gunicorn --preload: the parent made the delivery (and shipped); each worker records and
+    ships its own events while the parent lives (the parent cannot adopt a live worker's)."""
+    from tests.audit.test_delivery import record_many
+
+    delivery = AuditDelivery(tmp_path, audits(siems, pki), network=LOOPBACK, poll=0.01)
+    try:
+        record_many(delivery, "acme", 3)
+        assert delivery.flush(10)
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                record_many(delivery, "acme", 4)
+                code = 0 if delivery.flush(15) else 3
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        record_many(delivery, "acme", 2)
+        assert delivery.flush(10)
+        got = siems["acme"].unique()
+        assert sorted(verify_chain(got).values()) == [4, 5]  # the worker's 4; the parent's 3 + 2
     finally:
         delivery.close()
