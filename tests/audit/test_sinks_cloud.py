@@ -1,0 +1,227 @@
+"""The cloud log sinks with their real SDK clients against local servers on loopback.
+
+- ``cloudwatch``: boto3 against moto's server (HTTPS), events read back with ``get_log_events``.
+- ``gcp_logging``: google-cloud-logging's GAPIC client against a local ``LoggingServiceV2``
+  gRPC server (``tests/audit/_gcp_logging.py``).
+- ``azure_monitor``: azure-monitor-ingestion's ``LogsIngestionClient`` against a local HTTPS
+  data collection endpoint (``tests/audit/_azure_dce.py``) that checks the bearer token.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from sqlalchemy_cmk.errors import ConfigurationError, DeliveryError
+from sqlalchemy_cmk.sinks import NetworkPolicy, Record, SinkEnv, build_sink, check_destination
+
+LOOPBACK = NetworkPolicy(allow_private=True)
+
+
+def _records(n: int, start: int = 0, tenant: str = "acme", t0: int | None = None) -> list[Record]:
+    t0 = time.time_ns() if t0 is None else t0
+    return [
+        Record(
+            id=f"ev-{i}",
+            tenant=tenant,
+            time_ns=t0 + i * 1_000_000,
+            severity="warning" if i % 3 == 2 else "info",
+            body=json.dumps(
+                {"id": f"ev-{i}", "operation": "decrypt", "tenant": tenant, "n": 'é"\\'},
+                separators=(",", ":"),
+                ensure_ascii=False,
+                sort_keys=True,
+            ).encode(),
+        )
+        for i in range(start, start + n)
+    ]
+
+
+def _refused(spec: dict[str, Any], field: str) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        check_destination(spec)
+    assert field in str(info.value)
+    assert "hunter2" not in str(info.value)
+
+
+# -- cloudwatch ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def moto_logs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    from tests.audit._moto_logs import MotoLogs
+
+    server = MotoLogs(tmp_path_factory.mktemp("moto")).start()
+    yield server
+    server.stop()
+
+
+def _cw_group(moto_logs: Any, stream: bool = True) -> tuple[dict[str, Any], Any]:
+    from tests.audit._moto_logs import REGION
+
+    logs = moto_logs.client()
+    group = f"/acme/cmk-audit-{uuid.uuid4().hex[:8]}"
+    logs.create_log_group(logGroupName=group)
+    if stream:
+        logs.create_log_stream(logGroupName=group, logStreamName="prod")
+    spec = {
+        "kind": "cloudwatch",
+        "region": REGION,
+        "log_group": group,
+        "log_stream": "prod",
+        "timeout": 5,
+    }
+    return spec, logs
+
+
+def _cw_read(logs: Any, spec: dict[str, Any]) -> list[dict[str, Any]]:
+    answer = logs.get_log_events(
+        logGroupName=spec["log_group"], logStreamName=spec["log_stream"], startFromHead=True
+    )
+    return list(answer["events"])
+
+
+def test_cloudwatch_events_arrive_intact_and_in_order(moto_logs: Any) -> None:
+    spec, logs = _cw_group(moto_logs)
+    sink = build_sink(spec, SinkEnv(policy=LOOPBACK, clients={"cloudwatch": logs}))
+    records = _records(50)
+    sink.send(records[:20])
+    sink.send(records[20:])
+    events = _cw_read(logs, spec)
+    assert [e["message"].encode() for e in events] == [r.body for r in records]
+    assert [e["timestamp"] for e in events] == [r.time_ns // 1_000_000 for r in records]
+
+
+def test_cloudwatch_builds_its_own_client_and_assumes_the_role(
+    moto_logs: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.audit._moto_logs import CREDS
+
+    # The standard chain (here: the environment) and the CA of the local endpoint.
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", CREDS["aws_access_key_id"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", CREDS["aws_secret_access_key"])
+    monkeypatch.setenv("AWS_CA_BUNDLE", str(moto_logs.ca_file))
+    spec, logs = _cw_group(moto_logs)
+    spec |= {
+        "endpoint_url": moto_logs.url,
+        "sts_endpoint_url": moto_logs.url,
+        # moto keeps the group under the account of the credentials: its default one.
+        "role_arn": "arn:aws:iam::123456789012:role/cmk-audit-writer",
+        "external_id": "acme-7f3a",
+    }
+    sink = build_sink(spec, SinkEnv(policy=LOOPBACK))
+    records = _records(3)
+    sink.send(records)
+    sink.close()
+    assert [e["message"].encode() for e in _cw_read(logs, spec)] == [r.body for r in records]
+    # The events went in under the role's temporary credentials (moto's start with ASIA),
+    # not under the caller's own key.
+    (put_key,) = {key for op, key in moto_logs.targets[-3:] if op == "PutLogEvents"}
+    assert put_key.startswith("ASIA")
+
+
+def test_cloudwatch_missing_stream_is_not_retryable_unless_created(moto_logs: Any) -> None:
+    spec, logs = _cw_group(moto_logs, stream=False)
+    env = SinkEnv(policy=LOOPBACK, clients={"cloudwatch": logs})
+    with pytest.raises(DeliveryError) as info:
+        build_sink(spec, env).send(_records(1))
+    assert not info.value.retryable
+    assert "ResourceNotFoundException" in str(info.value) and "ev-" not in str(info.value)
+    records = _records(2)
+    build_sink({**spec, "create_stream": True}, env).send(records)
+    assert [e["message"].encode() for e in _cw_read(logs, spec)] == [r.body for r in records]
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "retryable"),
+    [
+        (400, "ThrottlingException", True),
+        (503, "ServiceUnavailableException", True),
+        (500, "InternalFailure", True),
+        (400, "AccessDeniedException", False),
+        (400, "UnrecognizedClientException", False),
+    ],
+)
+def test_cloudwatch_failures(moto_logs: Any, status: int, code: str, retryable: bool) -> None:
+    spec, logs = _cw_group(moto_logs)
+    sink = build_sink(spec, SinkEnv(policy=LOOPBACK, clients={"cloudwatch": logs}))
+    moto_logs.faults.append((status, code))
+    with pytest.raises(DeliveryError) as info:
+        sink.send(_records(2))
+    assert info.value.retryable is retryable
+    records = _records(2)
+    sink.send(records)  # the fault was for one call
+    assert [e["message"].encode() for e in _cw_read(logs, spec)] == [r.body for r in records]
+
+
+def test_cloudwatch_down_then_up(moto_logs: Any) -> None:
+    spec, logs = _cw_group(moto_logs)
+    sink = build_sink(spec, SinkEnv(policy=LOOPBACK, clients={"cloudwatch": logs}))
+    records = _records(4)
+    sink.send(records[:2])
+    moto_logs.stop()
+    try:
+        with pytest.raises(DeliveryError) as info:
+            sink.send(records[2:])
+        assert info.value.retryable
+    finally:
+        moto_logs.start()
+    sink.send(records[2:])
+    assert [e["message"].encode() for e in _cw_read(logs, spec)] == [r.body for r in records]
+
+
+def test_cloudwatch_batches_within_the_limits() -> None:
+    from sqlalchemy_cmk.sinks.cloudwatch import MAX_BYTES, CloudWatchSink
+
+    t0 = 1_780_000_000_000_000_000
+    big = b'"' + b"x" * 400_000 + b'"'
+    records = [Record(f"b{i}", "acme", t0 + i, "info", big) for i in range(5)]
+    assert [len(c) for c in CloudWatchSink.chunks(records)] == [2, 2, 1]
+    for chunk in CloudWatchSink.chunks(records):
+        assert sum(len(e["message"].encode()) + 26 for e in chunk) <= MAX_BYTES
+    small = [Record(f"s{i}", "acme", t0, "info", b"{}") for i in range(10_001)]
+    assert [len(c) for c in CloudWatchSink.chunks(small)] == [10_000, 1]
+    day = 24 * 3600 * 10**9
+    # Out of time order across a day: a new call wherever the span would exceed 24 hours;
+    # within a call, sorted by time (stable for equal times).
+    spread = [
+        Record("a", "acme", t0 + 5 * 10**6, "info", b"1"),
+        Record("b", "acme", t0, "info", b"2"),
+        Record("c", "acme", t0 + 5 * 10**6, "info", b"3"),
+        Record("d", "acme", t0 + day + 10**6, "info", b"4"),
+    ]
+    assert [[e["message"] for e in c] for c in CloudWatchSink.chunks(spread)] == [
+        ["2", "1", "3"],
+        ["4"],
+    ]
+    with pytest.raises(DeliveryError) as info:
+        CloudWatchSink.chunks([Record("huge", "acme", t0, "info", b"x" * (1 << 20))])
+    assert not info.value.retryable
+
+
+def test_cloudwatch_check_and_policy() -> None:
+    base = {"kind": "cloudwatch", "region": "eu-west-1", "log_group": "/g", "log_stream": "s"}
+    assert check_destination(base) == {
+        **base,
+        "create_stream": False,
+        "timeout": 10.0,
+        "max_batch": 1000,
+    }
+    for field in ("region", "log_group", "log_stream"):
+        _refused({k: v for k, v in base.items() if k != field}, field)
+    _refused({**base, "aws_secret_access_key": "hunter2"}, "aws_secret_access_key")
+    _refused({**base, "endpoint_url": "http://logs.example"}, "endpoint_url")
+    _refused({**base, "endpoint_url": "https://AKIA:hunter2@logs.example"}, "endpoint_url")
+    _refused({**base, "role_arn": "hunter2"}, "role_arn")
+    _refused({**base, "external_id": "x-1"}, "external_id")
+    _refused({**base, "max_batch": 10_001}, "max_batch")
+    spec = {**base, "endpoint_url": "https://127.0.0.1:1"}
+    with pytest.raises(ConfigurationError, match="non-public"):
+        build_sink(spec)
+    with pytest.raises(ConfigurationError, match="allowlist"):
+        build_sink(spec, SinkEnv(policy=NetworkPolicy(allowed_hosts=frozenset({"*.aws"}))))
