@@ -13,6 +13,7 @@ import json
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -225,3 +226,151 @@ def test_cloudwatch_check_and_policy() -> None:
         build_sink(spec)
     with pytest.raises(ConfigurationError, match="allowlist"):
         build_sink(spec, SinkEnv(policy=NetworkPolicy(allowed_hosts=frozenset({"*.aws"}))))
+
+
+# -- gcp_logging ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gcp_logging() -> Iterator[Any]:
+    from tests.audit._gcp_logging import LoggingServer
+
+    server = LoggingServer({"acme-audit"}).start()
+    yield server
+    server.stop()
+
+
+def _gcp_spec(**extra: Any) -> dict[str, Any]:
+    return {
+        "kind": "gcp_logging",
+        "project": "acme-audit",
+        "log_id": f"cmk-{uuid.uuid4().hex[:8]}",
+        "labels": {"env": "test"},
+        "timeout": 5,
+        **extra,
+    }
+
+
+@pytest.fixture(scope="module")
+def gcp_client(gcp_logging: Any) -> Iterator[Any]:
+    client = gcp_logging.client()
+    yield client
+    client.transport.close()
+
+
+def test_gcp_entries_arrive_intact_in_order_with_ids(gcp_logging: Any, gcp_client: Any) -> None:
+    spec = _gcp_spec()
+    sink = build_sink(spec, SinkEnv(policy=LOOPBACK, clients={"gcp_logging": gcp_client}))
+    records = _records(30)
+    sink.send(records[:10])
+    sink.send(records[10:])
+    sink.send(records[5:10])  # a re-delivery: Cloud Logging drops it by insert_id
+    entries = gcp_logging.logged(f"projects/acme-audit/logs/{spec['log_id']}")
+    assert [e.text_payload.encode() for e in entries] == [r.body for r in records]
+    assert [e.insert_id for e in entries] == [r.id for r in records]
+    for entry, record in zip(entries, records, strict=True):
+        assert dict(entry.labels) == {"env": "test", "event_id": record.id, "tenant": "acme"}
+        ts = entry.timestamp
+        assert int(ts.timestamp()) * 10**9 + ts.nanosecond == record.time_ns
+        assert entry.severity == (400 if record.severity == "warning" else 200)
+        assert entry.resource.type == "global"
+        assert dict(entry.resource.labels) == {"project_id": "acme-audit"}
+    assert not gcp_logging.requests[-1].partial_success
+
+
+def test_gcp_json_payload(gcp_logging: Any, gcp_client: Any) -> None:
+    spec = _gcp_spec(payload="json", resource_type="k8s_container", resource_labels={"a": "b"})
+    sink = build_sink(spec, SinkEnv(policy=LOOPBACK, clients={"gcp_logging": gcp_client}))
+    records = _records(2)
+    sink.send(records)
+    entries = gcp_logging.logged(f"projects/acme-audit/logs/{spec['log_id']}")
+    assert [dict(e.json_payload) for e in entries] == [json.loads(r.body) for r in records]
+    assert entries[0].resource.type == "k8s_container"
+
+
+@pytest.mark.parametrize(
+    ("code", "retryable"),
+    [
+        ("UNAVAILABLE", True),
+        ("RESOURCE_EXHAUSTED", True),
+        ("INTERNAL", True),
+        ("DEADLINE_EXCEEDED", True),
+        ("PERMISSION_DENIED", False),
+        ("UNAUTHENTICATED", False),
+        ("INVALID_ARGUMENT", False),
+    ],
+)
+def test_gcp_failures(gcp_logging: Any, gcp_client: Any, code: str, retryable: bool) -> None:
+    import grpc
+
+    spec = _gcp_spec()
+    sink = build_sink(spec, SinkEnv(policy=LOOPBACK, clients={"gcp_logging": gcp_client}))
+    gcp_logging.fail(getattr(grpc.StatusCode, code))
+    with pytest.raises(DeliveryError) as info:
+        sink.send(_records(2))
+    assert info.value.retryable is retryable
+    assert "injected" not in str(info.value)  # the service's message is not repeated
+    records = _records(2)
+    sink.send(records)  # the client library did not retry: the fault took one call
+    entries = gcp_logging.logged(f"projects/acme-audit/logs/{spec['log_id']}")
+    assert [e.insert_id for e in entries] == ["ev-0", "ev-1"]
+
+
+def test_gcp_project_refused_is_not_retryable(gcp_logging: Any, gcp_client: Any) -> None:
+    spec = _gcp_spec(project="other-project")
+    sink = build_sink(spec, SinkEnv(policy=LOOPBACK, clients={"gcp_logging": gcp_client}))
+    with pytest.raises(DeliveryError) as info:
+        sink.send(_records(1))
+    assert not info.value.retryable and "PermissionDenied" in str(info.value)
+
+
+def test_gcp_down_then_up(gcp_logging: Any, gcp_client: Any) -> None:
+    spec = _gcp_spec()
+    sink = build_sink(spec, SinkEnv(policy=LOOPBACK, clients={"gcp_logging": gcp_client}))
+    records = _records(4)
+    sink.send(records[:2])
+    gcp_logging.stop()
+    try:
+        with pytest.raises(DeliveryError) as info:
+            sink.send(records[2:])
+        assert info.value.retryable
+    finally:
+        gcp_logging.start()  # the same port
+    deadline = time.monotonic() + 5
+    while True:  # as the shipper does: retry until the channel has reconnected
+        try:
+            sink.send(records[2:])
+            break
+        except DeliveryError as exc:
+            assert exc.retryable and time.monotonic() < deadline
+            time.sleep(0.05)
+    entries = gcp_logging.logged(f"projects/acme-audit/logs/{spec['log_id']}")
+    assert [e.insert_id for e in entries] == [r.id for r in records]
+
+
+def test_gcp_check_and_credentials(tmp_path: Path) -> None:
+    base = {"kind": "gcp_logging", "project": "acme-audit"}
+    assert check_destination(base) == {
+        **base,
+        "log_id": "sqlalchemy-cmk-audit",
+        "resource_type": "global",
+        "resource_labels": {"project_id": "acme-audit"},
+        "labels": {},
+        "payload": "text",
+        "timeout": 10.0,
+        "max_batch": 500,
+    }
+    assert check_destination(check_destination(base)) == check_destination(base)
+    _refused({"kind": "gcp_logging"}, "project")
+    _refused({**base, "payload": "xml"}, "payload")
+    _refused({**base, "labels": {"tenant": "x"}}, "labels")
+    _refused({**base, "credentials": '{"private_key": "hunter2"}'}, "credentials")
+    _refused({**base, "private_key": "hunter2"}, "private_key")
+    _refused({**base, "max_batch": 5000}, "max_batch")
+    not_a_key = tmp_path / "sa.json"
+    not_a_key.write_text('{"type": "service_account", "private_key": "hunter2"}')
+    with pytest.raises(ConfigurationError) as info:
+        build_sink({**base, "credentials": f"file:{not_a_key}"})
+    assert "credentials" in str(info.value) and "hunter2" not in str(info.value)
+    with pytest.raises(ConfigurationError, match="allowlist"):
+        build_sink(base, SinkEnv(policy=NetworkPolicy(allowed_hosts=frozenset({"x.example"}))))
