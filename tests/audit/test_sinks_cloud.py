@@ -374,3 +374,199 @@ def test_gcp_check_and_credentials(tmp_path: Path) -> None:
     assert "credentials" in str(info.value) and "hunter2" not in str(info.value)
     with pytest.raises(ConfigurationError, match="allowlist"):
         build_sink(base, SinkEnv(policy=NetworkPolicy(allowed_hosts=frozenset({"x.example"}))))
+
+
+# -- azure_monitor -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def dce() -> Iterator[Any]:
+    from tests.audit._azure_dce import DceServer
+
+    server = DceServer().start()
+    yield server
+    server.close()
+
+
+def _az_spec(dce: Any, **extra: Any) -> dict[str, Any]:
+    from tests.audit._azure_dce import CLIENT_ID, RULE, STREAM, TENANT
+
+    return {
+        "kind": "azure_monitor",
+        "endpoint": dce.url,
+        "rule_id": RULE,
+        "stream_name": STREAM,
+        "tenant_id": TENANT,
+        "client_id": CLIENT_ID,
+        "client_secret": "env:CMK_TEST_AZ_SECRET",
+        "authority_host": dce.url,
+        "timeout": 5,
+        **extra,
+    }
+
+
+@pytest.fixture
+def az_env(dce: Any, monkeypatch: pytest.MonkeyPatch) -> SinkEnv:
+    from tests.audit._azure_dce import CLIENT_SECRET
+
+    monkeypatch.setenv("CMK_TEST_AZ_SECRET", CLIENT_SECRET)
+    # The sink's own client and ClientSecretCredential, trusting the local CA; instance
+    # discovery off because the authority is not one Entra knows.
+    return SinkEnv(
+        policy=LOOPBACK,
+        clients={
+            "azure_monitor": {
+                "connection_verify": dce.ca_file,
+                "disable_instance_discovery": True,
+            }
+        },
+    )
+
+
+def _az_rows(dce: Any, tenant: str) -> list[dict[str, Any]]:
+    with dce.lock:
+        return [r for r in dce.rows if r["Tenant"] == tenant]
+
+
+def test_azure_rows_arrive_intact_and_in_order(dce: Any, az_env: SinkEnv) -> None:
+    tenant = f"t-{uuid.uuid4().hex[:6]}"
+    sink = build_sink(_az_spec(dce), az_env)
+    records = _records(40, tenant=tenant)
+    try:
+        sink.send(records[:15])
+        sink.send(records[15:])
+    finally:
+        sink.close()
+    rows = _az_rows(dce, tenant)
+    assert [r["Body"].encode() for r in rows] == [r.body for r in records]
+    assert [r["EventId"] for r in rows] == [r.id for r in records]
+    assert rows[0]["Severity"] == "info" and rows[2]["Severity"] == "warning"
+    assert rows[0]["TimeGenerated"].endswith("Z")
+    # The token came from the secret the reference names, for the ingestion scope.
+    assert dce.token_requests[-1].startswith("https://monitor.azure.com")
+
+
+@pytest.mark.parametrize(
+    ("status", "headers", "retryable", "retry_after"),
+    [
+        (429, {"Retry-After": "7"}, True, 7.0),
+        (503, {}, True, None),
+        (500, {}, True, None),
+        (403, {}, False, None),
+        (400, {}, False, None),
+    ],
+)
+def test_azure_failures(
+    dce: Any,
+    az_env: SinkEnv,
+    status: int,
+    headers: dict[str, str],
+    retryable: bool,
+    retry_after: float | None,
+) -> None:
+    tenant = f"t-{uuid.uuid4().hex[:6]}"
+    sink = build_sink(_az_spec(dce), az_env)
+    dce.faults.append((status, headers))
+    with pytest.raises(DeliveryError) as info:
+        sink.send(_records(2, tenant=tenant))
+    assert (info.value.retryable, info.value.retry_after) == (retryable, retry_after)
+    records = _records(2, tenant=tenant)
+    sink.send(records)  # the SDK did not retry: the fault took one call
+    sink.close()
+    assert [r["EventId"] for r in _az_rows(dce, tenant)] == ["ev-0", "ev-1"]
+
+
+def test_azure_wrong_rule_stream_or_secret_is_not_retryable(
+    dce: Any, az_env: SinkEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for spec in (
+        _az_spec(dce, rule_id="dcr-" + "f" * 32),  # no role on it: 403
+        _az_spec(dce, stream_name="Custom-Other"),  # not declared: 400
+    ):
+        sink = build_sink(spec, az_env)
+        with pytest.raises(DeliveryError) as info:
+            sink.send(_records(1))
+        assert not info.value.retryable
+        sink.close()
+    monkeypatch.setenv("CMK_TEST_AZ_SECRET", "a-wrong-secret")
+    sink = build_sink(_az_spec(dce), az_env)
+    with pytest.raises(DeliveryError) as info:
+        sink.send(_records(1))
+    assert not info.value.retryable and "a-wrong-secret" not in str(info.value)
+    sink.close()
+
+
+def test_azure_injected_client_and_down_then_up(dce: Any) -> None:
+    from azure.monitor.ingestion import LogsIngestionClient
+
+    from sqlalchemy_cmk.testing.azure_keyvault import StaticTokenCredential
+
+    client = LogsIngestionClient(
+        endpoint=dce.url,
+        credential=StaticTokenCredential(dce.token),
+        connection_verify=dce.ca_file,
+        retry_total=0,
+        connection_timeout=2,
+    )
+    tenant = f"t-{uuid.uuid4().hex[:6]}"
+    sink = build_sink(
+        {
+            k: v
+            for k, v in _az_spec(dce).items()
+            if k not in ("tenant_id", "client_id", "client_secret")
+        },
+        SinkEnv(policy=LOOPBACK, clients={"azure_monitor": client}),
+    )
+    records = _records(4, tenant=tenant)
+    sink.send(records[:2])
+    dce.stop()
+    try:
+        with pytest.raises(DeliveryError) as info:
+            sink.send(records[2:])
+        assert info.value.retryable
+    finally:
+        dce.start()
+    sink.send(records[2:])
+    sink.close()
+    client.close()
+    assert [r["EventId"] for r in _az_rows(dce, tenant)] == [r.id for r in records]
+
+
+def test_azure_check_and_policy(dce: Any) -> None:
+    from tests.audit._azure_dce import RULE
+
+    base = {
+        "kind": "azure_monitor",
+        "endpoint": "https://acme-dce.westeurope-1.ingest.monitor.azure.com/",
+        "rule_id": RULE,
+        "stream_name": "Custom-CmkAudit",
+    }
+    assert check_destination(base) == {
+        **base,
+        "endpoint": base["endpoint"].rstrip("/"),
+        "timeout": 10.0,
+        "max_batch": 500,
+    }
+    for field in ("endpoint", "rule_id", "stream_name"):
+        _refused({k: v for k, v in base.items() if k != field}, field)
+    _refused({**base, "endpoint": "http://dce.example"}, "endpoint")
+    _refused({**base, "client_secret": "hunter2"}, "client_secret")
+    sp = {
+        **base,
+        "tenant_id": "72f988bf-86f1-41af-91ab-2d7cd011db47",
+        "client_id": "0b2c3d4e-0000-4000-8000-00000000c0de",
+    }
+    _refused({**sp, "client_secret": "hunter2"}, "client_secret")
+    _refused({**base, "client_secret": "env:X"}, "client_secret")
+    _refused({**base, "tenant_id": sp["tenant_id"]}, "tenant_id")
+    _refused({**base, "rule_id": "dcr-XYZ"}, "rule_id")
+    spec = {**base, "endpoint": dce.url}
+    with pytest.raises(ConfigurationError, match="non-public"):
+        build_sink(spec)
+    with pytest.raises(ConfigurationError, match="allowlist"):
+        build_sink(spec, SinkEnv(policy=NetworkPolicy(allowed_hosts=frozenset({"*.azure.com"}))))
+    with pytest.raises(ConfigurationError, match="CMK_TEST_UNSET"):
+        build_sink(
+            {**sp, "endpoint": dce.url, "client_secret": "env:CMK_TEST_UNSET"},
+            SinkEnv(policy=LOOPBACK),
+        )
