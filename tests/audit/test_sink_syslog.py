@@ -60,7 +60,7 @@ def _free_port() -> int:
 class Rsyslog:
     """One rsyslogd on 127.0.0.1:<port>, TLS only, writing parsed messages to ``out``."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, client_ca: Path | None = None) -> None:
         self.dir = directory
         self.port = _free_port()
         self.out = directory / "received.log"
@@ -70,15 +70,19 @@ class Rsyslog:
         (directory / "cert.pem").write_text(pem[:cut])
         (directory / "key.pem").write_text(pem[cut:])
         (directory / "work").mkdir()
+        trusted = self.ca_file
+        if client_ca is not None:  # mTLS: the collector also trusts the clients' CA
+            trusted = directory / "trusted.pem"
+            trusted.write_text(self.ca_file.read_text() + client_ca.read_text())
         self.conf = directory / "rsyslog.conf"
         self.conf.write_text(
             f'global(workDirectory="{directory / "work"}" maxMessageSize="64k"\n'
             f'  defaultNetstreamDriver="gtls"\n'
-            f'  defaultNetstreamDriverCAFile="{self.ca_file}"\n'
+            f'  defaultNetstreamDriverCAFile="{trusted}"\n'
             f'  defaultNetstreamDriverCertFile="{directory / "cert.pem"}"\n'
             f'  defaultNetstreamDriverKeyFile="{directory / "key.pem"}")\n'
             'module(load="imtcp" streamDriver.name="gtls" streamDriver.mode="1"\n'
-            '  streamDriver.authMode="anon")\n'
+            f'  streamDriver.authMode="{"anon" if client_ca is None else "x509/certvalid"}")\n'
             f'input(type="imtcp" address="127.0.0.1" port="{self.port}")\n'
             f'template(name="parsed" type="string" string="{TEMPLATE}")\n'
             f'action(type="omfile" file="{self.out}" template="parsed" flushOnTXEnd="on"\n'
@@ -127,6 +131,7 @@ class Rsyslog:
             "port": self.port,
             "ca_file": str(self.ca_file),
             "hostname": "app-1",
+            "handshake_probe": 0.05,  # loopback: a refusal takes a few milliseconds
             "timeout": 5,
             **extra,
         }
@@ -238,16 +243,14 @@ def test_a_message_over_the_limit_is_not_retryable(rsyslog: Rsyslog) -> None:
 
 def test_loopback_is_refused_by_the_default_policy(rsyslog: Rsyslog) -> None:
     sink = build_sink(rsyslog.spec())
-    with pytest.raises(ConfigurationError, match="non-public address"):
-        sink.send(_records(1))
-    sink = build_sink(
-        rsyslog.spec(),
-        SinkEnv(
-            policy=NetworkPolicy(allowed_hosts=frozenset({"logs.example"}), allow_private=True)
-        ),
-    )
+    with pytest.raises(DeliveryError, match="non-public address") as info:
+        sink.send(_records(1))  # resolved when connecting, so refused there
+    assert not info.value.retryable
     with pytest.raises(ConfigurationError, match="allowlist"):
-        sink.send(_records(1))
+        build_sink(
+            rsyslog.spec(),
+            SinkEnv(policy=NetworkPolicy(allowed_hosts=frozenset({"logs.example"}))),
+        )
 
 
 @pytest.mark.parametrize(
@@ -282,8 +285,51 @@ def test_check_normalises() -> None:
         "facility": 16,
         "sd_id": "cmk@32473",
         "max_message_bytes": 65536,
+        "handshake_probe": 0.5,
         "timeout": 10.0,
         "max_batch": 500,
     }
     assert check_destination(spec) == spec
     assert re.fullmatch(r"\S+", spec["sd_id"])
+
+
+def _client_cert(directory: Path) -> tuple[Path, Path, Path]:
+    """A client certificate and key under their own throwaway CA: (ca, cert, key)."""
+    directory.mkdir()
+    _, ca = make_tls(directory, "app-1.example")
+    pem = (directory / "server.pem").read_text()
+    cut = pem.index("-----BEGIN PRIVATE KEY-----")
+    (directory / "cert.pem").write_text(pem[:cut])
+    (directory / "key.pem").write_text(pem[cut:])
+    return ca, directory / "cert.pem", directory / "key.pem"
+
+
+def test_mtls_with_the_client_certificate(tmp_path: Path) -> None:
+    client_ca, cert, key = _client_cert(tmp_path / "client")
+    (tmp_path / "server").mkdir()
+    server = Rsyslog(tmp_path / "server", client_ca=client_ca)
+    server.start()
+    try:
+        records = _records(3)
+        spec = server.spec(client_cert=str(cert), client_key=str(key), handshake_probe=1.0)
+        sink = build_sink(spec, LOOPBACK)
+        sink.send(records)
+        sink.close()
+        assert [f[7] for f in server.received(3)] == [
+            f'[cmk@32473 id="{r.id}" tenant="acme"]' for r in records
+        ]
+        # Without the certificate, TLS 1.3 ends the client's handshake before the collector
+        # has checked (and refused) it. With the probe off, a batch written then is lost
+        # without any error...
+        bare = build_sink(server.spec(handshake_probe=0), LOOPBACK)
+        bare.send(_records(1, start=10))
+        bare.close()
+        # ...with it on, the refusal is an error and nothing is written.
+        sink = build_sink(server.spec(handshake_probe=1.0), LOOPBACK)
+        with pytest.raises(DeliveryError, match="right after the TLS handshake"):
+            sink.send(_records(2, start=20))
+        sink.close()
+        time.sleep(0.3)
+        assert len(server.received(4, timeout=0.1)) == 3  # ev-10 was lost, silently
+    finally:
+        server.stop()
