@@ -7,6 +7,7 @@ with a certificate made for 127.0.0.1 by a throwaway CA, writing what it parsed 
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import re
@@ -27,13 +28,9 @@ from sqlalchemy_cmk.testing._support import make_tls
 RSYSLOGD = shutil.which("rsyslogd") or next(
     (p for p in ("/usr/sbin/rsyslogd", "/sbin/rsyslogd") if os.path.exists(p)), None
 )
-GTLS = any(
-    Path(d, "lmnsd_gtls.so").exists()
-    for d in (
-        "/usr/lib/x86_64-linux-gnu/rsyslog",
-        "/usr/lib/aarch64-linux-gnu/rsyslog",
-        "/usr/lib/rsyslog",
-    )
+# Debian puts rsyslog's modules under /usr/lib/<multiarch>/rsyslog; other builds /usr/lib/rsyslog.
+GTLS = bool(
+    glob.glob("/usr/lib/*/rsyslog/lmnsd_gtls.so") + glob.glob("/usr/lib*/rsyslog/lmnsd_gtls.so")
 )
 
 if RSYSLOGD is None or not GTLS:
