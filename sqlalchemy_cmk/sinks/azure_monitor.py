@@ -46,6 +46,7 @@ from azure.core.exceptions import (
     ServiceRequestError,
     ServiceResponseError,
 )
+from azure.identity import ClientSecretCredential, DefaultAzureCredential
 from azure.monitor.ingestion import LogsIngestionClient
 
 from ..errors import ConfigurationError, DeliveryError
@@ -120,12 +121,8 @@ def _credential(spec: Mapping[str, Any], env: SinkEnv, options: dict[str, Any]) 
     if spec.get("authority_host"):
         options["authority"] = spec["authority_host"]
     if spec.get("client_secret"):
-        from azure.identity import ClientSecretCredential
-
         secret = env.secret(spec["client_secret"]).decode()
         return ClientSecretCredential(spec["tenant_id"], spec["client_id"], secret, **options)
-    from azure.identity import DefaultAzureCredential
-
     if spec.get("client_id"):  # a user-assigned managed identity or workload identity
         options["managed_identity_client_id"] = spec["client_id"]
     return DefaultAzureCredential(exclude_interactive_browser_credential=True, **options)

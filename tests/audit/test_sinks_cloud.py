@@ -570,3 +570,60 @@ def test_azure_check_and_policy(dce: Any) -> None:
             {**sp, "endpoint": dce.url, "client_secret": "env:CMK_TEST_UNSET"},
             SinkEnv(policy=LOOPBACK),
         )
+
+
+def test_gcp_builds_its_client_from_a_key_reference(tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ).decode()
+    sa = tmp_path / "writer.json"
+    sa.write_text(
+        json.dumps(
+            {
+                "type": "service_account",
+                "project_id": "operator-prod",
+                "private_key_id": "0" * 40,
+                "private_key": pem,
+                "client_email": "cmk-audit@operator-prod.iam.gserviceaccount.com",
+                "client_id": "1" * 21,
+                "token_uri": "https://oauth2.googleapis.com/token",
+            }
+        )
+    )
+    # Built offline: the client connects (and the key signs a token request) on first send.
+    sink = build_sink(
+        {"kind": "gcp_logging", "project": "acme-audit", "credentials": f"file:{sa}"},
+        SinkEnv(policy=NetworkPolicy(allowed_hosts=frozenset({"*.googleapis.com"}))),
+    )
+    try:
+        credentials = sink._client.transport._credentials  # type: ignore[attr-defined]
+        assert credentials.service_account_email.startswith("cmk-audit@")
+        assert list(credentials.scopes) == ["https://www.googleapis.com/auth/logging.write"]
+    finally:
+        sink.close()
+
+
+@pytest.mark.parametrize(
+    ("kind", "module", "extra"),
+    [
+        ("cloudwatch", "boto3", "audit-aws"),
+        ("gcp_logging", "google.api_core", "audit-gcp"),  # its first import
+        ("azure_monitor", "azure.monitor.ingestion", "audit-azure"),
+        ("azure_monitor", "azure.identity", "audit-azure"),
+    ],
+)
+def test_a_missing_extra_is_named(
+    monkeypatch: pytest.MonkeyPatch, kind: str, module: str, extra: str
+) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, module, None)  # import raises ImportError
+    monkeypatch.delitem(sys.modules, f"sqlalchemy_cmk.sinks.{kind}", raising=False)
+    with pytest.raises(ConfigurationError, match=f"sqlalchemy-cmk\\[{extra}\\]"):
+        check_destination({"kind": kind})
