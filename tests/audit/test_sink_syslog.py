@@ -22,7 +22,14 @@ from pathlib import Path
 import pytest
 
 from sqlalchemy_cmk.errors import ConfigurationError, DeliveryError
-from sqlalchemy_cmk.sinks import NetworkPolicy, Record, SinkEnv, build_sink, check_destination
+from sqlalchemy_cmk.sinks import (
+    NetworkPolicy,
+    Record,
+    Sink,
+    SinkEnv,
+    build_sink,
+    check_destination,
+)
 from sqlalchemy_cmk.testing._support import make_tls
 
 RSYSLOGD = shutil.which("rsyslogd") or next(
@@ -165,6 +172,7 @@ def _records(n: int, start: int = 0, tenant: str = "acme") -> list[Record]:
 
 def test_messages_arrive_in_order_as_rfc5424_with_the_body_intact(rsyslog: Rsyslog) -> None:
     sink = build_sink(rsyslog.spec(), LOOPBACK)
+    assert isinstance(sink, Sink) and (sink.kind, sink.max_batch) == ("syslog_tls", 500)
     records = _records(120)
     try:
         sink.send(records[:60])

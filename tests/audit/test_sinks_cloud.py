@@ -19,7 +19,14 @@ from typing import Any
 import pytest
 
 from sqlalchemy_cmk.errors import ConfigurationError, DeliveryError
-from sqlalchemy_cmk.sinks import NetworkPolicy, Record, SinkEnv, build_sink, check_destination
+from sqlalchemy_cmk.sinks import (
+    NetworkPolicy,
+    Record,
+    Sink,
+    SinkEnv,
+    build_sink,
+    check_destination,
+)
 
 LOOPBACK = NetworkPolicy(allow_private=True)
 
@@ -90,6 +97,7 @@ def _cw_read(logs: Any, spec: dict[str, Any]) -> list[dict[str, Any]]:
 def test_cloudwatch_events_arrive_intact_and_in_order(moto_logs: Any) -> None:
     spec, logs = _cw_group(moto_logs)
     sink = build_sink(spec, SinkEnv(policy=LOOPBACK, clients={"cloudwatch": logs}))
+    assert isinstance(sink, Sink) and (sink.kind, sink.max_batch) == ("cloudwatch", 1000)
     records = _records(50)
     sink.send(records[:20])
     sink.send(records[20:])
@@ -261,6 +269,7 @@ def gcp_client(gcp_logging: Any) -> Iterator[Any]:
 def test_gcp_entries_arrive_intact_in_order_with_ids(gcp_logging: Any, gcp_client: Any) -> None:
     spec = _gcp_spec()
     sink = build_sink(spec, SinkEnv(policy=LOOPBACK, clients={"gcp_logging": gcp_client}))
+    assert isinstance(sink, Sink) and (sink.kind, sink.max_batch) == ("gcp_logging", 500)
     records = _records(30)
     sink.send(records[:10])
     sink.send(records[10:])
@@ -431,6 +440,7 @@ def _az_rows(dce: Any, tenant: str) -> list[dict[str, Any]]:
 def test_azure_rows_arrive_intact_and_in_order(dce: Any, az_env: SinkEnv) -> None:
     tenant = f"t-{uuid.uuid4().hex[:6]}"
     sink = build_sink(_az_spec(dce), az_env)
+    assert isinstance(sink, Sink) and (sink.kind, sink.max_batch) == ("azure_monitor", 500)
     records = _records(40, tenant=tenant)
     try:
         sink.send(records[:15])
