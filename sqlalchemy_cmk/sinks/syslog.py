@@ -21,10 +21,10 @@ Each record is one message::
     <PRI>1 TIMESTAMP HOSTNAME sqlalchemy-cmk PROCID MSGID [cmk@32473 id="..." tenant="..."] BOM{...}
 
 PRI is ``facility * 8 + severity`` (``info`` 6, ``warning`` 4), TIMESTAMP the access time in
-UTC with microseconds, MSGID the event's ``operation`` (else ``cmk-audit``), and MSG the event's
-canonical JSON, unchanged, after the UTF-8 BOM RFC 5424 asks for. ``32473`` is the private
-enterprise number RFC 5612 reserves for examples: set ``sd_id`` to one under your own number if
-the collector cares.
+UTC with microseconds, MSGID the event's operation (``api.operation``, else ``cmk-audit``),
+and MSG the event's canonical JSON, unchanged, after the UTF-8 BOM RFC 5424 asks for.
+``32473`` is the private enterprise number RFC 5612 reserves for examples: set ``sd_id`` to one
+under your own number if the collector cares.
 
 What "delivered" means: syslog over TLS has no application-level acknowledgement (RFC 5425
 defines none; RELP would). ``send`` returns once every frame of the batch has been written to
@@ -146,8 +146,11 @@ def _timestamp(time_ns: int) -> str:
 
 
 def _msgid(body: bytes) -> str:
+    # The event's operation: ``api.operation`` in the OCSF-shaped schema (docs/audit.md).
     try:
-        operation = json.loads(body).get("operation")
+        event = json.loads(body)
+        api = event.get("api")
+        operation = api.get("operation") if isinstance(api, dict) else event.get("operation")
     except (ValueError, AttributeError):
         operation = None
     if isinstance(operation, str) and re.fullmatch(r"[!-~]{1,32}", operation):

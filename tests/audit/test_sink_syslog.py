@@ -153,7 +153,11 @@ def _records(n: int, start: int = 0, tenant: str = "acme") -> list[Record]:
     out = []
     for i in range(start, start + n):
         body = json.dumps(
-            {"id": f"ev-{i}", "operation": "decrypt", "tenant": tenant, "note": 'q"]\\ é'},
+            {
+                "api": {"operation": "decrypt"},  # the OCSF-shaped event (docs/audit.md)
+                "metadata": {"uid": f"ev-{i}"},
+                "unmapped": {"tenant": tenant, "note": 'q"]\\ é'},
+            },
             separators=(",", ":"),
             ensure_ascii=False,
             sort_keys=True,
