@@ -19,6 +19,7 @@ from .errors import AuditError as AuditError
 from .errors import CMKError as CMKError
 from .errors import ConfigurationError as ConfigurationError
 from .errors import DecryptionError as DecryptionError
+from .errors import DeliveryError as DeliveryError
 from .errors import IndexNotReadyError as IndexNotReadyError
 from .errors import InvalidValueError as InvalidValueError
 from .errors import KeyAccessDeniedError as KeyAccessDeniedError
@@ -49,6 +50,7 @@ __all__ = [
     "CMKError",
     "ConfigurationError",
     "DecryptionError",
+    "DeliveryError",
     "EDEKType",
     "EncryptedDocument",
     "EncryptedMixin",

@@ -142,13 +142,15 @@ def test_encrypt_rotate_and_decrypt_stay_within_the_budget(
     engine: Engine, notes: Engine, app: str, tmp_path: Path
 ) -> None:
     log = tmp_path / "kms.log"
-    # Unbudgeted, the requests come as fast as the KMS answers: the bound below can fail.
+    # Unbudgeted, the requests come as fast as the KMS answers: the bound can fail. Shown at a
+    # quarter of the rate: at the rate itself, a loaded CI machine (two test processes on two
+    # cores) sometimes made the unbudgeted command slow enough to pass.
     done, started = cli(engine, app, tmp_path, log, "encrypt-column", *TARGET)
     assert done.returncode == 0, done.stderr
     fast = arrivals(log)
     assert len(fast) >= 2 * len(TENANTS)  # a wrap and a proof per tenant's data key
     with pytest.raises(AssertionError):
-        assert_within(fast, started, RATE, RATE)
+        assert_within(fast, started, RATE / 4, RATE / 4)
 
     steps: list[list[str]] = [
         ["rotate", *TARGET],
