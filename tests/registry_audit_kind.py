@@ -17,7 +17,9 @@ from sqlalchemy_cmk.sinks import NetworkPolicy, Record, SinkEnv
 
 KIND = "collector"
 _REF = re.compile(r"env:[A-Za-z_][A-Za-z0-9_]*|file:/\S+|[a-z][a-z0-9+.-]*:\S+")
-_FIELDS = {"kind", "url", "token", "labels", "timeout"}
+# "name": check_destination takes it off before calling a kind once every kind takes one; until
+# then this kind accepts it itself, so the tests run either way.
+_FIELDS = {"kind", "url", "token", "labels", "timeout", "name"}
 
 
 def _field(name: str) -> str:
@@ -33,6 +35,8 @@ def check(spec: Mapping[str, Any]) -> dict[str, Any]:
         raise ConfigurationError(f"{_field('url')} is required")
     NetworkPolicy().check_url(url, what=_field("url"))
     out: dict[str, Any] = {"kind": KIND, "url": url}
+    if isinstance(spec.get("name"), str):
+        out["name"] = spec["name"]
     token = spec.get("token")
     if token is not None:
         if not isinstance(token, str) or not _REF.fullmatch(token) or "-----BEGIN" in token:
