@@ -3,7 +3,8 @@
 :class:`DatabaseKeyRegistry` stores one row per tenant: its primary key reference (wraps new
 data keys), every accepted reference (may still unwrap), references to the credentials a
 provider uses for it (a role ARN, a client id, a secret *name*; never the secrets), a disabled
-flag, a version bumped by every change, and a MAC.
+flag, a version bumped by every change, optionally where its audit events go (its
+:class:`~sqlalchemy_cmk.delivery.TenantAudit`), and a MAC.
 
 The MAC is HMAC-SHA256 under a key derived (HKDF-SHA256) from an application secret that is
 *not* in the database. It covers every other column, the tenant id, the version and, since MAC
@@ -650,7 +651,9 @@ def _parse(row: Mapping[str, Any]) -> tuple[TenantRecord, str]:
 class DatabaseKeyRegistry:
     """Tenants' key references in a database table, integrity-protected, cached for lookups.
 
-    Implements :class:`~sqlalchemy_cmk.registry.KeyRegistry`: pass it as ``CMK(registry=...)``.
+    Implements :class:`~sqlalchemy_cmk.registry.KeyRegistry`: pass it as ``CMK(registry=...)``;
+    and :class:`~sqlalchemy_cmk.delivery.AuditDestinations` (:meth:`tenant_audit`): pass it as
+    the audit delivery's ``destinations``.
     Manage it with this API or the ``sqlalchemy-cmk tenants`` CLI.
 
     Args:
