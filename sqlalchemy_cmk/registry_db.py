@@ -377,7 +377,9 @@ _AUDIT_SECRET_NAME = re.compile(
 # A secret reference: env:NAME, file:/path, or <scheme>:<rest> of a registered resolver.
 _SECRET_REF = re.compile(r"env:[A-Za-z_][A-Za-z0-9_]*|file:/\S+|[a-z][a-z0-9+.-]*:\S+")
 _PRIVATE_PEM = re.compile(r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY-----")
-_AUTH_LITERAL = re.compile(r"(?i)(bearer|basic|splunk|sharedaccesssignature)\s+\S")
+# An Authorization header's value: the scheme, then one credential-like word (long, with a
+# digit), so that a label such as "Splunk forwarder" or "basic tier" is not taken for one.
+_AUTH_LITERAL = re.compile(r"(?i)(bearer|basic|splunk|sharedaccesssignature)\s+(?=\S*\d)\S{16,}")
 _AWS_KEY_ID = re.compile(r"\b(?:AKIA|ASIA)[A-Z0-9]{16}\b")
 _URL_SECRET_PARAM = re.compile(
     r"(?i)^(sig|signature|token|access_token|api_key|apikey|key|secret|password|code|auth)$"
@@ -390,7 +392,7 @@ def _literal_secret(name: str, value: str) -> str | None:
         return "a PEM private key"
     if _AWS_KEY_ID.search(value):
         return "an AWS access key id"
-    if _AUTH_LITERAL.match(value.strip()):
+    if _AUTH_LITERAL.fullmatch(value.strip()):
         return "an Authorization header value"
     if value.lower().startswith(("https://", "http://")):
         try:
@@ -443,13 +445,20 @@ def _audit_json(audit: TenantAudit, tenant: str) -> str:
     for i, dest in enumerate(doc["destinations"], 1):
         _check_no_literal_secret(dest, f"destinations[{i}]({dest.get('kind')})", tenant)
     try:
-        return json.dumps(
+        stored = json.dumps(
             doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
         )
     except (TypeError, ValueError) as exc:
         raise ConfigurationError(
             f"the audit set-up of tenant {tenant!r} is not JSON-ready: {exc}", tenant=tenant
         ) from None
+    # What a read refuses must never be written: the tenant's key lookups would fail with it.
+    if _nesting_exceeds(stored, _AUDIT_NESTING):
+        raise ConfigurationError(
+            f"the audit set-up of tenant {tenant!r} nests deeper than {_AUDIT_NESTING} levels",
+            tenant=tenant,
+        )
+    return stored
 
 
 class _MacKeys(NamedTuple):
@@ -751,9 +760,13 @@ class DatabaseKeyRegistry:
             for col in self.table.c:
                 if col.name.lower() in present:
                     continue
-                # Only nullable columns were ever added; an added NOT NULL column would need a
-                # value for the existing rows (and would change what their MACs cover).
-                assert col.nullable, col.name
+                # Only nullable columns were ever added; a NOT NULL one missing is not an older
+                # table but another table (it would need a value for every existing row).
+                if not col.nullable:
+                    raise ConfigurationError(
+                        f"table {self.table.fullname} has no column {col.name!r}: it is not a "
+                        "key registry table"
+                    )
                 prep = conn.dialect.identifier_preparer
                 conn.execute(
                     sql_text(

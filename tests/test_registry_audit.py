@@ -230,6 +230,21 @@ def test_bad_specs_are_refused_naming_the_field(
         build()
 
 
+def test_a_set_up_too_deep_to_read_back_is_not_written(registry: DatabaseKeyRegistry) -> None:
+    # A kind that accepted deeply nested values (none does today): a read would refuse the row
+    # as malformed, and with it the tenant's keys, so the write is refused instead.
+    registry.add_tenant("acme", "fake://acme")
+    deep: Any = "x"
+    for _ in range(5):
+        deep = {"a": deep}
+    audit = audit_a()
+    object.__setattr__(audit, "destinations", ({**audit.destinations[0], "nested": deep},))
+    with pytest.raises(ConfigurationError, match="nests deeper than 6 levels"):
+        registry.set_audit("acme", audit)
+    assert registry.get("acme").version == 1
+    assert registry.tenant_keys("acme").primary == "fake://acme"
+
+
 def test_set_audit_takes_a_tenant_audit(registry: DatabaseKeyRegistry) -> None:
     registry.add_tenant("acme", "fake://acme")
     with pytest.raises(ConfigurationError, match="takes a TenantAudit or None, not dict"):
@@ -239,8 +254,8 @@ def test_set_audit_takes_a_tenant_audit(registry: DatabaseKeyRegistry) -> None:
 
 LITERALS = {
     # name: (labels the kind lets through unchecked, the field the error must name)
-    "bearer header": ({"Authorization": "Bearer eyJhbGciOi"}, "labels.Authorization"),
-    "splunk header": ({"x": "Splunk 0f1e2d3c-aaaa"}, "labels.x"),
+    "bearer header": ({"Authorization": "Bearer eyJhbGciOiJFUzI1NiJ9.e30"}, "labels.Authorization"),
+    "splunk header": ({"x": "Splunk 0f1e2d3c-aaaa-4bbb-8ccc-123456789abc"}, "labels.x"),
     "token by name": ({"api_token": "0f1e2d3c4b5a69788796a5b4c3d2e1f0"}, "labels.api_token"),
     "password by name": ({"db-password": "hunter2"}, "labels.db-password"),
     "pem private key": ({"cert": "-----BEGIN EC PRIVATE KEY-----\nMHc..."}, "labels.cert"),
@@ -279,6 +294,8 @@ def test_references_and_harmless_values_pass_the_guard(registry: DatabaseKeyRegi
                     "ca": "-----BEGIN CERTIFICATE-----\nMIIB...",
                     "doc": "https://wiki.example/audit?page=2",
                     "key_id": "k-2026",
+                    "source": "Splunk forwarder",
+                    "tier": "basic 2026-plan",
                 },
             )
         ]
@@ -635,6 +652,14 @@ def test_create_table_adds_the_column_to_an_old_table(engine: Engine) -> None:
             )
         )
     assert raw_row(engine, "other")["audit"] is None  # the old insert: NULL, no error
+
+
+def test_create_table_adds_no_required_column_to_another_table(engine: Engine) -> None:
+    raw(engine, "create table cmk_tenants (tenant_id varchar(255) primary key)")
+    with pytest.raises(
+        ConfigurationError, match=r"no column 'primary_key_ref'.*not a key registry"
+    ):
+        DatabaseKeyRegistry(engine, SECRET, registry_id="test-eu").create_table()
 
 
 def test_v1_rows_still_verify_while_allowed_and_upgrade(engine: Engine) -> None:
