@@ -3,7 +3,8 @@
 :class:`DatabaseKeyRegistry` stores one row per tenant: its primary key reference (wraps new
 data keys), every accepted reference (may still unwrap), references to the credentials a
 provider uses for it (a role ARN, a client id, a secret *name*; never the secrets), a disabled
-flag, a version bumped by every change, and a MAC.
+flag, a version bumped by every change, optionally where its audit events go (its
+:class:`~sqlalchemy_cmk.delivery.TenantAudit`), and a MAC.
 
 The MAC is HMAC-SHA256 under a key derived (HKDF-SHA256) from an application secret that is
 *not* in the database. It covers every other column, the tenant id, the version and, since MAC
@@ -31,6 +32,23 @@ The canonical encodings the MACs cover (all integers big-endian; str = u32 lengt
     u8   disabled (0 or 1)
     u64  version
     i64  updated_at                microseconds since the Unix epoch, UTC
+    then, only for a row whose ``audit`` column is not NULL (absent otherwise):
+    str  "audit"                   the field's name
+    str  audit                     the audit column exactly as stored (canonical JSON)
+
+The ``audit`` column (the tenant's :class:`~sqlalchemy_cmk.delivery.TenantAudit`, added after
+MAC version 2 existed) is covered by the same MAC without a new MAC version, so rows written
+before it keep their bytes and their MAC and verify unchanged, with no mass re-MAC. A row with
+and a row without it can never share an encoding: every field before it is self-delimiting
+(strings length-prefixed, lists counted, the tail of fixed size), so the encoding of a row
+without ``audit`` ends exactly where the encoding of the same fields with ``audit`` goes on;
+no encoding is a proper prefix of another, so none equals another with a suffix appended.
+Hence nulling the column of a row that had one, or filling in the column of a row that had
+none, changes the bytes the MAC covers, like any other edit. The name before the value keeps
+later optional fields apart from this one (each would come with its own name, in a fixed
+order). The MAC covers the stored text byte for byte, not its parsed meaning: the registry
+writes it in one canonical form (sorted keys, no blanks, ASCII only, so no database collation
+or character set can change it), and any other spelling is refused.
 
 Stored in the ``mac`` column as ``"v2:"`` + the unpadded base64url of the 32-byte tag (46
 characters); a v1 MAC is 64 hexadecimal digits. The two versions use different HKDF keys and
@@ -60,6 +78,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any, NamedTuple
+from urllib.parse import parse_qsl, urlsplit
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
@@ -74,13 +93,16 @@ from sqlalchemy import (
     String,
     Table,
     insert,
+    inspect,
     select,
     update,
 )
+from sqlalchemy import text as sql_text
 from sqlalchemy.engine import Dialect
 from sqlalchemy.exc import IntegrityError
 
 from ._dialects import ExactString, LongText, Timestamp, select_dialect
+from .delivery import TenantAudit
 from .errors import (
     ConfigurationError,
     RegistryConflictError,
@@ -114,6 +136,10 @@ _U32 = struct.Struct(">I")
 _TAIL = struct.Struct(">BQq")  # disabled, version, updated_at
 _VERSION_MAX = 2**31 - 1  # the version column is a 32-bit INTEGER on every dialect
 _EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
+# A tenant's audit set-up is a few destination specs: a list of objects whose values may be
+# objects or lists themselves (labels, headers), so a few levels deep, never more than this.
+_AUDIT_NESTING = 6
+_AUDIT_FIELD = "audit"
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 NOTIFY_CHANNEL = "sqlalchemy_cmk"
@@ -154,6 +180,9 @@ class TenantRecord:
         disabled: True when the tenant is switched off (lookups refuse it).
         version: Bumped by every change; starts at 1.
         updated_at: When the row was last written (UTC).
+        audit_json: The tenant's audit set-up as stored and MACed: the canonical JSON of
+            :meth:`TenantAudit.to_dict() <sqlalchemy_cmk.delivery.TenantAudit.to_dict>`, or
+            None when the tenant has no destination of its own. :meth:`audit` builds it.
     """
 
     tenant: str
@@ -163,7 +192,13 @@ class TenantRecord:
     disabled: bool
     version: int
     updated_at: datetime.datetime
+    audit_json: str | None = None
     _keys: TenantKeys = field(init=False, repr=False, compare=False)
+    # The TenantAudit built from audit_json, once (records are cached: building it checks every
+    # destination spec, which should not run on every event).
+    _audit: list[TenantAudit | None] = field(
+        init=False, repr=False, compare=False, default_factory=list
+    )
 
     def __post_init__(self) -> None:
         # Read-only views: records are cached and shared between threads.
@@ -178,8 +213,36 @@ class TenantRecord:
         """The record as the :class:`~sqlalchemy_cmk.registry.TenantKeys` that CMK uses."""
         return self._keys
 
+    def audit(self) -> TenantAudit | None:
+        """The tenant's audit set-up, or None when it has no destination of its own.
+
+        Built on first use, not when the row is read: a spec that no longer checks (its kind's
+        extra was uninstalled, say) fails here, never the tenant's key lookups.
+
+        Raises:
+            ConfigurationError: a stored destination spec does not check; the message names
+                the tenant and the field.
+        """
+        if self._audit:  # a one-item list: the built value, None included
+            return self._audit[0]
+        built = None
+        if self.audit_json is not None:
+            try:
+                built = TenantAudit.from_dict(json.loads(self.audit_json))
+            except ConfigurationError as exc:
+                raise ConfigurationError(
+                    f"the audit set-up of tenant {self.tenant!r} in the key registry does not "
+                    f"check: {exc}",
+                    tenant=self.tenant,
+                ) from None
+        # Racing threads may both build it: equal values, and list.append is atomic.
+        if not self._audit:
+            self._audit.append(built)
+        return built
+
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict (what ``sqlalchemy-cmk tenants list --json`` prints)."""
+        """A JSON-ready dict (what ``sqlalchemy-cmk tenants list --json`` prints); ``audit``
+        is the stored audit set-up (``TenantAudit.to_dict()``'s form) or None."""
         return {
             "tenant": self.tenant,
             "primary": self.primary,
@@ -188,6 +251,7 @@ class TenantRecord:
             "disabled": self.disabled,
             "version": self.version,
             "updated_at": self.updated_at.isoformat(),
+            "audit": None if self.audit_json is None else json.loads(self.audit_json),
         }
 
 
@@ -230,6 +294,12 @@ def _canonical(domain: bytes, header: Iterable[str], rec: TenantRecord) -> bytes
         put(name)
         put(value)
     out.extend(_TAIL.pack(1 if rec.disabled else 0, rec.version, _micros(rec.updated_at)))
+    # Optional fields come last, each named, and contribute nothing when absent: rows written
+    # before they existed keep their encoding (why this cannot be confused with it: the module
+    # docstring).
+    if rec.audit_json is not None:
+        put(_AUDIT_FIELD)
+        put(rec.audit_json)
     return bytes(out)
 
 
@@ -295,6 +365,102 @@ def _shown(value: object) -> str:
     return text if len(text) <= 100 else text[:100] + "..."
 
 
+# -- audit set-ups: canonical, and never a literal secret -----------------------------------
+
+# Field names that announce a secret, as for credentials (a ``*_ref`` name does not match: its
+# value is checked as a reference by the destination's kind).
+_AUDIT_SECRET_NAME = re.compile(
+    r"(^|_)(password|passwd|passphrase|secret|client_secret|token|access_token|api_key|apikey|"
+    r"private_key|secret_access_key|secret_key|session_token|authorization|hmac_key|"
+    r"signing_key|shared_key|sas_token|connection_string|bearer)$"
+)
+# A secret reference: env:NAME, file:/path, or <scheme>:<rest> of a registered resolver.
+_SECRET_REF = re.compile(r"env:[A-Za-z_][A-Za-z0-9_]*|file:/\S+|[a-z][a-z0-9+.-]*:\S+")
+_PRIVATE_PEM = re.compile(r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY-----")
+# An Authorization header's value: the scheme, then one credential-like word (long, with a
+# digit), so that a label such as "Splunk forwarder" or "basic tier" is not taken for one.
+_AUTH_LITERAL = re.compile(r"(?i)(bearer|basic|splunk|sharedaccesssignature)\s+(?=\S*\d)\S{16,}")
+_AWS_KEY_ID = re.compile(r"\b(?:AKIA|ASIA)[A-Z0-9]{16}\b")
+_URL_SECRET_PARAM = re.compile(
+    r"(?i)^(sig|signature|token|access_token|api_key|apikey|key|secret|password|code|auth)$"
+)
+
+
+def _literal_secret(name: str, value: str) -> str | None:
+    """Why ``value``, at a field called ``name``, looks like a secret itself; None if not."""
+    if _PRIVATE_PEM.search(value):
+        return "a PEM private key"
+    if _AWS_KEY_ID.search(value):
+        return "an AWS access key id"
+    if _AUTH_LITERAL.fullmatch(value.strip()):
+        return "an Authorization header value"
+    if value.lower().startswith(("https://", "http://")):
+        try:
+            parts = urlsplit(value)
+            query = parse_qsl(parts.query, keep_blank_values=True)
+        except ValueError:  # not a URL after all: the destination's kind refuses it
+            parts, query = None, []
+        if parts is not None and (parts.password is not None or parts.username is not None):
+            return "a URL with credentials in it"
+        if any(_URL_SECRET_PARAM.match(k) for k, _ in query):
+            return "a URL with a secret in its query string"
+    if _AUDIT_SECRET_NAME.search(name.lower().replace("-", "_")) and not _SECRET_REF.fullmatch(
+        value
+    ):
+        return "a value that is not a secret reference under a secret's name"
+    return None
+
+
+def _check_no_literal_secret(value: object, path: str, tenant: str) -> None:
+    """Refuse an audit set-up holding something that looks like a secret, naming the field.
+
+    The destinations' kinds check their own secret fields; this is the registry's own guard
+    against mistakes (a token pasted into a header, a signed URL), not a proof: a secret under
+    an innocent name in an unknown field passes. The message never repeats the value.
+    """
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            _check_no_literal_secret(item, f"{path}.{key}" if path else str(key), tenant)
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            _check_no_literal_secret(item, f"{path}[{i}]", tenant)
+    elif isinstance(value, str):
+        why = _literal_secret(path.rsplit(".", 1)[-1].split("[", 1)[0], value)
+        if why is not None:
+            raise ConfigurationError(
+                f"audit set-up of tenant {tenant!r}: field {path!r} holds what looks like a "
+                f"secret ({why}); the key registry stores references to secrets (env:NAME, "
+                "file:/path, a secret manager's scheme), never the secrets themselves",
+                tenant=tenant,
+            )
+
+
+def _audit_json(audit: TenantAudit, tenant: str) -> str:
+    """The canonical stored form of ``audit``: sorted keys, no blanks, ASCII only.
+
+    ASCII only, so that no database character set or collation can change the bytes the MAC
+    covers (MariaDB's utf8mb3 cannot even store some characters).
+    """
+    doc = audit.to_dict()
+    for i, dest in enumerate(doc["destinations"], 1):
+        _check_no_literal_secret(dest, f"destinations[{i}]({dest.get('kind')})", tenant)
+    try:
+        stored = json.dumps(
+            doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
+        )
+    except (TypeError, ValueError) as exc:
+        raise ConfigurationError(
+            f"the audit set-up of tenant {tenant!r} is not JSON-ready: {exc}", tenant=tenant
+        ) from None
+    # What a read refuses must never be written: the tenant's key lookups would fail with it.
+    if _nesting_exceeds(stored, _AUDIT_NESTING):
+        raise ConfigurationError(
+            f"the audit set-up of tenant {tenant!r} nests deeper than {_AUDIT_NESTING} levels",
+            tenant=tenant,
+        )
+    return stored
+
+
 class _MacKeys(NamedTuple):
     v1: bytes
     v2: bytes
@@ -335,6 +501,9 @@ def _table(metadata: MetaData, name: str, schema: str | None) -> Table:
         Column("version", Integer, nullable=False),
         Column("updated_at", Timestamp(), nullable=False),
         Column("mac", String(64), nullable=False),  # "v2:" + base64url, or v1: hex
+        # The tenant's TenantAudit as canonical JSON; NULL: none. Last and nullable, so that
+        # create_table() can add it to a table made before it existed (ALTER TABLE ... ADD).
+        Column(_AUDIT_FIELD, LongText(), nullable=True),
         schema=schema,
         comment="sqlalchemy-cmk tenant key registry; rows are HMAC-protected, edit via the API",
     )
@@ -402,16 +571,30 @@ def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _json(value: object, what: str) -> Any:
-    text = _text(value, what, _JSON_MAX)
-    # Bounded before parsing: a valid column is one flat list or object, and json.loads recurses
-    # once per level (RecursionError at about a thousand).
-    if _nesting_exceeds(text, 1):
-        raise _Malformed(f"{what} is nested JSON")
+def _json(value: object, what: str, nesting: int = 1) -> Any:
+    return _json_text(_text(value, what, _JSON_MAX), what, nesting)
+
+
+def _json_text(text: str, what: str, nesting: int) -> Any:
+    # Bounded before parsing: a valid column is one flat list or object (the audit column a
+    # few levels), and json.loads recurses once per level (RecursionError at about a thousand).
+    if _nesting_exceeds(text, nesting):
+        raise _Malformed(f"{what} is nested JSON" if nesting == 1 else f"{what} nests too deep")
     try:
         return json.loads(text, object_pairs_hook=_unique_pairs)
     except ValueError:  # JSONDecodeError, a duplicate name, an integer too long to convert
         raise _Malformed(f"{what} is not valid JSON") from None
+
+
+def _audit_column(value: object) -> str | None:
+    """The stored audit column, checked to be a JSON object (still as text: the MAC covers the
+    text as stored); None for NULL."""
+    if value is None:
+        return None
+    text = _text(value, _AUDIT_FIELD, _JSON_MAX)
+    if not isinstance(_json_text(text, _AUDIT_FIELD, _AUDIT_NESTING), dict):
+        raise _Malformed(f"{_AUDIT_FIELD} is not a JSON object")
+    return text
 
 
 def _timestamp(value: object) -> datetime.datetime:
@@ -466,6 +649,7 @@ def _parse(row: Mapping[str, Any]) -> tuple[TenantRecord, str]:
         bool(disabled),
         version,
         _timestamp(row["updated_at"]),
+        _audit_column(row[_AUDIT_FIELD]),
     )
     return rec, mac
 
@@ -476,7 +660,9 @@ def _parse(row: Mapping[str, Any]) -> tuple[TenantRecord, str]:
 class DatabaseKeyRegistry:
     """Tenants' key references in a database table, integrity-protected, cached for lookups.
 
-    Implements :class:`~sqlalchemy_cmk.registry.KeyRegistry`: pass it as ``CMK(registry=...)``.
+    Implements :class:`~sqlalchemy_cmk.registry.KeyRegistry`: pass it as ``CMK(registry=...)``;
+    and :class:`~sqlalchemy_cmk.delivery.AuditDestinations` (:meth:`tenant_audit`): pass it as
+    the audit delivery's ``destinations``.
     Manage it with this API or the ``sqlalchemy-cmk tenants`` CLI.
 
     Args:
@@ -556,8 +742,39 @@ class DatabaseKeyRegistry:
     # -- schema --------------------------------------------------------------------------------
 
     def create_table(self) -> None:
-        """Create the registry table if it does not exist (or use ``registry.table`` in Alembic)."""
-        self.table.create(self._engine, checkfirst=True)
+        """Create the registry table if it does not exist, or bring an existing one up to date
+        (or use ``registry.table`` in Alembic).
+
+        A table made before the ``audit`` column existed gets it (``ALTER TABLE ... ADD
+        COLUMN audit``, nullable): its rows keep verifying unchanged, and processes still on
+        the older version go on working (they neither read nor write the column). Run it
+        (``sqlalchemy-cmk tenants init``) *before* deploying this version: this version reads
+        the column. Idempotent.
+        """
+        with self._engine.begin() as conn:
+            self.table.create(conn, checkfirst=True)
+            present = {
+                c["name"].lower()
+                for c in inspect(conn).get_columns(self.table.name, schema=self.table.schema)
+            }
+            for col in self.table.c:
+                if col.name.lower() in present:
+                    continue
+                # Only nullable columns were ever added; a NOT NULL one missing is not an older
+                # table but another table (it would need a value for every existing row).
+                if not col.nullable:
+                    raise ConfigurationError(
+                        f"table {self.table.fullname} has no column {col.name!r}: it is not a "
+                        "key registry table"
+                    )
+                prep = conn.dialect.identifier_preparer
+                conn.execute(
+                    sql_text(
+                        f"ALTER TABLE {prep.format_table(self.table)} ADD COLUMN "
+                        f"{prep.format_column(col)} {col.type.compile(dialect=conn.dialect)}"
+                    )
+                )
+                _log.info("key registry: column %s added to %s", col.name, self.table.fullname)
 
     # -- lookups (the KeyRegistry protocol) ----------------------------------------------------
 
@@ -581,6 +798,29 @@ class DatabaseKeyRegistry:
                 tenant=tenant,
             )
         return rec.keys
+
+    def tenant_audit(self, tenant: str) -> TenantAudit | None:
+        """The tenant's audit set-up (the :class:`~sqlalchemy_cmk.delivery.AuditDestinations`
+        protocol: pass the registry as ``AuditDelivery(destinations=registry)``).
+
+        Read through the same cache as :meth:`tenant_keys` (one row read serves both, for
+        ``cache_ttl``), verified by the same MAC, invalidated the same way (this object's writes,
+        :meth:`invalidate`, a :class:`~sqlalchemy_cmk.revocation.RevocationWatcher`). A disabled
+        tenant's set-up is returned too: its refused accesses are events it should see.
+
+        Returns:
+            The tenant's :class:`~sqlalchemy_cmk.delivery.TenantAudit`, or None when it has none
+            of its own, or is not in the registry (a tenant id that is not canonical never is).
+
+        Raises:
+            RegistryIntegrityError: the tenant's row failed its integrity check (an edited,
+                swapped or replayed audit column included): never a silent None, which would
+                let whoever edits the table take a tenant's monitoring away.
+            ConfigurationError: the stored set-up no longer checks (a kind whose extra is not
+                installed, say); the tenant's key lookups still work.
+        """
+        rec = self._lookup(tenant)
+        return None if rec is None else rec.audit()
 
     def get(self, tenant: str) -> TenantRecord:
         """The tenant's verified row, read now (not from the cache), disabled or not.
@@ -766,6 +1006,48 @@ class DatabaseKeyRegistry:
     def enable(self, tenant: str, *, expected_version: int | None = None) -> TenantRecord:
         """Serve the tenant's lookups again."""
         return self._set_disabled(tenant, False, expected_version)
+
+    def set_audit(
+        self, tenant: str, audit: TenantAudit | None, *, expected_version: int | None = None
+    ) -> TenantRecord:
+        """Set the tenant's audit destinations (``None``: remove them; its events then go only to
+        the application's sinks).
+
+        Stored in the tenant's row as canonical JSON, under the row's MAC (see the module
+        docstring): editing it in SQL, moving it to another tenant or putting an older one back
+        is refused like a tampered key reference. A no-op (no new version) when it is already
+        what is stored. Processes see it within their ``cache_ttl``.
+
+        Set destinations only once every process reading the registry runs a version that
+        knows the column: an older one refuses the tenant's row (fail closed), as its MAC then
+        covers a field that version does not read.
+
+        Args:
+            tenant: The tenant (it must be in the registry).
+            audit: Its destinations and policies, or None.
+            expected_version: Change only if the row is still at this version.
+
+        Raises:
+            ConfigurationError: ``audit`` is not a TenantAudit, or a destination holds what
+                looks like a literal secret (the registry stores references only: ``env:NAME``,
+                ``file:/path``, a secret manager's scheme); the message names the field.
+            TenantNotConfiguredError: no such tenant.
+            RegistryConflictError: the row changed meanwhile, or is not at ``expected_version``.
+            RegistryIntegrityError: the row failed its integrity check.
+        """
+        if audit is not None and not isinstance(audit, TenantAudit):
+            raise ConfigurationError(
+                f"set_audit() takes a TenantAudit or None, not {type(audit).__name__} (build one "
+                "with TenantAudit.from_dict)",
+                tenant=tenant if isinstance(tenant, str) else None,
+            )
+        stored = None if audit is None else _audit_json(audit, tenant)
+
+        def change(rec: TenantRecord) -> TenantRecord | None:
+            return None if rec.audit_json == stored else replace(rec, audit_json=stored)
+
+        what = "audit destinations removed" if audit is None else "audit destinations set"
+        return self._change(tenant, change, expected_version, what)
 
     def reseal(self, new_secret: bytes) -> int:
         """Rotate the registry secret: re-MAC every row under ``new_secret``; returns the count.
@@ -1060,6 +1342,7 @@ class DatabaseKeyRegistry:
             "version": rec.version,
             "updated_at": rec.updated_at,
             "mac": self._mac(rec, 2, keys),
+            _AUDIT_FIELD: rec.audit_json,
         }
         for name in ("accepted_key_refs", "credentials"):
             if len(columns[name]) > _JSON_MAX:
@@ -1068,6 +1351,12 @@ class DatabaseKeyRegistry:
                     f"{name} would exceed {_JSON_MAX} characters",
                     tenant=rec.tenant,
                 )
+        if rec.audit_json is not None and len(rec.audit_json) > _JSON_MAX:
+            raise ConfigurationError(
+                f"the audit set-up of tenant {rec.tenant!r} is too large: its JSON would exceed "
+                f"{_JSON_MAX} characters",
+                tenant=rec.tenant,
+            )
         if rec.version > _VERSION_MAX:
             raise ConfigurationError(f"tenant {rec.tenant!r} is at the highest version")
         return columns

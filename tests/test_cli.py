@@ -259,7 +259,9 @@ def test_upgrade_mac_rewrites_rows_from_before_registry_id(
     with cli_env.begin() as conn:
         conn.execute(
             text(
-                "insert into cmk_tenants values ('acme', 'fake://acme-2', "
+                # The columns named: the table has the audit column now, the old row none.
+                "insert into cmk_tenants (tenant_id, primary_key_ref, accepted_key_refs, "
+                "credentials, disabled, version, updated_at, mac) values ('acme', 'fake://acme-2', "
                 '\'["fake://acme-1","fake://acme-2"]\', '
                 '\'{"role_arn":"arn:aws:iam::111122223333:role/acme-cmk"}\', '
                 ":f, 3, :at, '36206c910a23900ef4efe18422b9840a2c353ad4fb9e03da052db284e6090c39')"

@@ -14,6 +14,11 @@ Usage::
     sqlalchemy-cmk tenants verify [--expect SNAPSHOT.json] [--json]
     sqlalchemy-cmk tenants reseal        (new secret from $SQLALCHEMY_CMK_NEW_REGISTRY_SECRET)
     sqlalchemy-cmk tenants upgrade-mac   (re-MAC rows written before registry_id existed)
+    sqlalchemy-cmk tenants audit show TENANT [--json]
+    sqlalchemy-cmk tenants audit set TENANT --destination JSON [--destination JSON ...]
+                   [--on-spool-failure deny|serve] [--max-events-per-second N] [--if-version N]
+    sqlalchemy-cmk tenants audit set TENANT --from-file FILE   (as `audit show --json` prints)
+    sqlalchemy-cmk tenants audit clear TENANT [--if-version N]
     sqlalchemy-cmk check-tenant TENANT --cmk module:attribute [--app-dir DIR] [--json]
 
     sqlalchemy-cmk keys init FILE [--tenant TENANT ...]     (a local key file; never replaced)

@@ -156,6 +156,7 @@ def _database_error(exc: SQLAlchemyError, migration: bool) -> str:
             state in {"42P01", "42703"}
             or "no such table" in lowered
             or ("no such column" in lowered or "doesn't exist" in lowered)
+            or "unknown column" in lowered  # MySQL, MariaDB
         ):
             hint = (
                 "do the table and columns exist?"

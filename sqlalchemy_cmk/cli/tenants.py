@@ -15,6 +15,7 @@ import base64
 import binascii
 import json
 import os
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
@@ -23,6 +24,7 @@ from sqlalchemy import Engine, create_engine, make_url
 from sqlalchemy.exc import ArgumentError
 
 from .._cmk import load_cmk
+from ..delivery import TenantAudit
 from ..errors import ConfigurationError
 from ..registry_db import (
     DatabaseKeyRegistry,
@@ -123,6 +125,50 @@ def add_parsers(commands: argparse._SubParsersAction[_Parser], as_json: _Parser)
         parents=[db],
         help="re-MAC rows written before registry_id existed so that they bind it",
     )
+    p = sub.add_parser(
+        "audit", help="show, set or clear a tenant's own audit destinations (docs/audit.md)"
+    )
+    audit = p.add_subparsers(dest="audit_action", required=True, metavar="ACTION")
+    p = audit.add_parser("show", parents=[db, as_json], help="show the tenant's destinations")
+    p.add_argument("tenant")
+    p = audit.add_parser(
+        "set", parents=[db, as_json, if_version], help="set (replace) the tenant's destinations"
+    )
+    p.add_argument("tenant")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--destination",
+        action="append",
+        metavar="JSON",
+        help='a destination spec, e.g. \'{"kind": "webhook", "url": "https://...", ...}\' '
+        "(repeat for several); secrets as references (env:NAME, file:/path), never in clear",
+    )
+    source.add_argument(
+        "--from-file",
+        metavar="FILE",
+        help="a JSON file ('-': stdin) holding the set-up as `tenants audit show --json` prints "
+        'it, or its "audit" object',
+    )
+    p.add_argument(
+        "--on-spool-failure",
+        choices=["deny", "serve"],
+        default=None,
+        help="when an event cannot be spooled: refuse the access (deny, the default) or serve "
+        "it and count the drop",
+    )
+    p.add_argument(
+        "--max-events-per-second",
+        type=_rate,
+        default=None,
+        metavar="N",
+        help="ship at most N of the tenant's events per second (default: no limit)",
+    )
+    p = audit.add_parser(
+        "clear",
+        parents=[db, as_json, if_version],
+        help="remove the tenant's destinations (its events go to the application's sinks only)",
+    )
+    p.add_argument("tenant")
 
     p = commands.add_parser(
         "check-tenant", parents=[as_json], help="prove a tenant's key works end to end"
@@ -178,6 +224,14 @@ def _credentials(items: Sequence[str]) -> dict[str, str]:
             raise UsageError(f"--credential takes NAME=VALUE, got {item!r}")
         creds[name] = value
     return creds
+
+
+def _rate(value: str) -> float:
+    try:
+        rate = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
+    return int(rate) if rate.is_integer() else rate
 
 
 def _registry_id(args: argparse.Namespace) -> str:
@@ -324,6 +378,104 @@ def _upgrade_mac(registry: DatabaseKeyRegistry, args: argparse.Namespace, out: T
     return 0
 
 
+# -- tenants audit ---------------------------------------------------------------------------
+
+
+def _json_object(text: str, what: str) -> dict[str, Any]:
+    # The message never quotes the text: it may hold the very secret the registry would refuse.
+    try:
+        doc = json.loads(text)
+    except ValueError as exc:
+        where = (
+            f" ({exc.msg}, line {exc.lineno} column {exc.colno})"
+            if isinstance(exc, json.JSONDecodeError)
+            else ""
+        )
+        raise UsageError(f"{what} is not valid JSON{where}") from None
+    if not isinstance(doc, dict):
+        raise UsageError(f"{what} must be a JSON object")
+    return doc
+
+
+def _audit_document(args: argparse.Namespace) -> dict[str, Any]:
+    """The set-up ``tenants audit set`` was given, as ``TenantAudit.from_dict`` takes it."""
+    if args.from_file is not None:
+        what = "--from-file " + ("(stdin)" if args.from_file == "-" else args.from_file)
+        try:
+            if args.from_file == "-":
+                text = sys.stdin.read()
+            else:
+                text = Path(args.from_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageError(f"{what}: cannot read it ({type(exc).__name__})") from None
+        doc = _json_object(text, what)
+        if "audit" in doc and "tenant" in doc:  # what `tenants audit show --json` prints
+            if doc["tenant"] != args.tenant:
+                # Another tenant's destinations would receive this tenant's events.
+                raise UsageError(
+                    f"{what} is the audit set-up of tenant {_cell(str(doc['tenant']))}, not "
+                    f'{_cell(args.tenant)}: to reuse it, pass its "audit" object'
+                )
+            doc = doc["audit"]
+            if not isinstance(doc, dict):
+                raise UsageError(f"{what}: the tenant has no audit set-up to copy")
+    else:
+        doc = {
+            "destinations": [
+                _json_object(spec, f"--destination {i}")
+                for i, spec in enumerate(args.destination, 1)
+            ]
+        }
+    if args.on_spool_failure is not None:
+        doc["on_spool_failure"] = args.on_spool_failure
+    if args.max_events_per_second is not None:
+        doc["max_events_per_second"] = args.max_events_per_second
+    if not doc.get("destinations"):
+        raise UsageError(
+            "no destination given: pass --destination JSON (or --from-file); "
+            "`tenants audit clear` removes them"
+        )
+    return doc
+
+
+def _audit(registry: DatabaseKeyRegistry, args: argparse.Namespace, out: TextIO) -> int:
+    if args.audit_action == "show":
+        return _print_audit(registry.get(args.tenant), args, out, None)
+    if args.audit_action == "clear":
+        rec = registry.set_audit(args.tenant, None, expected_version=args.if_version)
+        return _print_audit(rec, args, out, "audit destinations removed")
+    # A spec that does not check is an invalid change (exit 1, naming the field), like a bad
+    # key reference given to `tenants add`.
+    audit = TenantAudit.from_dict(_audit_document(args))
+    rec = registry.set_audit(args.tenant, audit, expected_version=args.if_version)
+    return _print_audit(rec, args, out, "audit destinations set")
+
+
+def _print_audit(rec: TenantRecord, args: argparse.Namespace, out: TextIO, verb: str | None) -> int:
+    # The stored document, not a TenantAudit built from it: `show` must work where a kind's
+    # extra is not installed, which is when the operator most needs to see it.
+    doc = rec.to_dict()["audit"]
+    if args.json:
+        json.dump({"tenant": rec.tenant, "version": rec.version, "audit": doc}, out, indent=2)
+        print(file=out)
+        return 0
+    head = f"tenant {_cell(rec.tenant)}" + (f": {verb}" if verb else "")
+    print(f"{head} (version {rec.version})", file=out)
+    if doc is None:
+        print(
+            "  no audit destinations of its own: its events go to the application's sinks only",
+            file=out,
+        )
+        return 0
+    rate = doc.get("max_events_per_second")
+    print(f"  on spool failure:     {_cell(str(doc.get('on_spool_failure')))}", file=out)
+    print(f"  max events/second:    {'no limit' if rate is None else rate}", file=out)
+    for i, dest in enumerate(doc.get("destinations", ()), 1):
+        spec = json.dumps(dest, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        print(f"  destination {i}:{' ' * (9 - len(str(i)))}{_cell(spec)}", file=out)
+    return 0
+
+
 _TENANT_ACTIONS: dict[str, Callable[[DatabaseKeyRegistry, argparse.Namespace, TextIO], int]] = {
     "init": _init,
     "add": _add,
@@ -337,6 +489,7 @@ _TENANT_ACTIONS: dict[str, Callable[[DatabaseKeyRegistry, argparse.Namespace, Te
     "verify": _verify,
     "reseal": _reseal,
     "upgrade-mac": _upgrade_mac,
+    "audit": _audit,
 }
 
 
@@ -357,6 +510,10 @@ def _print_record(
     print(f"  also accepted: {', '.join(others) or '-'}", file=out)
     for name, value in sorted(rec.credentials.items()):
         print(f"  credential:    {_cell(name)}={_cell(value)}", file=out)
+    audit = rec.to_dict()["audit"]
+    if audit is not None:
+        kinds = [_cell(str(d.get("kind"))) for d in audit.get("destinations", ())]
+        print(f"  audit:         {', '.join(kinds) or '-'} (`tenants audit show`)", file=out)
     if verb is None:
         print(f"  version:       {rec.version} ({rec.updated_at.isoformat()})", file=out)
     return 0
