@@ -920,7 +920,7 @@ DOCS_TEST = "tests/test_registry_audit.py::test_the_docs_audit_blocks_run"
 
 def test_the_docs_audit_blocks_run(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """The blocks marked run-by this test, in registry.md and the operator's how-to
-    (_audit_config.md, folded into audit.md): found by their marker, wherever the page is.
+    (folded into docs/audit.md): found by their marker, wherever the page is.
 
     They use the real webhook and splunk_hec kinds, written on another branch: until those are
     in the package, this test skips; from then on, the blocks run.
