@@ -15,10 +15,11 @@ from typing import Any, NamedTuple
 from cryptography.exceptions import InvalidTag
 from sqlalchemy import LargeBinary, Table
 
-from . import _codecs, _format, _lease
+from . import _codecs, _format, _lease, _metrics
 from ._access import access, emit_ok, note_row_tenant
 from ._keys import CachePolicy, DataKey, KeyManager, RetryPolicy
 from ._mapping import ColumnSpec, TableSpec, table_spec
+from ._metrics import MetricsSink
 from .audit import AuditSink, LoggingAuditSink
 from .context import TenantContext, current_context, require_context, tenant_context
 from .errors import (
@@ -227,7 +228,11 @@ class CMK:
             self._revocations,
             CachePolicy(cache_ttl, cache_max_entries, write_key_max_age, write_key_max_uses),
             RetryPolicy(retry_attempts, retry_backoff, kms_deadline, max_concurrency),
-            [LoggingAuditSink()] if audit_sinks is None else audit_sinks,
+            # The metrics sink first: a KMS call counts even if a later sink stops the access.
+            [
+                *([MetricsSink()] if _metrics.available() else []),
+                *([LoggingAuditSink()] if audit_sinks is None else audit_sinks),
+            ],
             clock=time.monotonic if clock is None else clock,
             verify_write_keys=verify_write_keys,
             lease_period=lease_period,
