@@ -158,19 +158,22 @@ class access:
     it runs for every load and flush.
     """
 
-    __slots__ = ("acc", "token")
+    __slots__ = ("acc", "ctx", "keys", "operation", "token")
 
     def __init__(self, keys: KeyManager, ctx: TenantContext | None, operation: str) -> None:
-        outer = _current.get()
-        if outer is not None and outer.keys is keys and outer.operation == operation:
-            self.acc = outer
-            self.token: contextvars.Token[Access | None] | None = None
-        else:
-            self.acc = Access(keys, ctx, operation)
-            self.token = _current.set(self.acc)
+        self.keys = keys
+        self.ctx = ctx
+        self.operation = operation
+        self.acc: Access | None = None  # None: joined an outer scope, which records
+        self.token: contextvars.Token[Access | None] | None = None
 
     def __enter__(self) -> Access:
-        return self.acc
+        outer = _current.get()
+        if outer is not None and outer.keys is self.keys and outer.operation == self.operation:
+            return outer  # joined: the outer scope records
+        acc = self.acc = Access(self.keys, self.ctx, self.operation)
+        self.token = _current.set(acc)
+        return acc
 
     def __exit__(
         self,
@@ -178,7 +181,7 @@ class access:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self.token is None:
+        if self.acc is None or self.token is None:
             return  # joined: the outer scope records
         _current.reset(self.token)
         # Exception only: GeneratorExit and KeyboardInterrupt are no refusal.
