@@ -98,6 +98,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import CompileError, DBAPIError, StatementError
 
 from sqlalchemy_cmk import CMK, TenantContext, _codecs, _format
+from sqlalchemy_cmk._access import access, emit_ok
 from sqlalchemy_cmk._cmk import _aad_prefix
 from sqlalchemy_cmk._codecs import Codec, codec_for
 from sqlalchemy_cmk._dialects import DialectSupport, select_dialect
@@ -1412,10 +1413,10 @@ class _Crypto:
     def audit(self, by_tenant: Mapping[str, int]) -> None:
         """One ``decrypt`` audit event per tenant for the rows opened."""
         for tenant, rows in by_tenant.items():
-            self.km.emit(
+            emit_ok(
+                self.km,
                 self.ctx,
                 "decrypt",
-                "ok",
                 tenant,
                 table=self.tgt.name,
                 rows=rows,
@@ -2137,70 +2138,78 @@ def _mover(
 
     def move(conn: Connection, rows: Sequence[Any], part: Report, crypto: _Crypto) -> None:
         # A text-storage value is opened under its row's key: load every such key at once.
-        errors = crypto.load(
-            bytes(row[-1])[_SPLIT:]
-            for row in rows
-            if row[-1] is not None
-            and any(tgt.storage[s] == "text" and tgt.ciphertext(s, row[2 + s]) for s, _ in pairs)
-        )
-        groups: dict[str, list[int]] = {}
-        values: list[dict[str, bytes | str]] = []
-        witnesses: list[dict[str, bytes] | None] = []
-        comps: list[bytes | None] = []
-        opened: dict[str, int] = {}
-        for i, row in enumerate(rows):
-            pk, tenant_raw = row[0], row[1]
-            tenant = tenant_raw if type(tenant_raw) is str else _require_tenant(tgt, pk, tenant_raw)
-            comp = _as_bytes(row[-1])
-            if comp is not None:
-                _check_row_tenant(tgt, pk, tenant, comp, crypto)
-            d: dict[str, bytes | str] = {}
-            witness: dict[str, bytes] | None = None
-            for s, t in pairs:
-                v = row[2 + s]
-                if v is None:
-                    continue
-                ct = tgt.ciphertext(s, v)
-                codec = codecs[s]
-                if ct is None:  # plaintext: encoded as the target's EncryptedType encodes it
-                    if type(v) is str and codec.tag == str_tag:
-                        d[names[t]] = v
-                    else:
-                        d[names[t]] = _codecs.encode(codec, v, table=tgt.name, column=names[t])
-                    continue
-                pt = None
+        # One access per batch: a refusal (a value that does not decrypt, a KMS error) is
+        # audited once, for the operator's cross-tenant context, before it propagates.
+        with access(crypto.km, crypto.ctx, "decrypt") as acc:
+            acc.table(tgt.name, names)
+            errors = crypto.load(
+                bytes(row[-1])[_SPLIT:]
+                for row in rows
+                if row[-1] is not None
+                and any(
+                    tgt.storage[s] == "text" and tgt.ciphertext(s, row[2 + s]) for s, _ in pairs
+                )
+            )
+            groups: dict[str, list[int]] = {}
+            values: list[dict[str, bytes | str]] = []
+            witnesses: list[dict[str, bytes] | None] = []
+            comps: list[bytes | None] = []
+            opened: dict[str, int] = {}
+            for i, row in enumerate(rows):
+                pk, tenant_raw = row[0], row[1]
+                tenant = (
+                    tenant_raw if type(tenant_raw) is str else _require_tenant(tgt, pk, tenant_raw)
+                )
+                comp = _as_bytes(row[-1])
                 if comp is not None:
-                    error = errors.get(comp[_SPLIT:])
-                    if error is not None:
-                        raise error
-                    with contextlib.suppress(DecryptionError):
-                        pt = crypto.open(comp, names[s], ct)
-                if pt is None:
-                    raise DecryptionError(
-                        f"row {_pk_repr(pk)} of {tgt.label()!r}: {names[s]} holds an encrypted "
-                        "value that does not decrypt (or its EDEK is NULL); nothing of its batch "
-                        "was written: run verify() for a full report",
-                        table=tgt.name,
-                    )
-                if pt[0] != codec.tag:
-                    raise ConfigurationError(
-                        f"row {_pk_repr(pk)} of {tgt.label()!r}: {names[s]} holds a value "
-                        f"written as another type than {codec.name}; nothing of its batch was "
-                        "written",
-                        table=tgt.name,
-                        column=names[s],
-                    )
-                d[names[t]] = pt  # the raw plaintext, sealed again: never encrypted twice
-                if witness is None:
-                    witness = {}
-                witness[names[s]] = ct
-            if witness:
-                _count(opened, tenant)
-            groups.setdefault(tenant, []).append(i)
-            values.append(d)
-            witnesses.append(witness)
-            comps.append(comp)
-        crypto.audit(opened)
+                    _check_row_tenant(tgt, pk, tenant, comp, crypto)
+                d: dict[str, bytes | str] = {}
+                witness: dict[str, bytes] | None = None
+                for s, t in pairs:
+                    v = row[2 + s]
+                    if v is None:
+                        continue
+                    ct = tgt.ciphertext(s, v)
+                    codec = codecs[s]
+                    if ct is None:  # plaintext: encoded as the target's EncryptedType encodes it
+                        if type(v) is str and codec.tag == str_tag:
+                            d[names[t]] = v
+                        else:
+                            d[names[t]] = _codecs.encode(codec, v, table=tgt.name, column=names[t])
+                        continue
+                    pt = None
+                    if comp is not None:
+                        error = errors.get(comp[_SPLIT:])
+                        if error is not None:
+                            raise error
+                        with contextlib.suppress(DecryptionError):
+                            pt = crypto.open(comp, names[s], ct)
+                    if pt is None:
+                        raise DecryptionError(
+                            f"row {_pk_repr(pk)} of {tgt.label()!r}: {names[s]} holds an "
+                            "encrypted value that does not decrypt (or its EDEK is NULL); "
+                            "nothing of its batch was written: run verify() for a full report",
+                            table=tgt.name,
+                        )
+                    if pt[0] != codec.tag:
+                        raise ConfigurationError(
+                            f"row {_pk_repr(pk)} of {tgt.label()!r}: {names[s]} holds a value "
+                            f"written as another type than {codec.name}; nothing of its batch was "
+                            "written",
+                            table=tgt.name,
+                            column=names[s],
+                        )
+                    d[names[t]] = pt  # the raw plaintext, sealed again: never encrypted twice
+                    if witness is None:
+                        witness = {}
+                    witness[names[s]] = ct
+                if witness:
+                    _count(opened, tenant)
+                groups.setdefault(tenant, []).append(i)
+                values.append(d)
+                witnesses.append(witness)
+                comps.append(comp)
+            crypto.audit(opened)
         new_comps, cts, new_envs = _seal_groups(crypto, groups, values, comps, witnesses)
         batch = _Batch(tgt)
         ncols = len(tgt.cols)
@@ -2334,43 +2343,46 @@ def _open_batch(
     """Open every ciphertext of a batch to its raw plaintext (row -> column index -> bytes);
     a value that does not decrypt raises DecryptionError naming its row, before anything of
     the batch is written."""
-    ncols = len(tgt.cols)
-    errors = crypto.load(
-        _as_bytes(row[-1])[_SPLIT:]  # type: ignore[index]
-        for row in rows
-        if row[-1] is not None
-    )
-    opened: list[dict[int, bytes]] = []
-    by_tenant: dict[str, int] = {}
-    for row in rows:
-        comp = _as_bytes(row[-1])
-        out: dict[int, bytes] = {}
-        bad = False
-        for j, v in enumerate(row[first_col : first_col + ncols]):
-            ct = tgt.ciphertext(j, v)
-            if ct is None:
-                continue
-            if comp is None:
-                bad = True
-                break
-            error = errors.get(comp[_SPLIT:])
-            if error is not None:
-                raise error
-            try:
-                out[j] = crypto.open(comp, tgt.cols[j].name, ct)
-            except DecryptionError:
-                bad = True
-                break
-        if bad:
-            raise DecryptionError(
-                f"row {_pk_repr(row[0])} of {tgt.label()!r} did not decrypt; nothing of its "
-                "batch was written: run verify() for a full report",
-                table=tgt.name,
-            )
-        if out and comp is not None:
-            _count(by_tenant, crypto.tenant(comp))
-        opened.append(out)
-    crypto.audit(by_tenant)
+    # One access per batch: a refusal is audited once, before it propagates.
+    with access(crypto.km, crypto.ctx, "decrypt") as acc:
+        acc.table(tgt.name, tgt.names)
+        ncols = len(tgt.cols)
+        errors = crypto.load(
+            _as_bytes(row[-1])[_SPLIT:]  # type: ignore[index]
+            for row in rows
+            if row[-1] is not None
+        )
+        opened: list[dict[int, bytes]] = []
+        by_tenant: dict[str, int] = {}
+        for row in rows:
+            comp = _as_bytes(row[-1])
+            out: dict[int, bytes] = {}
+            bad = False
+            for j, v in enumerate(row[first_col : first_col + ncols]):
+                ct = tgt.ciphertext(j, v)
+                if ct is None:
+                    continue
+                if comp is None:
+                    bad = True
+                    break
+                error = errors.get(comp[_SPLIT:])
+                if error is not None:
+                    raise error
+                try:
+                    out[j] = crypto.open(comp, tgt.cols[j].name, ct)
+                except DecryptionError:
+                    bad = True
+                    break
+            if bad:
+                raise DecryptionError(
+                    f"row {_pk_repr(row[0])} of {tgt.label()!r} did not decrypt; nothing of its "
+                    "batch was written: run verify() for a full report",
+                    table=tgt.name,
+                )
+            if out and comp is not None:
+                _count(by_tenant, crypto.tenant(comp))
+            opened.append(out)
+        crypto.audit(by_tenant)
     return opened
 
 

@@ -15,11 +15,13 @@ from typing import Any, NamedTuple
 from cryptography.exceptions import InvalidTag
 from sqlalchemy import LargeBinary, Table
 
-from . import _codecs, _format, _lease
+from . import _codecs, _format, _lease, _metrics
+from ._access import access, emit_ok, note_row_tenant
 from ._keys import CachePolicy, DataKey, KeyManager, RetryPolicy
 from ._mapping import ColumnSpec, TableSpec, table_spec
+from ._metrics import MetricsSink
 from .audit import AuditSink, LoggingAuditSink
-from .context import TenantContext, require_context, tenant_context
+from .context import TenantContext, current_context, require_context, tenant_context
 from .delivery import AuditDelivery
 from .errors import (
     CMKError,
@@ -232,7 +234,11 @@ class CMK:
             self._revocations,
             CachePolicy(cache_ttl, cache_max_entries, write_key_max_age, write_key_max_uses),
             RetryPolicy(retry_attempts, retry_backoff, kms_deadline, max_concurrency),
-            [LoggingAuditSink()] if audit_sinks is None else audit_sinks,
+            # The metrics sink first: a KMS call counts even if a later sink stops the access.
+            [
+                *([MetricsSink()] if _metrics.available() else []),
+                *([LoggingAuditSink()] if audit_sinks is None else audit_sinks),
+            ],
             clock=time.monotonic if clock is None else clock,
             verify_write_keys=verify_write_keys,
             lease_period=lease_period,
@@ -446,6 +452,22 @@ class CMK:
         value cannot be sealed. Parallel lists and flat results, because this runs for every
         row of a flush and objects kept alive per row make the garbage collector run more.
         """
+        with access(self._keys, ctx, "encrypt") as acc:
+            if not acc.tables:  # called on its own, not by a flush that named them
+                for t in {id(t): t for t in tables}.values():
+                    acc.table(t.table, t.column_names)
+            acc.fixed = True
+            return self._seal(dicts, tables, columns, companions, ctx, witnesses)
+
+    def _seal(
+        self,
+        dicts: Sequence[Mapping[str, Any]],
+        tables: Sequence[TableSpec],
+        columns: Sequence[Sequence[ColumnSpec]],
+        companions: Sequence[bytes | None],
+        ctx: TenantContext,
+        witnesses: Sequence[Mapping[str, Any] | None] | None,
+    ) -> tuple[list[bytes | None], list[bytes]]:
         tenant = self._tenant_for_write(ctx)
         split = 1 + _format.ROW_ID_SIZE
         old = {comp[split:] for comp in companions if comp is not None}
@@ -454,7 +476,7 @@ class CMK:
             for comp in companions:
                 if comp is not None:
                     _format.split_companion(comp)
-            self._check_tenants(old, ctx, tables[0].table, "encrypt")
+            self._check_tenants(old, ctx, tables[0].table)
             fresh: list[DataKey] = []
             keys = self._keys.read_keys(old, ctx, fresh=fresh)
             if fresh:
@@ -545,7 +567,7 @@ class CMK:
             counts[t] += 1
         for t, count in counts.items():
             names = tuple(sorted(c.name for c in t.columns if c in used))
-            self._keys.emit(ctx, "encrypt", "ok", tenant, table=t.table, columns=names, rows=count)
+            emit_ok(self._keys, ctx, "encrypt", tenant, table=t.table, columns=names, rows=count)
         return new_companions, cts
 
     def _prove(
@@ -617,11 +639,16 @@ class CMK:
         allocated per row.
         """
         started = time.monotonic()
-        checked = self._check_open(dicts, tables, ctx)
-        if checked is None:
-            return
-        ctx, tenant_of, needed = checked
-        self._open_checked(dicts, tables, ctx, started, tenant_of, needed)
+        with access(self._keys, ctx, "decrypt") as acc:
+            if not acc.tables:  # called on its own, not by a load that named them
+                for t in {id(t): t for t in tables}.values():
+                    acc.table(t.table, t.column_names)
+            acc.fixed = True
+            checked = self._check_open(dicts, tables, ctx)
+            if checked is None:
+                return
+            ctx, tenant_of, needed = checked
+            self._open_checked(dicts, tables, ctx, started, tenant_of, needed)
 
     def _open_checked(
         self,
@@ -705,7 +732,7 @@ class CMK:
                 "the work in `with tenant_context(tenant_id, ...)`",
                 table=names[0],
             )
-        tenant_of = self._check_tenants(envelopes, ctx, tables[0].table, "decrypt")
+        tenant_of = self._check_tenants(envelopes, ctx, tables[0].table)
         return ctx, tenant_of, needed
 
     def _open(
@@ -757,6 +784,7 @@ class CMK:
                     pt = decrypt(v[1:13], v[13:], prefix + row_id)
                 except InvalidTag:
                     self._keys.discard(last)  # perhaps a wrong key: never serve it again
+                    note_row_tenant(self._keys, tenant_of[last])
                     raise DecryptionError(_format.AUTH_FAILED, table=t.table) from None
                 codec = c.codec
                 try:
@@ -776,10 +804,10 @@ class CMK:
                 entry = per_tenant.setdefault((tenant_of[env], t.table), [0, t.column_names])
                 entry[0] += plan[2]
         for (tenant, table), (count, names) in per_tenant.items():
-            self._keys.emit(
+            emit_ok(
+                self._keys,
                 ctx,
                 "decrypt",
-                "ok",
                 tenant,
                 table=table,
                 rows=count,
@@ -788,22 +816,16 @@ class CMK:
             )
 
     def _check_tenants(
-        self, envelopes: Iterable[bytes], ctx: TenantContext, table: str, operation: str
+        self, envelopes: Iterable[bytes], ctx: TenantContext, table: str
     ) -> dict[bytes, str]:
         tenant_of = {e: _format.parse_envelope(e).tenant for e in envelopes}
         if not ctx.cross_tenant:
             for tenant in set(tenant_of.values()):
                 if tenant != ctx.tenant_id:
-                    self._keys.emit(
-                        ctx,
-                        operation,
-                        "mismatch",
-                        tenant,
-                        table=table,
-                        error="TenantMismatchError",
-                    )
-                    # The message may reach an end user: it names no tenant but the context's
-                    # own; the row's tenant is in ``row_tenant``, for logs and operators.
+                    # The access scope (``_access``) audits the refusal for the context's
+                    # tenant. The message may reach an end user: it names no tenant but the
+                    # context's own; the row's tenant is in ``row_tenant``, for logs and
+                    # operators.
                     raise TenantMismatchError(
                         f"a row of {table!r} belongs to another tenant than the context tenant "
                         f"{ctx.tenant_id!r}: filter the query by tenant (or use "
@@ -830,8 +852,14 @@ class CMK:
             KeyAccessDeniedError, KMSUnavailableError: the tenant's KMS refused or failed.
             InvalidValueError: a field value is not bytes.
         """
-        ctx = require_context()
         _check_namespace(namespace)
+        with access(self._keys, current_context(), "encrypt") as acc:
+            acc.table(namespace)
+            return self._encrypt_documents(documents, namespace, require_context())
+
+    def _encrypt_documents(
+        self, documents: Sequence[Mapping[str, bytes]], namespace: str, ctx: TenantContext
+    ) -> list[EncryptedDocument]:
         if isinstance(documents, Mapping) or not isinstance(documents, Sequence):
             raise InvalidValueError(
                 "encrypt_documents() takes a list of documents (field name -> bytes); for one "
@@ -867,8 +895,14 @@ class CMK:
             TenantMismatchError: a document belongs to another tenant.
             DecryptionError: an EDEK or field was altered, truncated or moved.
         """
-        ctx = require_context()
         _check_namespace(namespace)
+        with access(self._keys, current_context(), "decrypt") as acc:
+            acc.table(namespace)
+            return self._decrypt_documents(documents, namespace, require_context())
+
+    def _decrypt_documents(
+        self, documents: Sequence[EncryptedDocument], namespace: str, ctx: TenantContext
+    ) -> list[dict[str, bytes]]:
         if isinstance(documents, EncryptedDocument) or not isinstance(documents, Sequence):
             raise InvalidValueError(
                 "decrypt_documents() takes a list of EncryptedDocument; for one use "
@@ -916,7 +950,9 @@ class CMK:
         out = dict(row)
         spec = table_spec(table)
         if spec is not None:
-            self.open([out], [spec], require_context())
+            with access(self._keys, current_context(), "decrypt") as acc:
+                acc.table(spec.table, spec.column_names)
+                self.open([out], [spec], require_context())
         return out
 
 

@@ -29,6 +29,7 @@ from sqlalchemy.orm.base import LoaderCallableStatus, PassiveFlag
 from sqlalchemy.orm.state import InstanceState
 
 from . import _format
+from ._access import access
 from ._cmk import CMK
 from ._mapping import ColumnSpec, TableSpec
 from .context import current_context
@@ -122,14 +123,18 @@ class _Column:
             # now. Raises before anything is set: every value stays pending on failure.
             cmk = self.batch.cmk
             ctx = current_context()
-            if ctx is None:
-                raise NoTenantError(
-                    f"encrypted values of {t.table!r} read with no tenant in context: wrap "
-                    "the work in `with tenant_context(tenant_id, ...)`",
-                    table=t.table,
-                )
-            tenant_of = cmk._check_tenants(envelopes, ctx, t.table, "decrypt")
-            cmk._open_checked(dicts, [t] * len(dicts), ctx, started, tenant_of, envelopes)
+            # The first access is an access of its own: audited once, refused or not.
+            with access(cmk._keys, ctx, "decrypt") as acc:
+                acc.table(t.table, (self.column.name,))
+                acc.fixed = True
+                if ctx is None:
+                    raise NoTenantError(
+                        f"encrypted values of {t.table!r} read with no tenant in context: wrap "
+                        "the work in `with tenant_context(tenant_id, ...)`",
+                        table=t.table,
+                    )
+                tenant_of = cmk._check_tenants(envelopes, ctx, t.table)
+                cmk._open_checked(dicts, [t] * len(dicts), ctx, started, tenant_of, envelopes)
             for state, d in zip(live, dicts, strict=True):
                 state.dict[key] = d[key]
                 del state.callables[key]

@@ -57,6 +57,7 @@ from sqlalchemy.sql.selectable import FromClause
 from sqlalchemy.sql.visitors import InternalTraversal, iterate, replacement_traverse
 
 from . import search as _s
+from ._access import access, emit_ok
 from ._dialects import select_dialect
 from ._mapping import is_tenant_column
 from .context import TenantContext, current_context
@@ -869,6 +870,34 @@ def rewrite(
     if not terms:
         return stmt, None
     ctx = current_context()
+    # One search is one access: audited once per table searched, refused or not.
+    with access(cmk._keys, ctx, "search") as acc:
+        for term in terms:
+            for operand in term.operands[:2] if term.kind == "join" else term.operands[:1]:
+                name = _table_name(operand)
+                if name is not None:
+                    acc.table(name, (_base_column(operand).name,))
+        acc.fixed = True
+        return _rewrite(cmk, stmt, terms, ctx, own, orm=orm, streaming=streaming)
+
+
+def _table_name(col: Any) -> str | None:
+    """The name of the table a search term's column belongs to, or None (for the audit)."""
+    table = getattr(_base_column(col), "table", None)
+    name = getattr(table, "name", None)
+    return name if isinstance(name, str) else None
+
+
+def _rewrite(
+    cmk: Any,
+    stmt: Any,
+    terms: list[SearchTerm],
+    ctx: TenantContext | None,
+    own: Callable[[], Connection],
+    *,
+    orm: bool,
+    streaming: bool,
+) -> tuple[Any, list[_Check] | None]:
     if ctx is None:
         raise NoTenantError(
             "a search on an encrypted column needs a tenant: run it inside "
@@ -930,7 +959,7 @@ def rewrite(
     # The tenant's security team sees every search (never its term), also one that finds
     # nothing and so decrypts nothing.
     for table, cols in sorted(searched.items()):
-        cmk._keys.emit(ctx, "search", "ok", tenant, table=table, columns=sorted(cols))
+        emit_ok(cmk._keys, ctx, "search", tenant, table=table, columns=sorted(cols))
 
     where = getattr(stmt, "_where_criteria", None)
     if (

@@ -43,6 +43,7 @@ from sqlalchemy.orm.exc import StaleDataError
 from sqlalchemy.orm.state import InstanceState
 
 from . import _format
+from ._access import Access, access
 from ._cmk import CMK
 from ._dialects import select_dialect
 from ._lazy import defer_values
@@ -153,7 +154,15 @@ def _listen_mappers(mappers: Any) -> None:
 
 def decrypt_states(cmk: CMK, states: list[InstanceState[Any]], *, lazy: bool = False) -> None:
     """Decrypt loaded objects' encrypted values in place, or with ``lazy``, check them as
-    ``CMK.open`` does before any unwrap and leave them pending (``_lazy``)."""
+    ``CMK.open`` does before any unwrap and leave them pending (``_lazy``). One access: a
+    refusal is audited once per table (``_access``)."""
+    if not states:
+        return
+    with access(cmk._keys, current_context(), "decrypt") as acc:
+        _decrypt_states(cmk, states, lazy, acc)
+
+
+def _decrypt_states(cmk: CMK, states: list[InstanceState[Any]], lazy: bool, acc: Access) -> None:
     dicts: list[dict[str, Any]] = []
     tables: list[TableSpec] = []
     owners: list[InstanceState[Any]] = []  # the state of each row dict (lazy only)
@@ -167,6 +176,8 @@ def decrypt_states(cmk: CMK, states: list[InstanceState[Any]], *, lazy: bool = F
             spec = specs_of.get(mapper)
             if spec is None:
                 spec = specs_of[mapper] = mapper_spec(mapper)
+                for t in spec.tables:
+                    acc.table(t.table, t.column_names)
             d = state.dict
             for t in spec.tables:
                 dicts.append(d)
@@ -530,6 +541,12 @@ def _before_flush(
     cmk: CMK, session: Session, flush_context: UOWTransaction, instances: Any
 ) -> None:
     session.info[_INFO_KEY] = cmk
+    # One access: a refusal is audited once per table (``_access``), before it propagates.
+    with access(cmk._keys, current_context(), "encrypt") as acc:
+        _flush(cmk, session, acc)
+
+
+def _flush(cmk: CMK, session: Session, acc: Access) -> None:
     _restore(session)  # a flush that failed before it began may have left values sealed
     bound_new = _prune_bound(session)
     first = session.info.get(_FIRST_KEY)
@@ -606,6 +623,10 @@ def _before_flush(
                 tables.append(t)
                 lookups.append(lookup)
                 columns.append(cols)
+    # The tables written, known now; a refusal above named its row's table itself.
+    for t in {id(t): t for t in tables}.values():
+        acc.table(t.table, t.column_names)
+    acc.fixed = True
     _load_expired_deletes(session)
     if cleared:
         _set_indexes([(st, c.search, None) for st, _, c in cleared])
@@ -935,6 +956,25 @@ def _bulk_insert(cmk: CMK, orm_state: ORMExecuteState) -> Any:
         dict(p) for p in (params if isinstance(params, list) else [params])
     ]
     ctx = current_context()
+    with access(cmk._keys, ctx, "encrypt") as acc:
+        for t in spec.tables:
+            acc.table(t.table, t.column_names)
+        acc.fixed = True
+        sealed = _seal_bulk(cmk, orm_state, spec, mapper, new_rows, ctx)
+    if not sealed and spec.tenant_key is None:
+        return None
+    return orm_state.invoke_statement(params=new_rows if isinstance(params, list) else new_rows[0])
+
+
+def _seal_bulk(
+    cmk: CMK,
+    orm_state: ORMExecuteState,
+    spec: MapperSpec,
+    mapper: Mapper[Any],
+    new_rows: list[dict[str, Any]],
+    ctx: TenantContext | None,
+) -> bool:
+    """Check and seal the rows of an ORM bulk INSERT in place; False if none has a value."""
     if spec.tenant_key is not None:
         name = spec.tables[0].table if spec.tables else str(mapper.local_table.description)
         tenant = ctx.tenant_id if ctx is not None else None
@@ -977,9 +1017,7 @@ def _bulk_insert(cmk: CMK, orm_state: ORMExecuteState) -> Any:
                 if d.get(c.key) is not None:
                     d[c.key] = Sealed(cts[n])
                     n += 1
-    elif spec.tenant_key is None:
-        return None
-    return orm_state.invoke_statement(params=new_rows if isinstance(params, list) else new_rows[0])
+    return bool(dicts)
 
 
 # -- install -------------------------------------------------------------------------------------

@@ -11,7 +11,27 @@ Operations:
     ``search``: a search on blind-indexed columns ran for the tenant (``table``, ``columns``;
         never the term), also one that matched nothing.
 
-Outcomes: ``ok``, ``denied``, ``not_found``, ``unavailable``, ``mismatch``, ``error``.
+Every access (a flush, a load, a streamed partition, a lazy column's first access,
+``encrypt_documents``/``decrypt_documents``/``decrypt_row``, a search) gives exactly one
+``encrypt``, ``decrypt`` or ``search`` event per tenant and table, refused ones included,
+emitted before the error reaches the caller. ``wrap``/``unwrap`` events are the KMS calls
+beneath, as the tenant's KMS sees them.
+
+Outcomes:
+    ``ok``: the access happened; ``tenant`` is the tenant whose key authenticated the data.
+    ``no_tenant``: no tenant in context (``NoTenantError``).
+    ``mismatch``: a row of another tenant than the context's (``TenantMismatchError``).
+    ``tampered``: a stored value, companion or envelope failed to parse or authenticate
+        (``DecryptionError``).
+    ``denied``: the tenant's KMS refused the key, or the operator revoked the tenant.
+    ``not_found``: the tenant's KMS does not know the key.
+    ``unavailable``: the tenant's KMS could not be reached, after retries.
+    ``error``: any other failure; ``error`` names the exception class, never a value.
+
+A refused access's event names the *context's* tenant (``None`` with no tenant or in a
+cross-tenant context), never one read from the refused row: that name did not authenticate,
+and the context's actor and request must not reach another tenant. The row's claimed tenant is
+in ``row_tenant``, for the application's own sinks only (per-tenant delivery drops it).
 
 A sink is any callable taking an :class:`AuditEvent`. A sink that raises stops the access: an
 access that cannot be audited does not happen, and the caller gets
@@ -38,7 +58,8 @@ _EMPTY: Mapping[str, str] = MappingProxyType({})
 
 @dataclass(frozen=True)
 class AuditEvent:
-    """One audited use of a tenant's key. Field meanings follow :class:`TenantContext`."""
+    """One audited use of a tenant's key. Field meanings follow :class:`TenantContext`;
+    ``row_tenant`` is the unauthenticated tenant a refused row claims (module docstring)."""
 
     operation: str
     outcome: str
@@ -56,6 +77,7 @@ class AuditEvent:
     source_ip: str | None = None
     object_id: str | None = None
     request_id: str | None = None
+    row_tenant: str | None = None
     extra: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
     timestamp: float = field(default_factory=time.time)
 

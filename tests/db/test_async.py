@@ -13,6 +13,7 @@ import os
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
+from contextlib import nullcontext as _nothing
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +32,7 @@ from sqlalchemy_cmk import (
     KMSUnavailableError,
     NoTenantError,
     PlaintextWriteError,
+    TenantMismatchError,
     TenantRevokedError,
     UnsupportedQueryError,
     cross_tenant_context,
@@ -547,3 +549,52 @@ def test_retries_and_deadlines_keep_the_loop_free(no_gc: None, tmp_path: Any) ->
         retry_backoff=0.2,
         kms_deadline=1.0,  # room for both backoffs (at most 0.2 + 0.4 s): retries share it
     )
+
+
+# -- audit: one event per access, refused ones included (issue 12) -------------------------------
+
+
+def test_concurrent_accesses_are_audited_each_once(async_url: str) -> None:
+    """Loads of several tasks interleave on one loop (each cold unwrap awaits 20 ms): each
+    access, refused or not, gives exactly one decrypt event, for its own context's tenant and
+    with its own request id; a refusal's scope never joins another task's access."""
+
+    async def body(env: Env) -> None:
+        for tenant in TENANTS[:6]:
+            await env.write(tenant, [f"pt:{tenant}"])
+        env.cmk.forget_tenant()
+        env.kms.latency = 0.02
+        env.audit.events.clear()
+
+        async def load(ctx: str | None, owner: str, request_id: str) -> str:
+            guard: Any = tenant_context(ctx, request_id=request_id) if ctx else _nothing()
+            with guard:
+                async with env.maker() as s:
+                    try:
+                        stmt = select(Note).where(Note.tenant_id == owner)
+                        (await s.scalars(stmt)).all()
+                    except (NoTenantError, TenantMismatchError) as exc:
+                        return type(exc).__name__
+            return "ok"
+
+        jobs = [(t, t, f"req-{t}") for t in TENANTS[:4]]  # each its own rows
+        jobs.append((None, TENANTS[4], "req-none"))  # no tenant
+        jobs.append((TENANTS[0], TENANTS[5], "req-other"))  # another tenant's rows
+        got = await asyncio.gather(*(load(*job) for job in jobs))
+        assert got == ["ok"] * 4 + ["NoTenantError", "TenantMismatchError"]
+
+        decrypts = env.audit.of("decrypt")
+        assert len(decrypts) == len(jobs)
+        # No context, so no request id: the one event with no tenant.
+        assert [e.outcome for e in decrypts if e.tenant is None] == ["no_tenant"]
+        for ctx, _, request_id in jobs[:4] + jobs[5:]:
+            (event,) = [e for e in decrypts if e.request_id == request_id]
+            assert event.tenant == ctx, request_id
+            assert event.outcome == ("mismatch" if request_id == "req-other" else "ok")
+        # Every event with a request id went to that request's context tenant only.
+        by_request = {rid: ctx for ctx, _, rid in jobs}
+        for e in env.audit.events:
+            if e.request_id is not None:
+                assert e.tenant == by_request[e.request_id], e
+
+    run(async_url, body)

@@ -231,7 +231,10 @@ def test_tenant_mismatch_is_raised_before_any_unwrap(env: Env) -> None:
         s.scalars(select(Record)).all()  # forgot WHERE tenant_id = ...
     assert (info.value.tenant, info.value.row_tenant) == (GLOBEX, ACME)
     assert env.calls() == (0, 0)
-    assert [(e.outcome, e.tenant) for e in env.audit.of("decrypt")] == [("mismatch", ACME)]
+    # The refusal is the context tenant's event; the row's tenant only in row_tenant (issue 12).
+    assert [(e.outcome, e.tenant, e.row_tenant) for e in env.audit.of("decrypt")] == [
+        ("mismatch", GLOBEX, ACME)
+    ]
 
     with cross_tenant_context(actor="job"), env.session() as s:
         assert [r.value for r in s.scalars(select(Record).order_by(Record.id))] == VALUES[:20]

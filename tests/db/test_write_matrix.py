@@ -55,6 +55,7 @@ from sqlalchemy_cmk import (
 )
 from sqlalchemy_cmk.testing import FakeKeyProvider
 
+from ._access_matrix import WRITE_PATHS, AccEnv, acc_env_fixture, faults_of, run_cell
 from ._upsert import upsert
 from .models import assert_absent
 
@@ -476,3 +477,16 @@ def test_companion_writes_are_refused(ctx: Ctx, value: Callable[[], Any], via: s
             _connection(ctx, lambda conn: conn.execute(stmt))
     assert ctx.raw() == before
     assert ctx.load(1) == ORIGINAL
+
+
+# -- every write access is audited once, refused ones included (issue 12) ----------------------
+
+acc_env = pytest.fixture(acc_env_fixture)
+
+
+@pytest.mark.parametrize("path", list(WRITE_PATHS))
+def test_every_write_access_gives_one_event(acc_env: AccEnv, path: str) -> None:
+    """Each write path under each fault (``_access_matrix``): one access event, its outcome,
+    the context's tenant, and nothing for any other tenant."""
+    for fault in faults_of(path):
+        run_cell(acc_env, path, fault)

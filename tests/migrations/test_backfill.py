@@ -54,7 +54,7 @@ from sqlalchemy_cmk import (
 )
 from sqlalchemy_cmk._format import parse_envelope, split_leased
 from sqlalchemy_cmk.providers.local import LocalKeyProvider
-from sqlalchemy_cmk.testing import FakeKeyProvider
+from sqlalchemy_cmk.testing import FakeKeyProvider, MemoryAuditSink
 
 TABLE = "bf_people"
 TENANTS = ("acme", "globex", "initech")
@@ -640,6 +640,31 @@ def test_verify_counts_by_tenant_and_catches_tampering(engine: Engine, cmk: CMK)
     with pytest.raises(DecryptionError, match="row 1 of 'bf_people'"):
         decrypt(engine, cmk, batch_size=100)
     assert raw(engine) == before
+
+
+def test_a_refused_batch_is_audited_once(engine: Engine, provider: FakeKeyProvider) -> None:
+    """Issue 12: a backfill batch is one access. decrypt_columns refused by a tampered value
+    gives one ``decrypt`` event, ``tampered``, for the operator's cross-tenant context (no
+    tenant: the row's tenant did not authenticate), and no ``ok`` for the refused batch."""
+    audit = MemoryAuditSink()
+    cmk = CMK(provider, tenant_keys={t: f"fake://{t}" for t in TENANTS}, audit_sinks=[audit])
+    seed(engine, 12)
+    encrypt(engine, cmk)
+    stored = raw(engine)
+    blob = bytearray(base64.b64decode(stored[3][1][4:]))
+    blob[20] ^= 1
+    with engine.begin() as conn:
+        conn.execute(
+            people.update()
+            .where(people.c.id == 3)
+            .values(name="cmk:" + base64.b64encode(bytes(blob)).decode())
+        )
+    audit.events.clear()
+    with pytest.raises(DecryptionError):
+        decrypt(engine, cmk, batch_size=100)
+    decrypts = [(e.outcome, e.tenant, e.table, e.error) for e in audit.of("decrypt")]
+    assert decrypts == [("tampered", None, TABLE, "DecryptionError")]
+    assert audit.of("decrypt")[0].actor  # the operation's actor, for the app's own trail
 
 
 def test_verify_reports_a_revoked_tenant_and_goes_on(

@@ -4,6 +4,7 @@ and another tenant's documents: typed errors, no plaintext and no other tenant i
 from __future__ import annotations
 
 import pickle
+import sys
 from typing import Any
 
 import pytest
@@ -22,7 +23,7 @@ from sqlalchemy_cmk import (
 )
 from sqlalchemy_cmk._mapping import table_spec
 from sqlalchemy_cmk.audit import AuditEvent
-from sqlalchemy_cmk.testing import FakeKeyProvider
+from sqlalchemy_cmk.testing import FakeKeyProvider, MemoryAuditSink
 from sqlalchemy_cmk.types import EncryptedValue
 
 SECRET = "hunter2-plaintext"
@@ -125,14 +126,14 @@ def test_tenant_mismatch_message_does_not_name_the_rows_tenant():
 
 
 class FailingSink:
-    """Raises on events of one operation while ``failing`` is set."""
+    """Raises on events of one operation (or ``"any"``) while ``failing`` is set."""
 
     def __init__(self, operation: str) -> None:
         self.operation = operation
         self.failing = True
 
     def __call__(self, event: AuditEvent) -> None:
-        if self.failing and event.operation == self.operation:
+        if self.failing and self.operation in (event.operation, "any"):
             raise RuntimeError("SIEM unreachable")
 
 
@@ -161,6 +162,56 @@ def test_a_raising_audit_sink_stops_a_read(operation: str):
     sink.failing = False
     with tenant_context("acme"):
         assert cmk.decrypt_document(doc) == {"a": SECRET.encode()}
+
+
+@pytest.mark.parametrize(
+    ("operation", "access"),
+    [("unwrap", "decrypt"), ("decrypt", "decrypt"), ("wrap", "encrypt"), ("encrypt", "encrypt")],
+)
+def test_an_access_stopped_by_a_sink_is_audited_once(operation: str, access: str) -> None:
+    """Issue 12: an access an audit sink stopped is a refused access. A sink before the failing
+    one sees one access event for it: ``error`` (``AuditError``) when a KMS event failed,
+    else the ``ok`` event that could not reach every sink, never both. The caller gets the
+    AuditError; when the refusal's own event fails too, a note says so."""
+    seen = MemoryAuditSink()
+    failing = FailingSink(operation)
+    failing.failing = False
+    cmk, _ = make_cmk(audit_sinks=[seen, failing])
+    doc = encrypted(cmk)
+    cmk.forget_tenant()
+    seen.events.clear()
+    failing.failing = True
+    failing.operation = operation
+    with tenant_context("acme"), pytest.raises(AuditError) as info:
+        if access == "decrypt":
+            cmk.decrypt_document(doc)
+        else:
+            cmk.encrypt_document({"a": b"x"})
+    events = [(e.operation, e.outcome, e.error) for e in seen.events if e.operation == access]
+    if operation == access:
+        assert events == [(access, "ok", None)]
+    else:
+        assert events == [(access, "error", "AuditError")]
+        assert (seen.events[-1].tenant, seen.events[-1].row_tenant) == ("acme", None)
+    assert not getattr(info.value, "__notes__", [])  # the refusal's own event went through
+
+
+def test_a_refusal_that_cannot_be_audited_keeps_its_own_error() -> None:
+    """A sink that fails on every event: the caller gets the first AuditError (the unwrap's),
+    noted that the refusal's own event could not be recorded either (no value in the note)."""
+    sink = FailingSink("any")
+    sink.failing = False
+    cmk, _ = make_cmk(audit_sinks=[sink])
+    doc = encrypted(cmk)
+    cmk.forget_tenant()
+    sink.failing = True
+    with tenant_context("acme"), pytest.raises(AuditError) as info:
+        cmk.decrypt_document(doc)
+    assert "'unwrap' event" in str(info.value)
+    if sys.version_info >= (3, 11):
+        assert info.value.__notes__ == [
+            "sqlalchemy-cmk: the refusal could not be audited (AuditError)"
+        ]
 
 
 # -- no plaintext in errors from sealing (the str fast path included) -------------------------
