@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
-from . import _shipper, _spool
+from . import _metrics, _shipper, _spool
 from .audit import AuditEvent, make_event
 from .context import TenantContext
 from .errors import AuditError, CMKError, ConfigurationError
@@ -340,6 +340,7 @@ class AuditDelivery:
         self._ship = start
         self._shipper: _shipper.Shipper | None = None
         _live.add(self)
+        _register_gauges()
         if start:
             self.start()
 
@@ -565,6 +566,56 @@ class AuditDelivery:
 
 
 _live: weakref.WeakSet[AuditDelivery] = weakref.WeakSet()
+_gauges_registered = False
+
+
+def _per_tenant(key: str) -> list[tuple[float, dict[str, str]]]:
+    """One series per tenant over every live delivery: backlog (summed) or lag (the oldest)."""
+    totals: dict[str, float] = {}
+    for d in list(_live):
+        shipper = d._shipper
+        if shipper is None:
+            continue
+        for tenant, dests in shipper.tenants().items():
+            values = [float(dest[key]) for dest in dests.values()]
+            if key == "backlog":
+                totals[tenant] = totals.get(tenant, 0.0) + sum(values)
+            else:
+                totals[tenant] = max(totals.get(tenant, 0.0), *values)
+    return [(v, {"tenant": t}) for t, v in totals.items()]
+
+
+def _dropped() -> list[tuple[float, dict[str, str]]]:
+    totals: dict[str, int] = {}
+    for d in list(_live):
+        for tenant, n in d.dropped.items():
+            totals[tenant] = totals.get(tenant, 0) + n
+    return [(float(n), {"tenant": t}) for t, n in totals.items()]
+
+
+def _register_gauges() -> None:
+    global _gauges_registered
+    if _gauges_registered:
+        return
+    _gauges_registered = True
+    _metrics.register_gauge(
+        "sqlalchemy_cmk.audit.backlog",
+        "Audit events recorded in the spool and not yet delivered, per tenant",
+        "{event}",
+        lambda: _per_tenant("backlog"),
+    )
+    _metrics.register_gauge(
+        "sqlalchemy_cmk.audit.lag",
+        "Age of the tenant's oldest undelivered audit event",
+        "s",
+        lambda: _per_tenant("lag_seconds"),
+    )
+    _metrics.register_gauge(
+        "sqlalchemy_cmk.audit.dropped",
+        "Audit events dropped under the tenant's serve policy since the process started",
+        "{event}",
+        _dropped,
+    )
 
 
 def _after_fork() -> None:

@@ -308,3 +308,32 @@ def test_throughput_from_four_threads_is_recorded_durably(
             verify_chains([r.body for r in got])
     finally:
         delivery.close()
+
+
+def test_backlog_lag_and_drops_are_gauges(tmp_path: Path, memory_kind: dict[str, Receiver]) -> None:
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    from sqlalchemy_cmk import _metrics
+    from tests.unit.test_metrics import attrs, points
+
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    _metrics.use_meter_provider(provider)
+    memory_kind["a"] = Receiver(down=True)
+    delivery = AuditDelivery(tmp_path, audits(acme="a"), poll=0.01, max_backoff=0.05)
+    try:
+        record_many(delivery, "acme", 7)
+        wait_for(
+            lambda: delivery.health()["tenants"].get("acme", {}).get("memory", {}).get("failures")
+        )
+        time.sleep(0.05)
+        assert points(reader, "sqlalchemy_cmk.audit.backlog")[attrs(tenant="acme")] == 7
+        assert points(reader, "sqlalchemy_cmk.audit.lag")[attrs(tenant="acme")] > 0
+        memory_kind["a"].down = False
+        assert delivery.flush(10)
+        assert points(reader, "sqlalchemy_cmk.audit.backlog")[attrs(tenant="acme")] == 0
+    finally:
+        delivery.close()
+        _metrics.use_meter_provider(None)
+        provider.shutdown()
