@@ -27,6 +27,7 @@ file (only a power loss can leave one; SIGKILL keeps every completed ``write``).
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -190,25 +191,31 @@ class Writer:
     def _roll(self) -> None:
         # Called under _lock. The old segment is synced and closed by the next _sync, under
         # _sync_lock: closing it here could pull the descriptor from under a sync in flight.
+        # The new file is opened before anything changes: if that fails (no inode left, too
+        # many open files) the writer still owns exactly the descriptor it had, and never
+        # retires it twice (a second close could hit a number the application reused).
+        path = os.path.join(self.dir, segment_name(self._segment + 1))
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
         if self._fd >= 0:
             self._retired.append(self._fd)
             self._closed_bytes += self._size
         self._segment += 1
-        path = os.path.join(self.dir, segment_name(self._segment))
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
-        _fsync_dir(self.dir)  # the new name itself must survive a crash
+        self._fd = fd
         self._size = 0
+        _fsync_dir(self.dir)  # the new name itself must survive a crash
 
     def forget_bytes(self, n: int) -> None:
         """The shipper deleted ``n`` bytes of old segments."""
         with self._lock:
             self._closed_bytes = max(0, self._closed_bytes - n)
 
-    def append(self, tenant: str, build: Any) -> tuple[bytes, Position]:
+    def append(self, tenant: str, build: Any, written: Any = None) -> tuple[bytes, Position]:
         """Write one frame and wait until it is on disk; return its body and end position.
 
         ``build()`` is called under the writer's lock (so chain order is file order) and returns
-        the body bytes.
+        the body bytes; ``written()``, if given, is called under the same lock once the whole
+        frame is in the file, so that state derived from the body (the chain) advances only
+        for frames that are there.
 
         Raises:
             SpoolError: the spool is full or the disk failed (nothing is half-recorded: a frame
@@ -219,21 +226,43 @@ class Writer:
                 raise SpoolError("the audit spool is full")
             try:
                 if self._broken or self._size >= self._segment_bytes:
-                    # After a failed write or sync the file's tail is unknown: start a new one.
+                    # After a failed sync the file's tail is unknown: start a new one.
                     self._roll()
                     self._broken = False
                 body: bytes = build()
                 data = frame(tenant, body)
-                os.write(self._fd, data)
             except OSError as exc:
                 self._broken = True
                 raise SpoolError(f"the audit spool could not write: {exc.strerror}") from None
+            self._write(data)
+            if written is not None:
+                written()
             self._size += len(data)
             self._written += 1
             mine = self._written
             pos = Position(self._segment, self._size)
         self._sync(mine)
         return body, pos
+
+    def _write(self, data: bytes) -> None:
+        """Append one whole frame, or none of it (under _lock).
+
+        A disk that fills mid-frame makes ``write`` return short without an error. The torn
+        bytes are cut off again: left in place, every frame appended after them (once space is
+        back) would sit behind a frame that fails its CRC, where every reader stops.
+        """
+        try:
+            n = os.write(self._fd, data)
+            if n == len(data):
+                return
+            error = errno.ENOSPC
+        except OSError as exc:
+            error = exc.errno or errno.EIO
+        try:
+            os.ftruncate(self._fd, self._size)
+        except OSError:
+            self._broken = True  # tail unknown: the next append starts a new segment
+        raise SpoolError(f"the audit spool could not write: {os.strerror(error)}")
 
     def _sync(self, mine: int) -> None:
         if self._synced >= mine:

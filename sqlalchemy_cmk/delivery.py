@@ -228,8 +228,10 @@ def event_body(
         doc["api"]["request"] = {"uid": event.request_id}
         doc["metadata"]["correlation_uid"] = event.request_id
     resource: dict[str, Any] = {}
-    if event.table:
-        resource = {"type": "table", "name": event.table}
+    if event.table or event.operation == "audit":
+        # The spool's own notice (``dropped``) counts its events in ``data.rows`` too, as
+        # docs/audit.md promises; it names no table.
+        resource = {"type": "table", "name": event.table} if event.table else {"type": "spool"}
         data: dict[str, Any] = {"rows": event.rows}
         if event.columns:
             data["columns"] = list(event.columns)
@@ -395,6 +397,7 @@ class AuditDelivery:
             return
         if self._ship and (self._shipper is None or not self._shipper.alive()):
             self.start()
+        gap = 0
         try:
             writer = self._current_writer()
             gap = self._gaps.pop(to, 0)
@@ -423,13 +426,20 @@ class AuditDelivery:
     ) -> None:
         event_id = os.urandom(16).hex()
 
+        link: list[tuple[int, str]] = []
+
         def build() -> bytes:  # under the writer's lock: chain order is file order
             seq, prev = self._chains.get(to, (0, _GENESIS))
             body = event_body(event, ctx, to, event_id, (writer.writer_id, seq + 1, prev))
-            self._chains[to] = (seq + 1, hashlib.sha256(body).hexdigest())
+            link[:] = [(seq + 1, hashlib.sha256(body).hexdigest())]
             return body
 
-        writer.append(to, build)
+        def written() -> None:
+            # Only a frame in the file takes a place in the chain: one that failed to write
+            # would otherwise show the tenant a gap that nobody withheld.
+            self._chains[to] = link[0]
+
+        writer.append(to, build, written)
 
     # -- shipping ------------------------------------------------------------------------------
 
@@ -445,7 +455,13 @@ class AuditDelivery:
                     self._writer,
                     **self._shipper_args,  # type: ignore[arg-type]
                 )
-            os.makedirs(self.root, mode=0o700, exist_ok=True)
+            try:
+                os.makedirs(self.root, mode=0o700, exist_ok=True)
+            except OSError as exc:
+                # A volume not (yet) mounted or read-only: the shipper waits for the directory,
+                # and each access meets the error in record(), where the tenant's policy applies
+                # (an application whose tenants all serve must still start).
+                self._spool_error = f"the audit spool cannot be created: {exc.strerror}"
             self._shipper.start()
 
     def flush(self, timeout: float = 10.0) -> bool:

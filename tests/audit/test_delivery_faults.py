@@ -1,0 +1,291 @@
+"""Attacks on the audit delivery that once lost or hid events, each kept as a regression test.
+
+Faults the disk cannot be told to make on demand (a short write when the disk fills mid-frame, a
+segment that cannot be created) are injected by wrapping ``os.write`` / ``os.open`` for the
+spool's segment files only; everything else is the real spool, shipper and files.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sqlalchemy_cmk import AuditError
+from sqlalchemy_cmk.audit import make_event
+from sqlalchemy_cmk.context import TenantContext
+from sqlalchemy_cmk.delivery import (
+    AuditDelivery,
+    TenantAudit,
+    spool_events,
+    spool_status,
+    verify_chain,
+)
+from tests.audit.memory_kind import Receiver
+
+
+def memory(receiver: str, **kw: Any) -> TenantAudit:
+    return TenantAudit([{"kind": "memory", "receiver": receiver}], **kw)
+
+
+def record(delivery: AuditDelivery, tenant: str, rows: int) -> None:
+    ctx = TenantContext(tenant, actor="a")
+    delivery.record(make_event(ctx, "decrypt", "ok", tenant, table="t", rows=rows), ctx)
+
+
+def rows_of(receiver: Receiver) -> list[int]:
+    return [json.loads(r.body)["resources"][0]["data"]["rows"] for r in receiver.unique()]
+
+
+def _is_segment(fd: int) -> bool:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}").endswith(".seg")
+    except OSError:
+        return False
+
+
+@contextmanager
+def segment_writes(fault: Callable[[int, bytes], int | None]) -> Iterator[None]:
+    """Route writes to segment files through ``fault(fd, data)``: an int is returned as the
+    count written (after really writing that many bytes), None writes normally; it may raise."""
+    real = os.write
+
+    def write(fd: int, data: Any) -> int:
+        if _is_segment(fd):
+            n = fault(fd, bytes(data))
+            if n is not None:
+                return real(fd, bytes(data)[:n]) if n else 0
+        return real(fd, data)
+
+    os.write = write
+    try:
+        yield
+    finally:
+        os.write = real
+
+
+# -- the disk fills in the middle of a frame ---------------------------------------------------
+
+
+@pytest.mark.usefixtures("memory_kind")
+def test_a_short_write_is_not_reported_as_recorded_and_hides_no_later_event(
+    tmp_path: Path,
+) -> None:
+    """A full disk takes part of a frame (``write`` returns short, no error). The event must not
+    be reported as recorded, and events appended once space is back must not end up behind the
+    torn frame, where every reader stops."""
+    tenants = {"acme": memory("a", on_spool_failure="serve")}
+    d = AuditDelivery(tmp_path, tenants, start=False)
+    try:
+        record(d, "acme", 0)
+        calls = {"n": 0}
+
+        def half(fd: int, data: bytes) -> int | None:
+            calls["n"] += 1
+            return len(data) // 2 if calls["n"] == 1 else None
+
+        with segment_writes(half):
+            record(d, "acme", 1)  # torn on disk: dropped, counted
+            record(d, "acme", 2)
+            record(d, "acme", 3)
+        assert d.dropped == {"acme": 1}
+        got = [json.loads(r.body) for _, r in spool_events(tmp_path, "acme")]
+        rows = [g["resources"][0]["data"]["rows"] for g in got if g["status_code"] == "ok"]
+        assert rows == [0, 2, 3]
+        assert [g["status_code"] for g in got] == ["ok", "dropped", "ok", "ok"]
+        verify_chain([json.dumps(g, sort_keys=True, separators=(",", ":")).encode() for g in got])
+    finally:
+        d.close()
+
+
+@pytest.mark.usefixtures("memory_kind")
+def test_a_failed_write_does_not_break_the_chain(tmp_path: Path) -> None:
+    """A refused event (deny) never reached the disk: it must not take a place in the chain, or
+    the tenant sees a gap (an event 'withheld') that no one withheld."""
+    d = AuditDelivery(tmp_path, {"acme": memory("a")}, start=False)
+    try:
+        record(d, "acme", 0)
+
+        def full(fd: int, data: bytes) -> int | None:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        with segment_writes(full), pytest.raises(AuditError):
+            record(d, "acme", 1)
+        record(d, "acme", 2)
+        bodies = [r.body for _, r in spool_events(tmp_path, "acme")]
+        assert verify_chain(bodies) and len(bodies) == 2
+    finally:
+        d.close()
+
+
+@pytest.mark.usefixtures("memory_kind")
+def test_a_segment_that_cannot_be_created_closes_no_other_descriptor(tmp_path: Path) -> None:
+    """The roll to a new segment fails (no inode left): the writer must not keep, sync or close
+    the descriptor it already retired. Its number may by then belong to another file of the
+    application (here: one opened right after), which a double close would pull from under it."""
+    d = AuditDelivery(tmp_path, {"acme": memory("a")}, start=False, segment_bytes=1)
+    real_open = os.open
+    other: list[int] = []
+
+    def open_(path: Any, flags: int, mode: int = 0o777, **kw: Any) -> int:
+        if str(path).endswith(".seg") and not other:
+            # The failed roll: meanwhile the application opens a file of its own.
+            other.append(real_open(os.devnull, os.O_RDONLY))
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_open(path, flags, mode, **kw)
+
+    try:
+        record(d, "acme", 0)
+        os.open = open_
+        try:
+            with pytest.raises(AuditError):
+                record(d, "acme", 1)
+        finally:
+            os.open = real_open
+        for i in (2, 3):
+            record(d, "acme", i)
+        os.fstat(other[0])  # still open: nobody closed the application's descriptor
+        rows = [
+            json.loads(r.body)["resources"][0]["data"]["rows"] for _, r in spool_events(tmp_path)
+        ]
+        assert rows == [0, 2, 3]
+    finally:
+        d.close()
+        for fd in other:
+            os.close(fd)
+
+
+# -- the spool cannot be created at all (a read-only or missing volume) -------------------------
+
+
+def test_a_spool_that_cannot_be_created_fails_closed_or_serves_by_policy(
+    tmp_path: Path, memory_kind: dict[str, Receiver]
+) -> None:
+    """It raised UnboundLocalError from record() (deny and serve alike) and OSError from the
+    constructor."""
+    blocker = tmp_path / "volume"
+    blocker.write_bytes(b"")  # the spool's parent is a file: every mkdir fails (ENOTDIR)
+    tenants = {"acme": memory("a"), "globex": memory("g", on_spool_failure="serve")}
+    d = AuditDelivery(blocker / "spool", tenants, poll=0.01)  # must not raise at start-up
+    try:
+        with pytest.raises(AuditError):
+            record(d, "acme", 0)
+        record(d, "globex", 0)  # served, counted
+        assert d.dropped == {"globex": 1}
+        health = d.health()
+        assert health["status"] == "failing" and health["spool_error"]
+        # The volume comes back: recording resumes, and globex hears of its drop.
+        blocker.unlink()
+        blocker.mkdir()
+        record(d, "globex", 1)
+        assert d.flush(15)
+        assert d.health()["status"] == "ok"
+        got = [json.loads(r.body) for r in memory_kind["g"].unique()]
+        assert [(g["status_code"], g["resources"][0]["data"]["rows"]) for g in got] == [
+            ("dropped", 1),
+            ("ok", 1),
+        ]
+    finally:
+        d.close()
+
+
+# -- the destinations cannot be looked up for a while ------------------------------------------
+
+
+class Flaky:
+    """An AuditDestinations whose store (the key registry's database) is down for the shipper's
+    lookups while the access path still gets answers (its own connection, a replica)."""
+
+    def __init__(self, tenants: dict[str, TenantAudit]) -> None:
+        self.tenants = tenants
+        self.down = False
+        self.failed = 0
+
+    def tenant_audit(self, tenant: str) -> TenantAudit | None:
+        if self.down and threading.current_thread().name.startswith("cmk-audit"):
+            self.failed += 1
+            raise ConnectionError("registry database unreachable")
+        return self.tenants.get(tenant)
+
+
+@pytest.mark.parametrize("known_before", [True, False])
+def test_an_outage_of_the_destination_store_loses_no_event(
+    tmp_path: Path, memory_kind: dict[str, Receiver], known_before: bool
+) -> None:
+    """While the registry is unreachable the shipper cannot tell where a tenant's events go. It
+    must wait: not count them undeliverable, move the tenant's cursor past them, or prune their
+    segment (retention 0)."""
+    source = Flaky({"acme": memory("a")})
+    d = AuditDelivery(
+        tmp_path, source, poll=0.005, retention=0, segment_bytes=512, destinations_ttl=0
+    )
+    try:
+        if known_before:
+            record(d, "acme", 0)
+            assert d.flush(15)
+        source.down = True
+        for i in range(1, 30):
+            record(d, "acme", i)
+        deadline = time.monotonic() + 10
+        while source.failed < 20:  # the shipper met the outage many times
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        source.down = False
+        assert d.flush(15)
+        expected = list(range(0 if known_before else 1, 30))
+        assert rows_of(memory_kind["a"]) == expected
+        assert d._shipper is not None and d._shipper.undeliverable == 0
+    finally:
+        d.close()
+
+
+# -- tenant ids are any non-empty string --------------------------------------------------------
+
+
+def test_a_tenant_id_with_a_newline_keeps_its_own_status(
+    tmp_path: Path, memory_kind: dict[str, Receiver]
+) -> None:
+    """``audit status`` split the saved lane key ``tenant\\nname`` at the first newline: a tenant
+    id holding one was reported as another tenant, with another destination."""
+    odd = "acme\nsiem"
+    d = AuditDelivery(tmp_path, {odd: memory("a"), "acme": memory("b")}, poll=0.005)
+    try:
+        record(d, odd, 0)
+        record(d, "acme", 1)
+        assert d.flush(15)
+        d.close()
+        rows = {(r["tenant"], r["destination"]): r for r in spool_status(tmp_path)}
+        assert set(rows) == {(odd, "memory"), ("acme", "memory")}
+        assert all(r["backlog"] == 0 and r["delivered"] == 1 for r in rows.values())
+    finally:
+        d.close()
+
+
+def test_a_state_file_of_the_wrong_shape_stops_no_delivery(
+    tmp_path: Path, memory_kind: dict[str, Receiver]
+) -> None:
+    """A dead writer's ``state.json`` holds valid JSON of another shape (a foreign tool, a
+    half-restored backup): that directory re-delivers from the start, and the others, the live
+    process's own included, go on."""
+    d = AuditDelivery(tmp_path, {"acme": memory("a")}, poll=0.005)
+    record(d, "acme", 0)
+    assert d.flush(15)
+    d.close()
+    (wdir,) = [p for p in tmp_path.iterdir() if p.name.startswith("w-")]
+    (wdir / "state.json").write_text('{"lanes": [1, 2], "scan": "x"}')
+    memory_kind["a"].records.clear()
+    d = AuditDelivery(tmp_path, {"acme": memory("a")}, poll=0.005)
+    try:
+        record(d, "acme", 1)
+        assert d.flush(15)
+        assert sorted(rows_of(memory_kind["a"])) == [0, 1]
+    finally:
+        d.close()
