@@ -109,7 +109,9 @@ class Shipper:
         sink_factory: Callable[[dict[str, Any], SinkEnv], Sink] = build_sink,
     ) -> None:
         self.root = root
-        self._audit_of = audit_of  # tenant -> TenantAudit | None (cached by the caller)
+        # tenant -> TenantAudit | None (cached by the caller). It raises when it cannot tell
+        # (the registry is down and the tenant was never seen): the tenant's events then wait.
+        self._audit_of = audit_of
         self._env = env
         self._writer = writer
         self._workers = workers
@@ -255,8 +257,21 @@ class Shipper:
             with self._lock:
                 self._dirs[path] = d
 
-    def _lanes_for(self, d: WriterDir, tenant: str) -> list[Lane]:
-        audit = self._audit_of(tenant)
+    def _audits(self, tenants: set[str]) -> dict[str, Any]:
+        """Each tenant's audit set-up, looked up outside the shipper's lock (a registry query
+        must not hold up ``health()`` or finished sends); a tenant whose set-up cannot be told
+        is left out."""
+        out: dict[str, Any] = {}
+        for tenant in tenants:
+            try:
+                out[tenant] = self._audit_of(tenant)
+            except Exception as exc:
+                log.warning(
+                    "audit destinations of tenant %r unknown, its events wait: %s", tenant, exc
+                )
+        return out
+
+    def _lanes_for(self, d: WriterDir, tenant: str, audit: Any) -> list[Lane]:
         if audit is None or not audit.destinations:
             return []
         out = []
@@ -294,12 +309,20 @@ class Shipper:
                 frames = list(_spool.read_frames(path, off))
             except FileNotFoundError:
                 frames = []
+            audits = self._audits({t for _, _, t, _ in frames})
+            held = False
             with self._lock:
                 tenants = d.seg_tenants.setdefault(seg, set())
                 for _, nxt, tenant, body in frames:
+                    if tenant not in audits:
+                        # Where its events go is unknown (the registry is down): the scan stops
+                        # here and comes back, rather than skip them or count them undeliverable
+                        # (their cursors would move past them, and prune delete them).
+                        held = True
+                        break
                     end = nxt
                     tenants.add(tenant)
-                    lanes = self._lanes_for(d, tenant)
+                    lanes = self._lanes_for(d, tenant, audits[tenant])
                     if not lanes:
                         self.undeliverable += 1
                         continue
@@ -322,6 +345,8 @@ class Shipper:
                         lane.cursor = d.scan
                         d.dirty = True
             later = [s for s in segs if s > seg]
+            if held:
+                return
             if not later:
                 return
             seg, off = later[0], 0  # listed before the read: the old segment was complete
@@ -352,7 +377,10 @@ class Shipper:
     # -- sending -------------------------------------------------------------------------------
 
     def _take_tokens(self, tenant: str, want: int) -> int:
-        audit = self._audit_of(tenant)
+        try:
+            audit = self._audit_of(tenant)
+        except Exception:
+            return 0  # unknown set-up: the lane waits
         rate = getattr(audit, "max_events_per_second", None)
         if not rate:
             return want
@@ -392,7 +420,10 @@ class Shipper:
                         self._pool.submit(self._send, d, lane, sink, batch)
 
     def _sink(self, lane: Lane) -> Sink | None:
-        audit = self._audit_of(lane.tenant)
+        try:
+            audit = self._audit_of(lane.tenant)
+        except Exception:
+            return None  # unknown set-up: the lane waits
         spec = None
         for s in getattr(audit, "destinations", ()):
             if destination_name(s) == lane.name:
@@ -502,10 +533,15 @@ class Shipper:
             with self._lock:
                 if s not in d.seg_tenants:
                     break  # not read by this shipper: its lanes are unknown
+                seg_tenants = set(d.seg_tenants[s])
+            audits = self._audits(seg_tenants)
+            if len(audits) < len(seg_tenants):
+                break  # a tenant's destinations are unknown: its lanes might still need it
+            with self._lock:
                 done = all(
                     lane.cursor >= (s, st.st_size)
-                    for t in d.seg_tenants[s]
-                    for lane in self._lanes_for(d, t)
+                    for t in seg_tenants
+                    for lane in self._lanes_for(d, t, audits[t])
                 )
             if not done:
                 break

@@ -361,11 +361,23 @@ class AuditDelivery:
         return audit
 
     def _audit_for_shipper(self, tenant: str) -> TenantAudit | None:
+        """The tenant's set-up for the shipper; the last one known while the source fails.
+
+        Raises:
+            Exception: the source failed and the tenant's set-up was never known (the shipper
+                holds the tenant's events until it is: answering None would make them
+                undeliverable, and their segments prunable).
+        """
         try:
             return self.tenant_audit(tenant)
         except Exception as exc:
-            log.warning("audit destinations of tenant %r unavailable: %s", tenant, exc)
-            return None
+            hit = self._audits.get(tenant)
+            if hit is None:
+                raise
+            log.warning(
+                "audit destinations of tenant %r unavailable, using the last known: %s", tenant, exc
+            )
+            return hit[1]
 
     # -- recording (the access path) -----------------------------------------------------------
 
