@@ -86,9 +86,6 @@ class WriterDir:
     seg_tenants: dict[int, set[str]] = field(default_factory=dict)
     dirty: bool = False
 
-    def lane_key(self, tenant: str, name: str) -> str:
-        return f"{tenant}\n{name}"
-
 
 class Shipper:
     """Delivers spooled events; see the module docstring."""
@@ -225,15 +222,23 @@ class Shipper:
         with self._lock:
             dirs = list(self._dirs.values())
         for d in dirs:
-            self._scan(d)
+            self._isolated(self._scan, d)
         self._schedule()
         with self._lock:
             for d in dirs:
                 if d.dirty:
                     self._save(d)
         for d in dirs:
-            self._prune(d)
+            self._isolated(self._prune, d)
         self.passes += 1
+
+    def _isolated(self, work: Callable[[WriterDir], None], d: WriterDir) -> None:
+        # One directory that cannot be read (a disk error in one segment, a file of a foreign
+        # tool) must not stop the delivery of every other directory's events.
+        try:
+            work(d)
+        except Exception:
+            log.exception("audit shipper could not read %s; retrying", d.path)
 
     def _adopt(self) -> None:
         try:
@@ -279,7 +284,7 @@ class Shipper:
             name = destination_name(spec)
             lane = d.lanes.get((tenant, name))
             if lane is None:
-                saved = d.saved.get("lanes", {}).get(d.lane_key(tenant, name), {})
+                saved = d.saved.get("lanes", {}).get(_spool.lane_key(tenant, name), {})
                 cur = saved.get("cursor") or [0, 0]
                 lane = Lane(tenant, name, (int(cur[0]), int(cur[1])))
                 for k in ("delivered", "failures"):
@@ -502,7 +507,7 @@ class Shipper:
     def _save(self, d: WriterDir) -> None:
         lanes = dict(d.saved.get("lanes", {}))
         for (tenant, name), lane in d.lanes.items():
-            lanes[d.lane_key(tenant, name)] = lane.state()
+            lanes[_spool.lane_key(tenant, name)] = lane.state()
         d.saved = {"lanes": lanes, "scan": list(d.scan), "undeliverable": self.undeliverable}
         try:
             _spool.save_state(d.path, d.saved)

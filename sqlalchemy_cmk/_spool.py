@@ -113,16 +113,72 @@ def try_lock(wdir: str) -> int | None:
     return fd
 
 
+def lane_key(tenant: str, name: str) -> str:
+    """A lane's key in ``state.json``: a JSON pair, since a tenant id or a destination name may
+    hold any character (joined by a newline, ``a\nb`` + ``c`` and ``a`` + ``b\nc`` met)."""
+    return json.dumps([tenant, name], ensure_ascii=False)
+
+
+def parse_lane_key(key: str) -> tuple[str, str] | None:
+    """The inverse of :func:`lane_key`; None for a key of another form (that lane starts over)."""
+    try:
+        pair = json.loads(key)
+    except ValueError:
+        return None
+    if isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) for x in pair):
+        return pair[0], pair[1]
+    return None
+
+
+def _cursor(value: Any) -> list[int] | None:
+    if (
+        isinstance(value, list)
+        and len(value) == 2
+        and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in value)
+    ):
+        return [value[0], value[1]]
+    return None
+
+
 def load_state(wdir: str) -> dict[str, Any]:
+    """The saved state, with what does not have the expected shape left out.
+
+    A state file cut by a crash, or valid JSON of another shape, starts those lanes over: that
+    re-delivers (at least once, never lost), where trusting it could raise in every pass of
+    the shipper, and stop every directory's delivery, or skip events.
+    """
     try:
         with open(os.path.join(wdir, "state.json"), "rb") as f:
-            state: dict[str, Any] = json.loads(f.read())
-            return state
-    except FileNotFoundError:
+            raw = json.loads(f.read())
+    except (FileNotFoundError, ValueError):
         return {}
-    except ValueError:
-        # A state file cut by a crash: start over, which re-delivers (at least once, never lost).
+    if not isinstance(raw, dict):
         return {}
+    lanes: dict[str, dict[str, Any]] = {}
+    saved = raw.get("lanes")
+    for key, st in saved.items() if isinstance(saved, dict) else ():
+        if parse_lane_key(key) is None or not isinstance(st, dict):
+            continue
+        cursor = _cursor(st.get("cursor"))
+        if cursor is None:
+            continue
+        clean: dict[str, Any] = {"cursor": cursor}
+        for k in ("delivered", "failures"):
+            v = st.get(k)
+            clean[k] = v if isinstance(v, int) and not isinstance(v, bool) else 0
+        for k in ("delivered_at", "last_error_at"):
+            v = st.get(k)
+            clean[k] = v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+        v = st.get("last_error")
+        clean["last_error"] = v if isinstance(v, str) else None
+        lanes[key] = clean
+    state: dict[str, Any] = {"lanes": lanes}
+    scan = _cursor(raw.get("scan"))
+    if scan is not None:
+        state["scan"] = scan
+    if isinstance(raw.get("undeliverable"), int):
+        state["undeliverable"] = raw["undeliverable"]
+    return state
 
 
 def save_state(wdir: str, state: dict[str, Any]) -> None:

@@ -655,8 +655,9 @@ def spool_status(spool: str | os.PathLike[str]) -> list[dict[str, Any]]:
         lanes = _spool.load_state(wdir).get("lanes", {})
         by_tenant: dict[str, list[tuple[str | None, dict[str, Any]]]] = {}
         for key, st in lanes.items():
-            t, _, name = key.partition("\n")
-            by_tenant.setdefault(t, []).append((name, st))
+            pair = _spool.parse_lane_key(key)
+            if pair is not None:
+                by_tenant.setdefault(pair[0], []).append((pair[1], st))
         rows: dict[tuple[str, str | None], dict[str, Any]] = {}
         for t, dests in by_tenant.items():
             for name, st in dests:
