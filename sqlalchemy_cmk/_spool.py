@@ -92,13 +92,22 @@ def read_frames(path: str, offset: int = 0) -> Iterator[tuple[int, int, str, byt
             return
         if zlib.crc32(data[start:end]) != crc:
             return
-        tenant = data[start : start + tlen].decode()
+        tenant = data[start : start + tlen].decode("utf-8", "surrogatepass")
         yield offset + pos, offset + end, tenant, data[start + tlen : end]
         pos = end
 
 
 def frame(tenant: str, body: bytes) -> bytes:
-    t = tenant.encode()
+    """One frame (see the module docstring).
+
+    Raises:
+        SpoolError: the tenant id or the body is too long for the format.
+    """
+    # Any str is a tenant id, lone surrogates included: they round-trip as their own code
+    # points, so the reader's tenant is the writer's, byte for byte.
+    t = tenant.encode("utf-8", "surrogatepass")
+    if len(t) > 0xFFFF or len(body) > MAX_FRAME:
+        raise SpoolError("the audit event is too large for the spool (tenant id or body)")
     return _HEAD.pack(VERSION, len(body), zlib.crc32(t + body), len(t)) + t + body
 
 

@@ -253,7 +253,12 @@ def event_body(
         un["duration_ms"] = round(event.duration_ms, 3)
     if mine and event.extra:
         un["extra"] = dict(event.extra)
-    return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    text = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    # A lone surrogate (an actor or request id decoded with surrogateescape) cannot be UTF-8: it
+    # is written as its JSON escape (``\udcff``, only ever inside a string, and json.dumps has
+    # already doubled every backslash of the text), so the event is still recorded, as valid
+    # UTF-8 JSON, instead of the access failing with UnicodeEncodeError.
+    return text.encode("utf-8", "backslashreplace")
 
 
 class AuditDelivery:

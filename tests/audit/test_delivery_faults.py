@@ -289,3 +289,40 @@ def test_a_state_file_of_the_wrong_shape_stops_no_delivery(
         assert sorted(rows_of(memory_kind["a"])) == [0, 1]
     finally:
         d.close()
+
+
+@pytest.mark.parametrize(
+    ("tenant", "actor"), [("acme", "bob\udcff"), ("ac\udcffme", "bob"), ("ac\\\udcffme", "b\\")]
+)
+def test_lone_surrogates_are_recorded_as_valid_utf8(
+    tmp_path: Path, memory_kind: dict[str, Receiver], tenant: str, actor: str
+) -> None:
+    """A lone surrogate in an actor or a tenant id (text decoded with surrogateescape) made
+    record() raise UnicodeEncodeError on the access path: no event, no policy applied."""
+    d = AuditDelivery(tmp_path, {tenant: memory("a")}, poll=0.005)
+    try:
+        ctx = TenantContext(tenant, actor=actor, request_id="r\udc80")
+        for i in range(3):
+            d.record(make_event(ctx, "decrypt", "ok", tenant, table="t", rows=i), ctx)
+        assert d.flush(15)
+        got = memory_kind["a"].unique()
+        assert [r.tenant for r in got] == [tenant] * 3
+        for r in got:
+            r.body.decode("utf-8")  # valid UTF-8, strict
+            doc = json.loads(r.body)
+            assert doc["unmapped"]["tenant"] == tenant and doc["actor"]["user"]["name"] == actor
+        verify_chain([r.body for r in got])
+    finally:
+        d.close()
+
+
+@pytest.mark.usefixtures("memory_kind")
+def test_a_tenant_id_too_long_for_the_frame_applies_the_policy(tmp_path: Path) -> None:
+    """It raised struct.error from the access path."""
+    long = "t" * 70_000
+    d = AuditDelivery(tmp_path, {long: memory("a")}, start=False)
+    try:
+        with pytest.raises(AuditError):
+            record(d, long, 0)
+    finally:
+        d.close()
