@@ -397,32 +397,52 @@ class Shipper:
         return n
 
     def _schedule(self) -> None:
+        """Start a batch on every lane that is due, within the workers' share for failing lanes.
+
+        Lanes whose last attempt failed may hold only half of the workers: as many hanging
+        destinations as there are workers would otherwise take every worker, round after round
+        of retries, and healthy tenants' events would wait a sink timeout each for a free one.
+        Failing lanes take their share by who has been due longest, so that one recovering is
+        not kept waiting by others that keep failing.
+        """
         assert self._pool is not None or self._thread is None
         now = time.monotonic()
+        share = max(1, self._workers // 2)
+        sends: list[tuple[WriterDir, Lane, Sink, list[tuple[Pos, Record]]]] = []
         with self._lock:
+            due: list[tuple[WriterDir, Lane]] = []
+            failing_busy = 0
             for d in list(self._dirs.values()):
                 for lane in list(d.lanes.values()):
-                    if lane.in_flight or now < lane.next_try:
-                        continue
-                    if not lane.pending and lane.overflow_from is not None:
-                        self._catch_up(d, lane)
-                    if not lane.pending:
-                        continue
-                    sink = self._sink(lane)
-                    if sink is None:
-                        continue
-                    n = self._take_tokens(
-                        lane.tenant, min(self._batch_max, sink.max_batch, len(lane.pending))
-                    )
-                    if n <= 0:
-                        lane.next_try = now + 0.05
-                        continue
-                    batch = [lane.pending[i] for i in range(n)]
-                    lane.in_flight = True
-                    if self._pool is None:
-                        self._send(d, lane, sink, batch)
-                    else:
-                        self._pool.submit(self._send, d, lane, sink, batch)
+                    if lane.in_flight:
+                        failing_busy += lane.attempts > 0
+                    elif now >= lane.next_try:
+                        due.append((d, lane))
+            due.sort(key=lambda dl: (dl[1].attempts > 0, dl[1].next_try))
+            for d, lane in due:
+                if lane.attempts > 0 and failing_busy >= share:
+                    break  # sorted: only failing lanes are left
+                if not lane.pending and lane.overflow_from is not None:
+                    self._catch_up(d, lane)
+                if not lane.pending:
+                    continue
+                sink = self._sink(lane)
+                if sink is None:
+                    continue
+                n = self._take_tokens(
+                    lane.tenant, min(self._batch_max, sink.max_batch, len(lane.pending))
+                )
+                if n <= 0:
+                    lane.next_try = now + 0.05
+                    continue
+                lane.in_flight = True
+                failing_busy += lane.attempts > 0
+                sends.append((d, lane, sink, [lane.pending[i] for i in range(n)]))
+        for d, lane, sink, batch in sends:
+            if self._pool is None:
+                self._send(d, lane, sink, batch)  # no thread (a test's step()): here, unlocked
+            else:
+                self._pool.submit(self._send, d, lane, sink, batch)
 
     def _sink(self, lane: Lane) -> Sink | None:
         try:

@@ -326,3 +326,34 @@ def test_a_tenant_id_too_long_for_the_frame_applies_the_policy(tmp_path: Path) -
             record(d, long, 0)
     finally:
         d.close()
+
+
+def test_hung_destinations_of_many_tenants_do_not_starve_a_healthy_one(
+    tmp_path: Path, memory_kind: dict[str, Receiver]
+) -> None:
+    """As many hanging SIEMs as there are workers (each fails after its timeout, then retries)
+    held every worker, so a healthy tenant's events waited behind them each round."""
+    hung = [f"t{i}" for i in range(4)]
+    tenants = {t: memory(t) for t in hung} | {"healthy": memory("ok")}
+    for t in hung:
+        memory_kind[t] = Receiver(delay=1.0, down=True)
+    d = AuditDelivery(tmp_path, tenants, poll=0.005, workers=4, max_backoff=0.01)
+    try:
+        for t in hung:
+            record(d, t, 0)
+        time.sleep(1.5)  # every hung lane has failed once and is retrying
+        worst = 0.0
+        for i in range(4):
+            started = time.monotonic()
+            record(d, "healthy", i)
+            deadline = started + 5
+            while len(memory_kind.get("ok", Receiver()).records) <= i:
+                assert time.monotonic() < deadline
+                time.sleep(0.005)
+            worst = max(worst, time.monotonic() - started)
+            time.sleep(0.2)
+        assert worst < 0.5, f"a healthy tenant's event waited {worst:.2f}s for a worker"
+    finally:
+        for t in hung:
+            memory_kind[t].delay = 0
+        d.close(timeout=0.1)
