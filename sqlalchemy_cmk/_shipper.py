@@ -34,6 +34,7 @@ from .sinks import Record, Sink, SinkEnv, build_sink, destination_name
 log = logging.getLogger("sqlalchemy_cmk.delivery")
 
 Pos = tuple[int, int]  # (segment, offset after the frame)
+_REMOVED: Any = object()  # a lane's destination that the tenant no longer has
 
 
 def record_of(tenant: str, body: bytes) -> Record:
@@ -416,6 +417,8 @@ class Shipper:
                 for lane in list(d.lanes.values()):
                     if lane.in_flight:
                         failing_busy += lane.attempts > 0
+                    elif self._spec(lane) is _REMOVED:
+                        self._drop(d, lane)
                     elif now >= lane.next_try:
                         due.append((d, lane))
             due.sort(key=lambda dl: (dl[1].attempts > 0, dl[1].next_try))
@@ -444,16 +447,36 @@ class Shipper:
             else:
                 self._pool.submit(self._send, d, lane, sink, batch)
 
-    def _sink(self, lane: Lane) -> Sink | None:
+    def _spec(self, lane: Lane) -> Any:
+        """The lane's destination spec; None while the set-up is unknown (the registry is
+        down: the lane waits), ``_REMOVED`` once the tenant no longer has it."""
         try:
             audit = self._audit_of(lane.tenant)
         except Exception:
-            return None  # unknown set-up: the lane waits
-        spec = None
+            return None
         for s in getattr(audit, "destinations", ()):
             if destination_name(s) == lane.name:
-                spec = s
-        if spec is None:
+                return s
+        return _REMOVED
+
+    def _drop(self, d: WriterDir, lane: Lane) -> None:
+        """Forget a lane whose destination the operator removed (under _lock).
+
+        Its events are no longer owed to it; kept, the lane would hold them in memory and count
+        as backlog (and lag) for ever. Re-added, the destination starts from where the scan is
+        (``replay`` fills the gap, as for any new destination).
+        """
+        del d.lanes[(lane.tenant, lane.name)]
+        d.saved.get("lanes", {}).pop(_spool.lane_key(lane.tenant, lane.name), None)
+        d.dirty = True
+        have = self._sinks.pop((lane.tenant, lane.name), None)
+        if have is not None:
+            with contextlib.suppress(Exception):
+                have[1].close()
+
+    def _sink(self, lane: Lane) -> Sink | None:
+        spec = self._spec(lane)
+        if spec is None or spec is _REMOVED:
             return None
         text = json.dumps(spec, sort_keys=True)
         have = self._sinks.get((lane.tenant, lane.name))
@@ -608,7 +631,10 @@ class Shipper:
             if not segs:
                 continue
             last = segs[-1]
-            size = os.path.getsize(os.path.join(d.path, _spool.segment_name(last)))
+            try:
+                size = os.path.getsize(os.path.join(d.path, _spool.segment_name(last)))
+            except FileNotFoundError:
+                continue  # pruned since the listing: it was delivered
             if d.scan < (last, size):
                 return False
         return True

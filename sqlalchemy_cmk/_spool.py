@@ -69,9 +69,14 @@ def segment_name(n: int) -> str:
 
 
 def segments(wdir: str) -> list[int]:
-    """The segment numbers in a writer directory, oldest first."""
+    """The segment numbers in a writer directory, oldest first; none once it is gone (a
+    shipper removes a delivered directory while others, ``audit status`` say, read the spool)."""
     out = []
-    for name in os.listdir(wdir):
+    try:
+        names = os.listdir(wdir)
+    except FileNotFoundError:
+        return []
+    for name in names:
         if name.endswith(SEGMENT_GLOB) and name[:-4].isdigit():
             out.append(int(name[:-4]))
     return sorted(out)
@@ -112,8 +117,12 @@ def frame(tenant: str, body: bytes) -> bytes:
 
 
 def try_lock(wdir: str) -> int | None:
-    """Take the directory's lock without waiting; its fd (keep it open), or None if held."""
-    fd = os.open(os.path.join(wdir, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    """Take the directory's lock without waiting; its fd (keep it open), or None if held (or
+    the directory is gone)."""
+    try:
+        fd = os.open(os.path.join(wdir, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    except FileNotFoundError:
+        return None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:

@@ -357,3 +357,74 @@ def test_hung_destinations_of_many_tenants_do_not_starve_a_healthy_one(
         for t in hung:
             memory_kind[t].delay = 0
         d.close(timeout=0.1)
+
+
+def test_a_removed_destination_leaves_no_lane_behind(
+    tmp_path: Path, memory_kind: dict[str, Receiver]
+) -> None:
+    """The operator removes a tenant's dead destination. Its lane kept its events in memory for
+    good, so ``flush()`` never succeeded again and ``health()`` reported its lag for ever."""
+    memory_kind["a"] = Receiver(down=True)
+    source = Flaky({"acme": memory("a")})
+    d = AuditDelivery(tmp_path, source, poll=0.005, destinations_ttl=0, max_lag=0.2)
+    try:
+        for i in range(5):
+            record(d, "acme", i)
+        assert not d.flush(0.5)
+        source.tenants["acme"] = TenantAudit([{"kind": "memory", "receiver": "b", "name": "b"}])
+        record(d, "acme", 5)
+        assert d.flush(15)
+        assert rows_of(memory_kind["b"]) == [5]
+        assert d.health()["status"] == "ok"
+        assert set(d.health()["tenants"]["acme"]) == {"b"}
+    finally:
+        d.close()
+
+
+def test_reading_a_live_spool_while_the_shipper_prunes_it(
+    tmp_path: Path, memory_kind: dict[str, Receiver]
+) -> None:
+    """``audit status`` / ``tail`` (and ``flush()``) list a directory's segments, then open
+    them: the shipper may delete a delivered segment, or a whole adopted directory, in between.
+    ``flush()`` raised FileNotFoundError (found by the state machine)."""
+    tenants = {"acme": memory("a")}
+    for _ in range(6):  # six dead processes' directories, to adopt, deliver and remove
+        dead = AuditDelivery(tmp_path, tenants, start=False, segment_bytes=256)
+        for i in range(20):
+            record(dead, "acme", i)
+        assert dead._writer is not None
+        dead._writer.abandon_after_fork()  # what SIGKILL leaves: files, no lock
+        dead._writer = None
+        dead.close()
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def read() -> None:
+        while not stop.is_set():
+            try:
+                spool_status(tmp_path)
+                for _ in spool_events(tmp_path, "acme"):
+                    pass
+            except BaseException as exc:
+                errors.append(exc)
+                return
+
+    readers = [threading.Thread(target=read) for _ in range(2)]
+    for t in readers:
+        t.start()
+    d = AuditDelivery(tmp_path, tenants, poll=0.001, retention=0, segment_bytes=256)
+    try:
+        for i in range(200):
+            record(d, "acme", 100 + i)
+            if i % 20 == 0:
+                d.flush(0.05)
+        assert d.flush(15)
+    finally:
+        stop.set()
+        for t in readers:
+            t.join()
+        d.close()
+    assert not errors, errors[0]
+    got = memory_kind["a"].unique()
+    assert len(got) == 6 * 20 + 200  # every event of every writer, once by id
+    assert sorted(rows_of(memory_kind["a"]))[-200:] == list(range(100, 300))
