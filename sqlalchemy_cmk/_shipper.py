@@ -336,7 +336,7 @@ class Shipper:
                     for lane in lanes:
                         if (seg, nxt) <= lane.cursor:
                             continue  # delivered before a restart
-                        if lane.overflow_from is not None or len(lane.pending) >= self._lane_cap:
+                        if lane.overflow_from is not None or len(lane.pending) >= self._cap(lane):
                             if lane.overflow_from is None:
                                 lane.overflow_from = (seg, nxt)
                             continue
@@ -373,7 +373,7 @@ class Shipper:
                     return
                 if tenant != lane.tenant or (s, nxt) <= lane.cursor:
                     continue
-                if added >= self._lane_cap:
+                if added >= self._cap(lane):
                     lane.overflow_from = (s, nxt)
                     return
                 lane.pending.append(((s, nxt), record_of(tenant, body)))
@@ -520,9 +520,24 @@ class Shipper:
             d.dirty = True
         self._wake.set()
 
+    def _cap(self, lane: Lane) -> int:
+        """Events a lane holds in memory: a failing one needs only its next batch.
+
+        A SIEM down for every tenant at once (many share one vendor) would otherwise pin
+        ``lane_cap`` events per tenant in memory for as long as it stays down.
+        """
+        return min(self._batch_max, self._lane_cap) if lane.attempts else self._lane_cap
+
     def _failed(
         self, lane: Lane, error: str, retry_after: float | None, *, retryable: bool
     ) -> None:
+        # Under _lock. The events past the next batch go back to the files: the lane catches
+        # up from where the first of them is, once it delivers again.
+        cap = min(self._batch_max, self._lane_cap)
+        if len(lane.pending) > cap:
+            lane.overflow_from = lane.pending[cap][0]
+            while len(lane.pending) > cap:
+                lane.pending.pop()
         lane.failures += 1
         lane.attempts += 1
         lane.last_error = error[:500]

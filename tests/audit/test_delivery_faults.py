@@ -428,3 +428,35 @@ def test_reading_a_live_spool_while_the_shipper_prunes_it(
     got = memory_kind["a"].unique()
     assert len(got) == 6 * 20 + 200  # every event of every writer, once by id
     assert sorted(rows_of(memory_kind["a"]))[-200:] == list(range(100, 300))
+
+
+def test_a_siem_down_for_every_tenant_holds_one_batch_per_tenant_in_memory(
+    tmp_path: Path, memory_kind: dict[str, Receiver]
+) -> None:
+    """Many tenants share one SIEM vendor, and it goes down: each lane kept up to ``lane_cap``
+    (10,000) events in memory for the whole outage. A failing lane now keeps its next batch;
+    the rest wait in the files and come back in order."""
+    names = [f"t{i}" for i in range(20)]
+    for t in names:
+        memory_kind[t] = Receiver(down=True)
+    d = AuditDelivery(
+        tmp_path, {t: memory(t) for t in names}, poll=0.005, max_backoff=0.02, batch_max=5
+    )
+    try:
+        for i in range(60):
+            for t in names:
+                record(d, t, i)
+        time.sleep(0.3)
+        assert d._shipper is not None
+        held = max(
+            len(lane.pending) for w in d._shipper._dirs.values() for lane in w.lanes.values()
+        )
+        assert held <= 5
+        for t in names:
+            memory_kind[t].down = False
+        assert d.flush(30)
+        for t in names:
+            assert rows_of(memory_kind[t]) == list(range(60))
+            verify_chain([r.body for r in memory_kind[t].unique()])
+    finally:
+        d.close()

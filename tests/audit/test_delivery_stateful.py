@@ -91,6 +91,7 @@ class Spool(RuleBasedStateMachine):
             segment_bytes=4096,
             retention=0,
             destinations_ttl=0,
+            batch_max=2,  # a failing lane holds 2 in memory, the rest go back to the files
             start=False,
         )
         d._shipper_args["lane_cap"] = 3
