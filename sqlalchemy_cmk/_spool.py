@@ -254,6 +254,8 @@ class Writer:
         self._closed_bytes = 0  # bytes in earlier segments still on disk (approx.)
         self._written = 0  # frames written
         self._synced = 0  # frames known on disk
+        # Frames (first, last) that were written, not yet synced, when a sync failed.
+        self._lost: list[tuple[int, int]] = []
         self._broken = False
         self._retired: list[int] = []
         self._roll()
@@ -338,10 +340,15 @@ class Writer:
             self._broken = True  # tail unknown: the next append starts a new segment
         raise SpoolError(f"the audit spool could not write: {os.strerror(error)}")
 
+    def _was_lost(self, mine: int) -> bool:
+        return any(lo <= mine <= hi for lo, hi in self._lost)
+
     def _sync(self, mine: int) -> None:
-        if self._synced >= mine:
+        if self._synced >= mine and not self._was_lost(mine):
             return
         with self._sync_lock:
+            if self._was_lost(mine):
+                raise SpoolError("the audit spool could not sync: an earlier sync failed")
             if self._synced >= mine:  # another thread's sync covered this frame
                 return
             with self._lock:
@@ -358,6 +365,10 @@ class Writer:
             except OSError as exc:
                 with self._lock:
                     self._broken = True
+                    # Every frame already written may be lost, not only those this sync was
+                    # for: after a failed fsync Linux marks the pages clean, so the next sync
+                    # of the same file succeeds without writing them.
+                    self._lost = [*self._lost[-63:], (self._synced + 1, self._written)]
                 raise SpoolError(f"the audit spool could not sync: {exc.strerror}") from None
             self._synced = target
 

@@ -460,3 +460,50 @@ def test_a_siem_down_for_every_tenant_holds_one_batch_per_tenant_in_memory(
             verify_chain([r.body for r in memory_kind[t].unique()])
     finally:
         d.close()
+
+
+def test_a_failed_sync_fails_every_frame_it_covered(tmp_path: Path) -> None:
+    """Group commit: thread A syncs for A's and B's frames, and ``fdatasync`` fails (EIO). Linux
+    then marks the pages clean, so B's own sync right after succeeds with B's frame possibly
+    never on disk: B was told 'recorded'. Every frame written to the file before the failure
+    must be reported as not recorded."""
+    from sqlalchemy_cmk import _spool
+
+    w = _spool.Writer(str(tmp_path), segment_bytes=1 << 20, max_bytes=1 << 30)
+    real = os.fdatasync
+    calls = {"n": 0}
+
+    def fdatasync(fd: int) -> None:
+        if _is_segment(fd):
+            calls["n"] += 1
+            if calls["n"] == 1:
+                deadline = time.monotonic() + 5
+                while w._written < 2:  # B's frame is in the file, B waits on this sync
+                    assert time.monotonic() < deadline
+                    time.sleep(0.001)
+                raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real(fd)
+
+    results: dict[str, str] = {}
+
+    def append(name: str) -> None:
+        try:
+            w.append("acme", lambda: name.encode())
+            results[name] = "recorded"
+        except _spool.SpoolError:
+            results[name] = "refused"
+
+    os.fdatasync = fdatasync
+    try:
+        a = threading.Thread(target=append, args=("A",))
+        a.start()
+        while w._written < 1:
+            time.sleep(0.001)
+        b = threading.Thread(target=append, args=("B",))
+        b.start()
+        a.join()
+        b.join()
+    finally:
+        os.fdatasync = real
+        w.close()
+    assert results == {"A": "refused", "B": "refused"}
