@@ -420,6 +420,7 @@ class AuditDelivery:
             gap = self._gaps.pop(to, 0)
             if gap:
                 self._append(writer, to, make_event(None, "audit", "dropped", to, rows=gap), None)
+                gap = 0  # announced: not to be put back if the event itself fails below
             self._append(writer, to, event, ctx)
             self._spool_error = None
         except (_spool.SpoolError, OSError) as exc:

@@ -507,3 +507,35 @@ def test_a_failed_sync_fails_every_frame_it_covered(tmp_path: Path) -> None:
         os.fdatasync = real
         w.close()
     assert results == {"A": "refused", "B": "refused"}
+
+
+@pytest.mark.usefixtures("memory_kind")
+def test_each_dropped_event_is_announced_once(tmp_path: Path) -> None:
+    """The drop notice was written, then the event after it failed: the notice's count was put
+    back as if unannounced, and announced again with the next drop (3 announced for 2)."""
+    d = AuditDelivery(tmp_path, {"acme": memory("a", on_spool_failure="serve")}, start=False)
+    plan = iter(["fail", "ok", "fail"])  # event 1 fails; notice ok, event 2 fails; then all ok
+
+    def fault(fd: int, data: bytes) -> int | None:
+        if next(plan, "ok") == "fail":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return None
+
+    try:
+        record(d, "acme", 0)
+        with segment_writes(fault):
+            for i in (1, 2, 3):
+                record(d, "acme", i)
+        assert d.dropped == {"acme": 2}
+        got = [json.loads(r.body) for _, r in spool_events(tmp_path, "acme")]
+        announced = sum(
+            g["resources"][0]["data"]["rows"] for g in got if g["status_code"] == "dropped"
+        )
+        assert announced == 2
+        assert [g["resources"][0]["data"]["rows"] for g in got if g["status_code"] == "ok"] == [
+            0,
+            3,
+        ]
+        verify_chain([r.body for _, r in spool_events(tmp_path, "acme")])
+    finally:
+        d.close()
