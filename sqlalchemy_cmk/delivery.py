@@ -27,7 +27,7 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -50,6 +50,7 @@ __all__ = [
     "ChainError",
     "StaticDestinations",
     "TenantAudit",
+    "pruned_writers",
     "spool_events",
     "spool_status",
     "verify_chain",
@@ -711,10 +712,17 @@ def spool_status(spool: str | os.PathLike[str]) -> list[dict[str, Any]]:
     return out
 
 
-def verify_chain(bodies: Iterable[bytes]) -> dict[tuple[str, str], int]:
+def verify_chain(
+    bodies: Iterable[bytes], *, pruned: Collection[str] = ()
+) -> dict[tuple[str, str], int]:
     """Check the hash chains of delivered events, as a tenant does (``docs/audit.md``).
 
     Events may come in any order across writers but in order within one writer (as delivered).
+
+    Args:
+        bodies: The events' bytes.
+        pruned: Writers whose oldest events are gone (a spool past its retention): their
+            chains are checked from the first event present, which may have any ``seq``.
 
     Returns:
         The number of events per (tenant, writer).
@@ -723,9 +731,12 @@ def verify_chain(bodies: Iterable[bytes]) -> dict[tuple[str, str], int]:
         ChainError: a gap (an event missing), an edited event, or a reordering.
     """
     last: dict[tuple[str, str], tuple[int, str]] = {}
+    counts: dict[tuple[str, str], int] = {}
     for body in bodies:
         un = json.loads(body)["unmapped"]
         key = (un["tenant"], un["writer"])
+        if key not in last and un["writer"] in pruned:
+            last[key] = (un["seq"] - 1, un["prev"])  # the events before it were pruned
         seq, prev = last.get(key, (0, _GENESIS))
         if un["seq"] != seq + 1:
             raise ChainError(
@@ -736,7 +747,19 @@ def verify_chain(bodies: Iterable[bytes]) -> dict[tuple[str, str], int]:
                 f"writer {un['writer']}: event {seq} was changed, or another took its place"
             )
         last[key] = (seq + 1, hashlib.sha256(body).hexdigest())
-    return {k: v[0] for k, v in last.items()}
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def pruned_writers(spool: str | os.PathLike[str]) -> set[str]:
+    """The writers of a spool whose oldest segments retention has deleted (for
+    :func:`verify_chain`'s ``pruned``): segments are numbered from 1 and deleted oldest first."""
+    out = set()
+    for wdir in _writer_dirs(spool):
+        segs = _spool.segments(wdir)
+        if segs and segs[0] > 1:
+            out.add(os.path.basename(wdir)[2:])
+    return out
 
 
 class ChainError(CMKError):
