@@ -272,8 +272,10 @@ class Shipper:
             try:
                 out[tenant] = self._audit_of(tenant)
             except Exception as exc:
-                log.warning(
-                    "audit destinations of tenant %r unknown, its events wait: %s", tenant, exc
+                log.warning(  # the class only: a source's message may hold a connection URL
+                    "audit destinations of tenant %r unknown, its events wait: %s",
+                    tenant,
+                    type(exc).__name__,
                 )
         return out
 

@@ -366,13 +366,13 @@ class AuditDelivery:
         self._audits[tenant] = (now + self._ttl, audit)
         return audit
 
-    def _audit_for_shipper(self, tenant: str) -> TenantAudit | None:
-        """The tenant's set-up for the shipper; the last one known while the source fails.
+    def _audit_or_last_known(self, tenant: str) -> TenantAudit | None:
+        """The tenant's set-up; the last one known while the source fails.
 
         Raises:
-            Exception: the source failed and the tenant's set-up was never known (the shipper
-                holds the tenant's events until it is: answering None would make them
-                undeliverable, and their segments prunable).
+            Exception: the source failed and the tenant's set-up was never known. The shipper
+                holds the tenant's events until it is (answering None would make them
+                undeliverable, and their segments prunable); the access path refuses.
         """
         try:
             return self.tenant_audit(tenant)
@@ -381,7 +381,9 @@ class AuditDelivery:
             if hit is None:
                 raise
             log.warning(
-                "audit destinations of tenant %r unavailable, using the last known: %s", tenant, exc
+                "audit destinations of tenant %r unavailable, using the last known: %s",
+                tenant,
+                type(exc).__name__,
             )
             return hit[1]
 
@@ -410,7 +412,16 @@ class AuditDelivery:
         to = deliver_to(event, ctx)
         if to is None:
             return
-        audit = self.tenant_audit(to)
+        try:
+            audit = self._audit_or_last_known(to)
+        except Exception as exc:
+            # Never known, so no policy to serve by: fail closed. The source's message may hold
+            # a connection string; only its class is named.
+            raise AuditError(
+                f"the audit destinations of the tenant could not be looked up "
+                f"({type(exc).__name__}): the access was stopped",
+                tenant=to,
+            ) from None
         if audit is None or not audit.destinations:
             return
         if self._ship and (self._shipper is None or not self._shipper.alive()):
@@ -469,7 +480,7 @@ class AuditDelivery:
             if self._shipper is None:
                 self._shipper = _shipper.Shipper(
                     self.root,
-                    self._audit_for_shipper,
+                    self._audit_or_last_known,
                     self.env,
                     self._writer,
                     **self._shipper_args,  # type: ignore[arg-type]

@@ -539,3 +539,39 @@ def test_each_dropped_event_is_announced_once(tmp_path: Path) -> None:
         verify_chain([r.body for _, r in spool_events(tmp_path, "acme")])
     finally:
         d.close()
+
+
+class Down:
+    """An AuditDestinations whose store can be down for everyone, the access path included."""
+
+    def __init__(self, tenants: dict[str, TenantAudit]) -> None:
+        self.tenants = tenants
+        self.down = False
+
+    def tenant_audit(self, tenant: str) -> TenantAudit | None:
+        if self.down:
+            raise ConnectionError("registry database unreachable: postgresql://app:s3cret@db")
+        return self.tenants.get(tenant)
+
+
+def test_the_access_path_during_an_outage_of_the_destination_store(
+    tmp_path: Path, memory_kind: dict[str, Receiver]
+) -> None:
+    """record() let the store's own exception (here ConnectionError, with whatever its message
+    holds) out of every access once the cached set-up expired. A tenant seen before keeps its
+    last known set-up (its events are recorded and shipped later); one never seen is refused
+    with AuditError, as no policy is known to serve it by."""
+    source = Down({"acme": memory("a"), "globex": memory("g", on_spool_failure="serve")})
+    d = AuditDelivery(tmp_path, source, poll=0.005, destinations_ttl=0)
+    try:
+        record(d, "acme", 0)
+        source.down = True
+        record(d, "acme", 1)  # recorded under the last known set-up
+        with pytest.raises(AuditError) as info:
+            record(d, "globex", 0)
+        assert "s3cret" not in str(info.value)
+        source.down = False
+        assert d.flush(15)
+        assert rows_of(memory_kind["a"]) == [0, 1]
+    finally:
+        d.close()
