@@ -22,7 +22,7 @@ import random
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -407,32 +407,51 @@ class Shipper:
         of retries, and healthy tenants' events would wait a sink timeout each for a free one.
         Failing lanes take their share by who has been due longest, so that one recovering is
         not kept waiting by others that keep failing.
+
+        Destination look-ups and sink set-ups (secret references resolved, maybe over the
+        network) run outside the lock, which ``health()`` and finished sends take.
         """
         assert self._pool is not None or self._thread is None
         now = time.monotonic()
         share = max(1, self._workers // 2)
+        with self._lock:
+            idle = [
+                (d, lane)
+                for d in list(self._dirs.values())
+                for lane in list(d.lanes.values())
+                if not lane.in_flight
+            ]
+        specs = [(d, lane, self._spec(lane)) for d, lane in idle]
+        sinks: dict[tuple[str, str], Sink | None] = {}
+        for _, lane, spec in specs:
+            wanted = lane.pending or lane.overflow_from is not None
+            if spec is not None and spec is not _REMOVED and wanted and now >= lane.next_try:
+                sinks[(lane.tenant, lane.name)] = self._sink(lane, spec)
         sends: list[tuple[WriterDir, Lane, Sink, list[tuple[Pos, Record]]]] = []
         with self._lock:
-            due: list[tuple[WriterDir, Lane]] = []
-            failing_busy = 0
-            for d in list(self._dirs.values()):
-                for lane in list(d.lanes.values()):
-                    if lane.in_flight:
-                        failing_busy += lane.attempts > 0
-                    elif self._spec(lane) is _REMOVED:
-                        self._drop(d, lane)
-                    elif now >= lane.next_try:
-                        due.append((d, lane))
-            due.sort(key=lambda dl: (dl[1].attempts > 0, dl[1].next_try))
-            for d, lane in due:
+            failing_busy = sum(
+                lane.attempts > 0
+                for d in self._dirs.values()
+                for lane in d.lanes.values()
+                if lane.in_flight
+            )
+            due: list[tuple[WriterDir, Lane, Sink]] = []
+            for d, lane, spec in specs:
+                if lane.in_flight or d.lanes.get((lane.tenant, lane.name)) is not lane:
+                    continue  # changed meanwhile: the next pass sees it
+                if spec is _REMOVED:
+                    self._drop(d, lane)
+                    continue
+                sink = sinks.get((lane.tenant, lane.name))
+                if sink is not None:
+                    due.append((d, lane, sink))
+            due.sort(key=lambda dls: (dls[1].attempts > 0, dls[1].next_try))
+            for d, lane, sink in due:
                 if lane.attempts > 0 and failing_busy >= share:
                     break  # sorted: only failing lanes are left
                 if not lane.pending and lane.overflow_from is not None:
                     self._catch_up(d, lane)
                 if not lane.pending:
-                    continue
-                sink = self._sink(lane)
-                if sink is None:
                     continue
                 n = self._take_tokens(
                     lane.tenant, min(self._batch_max, sink.max_batch, len(lane.pending))
@@ -476,10 +495,9 @@ class Shipper:
             with contextlib.suppress(Exception):
                 have[1].close()
 
-    def _sink(self, lane: Lane) -> Sink | None:
-        spec = self._spec(lane)
-        if spec is None or spec is _REMOVED:
-            return None
+    def _sink(self, lane: Lane, spec: Mapping[str, Any]) -> Sink | None:
+        """The lane's sink, built anew when its spec changed (only the shipper's thread, not
+        under _lock: building may wait on a secret store)."""
         text = json.dumps(spec, sort_keys=True)
         have = self._sinks.get((lane.tenant, lane.name))
         if have is not None and have[0] == text:
@@ -487,7 +505,8 @@ class Shipper:
         try:
             sink = self._sink_factory(dict(spec), self._env)
         except Exception as exc:
-            self._failed(lane, f"{type(exc).__name__}: {exc}", None, retryable=False)
+            with self._lock:
+                self._failed(lane, f"{type(exc).__name__}: {exc}", None, retryable=False)
             return None
         if have is not None:
             with contextlib.suppress(Exception):

@@ -575,3 +575,22 @@ def test_the_access_path_during_an_outage_of_the_destination_store(
         assert rows_of(memory_kind["a"]) == [0, 1]
     finally:
         d.close()
+
+
+def test_health_does_not_wait_for_a_sink_being_built(
+    tmp_path: Path, memory_kind: dict[str, Receiver]
+) -> None:
+    """Sinks were built (secret references resolved) under the shipper's lock, which
+    ``health()`` takes: a vault that answers slowly made the readiness probe time out."""
+    slow = TenantAudit([{"kind": "memory", "receiver": "a", "build_delay": 1.5}])
+    d = AuditDelivery(tmp_path, {"acme": slow}, poll=0.005)
+    try:
+        record(d, "acme", 0)
+        time.sleep(0.2)  # the shipper is building the sink
+        started = time.monotonic()
+        d.health()
+        took = time.monotonic() - started
+        assert took < 0.3, f"health() waited {took:.2f}s"
+        assert d.flush(15)
+    finally:
+        d.close()
