@@ -597,6 +597,10 @@ class Shipper:
     def _prune(self, d: WriterDir) -> None:
         """Delete segments every lane has delivered, once older than the retention."""
         current = self._writer.position.segment if self._writer and d.lock_fd is None else None
+        # Under pressure the retention gives way: delivered events kept for replay must not
+        # make the spool refuse new ones (a deny tenant's accesses).
+        w = self._writer if d.lock_fd is None else None
+        retention = 0.0 if w is not None and w.under_pressure else self._retention
         try:
             segs = _spool.segments(d.path)
         except FileNotFoundError:
@@ -612,7 +616,7 @@ class Shipper:
             complete = s < d.scan[0] or (
                 d.lock_fd is not None and d.scan == (s, st.st_size) and s != current
             )
-            if not complete or now - st.st_mtime < self._retention:
+            if not complete or now - st.st_mtime < retention:
                 break
             with self._lock:
                 if s not in d.seg_tenants:

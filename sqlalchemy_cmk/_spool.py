@@ -280,6 +280,11 @@ class Writer:
         self._size = 0
         _fsync_dir(self.dir)  # the new name itself must survive a crash
 
+    @property
+    def under_pressure(self) -> bool:
+        """Half of ``max_bytes`` is in use: delivered segments should go before retention."""
+        return self._closed_bytes + self._size >= self._max_bytes // 2
+
     def forget_bytes(self, n: int) -> None:
         """The shipper deleted ``n`` bytes of old segments."""
         with self._lock:

@@ -594,3 +594,28 @@ def test_health_does_not_wait_for_a_sink_being_built(
         assert d.flush(15)
     finally:
         d.close()
+
+
+def test_delivered_events_make_room_before_retention_under_pressure(
+    tmp_path: Path, memory_kind: dict[str, Receiver]
+) -> None:
+    """``retention`` promises delivered events are 'pruned earlier under max_spool_bytes
+    pressure'; they were not, so a spool whose every event was delivered filled up within the
+    retention and refused a deny tenant's accesses."""
+    d = AuditDelivery(
+        tmp_path,
+        {"acme": memory("a")},
+        poll=0.005,
+        max_spool_bytes=40_000,
+        segment_bytes=4_000,
+        retention=3600,
+    )
+    try:
+        for i in range(400):  # ~280 KB in all, seven times the spool's size
+            record(d, "acme", i)
+            if i % 20 == 19:
+                assert d.flush(15)
+        assert d.flush(15)
+        assert rows_of(memory_kind["a"]) == list(range(400))
+    finally:
+        d.close()
