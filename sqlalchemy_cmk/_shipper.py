@@ -86,6 +86,7 @@ class WriterDir:
     lanes: dict[tuple[str, str], Lane] = field(default_factory=dict)
     seg_tenants: dict[int, set[str]] = field(default_factory=dict)
     dirty: bool = False
+    held: bool = False  # the last scan stopped at a tenant whose destinations are unknown
 
 
 class Shipper:
@@ -353,6 +354,7 @@ class Shipper:
                         lane.cursor = d.scan
                         d.dirty = True
             later = [s for s in segs if s > seg]
+            d.held = held
             if held:
                 return
             if not later:
@@ -612,10 +614,14 @@ class Shipper:
                 st = os.stat(path)
             except FileNotFoundError:
                 continue
-            # Complete: the scan moved past it, or it is the last of a dead writer, read whole.
-            complete = s < d.scan[0] or (
-                d.lock_fd is not None and d.scan == (s, st.st_size) and s != current
+            # Complete: the scan moved past it, or it is the last of a dead writer, read to its
+            # last whole frame. That may be short of the file's size: a power loss tears the
+            # frame it cut, and no writer will ever complete it.
+            dead_last = (
+                d.lock_fd is not None and not d.held and s == d.scan[0] == segs[-1] and s != current
             )
+            complete = s < d.scan[0] or dead_last
+            end = (s, d.scan[1]) if dead_last else (s, st.st_size)
             if not complete or now - st.st_mtime < retention:
                 break
             with self._lock:
@@ -627,7 +633,7 @@ class Shipper:
                 break  # a tenant's destinations are unknown: its lanes might still need it
             with self._lock:
                 done = all(
-                    lane.cursor >= (s, st.st_size)
+                    lane.cursor >= end
                     for t in seg_tenants
                     for lane in self._lanes_for(d, t, audits[t])
                 )
@@ -671,6 +677,8 @@ class Shipper:
             if not segs:
                 continue
             last = segs[-1]
+            if d.lock_fd is not None and not d.held and d.scan[0] >= last:
+                continue  # a dead writer's last segment, read to its last whole frame
             try:
                 size = os.path.getsize(os.path.join(d.path, _spool.segment_name(last)))
             except FileNotFoundError:

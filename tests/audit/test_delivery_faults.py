@@ -619,3 +619,36 @@ def test_delivered_events_make_room_before_retention_under_pressure(
         assert rows_of(memory_kind["a"]) == list(range(400))
     finally:
         d.close()
+
+
+def test_a_dead_writers_torn_tail_is_adopted_delivered_and_cleaned_up(
+    tmp_path: Path, memory_kind: dict[str, Receiver]
+) -> None:
+    """A power loss leaves the last frame of a dead writer torn. The shipper that adopted the
+    directory waited for the segment to be read to its size, which never happens: ``flush()``
+    never succeeded again, and the directory was never removed."""
+    from sqlalchemy_cmk import _spool
+
+    tenants = {"acme": memory("a")}
+    dead = AuditDelivery(tmp_path, tenants, start=False)
+    for i in range(5):
+        record(dead, "acme", i)
+    assert dead._writer is not None
+    wdir = dead._writer.dir
+    dead._writer.abandon_after_fork()
+    dead._writer = None
+    dead.close()
+    seg = os.path.join(wdir, _spool.segment_name(_spool.segments(wdir)[-1]))
+    with open(seg, "ab") as f:
+        f.write(_spool.frame("acme", b'{"torn": tr')[:20])  # the frame the power cut
+    d = AuditDelivery(tmp_path, tenants, poll=0.005, retention=0)
+    try:
+        record(d, "acme", 5)
+        assert d.flush(15)
+        assert rows_of(memory_kind["a"]) == [0, 1, 2, 3, 4, 5]
+        deadline = time.monotonic() + 10
+        while os.path.exists(wdir):  # delivered, past retention: removed
+            assert time.monotonic() < deadline, "the dead writer's directory stays"
+            time.sleep(0.01)
+    finally:
+        d.close()
