@@ -37,15 +37,25 @@ Pos = tuple[int, int]  # (segment, offset after the frame)
 _REMOVED: Any = object()  # a lane's destination that the tenant no longer has
 
 
-def record_of(tenant: str, body: bytes) -> Record:
-    doc = json.loads(body)
-    return Record(
-        id=doc["metadata"]["uid"],
-        tenant=tenant,
-        time_ns=int(doc["unmapped"]["time_ns"]),
-        severity="info" if doc["status_id"] == 1 else "warning",
-        body=body,
-    )
+def record_of(tenant: str, body: bytes) -> Record | None:
+    """The record of a frame's body; None (logged) for a body that is not an event.
+
+    A frame whose CRC holds but whose body is not an event (a file of another tool or version
+    copied in, a bug) is skipped: raising would stop every reader at it, for good, and with it
+    every later event of that writer.
+    """
+    try:
+        doc = json.loads(body)
+        return Record(
+            id=str(doc["metadata"]["uid"]),
+            tenant=tenant,
+            time_ns=int(doc["unmapped"]["time_ns"]),
+            severity="info" if doc["status_id"] == 1 else "warning",
+            body=body,
+        )
+    except (ValueError, TypeError, KeyError) as exc:
+        log.warning("audit spool frame skipped, not an event: %s", type(exc).__name__)
+        return None
 
 
 @dataclass
@@ -345,6 +355,8 @@ class Shipper:
                             continue
                         if rec is None:
                             rec = record_of(tenant, body)
+                            if rec is None:
+                                break  # not an event (logged): skipped by every lane
                         lane.pending.append(((seg, nxt), rec))
                 d.scan = (seg, end)
                 # Lanes with nothing pending have seen every frame up to here.
@@ -380,8 +392,10 @@ class Shipper:
                 if added >= self._cap(lane):
                     lane.overflow_from = (s, nxt)
                     return
-                lane.pending.append(((s, nxt), record_of(tenant, body)))
-                added += 1
+                rec = record_of(tenant, body)
+                if rec is not None:
+                    lane.pending.append(((s, nxt), rec))
+                    added += 1
         lane.overflow_from = None
 
     # -- sending -------------------------------------------------------------------------------

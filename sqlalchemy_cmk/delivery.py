@@ -652,6 +652,8 @@ def spool_events(
                 if tenant is not None and t != tenant:
                     continue
                 rec = _shipper.record_of(t, body)
+                if rec is None:
+                    continue  # not an event (logged)
                 if since_ns is not None and rec.time_ns < since_ns:
                     continue
                 if until_ns is not None and rec.time_ns >= until_ns:
@@ -717,8 +719,10 @@ def spool_status(spool: str | os.PathLike[str]) -> list[dict[str, Any]]:
                         )
                         row["backlog"] += 1
                         if row["oldest_undelivered_seconds"] is None:
-                            age = (now - _shipper.record_of(t, body).time_ns) / 1e9
-                            row["oldest_undelivered_seconds"] = round(age, 3)
+                            rec = _shipper.record_of(t, body)
+                            if rec is not None:
+                                age = (now - rec.time_ns) / 1e9
+                                row["oldest_undelivered_seconds"] = round(age, 3)
         out.extend(rows.values())
     return out
 

@@ -652,3 +652,34 @@ def test_a_dead_writers_torn_tail_is_adopted_delivered_and_cleaned_up(
             time.sleep(0.01)
     finally:
         d.close()
+
+
+def test_a_whole_frame_that_is_not_an_event_is_skipped(
+    tmp_path: Path, memory_kind: dict[str, Receiver], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A frame whose CRC holds but whose body is not an event (a file of another tool or
+    version copied in): the shipper raised KeyError on it in every pass, so none of the
+    writer's later events were delivered; ``audit tail``/``verify`` raised too. Found by the
+    state machine's power-loss rule cutting a frame exactly at its end."""
+    from sqlalchemy_cmk import _spool
+    from sqlalchemy_cmk.cli import main
+
+    tenants = {"acme": memory("a")}
+    dead = AuditDelivery(tmp_path, tenants, start=False)
+    record(dead, "acme", 0)
+    assert dead._writer is not None
+    wdir = dead._writer.dir
+    with open(os.path.join(wdir, _spool.segment_name(1)), "ab") as f:
+        f.write(_spool.frame("acme", b'{"not":"an event"}'))
+    record(dead, "acme", 1)
+    dead._writer.abandon_after_fork()
+    dead._writer = None
+    dead.close()
+    d = AuditDelivery(tmp_path, tenants, poll=0.005)
+    try:
+        assert d.flush(15)
+        assert rows_of(memory_kind["a"]) == [0, 1]
+    finally:
+        d.close()
+    assert main(["audit", "tail", "--spool", str(tmp_path), "--tenant", "acme"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 2

@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from sqlalchemy_cmk import _spool
 from sqlalchemy_cmk.audit import make_event
 from sqlalchemy_cmk.context import TenantContext
 from sqlalchemy_cmk.delivery import AuditDelivery, TenantAudit, verify_chain
@@ -126,6 +127,19 @@ class Spool(RuleBasedStateMachine):
     @rule()
     def crash_and_restart(self) -> None:
         crash(self.delivery)
+        self.delivery = self.new()
+
+    @rule(cut=st.integers(1, 38))  # the whole frame is 39 bytes
+    def power_loss(self, cut: int) -> None:
+        """A crash in the middle of a frame nobody was told was recorded: its first bytes are
+        at the end of the dead writer's last segment."""
+        w = self.delivery._writer
+        crash(self.delivery)
+        if w is not None:
+            segs = _spool.segments(w.dir)
+            torn = _spool.frame("acme", b'{"never":"acknowledged"}')[:cut]
+            with open(os.path.join(w.dir, _spool.segment_name(segs[-1])), "ab") as f:
+                f.write(torn)
         self.delivery = self.new()
 
     @precondition(lambda self: self.n > 0)
