@@ -132,8 +132,8 @@ def try_lock(wdir: str) -> int | None:
 
 
 def lane_key(tenant: str, name: str) -> str:
-    """A lane's key in ``state.json``: a JSON pair, since a tenant id or a destination name may
-    hold any character (joined by a newline, ``a\nb`` + ``c`` and ``a`` + ``b\nc`` met)."""
+    """A lane's key in ``state.json``: a JSON pair, since a tenant id may hold any character
+    (joined by a newline, a tenant id holding one was split in the wrong place)."""
     return json.dumps([tenant, name], ensure_ascii=False)
 
 
