@@ -22,7 +22,7 @@ import random
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,17 +34,28 @@ from .sinks import Record, Sink, SinkEnv, build_sink, destination_name
 log = logging.getLogger("sqlalchemy_cmk.delivery")
 
 Pos = tuple[int, int]  # (segment, offset after the frame)
+_REMOVED: Any = object()  # a lane's destination that the tenant no longer has
 
 
-def record_of(tenant: str, body: bytes) -> Record:
-    doc = json.loads(body)
-    return Record(
-        id=doc["metadata"]["uid"],
-        tenant=tenant,
-        time_ns=int(doc["unmapped"]["time_ns"]),
-        severity="info" if doc["status_id"] == 1 else "warning",
-        body=body,
-    )
+def record_of(tenant: str, body: bytes) -> Record | None:
+    """The record of a frame's body; None (logged) for a body that is not an event.
+
+    A frame whose CRC holds but whose body is not an event (a file of another tool or version
+    copied in, a bug) is skipped: raising would stop every reader at it, for good, and with it
+    every later event of that writer.
+    """
+    try:
+        doc = json.loads(body)
+        return Record(
+            id=str(doc["metadata"]["uid"]),
+            tenant=tenant,
+            time_ns=int(doc["unmapped"]["time_ns"]),
+            severity="info" if doc["status_id"] == 1 else "warning",
+            body=body,
+        )
+    except (ValueError, TypeError, KeyError) as exc:
+        log.warning("audit spool frame skipped, not an event: %s", type(exc).__name__)
+        return None
 
 
 @dataclass
@@ -85,9 +96,7 @@ class WriterDir:
     lanes: dict[tuple[str, str], Lane] = field(default_factory=dict)
     seg_tenants: dict[int, set[str]] = field(default_factory=dict)
     dirty: bool = False
-
-    def lane_key(self, tenant: str, name: str) -> str:
-        return f"{tenant}\n{name}"
+    held: bool = False  # the last scan stopped at a tenant whose destinations are unknown
 
 
 class Shipper:
@@ -109,7 +118,9 @@ class Shipper:
         sink_factory: Callable[[dict[str, Any], SinkEnv], Sink] = build_sink,
     ) -> None:
         self.root = root
-        self._audit_of = audit_of  # tenant -> TenantAudit | None (cached by the caller)
+        # tenant -> TenantAudit | None (cached by the caller). It raises when it cannot tell
+        # (the registry is down and the tenant was never seen): the tenant's events then wait.
+        self._audit_of = audit_of
         self._env = env
         self._writer = writer
         self._workers = workers
@@ -223,15 +234,23 @@ class Shipper:
         with self._lock:
             dirs = list(self._dirs.values())
         for d in dirs:
-            self._scan(d)
+            self._isolated(self._scan, d)
         self._schedule()
         with self._lock:
             for d in dirs:
                 if d.dirty:
                     self._save(d)
         for d in dirs:
-            self._prune(d)
+            self._isolated(self._prune, d)
         self.passes += 1
+
+    def _isolated(self, work: Callable[[WriterDir], None], d: WriterDir) -> None:
+        # One directory that cannot be read (a disk error in one segment, a file of a foreign
+        # tool) must not stop the delivery of every other directory's events.
+        try:
+            work(d)
+        except Exception:
+            log.exception("audit shipper could not read %s; retrying", d.path)
 
     def _adopt(self) -> None:
         try:
@@ -255,8 +274,23 @@ class Shipper:
             with self._lock:
                 self._dirs[path] = d
 
-    def _lanes_for(self, d: WriterDir, tenant: str) -> list[Lane]:
-        audit = self._audit_of(tenant)
+    def _audits(self, tenants: set[str]) -> dict[str, Any]:
+        """Each tenant's audit set-up, looked up outside the shipper's lock (a registry query
+        must not hold up ``health()`` or finished sends); a tenant whose set-up cannot be told
+        is left out."""
+        out: dict[str, Any] = {}
+        for tenant in tenants:
+            try:
+                out[tenant] = self._audit_of(tenant)
+            except Exception as exc:
+                log.warning(  # the class only: a source's message may hold a connection URL
+                    "audit destinations of tenant %r unknown, its events wait: %s",
+                    tenant,
+                    type(exc).__name__,
+                )
+        return out
+
+    def _lanes_for(self, d: WriterDir, tenant: str, audit: Any) -> list[Lane]:
         if audit is None or not audit.destinations:
             return []
         out = []
@@ -264,7 +298,7 @@ class Shipper:
             name = destination_name(spec)
             lane = d.lanes.get((tenant, name))
             if lane is None:
-                saved = d.saved.get("lanes", {}).get(d.lane_key(tenant, name), {})
+                saved = d.saved.get("lanes", {}).get(_spool.lane_key(tenant, name), {})
                 cur = saved.get("cursor") or [0, 0]
                 lane = Lane(tenant, name, (int(cur[0]), int(cur[1])))
                 for k in ("delivered", "failures"):
@@ -294,12 +328,20 @@ class Shipper:
                 frames = list(_spool.read_frames(path, off))
             except FileNotFoundError:
                 frames = []
+            audits = self._audits({t for _, _, t, _ in frames})
+            held = False
             with self._lock:
                 tenants = d.seg_tenants.setdefault(seg, set())
                 for _, nxt, tenant, body in frames:
+                    if tenant not in audits:
+                        # Where its events go is unknown (the registry is down): the scan stops
+                        # here and comes back, rather than skip them or count them undeliverable
+                        # (their cursors would move past them, and prune delete them).
+                        held = True
+                        break
                     end = nxt
                     tenants.add(tenant)
-                    lanes = self._lanes_for(d, tenant)
+                    lanes = self._lanes_for(d, tenant, audits[tenant])
                     if not lanes:
                         self.undeliverable += 1
                         continue
@@ -307,12 +349,14 @@ class Shipper:
                     for lane in lanes:
                         if (seg, nxt) <= lane.cursor:
                             continue  # delivered before a restart
-                        if lane.overflow_from is not None or len(lane.pending) >= self._lane_cap:
+                        if lane.overflow_from is not None or len(lane.pending) >= self._cap(lane):
                             if lane.overflow_from is None:
                                 lane.overflow_from = (seg, nxt)
                             continue
                         if rec is None:
                             rec = record_of(tenant, body)
+                            if rec is None:
+                                break  # not an event (logged): skipped by every lane
                         lane.pending.append(((seg, nxt), rec))
                 d.scan = (seg, end)
                 # Lanes with nothing pending have seen every frame up to here.
@@ -322,6 +366,9 @@ class Shipper:
                         lane.cursor = d.scan
                         d.dirty = True
             later = [s for s in segs if s > seg]
+            d.held = held
+            if held:
+                return
             if not later:
                 return
             seg, off = later[0], 0  # listed before the read: the old segment was complete
@@ -342,17 +389,22 @@ class Shipper:
                     return
                 if tenant != lane.tenant or (s, nxt) <= lane.cursor:
                     continue
-                if added >= self._lane_cap:
+                if added >= self._cap(lane):
                     lane.overflow_from = (s, nxt)
                     return
-                lane.pending.append(((s, nxt), record_of(tenant, body)))
-                added += 1
+                rec = record_of(tenant, body)
+                if rec is not None:
+                    lane.pending.append(((s, nxt), rec))
+                    added += 1
         lane.overflow_from = None
 
     # -- sending -------------------------------------------------------------------------------
 
     def _take_tokens(self, tenant: str, want: int) -> int:
-        audit = self._audit_of(tenant)
+        try:
+            audit = self._audit_of(tenant)
+        except Exception:
+            return 0  # unknown set-up: the lane waits
         rate = getattr(audit, "max_events_per_second", None)
         if not rate:
             return want
@@ -364,41 +416,104 @@ class Shipper:
         return n
 
     def _schedule(self) -> None:
+        """Start a batch on every lane that is due, within the workers' share for failing lanes.
+
+        Lanes whose last attempt failed may hold only half of the workers: as many hanging
+        destinations as there are workers would otherwise take every worker, round after round
+        of retries, and healthy tenants' events would wait a sink timeout each for a free one.
+        Failing lanes take their share by who has been due longest, so that one recovering is
+        not kept waiting by others that keep failing.
+
+        Destination look-ups and sink set-ups (secret references resolved, maybe over the
+        network) run outside the lock, which ``health()`` and finished sends take.
+        """
         assert self._pool is not None or self._thread is None
         now = time.monotonic()
+        share = max(1, self._workers // 2)
         with self._lock:
-            for d in list(self._dirs.values()):
-                for lane in list(d.lanes.values()):
-                    if lane.in_flight or now < lane.next_try:
-                        continue
-                    if not lane.pending and lane.overflow_from is not None:
-                        self._catch_up(d, lane)
-                    if not lane.pending:
-                        continue
-                    sink = self._sink(lane)
-                    if sink is None:
-                        continue
-                    n = self._take_tokens(
-                        lane.tenant, min(self._batch_max, sink.max_batch, len(lane.pending))
-                    )
-                    if n <= 0:
-                        lane.next_try = now + 0.05
-                        continue
-                    batch = [lane.pending[i] for i in range(n)]
-                    lane.in_flight = True
-                    if self._pool is None:
-                        self._send(d, lane, sink, batch)
-                    else:
-                        self._pool.submit(self._send, d, lane, sink, batch)
+            idle = [
+                (d, lane)
+                for d in list(self._dirs.values())
+                for lane in list(d.lanes.values())
+                if not lane.in_flight
+            ]
+        specs = [(d, lane, self._spec(lane)) for d, lane in idle]
+        sinks: dict[tuple[str, str], Sink | None] = {}
+        for _, lane, spec in specs:
+            wanted = lane.pending or lane.overflow_from is not None
+            if spec is not None and spec is not _REMOVED and wanted and now >= lane.next_try:
+                sinks[(lane.tenant, lane.name)] = self._sink(lane, spec)
+        sends: list[tuple[WriterDir, Lane, Sink, list[tuple[Pos, Record]]]] = []
+        with self._lock:
+            failing_busy = sum(
+                lane.attempts > 0
+                for d in self._dirs.values()
+                for lane in d.lanes.values()
+                if lane.in_flight
+            )
+            due: list[tuple[WriterDir, Lane, Sink]] = []
+            for d, lane, spec in specs:
+                if lane.in_flight or d.lanes.get((lane.tenant, lane.name)) is not lane:
+                    continue  # changed meanwhile: the next pass sees it
+                if spec is _REMOVED:
+                    self._drop(d, lane)
+                    continue
+                sink = sinks.get((lane.tenant, lane.name))
+                if sink is not None:
+                    due.append((d, lane, sink))
+            due.sort(key=lambda dls: (dls[1].attempts > 0, dls[1].next_try))
+            for d, lane, sink in due:
+                if lane.attempts > 0 and failing_busy >= share:
+                    break  # sorted: only failing lanes are left
+                if not lane.pending and lane.overflow_from is not None:
+                    self._catch_up(d, lane)
+                if not lane.pending:
+                    continue
+                n = self._take_tokens(
+                    lane.tenant, min(self._batch_max, sink.max_batch, len(lane.pending))
+                )
+                if n <= 0:
+                    lane.next_try = now + 0.05
+                    continue
+                lane.in_flight = True
+                failing_busy += lane.attempts > 0
+                sends.append((d, lane, sink, [lane.pending[i] for i in range(n)]))
+        for d, lane, sink, batch in sends:
+            if self._pool is None:
+                self._send(d, lane, sink, batch)  # no thread (a test's step()): here, unlocked
+            else:
+                self._pool.submit(self._send, d, lane, sink, batch)
 
-    def _sink(self, lane: Lane) -> Sink | None:
-        audit = self._audit_of(lane.tenant)
-        spec = None
+    def _spec(self, lane: Lane) -> Any:
+        """The lane's destination spec; None while the set-up is unknown (the registry is
+        down: the lane waits), ``_REMOVED`` once the tenant no longer has it."""
+        try:
+            audit = self._audit_of(lane.tenant)
+        except Exception:
+            return None
         for s in getattr(audit, "destinations", ()):
             if destination_name(s) == lane.name:
-                spec = s
-        if spec is None:
-            return None
+                return s
+        return _REMOVED
+
+    def _drop(self, d: WriterDir, lane: Lane) -> None:
+        """Forget a lane whose destination the operator removed (under _lock).
+
+        Its events are no longer owed to it; kept, the lane would hold them in memory and count
+        as backlog (and lag) for ever. Re-added, the destination starts from where the scan is
+        (``replay`` fills the gap, as for any new destination).
+        """
+        del d.lanes[(lane.tenant, lane.name)]
+        d.saved.get("lanes", {}).pop(_spool.lane_key(lane.tenant, lane.name), None)
+        d.dirty = True
+        have = self._sinks.pop((lane.tenant, lane.name), None)
+        if have is not None:
+            with contextlib.suppress(Exception):
+                have[1].close()
+
+    def _sink(self, lane: Lane, spec: Mapping[str, Any]) -> Sink | None:
+        """The lane's sink, built anew when its spec changed (only the shipper's thread, not
+        under _lock: building may wait on a secret store)."""
         text = json.dumps(spec, sort_keys=True)
         have = self._sinks.get((lane.tenant, lane.name))
         if have is not None and have[0] == text:
@@ -406,7 +521,8 @@ class Shipper:
         try:
             sink = self._sink_factory(dict(spec), self._env)
         except Exception as exc:
-            self._failed(lane, f"{type(exc).__name__}: {exc}", None, retryable=False)
+            with self._lock:
+                self._failed(lane, f"{type(exc).__name__}: {exc}", None, retryable=False)
             return None
         if have is not None:
             with contextlib.suppress(Exception):
@@ -441,9 +557,24 @@ class Shipper:
             d.dirty = True
         self._wake.set()
 
+    def _cap(self, lane: Lane) -> int:
+        """Events a lane holds in memory: a failing one needs only its next batch.
+
+        A SIEM down for every tenant at once (many share one vendor) would otherwise pin
+        ``lane_cap`` events per tenant in memory for as long as it stays down.
+        """
+        return min(self._batch_max, self._lane_cap) if lane.attempts else self._lane_cap
+
     def _failed(
         self, lane: Lane, error: str, retry_after: float | None, *, retryable: bool
     ) -> None:
+        # Under _lock. The events past the next batch go back to the files: the lane catches
+        # up from where the first of them is, once it delivers again.
+        cap = min(self._batch_max, self._lane_cap)
+        if len(lane.pending) > cap:
+            lane.overflow_from = lane.pending[cap][0]
+            while len(lane.pending) > cap:
+                lane.pending.pop()
         lane.failures += 1
         lane.attempts += 1
         lane.last_error = error[:500]
@@ -471,7 +602,7 @@ class Shipper:
     def _save(self, d: WriterDir) -> None:
         lanes = dict(d.saved.get("lanes", {}))
         for (tenant, name), lane in d.lanes.items():
-            lanes[d.lane_key(tenant, name)] = lane.state()
+            lanes[_spool.lane_key(tenant, name)] = lane.state()
         d.saved = {"lanes": lanes, "scan": list(d.scan), "undeliverable": self.undeliverable}
         try:
             _spool.save_state(d.path, d.saved)
@@ -482,6 +613,10 @@ class Shipper:
     def _prune(self, d: WriterDir) -> None:
         """Delete segments every lane has delivered, once older than the retention."""
         current = self._writer.position.segment if self._writer and d.lock_fd is None else None
+        # Under pressure the retention gives way: delivered events kept for replay must not
+        # make the spool refuse new ones (a deny tenant's accesses).
+        w = self._writer if d.lock_fd is None else None
+        retention = 0.0 if w is not None and w.under_pressure else self._retention
         try:
             segs = _spool.segments(d.path)
         except FileNotFoundError:
@@ -493,19 +628,28 @@ class Shipper:
                 st = os.stat(path)
             except FileNotFoundError:
                 continue
-            # Complete: the scan moved past it, or it is the last of a dead writer, read whole.
-            complete = s < d.scan[0] or (
-                d.lock_fd is not None and d.scan == (s, st.st_size) and s != current
+            # Complete: the scan moved past it, or it is the last of a dead writer, read to its
+            # last whole frame. That may be short of the file's size: a power loss tears the
+            # frame it cut, and no writer will ever complete it.
+            dead_last = (
+                d.lock_fd is not None and not d.held and s == d.scan[0] == segs[-1] and s != current
             )
-            if not complete or now - st.st_mtime < self._retention:
+            complete = s < d.scan[0] or dead_last
+            end = (s, d.scan[1]) if dead_last else (s, st.st_size)
+            if not complete or now - st.st_mtime < retention:
                 break
             with self._lock:
                 if s not in d.seg_tenants:
                     break  # not read by this shipper: its lanes are unknown
+                seg_tenants = set(d.seg_tenants[s])
+            audits = self._audits(seg_tenants)
+            if len(audits) < len(seg_tenants):
+                break  # a tenant's destinations are unknown: its lanes might still need it
+            with self._lock:
                 done = all(
-                    lane.cursor >= (s, st.st_size)
-                    for t in d.seg_tenants[s]
-                    for lane in self._lanes_for(d, t)
+                    lane.cursor >= end
+                    for t in seg_tenants
+                    for lane in self._lanes_for(d, t, audits[t])
                 )
             if not done:
                 break
@@ -547,7 +691,12 @@ class Shipper:
             if not segs:
                 continue
             last = segs[-1]
-            size = os.path.getsize(os.path.join(d.path, _spool.segment_name(last)))
+            if d.lock_fd is not None and not d.held and d.scan[0] >= last:
+                continue  # a dead writer's last segment, read to its last whole frame
+            try:
+                size = os.path.getsize(os.path.join(d.path, _spool.segment_name(last)))
+            except FileNotFoundError:
+                continue  # pruned since the listing: it was delivered
             if d.scan < (last, size):
                 return False
         return True

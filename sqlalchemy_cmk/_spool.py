@@ -27,6 +27,7 @@ file (only a power loss can leave one; SIGKILL keeps every completed ``write``).
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -68,9 +69,14 @@ def segment_name(n: int) -> str:
 
 
 def segments(wdir: str) -> list[int]:
-    """The segment numbers in a writer directory, oldest first."""
+    """The segment numbers in a writer directory, oldest first; none once it is gone (a
+    shipper removes a delivered directory while others, ``audit status`` say, read the spool)."""
     out = []
-    for name in os.listdir(wdir):
+    try:
+        names = os.listdir(wdir)
+    except FileNotFoundError:
+        return []
+    for name in names:
         if name.endswith(SEGMENT_GLOB) and name[:-4].isdigit():
             out.append(int(name[:-4]))
     return sorted(out)
@@ -91,19 +97,32 @@ def read_frames(path: str, offset: int = 0) -> Iterator[tuple[int, int, str, byt
             return
         if zlib.crc32(data[start:end]) != crc:
             return
-        tenant = data[start : start + tlen].decode()
+        tenant = data[start : start + tlen].decode("utf-8", "surrogatepass")
         yield offset + pos, offset + end, tenant, data[start + tlen : end]
         pos = end
 
 
 def frame(tenant: str, body: bytes) -> bytes:
-    t = tenant.encode()
+    """One frame (see the module docstring).
+
+    Raises:
+        SpoolError: the tenant id or the body is too long for the format.
+    """
+    # Any str is a tenant id, lone surrogates included: they round-trip as their own code
+    # points, so the reader's tenant is the writer's, byte for byte.
+    t = tenant.encode("utf-8", "surrogatepass")
+    if len(t) > 0xFFFF or len(body) > MAX_FRAME:
+        raise SpoolError("the audit event is too large for the spool (tenant id or body)")
     return _HEAD.pack(VERSION, len(body), zlib.crc32(t + body), len(t)) + t + body
 
 
 def try_lock(wdir: str) -> int | None:
-    """Take the directory's lock without waiting; its fd (keep it open), or None if held."""
-    fd = os.open(os.path.join(wdir, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    """Take the directory's lock without waiting; its fd (keep it open), or None if held (or
+    the directory is gone)."""
+    try:
+        fd = os.open(os.path.join(wdir, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    except FileNotFoundError:
+        return None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -112,16 +131,72 @@ def try_lock(wdir: str) -> int | None:
     return fd
 
 
+def lane_key(tenant: str, name: str) -> str:
+    """A lane's key in ``state.json``: a JSON pair, since a tenant id may hold any character
+    (joined by a newline, a tenant id holding one was split in the wrong place)."""
+    return json.dumps([tenant, name], ensure_ascii=False)
+
+
+def parse_lane_key(key: str) -> tuple[str, str] | None:
+    """The inverse of :func:`lane_key`; None for a key of another form (that lane starts over)."""
+    try:
+        pair = json.loads(key)
+    except ValueError:
+        return None
+    if isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) for x in pair):
+        return pair[0], pair[1]
+    return None
+
+
+def _cursor(value: Any) -> list[int] | None:
+    if (
+        isinstance(value, list)
+        and len(value) == 2
+        and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in value)
+    ):
+        return [value[0], value[1]]
+    return None
+
+
 def load_state(wdir: str) -> dict[str, Any]:
+    """The saved state, with what does not have the expected shape left out.
+
+    A state file cut by a crash, or valid JSON of another shape, starts those lanes over: that
+    re-delivers (at least once, never lost), where trusting it could raise in every pass of
+    the shipper, and stop every directory's delivery, or skip events.
+    """
     try:
         with open(os.path.join(wdir, "state.json"), "rb") as f:
-            state: dict[str, Any] = json.loads(f.read())
-            return state
-    except FileNotFoundError:
+            raw = json.loads(f.read())
+    except (FileNotFoundError, ValueError):
         return {}
-    except ValueError:
-        # A state file cut by a crash: start over, which re-delivers (at least once, never lost).
+    if not isinstance(raw, dict):
         return {}
+    lanes: dict[str, dict[str, Any]] = {}
+    saved = raw.get("lanes")
+    for key, st in saved.items() if isinstance(saved, dict) else ():
+        if parse_lane_key(key) is None or not isinstance(st, dict):
+            continue
+        cursor = _cursor(st.get("cursor"))
+        if cursor is None:
+            continue
+        clean: dict[str, Any] = {"cursor": cursor}
+        for k in ("delivered", "failures"):
+            v = st.get(k)
+            clean[k] = v if isinstance(v, int) and not isinstance(v, bool) else 0
+        for k in ("delivered_at", "last_error_at"):
+            v = st.get(k)
+            clean[k] = v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+        v = st.get("last_error")
+        clean["last_error"] = v if isinstance(v, str) else None
+        lanes[key] = clean
+    state: dict[str, Any] = {"lanes": lanes}
+    scan = _cursor(raw.get("scan"))
+    if scan is not None:
+        state["scan"] = scan
+    if isinstance(raw.get("undeliverable"), int):
+        state["undeliverable"] = raw["undeliverable"]
+    return state
 
 
 def save_state(wdir: str, state: dict[str, Any]) -> None:
@@ -179,6 +254,8 @@ class Writer:
         self._closed_bytes = 0  # bytes in earlier segments still on disk (approx.)
         self._written = 0  # frames written
         self._synced = 0  # frames known on disk
+        # Frames (first, last) that were written, not yet synced, when a sync failed.
+        self._lost: list[tuple[int, int]] = []
         self._broken = False
         self._retired: list[int] = []
         self._roll()
@@ -190,25 +267,36 @@ class Writer:
     def _roll(self) -> None:
         # Called under _lock. The old segment is synced and closed by the next _sync, under
         # _sync_lock: closing it here could pull the descriptor from under a sync in flight.
+        # The new file is opened before anything changes: if that fails (no inode left, too
+        # many open files) the writer still owns exactly the descriptor it had, and never
+        # retires it twice (a second close could hit a number the application reused).
+        path = os.path.join(self.dir, segment_name(self._segment + 1))
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
         if self._fd >= 0:
             self._retired.append(self._fd)
             self._closed_bytes += self._size
         self._segment += 1
-        path = os.path.join(self.dir, segment_name(self._segment))
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
-        _fsync_dir(self.dir)  # the new name itself must survive a crash
+        self._fd = fd
         self._size = 0
+        _fsync_dir(self.dir)  # the new name itself must survive a crash
+
+    @property
+    def under_pressure(self) -> bool:
+        """Half of ``max_bytes`` is in use: delivered segments should go before retention."""
+        return self._closed_bytes + self._size >= self._max_bytes // 2
 
     def forget_bytes(self, n: int) -> None:
         """The shipper deleted ``n`` bytes of old segments."""
         with self._lock:
             self._closed_bytes = max(0, self._closed_bytes - n)
 
-    def append(self, tenant: str, build: Any) -> tuple[bytes, Position]:
+    def append(self, tenant: str, build: Any, written: Any = None) -> tuple[bytes, Position]:
         """Write one frame and wait until it is on disk; return its body and end position.
 
         ``build()`` is called under the writer's lock (so chain order is file order) and returns
-        the body bytes.
+        the body bytes; ``written()``, if given, is called under the same lock once the whole
+        frame is in the file, so that state derived from the body (the chain) advances only
+        for frames that are there.
 
         Raises:
             SpoolError: the spool is full or the disk failed (nothing is half-recorded: a frame
@@ -219,15 +307,17 @@ class Writer:
                 raise SpoolError("the audit spool is full")
             try:
                 if self._broken or self._size >= self._segment_bytes:
-                    # After a failed write or sync the file's tail is unknown: start a new one.
+                    # After a failed sync the file's tail is unknown: start a new one.
                     self._roll()
                     self._broken = False
                 body: bytes = build()
                 data = frame(tenant, body)
-                os.write(self._fd, data)
             except OSError as exc:
                 self._broken = True
                 raise SpoolError(f"the audit spool could not write: {exc.strerror}") from None
+            self._write(data)
+            if written is not None:
+                written()
             self._size += len(data)
             self._written += 1
             mine = self._written
@@ -235,10 +325,35 @@ class Writer:
         self._sync(mine)
         return body, pos
 
+    def _write(self, data: bytes) -> None:
+        """Append one whole frame, or none of it (under _lock).
+
+        A disk that fills mid-frame makes ``write`` return short without an error. The torn
+        bytes are cut off again: left in place, every frame appended after them (once space is
+        back) would sit behind a frame that fails its CRC, where every reader stops.
+        """
+        try:
+            n = os.write(self._fd, data)
+            if n == len(data):
+                return
+            error = errno.ENOSPC
+        except OSError as exc:
+            error = exc.errno or errno.EIO
+        try:
+            os.ftruncate(self._fd, self._size)
+        except OSError:
+            self._broken = True  # tail unknown: the next append starts a new segment
+        raise SpoolError(f"the audit spool could not write: {os.strerror(error)}")
+
+    def _was_lost(self, mine: int) -> bool:
+        return any(lo <= mine <= hi for lo, hi in self._lost)
+
     def _sync(self, mine: int) -> None:
-        if self._synced >= mine:
+        if self._synced >= mine and not self._was_lost(mine):
             return
         with self._sync_lock:
+            if self._was_lost(mine):
+                raise SpoolError("the audit spool could not sync: an earlier sync failed")
             if self._synced >= mine:  # another thread's sync covered this frame
                 return
             with self._lock:
@@ -255,6 +370,10 @@ class Writer:
             except OSError as exc:
                 with self._lock:
                     self._broken = True
+                    # Every frame already written may be lost, not only those this sync was
+                    # for: after a failed fsync Linux marks the pages clean, so the next sync
+                    # of the same file succeeds without writing them.
+                    self._lost = [*self._lost[-63:], (self._synced + 1, self._written)]
                 raise SpoolError(f"the audit spool could not sync: {exc.strerror}") from None
             self._synced = target
 

@@ -27,7 +27,7 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -50,6 +50,7 @@ __all__ = [
     "ChainError",
     "StaticDestinations",
     "TenantAudit",
+    "pruned_writers",
     "spool_events",
     "spool_status",
     "verify_chain",
@@ -228,8 +229,10 @@ def event_body(
         doc["api"]["request"] = {"uid": event.request_id}
         doc["metadata"]["correlation_uid"] = event.request_id
     resource: dict[str, Any] = {}
-    if event.table:
-        resource = {"type": "table", "name": event.table}
+    if event.table or event.operation == "audit":
+        # The spool's own notice (``dropped``) counts its events in ``data.rows`` too, as
+        # docs/audit.md promises; it names no table.
+        resource = {"type": "table", "name": event.table} if event.table else {"type": "spool"}
         data: dict[str, Any] = {"rows": event.rows}
         if event.columns:
             data["columns"] = list(event.columns)
@@ -251,7 +254,12 @@ def event_body(
         un["duration_ms"] = round(event.duration_ms, 3)
     if mine and event.extra:
         un["extra"] = dict(event.extra)
-    return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    text = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    # A lone surrogate (an actor or request id decoded with surrogateescape) cannot be UTF-8: it
+    # is written as its JSON escape (``\udcff``, only ever inside a string, and json.dumps has
+    # already doubled every backslash of the text), so the event is still recorded, as valid
+    # UTF-8 JSON, instead of the access failing with UnicodeEncodeError.
+    return text.encode("utf-8", "backslashreplace")
 
 
 class AuditDelivery:
@@ -359,12 +367,26 @@ class AuditDelivery:
         self._audits[tenant] = (now + self._ttl, audit)
         return audit
 
-    def _audit_for_shipper(self, tenant: str) -> TenantAudit | None:
+    def _audit_or_last_known(self, tenant: str) -> TenantAudit | None:
+        """The tenant's set-up; the last one known while the source fails.
+
+        Raises:
+            Exception: the source failed and the tenant's set-up was never known. The shipper
+                holds the tenant's events until it is (answering None would make them
+                undeliverable, and their segments prunable); the access path refuses.
+        """
         try:
             return self.tenant_audit(tenant)
         except Exception as exc:
-            log.warning("audit destinations of tenant %r unavailable: %s", tenant, exc)
-            return None
+            hit = self._audits.get(tenant)
+            if hit is None:
+                raise
+            log.warning(
+                "audit destinations of tenant %r unavailable, using the last known: %s",
+                tenant,
+                type(exc).__name__,
+            )
+            return hit[1]
 
     # -- recording (the access path) -----------------------------------------------------------
 
@@ -391,16 +413,27 @@ class AuditDelivery:
         to = deliver_to(event, ctx)
         if to is None:
             return
-        audit = self.tenant_audit(to)
+        try:
+            audit = self._audit_or_last_known(to)
+        except Exception as exc:
+            # Never known, so no policy to serve by: fail closed. The source's message may hold
+            # a connection string; only its class is named.
+            raise AuditError(
+                f"the audit destinations of the tenant could not be looked up "
+                f"({type(exc).__name__}): the access was stopped",
+                tenant=to,
+            ) from None
         if audit is None or not audit.destinations:
             return
         if self._ship and (self._shipper is None or not self._shipper.alive()):
             self.start()
+        gap = 0
         try:
             writer = self._current_writer()
             gap = self._gaps.pop(to, 0)
             if gap:
                 self._append(writer, to, make_event(None, "audit", "dropped", to, rows=gap), None)
+                gap = 0  # announced: not to be put back if the event itself fails below
             self._append(writer, to, event, ctx)
             self._spool_error = None
         except (_spool.SpoolError, OSError) as exc:
@@ -424,13 +457,20 @@ class AuditDelivery:
     ) -> None:
         event_id = os.urandom(16).hex()
 
+        link: list[tuple[int, str]] = []
+
         def build() -> bytes:  # under the writer's lock: chain order is file order
             seq, prev = self._chains.get(to, (0, _GENESIS))
             body = event_body(event, ctx, to, event_id, (writer.writer_id, seq + 1, prev))
-            self._chains[to] = (seq + 1, hashlib.sha256(body).hexdigest())
+            link[:] = [(seq + 1, hashlib.sha256(body).hexdigest())]
             return body
 
-        writer.append(to, build)
+        def written() -> None:
+            # Only a frame in the file takes a place in the chain: one that failed to write
+            # would otherwise show the tenant a gap that nobody withheld.
+            self._chains[to] = link[0]
+
+        writer.append(to, build, written)
 
     # -- shipping ------------------------------------------------------------------------------
 
@@ -441,12 +481,18 @@ class AuditDelivery:
             if self._shipper is None:
                 self._shipper = _shipper.Shipper(
                     self.root,
-                    self._audit_for_shipper,
+                    self._audit_or_last_known,
                     self.env,
                     self._writer,
                     **self._shipper_args,  # type: ignore[arg-type]
                 )
-            os.makedirs(self.root, mode=0o700, exist_ok=True)
+            try:
+                os.makedirs(self.root, mode=0o700, exist_ok=True)
+            except OSError as exc:
+                # A volume not (yet) mounted or read-only: the shipper waits for the directory,
+                # and each access meets the error in record(), where the tenant's policy applies
+                # (an application whose tenants all serve must still start).
+                self._spool_error = f"the audit spool cannot be created: {exc.strerror}"
             self._shipper.start()
 
     def flush(self, timeout: float = 10.0) -> bool:
@@ -657,6 +703,8 @@ def spool_events(
                 if tenant is not None and t != tenant:
                     continue
                 rec = _shipper.record_of(t, body)
+                if rec is None:
+                    continue  # not an event (logged)
                 if since_ns is not None and rec.time_ns < since_ns:
                     continue
                 if until_ns is not None and rec.time_ns >= until_ns:
@@ -678,8 +726,9 @@ def spool_status(spool: str | os.PathLike[str]) -> list[dict[str, Any]]:
         lanes = _spool.load_state(wdir).get("lanes", {})
         by_tenant: dict[str, list[tuple[str | None, dict[str, Any]]]] = {}
         for key, st in lanes.items():
-            t, _, name = key.partition("\n")
-            by_tenant.setdefault(t, []).append((name, st))
+            pair = _spool.parse_lane_key(key)
+            if pair is not None:
+                by_tenant.setdefault(pair[0], []).append((pair[1], st))
         rows: dict[tuple[str, str | None], dict[str, Any]] = {}
         for t, dests in by_tenant.items():
             for name, st in dests:
@@ -721,16 +770,25 @@ def spool_status(spool: str | os.PathLike[str]) -> list[dict[str, Any]]:
                         )
                         row["backlog"] += 1
                         if row["oldest_undelivered_seconds"] is None:
-                            age = (now - _shipper.record_of(t, body).time_ns) / 1e9
-                            row["oldest_undelivered_seconds"] = round(age, 3)
+                            rec = _shipper.record_of(t, body)
+                            if rec is not None:
+                                age = (now - rec.time_ns) / 1e9
+                                row["oldest_undelivered_seconds"] = round(age, 3)
         out.extend(rows.values())
     return out
 
 
-def verify_chain(bodies: Iterable[bytes]) -> dict[tuple[str, str], int]:
+def verify_chain(
+    bodies: Iterable[bytes], *, pruned: Collection[str] = ()
+) -> dict[tuple[str, str], int]:
     """Check the hash chains of delivered events, as a tenant does (``docs/audit.md``).
 
     Events may come in any order across writers but in order within one writer (as delivered).
+
+    Args:
+        bodies: The events' bytes.
+        pruned: Writers whose oldest events are gone (a spool past its retention): their
+            chains are checked from the first event present, which may have any ``seq``.
 
     Returns:
         The number of events per (tenant, writer).
@@ -739,9 +797,12 @@ def verify_chain(bodies: Iterable[bytes]) -> dict[tuple[str, str], int]:
         ChainError: a gap (an event missing), an edited event, or a reordering.
     """
     last: dict[tuple[str, str], tuple[int, str]] = {}
+    counts: dict[tuple[str, str], int] = {}
     for body in bodies:
         un = json.loads(body)["unmapped"]
         key = (un["tenant"], un["writer"])
+        if key not in last and un["writer"] in pruned:
+            last[key] = (un["seq"] - 1, un["prev"])  # the events before it were pruned
         seq, prev = last.get(key, (0, _GENESIS))
         if un["seq"] != seq + 1:
             raise ChainError(
@@ -752,7 +813,19 @@ def verify_chain(bodies: Iterable[bytes]) -> dict[tuple[str, str], int]:
                 f"writer {un['writer']}: event {seq} was changed, or another took its place"
             )
         last[key] = (seq + 1, hashlib.sha256(body).hexdigest())
-    return {k: v[0] for k, v in last.items()}
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def pruned_writers(spool: str | os.PathLike[str]) -> set[str]:
+    """The writers of a spool whose oldest segments retention has deleted (for
+    :func:`verify_chain`'s ``pruned``): segments are numbered from 1 and deleted oldest first."""
+    out = set()
+    for wdir in _writer_dirs(spool):
+        segs = _spool.segments(wdir)
+        if segs and segs[0] > 1:
+            out.add(os.path.basename(wdir)[2:])
+    return out
 
 
 class ChainError(CMKError):

@@ -75,4 +75,6 @@ def check(spec: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def build(spec: Mapping[str, Any], env: SinkEnv) -> MemorySink:
+    # A slow set-up (a secret resolver that waits on its vault, a DNS lookup): test-only.
+    time.sleep(float(spec.get("build_delay", 0)))
     return MemorySink(RECEIVERS.setdefault(spec["receiver"], Receiver()))
