@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -339,6 +340,7 @@ class AuditDelivery:
             lane_cap=10_000,
         )
         self._lock = threading.Lock()
+        self._id_prefix, self._ids = os.urandom(8).hex(), itertools.count()
         self._writer: _spool.Writer | None = None
         self._chains: dict[str, tuple[int, str]] = {}  # tenant -> (seq, hash) of this writer
         self._audits: dict[str, tuple[float, TenantAudit | None]] = {}
@@ -455,7 +457,9 @@ class AuditDelivery:
     def _append(
         self, writer: _spool.Writer, to: str, event: AuditEvent, ctx: TenantContext | None
     ) -> None:
-        event_id = os.urandom(16).hex()
+        # 64 random bits per process (a fork draws its own) and a counter: unique, and cheap
+        # (os.urandom per event cost 20 µs here, a fifth of the whole append).
+        event_id = f"{self._id_prefix}{next(self._ids):016x}"
 
         link: list[tuple[int, str]] = []
 
@@ -575,6 +579,7 @@ class AuditDelivery:
 
     def _after_fork_in_child(self) -> None:
         self._lock = threading.Lock()
+        self._id_prefix, self._ids = os.urandom(8).hex(), itertools.count()
         if self._writer is not None:
             self._writer.abandon_after_fork()
             self._writer = None  # a new writer (and chain) at the child's first event
