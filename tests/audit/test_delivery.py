@@ -337,3 +337,34 @@ def test_backlog_lag_and_drops_are_gauges(tmp_path: Path, memory_kind: dict[str,
         delivery.close()
         _metrics.use_meter_provider(None)
         provider.shutdown()
+
+
+def test_destinations_from_the_key_registry(
+    engine: Engine, tmp_path: Path, memory_kind: dict[str, Receiver]
+) -> None:
+    """The registry is an AuditDestinations: a CMK on it delivers to what the operator set
+    there, and a change reaches the shipper within the lookup caches' time."""
+    from sqlalchemy_cmk import CMK
+    from sqlalchemy_cmk.registry_db import DatabaseKeyRegistry
+    from sqlalchemy_cmk.testing import FakeKeyProvider
+
+    registry = DatabaseKeyRegistry(engine, os.urandom(32), registry_id="audit-test", cache_ttl=0)
+    registry.create_table()
+    registry.add_tenant("acme", "fake://acme")
+    registry.set_audit("acme", TenantAudit([{"kind": "memory", "receiver": "a"}]))
+    delivery = AuditDelivery(tmp_path, registry, poll=0.01, destinations_ttl=0)
+    cmk = CMK(FakeKeyProvider(), registry=registry, audit_sinks=[], audit_delivery=delivery)
+    try:
+        with tenant_context("acme", actor="u"):
+            cmk.decrypt_document(cmk.encrypt_document({"f": b"v"}))
+        assert delivery.flush(10)
+        ops = [json.loads(r.body)["api"]["operation"] for r in memory_kind["a"].unique()]
+        assert "encrypt" in ops and "decrypt" in ops
+        registry.set_audit("acme", TenantAudit([{"kind": "memory", "receiver": "b"}]))
+        with tenant_context("acme", actor="u"):
+            cmk.encrypt_document({"f": b"w"})
+        assert delivery.flush(10)
+        assert memory_kind["b"].unique()  # the new destination (a new name starts afresh)
+    finally:
+        delivery.close()
+        registry.table.drop(engine)
