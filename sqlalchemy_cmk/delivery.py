@@ -734,21 +734,22 @@ def spool_status(spool: str | os.PathLike[str]) -> list[dict[str, Any]]:
             pair = _spool.parse_lane_key(key)
             if pair is not None:
                 by_tenant.setdefault(pair[0], []).append((pair[1], st))
-        rows: dict[tuple[str, str | None], dict[str, Any]] = {}
-        for t, dests in by_tenant.items():
-            for name, st in dests:
-                rows[(t, name)] = {
-                    "writer": os.path.basename(wdir)[2:],
-                    "writer_alive": alive,
-                    "tenant": t,
-                    "destination": name,
-                    "backlog": 0,
-                    "oldest_undelivered_seconds": None,
-                    "delivered": st.get("delivered", 0),
-                    "delivered_at": st.get("delivered_at"),
-                    "failures": st.get("failures", 0),
-                    "last_error": st.get("last_error"),
-                }
+        head = {"writer": os.path.basename(wdir)[2:], "writer_alive": alive}
+
+        def row(t: str, name: str | None, st: Mapping[str, Any], head: Any = head) -> Any:
+            return {
+                **head,
+                "tenant": t,
+                "destination": name,
+                "backlog": 0,
+                "oldest_undelivered_seconds": None,
+                "delivered": st.get("delivered", 0),
+                "delivered_at": st.get("delivered_at"),
+                "failures": st.get("failures", 0),
+                "last_error": st.get("last_error"),
+            }
+
+        rows = {(t, name): row(t, name, st) for t, dests in by_tenant.items() for name, st in dests}
         for seg in _spool.segments(wdir):
             path = os.path.join(wdir, _spool.segment_name(seg))
             with contextlib.suppress(FileNotFoundError):
@@ -758,27 +759,13 @@ def spool_status(spool: str | os.PathLike[str]) -> list[dict[str, Any]]:
                         cursor = tuple(st.get("cursor") or (0, 0))
                         if (seg, nxt) <= cursor:
                             continue
-                        row = rows.setdefault(
-                            (t, name),
-                            {
-                                "writer": os.path.basename(wdir)[2:],
-                                "writer_alive": alive,
-                                "tenant": t,
-                                "destination": name,
-                                "backlog": 0,
-                                "oldest_undelivered_seconds": None,
-                                "delivered": 0,
-                                "delivered_at": None,
-                                "failures": 0,
-                                "last_error": None,
-                            },
-                        )
-                        row["backlog"] += 1
-                        if row["oldest_undelivered_seconds"] is None:
+                        r = rows.setdefault((t, name), row(t, name, {}))
+                        r["backlog"] += 1
+                        if r["oldest_undelivered_seconds"] is None:
                             rec = _shipper.record_of(t, body)
                             if rec is not None:
                                 age = (now - rec.time_ns) / 1e9
-                                row["oldest_undelivered_seconds"] = round(age, 3)
+                                r["oldest_undelivered_seconds"] = round(age, 3)
         out.extend(rows.values())
     return out
 
