@@ -28,7 +28,8 @@ Each record is one row of the stream, with these columns (the DCR's stream decla
 ``LogsIngestionClient.upload`` gzips the rows in order and sends them in chunks of at most 1 MB,
 one after another; the first failed chunk fails the batch (chunks before it stay ingested, so
 the retry may duplicate them: de-duplicate by ``EventId``). Each request is bounded by
-``timeout`` and not retried by the SDK (the shipper retries). 408, 429 (with its
+``timeout`` and not retried by the SDK (the shipper retries), and a redirect is not followed
+(a 3xx answer fails, not retryable, as for every destination). 408, 429 (with its
 ``Retry-After``) and 5xx answers and network errors are retryable; 401, 403, 404 and other 4xx
 are not.
 """
@@ -111,6 +112,10 @@ def build(spec: Mapping[str, Any], env: SinkEnv) -> AzureMonitorSink:
         endpoint=spec["endpoint"],
         credential=credential,
         retry_total=0,  # the shipper retries
+        # azure-core follows up to 30 redirects, to any host, re-attaching the bearer token:
+        # the rows (and the token) would go where the NetworkPolicy never looked. A 3xx fails
+        # instead, not retryable, as every other destination's does.
+        permit_redirects=False,
         **timeouts,
         **options,
     )
@@ -191,6 +196,8 @@ class AzureMonitorSink:
             else:
                 retryable = status in (408, 429) or status >= 500
             answer = f"HTTP {status}" if status else type(exc).__name__
+            if status is not None and 300 <= status < 400:
+                answer += ", a redirect, not followed (set the destination's final endpoint)"
             raise DeliveryError(
                 f"{KIND}: upload to {where} failed: {answer}",
                 retryable=retryable,
