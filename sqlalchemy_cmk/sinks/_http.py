@@ -43,6 +43,7 @@ DEFAULT_TIMEOUT = 10.0
 # receiver must not be able to make us buffer without limit.
 _MAX_RESPONSE = 64 * 1024
 _RETRYABLE_4XX = frozenset({408, 429})
+_MAX_REASON = 64
 
 
 @dataclass(frozen=True)
@@ -283,6 +284,14 @@ def retry_after(headers: Mapping[str, str], *, now: float | None = None) -> floa
     return min(max(seconds, 0.0), 3600.0)
 
 
+def _safe_reason(reason: str) -> str:
+    # The reason phrase is the receiver's, and the receiver is the tenant's: it reaches the
+    # operator's log, the shipper's last_error and ``audit status``. Printable ASCII only, and
+    # short, so it can neither forge a log line nor drive the operator's terminal.
+    cleaned = "".join(c if " " <= c <= "~" else "?" for c in reason[:_MAX_REASON])
+    return cleaned + ("..." if len(reason) > _MAX_REASON else "")
+
+
 def raise_for_status(resp: Response, client: HttpsClient, detail: str = "") -> None:
     """Return for a 2xx answer; otherwise raise the :class:`DeliveryError` it means.
 
@@ -298,7 +307,7 @@ def raise_for_status(resp: Response, client: HttpsClient, detail: str = "") -> N
     status = resp.status
     if 200 <= status < 300:
         return
-    said = f"{client.what} {client.origin} answered {status} {resp.reason}".rstrip()
+    said = f"{client.what} {client.origin} answered {status} {_safe_reason(resp.reason)}".rstrip()
     if detail:
         said += f" ({detail})"
     if 300 <= status < 400:
