@@ -28,7 +28,9 @@ from __future__ import annotations
 import importlib
 import ipaddress
 import os
+import re
 import socket
+import stat
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -44,6 +46,7 @@ __all__ = [
     "SinkEnv",
     "build_sink",
     "check_destination",
+    "check_secret_ref",
     "resolve_secret",
 ]
 
@@ -164,21 +167,95 @@ class NetworkPolicy:
 
 SecretResolver = Callable[[str], bytes]
 
+# env:NAME, file:/absolute/path, or <scheme>:<rest> of a resolver the application registers.
+# Anything else is taken for a secret pasted where its reference belongs (a token with a colon
+# in it, "Bearer abc:def"): refused, and never repeated in a message.
+_REF = re.compile(r"env:[A-Za-z_][A-Za-z0-9_]*|file:/\S+|(?!env:|file:)[a-z][a-z0-9+.-]{0,31}:\S+")
+_SCHEME = re.compile(r"[a-z][a-z0-9+.-]{0,31}")
+# A secret file is a key, a token or a service account's JSON: kilobytes. More is a mistake
+# (or a registry row pointing at a log file), and is refused unread.
+MAX_SECRET_FILE = 1024 * 1024
 
-def resolve_secret(ref: str, resolvers: Mapping[str, SecretResolver] | None = None) -> bytes:
-    """The secret a reference names: ``env:NAME``, ``file:/path`` or ``<scheme>:...`` of a
-    resolver the application registers (a secret manager's client, say).
+
+def is_secret_ref(value: object) -> bool:
+    """Whether ``value`` has the form of a secret reference (see :func:`resolve_secret`)."""
+    return isinstance(value, str) and "-----BEGIN" not in value and bool(_REF.fullmatch(value))
+
+
+def check_secret_ref(value: object, what: str) -> str:
+    """``value`` if it has the form of a secret reference (no I/O, nothing resolved).
+
+    Args:
+        value: The field's value.
+        what: The field, for the message (``"splunk_hec destination field 'token'"``).
 
     Raises:
-        ConfigurationError: an unknown scheme, an unset variable, an unreadable file. The
-            message names the reference, never the secret.
+        ConfigurationError: naming ``what``, never the value (it may be the secret itself).
     """
-    scheme, sep, rest = ref.partition(":")
-    if not sep or not rest:
+    if not is_secret_ref(value):
         raise ConfigurationError(
-            f"secret reference {ref!r} must look like env:NAME or file:/path (never the secret "
-            "itself)"
+            f"{what} must be a secret reference (env:NAME, file:/path or a registered "
+            "scheme), never the secret itself"
         )
+    assert isinstance(value, str)
+    return value
+
+
+def _shown_ref(ref: str) -> str:
+    # env:NAME and file:/path name where the secret is, and are shown; of anything else the
+    # scheme at most (the rest may be the secret itself, pasted where a reference belongs).
+    if ref.startswith(("env:", "file:/")) and _REF.fullmatch(ref):
+        return repr(ref)
+    scheme = ref.partition(":")[0]
+    return f"with the scheme {scheme!r}" if _SCHEME.fullmatch(scheme) else "(not shown)"
+
+
+def _read_secret_file(ref: str, path: str) -> bytes:
+    # O_NONBLOCK: opening a FIFO for reading would wait for a writer, for ever. Only a regular
+    # file is read, and only so much of it: /dev/zero or a log file must not fill the memory.
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ConfigurationError(
+            f"secret reference {ref!r}: cannot read the file ({exc.strerror})"
+        ) from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigurationError(f"secret reference {ref!r}: not a regular file")
+        if st.st_size > MAX_SECRET_FILE:
+            raise ConfigurationError(
+                f"secret reference {ref!r}: the file is larger than {MAX_SECRET_FILE} bytes"
+            )
+        try:
+            data = f.read(MAX_SECRET_FILE + 1)
+        except OSError as exc:
+            raise ConfigurationError(
+                f"secret reference {ref!r}: cannot read the file ({exc.strerror})"
+            ) from None
+    if len(data) > MAX_SECRET_FILE:  # grew since the fstat
+        raise ConfigurationError(
+            f"secret reference {ref!r}: the file is larger than {MAX_SECRET_FILE} bytes"
+        )
+    return data.strip()
+
+
+def resolve_secret(ref: str, resolvers: Mapping[str, SecretResolver] | None = None) -> bytes:
+    """The secret a reference names: ``env:NAME``, ``file:/path`` (an absolute path to a
+    regular file of at most 1 MiB) or ``<scheme>:...`` of a resolver the application registers
+    (a secret manager's client, say).
+
+    Raises:
+        ConfigurationError: not a reference, an unknown scheme, an unset variable, an
+            unreadable file. The message names an ``env:`` or ``file:`` reference, of any other
+            the scheme only, and never the secret.
+    """
+    if not is_secret_ref(ref):
+        raise ConfigurationError(
+            f"secret reference {_shown_ref(ref) if isinstance(ref, str) else ''} must look "
+            "like env:NAME, file:/path or <scheme>:... (never the secret itself)"
+        )
+    scheme, _, rest = ref.partition(":")
     if resolvers and scheme in resolvers:
         return resolvers[scheme](rest)
     if scheme == "env":
@@ -187,15 +264,9 @@ def resolve_secret(ref: str, resolvers: Mapping[str, SecretResolver] | None = No
             raise ConfigurationError(f"secret reference {ref!r}: the variable is not set")
         return value.encode()
     if scheme == "file":
-        try:
-            with open(rest, "rb") as f:
-                return f.read().strip()
-        except OSError as exc:
-            raise ConfigurationError(
-                f"secret reference {ref!r}: cannot read the file ({exc.strerror})"
-            ) from None
+        return _read_secret_file(ref, rest)
     raise ConfigurationError(
-        f"secret reference {ref!r} has the unknown scheme {scheme!r}; known: env, file"
+        f"secret reference {_shown_ref(ref)} has an unknown scheme; known: env, file"
         + "".join(f", {s}" for s in sorted(resolvers or ()))
     )
 

@@ -38,7 +38,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from ..errors import ConfigurationError, DeliveryError
-from . import Record, SinkEnv
+from . import Record, SinkEnv, check_secret_ref
 from ._http import HttpsClient, check_common, raise_for_status
 
 __all__ = ["SIGNATURE_HEADER", "WebhookSink", "build", "check", "sign"]
@@ -74,12 +74,7 @@ def check(spec: Mapping[str, Any]) -> dict[str, Any]:
             f"webhook destination: 'signing.alg' must be one of {sorted(_ALGS)}, not {alg!r}"
         )
     field_name = _ALGS[alg]
-    ref = signing.get(field_name)
-    if not isinstance(ref, str) or ":" not in ref:
-        raise ConfigurationError(
-            f"webhook destination: 'signing.{field_name}' must be a secret reference "
-            "(env:NAME or file:/path), never the key itself"
-        )
+    ref = check_secret_ref(signing.get(field_name), f"webhook destination: 'signing.{field_name}'")
     unknown = set(signing) - {"alg", field_name, "key_id"}
     if unknown:
         raise ConfigurationError(

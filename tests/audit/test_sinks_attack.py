@@ -1,0 +1,135 @@
+"""Attacks on the sinks' contract that once succeeded, each kept as a regression test.
+
+Redirects through an SDK client, secrets echoed by reference errors, ``file:`` references that
+hang or exhaust the shipper, and text a tenant's receiver controls reaching the operator's logs.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sqlalchemy_cmk.errors import ConfigurationError, DeliveryError
+from sqlalchemy_cmk.sinks import SinkEnv, build_sink, check_destination, resolve_secret
+from sqlalchemy_cmk.sinks._http import HttpsClient, Response, raise_for_status
+from tests.audit.test_sinks_cloud import LOOPBACK, _az_rows, _az_spec, _records
+from tests.audit.test_sinks_cloud import az_env as az_env  # a fixture, used by name
+from tests.audit.test_sinks_cloud import dce as dce  # a fixture, used by name
+
+# -- redirects through an SDK client ------------------------------------------------------------
+
+
+def test_azure_does_not_follow_a_redirect(dce: Any, az_env: SinkEnv) -> None:
+    """azure-core's pipeline follows up to 30 redirects by default, to any host: the policy,
+    checked on the endpoint only, would never see where the rows (and the bearer token) go."""
+    from tests.audit._azure_dce import RULE, STREAM
+
+    tenant = f"t-{uuid.uuid4().hex[:6]}"
+    sink = build_sink(_az_spec(dce), az_env)
+    # Back to the same server (another host is as easily named): followed, the rows would land.
+    location = f"{dce.url}/dataCollectionRules/{RULE}/streams/{STREAM}?api-version=2023-01-01"
+    dce.faults.append((307, {"Location": location}))
+    try:
+        with pytest.raises(DeliveryError) as info:
+            sink.send(_records(1, tenant=tenant))
+    finally:
+        dce.faults.clear()
+        sink.close()
+    assert not info.value.retryable and "307" in str(info.value)
+    assert _az_rows(dce, tenant) == []
+
+
+# -- secret references --------------------------------------------------------------------------
+
+LITERAL = "Bearer s3cr3t-t0ken:abcdef0123456789"
+
+
+@pytest.mark.parametrize(
+    ("kind", "where"),
+    [
+        ("webhook", ("signing", "key")),
+        ("splunk_hec", ("token",)),
+        ("otlp_http", ("headers", "Authorization")),
+    ],
+)
+def test_a_literal_secret_with_a_colon_is_not_taken_for_a_reference(
+    kind: str, where: tuple[str, ...]
+) -> None:
+    """The HTTP kinds took any string with a colon for a reference; building then failed with
+    "unknown scheme" and a message that repeated the whole value, secret included, into the
+    shipper's last_error, its log and ``audit status``."""
+    spec: dict[str, Any] = {"kind": kind, "url": "https://siem.example/x"}
+    if kind == "webhook":
+        spec["signing"] = {"alg": "hmac-sha256", "key": LITERAL}
+    elif kind == "splunk_hec":
+        spec["token"] = LITERAL
+    else:
+        spec["headers"] = {"Authorization": LITERAL}
+    with pytest.raises(ConfigurationError) as info:
+        check_destination(spec)
+    assert "s3cr3t" not in str(info.value) and "reference" in str(info.value)
+
+
+@pytest.mark.parametrize("ref", ["hunter2:s3cr3t-value", "Basic dXNlcjpwYXNz:x", "file:rel/path"])
+def test_resolve_secret_never_repeats_a_reference_it_cannot_use(ref: str) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        resolve_secret(ref)
+    text = str(info.value)
+    assert ref.partition(":")[2] not in text and "s3cr3t" not in text
+
+
+def test_a_file_reference_to_a_fifo_or_device_is_refused_at_once(tmp_path: Path) -> None:
+    """``file:`` read the whole file: a FIFO blocked the shipper's thread for good, and
+    ``/dev/zero`` filled its memory."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    outcome: list[BaseException | bytes] = []
+
+    def resolve() -> None:
+        try:
+            outcome.append(resolve_secret(f"file:{fifo}"))
+        except BaseException as exc:  # handed to the test's thread
+            outcome.append(exc)
+
+    t = threading.Thread(target=resolve, daemon=True)
+    t.start()
+    t.join(2)
+    if t.is_alive():  # unblock it before failing
+        with open(fifo, "wb"):
+            pass
+        t.join(2)
+        pytest.fail("a file: reference to a FIFO blocked")
+    assert isinstance(outcome[0], ConfigurationError) and "regular file" in str(outcome[0])
+    with pytest.raises(ConfigurationError, match="regular file"):
+        resolve_secret("file:/dev/zero")
+
+
+def test_a_file_reference_to_a_huge_file_is_refused_unread(tmp_path: Path) -> None:
+    big = tmp_path / "big"
+    with open(big, "wb") as f:
+        f.truncate(64 * 1024 * 1024)  # sparse: no disk, and no read either
+    started = time.monotonic()
+    with pytest.raises(ConfigurationError, match="larger than"):
+        resolve_secret(f"file:{big}")
+    assert time.monotonic() - started < 1
+
+
+# -- what a tenant's receiver controls ----------------------------------------------------------
+
+
+def test_a_receivers_reason_phrase_cannot_write_control_characters_into_the_error() -> None:
+    """The reason phrase is the tenant's (its webhook, its collector): it went verbatim into
+    last_error, the shipper's log line and ``audit status``, escape sequences and all."""
+    client = HttpsClient("https://siem.example/hook", policy=LOOPBACK, what="webhook")
+    reason = "Bad\x1b[2J\x1b[31m forged\rlog line " + "x" * 500
+    with pytest.raises(DeliveryError) as info:
+        raise_for_status(Response(400, reason, {}, b""), client)
+    text = str(info.value)
+    assert text.isprintable() and "\x1b" not in text
+    assert len(text) < 200 and "400" in text
