@@ -47,6 +47,7 @@ __all__ = [
     "build_sink",
     "check_destination",
     "check_secret_ref",
+    "is_public",
     "resolve_secret",
 ]
 
@@ -154,7 +155,7 @@ class NetworkPolicy:
         for info in infos:
             addr = str(info[4][0])
             ip = ipaddress.ip_address(addr.split("%", 1)[0])
-            if not ip.is_global and not self.allow_private:
+            if not self.allow_private and not is_public(ip):
                 raise ConfigurationError(
                     f"{what} {host!r} resolves to the non-public address {addr}: refused "
                     "(NetworkPolicy(allow_private=True) allows it, for tests and on-premises "
@@ -163,6 +164,43 @@ class NetworkPolicy:
             if addr not in addrs:
                 addrs.append(addr)
         return addrs
+
+
+# IPv6 prefixes whose addresses carry an IPv4 address in their last 32 bits, for a translator
+# or a tunnel to reach: NAT64's well-known prefix (RFC 6052; DNS64 answers with it on IPv6-only
+# networks) and IPv4-compatible addresses (deprecated, still parsed and routed by some).
+_EMBEDS_IPV4_LOW32 = (
+    ipaddress.IPv6Network("64:ff9b::/96"),
+    ipaddress.IPv6Network("::/96"),
+)
+# Never public though ``ipaddress`` says global: NAT64's local-use prefix (RFC 8215, not
+# globally reachable per IANA) and the deprecated site-local prefix (RFC 3879).
+_NOT_PUBLIC_V6 = (
+    ipaddress.IPv6Network("64:ff9b:1::/48"),
+    ipaddress.IPv6Network("fec0::/10"),
+)
+
+
+def is_public(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Whether ``ip`` is a public address, and so is every address it stands for.
+
+    ``ipaddress``'s ``is_global`` alone calls ``64:ff9b::a9fe:a9fe`` global, but a NAT64
+    translator sends it to 169.254.169.254 (the cloud metadata service); likewise 6to4 and
+    IPv4-compatible addresses. Those are judged by the IPv4 address they embed.
+    """
+    if not ip.is_global:
+        return False
+    if isinstance(ip, ipaddress.IPv4Address):
+        return True
+    if any(ip in net for net in _NOT_PUBLIC_V6):
+        return False
+    embedded: list[ipaddress.IPv4Address] = []
+    if any(ip in net for net in _EMBEDS_IPV4_LOW32):
+        embedded.append(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
+    for v4 in (ip.ipv4_mapped, ip.sixtofour):
+        if v4 is not None:
+            embedded.append(v4)
+    return all(v4.is_global for v4 in embedded)
 
 
 SecretResolver = Callable[[str], bytes]

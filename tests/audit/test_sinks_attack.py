@@ -133,3 +133,56 @@ def test_a_receivers_reason_phrase_cannot_write_control_characters_into_the_erro
     text = str(info.value)
     assert text.isprintable() and "\x1b" not in text
     assert len(text) < 200 and "400" in text
+
+
+# -- a tenant id in a header ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tenant", ["租户-1", "Zoë & co", "100%"])
+def test_a_webhook_carries_any_tenant_id_in_its_header(tenant: str, tmp_path: Path) -> None:
+    """Tenant ids are printable Unicode: "租户-1" made http.client raise UnicodeEncodeError on
+    every send (the tenant's webhook never delivered again), and "Zoë" went out as a Latin-1
+    byte no receiver decodes as the id. The header is the id, UTF-8 percent-encoded."""
+    from urllib.parse import unquote
+
+    from tests.audit.receivers_http import make_pki, receiver, webhook_handler
+    from tests.audit.test_sinks_http import HMAC_KEY, records, spec
+
+    os.environ["T_ATTACK_WEBHOOK_KEY"] = HMAC_KEY  # removed below
+    pki = make_pki(tmp_path)
+    stored: list[bytes] = []
+    try:
+        for rx in receiver(pki, webhook_handler({"acme-1": HMAC_KEY.encode()}, stored)):
+            s = spec("webhook", rx.url("/hook"), pki)
+            s["signing"]["key"] = "env:T_ATTACK_WEBHOOK_KEY"
+            build_sink(s, SinkEnv(policy=LOOPBACK)).send(records(2, tenant=tenant))
+            (req,) = rx.requests
+            assert req.headers["cmk-tenant"].isascii()
+            assert unquote(req.headers["cmk-tenant"]) == tenant
+    finally:
+        del os.environ["T_ATTACK_WEBHOOK_KEY"]
+    assert len(stored) == 2
+
+
+# -- addresses that embed another -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "64:ff9b::a9fe:a9fe",  # NAT64 (RFC 6052) of 169.254.169.254: what DNS64 answers
+        "64:ff9b::a00:5",  # NAT64 of 10.0.0.5: an IPv6-only pod reaches the private network
+        "64:ff9b:1::a9fe:a9fe",  # the local-use NAT64 prefix (RFC 8215)
+        "2002:a9fe:a9fe::1",  # 6to4 of 169.254.169.254
+        "::169.254.169.254",  # IPv4-compatible (deprecated, still parsed)
+        "fec0::1",  # site-local (deprecated, still routed on some networks)
+    ],
+)
+def test_an_address_embedding_a_non_public_ipv4_is_refused(address: str) -> None:
+    """``ipaddress`` calls these global; each one reaches a non-public IPv4 address through a
+    translator or tunnel the network may run."""
+    from sqlalchemy_cmk.sinks import NetworkPolicy
+
+    with pytest.raises(ConfigurationError, match="non-public"):
+        NetworkPolicy().resolve(address, 443)
+    assert NetworkPolicy(allow_private=True).resolve(address, 443) == [address]
