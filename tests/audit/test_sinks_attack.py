@@ -186,3 +186,47 @@ def test_an_address_embedding_a_non_public_ipv4_is_refused(address: str) -> None
     with pytest.raises(ConfigurationError, match="non-public"):
         NetworkPolicy().resolve(address, 443)
     assert NetworkPolicy(allow_private=True).resolve(address, 443) == [address]
+
+
+# -- where an SDK's credentials go ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "token_uri",
+    [
+        "http://169.254.169.254/computeMetadata/v1/instance/service-accounts/default/token",
+        "https://collector.attacker.example/token",
+        "https://127.0.0.1:8443/token",
+    ],
+)
+def test_a_gcp_key_cannot_send_its_token_request_elsewhere(token_uri: str, tmp_path: Path) -> None:
+    """google-auth POSTs the signed token request to the key file's own ``token_uri``, by its
+    own DNS and with no NetworkPolicy: a key file handed over by a tenant could aim the
+    application at its metadata service or an admin port, or collect signed assertions."""
+    import json
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    # Any PEM will do: the key is refused before it is loaded.
+    pem = (
+        ec.generate_private_key(ec.SECP256R1())
+        .private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        .decode()
+    )
+    sa = tmp_path / "writer.json"
+    info = {
+        "type": "service_account",
+        "private_key": pem,
+        "client_email": "w@p.iam.gserviceaccount.com",
+        "token_uri": token_uri,
+    }
+    sa.write_text(json.dumps(info))
+    spec = {"kind": "gcp_logging", "project": "acme-audit", "credentials": f"file:{sa}"}
+    with pytest.raises(ConfigurationError, match="token_uri") as exc_info:
+        build_sink(spec)
+    assert "PRIVATE KEY" not in str(exc_info.value)
