@@ -14,7 +14,8 @@ Spec::
 
 Credentials: without ``credentials``, Application Default Credentials (the workload's service
 account, which the tenant grants ``roles/logging.logWriter`` on its project); with it, the
-service account key the reference names.
+service account key the reference names, whose ``token_uri`` must be Google's (https, a host
+under googleapis.com that the NetworkPolicy admits): google-auth sends the token request there.
 
 Each record is one ``LogEntry`` under ``projects/<project>/logs/<log_id>``: ``insert_id`` is the
 event id, so Cloud Logging drops a re-delivered duplicate (same id, same timestamp);
