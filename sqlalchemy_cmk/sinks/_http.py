@@ -84,6 +84,13 @@ def check_common(
     url = spec.get("url")
     if not isinstance(url, str):
         raise ConfigurationError(f"{kind} destination: 'url' must be an https:// URL string")
+    if not all("!" <= c <= "~" for c in url):
+        # http.client refuses anything else in the request line (InvalidURL, or an
+        # UnicodeEncodeError): the spec would check, then fail every send as if the network did.
+        raise ConfigurationError(
+            f"{kind} destination 'url' must be printable ASCII without spaces "
+            "(percent-encode the path and query, write an international host in punycode)"
+        )
     parts = NetworkPolicy(allowed_hosts=None).check_url(url, what=f"{kind} destination 'url'")
     if parts.fragment:
         raise ConfigurationError(f"{kind} destination 'url' must not have a #fragment")

@@ -230,3 +230,23 @@ def test_a_gcp_key_cannot_send_its_token_request_elsewhere(token_uri: str, tmp_p
     with pytest.raises(ConfigurationError, match="token_uri") as exc_info:
         build_sink(spec)
     assert "PRIVATE KEY" not in str(exc_info.value)
+
+
+# -- a URL http.client cannot send --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["https://siem.example/a b", "https://siem.example/äudit", "https://siem.example/?q=\x7f"],
+)
+@pytest.mark.parametrize("kind", ["webhook", "splunk_hec", "otlp_http"])
+def test_a_url_http_cannot_carry_is_refused_at_check(kind: str, url: str) -> None:
+    """Such a URL passed the check, then http.client refused it on every send (InvalidURL, or
+    an UnicodeEncodeError that escaped the client): retried for ever as a network error."""
+    spec: dict[str, Any] = {"kind": kind, "url": url}
+    if kind == "webhook":
+        spec["signing"] = {"alg": "hmac-sha256", "key": "env:X"}
+    elif kind == "splunk_hec":
+        spec["token"] = "env:X"
+    with pytest.raises(ConfigurationError, match="url"):
+        check_destination(spec)
