@@ -250,3 +250,30 @@ def test_a_url_http_cannot_carry_is_refused_at_check(kind: str, url: str) -> Non
         spec["token"] = "env:X"
     with pytest.raises(ConfigurationError, match="url"):
         check_destination(spec)
+
+
+def test_a_sinks_error_text_cannot_forge_the_shippers_log_line(
+    tmp_path: Path, memory_kind: dict[str, Any], monkeypatch: pytest.MonkeyPatch, caplog: Any
+) -> None:
+    """Whatever a sink raises is logged and kept as last_error: an SDK's message that quotes
+    an answer could start a forged log line or drive the operator's terminal."""
+    import logging
+
+    from sqlalchemy_cmk.audit import make_event
+    from sqlalchemy_cmk.context import TenantContext
+    from sqlalchemy_cmk.delivery import AuditDelivery, TenantAudit
+    from tests.audit import memory_kind as memory
+
+    def send(self: Any, records: Any) -> None:
+        raise RuntimeError("said\x1b[2J\nERROR forged line\r\u202e" + "y" * 2000)
+
+    monkeypatch.setattr(memory.MemorySink, "send", send)
+    audits = {"acme": TenantAudit([{"kind": "memory", "receiver": "a", "name": "siem"}])}
+    d = AuditDelivery(tmp_path / "spool", audits, poll=0.01, max_backoff=0.05)
+    ctx = TenantContext("acme", actor="ops")
+    with caplog.at_level(logging.WARNING, logger="sqlalchemy_cmk"):
+        d.record(make_event(ctx, "decrypt", "ok", "acme", table="t"), ctx)
+        d.flush(0.3)
+        d.close()
+    lines = [r.getMessage() for r in caplog.records if "forged" in r.getMessage()]
+    assert lines and all(line.isprintable() and len(line) < 700 for line in lines)
