@@ -21,6 +21,7 @@ from sqlalchemy_cmk.sinks._http import HttpsClient, Response, raise_for_status
 from tests.audit.test_sinks_cloud import LOOPBACK, _az_rows, _az_spec, _records
 from tests.audit.test_sinks_cloud import az_env as az_env  # a fixture, used by name
 from tests.audit.test_sinks_cloud import dce as dce  # a fixture, used by name
+from tests.audit.test_sinks_cloud import moto_logs as moto_logs  # a fixture, used by name
 
 # -- redirects through an SDK client ------------------------------------------------------------
 
@@ -277,3 +278,57 @@ def test_a_sinks_error_text_cannot_forge_the_shippers_log_line(
         d.close()
     lines = [r.getMessage() for r in caplog.records if "forged" in r.getMessage()]
     assert lines and all(line.isprintable() and len(line) < 700 for line in lines)
+
+
+# -- the policy at send, for SDKs that resolve names themselves ---------------------------------
+
+
+def test_cloudwatchs_default_endpoint_passes_the_allowlist(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without ``endpoint_url`` the sink went to logs.<region>.amazonaws.com whatever the
+    allowlist said (gcp_logging checks its fixed endpoint; cloudwatch checked nothing)."""
+    from sqlalchemy_cmk.sinks import NetworkPolicy
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIATESTTESTTEST")  # no credential lookup
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    spec = {"kind": "cloudwatch", "region": "eu-west-1", "log_group": "g", "log_stream": "s"}
+    policy = NetworkPolicy(allowed_hosts=frozenset({"siem.example"}))
+    sink = build_sink(spec, SinkEnv(policy=policy))
+    with pytest.raises(DeliveryError, match="allowlist") as info:
+        sink.send(_records(1))  # refused before any request
+    assert not info.value.retryable
+    sink.close()
+
+
+class _Rebinding(LOOPBACK.__class__):
+    """Answers like loopback until ``turned``, then like a name moved to the metadata service."""
+
+    turned = False
+
+    def resolve(self, host: str, port: int, *, what: str = "destination host") -> list[str]:
+        if self.turned:
+            raise ConfigurationError(f"{what} {host!r} resolves to the non-public address x")
+        return super().resolve(host, port, what=what)
+
+
+def test_cloudwatch_checks_the_endpoints_addresses_at_send(
+    moto_logs: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The policy resolved ``endpoint_url`` once, at build: a later DNS change (a dangling name
+    taken over) reached whatever it pointed at for the life of the sink."""
+    from tests.audit._moto_logs import CREDS
+    from tests.audit.test_sinks_cloud import _cw_group, _cw_read
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", CREDS["aws_access_key_id"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", CREDS["aws_secret_access_key"])
+    monkeypatch.setenv("AWS_CA_BUNDLE", str(moto_logs.ca_file))
+    spec, logs = _cw_group(moto_logs)
+    spec["endpoint_url"] = moto_logs.url
+    policy = _Rebinding(allow_private=True)
+    sink = build_sink(spec, SinkEnv(policy=policy))
+    sink.send(_records(1))
+    policy.turned = True
+    with pytest.raises(DeliveryError, match="non-public") as info:
+        sink.send(_records(2, start=1))
+    assert not info.value.retryable
+    sink.close()
+    assert len(_cw_read(logs, spec)) == 1
