@@ -29,15 +29,17 @@ Each record is one row of the stream, with these columns (the DCR's stream decla
 one after another; the first failed chunk fails the batch (chunks before it stay ingested, so
 the retry may duplicate them: de-duplicate by ``EventId``). Each request is bounded by
 ``timeout`` and not retried by the SDK (the shipper retries), and a redirect is not followed
-(a 3xx answer fails, not retryable, as for every destination). 408, 429 (with its
-``Retry-After``) and 5xx answers and network errors are retryable; 401, 403, 404 and other 4xx
-are not.
+(a 3xx answer fails, not retryable, as for every destination). The endpoint's addresses pass
+the NetworkPolicy at build and again before each request (refused: not retryable). 408, 429
+(with its ``Retry-After``) and 5xx answers and network errors are retryable; 401, 403, 404 and
+other 4xx are not.
 """
 
 from __future__ import annotations
 
 import datetime
 import threading
+import urllib.parse
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -47,6 +49,7 @@ from azure.core.exceptions import (
     ServiceRequestError,
     ServiceResponseError,
 )
+from azure.core.pipeline.policies import SansIOHTTPPolicy
 from azure.identity import ClientSecretCredential, DefaultAzureCredential
 from azure.monitor.ingestion import LogsIngestionClient
 
@@ -116,10 +119,31 @@ def build(spec: Mapping[str, Any], env: SinkEnv) -> AzureMonitorSink:
         # the rows (and the token) would go where the NetworkPolicy never looked. A 3xx fails
         # instead, not retryable, as every other destination's does.
         permit_redirects=False,
+        per_call_policies=[_AddressCheck(env.policy)],
         **timeouts,
         **options,
     )
     return AzureMonitorSink(spec, client, credential)
+
+
+class _AddressCheck(SansIOHTTPPolicy):  # type: ignore[type-arg]
+    """Checks the addresses of each request's host against the policy just before it is sent.
+
+    The SDK resolves the endpoint itself: checked only at build, a later DNS change (a dangling
+    name taken over) would reach whatever it pointed at. (The SDK resolves once more to connect:
+    a name that changes its answer within that moment is not caught.)
+    """
+
+    def __init__(self, policy: NetworkPolicy) -> None:
+        self._policy = policy
+
+    def on_request(self, request: Any) -> None:
+        parts = urllib.parse.urlsplit(request.http_request.url)
+        try:
+            self._policy.resolve(parts.hostname or "", parts.port or 443, what=f"{KIND} endpoint")
+        except ConfigurationError as exc:
+            # The name now points somewhere the policy refuses: an operator must act.
+            raise DeliveryError(str(exc), retryable=False) from None
 
 
 def _credential(spec: Mapping[str, Any], env: SinkEnv, options: dict[str, Any]) -> Any:

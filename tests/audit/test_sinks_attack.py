@@ -332,3 +332,21 @@ def test_cloudwatch_checks_the_endpoints_addresses_at_send(
     assert not info.value.retryable
     sink.close()
     assert len(_cw_read(logs, spec)) == 1
+
+
+def test_azure_checks_the_endpoints_addresses_at_send(
+    dce: Any, az_env: SinkEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As for CloudWatch: the endpoint's addresses were checked once, at build."""
+    tenant = f"t-{uuid.uuid4().hex[:6]}"
+    policy = _Rebinding(allow_private=True)
+    sink = build_sink(_az_spec(dce), SinkEnv(policy=policy, clients=az_env.clients))
+    try:
+        sink.send(_records(1, tenant=tenant))
+        policy.turned = True
+        with pytest.raises(DeliveryError, match="non-public") as info:
+            sink.send(_records(2, start=1, tenant=tenant))
+    finally:
+        sink.close()
+    assert not info.value.retryable
+    assert len(_az_rows(dce, tenant)) == 1
