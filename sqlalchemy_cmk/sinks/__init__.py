@@ -248,6 +248,31 @@ def _shown_ref(ref: str) -> str:
     return f"with the scheme {scheme!r}" if _SCHEME.fullmatch(scheme) else "(not shown)"
 
 
+# A CA bundle (the system's is a few hundred KiB) or a certificate chain.
+MAX_CERT_FILE = 16 * 1024 * 1024
+
+
+def check_regular_file(path: str, what: str, max_bytes: int = MAX_CERT_FILE) -> None:
+    """Refuse a path that is not a regular file of at most ``max_bytes``, before OpenSSL reads it.
+
+    OpenSSL reads a CA or certificate file whole: a FIFO would block the thread that builds the
+    sink (the shipper's) for good, and ``/dev/zero`` never ends.
+
+    Raises:
+        ConfigurationError: naming ``what`` and the path, never the file's content.
+    """
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise ConfigurationError(
+            f"{what} {path!r}: cannot read the file ({exc.strerror})"
+        ) from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ConfigurationError(f"{what} {path!r}: not a regular file")
+    if st.st_size > max_bytes:
+        raise ConfigurationError(f"{what} {path!r}: the file is larger than {max_bytes} bytes")
+
+
 def _read_secret_file(ref: str, path: str) -> bytes:
     # O_NONBLOCK: opening a FIFO for reading would wait for a writer, for ever. Only a regular
     # file is read, and only so much of it: /dev/zero or a log file must not fill the memory.

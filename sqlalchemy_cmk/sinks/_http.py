@@ -34,7 +34,7 @@ from email.utils import parsedate_to_datetime
 from typing import Any
 
 from ..errors import ConfigurationError, DeliveryError
-from . import NetworkPolicy
+from . import NetworkPolicy, check_regular_file
 
 __all__ = ["DEFAULT_TIMEOUT", "HttpsClient", "Response", "check_common", "raise_for_status"]
 
@@ -179,6 +179,8 @@ class HttpsClient:
         self.what = what
         self.timeout = timeout
         self._policy = policy
+        if ca_file is not None:
+            check_regular_file(ca_file, f"{what}: cannot load ca_file")
         try:
             # A fresh context per client: verification on, the system's CAs or the private CA.
             self._tls = ssl.create_default_context(cafile=ca_file)

@@ -350,3 +350,54 @@ def test_azure_checks_the_endpoints_addresses_at_send(
         sink.close()
     assert not info.value.retryable
     assert len(_az_rows(dce, tenant)) == 1
+
+
+# -- certificate files ---------------------------------------------------------------------------
+
+
+def _build_in_thread(spec: dict[str, Any], fifo: Path) -> BaseException | None:
+    outcome: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            build_sink(spec, SinkEnv(policy=LOOPBACK))
+            outcome.append(None)
+        except BaseException as exc:  # handed to the test's thread
+            outcome.append(exc)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(2)
+    if t.is_alive():  # unblock it before failing
+        with open(fifo, "wb"):
+            pass
+        t.join(2)
+        pytest.fail("building the sink blocked on a FIFO")
+    return outcome[0]
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"kind": "webhook", "url": "https://siem.example/", "ca_file": "{fifo}"},
+        {"kind": "syslog_tls", "host": "siem.example", "ca_file": "{fifo}"},
+        {"kind": "syslog_tls", "host": "siem.example", "client_cert": "{fifo}", "client_key": "/k"},
+    ],
+    ids=["webhook-ca", "syslog-ca", "syslog-cert"],
+)
+def test_a_certificate_file_that_is_a_fifo_is_refused_at_once(
+    spec: dict[str, Any], tmp_path: Path
+) -> None:
+    """OpenSSL reads a CA or certificate file whole: a FIFO blocked the build (the shipper's
+    thread) for good, as a ``file:`` reference did."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    s = {k: (str(fifo) if v == "{fifo}" else v) for k, v in spec.items()}
+    if s["kind"] == "webhook":
+        s["signing"] = {"alg": "hmac-sha256", "key": "env:T_ATTACK_KEY"}
+    os.environ["T_ATTACK_KEY"] = "k" * 40
+    try:
+        exc = _build_in_thread(s, fifo)
+    finally:
+        del os.environ["T_ATTACK_KEY"]
+    assert isinstance(exc, ConfigurationError) and "regular file" in str(exc)
