@@ -110,10 +110,16 @@ class NetworkPolicy:
         """Parse an ``https://`` URL and check its host against the allowlist (no DNS).
 
         Raises:
-            ConfigurationError: not https, no host, credentials in the URL, or a host the
-                allowlist does not name.
+            ConfigurationError: not a URL, not https, no host, an invalid port, credentials in
+                the URL, or a host the allowlist does not name.
         """
-        parts = urlsplit(url)
+        try:
+            parts = urlsplit(url)
+            parts.port  # noqa: B018 - a port out of range or not a number raises here
+        except ValueError:
+            # urlsplit's own errors (an unclosed "[", a netloc that NFKC changes) and the
+            # port's: the message names the field, not urllib's reading of the value.
+            raise ConfigurationError(f"{what} is not a valid URL (its host or port)") from None
         if parts.scheme != "https":
             raise ConfigurationError(f"{what} must be an https:// URL, not {parts.scheme!r}")
         if not parts.hostname:

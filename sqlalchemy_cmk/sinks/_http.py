@@ -96,10 +96,6 @@ def check_common(
         raise ConfigurationError(f"{kind} destination 'url' must not have a #fragment")
     if default_path and parts.path in ("", "/"):
         url = parts._replace(path=default_path).geturl()
-    try:
-        parts.port  # noqa: B018 - a port out of range raises here
-    except ValueError:
-        raise ConfigurationError(f"{kind} destination 'url' has an invalid port") from None
     timeout = spec.get("timeout", DEFAULT_TIMEOUT)
     if (
         isinstance(timeout, bool)

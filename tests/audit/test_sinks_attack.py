@@ -401,3 +401,43 @@ def test_a_certificate_file_that_is_a_fifo_is_refused_at_once(
     finally:
         del os.environ["T_ATTACK_KEY"]
     assert isinstance(exc, ConfigurationError) and "regular file" in str(exc)
+
+
+# -- malformed URLs ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://a.example\uff03@b.example/",  # urlsplit: invalid under NFKC
+        "https://[::1/",  # urlsplit: invalid IPv6 URL
+        "https://a.example:99999/",  # .port: out of range, at build
+        "https://a.example:x/",
+    ],
+)
+@pytest.mark.parametrize("kind", ["cloudwatch", "azure_monitor", "webhook"])
+def test_a_malformed_url_is_a_configuration_error(kind: str, url: str) -> None:
+    """urlsplit's ValueError escaped check_destination (whose contract is ConfigurationError
+    naming the field), and a bad port of an SDK endpoint passed the check to fail at build."""
+    spec: dict[str, Any] = {
+        "cloudwatch": {
+            "kind": "cloudwatch",
+            "region": "eu-west-1",
+            "log_group": "g",
+            "log_stream": "s",
+            "endpoint_url": url,
+        },
+        "azure_monitor": {
+            "kind": "azure_monitor",
+            "endpoint": url,
+            "rule_id": "dcr-" + "0" * 32,
+            "stream_name": "Custom-X",
+        },
+        "webhook": {
+            "kind": "webhook",
+            "url": url,
+            "signing": {"alg": "hmac-sha256", "key": "env:X"},
+        },
+    }[kind]
+    with pytest.raises(ConfigurationError):
+        check_destination(spec)
