@@ -91,6 +91,14 @@ def check(spec: Mapping[str, Any]) -> dict[str, Any]:
             raise ConfigurationError(
                 "webhook destination: 'signing.key_id' must be letters, digits, '-', '_' or '.'"
             )
+        other = "ed25519-" if alg == "hmac-sha256" else "hmac-"
+        if key_id.startswith(other):
+            # The docs' recipe takes a key id of the other algorithm's default form for that
+            # algorithm (an Ed25519 public key as bytes must never verify as an HMAC secret).
+            raise ConfigurationError(
+                f"webhook destination: 'signing.key_id' of an {alg} key must not begin with "
+                f"{other!r}"
+            )
         checked["key_id"] = key_id
     out["signing"] = checked
     return out

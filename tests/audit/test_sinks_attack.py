@@ -441,3 +441,36 @@ def test_a_malformed_url_is_a_configuration_error(kind: str, url: str) -> None:
     }[kind]
     with pytest.raises(ConfigurationError):
         check_destination(spec)
+
+
+# -- the tenant's verification recipe ------------------------------------------------------------
+
+
+def test_the_recipe_refuses_an_ed25519_public_key_given_as_bytes() -> None:
+    """The recipe picks the algorithm by the key's type: a tenant that stored its Ed25519
+    public key as raw bytes (as it was handed over) had it taken for an HMAC secret, so anyone
+    holding the public key, which is public, could sign batches the tenant accepted."""
+    import hashlib
+    import hmac
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from sqlalchemy_cmk.sinks.webhook import public_key_id
+    from tests.audit.receivers_http import docs_verifier
+
+    raw = Ed25519PrivateKey.generate().public_key().public_bytes_raw()
+    kid = public_key_id(raw)
+    body = b'{"events":[\n{"id":"forged"}\n]}'
+    t = int(time.time())
+    forged = hmac.new(raw, f"{t}.".encode() + body, hashlib.sha256).hexdigest()
+    with pytest.raises(ValueError, match="Ed25519"):
+        docs_verifier()(f"t={t},kid={kid},v1={forged}", body, {kid: raw})
+    # And the sink never names an HMAC key as the recipe would take for an Ed25519 one.
+    with pytest.raises(ConfigurationError, match="key_id"):
+        check_destination(
+            {
+                "kind": "webhook",
+                "url": "https://siem.example/",
+                "signing": {"alg": "hmac-sha256", "key": "env:X", "key_id": "ed25519-x"},
+            }
+        )
