@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 from urllib.parse import SplitResult, urlsplit
 
-from ..errors import ConfigurationError, DeliveryError
+from ..errors import CMKError, ConfigurationError, DeliveryError
 
 __all__ = [
     "DeliveryError",
@@ -316,8 +316,9 @@ def resolve_secret(ref: str, resolvers: Mapping[str, SecretResolver] | None = No
 
     Raises:
         ConfigurationError: not a reference, an unknown scheme, an unset variable, an
-            unreadable file. The message names an ``env:`` or ``file:`` reference, of any other
-            the scheme only, and never the secret.
+            unreadable file, a resolver that raised (named by its class). The message names
+            an ``env:`` or ``file:`` reference, of any other the scheme only, and never the
+            secret.
     """
     if not is_secret_ref(ref):
         raise ConfigurationError(
@@ -326,7 +327,16 @@ def resolve_secret(ref: str, resolvers: Mapping[str, SecretResolver] | None = No
         )
     scheme, _, rest = ref.partition(":")
     if resolvers and scheme in resolvers:
-        return resolvers[scheme](rest)
+        try:
+            return resolvers[scheme](rest)
+        except CMKError:
+            raise  # the application's own, already fit to show
+        except Exception as exc:
+            # A secret manager's client may quote what it read, or its own token: its class
+            # only, at this one boundary.
+            raise ConfigurationError(
+                f"secret reference {_shown_ref(ref)}: its resolver failed ({type(exc).__name__})"
+            ) from None
     if scheme == "env":
         value = os.environ.get(rest)
         if not value:

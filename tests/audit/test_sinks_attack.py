@@ -474,3 +474,15 @@ def test_the_recipe_refuses_an_ed25519_public_key_given_as_bytes() -> None:
                 "signing": {"alg": "hmac-sha256", "key": "env:X", "key_id": "ed25519-x"},
             }
         )
+
+
+def test_a_failing_resolver_is_named_by_its_error_type_only() -> None:
+    """A secret manager's client may put what it read (or its own token) in its message: that
+    text reached last_error, the shipper's log and ``audit status``."""
+
+    def vault(path: str) -> bytes:
+        raise RuntimeError(f"vault answered 403 for {path} with token=hvs.S3CR3T")
+
+    with pytest.raises(ConfigurationError, match="RuntimeError") as info:
+        resolve_secret("vault:kv/acme#hec", {"vault": vault})
+    assert "S3CR3T" not in str(info.value) and info.value.__cause__ is None
