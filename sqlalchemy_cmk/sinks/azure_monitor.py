@@ -150,7 +150,14 @@ def _credential(spec: Mapping[str, Any], env: SinkEnv, options: dict[str, Any]) 
     if spec.get("authority_host"):
         options["authority"] = spec["authority_host"]
     if spec.get("client_secret"):
-        secret = env.secret(spec["client_secret"]).decode()
+        try:
+            secret = env.secret(spec["client_secret"]).decode("utf-8")
+        except UnicodeDecodeError:
+            # Its message would quote a byte of the secret.
+            raise ConfigurationError(
+                f"{KIND} destination field 'client_secret': {spec['client_secret']!r} is not "
+                "UTF-8 text"
+            ) from None
         return ClientSecretCredential(spec["tenant_id"], spec["client_id"], secret, **options)
     if spec.get("client_id"):  # a user-assigned managed identity or workload identity
         options["managed_identity_client_id"] = spec["client_id"]

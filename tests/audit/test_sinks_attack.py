@@ -486,3 +486,14 @@ def test_a_failing_resolver_is_named_by_its_error_type_only() -> None:
     with pytest.raises(ConfigurationError, match="RuntimeError") as info:
         resolve_secret("vault:kv/acme#hec", {"vault": vault})
     assert "S3CR3T" not in str(info.value) and info.value.__cause__ is None
+
+
+def test_an_azure_client_secret_that_is_not_utf8_is_a_configuration_error(
+    dce: Any, az_env: SinkEnv, tmp_path: Path
+) -> None:
+    """UnicodeDecodeError escaped the build, its message quoting a byte of the secret."""
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"abc\xfe\xffdef")
+    with pytest.raises(ConfigurationError, match="client_secret") as info:
+        build_sink(_az_spec(dce, client_secret=f"file:{secret}"), az_env)
+    assert "0xfe" not in str(info.value)
