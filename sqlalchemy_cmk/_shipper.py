@@ -99,6 +99,18 @@ class WriterDir:
     held: bool = False  # the last scan stopped at a tenant whose destinations are unknown
 
 
+def _one_line(text: str) -> str:
+    """``text`` with every non-printable character escaped (``\\n``, ``\\x1b``, ``\\u202e``).
+
+    A sink's error may quote what its destination answered, and the destination is the
+    tenant's: kept as is, a newline would forge a line of the operator's log and an escape
+    sequence drive the terminal that shows ``audit status``.
+    """
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 class Shipper:
     """Delivers spooled events; see the module docstring."""
 
@@ -577,7 +589,7 @@ class Shipper:
                 lane.pending.pop()
         lane.failures += 1
         lane.attempts += 1
-        lane.last_error = error[:500]
+        lane.last_error = _one_line(error[:500])
         lane.last_error_at = time.time()
         if retryable:
             delay = random.uniform(  # noqa: S311 - jitter, not a secret

@@ -28,13 +28,15 @@ from __future__ import annotations
 import importlib
 import ipaddress
 import os
+import re
 import socket
+import stat
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 from urllib.parse import SplitResult, urlsplit
 
-from ..errors import ConfigurationError, DeliveryError
+from ..errors import CMKError, ConfigurationError, DeliveryError
 
 __all__ = [
     "DeliveryError",
@@ -44,6 +46,8 @@ __all__ = [
     "SinkEnv",
     "build_sink",
     "check_destination",
+    "check_secret_ref",
+    "is_public",
     "resolve_secret",
 ]
 
@@ -106,10 +110,16 @@ class NetworkPolicy:
         """Parse an ``https://`` URL and check its host against the allowlist (no DNS).
 
         Raises:
-            ConfigurationError: not https, no host, credentials in the URL, or a host the
-                allowlist does not name.
+            ConfigurationError: not a URL, not https, no host, an invalid port, credentials in
+                the URL, or a host the allowlist does not name.
         """
-        parts = urlsplit(url)
+        try:
+            parts = urlsplit(url)
+            parts.port  # noqa: B018 - a port out of range or not a number raises here
+        except ValueError:
+            # urlsplit's own errors (an unclosed "[", a netloc that NFKC changes) and the
+            # port's: the message names the field, not urllib's reading of the value.
+            raise ConfigurationError(f"{what} is not a valid URL (its host or port)") from None
         if parts.scheme != "https":
             raise ConfigurationError(f"{what} must be an https:// URL, not {parts.scheme!r}")
         if not parts.hostname:
@@ -151,7 +161,7 @@ class NetworkPolicy:
         for info in infos:
             addr = str(info[4][0])
             ip = ipaddress.ip_address(addr.split("%", 1)[0])
-            if not ip.is_global and not self.allow_private:
+            if not self.allow_private and not is_public(ip):
                 raise ConfigurationError(
                     f"{what} {host!r} resolves to the non-public address {addr}: refused "
                     "(NetworkPolicy(allow_private=True) allows it, for tests and on-premises "
@@ -162,40 +172,180 @@ class NetworkPolicy:
         return addrs
 
 
+# IPv6 prefixes whose addresses carry an IPv4 address in their last 32 bits, for a translator
+# or a tunnel to reach: NAT64's well-known prefix (RFC 6052; DNS64 answers with it on IPv6-only
+# networks) and IPv4-compatible addresses (deprecated, still parsed and routed by some).
+_EMBEDS_IPV4_LOW32 = (
+    ipaddress.IPv6Network("64:ff9b::/96"),
+    ipaddress.IPv6Network("::/96"),
+)
+# Never public though ``ipaddress`` says global: NAT64's local-use prefix (RFC 8215, not
+# globally reachable per IANA) and the deprecated site-local prefix (RFC 3879).
+_NOT_PUBLIC_V6 = (
+    ipaddress.IPv6Network("64:ff9b:1::/48"),
+    ipaddress.IPv6Network("fec0::/10"),
+)
+
+
+def is_public(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Whether ``ip`` is a public address, and so is every address it stands for.
+
+    ``ipaddress``'s ``is_global`` alone calls ``64:ff9b::a9fe:a9fe`` global, but a NAT64
+    translator sends it to 169.254.169.254 (the cloud metadata service); likewise 6to4 and
+    IPv4-compatible addresses. Those are judged by the IPv4 address they embed.
+    """
+    if not ip.is_global:
+        return False
+    if isinstance(ip, ipaddress.IPv4Address):
+        return True
+    if any(ip in net for net in _NOT_PUBLIC_V6):
+        return False
+    embedded: list[ipaddress.IPv4Address] = []
+    if any(ip in net for net in _EMBEDS_IPV4_LOW32):
+        embedded.append(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
+    for v4 in (ip.ipv4_mapped, ip.sixtofour):
+        if v4 is not None:
+            embedded.append(v4)
+    return all(v4.is_global for v4 in embedded)
+
+
 SecretResolver = Callable[[str], bytes]
+
+# env:NAME, file:/absolute/path, or <scheme>:<rest> of a resolver the application registers.
+# Anything else is taken for a secret pasted where its reference belongs (a token with a colon
+# in it, "Bearer abc:def"): refused, and never repeated in a message.
+_REF = re.compile(r"env:[A-Za-z_][A-Za-z0-9_]*|file:/\S+|(?!env:|file:)[a-z][a-z0-9+.-]{0,31}:\S+")
+_SCHEME = re.compile(r"[a-z][a-z0-9+.-]{0,31}")
+# A secret file is a key, a token or a service account's JSON: kilobytes. More is a mistake
+# (or a registry row pointing at a log file), and is refused unread.
+MAX_SECRET_FILE = 1024 * 1024
+
+
+def is_secret_ref(value: object) -> bool:
+    """Whether ``value`` has the form of a secret reference (see :func:`resolve_secret`)."""
+    return isinstance(value, str) and "-----BEGIN" not in value and bool(_REF.fullmatch(value))
+
+
+def check_secret_ref(value: object, what: str) -> str:
+    """``value`` if it has the form of a secret reference (no I/O, nothing resolved).
+
+    Args:
+        value: The field's value.
+        what: The field, for the message (``"splunk_hec destination field 'token'"``).
+
+    Raises:
+        ConfigurationError: naming ``what``, never the value (it may be the secret itself).
+    """
+    if not is_secret_ref(value):
+        raise ConfigurationError(
+            f"{what} must be a secret reference (env:NAME, file:/path or a registered "
+            "scheme), never the secret itself"
+        )
+    assert isinstance(value, str)
+    return value
+
+
+def _shown_ref(ref: str) -> str:
+    # env:NAME and file:/path name where the secret is, and are shown; of anything else the
+    # scheme at most (the rest may be the secret itself, pasted where a reference belongs).
+    if ref.startswith(("env:", "file:/")) and _REF.fullmatch(ref):
+        return repr(ref)
+    scheme = ref.partition(":")[0]
+    return f"with the scheme {scheme!r}" if _SCHEME.fullmatch(scheme) else "(not shown)"
+
+
+# A CA bundle (the system's is a few hundred KiB) or a certificate chain.
+MAX_CERT_FILE = 16 * 1024 * 1024
+
+
+def check_regular_file(path: str, what: str, max_bytes: int = MAX_CERT_FILE) -> None:
+    """Refuse a path that is not a regular file of at most ``max_bytes``, before OpenSSL reads it.
+
+    OpenSSL reads a CA or certificate file whole: a FIFO would block the thread that builds the
+    sink (the shipper's) for good, and ``/dev/zero`` never ends.
+
+    Raises:
+        ConfigurationError: naming ``what`` and the path, never the file's content.
+    """
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise ConfigurationError(
+            f"{what} {path!r}: cannot read the file ({exc.strerror})"
+        ) from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ConfigurationError(f"{what} {path!r}: not a regular file")
+    if st.st_size > max_bytes:
+        raise ConfigurationError(f"{what} {path!r}: the file is larger than {max_bytes} bytes")
+
+
+def _read_secret_file(ref: str, path: str) -> bytes:
+    # O_NONBLOCK: opening a FIFO for reading would wait for a writer, for ever. Only a regular
+    # file is read, and only so much of it: /dev/zero or a log file must not fill the memory.
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ConfigurationError(
+            f"secret reference {ref!r}: cannot read the file ({exc.strerror})"
+        ) from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigurationError(f"secret reference {ref!r}: not a regular file")
+        if st.st_size > MAX_SECRET_FILE:
+            raise ConfigurationError(
+                f"secret reference {ref!r}: the file is larger than {MAX_SECRET_FILE} bytes"
+            )
+        try:
+            data = f.read(MAX_SECRET_FILE + 1)
+        except OSError as exc:
+            raise ConfigurationError(
+                f"secret reference {ref!r}: cannot read the file ({exc.strerror})"
+            ) from None
+    if len(data) > MAX_SECRET_FILE:  # grew since the fstat
+        raise ConfigurationError(
+            f"secret reference {ref!r}: the file is larger than {MAX_SECRET_FILE} bytes"
+        )
+    return data.strip()
 
 
 def resolve_secret(ref: str, resolvers: Mapping[str, SecretResolver] | None = None) -> bytes:
-    """The secret a reference names: ``env:NAME``, ``file:/path`` or ``<scheme>:...`` of a
-    resolver the application registers (a secret manager's client, say).
+    """The secret a reference names: ``env:NAME``, ``file:/path`` (an absolute path to a
+    regular file of at most 1 MiB) or ``<scheme>:...`` of a resolver the application registers
+    (a secret manager's client, say).
 
     Raises:
-        ConfigurationError: an unknown scheme, an unset variable, an unreadable file. The
-            message names the reference, never the secret.
+        ConfigurationError: not a reference, an unknown scheme, an unset variable, an
+            unreadable file, a resolver that raised (named by its class). The message names
+            an ``env:`` or ``file:`` reference, of any other the scheme only, and never the
+            secret.
     """
-    scheme, sep, rest = ref.partition(":")
-    if not sep or not rest:
+    if not is_secret_ref(ref):
         raise ConfigurationError(
-            f"secret reference {ref!r} must look like env:NAME or file:/path (never the secret "
-            "itself)"
+            f"secret reference {_shown_ref(ref) if isinstance(ref, str) else ''} must look "
+            "like env:NAME, file:/path or <scheme>:... (never the secret itself)"
         )
+    scheme, _, rest = ref.partition(":")
     if resolvers and scheme in resolvers:
-        return resolvers[scheme](rest)
+        try:
+            return resolvers[scheme](rest)
+        except CMKError:
+            raise  # the application's own, already fit to show
+        except Exception as exc:
+            # A secret manager's client may quote what it read, or its own token: its class
+            # only, at this one boundary.
+            raise ConfigurationError(
+                f"secret reference {_shown_ref(ref)}: its resolver failed ({type(exc).__name__})"
+            ) from None
     if scheme == "env":
         value = os.environ.get(rest)
         if not value:
             raise ConfigurationError(f"secret reference {ref!r}: the variable is not set")
         return value.encode()
     if scheme == "file":
-        try:
-            with open(rest, "rb") as f:
-                return f.read().strip()
-        except OSError as exc:
-            raise ConfigurationError(
-                f"secret reference {ref!r}: cannot read the file ({exc.strerror})"
-            ) from None
+        return _read_secret_file(ref, rest)
     raise ConfigurationError(
-        f"secret reference {ref!r} has the unknown scheme {scheme!r}; known: env, file"
+        f"secret reference {_shown_ref(ref)} has an unknown scheme; known: env, file"
         + "".join(f", {s}" for s in sorted(resolvers or ()))
     )
 

@@ -13,13 +13,11 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..errors import ConfigurationError
+from . import check_secret_ref
 
 #: The default and the largest per-send timeout, in seconds.
 DEFAULT_TIMEOUT = 10.0
 MAX_TIMEOUT = 300.0
-
-# env:NAME, file:/absolute/path, or <scheme>:<rest> of a resolver the application registers.
-_REF = re.compile(r"^(?:env:[A-Za-z_][A-Za-z0-9_]*|file:/.+|[a-z][a-z0-9+.-]*:[^\s]+)$")
 
 
 class Fields:
@@ -109,14 +107,9 @@ class Fields:
         value = self._get(name, required)
         if value is None:
             return None
-        # The messages never repeat the value: it may be the secret itself.
-        if not isinstance(value, str) or not _REF.match(value) or "-----BEGIN" in value:
-            raise ConfigurationError(
-                f"{self._field(name)} must be a secret reference (env:NAME, file:/path or a "
-                "registered scheme), never the secret itself"
-            )
-        self.out[name] = value
-        return value
+        ref = check_secret_ref(value, self._field(name))
+        self.out[name] = ref
+        return ref
 
     def file_path(self, name: str, *, required: bool = False) -> str | None:
         """A path to a file read when the sink is built (a CA bundle, a certificate)."""

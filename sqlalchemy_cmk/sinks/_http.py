@@ -34,7 +34,7 @@ from email.utils import parsedate_to_datetime
 from typing import Any
 
 from ..errors import ConfigurationError, DeliveryError
-from . import NetworkPolicy
+from . import NetworkPolicy, check_regular_file
 
 __all__ = ["DEFAULT_TIMEOUT", "HttpsClient", "Response", "check_common", "raise_for_status"]
 
@@ -43,6 +43,7 @@ DEFAULT_TIMEOUT = 10.0
 # receiver must not be able to make us buffer without limit.
 _MAX_RESPONSE = 64 * 1024
 _RETRYABLE_4XX = frozenset({408, 429})
+_MAX_REASON = 64
 
 
 @dataclass(frozen=True)
@@ -83,15 +84,18 @@ def check_common(
     url = spec.get("url")
     if not isinstance(url, str):
         raise ConfigurationError(f"{kind} destination: 'url' must be an https:// URL string")
+    if not all("!" <= c <= "~" for c in url):
+        # http.client refuses anything else in the request line (InvalidURL, or an
+        # UnicodeEncodeError): the spec would check, then fail every send as if the network did.
+        raise ConfigurationError(
+            f"{kind} destination 'url' must be printable ASCII without spaces "
+            "(percent-encode the path and query, write an international host in punycode)"
+        )
     parts = NetworkPolicy(allowed_hosts=None).check_url(url, what=f"{kind} destination 'url'")
     if parts.fragment:
         raise ConfigurationError(f"{kind} destination 'url' must not have a #fragment")
     if default_path and parts.path in ("", "/"):
         url = parts._replace(path=default_path).geturl()
-    try:
-        parts.port  # noqa: B018 - a port out of range raises here
-    except ValueError:
-        raise ConfigurationError(f"{kind} destination 'url' has an invalid port") from None
     timeout = spec.get("timeout", DEFAULT_TIMEOUT)
     if (
         isinstance(timeout, bool)
@@ -171,6 +175,8 @@ class HttpsClient:
         self.what = what
         self.timeout = timeout
         self._policy = policy
+        if ca_file is not None:
+            check_regular_file(ca_file, f"{what}: cannot load ca_file")
         try:
             # A fresh context per client: verification on, the system's CAs or the private CA.
             self._tls = ssl.create_default_context(cafile=ca_file)
@@ -283,6 +289,14 @@ def retry_after(headers: Mapping[str, str], *, now: float | None = None) -> floa
     return min(max(seconds, 0.0), 3600.0)
 
 
+def _safe_reason(reason: str) -> str:
+    # The reason phrase is the receiver's, and the receiver is the tenant's: it reaches the
+    # operator's log, the shipper's last_error and ``audit status``. Printable ASCII only, and
+    # short, so it can neither forge a log line nor drive the operator's terminal.
+    cleaned = "".join(c if " " <= c <= "~" else "?" for c in reason[:_MAX_REASON])
+    return cleaned + ("..." if len(reason) > _MAX_REASON else "")
+
+
 def raise_for_status(resp: Response, client: HttpsClient, detail: str = "") -> None:
     """Return for a 2xx answer; otherwise raise the :class:`DeliveryError` it means.
 
@@ -298,7 +312,7 @@ def raise_for_status(resp: Response, client: HttpsClient, detail: str = "") -> N
     status = resp.status
     if 200 <= status < 300:
         return
-    said = f"{client.what} {client.origin} answered {status} {resp.reason}".rstrip()
+    said = f"{client.what} {client.origin} answered {status} {_safe_reason(resp.reason)}".rstrip()
     if detail:
         said += f" ({detail})"
     if 300 <= status < 400:

@@ -28,15 +28,18 @@ Each record is one row of the stream, with these columns (the DCR's stream decla
 ``LogsIngestionClient.upload`` gzips the rows in order and sends them in chunks of at most 1 MB,
 one after another; the first failed chunk fails the batch (chunks before it stay ingested, so
 the retry may duplicate them: de-duplicate by ``EventId``). Each request is bounded by
-``timeout`` and not retried by the SDK (the shipper retries). 408, 429 (with its
-``Retry-After``) and 5xx answers and network errors are retryable; 401, 403, 404 and other 4xx
-are not.
+``timeout`` and not retried by the SDK (the shipper retries), and a redirect is not followed
+(a 3xx answer fails, not retryable, as for every destination). The endpoint's addresses pass
+the NetworkPolicy at build and again before each request (refused: not retryable). 408, 429
+(with its ``Retry-After``) and 5xx answers and network errors are retryable; 401, 403, 404 and
+other 4xx are not.
 """
 
 from __future__ import annotations
 
 import datetime
 import threading
+import urllib.parse
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -46,6 +49,7 @@ from azure.core.exceptions import (
     ServiceRequestError,
     ServiceResponseError,
 )
+from azure.core.pipeline.policies import SansIOHTTPPolicy
 from azure.identity import ClientSecretCredential, DefaultAzureCredential
 from azure.monitor.ingestion import LogsIngestionClient
 
@@ -111,17 +115,49 @@ def build(spec: Mapping[str, Any], env: SinkEnv) -> AzureMonitorSink:
         endpoint=spec["endpoint"],
         credential=credential,
         retry_total=0,  # the shipper retries
+        # azure-core follows up to 30 redirects, to any host, re-attaching the bearer token:
+        # the rows (and the token) would go where the NetworkPolicy never looked. A 3xx fails
+        # instead, not retryable, as every other destination's does.
+        permit_redirects=False,
+        per_call_policies=[_AddressCheck(env.policy)],
         **timeouts,
         **options,
     )
     return AzureMonitorSink(spec, client, credential)
 
 
+class _AddressCheck(SansIOHTTPPolicy):  # type: ignore[type-arg]
+    """Checks the addresses of each request's host against the policy just before it is sent.
+
+    The SDK resolves the endpoint itself: checked only at build, a later DNS change (a dangling
+    name taken over) would reach whatever it pointed at. (The SDK resolves once more to connect:
+    a name that changes its answer within that moment is not caught.)
+    """
+
+    def __init__(self, policy: NetworkPolicy) -> None:
+        self._policy = policy
+
+    def on_request(self, request: Any) -> None:
+        parts = urllib.parse.urlsplit(request.http_request.url)
+        try:
+            self._policy.resolve(parts.hostname or "", parts.port or 443, what=f"{KIND} endpoint")
+        except ConfigurationError as exc:
+            # The name now points somewhere the policy refuses: an operator must act.
+            raise DeliveryError(str(exc), retryable=False) from None
+
+
 def _credential(spec: Mapping[str, Any], env: SinkEnv, options: dict[str, Any]) -> Any:
     if spec.get("authority_host"):
         options["authority"] = spec["authority_host"]
     if spec.get("client_secret"):
-        secret = env.secret(spec["client_secret"]).decode()
+        try:
+            secret = env.secret(spec["client_secret"]).decode("utf-8")
+        except UnicodeDecodeError:
+            # Its message would quote a byte of the secret.
+            raise ConfigurationError(
+                f"{KIND} destination field 'client_secret': {spec['client_secret']!r} is not "
+                "UTF-8 text"
+            ) from None
         return ClientSecretCredential(spec["tenant_id"], spec["client_id"], secret, **options)
     if spec.get("client_id"):  # a user-assigned managed identity or workload identity
         options["managed_identity_client_id"] = spec["client_id"]
@@ -191,6 +227,8 @@ class AzureMonitorSink:
             else:
                 retryable = status in (408, 429) or status >= 500
             answer = f"HTTP {status}" if status else type(exc).__name__
+            if status is not None and 300 <= status < 400:
+                answer += ", a redirect, not followed (set the destination's final endpoint)"
             raise DeliveryError(
                 f"{KIND}: upload to {where} failed: {answer}",
                 retryable=retryable,

@@ -26,8 +26,12 @@ retries. Throttling, 5xx answers and network errors are retryable; a missing gro
 (unless ``create_stream``), a refused credential or an event CloudWatch rejects as too old or
 too new are not.
 
-The SDK resolves ``endpoint_url`` itself: the sink checks the URL and the addresses its host
-resolves to against the NetworkPolicy when built, so a later DNS change is not re-checked.
+The SDK resolves names itself: the sink checks ``endpoint_url`` and the addresses its host
+resolves to against the NetworkPolicy when built, and, on the clients it makes, the endpoint
+the SDK chose (``logs.<region>.amazonaws.com`` without ``endpoint_url``, likewise STS) against
+the allowlist and the addresses of every request's host just before it is sent, so a later
+DNS change is refused (not retryable). The SDK then resolves the name once more to connect: a
+name that changes its answer within that moment (rebinding) is not caught.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from __future__ import annotations
 import datetime
 import threading
 import time
+import urllib.parse
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -95,7 +100,7 @@ def build(spec: Mapping[str, Any], env: SinkEnv) -> CloudWatchSink:
             parts = env.policy.check_url(spec[name], what=f"{KIND} {name}")
             assert parts.hostname is not None
             env.policy.resolve(parts.hostname, parts.port or 443, what=f"{KIND} {name}")
-    return CloudWatchSink(spec, env.clients.get(KIND))
+    return CloudWatchSink(spec, env.clients.get(KIND), env.policy)
 
 
 def _code(exc: ClientError) -> tuple[str, int]:
@@ -109,7 +114,9 @@ class CloudWatchSink:
 
     kind = KIND
 
-    def __init__(self, spec: Mapping[str, Any], client: Any = None) -> None:
+    def __init__(
+        self, spec: Mapping[str, Any], client: Any = None, policy: NetworkPolicy | None = None
+    ) -> None:
         self.region: str = spec["region"]
         self.log_group: str = spec["log_group"]
         self.log_stream: str = spec["log_stream"]
@@ -119,6 +126,8 @@ class CloudWatchSink:
         self._spec = dict(spec)
         self._injected = client
         self._client: Any = client
+        # Checked on the clients the sink makes (an injected one is its maker's business).
+        self._policy = policy or NetworkPolicy()
         self._expires: datetime.datetime | None = None  # of assumed-role credentials
         self._lock = threading.Lock()
 
@@ -150,6 +159,7 @@ class CloudWatchSink:
                 endpoint_url=self._spec.get("sts_endpoint_url"),
                 config=self._config(),
             )
+            self._guard(sts)
             kwargs: dict[str, Any] = {"RoleArn": role, "RoleSessionName": "sqlalchemy-cmk-audit"}
             if self._spec.get("external_id"):
                 kwargs["ExternalId"] = self._spec["external_id"]
@@ -167,7 +177,29 @@ class CloudWatchSink:
             config=self._config(),
             **creds,
         )
+        self._guard(self._client)
         return self._client
+
+    def _guard(self, client: Any) -> None:
+        """Check the endpoint the SDK chose against the allowlist now, and the addresses of each
+        request's host against the policy just before the SDK sends it.
+
+        Raises:
+            DeliveryError: the endpoint is refused (not retryable).
+        """
+        try:
+            self._policy.check_url(client.meta.endpoint_url, what=f"{KIND} endpoint")
+        except ConfigurationError as exc:
+            raise DeliveryError(str(exc), retryable=False) from None
+        client.meta.events.register("before-send", self._before_send)
+
+    def _before_send(self, request: Any, **_: Any) -> None:
+        parts = urllib.parse.urlsplit(request.url)
+        try:
+            self._policy.resolve(parts.hostname or "", parts.port or 443, what=f"{KIND} endpoint")
+        except ConfigurationError as exc:
+            # The name now points somewhere the policy refuses: an operator must act.
+            raise DeliveryError(str(exc), retryable=False) from None
 
     @staticmethod
     def chunks(records: Sequence[Record]) -> list[list[dict[str, Any]]]:

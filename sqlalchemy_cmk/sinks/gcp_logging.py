@@ -14,7 +14,8 @@ Spec::
 
 Credentials: without ``credentials``, Application Default Credentials (the workload's service
 account, which the tenant grants ``roles/logging.logWriter`` on its project); with it, the
-service account key the reference names.
+service account key the reference names, whose ``token_uri`` must be Google's (https, a host
+under googleapis.com that the NetworkPolicy admits): google-auth sends the token request there.
 
 Each record is one ``LogEntry`` under ``projects/<project>/logs/<log_id>``: ``insert_id`` is the
 event id, so Cloud Logging drops a re-delivered duplicate (same id, same timestamp);
@@ -127,6 +128,7 @@ def _credentials(spec: Mapping[str, Any], env: SinkEnv) -> Any:
 
     try:
         info = json.loads(env.secret(ref))
+        _check_token_uri(info, ref, env)
         return service_account.Credentials.from_service_account_info(  # type: ignore[no-untyped-call]
             info, scopes=SCOPES
         )
@@ -135,6 +137,33 @@ def _credentials(spec: Mapping[str, Any], env: SinkEnv) -> Any:
         raise ConfigurationError(
             f"{KIND} destination field 'credentials': {ref!r} is not a service account key"
         ) from None
+
+
+def _check_token_uri(info: Any, ref: str, env: SinkEnv) -> None:
+    """Refuse a key whose ``token_uri`` is not Google's token endpoint over https.
+
+    google-auth POSTs the signed token request to the key's own ``token_uri``, resolving it
+    itself, past the NetworkPolicy: a key file someone else wrote (the tenant's service
+    account) would otherwise aim the application at its metadata service or an admin port, or
+    collect signed assertions. The sink writes to Cloud Logging only, so the token comes from
+    Google: a host under googleapis.com, which the policy's allowlist must also admit.
+
+    Raises:
+        ConfigurationError: naming the field, never the key.
+    """
+    uri = info.get("token_uri") if isinstance(info, dict) else None
+    host = urllib.parse.urlsplit(uri).hostname if isinstance(uri, str) else None
+    if (
+        not isinstance(uri, str)
+        or not uri.startswith("https://")
+        or host is None
+        or not (host == "googleapis.com" or host.endswith(".googleapis.com"))
+    ):
+        raise ConfigurationError(
+            f"{KIND} destination field 'credentials': the key {ref!r} has a token_uri that is "
+            "not Google's token endpoint (https://oauth2.googleapis.com/token)"
+        )
+    env.policy.check_url(uri, what=f"{KIND} credentials' token_uri")
 
 
 def _timestamp(time_ns: int) -> timestamp_pb2.Timestamp:

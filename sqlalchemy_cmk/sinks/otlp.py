@@ -43,7 +43,7 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from requests.structures import CaseInsensitiveDict
 
 from ..errors import ConfigurationError, DeliveryError
-from . import Record, SinkEnv
+from . import Record, SinkEnv, check_secret_ref
 from ._http import HttpsClient, check_common, raise_for_status
 
 __all__ = ["OtlpHttpSink", "build", "check", "log_records"]
@@ -88,11 +88,7 @@ def check(spec: Mapping[str, Any]) -> dict[str, Any]:
             raise ConfigurationError(f"otlp_http destination: header name {name!r} is invalid")
         if name.lower() in _RESERVED:
             raise ConfigurationError(f"otlp_http destination: header {name!r} is set by the sink")
-        if not isinstance(ref, str) or ":" not in ref:
-            raise ConfigurationError(
-                f"otlp_http destination: header {name!r} must be a secret reference "
-                "(env:NAME or file:/path), never the value itself"
-            )
+        check_secret_ref(ref, f"otlp_http destination: header {name!r}")
     out["headers"] = dict(headers)
     service = spec.get("service_name", "sqlalchemy-cmk")
     if not isinstance(service, str) or not service:

@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ..errors import ConfigurationError
-from . import Record, SinkEnv
+from . import Record, SinkEnv, check_secret_ref
 from ._http import HttpsClient, Response, check_common, raise_for_status
 
 __all__ = ["SplunkHecSink", "build", "check"]
@@ -72,13 +72,7 @@ def check(spec: Mapping[str, Any]) -> dict[str, Any]:
     unknown = set(spec) - _FIELDS
     if unknown:
         raise ConfigurationError(f"splunk_hec destination: unknown field(s) {sorted(unknown)}")
-    token = spec.get("token")
-    if not isinstance(token, str) or ":" not in token:
-        raise ConfigurationError(
-            "splunk_hec destination: 'token' must be a secret reference (env:NAME or "
-            "file:/path), never the token itself"
-        )
-    out["token"] = token
+    out["token"] = check_secret_ref(spec.get("token"), "splunk_hec destination: 'token'")
     out["source"] = spec.get("source", "sqlalchemy-cmk")
     out["sourcetype"] = spec.get("sourcetype", "sqlalchemy_cmk:audit")
     for name in ("index", "host"):

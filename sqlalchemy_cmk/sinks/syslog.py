@@ -58,7 +58,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ..errors import ConfigurationError, DeliveryError
-from . import NetworkPolicy, Record, SinkEnv
+from . import NetworkPolicy, Record, SinkEnv, check_regular_file
 from ._fields import Fields
 
 KIND = "syslog_tls"
@@ -116,6 +116,9 @@ def check(spec: Mapping[str, Any]) -> dict[str, Any]:
 
 def build(spec: Mapping[str, Any], env: SinkEnv) -> SyslogTlsSink:
     """The sink for a checked spec (reads the CA and client certificate files now)."""
+    for name in ("ca_file", "client_cert", "client_key"):
+        if spec.get(name):
+            check_regular_file(spec[name], f"{KIND} destination field {name!r}")
     context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     try:

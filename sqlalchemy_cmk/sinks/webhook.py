@@ -19,9 +19,10 @@ so a receiver either parses it as JSON, or takes the exact bytes of each event (
 tenant's hash chain) as the lines between the first and the last, less one trailing comma.
 
 Headers: ``CMK-Signature: t=<unix seconds>,kid=<key id>,v1=<hex HMAC-SHA256>`` (or
-``v1-ed25519=<base64 signature>``), the signature over ``b"<t>." + body``; ``CMK-Tenant``;
-``CMK-Event-Count``. A receiver checks the signature with the tenant's key, refuses a ``t`` more
-than five minutes from its clock (replays) and de-duplicates by event id (re-deliveries).
+``v1-ed25519=<base64 signature>``), the signature over ``b"<t>." + body``; ``CMK-Tenant``
+(the tenant id, UTF-8 percent-encoded: :func:`tenant_header`); ``CMK-Event-Count``. A
+receiver checks the signature with the tenant's key, refuses a ``t`` more than five minutes
+from its clock (replays) and de-duplicates by event id (re-deliveries).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import base64
 import hashlib
 import hmac
 import time
+import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,10 +40,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from ..errors import ConfigurationError, DeliveryError
-from . import Record, SinkEnv
+from . import Record, SinkEnv, check_secret_ref
 from ._http import HttpsClient, check_common, raise_for_status
 
-__all__ = ["SIGNATURE_HEADER", "WebhookSink", "build", "check", "sign"]
+__all__ = ["SIGNATURE_HEADER", "WebhookSink", "build", "check", "sign", "tenant_header"]
 
 KIND = "webhook"
 MAX_BATCH = 500
@@ -49,6 +51,8 @@ SIGNATURE_HEADER = "CMK-Signature"
 _ALGS = {"hmac-sha256": "key", "ed25519": "private_key"}
 # HMAC keys shorter than the hash's output weaken it; 32 random bytes is what the docs generate.
 _MIN_HMAC_KEY = 32
+# Printable ASCII but "%" (the escape) stays as it is in the CMK-Tenant header.
+_HEADER_SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")
 
 
 def check(spec: Mapping[str, Any]) -> dict[str, Any]:
@@ -74,12 +78,7 @@ def check(spec: Mapping[str, Any]) -> dict[str, Any]:
             f"webhook destination: 'signing.alg' must be one of {sorted(_ALGS)}, not {alg!r}"
         )
     field_name = _ALGS[alg]
-    ref = signing.get(field_name)
-    if not isinstance(ref, str) or ":" not in ref:
-        raise ConfigurationError(
-            f"webhook destination: 'signing.{field_name}' must be a secret reference "
-            "(env:NAME or file:/path), never the key itself"
-        )
+    ref = check_secret_ref(signing.get(field_name), f"webhook destination: 'signing.{field_name}'")
     unknown = set(signing) - {"alg", field_name, "key_id"}
     if unknown:
         raise ConfigurationError(
@@ -91,6 +90,14 @@ def check(spec: Mapping[str, Any]) -> dict[str, Any]:
         if not isinstance(key_id, str) or not key_id or not _is_token(key_id):
             raise ConfigurationError(
                 "webhook destination: 'signing.key_id' must be letters, digits, '-', '_' or '.'"
+            )
+        other = "ed25519-" if alg == "hmac-sha256" else "hmac-"
+        if key_id.startswith(other):
+            # The docs' recipe takes a key id of the other algorithm's default form for that
+            # algorithm (an Ed25519 public key as bytes must never verify as an HMAC secret).
+            raise ConfigurationError(
+                f"webhook destination: 'signing.key_id' of an {alg} key must not begin with "
+                f"{other!r}"
             )
         checked["key_id"] = key_id
     out["signing"] = checked
@@ -164,6 +171,17 @@ def payload(records: Sequence[Record]) -> bytes:
     return b'{"events":[\n' + b",\n".join(r.body for r in records) + b"\n]}"
 
 
+def tenant_header(tenant: str) -> str:
+    """The ``CMK-Tenant`` header's value: the tenant id, UTF-8 percent-encoded.
+
+    A tenant id is printable Unicode, a header value Latin-1 at most (and ASCII in practice):
+    as is, "租户-1" could not be sent at all and "Zoë" arrived as a byte no receiver reads as
+    the id. Printable ASCII other than ``%`` is kept, so ``acme`` stays ``acme``; a receiver
+    takes the id back with ``urllib.parse.unquote``.
+    """
+    return urllib.parse.quote(tenant, safe=_HEADER_SAFE)
+
+
 def sign(records: Sequence[Record], signer: _Signer, timestamp: int) -> tuple[bytes, str]:
     """The request body for ``records`` and its ``CMK-Signature`` header value."""
     body = payload(records)
@@ -213,7 +231,7 @@ class WebhookSink:
             "Content-Type": "application/json",
             "User-Agent": "sqlalchemy-cmk",
             SIGNATURE_HEADER: signature,
-            "CMK-Tenant": records[0].tenant,
+            "CMK-Tenant": tenant_header(records[0].tenant),
             "CMK-Event-Count": str(len(records)),
         }
         raise_for_status(self._client.post(body, headers), self._client)
