@@ -32,6 +32,7 @@ from .errors import DeliveryError
 from .sinks import Record, Sink, SinkEnv, build_sink, destination_name
 
 log = logging.getLogger("sqlalchemy_cmk.delivery")
+SAVE_EVERY = 1.0  # seconds between saves of a directory's cursors
 
 Pos = tuple[int, int]  # (segment, offset after the frame)
 _REMOVED: Any = object()  # a lane's destination that the tenant no longer has
@@ -96,6 +97,7 @@ class WriterDir:
     lanes: dict[tuple[str, str], Lane] = field(default_factory=dict)
     seg_tenants: dict[int, set[str]] = field(default_factory=dict)
     dirty: bool = False
+    saved_at: float = 0.0  # monotonic time of the last save
     held: bool = False  # the last scan stopped at a tenant whose destinations are unknown
 
 
@@ -184,8 +186,11 @@ class Shipper:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
         with self._lock:
-            for d in self._dirs.values():
-                self._save(d)
+            dirs = list(self._dirs.values())
+        for d in dirs:
+            self._save(d)
+        with self._lock:
+            for d in dirs:
                 if d.lock_fd is not None:
                     os.close(d.lock_fd)
                     d.lock_fd = None
@@ -248,10 +253,13 @@ class Shipper:
         for d in dirs:
             self._isolated(self._scan, d)
         self._schedule()
-        with self._lock:
-            for d in dirs:
-                if d.dirty:
-                    self._save(d)
+        for d in dirs:
+            # At most once a second: each save is an fsync and a rename, which share the
+            # file system's journal with the spool's own fdatasyncs (saving every pass halved
+            # what the spool could record). A crash re-delivers up to a second of batches,
+            # with their ids.
+            if d.dirty and now - d.saved_at >= SAVE_EVERY:
+                self._save(d)
         for d in dirs:
             self._isolated(self._prune, d)
         self.passes += 1
@@ -612,14 +620,18 @@ class Shipper:
     # -- state ---------------------------------------------------------------------------------
 
     def _save(self, d: WriterDir) -> None:
-        lanes = dict(d.saved.get("lanes", {}))
-        for (tenant, name), lane in d.lanes.items():
-            lanes[_spool.lane_key(tenant, name)] = lane.state()
-        d.saved = {"lanes": lanes, "scan": list(d.scan), "undeliverable": self.undeliverable}
-        try:
-            _spool.save_state(d.path, d.saved)
+        with self._lock:  # a snapshot; the fsync runs outside the lock the senders take
+            lanes = dict(d.saved.get("lanes", {}))
+            for (tenant, name), lane in d.lanes.items():
+                lanes[_spool.lane_key(tenant, name)] = lane.state()
+            d.saved = {"lanes": lanes, "scan": list(d.scan), "undeliverable": self.undeliverable}
             d.dirty = False
+            saved = d.saved
+        d.saved_at = time.monotonic()
+        try:
+            _spool.save_state(d.path, saved)
         except OSError as exc:
+            d.dirty = True
             log.warning("audit shipper could not save its cursors in %s: %s", d.path, exc)
 
     def _prune(self, d: WriterDir) -> None:
