@@ -432,7 +432,8 @@ class AuditDelivery:
         gap = 0
         try:
             writer = self._current_writer()
-            gap = self._gaps.pop(to, 0)
+            with self._lock:
+                gap = self._gaps.pop(to, 0)
             if gap:
                 self._append(writer, to, make_event(None, "audit", "dropped", to, rows=gap), None)
                 gap = 0  # announced: not to be put back if the event itself fails below
@@ -440,11 +441,13 @@ class AuditDelivery:
             self._spool_error = None
         except (_spool.SpoolError, OSError) as exc:
             self._spool_error = str(exc)
-            if gap:
-                self._gaps[to] = self._gaps.get(to, 0) + gap
-            if audit.on_spool_failure == "serve":
-                self.dropped[to] = self.dropped.get(to, 0) + 1
-                self._gaps[to] = self._gaps.get(to, 0) + 1
+            serve = audit.on_spool_failure == "serve"
+            with self._lock:  # threads dropping at once must not lose each other's counts
+                if gap or serve:
+                    self._gaps[to] = self._gaps.get(to, 0) + gap + int(serve)
+                if serve:
+                    self.dropped[to] = self.dropped.get(to, 0) + 1
+            if serve:
                 log.warning("audit event of tenant %r dropped (policy serve): %s", to, exc)
                 return
             raise AuditError(

@@ -368,3 +368,27 @@ def test_destinations_from_the_key_registry(
     finally:
         delivery.close()
         registry.table.drop(engine)
+
+
+def test_drops_from_many_threads_are_all_counted(
+    tmp_path: Path, memory_kind: dict[str, Receiver]
+) -> None:
+    audit = {"acme": TenantAudit([{"kind": "memory", "receiver": "a"}], on_spool_failure="serve")}
+    delivery = AuditDelivery(tmp_path, audit, max_spool_bytes=1, start=False)
+    try:
+        threads = [
+            threading.Thread(target=record_many, args=(delivery, "acme", 300)) for _ in range(8)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        from sqlalchemy_cmk.delivery import spool_events
+
+        recorded = len(list(spool_events(tmp_path, "acme")))  # the first fits in one byte's room
+        assert recorded >= 1
+        assert delivery.dropped["acme"] == 2400 - recorded
+        # Each drop is to be announced once the spool takes events again.
+        assert delivery._gaps["acme"] == 2400 - recorded
+    finally:
+        delivery.close()
