@@ -1112,9 +1112,9 @@ def install(cmk: CMK, target: Any) -> list[tuple[str, Any]]:
 
     listeners: list[tuple[str, Any]] = [
         ("before_flush", before_flush),
-        ("after_flush", _restore),
-        ("after_soft_rollback", _restore),
-        ("transient_to_pending", _on_pending),
+        ("after_flush", _own(_restore)),
+        ("after_soft_rollback", _own(_restore)),
+        ("transient_to_pending", _own(_on_pending)),
         ("do_orm_execute", do_orm_execute),
     ]
     for fn in (before_flush, do_orm_execute):  # this CMK's own closures (not _restore...)
@@ -1125,6 +1125,18 @@ def install(cmk: CMK, target: Any) -> list[tuple[str, Any]]:
 
 
 _OWNER = "_sqlalchemy_cmk_owner"
+
+
+def _own(fn: Any) -> Any:
+    """A function of one install's own for a shared hook. SQLAlchemy before 2.0.37 (its issue
+    12216) records one entry per function and event for every target of a class-level event,
+    so a function listened on two sessionmakers' classes made the second removal raise
+    KeyError from ``uninstall``."""
+
+    def hook(*args: Any) -> Any:
+        return fn(*args)
+
+    return hook
 
 
 def _one_cmk(listeners: Any, cmk: CMK) -> None:
