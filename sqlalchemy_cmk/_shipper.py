@@ -96,6 +96,7 @@ class WriterDir:
     scan: Pos = (0, 0)
     lanes: dict[tuple[str, str], Lane] = field(default_factory=dict)
     seg_tenants: dict[int, set[str]] = field(default_factory=dict)
+    seg_end: dict[int, int] = field(default_factory=dict)  # where a left segment's frames end
     dirty: bool = False
     saved_at: float = 0.0  # monotonic time of the last save
     held: bool = False  # the last scan stopped at a tenant whose destinations are unknown
@@ -345,7 +346,7 @@ class Shipper:
             path = os.path.join(d.path, _spool.segment_name(seg))
             end = off
             try:
-                frames = list(_spool.read_frames(path, off))
+                frames = list(_spool.read_frames(path, off, self._written_to(d, seg)))
             except FileNotFoundError:
                 frames = []
             audits = self._audits({t for _, _, t, _ in frames})
@@ -391,7 +392,16 @@ class Shipper:
                 return
             if not later:
                 return
+            d.seg_end[seg] = end
             seg, off = later[0], 0  # listed before the read: the old segment was complete
+
+    def _written_to(self, d: WriterDir, seg: int) -> int | None:
+        """Where our own writer's frames end in ``seg``, if it is the one written to (its
+        zero-filled tail is not read); None for any other."""
+        if d.lock_fd is not None or self._writer is None:
+            return None
+        pos = self._writer.position  # after the listing: a segment listed later is complete
+        return pos.offset if pos.segment == seg else None
 
     def _catch_up(self, d: WriterDir, lane: Lane) -> None:
         """Refill an overflowed lane from the files, up to the shared scan position."""
@@ -659,9 +669,14 @@ class Shipper:
                 d.lock_fd is not None and not d.held and s == d.scan[0] == segs[-1] and s != current
             )
             complete = s < d.scan[0] or dead_last
-            end = (s, d.scan[1]) if dead_last else (s, st.st_size)
             if not complete or now - st.st_mtime < retention:
                 break
+            if dead_last:
+                end = (s, d.scan[1])
+            elif s in d.seg_end:
+                end = (s, d.seg_end[s])
+            else:
+                break  # not read by this shipper: where its frames end is unknown
             with self._lock:
                 if s not in d.seg_tenants:
                     break  # not read by this shipper: its lanes are unknown
@@ -685,6 +700,7 @@ class Shipper:
                 self._writer.forget_bytes(st.st_size)
             with self._lock:
                 d.seg_tenants.pop(s, None)
+                d.seg_end.pop(s, None)
         if d.lock_fd is not None and not _spool.segments(d.path):
             # An adopted directory, fully delivered and past retention: remove it.
             with self._lock:
@@ -717,6 +733,10 @@ class Shipper:
             last = segs[-1]
             if d.lock_fd is not None and not d.held and d.scan[0] >= last:
                 continue  # a dead writer's last segment, read to its last whole frame
+            if d.lock_fd is None and self._writer is not None:
+                if d.scan < self._writer.position.key():
+                    return False
+                continue
             try:
                 size = os.path.getsize(os.path.join(d.path, _spool.segment_name(last)))
             except FileNotFoundError:

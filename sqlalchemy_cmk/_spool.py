@@ -22,8 +22,14 @@ frame written so far, the others wait for it, and one of them leads the next. A 
 several frames in the last sync waits a moment (at most ``GATHER``) for as many again: without
 that, four threads appending got two frames per sync, with it nearly four.
 
-A reader stops at the first frame that is short or fails its CRC: that is where a crash cut the
-file (only a power loss can leave one; SIGKILL keeps every completed ``write``).
+Segments are zero-filled ahead of the frames, ``FILL`` bytes at a time, and frames written over
+the zeros: an ``fdatasync`` then writes the frames' pages only. Appending to the end instead
+changes the file's size, so each sync was also a journal commit (220-350 µs here against 115).
+A closed writer cuts its segments back to their last frame.
+
+A reader stops at the first frame that is short, fails its CRC, or starts with a zero byte (the
+filled tail; no version is 0): that is where the frames end, or where a crash cut the file (only
+a power loss can leave a torn frame; SIGKILL keeps every completed ``write``).
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ _HEAD = struct.Struct(">BIIH")
 VERSION = 1
 MAX_FRAME = 1 << 20  # an event is a few hundred bytes; a larger length is a torn or foreign file
 GATHER = 0.0005  # seconds a sync may wait for other threads' frames, see Writer._sync
+FILL = 1 << 20  # bytes of a segment zero-filled at a time, see the module docstring
 SEGMENT_GLOB = ".seg"
 
 
@@ -86,12 +93,15 @@ def segments(wdir: str) -> list[int]:
     return sorted(out)
 
 
-def read_frames(path: str, offset: int = 0) -> Iterator[tuple[int, int, str, bytes]]:
-    """``(offset, next_offset, tenant, body)`` of each whole frame from ``offset``; stops at a
+def read_frames(
+    path: str, offset: int = 0, end: int | None = None
+) -> Iterator[tuple[int, int, str, bytes]]:
+    """``(offset, next_offset, tenant, body)`` of each whole frame from ``offset`` (to ``end``,
+    if given: a live writer's position, which spares reading its zero-filled tail); stops at a
     torn tail."""
     with open(path, "rb") as f:
         f.seek(offset)
-        data = f.read()
+        data = f.read() if end is None else f.read(max(0, end - offset))
     pos = 0
     while pos + _HEAD.size <= len(data):
         version, length, crc, tlen = _HEAD.unpack_from(data, pos)
@@ -256,7 +266,9 @@ class Writer:
         self._expect = 1  # frames the last sync covered
         self._segment = 0
         self._fd = -1
-        self._size = 0  # bytes in the current segment
+        self._size = 0  # bytes of frames in the current segment
+        self._filled = 0  # bytes of the current segment written, zeros ahead of the frames
+        self._fill_after = 0  # after a failed fill, frames are appended up to here
         self._closed_bytes = 0  # bytes in earlier segments still on disk (approx.)
         self._written = 0  # frames written
         self._synced = 0  # frames known on disk
@@ -268,7 +280,10 @@ class Writer:
 
     @property
     def position(self) -> Position:
-        return Position(self._segment, self._size)
+        """The end of the last frame written (read under the lock: a segment number from before
+        a roll with the new segment's size would tell a reader the old segment ends early)."""
+        with self._lock:
+            return Position(self._segment, self._size)
 
     def _roll(self) -> None:
         # Called under _lock. The old segment is synced and closed by the syncer's next pass:
@@ -277,13 +292,15 @@ class Writer:
         # many open files) the writer still owns exactly the descriptor it had, and never
         # retires it twice (a second close could hit a number the application reused).
         path = os.path.join(self.dir, segment_name(self._segment + 1))
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         if self._fd >= 0:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, self._size)  # its zero-filled tail
             self._retired.append(self._fd)
             self._closed_bytes += self._size
         self._segment += 1
         self._fd = fd
-        self._size = 0
+        self._size = self._filled = self._fill_after = 0
         _fsync_dir(self.dir)  # the new name itself must survive a crash
 
     @property
@@ -325,6 +342,7 @@ class Writer:
             if written is not None:
                 written()
             self._size += len(data)
+            self._filled = max(self._filled, self._size)
             self._written += 1
             mine = self._written
             pos = Position(self._segment, self._size)
@@ -339,14 +357,17 @@ class Writer:
         return body, pos
 
     def _write(self, data: bytes) -> None:
-        """Append one whole frame, or none of it (under _lock).
+        """Write one whole frame after the last, or none of it (under _lock).
 
         A disk that fills mid-frame makes ``write`` return short without an error. The torn
         bytes are cut off again: left in place, every frame appended after them (once space is
         back) would sit behind a frame that fails its CRC, where every reader stops.
         """
+        end = self._size + len(data)
+        if end > self._filled and end > self._fill_after:
+            self._fill(max(end, min(self._filled + FILL, self._segment_bytes)))
         try:
-            n = os.write(self._fd, data)
+            n = os.pwrite(self._fd, data, self._size)
             if n == len(data):
                 return
             error = errno.ENOSPC
@@ -354,9 +375,25 @@ class Writer:
             error = exc.errno or errno.EIO
         try:
             os.ftruncate(self._fd, self._size)
+            self._filled = self._size
         except OSError:
             self._broken = True  # tail unknown: the next append starts a new segment
         raise SpoolError(f"the audit spool could not write: {os.strerror(error)}")
+
+    def _fill(self, to: int) -> None:
+        """Zero-fill the segment up to ``to`` bytes (under _lock). A disk too full for the
+        zeros is not full for the frame: it is then appended as it comes."""
+        zeros = bytes(to - self._filled)
+        try:
+            n = os.pwrite(self._fd, zeros, self._filled)
+        except OSError:
+            n = -1
+        if n == len(zeros):
+            self._filled = to
+            return
+        with contextlib.suppress(OSError):
+            os.ftruncate(self._fd, self._filled)
+        self._fill_after = self._filled + FILL  # not one failing megabyte per frame
 
     def _was_lost(self, mine: int) -> bool:
         return any(lo <= mine <= hi for lo, hi in self._lost)
@@ -405,6 +442,9 @@ class Writer:
         with self._lock:
             while self._syncing:
                 self._done.wait()
+            if self._fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self._fd, self._size)  # its zero-filled tail
             for fd in [*self._retired, self._fd]:
                 if fd >= 0:
                     try:

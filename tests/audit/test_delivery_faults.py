@@ -1,7 +1,7 @@
 """Attacks on the audit delivery that once lost or hid events, each kept as a regression test.
 
 Faults the disk cannot be told to make on demand (a short write when the disk fills mid-frame, a
-segment that cannot be created) are injected by wrapping ``os.write`` / ``os.open`` for the
+segment that cannot be created) are injected by wrapping ``os.pwrite`` / ``os.open`` for the
 spool's segment files only; everything else is the real spool, shipper and files.
 """
 
@@ -29,6 +29,7 @@ from sqlalchemy_cmk.delivery import (
     spool_status,
     verify_chain,
 )
+from tests.audit._disk import tear
 from tests.audit.memory_kind import Receiver
 
 
@@ -54,22 +55,23 @@ def _is_segment(fd: int) -> bool:
 
 @contextmanager
 def segment_writes(fault: Callable[[int, bytes], int | None]) -> Iterator[None]:
-    """Route writes to segment files through ``fault(fd, data)``: an int is returned as the
-    count written (after really writing that many bytes), None writes normally; it may raise."""
-    real = os.write
+    """Route frame writes to segment files through ``fault(fd, data)``: an int is returned as
+    the count written (after really writing that many bytes), None writes normally; it may
+    raise. (The zeros a segment is filled with ahead of its frames pass untouched.)"""
+    real = os.pwrite
 
-    def write(fd: int, data: Any) -> int:
-        if _is_segment(fd):
+    def pwrite(fd: int, data: Any, offset: int) -> int:
+        if _is_segment(fd) and bytes(data[:1]) != b"\0":
             n = fault(fd, bytes(data))
             if n is not None:
-                return real(fd, bytes(data)[:n]) if n else 0
-        return real(fd, data)
+                return real(fd, bytes(data)[:n], offset) if n else 0
+        return real(fd, data, offset)
 
-    os.write = write
+    os.pwrite = pwrite
     try:
         yield
     finally:
-        os.write = real
+        os.pwrite = real
 
 
 # -- the disk fills in the middle of a frame ---------------------------------------------------
@@ -639,8 +641,7 @@ def test_a_dead_writers_torn_tail_is_adopted_delivered_and_cleaned_up(
     dead._writer = None
     dead.close()
     seg = os.path.join(wdir, _spool.segment_name(_spool.segments(wdir)[-1]))
-    with open(seg, "ab") as f:
-        f.write(_spool.frame("acme", b'{"torn": tr')[:20])  # the frame the power cut
+    tear(seg, _spool.frame("acme", b'{"torn": tr')[:20])  # the frame the power cut
     d = AuditDelivery(tmp_path, tenants, poll=0.005, retention=0)
     try:
         record(d, "acme", 5)
@@ -661,16 +662,13 @@ def test_a_whole_frame_that_is_not_an_event_is_skipped(
     version copied in): the shipper raised KeyError on it in every pass, so none of the
     writer's later events were delivered; ``audit tail``/``verify`` raised too. Found by the
     state machine's power-loss rule cutting a frame exactly at its end."""
-    from sqlalchemy_cmk import _spool
     from sqlalchemy_cmk.cli import main
 
     tenants = {"acme": memory("a")}
     dead = AuditDelivery(tmp_path, tenants, start=False)
     record(dead, "acme", 0)
     assert dead._writer is not None
-    wdir = dead._writer.dir
-    with open(os.path.join(wdir, _spool.segment_name(1)), "ab") as f:
-        f.write(_spool.frame("acme", b'{"not":"an event"}'))
+    dead._writer.append("acme", lambda: b'{"not":"an event"}')
     record(dead, "acme", 1)
     dead._writer.abandon_after_fork()
     dead._writer = None

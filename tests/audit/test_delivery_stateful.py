@@ -22,6 +22,7 @@ from sqlalchemy_cmk.audit import make_event
 from sqlalchemy_cmk.context import TenantContext
 from sqlalchemy_cmk.delivery import AuditDelivery, TenantAudit, verify_chain
 from tests.audit import memory_kind
+from tests.audit._disk import tear
 from tests.audit.memory_kind import Receiver
 
 TENANTS = ("acme", "globex", "initech")
@@ -138,8 +139,7 @@ class Spool(RuleBasedStateMachine):
         if w is not None:
             segs = _spool.segments(w.dir)
             torn = _spool.frame("acme", b'{"never":"acknowledged"}')[:cut]
-            with open(os.path.join(w.dir, _spool.segment_name(segs[-1])), "ab") as f:
-                f.write(torn)
+            tear(os.path.join(w.dir, _spool.segment_name(segs[-1])), torn)
         self.delivery = self.new()
 
     @precondition(lambda self: self.n > 0)

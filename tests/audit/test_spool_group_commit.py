@@ -50,3 +50,50 @@ def test_four_threads_share_syncs_and_none_returns_before_its_sync(
     # the append returned.
     for w, r in returned:
         assert any(w <= s and e <= r for s, e in syncs), (w, r)
+
+
+def test_frames_are_written_over_zeros_and_the_tail_is_cut_at_close(tmp_path: Path) -> None:
+    """A sync must not change the file's size (that is a journal commit per sync): frames go
+    over zeros filled ahead, ``FILL`` at a time. Readers see exactly the frames, live or not,
+    and a closed writer leaves no zeros behind."""
+    writer = _spool.Writer(str(tmp_path), segment_bytes=4 * _spool.FILL, max_bytes=1 << 30)
+    path = os.path.join(writer.dir, _spool.segment_name(1))
+    sizes = set()
+    for i in range(500):
+        writer.append("acme", lambda i=i: b'{"n":%d}' % i)
+        sizes.add(os.path.getsize(path))
+    assert sizes == {_spool.FILL}  # one fill, never extended by a frame
+    bodies = [b for _, _, _, b in _spool.read_frames(path)]
+    assert bodies == [b'{"n":%d}' % i for i in range(500)]
+    end = writer.position.offset
+    assert [n for _, n, _, _ in _spool.read_frames(path, 0, end)][-1] == end
+    writer.close()
+    assert os.path.getsize(path) == end
+    assert len(list(_spool.read_frames(path))) == 500
+
+
+def test_a_disk_too_full_for_the_zeros_still_takes_the_frame(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Filling ahead is an optimisation: when the disk cannot take the zeros, the frame is
+    appended as it comes, recorded and readable, and nothing half-filled is left between."""
+    import errno
+
+    real = os.pwrite
+    fills: list[int] = []
+
+    def no_room_for_zeros(fd: int, data: bytes, offset: int) -> int:
+        if len(data) > 1000 and not any(data[:64]):
+            fills.append(len(data))
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(_spool.os, "pwrite", no_room_for_zeros)
+    writer = _spool.Writer(str(tmp_path), segment_bytes=1 << 20, max_bytes=1 << 30)
+    for i in range(20):
+        writer.append("acme", lambda i=i: b'{"n":%d}' % i)
+    path = os.path.join(writer.dir, _spool.segment_name(1))
+    assert os.path.getsize(path) == writer.position.offset  # no zeros: appended
+    assert len(list(_spool.read_frames(path))) == 20
+    assert len(fills) == 1  # not tried again for every frame
+    writer.close()
