@@ -31,6 +31,7 @@ import os
 import re
 import socket
 import stat
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -90,6 +91,10 @@ class Sink(Protocol):
     def close(self) -> None: ...
 
 
+#: Seconds :meth:`NetworkPolicy.resolve` waits for DNS unless told otherwise.
+RESOLVE_TIMEOUT = 10.0
+
+
 @dataclass(frozen=True)
 class NetworkPolicy:
     """Which network destinations a sink may reach.
@@ -142,21 +147,30 @@ class NetworkPolicy:
                 return
         raise ConfigurationError(f"{what} host {host!r} is not in the allowlist")
 
-    def resolve(self, host: str, port: int, *, what: str = "destination host") -> list[str]:
+    def resolve(
+        self,
+        host: str,
+        port: int,
+        *,
+        what: str = "destination host",
+        timeout: float = RESOLVE_TIMEOUT,
+    ) -> list[str]:
         """The addresses to connect to for ``host``, each checked against the policy.
 
         Connect to one of these, not to ``host`` again: resolving twice would let a DNS answer
         that changes in between (rebinding) reach an address that was never checked.
 
+        Args:
+            timeout: Seconds to wait for the answer (the send's own deadline): the system
+                resolver has none of its own that a caller can set, and a tenant's slow DNS
+                would otherwise hold a send worker for as long as it likes.
+
         Raises:
             ConfigurationError: the host is not allowed or resolves to a refused address.
-            DeliveryError: the name does not resolve (retryable).
+            DeliveryError: the name does not resolve, or not in time (retryable).
         """
         self.check_host(host, what=what)
-        try:
-            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        except OSError as exc:
-            raise DeliveryError(f"{what} {host!r} does not resolve: {exc}") from None
+        infos = _getaddrinfo(host, port, timeout, what)
         addrs: list[str] = []
         for info in infos:
             addr = str(info[4][0])
@@ -170,6 +184,34 @@ class NetworkPolicy:
             if addr not in addrs:
                 addrs.append(addr)
         return addrs
+
+
+def _getaddrinfo(host: str, port: int, timeout: float, what: str) -> list[Any]:
+    """``socket.getaddrinfo`` given up after ``timeout`` seconds. The lookup runs in a thread
+    of its own, left to finish by itself when it is late: getaddrinfo cannot be interrupted."""
+    try:
+        ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        pass
+    else:  # an address: nothing to ask DNS
+        return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    answer: list[Any] = []
+    done = threading.Event()
+
+    def lookup() -> None:
+        try:
+            answer.append(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
+        except OSError as exc:
+            answer.append(exc)
+        finally:
+            done.set()
+
+    threading.Thread(target=lookup, name="cmk-audit-resolve", daemon=True).start()
+    if not done.wait(max(timeout, 0.0)):
+        raise DeliveryError(f"{what} {host!r} did not resolve within {timeout:g} s")
+    if isinstance(answer[0], OSError):
+        raise DeliveryError(f"{what} {host!r} does not resolve: {answer[0]}") from None
+    return list(answer[0])
 
 
 # IPv6 prefixes whose addresses carry an IPv4 address in their last 32 bits, for a translator

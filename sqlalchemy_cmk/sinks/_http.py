@@ -195,7 +195,9 @@ class HttpsClient:
         """
         deadline = time.monotonic() + self.timeout
         try:
-            addresses = self._policy.resolve(self.host, self.port, what=f"{self.what} host")
+            addresses = self._policy.resolve(
+                self.host, self.port, what=f"{self.what} host", timeout=self.timeout
+            )
         except ConfigurationError as exc:
             # The name now points somewhere the policy refuses: retrying will not help until
             # its DNS or the policy changes.

@@ -196,7 +196,12 @@ class CloudWatchSink:
     def _before_send(self, request: Any, **_: Any) -> None:
         parts = urllib.parse.urlsplit(request.url)
         try:
-            self._policy.resolve(parts.hostname or "", parts.port or 443, what=f"{KIND} endpoint")
+            self._policy.resolve(
+                parts.hostname or "",
+                parts.port or 443,
+                what=f"{KIND} endpoint",
+                timeout=self.timeout,
+            )
         except ConfigurationError as exc:
             # The name now points somewhere the policy refuses: an operator must act.
             raise DeliveryError(str(exc), retryable=False) from None

@@ -235,7 +235,9 @@ class SyslogTlsSink:
             return self._sock
         self._drop()
         try:
-            addresses = self._policy.resolve(self.host, self.port, what=f"{KIND} host")
+            addresses = self._policy.resolve(
+                self.host, self.port, what=f"{KIND} host", timeout=deadline - time.monotonic()
+            )
         except ConfigurationError as exc:
             # The name now resolves to an address the policy refuses: an operator must act.
             raise DeliveryError(str(exc), retryable=False) from None

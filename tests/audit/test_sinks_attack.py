@@ -304,10 +304,12 @@ class _Rebinding(LOOPBACK.__class__):
 
     turned = False
 
-    def resolve(self, host: str, port: int, *, what: str = "destination host") -> list[str]:
+    def resolve(
+        self, host: str, port: int, *, what: str = "destination host", timeout: float = 10.0
+    ) -> list[str]:
         if self.turned:
             raise ConfigurationError(f"{what} {host!r} resolves to the non-public address x")
-        return super().resolve(host, port, what=what)
+        return super().resolve(host, port, what=what, timeout=timeout)
 
 
 def test_cloudwatch_checks_the_endpoints_addresses_at_send(
@@ -497,3 +499,41 @@ def test_an_azure_client_secret_that_is_not_utf8_is_a_configuration_error(
     with pytest.raises(ConfigurationError, match="client_secret") as info:
         build_sink(_az_spec(dce, client_secret=f"file:{secret}"), az_env)
     assert "0xfe" not in str(info.value)
+
+
+def test_a_tenants_slow_dns_holds_a_send_no_longer_than_its_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``getaddrinfo`` has no timeout a caller can set: a tenant's DNS that never answers held
+    a send worker (and the tenant's lane) for as long as the system resolver liked, past the
+    destination's ``timeout``. Now the send fails, retryable, within it."""
+    import socket
+
+    from sqlalchemy_cmk.sinks import NetworkPolicy
+
+    real = socket.getaddrinfo
+    release = threading.Event()
+
+    def hanging(host: str, *args: Any, **kw: Any) -> Any:
+        if host.endswith(".slow.test"):
+            release.wait(30)
+        return real(host, *args, **kw)
+
+    monkeypatch.setattr(socket, "getaddrinfo", hanging)
+    try:
+        client = HttpsClient(
+            "https://siem.slow.test/in",
+            policy=NetworkPolicy(allow_private=True),
+            timeout=0.3,
+        )
+        started = time.monotonic()
+        with pytest.raises(DeliveryError, match="did not resolve within") as info:
+            client.post(b"{}", {})
+        assert time.monotonic() - started < 2
+        assert info.value.retryable
+        # An address is not looked up in a thread: it needs no DNS.
+        assert NetworkPolicy(allow_private=True).resolve("127.0.0.1", 443, timeout=0) == [
+            "127.0.0.1"
+        ]
+    finally:
+        release.set()

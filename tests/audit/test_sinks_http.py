@@ -333,7 +333,9 @@ def test_host_and_sni_are_the_name_while_the_checked_address_is_dialled(
 class PinnedDns(NetworkPolicy):
     """A policy whose DNS answers siem.test with 127.0.0.1 (no real resolver knows the name)."""
 
-    def resolve(self, host: str, port: int, *, what: str = "destination host") -> list[str]:
+    def resolve(
+        self, host: str, port: int, *, what: str = "destination host", timeout: float = 10.0
+    ) -> list[str]:
         self.check_host(host, what=what)
         assert host == "siem.test"
         return ["127.0.0.1"]
