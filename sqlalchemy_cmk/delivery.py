@@ -696,18 +696,32 @@ def spool_events(
     *,
     since_ns: int | None = None,
     until_ns: int | None = None,
+    cursors: dict[str, tuple[int, int]] | None = None,
 ) -> Iterator[tuple[str, Record]]:
     """``(writer, record)`` of every event still in the spool (delivered ones until their
-    retention ends), each writer's in the order written, writers one after another."""
-    for wdir in _writer_dirs(spool):
+    retention ends), each writer's in the order written, writers one after another.
+
+    ``cursors`` (writer -> segment and offset), if given, is where each writer was read to:
+    reading starts there and moves it on, so that following a spool reads only what is new.
+    """
+    writers = _writer_dirs(spool)
+    if cursors is not None:
+        for gone in set(cursors) - {os.path.basename(w)[2:] for w in writers}:
+            del cursors[gone]
+    for wdir in writers:
         writer = os.path.basename(wdir)[2:]
+        start = cursors.get(writer, (0, 0)) if cursors is not None else (0, 0)
         for seg in _spool.segments(wdir):
+            if seg < start[0]:
+                continue
             path = os.path.join(wdir, _spool.segment_name(seg))
             try:
-                frames = list(_spool.read_frames(path))
+                frames = list(_spool.read_frames(path, start[1] if seg == start[0] else 0))
             except FileNotFoundError:
                 continue  # pruned meanwhile
-            for _, _, t, body in frames:
+            for _, nxt, t, body in frames:
+                if cursors is not None:
+                    cursors[writer] = (seg, nxt)
                 if tenant is not None and t != tenant:
                     continue
                 rec = _shipper.record_of(t, body)

@@ -15,6 +15,7 @@ application's CMK (``--cmk``): it sends through the destinations and network pol
 from __future__ import annotations
 
 import argparse
+import collections
 import datetime
 import json
 import os
@@ -136,22 +137,19 @@ def _status(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _tail(args: argparse.Namespace, out: TextIO) -> int:
-    seen: set[str] = set()
-    last: list[bytes] = []
-    for _, rec in spool_events(args.spool, args.tenant):
-        seen.add(rec.id)
+    # Where each writer was read to, not the ids seen: following a busy spool for days must
+    # not grow, nor read the whole spool again every second.
+    cursors: dict[str, tuple[int, int]] = {}
+    last: collections.deque[bytes] = collections.deque(maxlen=max(args.n, 0))
+    for _, rec in spool_events(args.spool, args.tenant, cursors=cursors):
         last.append(rec.body)
-        if len(last) > args.n:
-            last.pop(0)
     for body in last:
         out.write(body.decode() + "\n")
     out.flush()
     while args.follow:
         time.sleep(1.0)
-        for _, rec in spool_events(args.spool, args.tenant):
-            if rec.id not in seen:
-                seen.add(rec.id)
-                out.write(rec.body.decode() + "\n")
+        for _, rec in spool_events(args.spool, args.tenant, cursors=cursors):
+            out.write(rec.body.decode() + "\n")
         out.flush()
     return 0
 

@@ -67,6 +67,80 @@ def test_tail_prints_the_latest_events(spool: str, capsys: pytest.CaptureFixture
     assert rows == [7, 8, 9]
 
 
+def test_following_reads_only_what_is_new(tmp_path: Path, memory_kind: dict[str, Receiver]) -> None:
+    """``tail --follow`` kept every event id it had printed and read the whole spool again each
+    second. It now keeps where each writer was read to: new events once each, across a
+    segment roll, a frame read while half written, a second writer and one removed."""
+    from sqlalchemy_cmk.delivery import spool_events
+
+    memory_kind["a"] = Receiver(down=True)
+    audits = {"acme": TenantAudit([SIEM]), "other": TenantAudit([SIEM])}
+    root = tmp_path / "spool"
+    d = AuditDelivery(root, audits, start=False, segment_bytes=3000)
+
+    def rows(cursors: dict[str, tuple[int, int]]) -> list[int]:
+        got = spool_events(root, "acme", cursors=cursors)
+        return [json.loads(r.body)["resources"][0]["data"]["rows"] for _, r in got]
+
+    cursors: dict[str, tuple[int, int]] = {}
+    record(d, 3)
+    assert rows(cursors) == [0, 1, 2]
+    assert rows(cursors) == []
+    record(d, 20, start=3)  # several segments of 3,000 bytes
+    ctx = TenantContext("other", actor="ops")
+    d.record(make_event(ctx, "decrypt", "ok", "other", table="t"), ctx)
+    assert rows(cursors) == list(range(3, 23))
+    assert d._writer is not None
+    w = d._writer
+    seg = os.path.join(w.dir, _spool.segment_name(w.position.segment))
+    whole = _spool.frame("acme", b"{}")
+    with open(seg, "r+b") as f:  # a frame caught half written: not read, not skipped
+        f.seek(w.position.offset)
+        f.write(whole[:5])
+    assert rows(cursors) == []
+    record(d, 1, start=23)  # written over the half frame, as the writer would
+    assert rows(cursors) == [23]
+    second = AuditDelivery(root, audits, start=False)
+    record(second, 2, start=100)
+    assert rows(cursors) == [100, 101]
+    assert len(cursors) == 2
+    second.close()
+    for name in os.listdir(root):
+        if name.startswith("w-") and os.path.join(root, name) != w.dir:
+            for f in os.listdir(root / name):
+                os.unlink(root / name / f)
+            os.rmdir(root / name)
+    assert rows(cursors) == [] and len(cursors) == 1  # a removed writer is forgotten
+    d.close()
+
+
+def test_tail_follow_prints_each_new_event_once(
+    spool: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sqlalchemy_cmk.cli import audit as cli_audit
+
+    d = AuditDelivery(spool, {"acme": TenantAudit([SIEM])}, start=False)
+    ticks = iter([lambda: record(d, 2, start=10), lambda: None, lambda: record(d, 1, start=12)])
+
+    def sleep(_: float) -> None:
+        step = next(ticks, None)
+        if step is None:
+            raise KeyboardInterrupt  # the operator's ^C
+        step()
+
+    monkeypatch.setattr(cli_audit.time, "sleep", sleep)
+    main(["audit", "tail", "--spool", spool, "--tenant", "acme", "-n", "2", "--follow"])
+    d.close()
+    out = capsys.readouterr().out
+    assert [json.loads(line)["resources"][0]["data"]["rows"] for line in out.splitlines()] == [
+        8,
+        9,
+        10,
+        11,
+        12,
+    ]
+
+
 def test_verify_finds_an_edited_event(spool: str, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(capsys, "audit", "verify", "--spool", spool)
     assert code == 0 and "10 events" in out
