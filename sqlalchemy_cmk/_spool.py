@@ -308,6 +308,11 @@ class Writer:
         """Half of ``max_bytes`` is in use: delivered segments should go before retention."""
         return self._closed_bytes + self._size >= self._max_bytes // 2
 
+    @property
+    def full(self) -> bool:
+        """``max_bytes`` is reached: appends are refused until the shipper prunes."""
+        return self._closed_bytes + self._size >= self._max_bytes
+
     def forget_bytes(self, n: int) -> None:
         """The shipper deleted ``n`` bytes of old segments."""
         with self._lock:
@@ -326,7 +331,7 @@ class Writer:
                 that was not synced is never reported as recorded).
         """
         with self._lock:
-            if self._closed_bytes + self._size >= self._max_bytes:
+            if self.full:
                 raise SpoolError("the audit spool is full")
             try:
                 if self._broken or self._size >= self._segment_bytes:

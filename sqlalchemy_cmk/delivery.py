@@ -593,6 +593,30 @@ class AuditDelivery:
 
     # -- the operator's side -------------------------------------------------------------------
 
+    def _spool_recovered(self) -> bool:
+        """Whether the spool could record again now. Asked by :meth:`health` while it reports
+        ``failing``, by a synced write of a file beside the segments: otherwise only the next
+        event could tell, and a process with no traffic stayed ``failing`` after its disk came
+        back."""
+        w = self._writer
+        if w is not None and w.full:
+            return False
+        where = w.dir if w is not None else self.root
+        try:
+            os.makedirs(where, mode=0o700, exist_ok=True)
+            path = os.path.join(where, ".probe")
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                if os.write(fd, bytes(512)) != 512:
+                    return False
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
+            os.unlink(path)
+        except OSError:
+            return False
+        return True
+
     def health(self) -> dict[str, Any]:
         """A health report for an orchestrator's probe.
 
@@ -601,6 +625,8 @@ class AuditDelivery:
         ``degraded`` when a tenant's oldest undelivered event is older than ``max_lag`` (its
         SIEM is down: restarting does not help, alert instead), else ``ok``.
         """
+        if self._spool_error is not None and self._spool_recovered():
+            self._spool_error = None
         tenants = self._shipper.tenants() if self._shipper is not None else {}
         lagging = sorted(
             t

@@ -109,6 +109,39 @@ def test_a_short_write_is_not_reported_as_recorded_and_hides_no_later_event(
 
 
 @pytest.mark.usefixtures("memory_kind")
+def test_health_sees_the_disk_come_back_without_waiting_for_an_event(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``failing`` was cleared only by the next event recorded: a process with no traffic (or
+    whose traffic the orchestrator had stopped because of it) stayed failing after its disk
+    recovered."""
+    d = AuditDelivery(tmp_path, {"acme": memory("a", on_spool_failure="serve")}, start=False)
+    try:
+        record(d, "acme", 0)
+
+        def full(fd: int, data: bytes) -> int | None:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        real_sync = os.fdatasync
+
+        def failing_sync(fd: int) -> None:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+        with segment_writes(full):
+            record(d, "acme", 1)  # dropped: the disk is full
+            monkeypatch.setattr(os, "fdatasync", failing_sync)
+            assert d.health()["status"] == "failing"  # the probe cannot sync either
+            monkeypatch.setattr(os, "fdatasync", real_sync)
+        health = d.health()  # the disk is back; no event since
+        assert health["status"] == "ok" and health["spool_error"] is None
+        assert not [n for n in os.listdir(d._writer.dir) if n.startswith(".probe")]  # type: ignore[union-attr]
+        record(d, "acme", 2)
+        assert d.dropped == {"acme": 1}
+    finally:
+        d.close()
+
+
+@pytest.mark.usefixtures("memory_kind")
 def test_a_failed_write_does_not_break_the_chain(tmp_path: Path) -> None:
     """A refused event (deny) never reached the disk: it must not take a place in the chain, or
     the tenant sees a gap (an event 'withheld') that no one withheld."""
