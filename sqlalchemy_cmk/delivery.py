@@ -621,7 +621,8 @@ class AuditDelivery:
         """A health report for an orchestrator's probe.
 
         ``status`` is ``failing`` when the spool cannot record (accesses of tenants with the
-        ``deny`` policy are refused: restarting may help if the disk is the problem),
+        ``deny`` policy are refused: restarting may help if the disk is the problem; each call
+        checks the disk again while failing),
         ``degraded`` when a tenant's oldest undelivered event is older than ``max_lag`` (its
         SIEM is down: restarting does not help, alert instead), else ``ok``.
         """
