@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextvars
 import itertools
+import sys
 import weakref
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -1030,6 +1031,10 @@ _async_makers: weakref.WeakKeyDictionary[Any, type[Session]] = weakref.WeakKeyDi
 def _sync_target(target: Any, *, installing: bool) -> Any:
     """The synchronous object whose events serve ``target``: SQLAlchemy's asyncio classes
     have no events of their own, their sync counterparts run every flush and load."""
+    if "sqlalchemy.ext.asyncio" not in sys.modules:
+        # No asyncio object exists before its module is imported, and importing it here would
+        # fail without greenlet, which SQLAlchemy 2.1 no longer installs by default.
+        return target
     from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
     from sqlalchemy.ext.asyncio import async_sessionmaker as AsyncSessionmaker
 
