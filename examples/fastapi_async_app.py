@@ -11,7 +11,8 @@ What changes from the sync recipe (docs/frameworks.md, "FastAPI with AsyncSessio
   the tenant's KMS answers. The ORM's own work (building and encrypting rows, decrypting
   loaded ones) runs on the loop, as the rest of the ORM does under ``AsyncSession``.
 
-Run: ``pip install fastapi uvicorn aiosqlite`` then ``python examples/fastapi_async_app.py``, and
+Run: ``pip install "sqlalchemy-cmk[asyncio]" fastapi uvicorn aiosqlite`` (the extra brings greenlet,
+which SQLAlchemy's asyncio needs) then ``python examples/fastapi_async_app.py``, and
 try ``curl -H 'Authorization: Bearer token-ada' localhost:8000/notes``.
 """
 
