@@ -41,6 +41,7 @@ class Fields:
         # A section has no kind of its own.
         self.seen: set[str] = set() if prefix else {"kind"}
         self.out: dict[str, Any] = {} if prefix else {"kind": kind}
+        self._sections: list[Fields] = []
 
     def what(self, name: str) -> str:
         """How messages name the field ``name``: ``"webhook destination field 'signing.alg'"``."""
@@ -162,8 +163,8 @@ class Fields:
         return value
 
     def section(self, name: str, *, required: bool = False, example: str = "") -> Fields | None:
-        """A nested mapping of named fields, read with the :class:`Fields` returned: its own
-        :meth:`done` refuses what it did not read, and its result is put in this one's."""
+        """A nested mapping of named fields, read with the :class:`Fields` returned; this one's
+        :meth:`done` refuses what the section did not read, and puts its result in this one's."""
         value = self._get(name, False)
         if value is None and not required:
             return None
@@ -174,6 +175,7 @@ class Fields:
             )
         section = Fields(value, self.kind, prefix=f"{self.prefix}{name}.")
         self.out[name] = section.out  # filled as the section is read
+        self._sections.append(section)
         return section
 
     def secret_ref(self, name: str, *, required: bool = False) -> str | None:
@@ -218,6 +220,13 @@ class Fields:
         )
 
     def done(self) -> dict[str, Any]:
+        """The normal form, once every field (and every section's) was read.
+
+        Raises:
+            ConfigurationError: naming a field that was not read (an unknown field).
+        """
+        for section in self._sections:
+            section.done()
         extra = sorted(set(self.spec) - self.seen, key=str)
         if extra:
             names = [self.prefix + str(k) for k in extra]

@@ -81,7 +81,6 @@ def check(spec: Mapping[str, Any]) -> dict[str, Any]:
         raise ConfigurationError(
             f"{signing.what('key_id')} of an {alg} key must not begin with {other!r}"
         )
-    signing.done()
     f.timeout()
     f.ca_file()
     f.max_batch(MAX_BATCH)
