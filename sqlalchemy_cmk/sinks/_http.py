@@ -31,14 +31,13 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
-from typing import Any
 
 from ..errors import ConfigurationError, DeliveryError
 from . import NetworkPolicy, check_regular_file
+from ._fields import DEFAULT_TIMEOUT
 
-__all__ = ["DEFAULT_TIMEOUT", "HttpsClient", "Response", "check_common", "raise_for_status"]
+__all__ = ["HttpsClient", "Response", "raise_for_status"]
 
-DEFAULT_TIMEOUT = 10.0
 # An answer's body is read for diagnosis only (HEC's code); more than this is not needed and a
 # receiver must not be able to make us buffer without limit.
 _MAX_RESPONSE = 64 * 1024
@@ -61,61 +60,6 @@ class Response:
     reason: str
     headers: Mapping[str, str]
     body: bytes
-
-
-def check_common(
-    spec: Mapping[str, Any], kind: str, *, max_batch: int, default_path: str | None = None
-) -> dict[str, Any]:
-    """Check the fields every HTTP destination has: ``url``, ``timeout``, ``ca_file``,
-    ``max_batch`` (no I/O: the allowlist and addresses are checked at build and send).
-
-    Args:
-        spec: The destination spec.
-        kind: Its kind, for messages.
-        max_batch: The default (and largest) batch size.
-        default_path: The path to use when the URL has none (``/services/collector/event``).
-
-    Returns:
-        The normalised common fields.
-
-    Raises:
-        ConfigurationError: naming the field.
-    """
-    url = spec.get("url")
-    if not isinstance(url, str):
-        raise ConfigurationError(f"{kind} destination: 'url' must be an https:// URL string")
-    if not all("!" <= c <= "~" for c in url):
-        # http.client refuses anything else in the request line (InvalidURL, or an
-        # UnicodeEncodeError): the spec would check, then fail every send as if the network did.
-        raise ConfigurationError(
-            f"{kind} destination 'url' must be printable ASCII without spaces "
-            "(percent-encode the path and query, write an international host in punycode)"
-        )
-    parts = NetworkPolicy(allowed_hosts=None).check_url(url, what=f"{kind} destination 'url'")
-    if parts.fragment:
-        raise ConfigurationError(f"{kind} destination 'url' must not have a #fragment")
-    if default_path and parts.path in ("", "/"):
-        url = parts._replace(path=default_path).geturl()
-    timeout = spec.get("timeout", DEFAULT_TIMEOUT)
-    if (
-        isinstance(timeout, bool)
-        or not isinstance(timeout, int | float)
-        or not math.isfinite(timeout)
-        or not 0 < timeout <= 300
-    ):
-        raise ConfigurationError(f"{kind} destination: 'timeout' must be seconds in (0, 300]")
-    ca_file = spec.get("ca_file")
-    if ca_file is not None and (not isinstance(ca_file, str) or not ca_file):
-        raise ConfigurationError(f"{kind} destination: 'ca_file' must be a path to a PEM file")
-    batch = spec.get("max_batch", max_batch)
-    if isinstance(batch, bool) or not isinstance(batch, int) or not 1 <= batch <= max_batch:
-        raise ConfigurationError(
-            f"{kind} destination: 'max_batch' must be an integer in [1, {max_batch}]"
-        )
-    out: dict[str, Any] = {"kind": kind, "url": url, "timeout": float(timeout), "max_batch": batch}
-    if ca_file is not None:
-        out["ca_file"] = ca_file
-    return out
 
 
 class _PinnedHTTPSConnection(http.client.HTTPSConnection):

@@ -64,9 +64,8 @@ _GUID = r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F
 def check(spec: Mapping[str, Any]) -> dict[str, Any]:
     """Validate and normalise an ``azure_monitor`` spec (no I/O, no secret)."""
     f = Fields(spec, KIND)
-    endpoint = f.string("endpoint", required=True)
-    assert endpoint is not None
-    NetworkPolicy().check_url(endpoint, what=f"{KIND} destination field 'endpoint'")
+    endpoint = f.url("endpoint", required=True)
+    assert endpoint is not None  # required
     f.out["endpoint"] = endpoint.rstrip("/")
     f.string("rule_id", required=True, pattern=r"dcr-[0-9a-f]{32}")
     f.string("stream_name", required=True, pattern=r"(Custom|Microsoft)-[A-Za-z0-9_]{1,100}")
@@ -82,11 +81,9 @@ def check(spec: Mapping[str, Any]) -> dict[str, Any]:
             f"{KIND} destination field 'tenant_id' is for a service principal: add "
             "'client_id' and a 'client_secret' reference, or drop it for the default credential"
         )
-    authority = f.string("authority_host")
-    if authority is not None:
-        NetworkPolicy().check_url(authority, what=f"{KIND} destination field 'authority_host'")
+    f.url("authority_host")
     f.timeout()
-    f.number("max_batch", default=500, low=1, high=10_000, integer=True)
+    f.max_batch(500, high=10_000)
     return f.done()
 
 

@@ -82,13 +82,11 @@ def check(spec: Mapping[str, Any]) -> dict[str, Any]:
     external = f.string("external_id", pattern=r"[\w+=,.@:/-]{2,1224}", max_len=1224)
     if external is not None and role is None:
         raise ConfigurationError(f"{KIND} destination field 'external_id' needs 'role_arn'")
-    for name in ("endpoint_url", "sts_endpoint_url"):
-        url = f.string(name)
-        if url is not None:
-            # https, a host, no credentials in it (no DNS, no allowlist: that is build's).
-            NetworkPolicy().check_url(url, what=f"{KIND} destination field {name!r}")
+    # https, a host, no credentials in it (no DNS, no allowlist: that is build's).
+    f.url("endpoint_url")
+    f.url("sts_endpoint_url")
     f.timeout()
-    f.number("max_batch", default=1000, low=1, high=MAX_EVENTS, integer=True)
+    f.max_batch(1000, high=MAX_EVENTS)
     return f.done()
 
 

@@ -90,12 +90,10 @@ def check(spec: Mapping[str, Any]) -> dict[str, Any]:
             f"{KIND} destination field 'labels' may not set {sorted(reserved)[0]!r} "
             "(the sink sets it)"
         )
-    payload = f.string("payload", default="text")
-    if payload not in ("text", "json"):
-        raise ConfigurationError(f"{KIND} destination field 'payload' must be 'text' or 'json'")
+    f.choice("payload", ("text", "json"), default="text")
     f.secret_ref("credentials")
     f.timeout()
-    f.number("max_batch", default=500, low=1, high=1000, integer=True)
+    f.max_batch(500, high=1000)
     return f.done()
 
 

@@ -28,6 +28,7 @@ own collector) never reach a tenant; likewise the resource is built without
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -44,7 +45,8 @@ from requests.structures import CaseInsensitiveDict
 
 from ..errors import ConfigurationError, DeliveryError
 from . import Record, SinkEnv, check_secret_ref
-from ._http import HttpsClient, check_common, raise_for_status
+from ._fields import Fields
+from ._http import HttpsClient, raise_for_status
 
 __all__ = ["OtlpHttpSink", "build", "check", "log_records"]
 
@@ -61,9 +63,7 @@ _COMPRESSION = {"none": Compression.NoCompression, "gzip": Compression.Gzip}
 # The exporter's headers that describe the body; everything else it adds is dropped.
 _EXPORTER_HEADERS = frozenset({"content-type", "content-encoding", "user-agent"})
 _RESERVED = _EXPORTER_HEADERS | {"host", "content-length", "transfer-encoding", "connection"}
-_FIELDS = {"kind", "url", "headers", "service_name", "compression", "timeout", "max_batch"} | {
-    "ca_file"
-}
+_HEADER_NAME = r"[A-Za-z0-9!#$%&'*+\-.^_`|~]+"  # RFC 9110's token
 
 
 def check(spec: Mapping[str, Any]) -> dict[str, Any]:
@@ -72,35 +72,20 @@ def check(spec: Mapping[str, Any]) -> dict[str, Any]:
     Raises:
         ConfigurationError: naming the field.
     """
-    out = check_common(spec, KIND, max_batch=MAX_BATCH, default_path=DEFAULT_PATH)
-    unknown = set(spec) - _FIELDS
-    if unknown:
-        raise ConfigurationError(f"otlp_http destination: unknown field(s) {sorted(unknown)}")
-    headers = spec.get("headers", {})
-    if not isinstance(headers, Mapping):
-        raise ConfigurationError("otlp_http destination: 'headers' maps names to secret references")
-    for name, ref in headers.items():
-        if (
-            not isinstance(name, str)
-            or not name
-            or not all(c.isascii() and (c.isalnum() or c in "!#$%&'*+-.^_`|~") for c in name)
-        ):
-            raise ConfigurationError(f"otlp_http destination: header name {name!r} is invalid")
+    f = Fields(spec, KIND)
+    f.url("url", required=True, default_path=DEFAULT_PATH)
+    for name, ref in f.mapping("headers").items():
+        if not isinstance(name, str) or not re.fullmatch(_HEADER_NAME, name):
+            raise ConfigurationError(f"{f.what('headers')} has an invalid header name {name!r}")
         if name.lower() in _RESERVED:
-            raise ConfigurationError(f"otlp_http destination: header {name!r} is set by the sink")
-        check_secret_ref(ref, f"otlp_http destination: header {name!r}")
-    out["headers"] = dict(headers)
-    service = spec.get("service_name", "sqlalchemy-cmk")
-    if not isinstance(service, str) or not service:
-        raise ConfigurationError("otlp_http destination: 'service_name' must be a non-empty string")
-    out["service_name"] = service
-    compression = spec.get("compression", "none")
-    if compression not in _COMPRESSION:
-        raise ConfigurationError(
-            f"otlp_http destination: 'compression' must be 'none' or 'gzip', not {compression!r}"
-        )
-    out["compression"] = compression
-    return out
+            raise ConfigurationError(f"{f.what('headers')}: header {name!r} is set by the sink")
+        check_secret_ref(ref, f.what(f"headers.{name}"))
+    f.string("service_name", default="sqlalchemy-cmk")
+    f.choice("compression", _COMPRESSION, default="none")
+    f.timeout()
+    f.ca_file()
+    f.max_batch(MAX_BATCH)
+    return f.done()
 
 
 def log_records(

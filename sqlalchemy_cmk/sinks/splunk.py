@@ -25,8 +25,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ..errors import ConfigurationError
-from . import Record, SinkEnv, check_secret_ref
-from ._http import HttpsClient, Response, check_common, raise_for_status
+from . import Record, SinkEnv
+from ._fields import Fields
+from ._http import HttpsClient, Response, raise_for_status
 
 __all__ = ["SplunkHecSink", "build", "check"]
 
@@ -55,11 +56,6 @@ _HEC_CODES = {
     15: "error in handling indexed fields",
     16: "query string authorization is not enabled",
 }
-_FIELDS = {"kind", "url", "token", "index", "source", "sourcetype", "host"} | {
-    "timeout",
-    "max_batch",
-    "ca_file",
-}
 
 
 def check(spec: Mapping[str, Any]) -> dict[str, Any]:
@@ -68,20 +64,17 @@ def check(spec: Mapping[str, Any]) -> dict[str, Any]:
     Raises:
         ConfigurationError: naming the field.
     """
-    out = check_common(spec, KIND, max_batch=MAX_BATCH, default_path=DEFAULT_PATH)
-    unknown = set(spec) - _FIELDS
-    if unknown:
-        raise ConfigurationError(f"splunk_hec destination: unknown field(s) {sorted(unknown)}")
-    out["token"] = check_secret_ref(spec.get("token"), "splunk_hec destination: 'token'")
-    out["source"] = spec.get("source", "sqlalchemy-cmk")
-    out["sourcetype"] = spec.get("sourcetype", "sqlalchemy_cmk:audit")
-    for name in ("index", "host"):
-        if spec.get(name) is not None:
-            out[name] = spec[name]
-    for name in ("source", "sourcetype", "index", "host"):
-        if name in out and (not isinstance(out[name], str) or not out[name]):
-            raise ConfigurationError(f"splunk_hec destination: {name!r} must be a non-empty string")
-    return out
+    f = Fields(spec, KIND)
+    f.url("url", required=True, default_path=DEFAULT_PATH)
+    f.secret_ref("token", required=True)
+    f.string("index")
+    f.string("source", default="sqlalchemy-cmk")
+    f.string("sourcetype", default="sqlalchemy_cmk:audit")
+    f.string("host")
+    f.timeout()
+    f.ca_file()
+    f.max_batch(MAX_BATCH)
+    return f.done()
 
 
 def _time(ns: int) -> str:

@@ -87,7 +87,7 @@ def check(spec: Mapping[str, Any]) -> dict[str, Any]:
     f = Fields(spec, KIND)
     f.string("host", required=True, pattern=_HOST)
     f.number("port", default=DEFAULT_PORT, low=1, high=65535, integer=True)
-    f.file_path("ca_file")
+    f.ca_file()
     f.string("server_name", pattern=_HOST)
     cert = f.file_path("client_cert")
     key = f.file_path("client_key")
@@ -110,7 +110,7 @@ def check(spec: Mapping[str, Any]) -> dict[str, Any]:
     f.number("max_message_bytes", default=65536, low=480, high=16 * 1024 * 1024, integer=True)
     f.number("handshake_probe", default=0.5, low=0, high=10)
     f.timeout()
-    f.number("max_batch", default=500, low=1, high=10_000, integer=True)
+    f.max_batch(500, high=10_000)
     return f.done()
 
 

@@ -40,8 +40,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from ..errors import ConfigurationError, DeliveryError
-from . import Record, SinkEnv, check_secret_ref
-from ._http import HttpsClient, check_common, raise_for_status
+from . import Record, SinkEnv
+from ._fields import Fields
+from ._http import HttpsClient, raise_for_status
 
 __all__ = ["SIGNATURE_HEADER", "WebhookSink", "build", "check", "sign", "tenant_header"]
 
@@ -61,51 +62,29 @@ def check(spec: Mapping[str, Any]) -> dict[str, Any]:
     Raises:
         ConfigurationError: naming the field.
     """
-    out = check_common(spec, KIND, max_batch=MAX_BATCH)
-    unknown = set(spec) - {"kind", "url", "timeout", "ca_file", "max_batch", "signing"}
-    if unknown:
-        raise ConfigurationError(f"webhook destination: unknown field(s) {sorted(unknown)}")
-    signing = spec.get("signing")
-    if not isinstance(signing, Mapping):
+    f = Fields(spec, KIND)
+    f.url("url", required=True)
+    signing = f.section(
+        "signing",
+        required=True,
+        example='{"alg": "hmac-sha256", "key": "env:NAME"} or '
+        '{"alg": "ed25519", "private_key": "file:/path.pem"}',
+    )
+    assert signing is not None  # required
+    alg = signing.choice("alg", _ALGS)
+    signing.secret_ref(_ALGS[alg], required=True)
+    key_id = signing.string("key_id", pattern=r"[A-Za-z0-9_.-]{1,64}", max_len=64)
+    other = "ed25519-" if alg == "hmac-sha256" else "hmac-"
+    if key_id is not None and key_id.startswith(other):
+        # The docs' recipe takes a key id of the other algorithm's default form for that
+        # algorithm (an Ed25519 public key as bytes must never verify as an HMAC secret).
         raise ConfigurationError(
-            "webhook destination: 'signing' is required, e.g. "
-            '{"alg": "hmac-sha256", "key": "env:NAME"} or '
-            '{"alg": "ed25519", "private_key": "file:/path.pem"}'
+            f"{signing.what('key_id')} of an {alg} key must not begin with {other!r}"
         )
-    alg = signing.get("alg")
-    if alg not in _ALGS:
-        raise ConfigurationError(
-            f"webhook destination: 'signing.alg' must be one of {sorted(_ALGS)}, not {alg!r}"
-        )
-    field_name = _ALGS[alg]
-    ref = check_secret_ref(signing.get(field_name), f"webhook destination: 'signing.{field_name}'")
-    unknown = set(signing) - {"alg", field_name, "key_id"}
-    if unknown:
-        raise ConfigurationError(
-            f"webhook destination: unknown 'signing' field(s) {sorted(unknown)}"
-        )
-    checked: dict[str, Any] = {"alg": alg, field_name: ref}
-    key_id = signing.get("key_id")
-    if key_id is not None:
-        if not isinstance(key_id, str) or not key_id or not _is_token(key_id):
-            raise ConfigurationError(
-                "webhook destination: 'signing.key_id' must be letters, digits, '-', '_' or '.'"
-            )
-        other = "ed25519-" if alg == "hmac-sha256" else "hmac-"
-        if key_id.startswith(other):
-            # The docs' recipe takes a key id of the other algorithm's default form for that
-            # algorithm (an Ed25519 public key as bytes must never verify as an HMAC secret).
-            raise ConfigurationError(
-                f"webhook destination: 'signing.key_id' of an {alg} key must not begin with "
-                f"{other!r}"
-            )
-        checked["key_id"] = key_id
-    out["signing"] = checked
-    return out
-
-
-def _is_token(s: str) -> bool:
-    return len(s) <= 64 and all(c.isascii() and (c.isalnum() or c in "-_.") for c in s)
+    f.timeout()
+    f.ca_file()
+    f.max_batch(MAX_BATCH)
+    return f.done()
 
 
 @dataclass(frozen=True)
