@@ -97,6 +97,8 @@ class WriterDir:
     lanes: dict[tuple[str, str], Lane] = field(default_factory=dict)
     seg_tenants: dict[int, set[str]] = field(default_factory=dict)
     seg_end: dict[int, int] = field(default_factory=dict)  # where a left segment's frames end
+    seg_last: dict[int, dict[str, int]] = field(default_factory=dict)  # a tenant's last frame
+    seg_bytes: dict[int, int] = field(default_factory=dict)  # what a compacted segment holds
     dirty: bool = False
     saved_at: float = 0.0  # monotonic time of the last save
     held: bool = False  # the last scan stopped at a tenant whose destinations are unknown
@@ -155,6 +157,9 @@ class Shipper:
         self._thread: threading.Thread | None = None
         self._next_adopt = 0.0
         self.undeliverable = 0  # events of tenants with no destination any more
+        # Tenants refused new events: the spool is under pressure and holds theirs, undelivered
+        # since their destinations fail (see step()).
+        self.over_budget: frozenset[str] = frozenset()
         self.passes = 0
 
     # -- life cycle ----------------------------------------------------------------------------
@@ -263,7 +268,24 @@ class Shipper:
                 self._save(d)
         for d in dirs:
             self._isolated(self._prune, d)
+        self.over_budget = self._over_budget(dirs)
         self.passes += 1
+
+    def _over_budget(self, dirs: list[WriterDir]) -> frozenset[str]:
+        """Once half of the spool is used, the tenants whose destinations are failing and
+        whose undelivered events reach back past a whole segment: their new events are refused
+        (each tenant's ``on_spool_failure`` applies), so that one tenant's SIEM outage cannot
+        fill the spool that every other tenant's events need."""
+        w = self._writer
+        if w is None or not w.under_pressure:
+            return frozenset()
+        with self._lock:
+            return frozenset(
+                lane.tenant
+                for d in dirs
+                for lane in d.lanes.values()
+                if lane.attempts > 0 and lane.cursor[0] < d.scan[0]
+            )
 
     def _isolated(self, work: Callable[[WriterDir], None], d: WriterDir) -> None:
         # One directory that cannot be read (a disk error in one segment, a file of a foreign
@@ -353,6 +375,7 @@ class Shipper:
             held = False
             with self._lock:
                 tenants = d.seg_tenants.setdefault(seg, set())
+                last = d.seg_last.setdefault(seg, {})
                 for _, nxt, tenant, body in frames:
                     if tenant not in audits:
                         # Where its events go is unknown (the registry is down): the scan stops
@@ -362,6 +385,7 @@ class Shipper:
                         break
                     end = nxt
                     tenants.add(tenant)
+                    last[tenant] = nxt
                     lanes = self._lanes_for(d, tenant, audits[tenant])
                     if not lanes:
                         self.undeliverable += 1
@@ -696,11 +720,15 @@ class Shipper:
                 os.unlink(path)
             except FileNotFoundError:
                 continue
+            held_bytes = d.seg_bytes.pop(s, st.st_size)
             if self._writer is not None and d.lock_fd is None:
-                self._writer.forget_bytes(st.st_size)
+                self._writer.forget_bytes(held_bytes)
             with self._lock:
                 d.seg_tenants.pop(s, None)
                 d.seg_end.pop(s, None)
+                d.seg_last.pop(s, None)
+        if self._writer is not None and self._writer.under_pressure:
+            self._compact(d)
         if d.lock_fd is not None and not _spool.segments(d.path):
             # An adopted directory, fully delivered and past retention: remove it.
             with self._lock:
@@ -712,6 +740,64 @@ class Shipper:
                 os.rmdir(d.path)
             os.close(d.lock_fd)
             d.lock_fd = None
+
+    def _cursors(self, d: WriterDir, tenant: str, audit: Any) -> list[Pos]:
+        return [lane.cursor for lane in self._lanes_for(d, tenant, audit)]
+
+    def _compact(self, d: WriterDir) -> None:
+        """Free the disk that delivered events hold only because they share segments with a
+        tenant's undelivered ones (segments are deleted oldest first, whole: one tenant whose
+        SIEM is down would otherwise keep every segment written since its oldest event).
+
+        Each complete segment, oldest first, has the frames of a tenant replaced by padding
+        (:func:`_spool.compact`) once every lane of the tenant delivered all of them, and no
+        older segment still holds a frame of the tenant (lanes deliver in order, so this holds
+        anyway; checked so that it holds whatever a lane does): what stays of each tenant is
+        then the end of its sequence, as after deleting segments, so readers and ``audit
+        verify`` read the spool as before. Cursors keep their meaning: the offsets do not
+        change.
+        """
+        try:
+            segs = [s for s in _spool.segments(d.path) if s < d.scan[0]]
+        except FileNotFoundError:
+            return
+        older: set[str] = set()  # tenants with a frame in an older segment still there
+        for s in segs:
+            with self._lock:
+                if s not in d.seg_tenants or s not in d.seg_last:
+                    return  # not read by this shipper
+                tenants = set(d.seg_tenants[s])
+                last = dict(d.seg_last[s])
+            audits = self._audits(tenants)
+            if len(audits) < len(tenants):
+                return  # a tenant's destinations are unknown: its lanes might need anything
+            with self._lock:
+                drop = {
+                    t
+                    for t in tenants - older
+                    if t in last and all(c >= (s, last[t]) for c in self._cursors(d, t, audits[t]))
+                }
+            if drop:
+                path = os.path.join(d.path, _spool.segment_name(s))
+                try:
+                    before = d.seg_bytes.get(s) or os.path.getsize(path)
+                    if not os.path.exists(os.path.join(d.path, "compacted")):
+                        # Read by pruned_writers: a tenant's events may start past the first.
+                        with open(os.path.join(d.path, "compacted"), "wb"):
+                            pass
+                        _spool.fsync_dir(d.path)
+                    kept = _spool.compact(path, drop)
+                except FileNotFoundError:
+                    return
+                if kept is not None:
+                    d.seg_bytes[s] = kept
+                    if self._writer is not None and d.lock_fd is None:
+                        self._writer.forget_bytes(max(0, before - kept))
+                with self._lock:
+                    d.seg_tenants[s] -= drop
+                    for t in drop:
+                        d.seg_last[s].pop(t, None)
+            older |= tenants - drop
 
     # -- what the operator sees ----------------------------------------------------------------
 

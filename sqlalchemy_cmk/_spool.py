@@ -30,6 +30,11 @@ A closed writer cuts its segments back to their last frame.
 A reader stops at the first frame that is short, fails its CRC, or starts with a zero byte (the
 filled tail; no version is 0): that is where the frames end, or where a crash cut the file (only
 a power loss can leave a torn frame; SIGKILL keeps every completed ``write``).
+
+*Padding* frames have an empty tenant and a body of zeros: :func:`compact` puts them where
+delivered frames were, in a copy of the segment whose bodies are holes (no disk blocks), so that
+the frames it keeps stay at their offsets (the shipper's cursors) and any reader, of this
+release or an earlier one, still reads the file from start to end. Readers skip them.
 """
 
 from __future__ import annotations
@@ -67,7 +72,7 @@ def new_writer_id() -> str:
     return f"{safe}-{os.getpid()}-{os.urandom(4).hex()}"
 
 
-def _fsync_dir(path: str) -> None:
+def fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -111,9 +116,89 @@ def read_frames(
             return
         if zlib.crc32(data[start:end]) != crc:
             return
-        tenant = data[start : start + tlen].decode("utf-8", "surrogatepass")
-        yield offset + pos, offset + end, tenant, data[start + tlen : end]
+        if tlen:  # else padding
+            tenant = data[start : start + tlen].decode("utf-8", "surrogatepass")
+            yield offset + pos, offset + end, tenant, data[start + tlen : end]
         pos = end
+
+
+def _padding_header(length: int) -> bytes:
+    """The header of a padding frame ``length`` bytes long in all (its body: zeros)."""
+    body = length - _HEAD.size
+    return _HEAD.pack(VERSION, body, _zero_crc(body), 0)
+
+
+_zero_crcs: dict[int, int] = {}
+
+
+def _zero_crc(n: int) -> int:
+    crc = _zero_crcs.get(n)
+    if crc is None:
+        crc = zlib.crc32(bytes(n))
+        if len(_zero_crcs) < 4096:
+            _zero_crcs[n] = crc
+    return crc
+
+
+def compact(path: str, drop: Any) -> int | None:
+    """Replace the frames of the tenants in ``drop`` with padding, at unchanged offsets.
+
+    The segment is rewritten into a new file (the kept frames copied, each dropped run one or
+    more padding headers over a hole), synced and renamed over the old one: a reader sees
+    either file whole, and both read alike but for the dropped frames. Returns the disk space
+    the new file takes (its allocated blocks), or None if nothing was dropped.
+    """
+    with open(path, "rb") as f:
+        data = f.read()
+    runs: list[tuple[int, int]] = []  # [start, end) of dropped or padding frames, merged
+    pos = 0
+    changed = False
+    while pos + _HEAD.size <= len(data):
+        version, length, crc, tlen = _HEAD.unpack_from(data, pos)
+        start = pos + _HEAD.size
+        end = start + tlen + length
+        if version != VERSION or length > MAX_FRAME or end > len(data):
+            break
+        if zlib.crc32(data[start:end]) != crc:
+            break
+        tenant = data[start : start + tlen].decode("utf-8", "surrogatepass")
+        if not tlen or tenant in drop:
+            changed = changed or bool(tlen)
+            if runs and runs[-1][1] == pos:
+                runs[-1] = (runs[-1][0], end)
+            else:
+                runs.append((pos, end))
+        pos = end
+    if not changed:
+        return None
+    tmp = path + ".compact"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.ftruncate(fd, len(data))  # a hole wherever nothing is written below
+        at = 0
+        for a, b in runs:
+            if a > at:
+                os.pwrite(fd, data[at:a], at)  # the kept frames between two runs
+            while a < b:
+                n = min(b - a, MAX_FRAME + _HEAD.size)
+                if 0 < b - a - n < _HEAD.size:
+                    n = b - a - _HEAD.size  # the last piece must hold a header too
+                os.pwrite(fd, _padding_header(n), a)
+                a += n
+            at = b
+        if at < len(data):
+            os.pwrite(fd, data[at:], at)  # kept frames and anything after the last frame
+        os.fdatasync(fd)
+        kept = os.fstat(fd).st_blocks * 512
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    os.close(fd)
+    os.replace(tmp, path)
+    fsync_dir(os.path.dirname(path))
+    return kept
 
 
 def frame(tenant: str, body: bytes) -> bytes:
@@ -255,7 +340,7 @@ class Writer:
         lock = try_lock(tmp)
         assert lock is not None  # nobody else knows the name yet
         os.rename(tmp, self.dir)
-        _fsync_dir(root)
+        fsync_dir(root)
         self.lock_fd: int | None = lock
         self._segment_bytes = segment_bytes
         self._max_bytes = max_bytes
@@ -301,7 +386,7 @@ class Writer:
         self._segment += 1
         self._fd = fd
         self._size = self._filled = self._fill_after = 0
-        _fsync_dir(self.dir)  # the new name itself must survive a crash
+        fsync_dir(self.dir)  # the new name itself must survive a crash
 
     @property
     def under_pressure(self) -> bool:
@@ -330,6 +415,8 @@ class Writer:
             SpoolError: the spool is full or the disk failed (nothing is half-recorded: a frame
                 that was not synced is never reported as recorded).
         """
+        if not tenant:
+            raise SpoolError("an audit event needs a tenant")  # an empty one marks padding
         with self._lock:
             if self.full:
                 raise SpoolError("the audit spool is full")

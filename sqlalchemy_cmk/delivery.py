@@ -159,6 +159,11 @@ _ACTIVITY = {"wrap": 1, "encrypt": 3, "decrypt": 2, "unwrap": 2, "search": 2}
 _SEVERITY = {"ok": 1, "tampered": 4}  # Informational, High; every other refusal: Medium (3)
 
 
+class _OverBudget(_spool.SpoolError):
+    """The tenant's share of the spool is used up by events its failing destinations did not
+    take (internal; the tenant's ``on_spool_failure`` applies)."""
+
+
 def deliver_to(event: AuditEvent, ctx: TenantContext | None) -> str | None:
     """Which tenant an event is delivered to, if any.
 
@@ -431,6 +436,12 @@ class AuditDelivery:
             self.start()
         gap = 0
         try:
+            if self._shipper is not None and to in self._shipper.over_budget:
+                raise _OverBudget(
+                    "the audit spool is half full and holds this tenant's undelivered events "
+                    "(its destinations are failing): its new events are refused until they are "
+                    "delivered"
+                )
             writer = self._current_writer()
             with self._lock:
                 gap = self._gaps.pop(to, 0)
@@ -440,7 +451,8 @@ class AuditDelivery:
             self._append(writer, to, event, ctx)
             self._spool_error = None
         except (_spool.SpoolError, OSError) as exc:
-            self._spool_error = str(exc)
+            if not isinstance(exc, _OverBudget):  # the spool itself is fine
+                self._spool_error = str(exc)
             serve = audit.on_spool_failure == "serve"
             with self._lock:  # threads dropping at once must not lose each other's counts
                 if gap or serve:
@@ -855,11 +867,13 @@ def verify_chain(
 
 def pruned_writers(spool: str | os.PathLike[str]) -> set[str]:
     """The writers of a spool whose oldest segments retention has deleted (for
-    :func:`verify_chain`'s ``pruned``): segments are numbered from 1 and deleted oldest first."""
+    :func:`verify_chain`'s ``pruned``): segments are numbered from 1 and deleted oldest first.
+    Also those whose shipper compacted segments, which removes a tenant's oldest events the
+    same way, before the segment goes."""
     out = set()
     for wdir in _writer_dirs(spool):
         segs = _spool.segments(wdir)
-        if segs and segs[0] > 1:
+        if (segs and segs[0] > 1) or os.path.exists(os.path.join(wdir, "compacted")):
             out.add(os.path.basename(wdir)[2:])
     return out
 

@@ -714,3 +714,67 @@ def test_a_whole_frame_that_is_not_an_event_is_skipped(
         d.close()
     assert main(["audit", "tail", "--spool", str(tmp_path), "--tenant", "acme"]) == 0
     assert len(capsys.readouterr().out.splitlines()) == 2
+
+
+def test_one_tenants_siem_outage_does_not_fill_the_spool_for_the_others(
+    tmp_path: Path, memory_kind: dict[str, Receiver], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Segments are deleted oldest first and whole, and hold every tenant's events: one event
+    of a tenant whose SIEM was down kept every segment written after it, and with a 200 kB
+    spool the healthy tenant's accesses were refused after about 300 events. Now the
+    delivered frames of pinned segments are compacted away, and the failing tenant, past its
+    share, has its own new events refused (its policy) instead of everyone's."""
+    from sqlalchemy_cmk.cli import main
+    from sqlalchemy_cmk.delivery import pruned_writers, spool_events
+
+    memory_kind["g"] = Receiver(down=True)
+    tenants = {"acme": memory("a"), "globex": memory("g")}
+    d = AuditDelivery(
+        tmp_path,
+        tenants,
+        poll=0.005,
+        max_backoff=0.05,
+        retention=0,
+        max_spool_bytes=1_000_000,
+        segment_bytes=64_000,
+    )
+    refused = 0
+    kept: list[int] = []
+    try:
+        for i in range(3000):
+            record(d, "acme", i)  # never refused
+            if i % 10 == 0:
+                try:
+                    record(d, "globex", i)
+                    kept.append(i)
+                except AuditError as exc:
+                    assert "failing" in str(exc)
+                    refused += 1
+            if i % 100 == 0:
+                d.flush(0.05)
+        assert not d.flush(1)  # globex's SIEM is still down
+        assert rows_of(memory_kind["a"]) == list(range(3000))
+        assert refused > 0 and kept  # globex was refused, past its share, not from the start
+        assert d._writer is not None
+        disk = sum(
+            os.stat(os.path.join(d._writer.dir, n)).st_blocks * 512
+            for n in os.listdir(d._writer.dir)
+        )
+        assert disk < 1_000_000, disk  # the delivered frames' blocks were given back
+        # The spool reads as before: globex's events are all there, and every chain verifies.
+        got = [r.body for _, r in spool_events(tmp_path, "globex")]
+        assert [json.loads(b)["resources"][0]["data"]["rows"] for b in got] == kept
+        verify_chain([r.body for _, r in spool_events(tmp_path)], pruned=pruned_writers(tmp_path))
+        assert main(["audit", "verify", "--spool", str(tmp_path)]) == 0
+        # The SIEM comes back: everything globex was told was recorded arrives, in order.
+        memory_kind["g"].down = False
+        assert d.flush(15)
+        assert rows_of(memory_kind["g"]) == kept
+        deadline = time.monotonic() + 10
+        while d._shipper is not None and d._shipper.over_budget:  # the next pass lifts it
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        record(d, "globex", 9999)  # no longer refused
+    finally:
+        d.close()
+    capsys.readouterr()

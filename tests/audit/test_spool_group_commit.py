@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+import zlib
 from pathlib import Path
 
 import pytest
@@ -97,3 +98,36 @@ def test_a_disk_too_full_for_the_zeros_still_takes_the_frame(
     assert len(list(_spool.read_frames(path))) == 20
     assert len(fills) == 1  # not tried again for every frame
     writer.close()
+
+
+def test_compaction_keeps_offsets_and_reads_as_before(tmp_path: Path) -> None:
+    """Dropped frames become padding over a hole: the kept frames stay at their offsets (the
+    shipper's cursors), every reader goes on past the padding (an earlier release's too: a
+    padding frame is an ordinary version-1 frame), and the blocks are given back."""
+    writer = _spool.Writer(str(tmp_path), segment_bytes=1 << 30, max_bytes=1 << 30)
+    for i in range(3000):
+        tenant = "globex" if i % 500 == 0 else "acme"
+        writer.append(tenant, lambda i=i: b'{"n":%d,"pad":"%s"}' % (i, b"x" * 300))
+    writer.close()
+    path = os.path.join(writer.dir, _spool.segment_name(1))
+    before = list(_spool.read_frames(path))
+    size, blocks = os.path.getsize(path), os.stat(path).st_blocks
+    held = _spool.compact(path, {"acme"})
+    after = list(_spool.read_frames(path))
+    assert after == [f for f in before if f[2] == "globex"]  # same offsets, same bytes
+    assert os.path.getsize(path) == size
+    assert held is not None and held == os.stat(path).st_blocks * 512 < blocks * 512 // 10
+    assert _spool.compact(path, {"acme"}) is None  # nothing left to drop
+    # A reader that yields every frame, padding included, as the previous release's did.
+    with open(path, "rb") as f:
+        data = f.read()
+    pos, seen = 0, []
+    while pos + 11 <= len(data) and data[pos] == _spool.VERSION:
+        length = int.from_bytes(data[pos + 1 : pos + 5], "big")
+        tlen = int.from_bytes(data[pos + 9 : pos + 11], "big")
+        end = pos + 11 + tlen + length
+        assert zlib.crc32(data[pos + 11 : end]) == int.from_bytes(data[pos + 5 : pos + 9], "big")
+        seen.append(data[pos + 11 : pos + 11 + tlen])
+        pos = end
+    assert pos == size  # read to the end, past every padding frame
+    assert seen.count(b"globex") == 6 and set(seen) == {b"", b"globex"}
