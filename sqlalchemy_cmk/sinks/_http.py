@@ -54,14 +54,17 @@ class Response:
     Attributes:
         status: The HTTP status code.
         reason: The status line's reason phrase.
-        headers: The headers, names lower-cased.
+        headers: The headers, names lower-cased (of a repeated one, the last).
         body: At most the first 64 KiB of the body.
+        set_cookies: Every ``Set-Cookie`` header's value, in order (``headers`` keeps the last
+            only).
     """
 
     status: int
     reason: str
     headers: Mapping[str, str]
     body: bytes
+    set_cookies: tuple[str, ...] = ()
 
 
 class _PinnedHTTPSConnection(http.client.HTTPSConnection):
@@ -199,6 +202,7 @@ class HttpsClient:
                 reason=resp.reason or "",
                 headers={k.lower(): v for k, v in resp.getheaders()},
                 body=data,
+                set_cookies=tuple(v for k, v in resp.getheaders() if k.lower() == "set-cookie"),
             )
         except (OSError, http.client.HTTPException) as exc:
             if not timer.is_alive():

@@ -25,7 +25,9 @@ the same origin (``{"acks": [id]}``, answered ``{"acks": {"<id>": true|false}}``
 intervals until the id is acknowledged; only then does it return, and the shipper move its
 cursor. Not acknowledged within ``ack_timeout`` seconds: a retryable error, and the batch is
 sent again (its events keep their ids, for the tenant to de-duplicate). A poll that fails for a
-while (network, 503) is polled again within that time. HEC's channel and acknowledgement errors
+while (network, 503) is polled again within that time. The cookies the origin sets go back to
+it (a load balancer's stickiness cookie keeps the polls on the indexer that holds the
+channel). HEC's channel and acknowledgement errors
 (code 10 "data channel is missing", 11 "invalid data channel", 14 "ACK is disabled") are not
 retryable, and the error says what to change in the spec or on the token.
 """
@@ -33,6 +35,7 @@ retryable, and the error says what to change in the spec or on the token.
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -80,6 +83,13 @@ _HEC_CODES = {
     15: "error in handling indexed fields",
     16: "query string authorization is not enabled",
 }
+
+# Cookies kept for the load balancer in front of HEC's indexers (at most so many, so long), and
+# the forms RFC 6265 allows for a cookie's name and value.
+_MAX_COOKIES = 8
+_MAX_COOKIE = 4096
+_COOKIE_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_COOKIE_VALUE = re.compile(r'"?[\x21\x23-\x2b\x2d-\x3a\x3c-\x5b\x5d-\x7e]*"?')
 
 # What the operator changes for HEC's channel and acknowledgement errors.
 _HEC_ADVICE = {
@@ -176,6 +186,10 @@ class SplunkHecSink:
             # One channel per sink: HEC numbers the ackIds per channel.
             self.channel = str(uuid.uuid4())
             self._headers["X-Splunk-Request-Channel"] = self.channel
+        # With acknowledgement, the cookies the origin sets: a load balancer in front of several
+        # indexers keeps a client on the indexer that holds its channel by one (AWS's AWSALB),
+        # and an ack poll that reaches another indexer is never answered true.
+        self._cookies: dict[str, str] = {}
         # The ack endpoint beside the event endpoint, under any prefix a proxy adds.
         prefix, found, _ = client.target.partition("/services/collector")
         self._ack_path = (prefix if found else "") + ACK_PATH
@@ -204,7 +218,7 @@ class SplunkHecSink:
         """
         if not records:
             return
-        resp = self._client.post(self.payload(records), self._headers)
+        resp = self._post(self.payload(records))
         raise_for_status(resp, self._client, _hec_detail(resp))
         if self.ack_timeout is None:
             return
@@ -223,6 +237,34 @@ class SplunkHecSink:
                 retryable=False,
             )
         self._await_ack(ack_id)
+
+    def _post(self, body: bytes, path: str | None = None) -> Response:
+        """One request to the origin, with its cookies (acknowledgement only)."""
+        headers = self._headers
+        if self._cookies:
+            cookie = "; ".join(f"{k}={v}" for k, v in self._cookies.items())
+            headers = {**headers, "Cookie": cookie}
+        resp = self._client.post(body, headers, path=path)
+        if self.ack_timeout is not None:
+            self._keep_cookies(resp.set_cookies)
+        return resp
+
+    def _keep_cookies(self, set_cookies: Sequence[str]) -> None:
+        # Name and value only (the client sends them to this origin alone, whatever Domain or
+        # Path say); a cookie set empty or with Max-Age=0 is dropped. Anything not of the form
+        # RFC 6265 allows is ignored: it would otherwise reach a request header.
+        for line in set_cookies:
+            pair, *attrs = line.split(";")
+            name, eq, value = pair.strip().partition("=")
+            value = value.strip()
+            if not eq or len(name) + len(value) > _MAX_COOKIE:
+                continue
+            if not _COOKIE_NAME.fullmatch(name) or not _COOKIE_VALUE.fullmatch(value):
+                continue
+            if not value or any(a.strip().lower() == "max-age=0" for a in attrs):
+                self._cookies.pop(name, None)
+            elif name in self._cookies or len(self._cookies) < _MAX_COOKIES:
+                self._cookies[name] = value
 
     def _what(self) -> str:
         return f"{self._client.what} {self._client.origin}"
@@ -265,7 +307,7 @@ class SplunkHecSink:
                 off), and retryable for an answer that is not HEC's ``{"acks": {...}}``.
         """
         body = b'{"acks":[' + str(ack_id).encode() + b"]}"
-        resp = self._client.post(body, self._headers, path=self._ack_path)
+        resp = self._post(body, self._ack_path)
         raise_for_status(resp, self._client, _hec_detail(resp))
         try:
             acks = json.loads(resp.body).get("acks")

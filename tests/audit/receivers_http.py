@@ -34,7 +34,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from opentelemetry.proto.collector.logs.v1 import logs_service_pb2
 
-Answer = tuple[int, Mapping[str, str], bytes]
+# (status, headers, body); a header given a list is sent once per item (Set-Cookie).
+Answer = tuple[int, Mapping[str, str | list[str]], bytes]
 
 
 @dataclass(frozen=True)
@@ -180,7 +181,8 @@ class Receiver:
                 status, headers, body = answer
                 self.send_response(status)
                 for k, v in headers.items():
-                    self.send_header(k, v)
+                    for item in v if isinstance(v, list) else [v]:
+                        self.send_header(k, item)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)

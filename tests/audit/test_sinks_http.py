@@ -795,6 +795,69 @@ def test_hec_ack_endpoint_is_beside_the_event_endpoint_under_a_proxy_prefix(rx: 
     ]
 
 
+def test_hec_ack_polls_stay_on_the_indexer_a_load_balancer_cookie_names(rx: Receiver, pki: Pki):
+    # Two indexers behind a balancer that keeps a client on one by a cookie (AWS's AWSALB): an
+    # ack poll without it lands on the other indexer, which never acknowledges.
+    ack = HecAck(after=2)
+    indexer = hec_handler(HEC_TOKEN, [], [], ack)
+
+    def balancer(req: Request) -> Any:
+        cookie = req.headers.get("cookie")
+        if req.path.endswith("/event"):
+            status, headers, body = indexer(req)
+            sticky = {
+                "Set-Cookie": "AWSALB=idx-2; Expires=Tue, 01 Jan 2030 00:00:00 GMT; Path=/",
+            }
+            return status, {**headers, **sticky}, body
+        if cookie != "AWSALB=idx-2":
+            ids = json.loads(req.body)["acks"]
+            return 200, {}, json.dumps({"acks": {str(i): False for i in ids}}).encode()
+        return indexer(req)
+
+    rx.handler = balancer
+    t = FakeTime()
+    sink = hec_ack_sink(rx.url(""), pki, t)
+    sink.send(records(1))
+    sink.send(records(1))
+    assert [q.headers.get("cookie") for q in rx.requests] == [None] + ["AWSALB=idx-2"] * 5
+    assert [p[2] for p in ack.polls] == [False, True] * 2
+
+
+def test_hec_ack_keeps_only_well_formed_cookies_and_drops_expired_ones(rx: Receiver, pki: Pki):
+    ack = HecAck(after=1)
+    indexer = hec_handler(HEC_TOKEN, [], [], ack)
+    set_cookies = iter(
+        [
+            [
+                "a=1",
+                "b=2; Path=/",
+                "bad name=x",
+                "c=has space",
+                'd="quoted"',
+                "e",
+                "f=" + "x" * 5000,
+            ],
+            ["a=; Path=/", "b=2; Max-Age=0"],
+            [],
+        ]
+    )
+
+    def handler(req: Request) -> Any:
+        status, headers, body = indexer(req)
+        if req.path.endswith("/event"):
+            return status, {**headers, "Set-Cookie": next(set_cookies)}, body
+        return status, headers, body
+
+    rx.handler = handler
+    sink = hec_ack_sink(rx.url(""), pki, FakeTime())
+    for _ in range(3):
+        sink.send(records(1))
+    kept = 'a=1; b=2; d="quoted"'
+    assert [q.headers.get("cookie") for q in rx.requests] == [None, kept, kept, 'd="quoted"'] + [
+        'd="quoted"'
+    ] * 2
+
+
 def test_a_request_path_must_stay_on_the_origin(pki: Pki):
     client = HttpsClient("https://127.0.0.1:9/x", policy=LOOPBACK, ca_file=str(pki.ca_file))
     for path in ("//elsewhere.example/x", "https://elsewhere.example/x", "x", "/a b", "/a\r\n"):
