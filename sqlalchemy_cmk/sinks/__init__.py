@@ -79,8 +79,9 @@ class Sink(Protocol):
 
     ``send`` delivers the whole batch, in order, or raises :class:`DeliveryError` (anything
     else it raises is treated as a retryable DeliveryError). It must return or raise within
-    the spec's ``timeout`` (seconds, default 10). The shipper calls one sink from one thread at
-    a time, and never with more than ``max_batch`` records.
+    the spec's ``timeout`` (seconds, default 10); one that waits for the destination to confirm
+    (``splunk_hec`` with ``ack``) may take its ``ack_timeout`` longer. The shipper calls one sink
+    from one thread at a time, and never with more than ``max_batch`` records.
     """
 
     kind: str

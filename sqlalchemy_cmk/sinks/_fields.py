@@ -2,10 +2,13 @@
 
 Each kind's ``check(spec)`` reads its fields through a :class:`Fields`, which refuses unknown
 fields (a typo must not silently drop an option) and names the field at fault in every error.
-A field that is absent or ``null`` takes its default. The fields several kinds share (``url``,
-``timeout``, ``ca_file``, ``max_batch``) have one method each, so an option common to every kind
-is added, and its rules changed, in one place. No I/O, no secret resolved: a secret field must
-hold a *reference*, checked for form only.
+A field that is absent or ``null`` takes its default, which the normal form then holds, unless
+the field is read with ``emit_default=False``: a field added to a kind after its specs were
+stored is read so, and stays out of the normal form until given, so the normal form of every
+spec stored before (the key registry keeps it under a MAC) does not change. The fields several
+kinds share (``url``, ``timeout``, ``ca_file``, ``max_batch``) have one method each, so an option
+common to every kind is added, and its rules changed, in one place. No I/O, no secret resolved:
+a secret field must hold a *reference*, checked for form only.
 """
 
 from __future__ import annotations
@@ -118,10 +121,19 @@ class Fields:
         return value
 
     def number(
-        self, name: str, *, default: float, low: float, high: float, integer: bool = False
+        self,
+        name: str,
+        *,
+        default: float,
+        low: float,
+        high: float,
+        integer: bool = False,
+        emit_default: bool = True,
     ) -> float:
         value = self._get(name, False)
         if value is None:
+            if not emit_default:
+                return float(default)
             value = default
         # An integer field takes a JSON integer only (never 100.0, nor true).
         ok = isinstance(value, int if integer else (int, float)) and not isinstance(value, bool)
@@ -133,9 +145,11 @@ class Fields:
         self.out[name] = int(value) if integer else float(value)
         return float(value)
 
-    def flag(self, name: str, *, default: bool = False) -> bool:
+    def flag(self, name: str, *, default: bool = False, emit_default: bool = True) -> bool:
         value = self._get(name, False)
         if value is None:
+            if not emit_default:
+                return default
             value = default
         if not isinstance(value, bool):
             raise ConfigurationError(f"{self.what(name)} must be true or false")

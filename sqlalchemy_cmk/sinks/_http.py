@@ -11,6 +11,8 @@ Stdlib only (``http.client`` and ``ssl``), and deliberately small:
 * no proxy from the environment and no redirect: a 3xx is a non-retryable
   :class:`DeliveryError` naming the status, so a destination cannot send our events (or its
   credentials) somewhere the policy never checked;
+* one origin: a request may go to another *path* of the checked URL's origin (HEC's
+  acknowledgement endpoint), never to another host or port;
 * one ``timeout`` bounds the whole request, connect to last byte: a timer closes the socket at
   the deadline, so a receiver that trickles bytes cannot hold the shipper;
 * 408, 429, 5xx and network errors are retryable (``Retry-After`` honoured), other 4xx not.
@@ -52,14 +54,17 @@ class Response:
     Attributes:
         status: The HTTP status code.
         reason: The status line's reason phrase.
-        headers: The headers, names lower-cased.
+        headers: The headers, names lower-cased (of a repeated one, the last).
         body: At most the first 64 KiB of the body.
+        set_cookies: Every ``Set-Cookie`` header's value, in order (``headers`` keeps the last
+            only).
     """
 
     status: int
     reason: str
     headers: Mapping[str, str]
     body: bytes
+    set_cookies: tuple[str, ...] = ()
 
 
 class _PinnedHTTPSConnection(http.client.HTTPSConnection):
@@ -129,14 +134,25 @@ class HttpsClient:
                 f"{what}: cannot load ca_file {ca_file!r} ({type(exc).__name__})"
             ) from None
 
-    def post(self, body: bytes, headers: Mapping[str, str]) -> Response:
+    def post(self, body: bytes, headers: Mapping[str, str], *, path: str | None = None) -> Response:
         """POST ``body`` and return the answer, whatever its status.
 
+        Args:
+            body: The request body.
+            headers: The request headers.
+            path: Another path on the same origin, in place of the URL's path and query (HEC's
+                acknowledgement endpoint beside its event endpoint). Only the request target
+                changes: host, port, policy check, pinned address and TLS are the URL's, so
+                there is no second URL to parse or check, and none that could differ.
+
         Raises:
+            ValueError: ``path`` is not an absolute path of printable ASCII (a programming
+                error: callers pass constants).
             DeliveryError: the host now resolves to an address the policy refuses (not
                 retryable); no answer: the name does not resolve, no address takes the
                 connection, TLS fails, or the deadline passed (retryable).
         """
+        target = self.target if path is None else _checked_path(path)
         deadline = time.monotonic() + self.timeout
         try:
             addresses = self._policy.resolve(
@@ -152,7 +168,7 @@ class HttpsClient:
             if remaining <= 0:
                 break
             try:
-                return self._post_to(address, body, headers, remaining)
+                return self._post_to(address, target, body, headers, remaining)
             except (OSError, http.client.HTTPException) as exc:
                 last = exc
                 if isinstance(exc, ssl.SSLCertVerificationError):
@@ -167,7 +183,7 @@ class HttpsClient:
         ) from None
 
     def _post_to(
-        self, address: str, body: bytes, headers: Mapping[str, str], timeout: float
+        self, address: str, target: str, body: bytes, headers: Mapping[str, str], timeout: float
     ) -> Response:
         conn = _PinnedHTTPSConnection(
             self.host, self.port, address, timeout=timeout, context=self._tls
@@ -178,7 +194,7 @@ class HttpsClient:
         timer.daemon = True
         timer.start()
         try:
-            conn.request("POST", self.target, body=body, headers=dict(headers))
+            conn.request("POST", target, body=body, headers=dict(headers))
             resp = conn.getresponse()
             data = resp.read(_MAX_RESPONSE)
             return Response(
@@ -186,6 +202,7 @@ class HttpsClient:
                 reason=resp.reason or "",
                 headers={k.lower(): v for k, v in resp.getheaders()},
                 body=data,
+                set_cookies=tuple(v for k, v in resp.getheaders() if k.lower() == "set-cookie"),
             )
         except (OSError, http.client.HTTPException) as exc:
             if not timer.is_alive():
@@ -195,6 +212,14 @@ class HttpsClient:
         finally:
             timer.cancel()
             conn.close()
+
+
+def _checked_path(path: str) -> str:
+    # Origin-form only ("/a/b"): never "//host/..." or "https://..." (absolute-form, which a
+    # server may read as another host), never a space or control character.
+    if not path.startswith("/") or path.startswith("//") or not all("!" <= c <= "~" for c in path):
+        raise ValueError("path must be an absolute path of printable ASCII")
+    return path
 
 
 def _abort(conn: http.client.HTTPConnection) -> None:

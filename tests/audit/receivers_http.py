@@ -7,8 +7,8 @@
   (503 then 200, a 302 to elsewhere, a hang).
 * Handlers that speak each protocol: :func:`webhook_handler` verifies the signature with the
   recipe of the docs (the very code block the tenant copies), :func:`hec_handler` checks the
-  token and parses HEC's concatenated events, :func:`otlp_handler` decodes an
-  ``ExportLogsServiceRequest``.
+  token and parses HEC's concatenated events (and plays a token's indexer acknowledgement:
+  :class:`HecAck`), :func:`otlp_handler` decodes an ``ExportLogsServiceRequest``.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import json
 import socket
 import ssl
 import threading
+import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +34,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from opentelemetry.proto.collector.logs.v1 import logs_service_pb2
 
-Answer = tuple[int, Mapping[str, str], bytes]
+# (status, headers, body); a header given a list is sent once per item (Set-Cookie).
+Answer = tuple[int, Mapping[str, str | list[str]], bytes]
 
 
 @dataclass(frozen=True)
@@ -179,7 +181,8 @@ class Receiver:
                 status, headers, body = answer
                 self.send_response(status)
                 for k, v in headers.items():
-                    self.send_header(k, v)
+                    for item in v if isinstance(v, list) else [v]:
+                        self.send_header(k, item)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
@@ -275,18 +278,98 @@ def hec_raw_events(body: bytes) -> list[bytes]:
     return out
 
 
-def hec_handler(token: str, stored: list[dict[str, Any]], raw: list[bytes]) -> Handler:
+@dataclass
+class HecAck:
+    """A HEC token's indexer acknowledgement, as :func:`hec_handler` plays it.
+
+    Attributes:
+        enabled: The token has acknowledgement on: a request without a channel is refused
+            (code 10), one whose channel is not a GUID too (code 11), and each batch taken is
+            answered with an ``ackId`` (counted per channel from 0). Off: the event endpoint
+            ignores any channel and answers without an ``ackId``; the ack endpoint answers
+            code 14.
+        after: Polls of an ackId before it is acknowledged (on that poll); None: never.
+        never: AckIds never acknowledged (a batch the indexers lost).
+        polls: Every poll, as ``(channel, ackId, answered true)``.
+        channels: The channel of every event request taken.
+    """
+
+    enabled: bool = True
+    after: int | None = 1
+    never: set[int] = field(default_factory=set)
+    polls: list[tuple[str, int, bool]] = field(default_factory=list)
+    channels: list[str] = field(default_factory=list)
+    _pending: dict[tuple[str, int], int] = field(default_factory=dict)
+    _next: dict[str, int] = field(default_factory=dict)
+
+    def channel_error(self, req: Request) -> Answer | None:
+        channel = req.headers.get("x-splunk-request-channel")
+        if channel is None:
+            return 400, {}, b'{"text":"Data channel is missing","code":10}'
+        try:
+            uuid.UUID(channel)
+        except ValueError:
+            return 400, {}, b'{"text":"Invalid data channel","code":11}'
+        return None
+
+    def take(self, channel: str) -> int:
+        self.channels.append(channel)
+        ack_id = self._next.get(channel, 0)
+        self._next[channel] = ack_id + 1
+        self._pending[(channel, ack_id)] = 0
+        return ack_id
+
+    def query(self, channel: str, ids: list[Any]) -> dict[str, bool]:
+        out = {}
+        for ack_id in ids:
+            key = (channel, ack_id)
+            done = False
+            if key in self._pending:
+                self._pending[key] += 1
+                done = (
+                    ack_id not in self.never
+                    and self.after is not None
+                    and self._pending[key] >= self.after
+                )
+                if done:
+                    del self._pending[key]  # HEC forgets an ackId once it said true
+            self.polls.append((channel, ack_id, done))
+            out[str(ack_id)] = done
+        return out
+
+
+def hec_handler(
+    token: str, stored: list[dict[str, Any]], raw: list[bytes], ack: HecAck | None = None
+) -> Handler:
     """Speak HEC: 401 code 2 without a token, 403 code 4 for a wrong one, 400 code 6 for
-    unparseable data, 200 code 0 otherwise."""
+    unparseable data, 200 code 0 otherwise; with ``ack``, HEC's indexer acknowledgement too
+    (its channel, its ``ackId`` and its ``/services/collector/ack`` endpoint)."""
 
     def handle(req: Request) -> Answer:
-        if req.path != "/services/collector/event":
+        if req.path not in ("/services/collector/event", "/services/collector/ack"):
             return 404, {}, b'{"text":"The requested URL was not found","code":404}'
         auth = req.headers.get("authorization")
         if auth is None:
             return 401, {}, b'{"text":"Token is required","code":2}'
         if auth != f"Splunk {token}":
             return 403, {}, b'{"text":"Invalid token","code":4}'
+        if req.path == "/services/collector/ack":
+            if ack is None or not ack.enabled:
+                return 400, {}, b'{"text":"ACK is disabled","code":14}'
+            refused = ack.channel_error(req)
+            if refused is not None:
+                return refused
+            try:
+                ids = json.loads(req.body)["acks"]
+                assert isinstance(ids, list)
+            except (ValueError, KeyError, TypeError, AssertionError):
+                return 400, {}, b'{"text":"Invalid data format","code":6}'
+            answer = {"acks": ack.query(req.headers["x-splunk-request-channel"], ids)}
+            return 200, {}, json.dumps(answer).encode()
+        if ack is not None and ack.enabled:
+            refused = ack.channel_error(req)
+            if refused is not None:
+                return refused
         try:
             events = hec_events(req.body)
         except ValueError:
@@ -296,6 +379,9 @@ def hec_handler(token: str, stored: list[dict[str, Any]], raw: list[bytes]) -> H
                 return 400, {}, b'{"text":"Event field is required","code":12}'
         stored.extend(events)
         raw.extend(hec_raw_events(req.body))
+        if ack is not None and ack.enabled:
+            ack_id = ack.take(req.headers["x-splunk-request-channel"])
+            return 200, {}, b'{"text":"Success","code":0,"ackId":%d}' % ack_id
         return 200, {}, b'{"text":"Success","code":0}'
 
     return handle

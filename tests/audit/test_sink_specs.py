@@ -217,3 +217,36 @@ def test_the_normal_form_of_each_kind_is_pinned() -> None:
         # As the registry writes it: sorted keys, no blanks (10.0 and 10 differ here).
         assert json.dumps(checked, sort_keys=True, separators=(",", ":")) == stored, kind
         assert check_destination(checked) == checked, kind
+
+
+def _stored(spec: Mapping[str, Any]) -> str:
+    return json.dumps(check_destination(spec), sort_keys=True, separators=(",", ":"))
+
+
+def test_splunk_ack_fields_enter_the_normal_form_only_when_given() -> None:
+    base = {"kind": "splunk_hec", **MINIMAL["splunk_hec"]}
+    without = _stored(base)
+    assert '"ack' not in without
+    # Given, they are in it; with "ack", its timeout too (default 60 s).
+    assert '"ack":true,"ack_timeout":60.0,' in _stored({**base, "ack": True})
+    assert '"ack":true,"ack_timeout":5.0,' in _stored({**base, "ack": True, "ack_timeout": 5})
+    assert '"ack":false,' in _stored({**base, "ack": False})
+    assert json.loads(_stored({**base, "ack": None})) == json.loads(without)
+    checked = check_destination({**base, "ack": True})
+    assert check_destination(checked) == checked
+
+
+def test_splunk_ack_timeout_is_bounded_and_needs_ack() -> None:
+    base = {"kind": "splunk_hec", **MINIMAL["splunk_hec"], "ack": True}
+    for value in (0, 0.5, 601, float("inf"), "60", True):
+        with pytest.raises(
+            ConfigurationError, match="'ack_timeout' must be a number from 1 to 600"
+        ):
+            check_destination({**base, "ack_timeout": value})
+    for ack in (False, None):
+        with pytest.raises(
+            ConfigurationError, match="'ack_timeout' applies only with \"ack\": true"
+        ):
+            check_destination({**base, "ack": ack, "ack_timeout": 30})
+    with pytest.raises(ConfigurationError, match="'ack' must be true or false"):
+        check_destination({**base, "ack": "yes"})

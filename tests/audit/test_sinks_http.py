@@ -8,8 +8,10 @@ decodes ``ExportLogsServiceRequest``. Faults are the receivers' scripted answers
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,9 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from sqlalchemy_cmk.audit import make_event
+from sqlalchemy_cmk.context import TenantContext
+from sqlalchemy_cmk.delivery import AuditDelivery, TenantAudit
 from sqlalchemy_cmk.errors import ConfigurationError, DeliveryError
 from sqlalchemy_cmk.sinks import (
     NetworkPolicy,
@@ -26,12 +31,16 @@ from sqlalchemy_cmk.sinks import (
     SinkEnv,
     build_sink,
     check_destination,
+    splunk,
 )
+from sqlalchemy_cmk.sinks._http import HttpsClient
 from sqlalchemy_cmk.sinks.webhook import public_key_id
 
 from .receivers_http import (
+    HecAck,
     Pki,
     Receiver,
+    Request,
     docs_verifier,
     hec_handler,
     make_pki,
@@ -521,3 +530,374 @@ def test_file_references_and_ca_file_errors(pki: Pki, tmp_path: Path):
     s = spec("splunk_hec", "https://hec.example", pki, ca_file=str(tmp_path / "missing.pem"))
     with pytest.raises(ConfigurationError, match="cannot load ca_file"):
         build_sink(s, SinkEnv(policy=LOOPBACK))
+
+
+# -- Splunk HEC indexer acknowledgement -----------------------------------------------------
+
+
+class FakeTime:
+    """The sink's clock and sleep: each wait moves the clock instead of the test waiting."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.waits: list[float] = []
+
+    def clock(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.waits.append(seconds)
+        self.now += seconds
+
+
+def hec_ack_sink(
+    url: str, pki: Pki, t: FakeTime, policy: NetworkPolicy = LOOPBACK, **extra: Any
+) -> splunk.SplunkHecSink:
+    checked = check_destination(spec("splunk_hec", url, pki, ack=True, **extra))
+    return splunk.build(checked, SinkEnv(policy=policy), clock=t.clock, sleep=t.sleep)
+
+
+def test_hec_ack_a_batch_is_delivered_only_once_the_indexers_acknowledge_it(rx: Receiver, pki: Pki):
+    stored: list[dict[str, Any]] = []
+    raw: list[bytes] = []
+    ack = HecAck(after=3)
+    rx.handler = hec_handler(HEC_TOKEN, stored, raw, ack)
+    t = FakeTime()
+    sink = hec_ack_sink(rx.url(""), pki, t)
+    recs = records(5)
+    sink.send(recs[:3])
+    # Returned only after the third poll said true: two "not yet" before it.
+    assert ack.polls == [
+        (sink.channel, 0, False),
+        (sink.channel, 0, False),
+        (sink.channel, 0, True),
+    ]
+    sink.send(recs[3:])
+    assert [p[2] for p in ack.polls[3:]] == [False, False, True]
+    assert [p[1] for p in ack.polls[3:]] == [1, 1, 1]
+    assert raw == [r.body for r in recs]
+    event, poll = "/services/collector/event", "/services/collector/ack"
+    assert [q.path for q in rx.requests] == [event, poll, poll, poll] * 2
+    assert [json.loads(q.body) for q in rx.requests if q.path == poll] == [{"acks": [0]}] * 3 + [
+        {"acks": [1]}
+    ] * 3
+    # One channel, a random UUID, on every request; the same token on every request.
+    assert str(uuid.UUID(sink.channel)) == sink.channel
+    assert {q.headers["x-splunk-request-channel"] for q in rx.requests} == {sink.channel}
+    assert {q.headers["authorization"] for q in rx.requests} == {f"Splunk {HEC_TOKEN}"}
+    # Growing waits between polls, the first short.
+    assert t.waits == [0.25, 0.5, 1.0] * 2
+    # Another sink (a rebuilt one) opens another channel.
+    other = hec_ack_sink(rx.url(""), pki, t)
+    other.send(records(1))
+    assert other.channel != sink.channel and ack.channels[-1] == other.channel
+
+
+def test_hec_ack_polls_grow_to_ten_seconds_and_stop_at_ack_timeout_retryably(
+    rx: Receiver, pki: Pki
+):
+    ack = HecAck(after=None)  # the indexers never acknowledge
+    stored: list[dict[str, Any]] = []
+    rx.handler = hec_handler(HEC_TOKEN, stored, [], ack)
+    t = FakeTime()
+    sink = hec_ack_sink(rx.url(""), pki, t, ack_timeout=45)
+    with pytest.raises(DeliveryError) as err:
+        sink.send(records(2))
+    assert err.value.retryable
+    assert "did not acknowledge within 45 s" in str(err.value) and "ackId 0" in str(err.value)
+    no_secret(err.value)
+    # HEC took the events, but they are not delivered until indexed: the send failed.
+    assert len(stored) == 2
+    assert t.waits[:7] == [0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 10.0]
+    assert max(t.waits) == 10.0
+    # The deadline is kept to the poll: the last one is at 45 s, none after it.
+    assert sum(t.waits) == pytest.approx(45.0)
+    assert len(ack.polls) == len(t.waits) and not any(p[2] for p in ack.polls)
+
+
+def test_hec_ack_polls_again_through_a_busy_or_failing_ack_endpoint(rx: Receiver, pki: Pki):
+    ack = HecAck(after=2)
+    inner = hec_handler(HEC_TOKEN, [], [], ack)
+    polls = 0
+
+    def handler(req: Request) -> Any:
+        nonlocal polls
+        if req.path.endswith("/ack"):
+            polls += 1
+            if polls == 1:  # HEC busy: the ackId is still pending, asked again after 3 s
+                return 503, {"Retry-After": "3"}, b'{"text":"Server is busy","code":9}'
+            if polls == 2:  # not HEC's answer (a proxy's page): asked again
+                return 200, {}, b"<html>maintenance</html>"
+        return inner(req)
+
+    rx.handler = handler
+    t = FakeTime()
+    hec_ack_sink(rx.url(""), pki, t, ack_timeout=30).send(records(1))
+    assert t.waits == [0.25, 3.0, 6.0, 10.0]  # growing on from the wait HEC asked for
+    assert [p[2] for p in ack.polls] == [False, True]
+
+
+def test_hec_ack_disabled_on_the_token_is_not_retryable_and_names_code_14(rx: Receiver, pki: Pki):
+    ack = HecAck(enabled=False)
+    stored: list[dict[str, Any]] = []
+    rx.handler = hec_handler(HEC_TOKEN, stored, [], ack)
+    t = FakeTime()
+    sink = hec_ack_sink(rx.url(""), pki, t)
+    with pytest.raises(DeliveryError) as err:
+        sink.send(records(2))
+    assert not err.value.retryable
+    text = str(err.value)
+    assert "HEC code 14: ACK is disabled" in text
+    assert "turn it on for the token" in text and 'remove "ack"' in text
+    no_secret(err.value)
+    assert [q.path for q in rx.requests] == ["/services/collector/event", "/services/collector/ack"]
+
+
+def test_hec_ack_an_answer_without_an_ack_id_is_not_taken_for_delivered(rx: Receiver, pki: Pki):
+    # A 200 without an ackId although the ack endpoint works (a proxy's, or a HEC look-alike's):
+    # nothing confirms that the batch is indexed.
+    rx.handler = hec_handler(HEC_TOKEN, [], [], HecAck())
+    rx.script = [(200, {}, b'{"text":"Success","code":0}')]
+    with pytest.raises(DeliveryError, match="took the batch without an ackId") as err:
+        hec_ack_sink(rx.url(""), pki, FakeTime()).send(records(1))
+    assert not err.value.retryable
+    assert "turn it on for the token" in str(err.value)
+
+
+def test_hec_ack_turned_off_on_the_token_while_polling_is_not_retryable(rx: Receiver, pki: Pki):
+    ack = HecAck(after=5)
+    rx.handler = hec_handler(HEC_TOKEN, [], [], ack)
+    t = FakeTime()
+    sink = hec_ack_sink(rx.url(""), pki, t)
+
+    def sleep(seconds: float) -> None:
+        t.sleep(seconds)
+        if len(t.waits) == 2:
+            ack.enabled = False  # the Splunk admin unticks "Enable indexer acknowledgement"
+
+    sink = splunk.build(
+        check_destination(spec("splunk_hec", rx.url(""), pki, ack=True)),
+        SinkEnv(policy=LOOPBACK),
+        clock=t.clock,
+        sleep=sleep,
+    )
+    with pytest.raises(DeliveryError, match="HEC code 14: ACK is disabled") as err:
+        sink.send(records(1))
+    assert not err.value.retryable and len(t.waits) == 2
+
+
+def test_hec_token_with_ack_on_and_a_spec_without_it_names_code_10_and_the_fix(
+    rx: Receiver, pki: Pki
+):
+    rx.handler = hec_handler(HEC_TOKEN, [], [], HecAck())
+    sink = build_sink(spec("splunk_hec", rx.url(""), pki), SinkEnv(policy=LOOPBACK))
+    with pytest.raises(DeliveryError) as err:
+        sink.send(records(1))
+    assert not err.value.retryable
+    assert "HEC code 10: data channel is missing" in str(err.value)
+    assert 'set "ack": true in the destination spec' in str(err.value)
+    assert "x-splunk-request-channel" not in rx.requests[0].headers
+    # With "ack", the same token takes the batch.
+    t = FakeTime()
+    hec_ack_sink(rx.url(""), pki, t).send(records(1))
+
+
+def test_hec_refused_channel_names_code_11_and_is_not_retryable(rx: Receiver, pki: Pki):
+    rx.script = [(400, {}, b'{"text":"Invalid data channel","code":11}')]
+    sink = hec_ack_sink(rx.url(""), pki, FakeTime())
+    with pytest.raises(DeliveryError) as err:
+        sink.send(records(1))
+    assert not err.value.retryable
+    assert "HEC code 11: invalid data channel" in str(err.value)
+    assert "X-Splunk-Request-Channel" in str(err.value)
+
+
+class RebindingDns(NetworkPolicy):
+    """siem.test is 127.0.0.1 for the first ``good`` look-ups, then 10.0.0.1 (refused: this
+    policy allows loopback only), as a name the tenant re-points between requests would be."""
+
+    good: int = 1
+    lookups: list[str]
+
+    def resolve(
+        self, host: str, port: int, *, what: str = "destination host", timeout: float = 10.0
+    ) -> list[str]:
+        self.check_host(host, what=what)
+        self.lookups.append(host)
+        if len(self.lookups) <= self.good:
+            return ["127.0.0.1"]
+        raise ConfigurationError(f"{what} {host!r} resolves to the non-public address 10.0.0.1")
+
+
+def rebinding(good: int) -> RebindingDns:
+    policy = RebindingDns(allowed_hosts=frozenset({"siem.test"}), allow_private=True)
+    object.__setattr__(policy, "good", good)
+    object.__setattr__(policy, "lookups", [])
+    return policy
+
+
+def test_hec_ack_every_poll_goes_to_the_checked_origin_through_the_policy(rx: Receiver, pki: Pki):
+    ack = HecAck(after=2)
+    rx.handler = hec_handler(HEC_TOKEN, [], [], ack)
+    policy = rebinding(good=100)
+    sink = hec_ack_sink(rx.url("", host="siem.test"), pki, FakeTime(), policy=policy)
+    sink.send(records(1))
+    # The event POST and both polls: each looked up through the policy, dialled at the checked
+    # address, with the name for SNI and Host.
+    assert len(rx.requests) == 3 and policy.lookups == ["siem.test"] * 3
+    assert {(q.sni, q.headers["host"]) for q in rx.requests} == {
+        ("siem.test", f"siem.test:{rx.port}")
+    }
+    # The name re-pointed after the event POST: the poll is refused, not sent, not retried.
+    policy = rebinding(good=1)
+    sink = hec_ack_sink(rx.url("", host="siem.test"), pki, FakeTime(), policy=policy)
+    with pytest.raises(DeliveryError, match="non-public address") as err:
+        sink.send(records(1))
+    assert not err.value.retryable
+    assert len(rx.requests) == 4  # the event POST only
+
+
+def test_hec_ack_a_redirect_from_the_ack_endpoint_is_not_followed(
+    rx: Receiver, rx2: Receiver, pki: Pki
+):
+    ack = HecAck()
+    inner = hec_handler(HEC_TOKEN, [], [], ack)
+    rx2.handler = hec_handler(HEC_TOKEN, [], [], HecAck())
+
+    def handler(req: Request) -> Any:
+        if req.path.endswith("/ack"):
+            return 307, {"Location": rx2.url("/services/collector/ack")}, b""
+        return inner(req)
+
+    rx.handler = handler
+    with pytest.raises(DeliveryError, match=r"answered 307.*not followed") as err:
+        hec_ack_sink(rx.url(""), pki, FakeTime()).send(records(1))
+    assert not err.value.retryable
+    no_secret(err.value)
+    assert rx2.requests == [] and len(rx.requests) == 2
+
+
+def test_hec_ack_endpoint_is_beside_the_event_endpoint_under_a_proxy_prefix(rx: Receiver, pki: Pki):
+    ack = HecAck(after=1)
+    inner = hec_handler(HEC_TOKEN, [], [], ack)
+
+    def handler(req: Request) -> Any:
+        assert req.path.startswith("/splunk/")
+        path = req.path.removeprefix("/splunk").partition("?")[0]
+        return inner(dataclasses.replace(req, path=path))
+
+    rx.handler = handler
+    url = rx.url("/splunk/services/collector/event?source=x")
+    hec_ack_sink(url, pki, FakeTime()).send(records(1))
+    assert [q.path for q in rx.requests] == [
+        "/splunk/services/collector/event?source=x",
+        "/splunk/services/collector/ack",
+    ]
+
+
+def test_hec_ack_polls_stay_on_the_indexer_a_load_balancer_cookie_names(rx: Receiver, pki: Pki):
+    # Two indexers behind a balancer that keeps a client on one by a cookie (AWS's AWSALB): an
+    # ack poll without it lands on the other indexer, which never acknowledges.
+    ack = HecAck(after=2)
+    indexer = hec_handler(HEC_TOKEN, [], [], ack)
+
+    def balancer(req: Request) -> Any:
+        cookie = req.headers.get("cookie")
+        if req.path.endswith("/event"):
+            status, headers, body = indexer(req)
+            sticky = {
+                "Set-Cookie": "AWSALB=idx-2; Expires=Tue, 01 Jan 2030 00:00:00 GMT; Path=/",
+            }
+            return status, {**headers, **sticky}, body
+        if cookie != "AWSALB=idx-2":
+            ids = json.loads(req.body)["acks"]
+            return 200, {}, json.dumps({"acks": {str(i): False for i in ids}}).encode()
+        return indexer(req)
+
+    rx.handler = balancer
+    t = FakeTime()
+    sink = hec_ack_sink(rx.url(""), pki, t)
+    sink.send(records(1))
+    sink.send(records(1))
+    assert [q.headers.get("cookie") for q in rx.requests] == [None] + ["AWSALB=idx-2"] * 5
+    assert [p[2] for p in ack.polls] == [False, True] * 2
+
+
+def test_hec_ack_keeps_only_well_formed_cookies_and_drops_expired_ones(rx: Receiver, pki: Pki):
+    ack = HecAck(after=1)
+    indexer = hec_handler(HEC_TOKEN, [], [], ack)
+    set_cookies = iter(
+        [
+            [
+                "a=1",
+                "b=2; Path=/",
+                "bad name=x",
+                "c=has space",
+                'd="quoted"',
+                "e",
+                "f=" + "x" * 5000,
+            ],
+            ["a=; Path=/", "b=2; Max-Age=0"],
+            [],
+        ]
+    )
+
+    def handler(req: Request) -> Any:
+        status, headers, body = indexer(req)
+        if req.path.endswith("/event"):
+            return status, {**headers, "Set-Cookie": next(set_cookies)}, body
+        return status, headers, body
+
+    rx.handler = handler
+    sink = hec_ack_sink(rx.url(""), pki, FakeTime())
+    for _ in range(3):
+        sink.send(records(1))
+    kept = 'a=1; b=2; d="quoted"'
+    assert [q.headers.get("cookie") for q in rx.requests] == [None, kept, kept, 'd="quoted"'] + [
+        'd="quoted"'
+    ] * 2
+
+
+def test_a_request_path_must_stay_on_the_origin(pki: Pki):
+    client = HttpsClient("https://127.0.0.1:9/x", policy=LOOPBACK, ca_file=str(pki.ca_file))
+    for path in ("//elsewhere.example/x", "https://elsewhere.example/x", "x", "/a b", "/a\r\n"):
+        with pytest.raises(ValueError, match="absolute path"):
+            client.post(b"", {}, path=path)
+
+
+def test_hec_ack_through_the_shipper_every_event_is_indexed_and_ids_remove_duplicates(
+    rx: Receiver, pki: Pki, tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
+    # The indexers lose the first batch (its ackId is never acknowledged): the send times out,
+    # the shipper sends the batch again, and the cursor moves only once a batch is indexed.
+    stored: list[dict[str, Any]] = []
+    ack = HecAck(after=1, never={0})
+    rx.handler = hec_handler(HEC_TOKEN, stored, [], ack)
+    dest = spec("splunk_hec", rx.url(""), pki, ack=True, ack_timeout=1, max_batch=10)
+    delivery = AuditDelivery(
+        tmp_path,
+        {"acme": TenantAudit([dest])},
+        network=LOOPBACK,
+        poll=0.01,
+        max_backoff=0.05,
+    )
+    try:
+        ctx = TenantContext("acme", actor="a")
+        for i in range(25):
+            delivery.record(make_event(ctx, "decrypt", "ok", "acme", table="t", rows=i), ctx)
+        assert delivery.flush(30)
+        assert delivery.health()["tenants"]["acme"]["splunk_hec"]["failures"] >= 1
+        assert "did not acknowledge within 1 s that it indexed the batch (ackId 0)" in caplog.text
+    finally:
+        delivery.close()
+    uids = [e["event"]["metadata"]["uid"] for e in stored]
+    assert len(uids) > 25  # the lost batch arrived twice
+    unique = list(dict.fromkeys(uids))
+    assert len(unique) == 25
+    rows = {
+        e["event"]["metadata"]["uid"]: e["event"]["resources"][0]["data"]["rows"] for e in stored
+    }
+    assert [rows[u] for u in unique] == list(range(25))
+    # Every ackId but the lost one was acknowledged, each batch's before the next was sent.
+    acked = [p[1] for p in ack.polls if p[2]]
+    assert 0 not in acked and acked == sorted(acked) and len(acked) == len(ack.channels) - 1
