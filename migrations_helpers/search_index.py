@@ -79,6 +79,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy_cmk import CMK, TenantContext, _codecs
 from sqlalchemy_cmk import _search as _core
 from sqlalchemy_cmk import search as _s
+from sqlalchemy_cmk._access import access, claimed_tenant
 from sqlalchemy_cmk.errors import CMKError, ConfigurationError, DecryptionError
 from sqlalchemy_cmk.types import EDEKType, EncryptedType
 
@@ -94,6 +95,7 @@ from .backfill import (
     _check_row_tenant,
     _codec_of_tag,
     _Crypto,
+    _note_claim,
     _now,
     _pk_repr,
     _require_tenant,
@@ -521,7 +523,15 @@ class _Indexer:
         self, plan: _Plan, rows: Sequence[Any], crypto: _Crypto, source_idx: Sequence[int]
     ) -> list[dict[int, Any]]:
         """Each row's decoded source values (source index -> value); raises on a value that
-        does not decrypt, naming the row only."""
+        does not decrypt, naming the row only. One access: a refusal is audited once, for
+        the call's cross-tenant context, before it propagates (``_access``)."""
+        with access(crypto.km, crypto.ctx, "decrypt") as acc:
+            acc.table(plan.tgt.name, plan.tgt.names)
+            return self._opened(plan, rows, crypto, source_idx)
+
+    def _opened(
+        self, plan: _Plan, rows: Sequence[Any], crypto: _Crypto, source_idx: Sequence[int]
+    ) -> list[dict[int, Any]]:
         tgt = plan.tgt
         codecs = {i: m.codec for m, i, _ in plan.members}
         errors = crypto.load(bytes(row[-1])[_SPLIT:] for row in rows if row[-1] is not None)
@@ -539,6 +549,7 @@ class _Indexer:
                         values[i] = v
                     continue
                 if comp is None:
+                    _note_claim(crypto, comp, tenant)
                     raise DecryptionError(
                         f"row {_pk_repr(row[0])} of {tgt.label()!r} holds an encrypted value "
                         "but its EDEK column is NULL",
@@ -551,6 +562,7 @@ class _Indexer:
                 try:
                     raw = crypto.open(comp, tgt.cols[i].name, ct)
                 except DecryptionError:
+                    _note_claim(crypto, comp, tenant)
                     raise DecryptionError(
                         f"row {_pk_repr(row[0])} of {tgt.label()!r} did not decrypt; nothing "
                         "of its batch was written: run verify for a full report",
@@ -1049,15 +1061,39 @@ def _verify_batch(
     slots: Sequence[tuple[int, int, int]],
 ) -> None:
     """Check one batch: opened together (one audit event per tenant), or row by row when a
-    row does not open, to count it and go on."""
+    row does not open, to count it and go on. The batch is one access: the row-by-row
+    retries join it (the scopes nest), and the rows refused are emitted at its end, one
+    event per claimed tenant and error (``_Crypto.refused``), instead of one per attempt."""
+    with access(crypto.km, crypto.ctx, "decrypt") as acc:
+        acc.table(plan.tgt.name, plan.tgt.names)
+        refused: dict[tuple[str | None, type[CMKError]], int] = {}
+        try:
+            _verify_rows(report, indexer, plan, rows, crypto, conn, sources, slots, refused)
+        finally:
+            crypto.refused(refused)
+
+
+def _verify_rows(
+    report: IndexVerifyReport,
+    indexer: _Indexer,
+    plan: _Plan,
+    rows: Sequence[Any],
+    crypto: _Crypto,
+    conn: Connection,
+    sources: Sequence[int],
+    slots: Sequence[tuple[int, int, int]],
+    refused: dict[tuple[str | None, type[CMKError]], int],
+) -> None:
     try:
         values = indexer.opened(plan, rows, crypto, sources)
-    except CMKError:
+    except CMKError as exc:
         if len(rows) > 1:
             for row in rows:
-                _verify_batch(report, indexer, plan, [row], crypto, conn, sources, slots)
+                _verify_rows(report, indexer, plan, [row], crypto, conn, sources, slots, refused)
             return
         _fail(report, plan, rows[0], "failed", report.failed)
+        claimed = claimed_tenant(exc) or crypto.claimed(_as_bytes(rows[0][-1]), rows[0][1])
+        refused[(claimed, type(exc))] = refused.get((claimed, type(exc)), 0) + 1
         return
     tenants = sorted({str(row[1]) for row, v in zip(rows, values, strict=True) if v})
     keys = indexer.keys(conn, tenants, [v for _, v, _ in slots], create=False)
