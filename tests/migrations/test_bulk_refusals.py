@@ -2,10 +2,11 @@
 
 The runtime's matrix (``tests/db/_access_matrix.py``) for the operator's tools, which read every
 tenant's rows in a cross-tenant context. A *cell* is one bulk path (backfill verify, rotate,
-decrypt and encrypt in place, build and verify a blind index) run under one fault (a tampered
-companion, another tenant's ciphertext and EDEK copied into a row, the tenant's KMS denying,
-not knowing or not reaching the key, or none). Each cell starts from three rows (acme's 1 and
-3, globex's 2, one batch) and a cold key cache; the fault breaks both of acme's rows.
+decrypt and encrypt in place, a move into binary storage, build and verify a blind index) run
+under one fault (a tampered companion, another tenant's ciphertext and EDEK copied into a row,
+the tenant's KMS denying, not knowing or not reaching the key, or none). Each cell starts from
+three rows (acme's 1 and 3, globex's 2, one batch) and a cold key cache; the fault breaks both
+of acme's rows.
 
 What each tenant must get, and nobody else:
 
@@ -65,6 +66,7 @@ class PlainPerson(EncryptedMixin, PlainBase):
     note: Mapped[str | None] = mapped_column(
         EncryptedType(Text, storage="text", allow_plaintext=True), nullable=True
     )
+    note_bin: Mapped[str | None] = mapped_column(EncryptedType(Text), nullable=True)  # move target
 
 
 class Base(DeclarativeBase):
@@ -83,6 +85,7 @@ class Person(EncryptedMixin, Base):
     note: Mapped[str | None] = mapped_column(
         EncryptedType(Text, storage="text", allow_plaintext=True), nullable=True
     )
+    note_bin: Mapped[str | None] = mapped_column(EncryptedType(Text), nullable=True)  # move target
 
 
 STATES = search_tables(Base.metadata)[1]
@@ -181,6 +184,19 @@ PATHS: dict[str, Path] = {
         prepare=_plaintext_notes,
         skip=frozenset({"tampered"}),
     ),
+    # The notes moved into binary storage: each opened under its row's key, sealed again.
+    "move": Path(
+        "decrypt",
+        lambda env: backfill.encrypt_columns(
+            env.engine,
+            env.cmk,
+            TABLE,
+            ["note"],
+            into={"note": "note_bin"},
+            metadata=Base.metadata,
+            batch_size=10,
+        ),
+    ),
     "build_index": Path(
         "decrypt",
         lambda env: search_index.build_index(
@@ -268,6 +284,8 @@ def expected(path_name: str, fault: Fault | None) -> list[Event]:
     path = PATHS[path_name]
     if fault is None:  # opened (every path but encrypt), sealed (encrypt, rotate)
         ops = {"encrypt": ["encrypt"], "rotate": ["decrypt", "encrypt"]}.get(path_name)
+        if path_name == "move":
+            ops = ["decrypt", "encrypt"]
         return [
             (op, "ok", tenant, None, rows, None)
             for op in ops or ["decrypt"]
