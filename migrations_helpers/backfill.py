@@ -2399,6 +2399,12 @@ def _open_batch(
     with access(crypto.km, crypto.ctx, "decrypt") as acc:
         acc.table(tgt.name, tgt.names)
         ncols = len(tgt.cols)
+        # Tenants first, as a load checks them: nothing is unwrapped for a refused batch.
+        # Another tenant's ciphertext in a row opens under that tenant's key: it is never
+        # written back to the row in plaintext (or under a new key).
+        for row in rows:
+            if row[-1] is not None and row[1] is not None:
+                _check_row_tenant(tgt, row[0], str(row[1]), bytes(row[-1]), crypto)
         errors = crypto.load(
             _as_bytes(row[-1])[_SPLIT:]  # type: ignore[index]
             for row in rows
@@ -2408,10 +2414,6 @@ def _open_batch(
         by_tenant: dict[str, int] = {}
         for row in rows:
             comp = _as_bytes(row[-1])
-            if comp is not None and row[1] is not None:
-                # Another tenant's ciphertext in this row opens under that tenant's key: never
-                # written back to this row in plaintext (or under a new key), as a load refuses.
-                _check_row_tenant(tgt, row[0], str(row[1]), comp, crypto)
             out: dict[int, bytes] = {}
             bad = False
             for j, v in enumerate(row[first_col : first_col + ncols]):

@@ -348,11 +348,14 @@ def test_bulk_path_audits_every_refusal(env: Env, path_name: str) -> None:
 def test_decrypt_refuses_another_tenants_ciphertext(env: Env) -> None:
     """decrypt_columns checks each row's tenant against its EDEK, as a load does: globex's
     ciphertext and EDEK copied into a row saying acme were decrypted into that row, in
-    plaintext, for acme's application to read. Now refused, and nothing is written."""
+    plaintext, for acme's application to read. Now refused before any key is unwrapped for
+    the batch (as a load checks tenants first), and nothing is written."""
     reset(env, PATHS["decrypt"])
     apply_fault(env, "other_tenant")
     before = env.raw(f"select id, note from {TABLE} order by id")
+    env.kms.reset_counts()
     with pytest.raises(TenantMismatchError) as info:
         backfill.decrypt_columns(env.engine, env.cmk, TABLE, ["note"], metadata=Base.metadata)
     assert info.value.row_tenant == GLOBEX
+    assert env.kms.unwrap_count == 0
     assert env.raw(f"select id, note from {TABLE} order by id") == before
