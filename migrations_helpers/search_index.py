@@ -520,17 +520,29 @@ class _Indexer:
         return out
 
     def opened(
-        self, plan: _Plan, rows: Sequence[Any], crypto: _Crypto, source_idx: Sequence[int]
+        self,
+        plan: _Plan,
+        rows: Sequence[Any],
+        crypto: _Crypto,
+        source_idx: Sequence[int],
+        counts: dict[str, int] | None = None,
     ) -> list[dict[int, Any]]:
         """Each row's decoded source values (source index -> value); raises on a value that
         does not decrypt, naming the row only. One access: a refusal is audited once, for
-        the call's cross-tenant context, before it propagates (``_access``)."""
+        the call's cross-tenant context, before it propagates (``_access``). The rows opened
+        are audited per tenant, or, with ``counts``, added to it for the caller's access to
+        audit (once all its attempts are done)."""
         with access(crypto.km, crypto.ctx, "decrypt") as acc:
             acc.table(plan.tgt.name, plan.tgt.names)
-            return self._opened(plan, rows, crypto, source_idx)
+            return self._opened(plan, rows, crypto, source_idx, counts)
 
     def _opened(
-        self, plan: _Plan, rows: Sequence[Any], crypto: _Crypto, source_idx: Sequence[int]
+        self,
+        plan: _Plan,
+        rows: Sequence[Any],
+        crypto: _Crypto,
+        source_idx: Sequence[int],
+        counts: dict[str, int] | None,
     ) -> list[dict[int, Any]]:
         tgt = plan.tgt
         codecs = {i: m.codec for m, i, _ in plan.members}
@@ -575,7 +587,11 @@ class _Indexer:
             if values:
                 by_tenant[tenant] = by_tenant.get(tenant, 0) + 1
             out.append(values)
-        crypto.audit(by_tenant)
+        if counts is None:
+            crypto.audit(by_tenant)
+        else:
+            for tenant, n in by_tenant.items():
+                counts[tenant] = counts.get(tenant, 0) + n
         return out
 
     def expected(
@@ -1062,14 +1078,17 @@ def _verify_batch(
 ) -> None:
     """Check one batch: opened together (one audit event per tenant), or row by row when a
     row does not open, to count it and go on. The batch is one access: the row-by-row
-    retries join it (the scopes nest), and the rows refused are emitted at its end, one
-    event per claimed tenant and error (``_Crypto.refused``), instead of one per attempt."""
+    retries join it (the scopes nest), and its events are emitted at its end, one per tenant
+    for the rows opened and one per claimed tenant and error for the rows refused
+    (``_Crypto.refused``), not one per attempt."""
     with access(crypto.km, crypto.ctx, "decrypt") as acc:
         acc.table(plan.tgt.name, plan.tgt.names)
+        opened: dict[str, int] = {}
         refused: dict[tuple[str | None, type[CMKError]], int] = {}
         try:
-            _verify_rows(report, indexer, plan, rows, crypto, conn, sources, slots, refused)
+            _verify_rows(report, indexer, plan, rows, crypto, conn, sources, slots, opened, refused)
         finally:
+            crypto.audit(opened)
             crypto.refused(refused)
 
 
@@ -1082,14 +1101,17 @@ def _verify_rows(
     conn: Connection,
     sources: Sequence[int],
     slots: Sequence[tuple[int, int, int]],
+    opened: dict[str, int],
     refused: dict[tuple[str | None, type[CMKError]], int],
 ) -> None:
     try:
-        values = indexer.opened(plan, rows, crypto, sources)
+        values = indexer.opened(plan, rows, crypto, sources, opened)
     except CMKError as exc:
         if len(rows) > 1:
             for row in rows:
-                _verify_rows(report, indexer, plan, [row], crypto, conn, sources, slots, refused)
+                _verify_rows(
+                    report, indexer, plan, [row], crypto, conn, sources, slots, opened, refused
+                )
             return
         _fail(report, plan, rows[0], "failed", report.failed)
         claimed = claimed_tenant(exc) or crypto.claimed(_as_bytes(rows[0][-1]), rows[0][1])

@@ -5,7 +5,7 @@ tenant's rows in a cross-tenant context. A *cell* is one bulk path (backfill ver
 decrypt and encrypt in place, a move into binary storage, build and verify a blind index) run
 under one fault (a tampered companion, another tenant's ciphertext and EDEK copied into a row,
 the tenant's KMS denying, not knowing or not reaching the key, or none). Each cell starts from
-three rows (acme's 1 and 3, globex's 2, one batch) and a cold key cache; the fault breaks both
+four rows (acme's 1 and 3, globex's 2 and 4, one batch) and a cold key cache; the fault breaks both
 of acme's rows.
 
 What each tenant must get, and nobody else:
@@ -47,7 +47,7 @@ ACME, GLOBEX = "acme", "globex"
 TENANT_KEYS = {ACME: "fake://acme", GLOBEX: "fake://globex"}
 TABLE = "br_people"
 INDEX = f"{TABLE}.email_bidx"
-ROWS = {1: ACME, 2: GLOBEX, 3: ACME}
+ROWS = {1: ACME, 2: GLOBEX, 3: ACME, 4: GLOBEX}
 BROKEN = (1, 3)  # acme's rows, which every fault breaks
 ACCESS_OPS = ("encrypt", "decrypt", "search")
 
@@ -235,7 +235,7 @@ FAULTS: dict[str, Fault | None] = {
 
 
 def reset(env: Env, path: Path) -> None:
-    """The three rows, written by the application; no index state; no fault."""
+    """The four rows, written by the application; no index state; no fault."""
     env.kms.refuse.clear()
     with env.engine.begin() as conn:
         conn.execute(delete(Person))
@@ -289,11 +289,11 @@ def expected(path_name: str, fault: Fault | None) -> list[Event]:
         return [
             (op, "ok", tenant, None, rows, None)
             for op in ops or ["decrypt"]
-            for tenant, rows in ((ACME, 2), (GLOBEX, 1))
+            for tenant, rows in ((ACME, 2), (GLOBEX, 2))
         ]
-    if path.checker:  # globex's row opened; acme's two counted, in one event
+    if path.checker:  # globex's rows opened, acme's refused: one event each, for the batch
         return [
-            ("decrypt", "ok", GLOBEX, None, 1, None),
+            ("decrypt", "ok", GLOBEX, None, 2, None),
             ("decrypt", fault.outcome, None, fault.claimed, 2, fault.error),
         ]
     if path.seals and fault.kms is not None:  # the seal, under acme's context: acme's own
