@@ -98,7 +98,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import CompileError, DBAPIError, StatementError
 
 from sqlalchemy_cmk import CMK, TenantContext, _codecs, _format
-from sqlalchemy_cmk._access import access, emit_ok
+from sqlalchemy_cmk._access import access, emit_ok, emit_refused, note_row_tenant
 from sqlalchemy_cmk._cmk import _aad_prefix
 from sqlalchemy_cmk._codecs import Codec, codec_for
 from sqlalchemy_cmk._dialects import DialectSupport, select_dialect
@@ -1010,6 +1010,15 @@ def _check_row_tenant(
         )
 
 
+def _note_claim(crypto: _Crypto, companion: bytes | None, tenant: Any) -> None:
+    """Name, for the refusal about to be raised in the current access, the tenant the row
+    claims (its envelope's, else its tenant column's): unauthenticated, so it goes in the
+    event's ``row_tenant`` only (``_access``)."""
+    claimed = crypto.claimed(companion, tenant)
+    if claimed is not None:
+        note_row_tenant(crypto.km, claimed)
+
+
 def _check_batch_args(batch_size: int, max_batches: int | None = None) -> None:
     if batch_size < 1:
         raise ConfigurationError(f"batch_size must be at least 1, not {batch_size}")
@@ -1422,6 +1431,31 @@ class _Crypto:
                 rows=rows,
                 columns=self.tgt.names,
             )
+
+    def refused(self, counts: Mapping[tuple[str | None, type[CMKError]], int]) -> None:
+        """A checker's refusals (rows that did not open, counted instead of raised): one
+        ``decrypt`` event per tenant the rows claim and error, ``rows`` rows each, routed as
+        every refusal is (``_access``): for this call's cross-tenant context, so for no
+        tenant's delivery, the claimed tenant (unauthenticated) only in ``row_tenant``."""
+        for (claimed, error), rows in counts.items():
+            emit_refused(
+                self.km,
+                self.ctx,
+                "decrypt",
+                error,
+                table=self.tgt.name,
+                columns=self.tgt.names,
+                row_tenant=claimed,
+                rows=rows,
+            )
+
+    def claimed(self, companion: bytes | None, tenant: Any) -> str | None:
+        """The tenant a row claims (unauthenticated): its envelope's, else its tenant
+        column's."""
+        if companion is not None:
+            with contextlib.suppress(CMKError):
+                return self.tenant(companion)
+        return None if tenant is None else str(tenant)
 
     def seal(
         self,
@@ -2011,6 +2045,50 @@ def encrypt_columns(
         values: list[dict[str, bytes | str]] = []
         witnesses: list[dict[str, bytes] | None] = []
         comps: list[bytes | None] = []
+        # The rows' checks are the batch's access for the operator's cross-tenant context: a
+        # row refused here (another tenant's EDEK, ciphertext with no EDEK) is audited once
+        # before the error propagates. Each tenant's seal is an access of its own (CMK.seal,
+        # under that tenant's context), so it stays outside this scope, which it would join.
+        with access(crypto.km, crypto.ctx, "encrypt") as acc:
+            acc.table(tgt.name, names)
+            sort_rows(rows, groups, values, witnesses, comps, crypto)
+        new_comps, cts, new_envs = _seal_groups(crypto, groups, values, comps, witnesses)
+        batch = _Batch(tgt)
+        for i, row in enumerate(rows):
+            d = values[i]
+            if not d:
+                continue  # nothing to seal (cannot happen: the row matched as plaintext)
+            old = row[2 : 2 + ncols]
+            new = list(old)
+            sealed: list[tuple[int, bytes]] = []
+            row_cts = iter(cts[i])
+            for j in range(ncols):
+                if names[j] in d:
+                    ct = next(row_cts)
+                    new[j] = TEXT_MARKER + b64encode(ct).decode("ascii")
+                    sealed.append((j, ct))
+            comp = comps[i]
+            new_comp = new_comps[i]
+            batch.add(
+                row[0],
+                row[1],
+                old,
+                new,
+                comp,
+                new_comp if new_comp is not None else comp,
+                str(row[1]),
+                sealed,
+            )
+        batch.apply(conn, part, lambda ours: crypto.check_written(ours, new_envs))
+
+    def sort_rows(
+        rows: Sequence[Any],
+        groups: dict[str, list[int]],
+        values: list[dict[str, bytes | str]],
+        witnesses: list[dict[str, bytes] | None],
+        comps: list[bytes | None],
+        crypto: _Crypto,
+    ) -> None:
         for i, row in enumerate(rows):
             pk, tenant_raw = row[0], row[1]
             tenant = tenant_raw if type(tenant_raw) is str else _require_tenant(tgt, pk, tenant_raw)
@@ -2046,34 +2124,6 @@ def encrypt_columns(
             values.append(d)
             witnesses.append(witness)
             comps.append(comp)
-        new_comps, cts, new_envs = _seal_groups(crypto, groups, values, comps, witnesses)
-        batch = _Batch(tgt)
-        for i, row in enumerate(rows):
-            d = values[i]
-            if not d:
-                continue  # nothing to seal (cannot happen: the row matched as plaintext)
-            old = row[2 : 2 + ncols]
-            new = list(old)
-            sealed: list[tuple[int, bytes]] = []
-            row_cts = iter(cts[i])
-            for j in range(ncols):
-                if names[j] in d:
-                    ct = next(row_cts)
-                    new[j] = TEXT_MARKER + b64encode(ct).decode("ascii")
-                    sealed.append((j, ct))
-            comp = comps[i]
-            new_comp = new_comps[i]
-            batch.add(
-                row[0],
-                row[1],
-                old,
-                new,
-                comp,
-                new_comp if new_comp is not None else comp,
-                str(row[1]),
-                sealed,
-            )
-        batch.apply(conn, part, lambda ours: crypto.check_written(ours, new_envs))
 
     with _Crypto(cmk, tgt, actor) as crypto:
         _walk(
@@ -2185,6 +2235,7 @@ def _mover(
                         with contextlib.suppress(DecryptionError):
                             pt = crypto.open(comp, names[s], ct)
                     if pt is None:
+                        _note_claim(crypto, comp, tenant)
                         raise DecryptionError(
                             f"row {_pk_repr(pk)} of {tgt.label()!r}: {names[s]} holds an "
                             "encrypted value that does not decrypt (or its EDEK is NULL); "
@@ -2341,12 +2392,19 @@ def _open_batch(
     crypto: _Crypto, tgt: _Target, rows: Sequence[Any], first_col: int
 ) -> list[dict[int, bytes]]:
     """Open every ciphertext of a batch to its raw plaintext (row -> column index -> bytes);
-    a value that does not decrypt raises DecryptionError naming its row, before anything of
-    the batch is written."""
+    a value that does not decrypt raises DecryptionError naming its row, and a row whose
+    tenant column (``row[1]``, when not NULL) disagrees with its EDEK TenantMismatchError,
+    before anything of the batch is written."""
     # One access per batch: a refusal is audited once, before it propagates.
     with access(crypto.km, crypto.ctx, "decrypt") as acc:
         acc.table(tgt.name, tgt.names)
         ncols = len(tgt.cols)
+        # Tenants first, as a load checks them: nothing is unwrapped for a refused batch.
+        # Another tenant's ciphertext in a row opens under that tenant's key: it is never
+        # written back to the row in plaintext (or under a new key).
+        for row in rows:
+            if row[-1] is not None and row[1] is not None:
+                _check_row_tenant(tgt, row[0], str(row[1]), bytes(row[-1]), crypto)
         errors = crypto.load(
             _as_bytes(row[-1])[_SPLIT:]  # type: ignore[index]
             for row in rows
@@ -2374,6 +2432,7 @@ def _open_batch(
                     bad = True
                     break
             if bad:
+                _note_claim(crypto, comp, row[1])
                 raise DecryptionError(
                     f"row {_pk_repr(row[0])} of {tgt.label()!r} did not decrypt; nothing of its "
                     "batch was written: run verify() for a full report",
@@ -2432,6 +2491,9 @@ def decrypt_columns(
             value whose type is not text.
         DecryptionError: a value did not decrypt (names the row); nothing of its batch is
             written. Run :func:`verify` for the full list.
+        TenantMismatchError: a row's tenant column disagrees with its EDEK's tenant (another
+            tenant's ciphertext is never written in plaintext into this row); nothing of its
+            batch is written.
         KeyAccessError: a tenant's KMS refused or failed.
         MigrationDatabaseError: the database refused a plaintext (a CHECK constraint, a unique
             index): names the row, the constraint and SQLSTATE, never the value; nothing of
@@ -2929,10 +2991,8 @@ def rotate_data_keys(
 
     def handle(conn: Connection, rows: Sequence[Any], part: Report, crypto: _Crypto) -> None:
         for row in rows:
-            comp = _as_bytes(row[-1])
-            assert comp is not None
-            _check_row_tenant(tgt, row[0], _require_tenant(tgt, row[0], row[1]), comp, crypto)
-        opened = _open_batch(crypto, tgt, rows, 2)
+            _require_tenant(tgt, row[0], row[1])
+        opened = _open_batch(crypto, tgt, rows, 2)  # checks each row's tenant against its EDEK
         groups: dict[str, list[int]] = {}
         for i, row in enumerate(rows):
             groups.setdefault(str(row[1]), []).append(i)
@@ -3014,6 +3074,11 @@ def verify(
     ``ConfigurationError``), or whose key the KMS refuses (``KeyAccessDeniedError``...). Failures
     never stop the scan. Reads only, without locks, one batch at a time.
 
+    Each batch is one access (``sqlalchemy_cmk._access``): a ``decrypt`` event per tenant for
+    the rows that decrypted, and for the rows refused one event per tenant they claim and error
+    (``rows`` counts them), for this call's cross-tenant context: no tenant's delivery gets it,
+    and the claimed tenant, unauthenticated, is only in ``row_tenant``.
+
     ``max_kms_rps`` caps its KMS requests per second, as for :func:`encrypt_columns`.
 
     Raises:
@@ -3084,18 +3149,35 @@ def verify(
     open_ = _format.open_
 
     def check(rows: Sequence[Any], crypto: _Crypto) -> None:
+        # One access per batch, as a backfill batch is; but a checker counts the rows refused
+        # instead of raising, so their refusals are emitted at the end, one per claimed tenant
+        # and error (``_Crypto.refused``).
+        with access(crypto.km, crypto.ctx, "decrypt") as acc:
+            acc.table(tgt.name, names)
+            refused: dict[tuple[str | None, type[CMKError]], int] = {}
+            try:
+                check_rows(rows, crypto, refused)
+            finally:
+                crypto.refused(refused)
+
+    def check_rows(
+        rows: Sequence[Any],
+        crypto: _Crypto,
+        refused: dict[tuple[str | None, type[CMKError]], int],
+    ) -> None:
         # Envelopes first, concurrently; then each row on its own, so one failure is one row.
         # The hot loop of verify: per envelope, its tenant, key and associated-data prefixes
         # are looked up once; per value, a base64 decode (text storage) and an AEAD open.
         errors = crypto.load(bytes(r[-1])[_SPLIT:] for r in rows if r[-1] is not None)
         by_tenant: dict[str, int] = {}
-        seen: dict[bytes, tuple[str, Any, list[bytes], str | None]] = {}
+        seen: dict[bytes, tuple[str, Any, list[bytes], type[CMKError] | None]] = {}
         for row in rows:
             pk, t = row[0], _tenant_of(row[1])
             raw = row[-1]
             comp = None if raw is None else bytes(raw)
             plain = False
-            error = None
+            error: type[CMKError] | None = None
+            claimed = None if row[1] is None else t  # the row's claim: its envelope's, if any
             try:
                 cts: list[tuple[int, bytes]] = []
                 for j in range(ncols):
@@ -3127,7 +3209,7 @@ def verify(
                         owner = crypto.tenant(comp)
                         aead: Any = None
                         prefixes: list[bytes] = []
-                        failed = type(errors[env]).__name__ if env in errors else None
+                        failed = type(errors[env]) if env in errors else None
                         if failed is None:
                             entry = crypto._keys.get(env)
                             if entry is None:  # evicted by a batch of very many envelopes
@@ -3139,21 +3221,27 @@ def verify(
                             prefixes = [_aad_prefix(owner, tgt.name, n) for n in names]
                         info = seen[env] = (owner, aead, prefixes, failed)
                     owner, aead, prefixes, failed = info
+                    claimed = owner
                     if owner != t:
-                        error = "TenantMismatchError"
+                        error = TenantMismatchError
                     elif failed is not None:
                         error = failed
                     else:
                         row_id = comp[1:_SPLIT]
+                        mistyped = False
                         for j, ct in cts:
                             pt = open_(aead, prefixes[j] + row_id, ct)
                             if j in tags and pt[:1] != tags[j]:
-                                error = "ConfigurationError"  # not the model's type
+                                mistyped = True  # not the model's type
                         by_tenant[t] = by_tenant.get(t, 0) + 1
+                        if mistyped:  # opened (audited as such), but unreadable by the model
+                            fail(pk, t, "ConfigurationError")
+                            continue
             except DecryptionError:
-                error = "DecryptionError"
+                error = DecryptionError
             if error is not None:
-                fail(pk, t, error)
+                fail(pk, t, error.__name__)
+                refused[(claimed, error)] = refused.get((claimed, error), 0) + 1
             else:
                 _count(report.plaintext if plain else report.encrypted_ok, t)
         crypto.audit(by_tenant)

@@ -79,6 +79,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy_cmk import CMK, TenantContext, _codecs
 from sqlalchemy_cmk import _search as _core
 from sqlalchemy_cmk import search as _s
+from sqlalchemy_cmk._access import access, claimed_tenant
 from sqlalchemy_cmk.errors import CMKError, ConfigurationError, DecryptionError
 from sqlalchemy_cmk.types import EDEKType, EncryptedType
 
@@ -94,6 +95,7 @@ from .backfill import (
     _check_row_tenant,
     _codec_of_tag,
     _Crypto,
+    _note_claim,
     _now,
     _pk_repr,
     _require_tenant,
@@ -518,10 +520,30 @@ class _Indexer:
         return out
 
     def opened(
-        self, plan: _Plan, rows: Sequence[Any], crypto: _Crypto, source_idx: Sequence[int]
+        self,
+        plan: _Plan,
+        rows: Sequence[Any],
+        crypto: _Crypto,
+        source_idx: Sequence[int],
+        counts: dict[str, int] | None = None,
     ) -> list[dict[int, Any]]:
         """Each row's decoded source values (source index -> value); raises on a value that
-        does not decrypt, naming the row only."""
+        does not decrypt, naming the row only. One access: a refusal is audited once, for
+        the call's cross-tenant context, before it propagates (``_access``). The rows opened
+        are audited per tenant, or, with ``counts``, added to it for the caller's access to
+        audit (once all its attempts are done)."""
+        with access(crypto.km, crypto.ctx, "decrypt") as acc:
+            acc.table(plan.tgt.name, plan.tgt.names)
+            return self._opened(plan, rows, crypto, source_idx, counts)
+
+    def _opened(
+        self,
+        plan: _Plan,
+        rows: Sequence[Any],
+        crypto: _Crypto,
+        source_idx: Sequence[int],
+        counts: dict[str, int] | None,
+    ) -> list[dict[int, Any]]:
         tgt = plan.tgt
         codecs = {i: m.codec for m, i, _ in plan.members}
         errors = crypto.load(bytes(row[-1])[_SPLIT:] for row in rows if row[-1] is not None)
@@ -539,6 +561,7 @@ class _Indexer:
                         values[i] = v
                     continue
                 if comp is None:
+                    _note_claim(crypto, comp, tenant)
                     raise DecryptionError(
                         f"row {_pk_repr(row[0])} of {tgt.label()!r} holds an encrypted value "
                         "but its EDEK column is NULL",
@@ -551,6 +574,7 @@ class _Indexer:
                 try:
                     raw = crypto.open(comp, tgt.cols[i].name, ct)
                 except DecryptionError:
+                    _note_claim(crypto, comp, tenant)
                     raise DecryptionError(
                         f"row {_pk_repr(row[0])} of {tgt.label()!r} did not decrypt; nothing "
                         "of its batch was written: run verify for a full report",
@@ -563,7 +587,11 @@ class _Indexer:
             if values:
                 by_tenant[tenant] = by_tenant.get(tenant, 0) + 1
             out.append(values)
-        crypto.audit(by_tenant)
+        if counts is None:
+            crypto.audit(by_tenant)
+        else:
+            for tenant, n in by_tenant.items():
+                counts[tenant] = counts.get(tenant, 0) + n
         return out
 
     def expected(
@@ -1049,15 +1077,45 @@ def _verify_batch(
     slots: Sequence[tuple[int, int, int]],
 ) -> None:
     """Check one batch: opened together (one audit event per tenant), or row by row when a
-    row does not open, to count it and go on."""
+    row does not open, to count it and go on. The batch is one access: the row-by-row
+    retries join it (the scopes nest), and its events are emitted at its end, one per tenant
+    for the rows opened and one per claimed tenant and error for the rows refused
+    (``_Crypto.refused``), not one per attempt."""
+    with access(crypto.km, crypto.ctx, "decrypt") as acc:
+        acc.table(plan.tgt.name, plan.tgt.names)
+        opened: dict[str, int] = {}
+        refused: dict[tuple[str | None, type[CMKError]], int] = {}
+        try:
+            _verify_rows(report, indexer, plan, rows, crypto, conn, sources, slots, opened, refused)
+        finally:
+            crypto.audit(opened)
+            crypto.refused(refused)
+
+
+def _verify_rows(
+    report: IndexVerifyReport,
+    indexer: _Indexer,
+    plan: _Plan,
+    rows: Sequence[Any],
+    crypto: _Crypto,
+    conn: Connection,
+    sources: Sequence[int],
+    slots: Sequence[tuple[int, int, int]],
+    opened: dict[str, int],
+    refused: dict[tuple[str | None, type[CMKError]], int],
+) -> None:
     try:
-        values = indexer.opened(plan, rows, crypto, sources)
-    except CMKError:
+        values = indexer.opened(plan, rows, crypto, sources, opened)
+    except CMKError as exc:
         if len(rows) > 1:
             for row in rows:
-                _verify_batch(report, indexer, plan, [row], crypto, conn, sources, slots)
+                _verify_rows(
+                    report, indexer, plan, [row], crypto, conn, sources, slots, opened, refused
+                )
             return
         _fail(report, plan, rows[0], "failed", report.failed)
+        claimed = claimed_tenant(exc) or crypto.claimed(_as_bytes(rows[0][-1]), rows[0][1])
+        refused[(claimed, type(exc))] = refused.get((claimed, type(exc)), 0) + 1
         return
     tenants = sorted({str(row[1]) for row, v in zip(rows, values, strict=True) if v})
     keys = indexer.keys(conn, tenants, [v for _, v, _ in slots], create=False)

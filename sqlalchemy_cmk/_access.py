@@ -13,6 +13,10 @@ named by an envelope that did not authenticate (another tenant's row, a tampered
 unverified, so it goes in ``row_tenant``, which only the application's own sinks see, and never
 carries this context's actor or request to that tenant.
 
+A checker that counts refused rows instead of raising (the migration tools' ``verify`` and
+``verify_index``) emits them itself with :func:`emit_refused`, by the same rule: one event per
+batch, claimed tenant and error, with the rows refused in ``rows``.
+
 Scopes nest: an inner scope of the same operation and key manager joins the outer one (a flush
 calls ``CMK.seal``; a load calls ``CMK.open``), so one access gives one event per table. A scope
 of another operation is an access of its own (a load run by a flush to check a tenant column).
@@ -32,17 +36,19 @@ from .errors import (
     CMKError,
     DecryptionError,
     KeyAccessDeniedError,
+    KeyAccessError,
     KeyNotFoundError,
     KMSUnavailableError,
     NoTenantError,
     TenantMismatchError,
+    TenantNotConfiguredError,
     TenantRevokedError,
 )
 
 if TYPE_CHECKING:
     from ._keys import KeyManager
 
-__all__ = ["Access", "access", "emit_ok", "outcome_of"]
+__all__ = ["Access", "access", "claimed_tenant", "emit_ok", "emit_refused", "outcome_of"]
 
 # Most specific first: the first class the error is an instance of gives the outcome.
 _OUTCOMES: tuple[tuple[type[CMKError], str], ...] = (
@@ -65,11 +71,13 @@ _current: contextvars.ContextVar[Access | None] = contextvars.ContextVar(
 )
 
 
-def outcome_of(exc: BaseException) -> str:
-    """The access outcome that ``exc`` stands for: ``no_tenant``, ``mismatch``, ``tampered``,
-    ``denied``, ``not_found``, ``unavailable``, or ``error`` for anything else."""
+def outcome_of(exc: BaseException | type[BaseException]) -> str:
+    """The access outcome that ``exc`` (an error or its class) stands for: ``no_tenant``,
+    ``mismatch``, ``tampered``, ``denied``, ``not_found``, ``unavailable``, or ``error`` for
+    anything else."""
+    typ = exc if isinstance(exc, type) else type(exc)
     for cls, name in _OUTCOMES:
-        if isinstance(exc, cls):
+        if issubclass(typ, cls):
             return name
     return "error"
 
@@ -113,26 +121,20 @@ class Access:
             and table not in self.tables
         ):
             names.append(table)
-        ctx = self.ctx
-        tenant = ctx.tenant_id if ctx is not None else None
-        row_tenant = getattr(exc, "row_tenant", None) or self.row_tenant
-        if row_tenant == tenant:
-            row_tenant = None
-        outcome = outcome_of(exc)
+        row_tenant = claimed_tenant(exc) or self.row_tenant
         ms = (time.monotonic() - self.started) * 1000
         for name in names:
             if name in self.done:
                 continue
             self.done.add(name)
             try:
-                self.keys.emit(
-                    ctx,
+                emit_refused(
+                    self.keys,
+                    self.ctx,
                     self.operation,
-                    outcome,
-                    tenant,
+                    exc,
                     table=name,
-                    columns=tuple(sorted(self.tables.get(name, ()))),
-                    error=type(exc).__name__,
+                    columns=self.tables.get(name, ()),
                     row_tenant=row_tenant,
                     duration_ms=ms,
                 )
@@ -204,6 +206,48 @@ def emit_ok(
     if acc is not None and acc.keys is keys and acc.operation == operation:
         acc.done.add(table)
     keys.emit(ctx, operation, "ok", tenant, table=table, **kw)
+
+
+def claimed_tenant(exc: BaseException) -> str | None:
+    """The tenant a refused row claims, as far as ``exc`` says (unauthenticated): the row's
+    own for a mismatch; for a key refused (by the operator or the KMS), the tenant whose key
+    the envelope names."""
+    row_tenant = getattr(exc, "row_tenant", None)
+    if row_tenant is None and isinstance(exc, KeyAccessError | TenantNotConfiguredError):
+        row_tenant = exc.tenant
+    return row_tenant if isinstance(row_tenant, str) else None
+
+
+def emit_refused(
+    keys: KeyManager,
+    ctx: TenantContext | None,
+    operation: str,
+    exc: BaseException | type[BaseException],
+    *,
+    table: str,
+    columns: Iterable[str] = (),
+    row_tenant: str | None = None,
+    rows: int = 0,
+    duration_ms: float = 0.0,
+) -> None:
+    """Emit one refusal event, routed by the module's rule: for the context's tenant only
+    (``None`` in no or a cross-tenant context); ``row_tenant``, the tenant the refused rows
+    claim, kept only where it is not the context's own. ``exc`` is the error, or its class
+    (a checker that counts refusals by class rather than raising them)."""
+    tenant = ctx.tenant_id if ctx is not None else None
+    cls = exc if isinstance(exc, type) else type(exc)
+    keys.emit(
+        ctx,
+        operation,
+        outcome_of(cls),
+        tenant,
+        table=table,
+        columns=tuple(sorted(columns)),
+        error=cls.__name__,
+        row_tenant=None if row_tenant == tenant else row_tenant,
+        rows=rows,
+        duration_ms=duration_ms,
+    )
 
 
 def note_row_tenant(keys: KeyManager, tenant: str) -> None:

@@ -49,6 +49,7 @@ from sqlalchemy_cmk import (
     DecryptionError,
     EncryptedMixin,
     EncryptedType,
+    TenantMismatchError,
     TenantNotConfiguredError,
     tenant_context,
 )
@@ -635,7 +636,14 @@ def test_verify_counts_by_tenant_and_catches_tampering(engine: Engine, cmk: CMK)
     sampled = backfill.verify(engine, cmk, TABLE, COLS, tenant_column="tenant_id", sample=0.3)
     assert 0 < sampled.checked < report.checked
 
-    # decrypt stops at the first bad value, naming its row, and writes nothing of its batch.
+    # decrypt stops at the first bad row, naming it, and writes nothing of its batch: tenants
+    # are checked first (nothing is unwrapped for a refused batch), so row 2's, then values.
+    before = raw(engine)
+    with pytest.raises(TenantMismatchError, match="row 2 of 'bf_people'"):
+        decrypt(engine, cmk, batch_size=100)
+    assert raw(engine) == before
+    with engine.begin() as conn:
+        conn.execute(people.update().where(people.c.id == 2).values(tenant_id="initech"))
     before = raw(engine)
     with pytest.raises(DecryptionError, match="row 1 of 'bf_people'"):
         decrypt(engine, cmk, batch_size=100)
