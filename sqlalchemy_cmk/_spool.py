@@ -27,9 +27,11 @@ the zeros: an ``fdatasync`` then writes the frames' pages only. Appending to the
 changes the file's size, so each sync was also a journal commit (220-350 µs here against 115).
 A closed writer cuts its segments back to their last frame.
 
-A reader stops at the first frame that is short, fails its CRC, or starts with a zero byte (the
-filled tail; no version is 0): that is where the frames end, or where a crash cut the file (only
-a power loss can leave a torn frame; SIGKILL keeps every completed ``write``).
+A reader stops at the first frame that is short, fails its CRC, starts with a zero byte (the
+filled tail; no version is 0) or has an empty body (never written: a frame cut after its first
+byte, over zeros, would otherwise read as a whole empty one): that is where the frames end, or
+where a crash cut the file (only a power loss can leave a torn frame; SIGKILL keeps every
+completed ``write``). It reads the file a little at a time, so it stops in the zeros too.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ VERSION = 1
 MAX_FRAME = 1 << 20  # an event is a few hundred bytes; a larger length is a torn or foreign file
 GATHER = 0.0005  # seconds a sync may wait for other threads' frames, see Writer._sync
 FILL = 1 << 20  # bytes of a segment zero-filled at a time, see the module docstring
+READ = 1 << 16  # bytes a reader reads at a time, see read_frames
 SEGMENT_GLOB = ".seg"
 
 
@@ -97,23 +100,47 @@ def read_frames(
     path: str, offset: int = 0, end: int | None = None
 ) -> Iterator[tuple[int, int, str, bytes]]:
     """``(offset, next_offset, tenant, body)`` of each whole frame from ``offset`` (to ``end``,
-    if given: a live writer's position, which spares reading its zero-filled tail); stops at a
-    torn tail."""
-    with open(path, "rb") as f:
-        f.seek(offset)
-        data = f.read() if end is None else f.read(max(0, end - offset))
-    pos = 0
-    while pos + _HEAD.size <= len(data):
-        version, length, crc, tlen = _HEAD.unpack_from(data, pos)
-        start = pos + _HEAD.size
-        end = start + tlen + length
-        if version != VERSION or length > MAX_FRAME or end > len(data):
-            return
-        if zlib.crc32(data[start:end]) != crc:
-            return
-        tenant = data[start : start + tlen].decode("utf-8", "surrogatepass")
-        yield offset + pos, offset + end, tenant, data[start + tlen : end]
-        pos = end
+    if given: a live writer's position); stops at a torn tail or the zero-filled one.
+
+    The file is read ``READ`` bytes at a time, not to its size: a segment's size includes up to
+    ``FILL`` bytes of zeros after its frames, and a shipper re-reads a dead writer's last
+    segment from its last frame in every pass.
+    """
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        data = b""
+        at = offset  # the file offset of data[0]
+        pos = 0
+        more = True  # bytes may follow data in the file (before ``end``)
+        while True:
+            need = _HEAD.size
+            if pos + _HEAD.size <= len(data):
+                version, length, crc, tlen = _HEAD.unpack_from(data, pos)
+                # An empty body is never written (see frame()). Over zeros, a frame cut after
+                # its version byte reads as one: length 0, CRC 0, tenant length 0, and the CRC
+                # of nothing is 0.
+                if version != VERSION or length > MAX_FRAME or length == 0:
+                    return
+                need = _HEAD.size + tlen + length
+            if pos + need > len(data):
+                if not more:
+                    return
+                want = max(READ, pos + need - len(data))
+                if end is not None:
+                    want = min(want, end - at - len(data))
+                chunk = os.pread(fd, want, at + len(data)) if want > 0 else b""
+                more = len(chunk) == want and want > 0
+                data, at, pos = data[pos:] + chunk, at + pos, 0
+                continue
+            start = pos + _HEAD.size
+            stop = pos + need
+            if zlib.crc32(data[start:stop]) != crc:
+                return
+            tenant = data[start : start + tlen].decode("utf-8", "surrogatepass")
+            yield at + pos, at + stop, tenant, data[start + tlen : stop]
+            pos = stop
+    finally:
+        os.close(fd)
 
 
 def frame(tenant: str, body: bytes) -> bytes:
@@ -127,6 +154,8 @@ def frame(tenant: str, body: bytes) -> bytes:
     t = tenant.encode("utf-8", "surrogatepass")
     if len(t) > 0xFFFF or len(body) > MAX_FRAME:
         raise SpoolError("the audit event is too large for the spool (tenant id or body)")
+    if not body:
+        raise SpoolError("an audit event's body is never empty")  # where read_frames stops
     return _HEAD.pack(VERSION, len(body), zlib.crc32(t + body), len(t)) + t + body
 
 
@@ -365,7 +394,10 @@ class Writer:
         """
         end = self._size + len(data)
         if end > self._filled and end > self._fill_after:
-            self._fill(max(end, min(self._filled + FILL, self._segment_bytes)))
+            # Never more zeros than the segment, or the spool, has room for: a spool sized
+            # below FILL would otherwise hold a MiB of zeros from its first event.
+            room = min(self._segment_bytes, self._max_bytes - self._closed_bytes)
+            self._fill(max(end, min(self._filled + FILL, room)))
         try:
             n = os.pwrite(self._fd, data, self._size)
             if n == len(data):

@@ -1,0 +1,210 @@
+"""Attacks on the zero-filled segment layout (frames written over zeros filled ahead, ``FILL``
+bytes at a time), each kept as a regression test: what a power loss or a reader racing the
+writer finds in the zeros, what reading and keeping them costs, and delivery across many rolls.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from sqlalchemy_cmk import _spool
+from sqlalchemy_cmk.audit import make_event
+from sqlalchemy_cmk.context import TenantContext
+from sqlalchemy_cmk.delivery import AuditDelivery, TenantAudit, spool_status, verify_chain
+from tests.audit._disk import tear
+from tests.audit.memory_kind import Receiver
+
+
+def memory(receiver: str) -> TenantAudit:
+    return TenantAudit([{"kind": "memory", "receiver": receiver}])
+
+
+def record(delivery: AuditDelivery, tenant: str, rows: int) -> None:
+    ctx = TenantContext(tenant, actor="a")
+    delivery.record(make_event(ctx, "decrypt", "ok", tenant, table="t", rows=rows), ctx)
+
+
+def rows_of(receiver: Receiver) -> list[int]:
+    return [json.loads(r.body)["resources"][0]["data"]["rows"] for r in receiver.unique()]
+
+
+def killed(delivery: AuditDelivery) -> str:
+    """What SIGKILL leaves of a delivery that only recorded: its directory, zeros and all."""
+    assert delivery._writer is not None
+    wdir = delivery._writer.dir
+    delivery._writer.abandon_after_fork()
+    delivery._writer = None
+    delivery.close()
+    return wdir
+
+
+def last_segment(wdir: str) -> str:
+    return os.path.join(wdir, _spool.segment_name(_spool.segments(wdir)[-1]))
+
+
+# -- a frame torn after its first bytes, over zeros ----------------------------------------------
+
+
+@pytest.mark.parametrize("cut", [1, 2, 3])
+def test_a_frame_torn_after_its_first_bytes_is_not_read_as_an_empty_frame(
+    tmp_path: Path, cut: int
+) -> None:
+    """Over the zero-filled tail, a frame cut after its version byte (a power loss that kept
+    the page holding its first bytes, not the next; or a reader that copied that page while
+    the writer was in the middle of the frame) reads as version 1, length 0, CRC 0, tenant
+    length 0: and the CRC of nothing is 0. The reader took it for a whole frame of tenant ''.
+    Appended to the end of the file, the same bytes were a short header, and were not read."""
+    writer = _spool.Writer(str(tmp_path), segment_bytes=1 << 20, max_bytes=1 << 30)
+    writer.append("acme", lambda: b'{"n":1}')
+    path = last_segment(writer.dir)
+    tear(path, _spool.frame("acme", b'{"n":2}')[:cut])
+    assert [(t, b) for _, _, t, b in _spool.read_frames(path)] == [("acme", b'{"n":1}')]
+    writer.close()
+
+
+def test_a_dead_writers_frame_torn_after_its_first_byte_is_no_tenants_event(
+    tmp_path: Path, memory_kind: dict[str, Receiver]
+) -> None:
+    """The same tear in a dead writer's directory: ``audit status`` showed a tenant '' with an
+    undelivered event, and the shipper counted it undeliverable."""
+    tenants = {"acme": memory("a")}
+    dead = AuditDelivery(tmp_path, tenants, start=False)
+    for i in range(3):
+        record(dead, "acme", i)
+    wdir = killed(dead)
+    tear(last_segment(wdir), _spool.frame("acme", b'{"never":"acknowledged"}')[:1])
+    assert {r["tenant"] for r in spool_status(tmp_path)} == {"acme"}
+    d = AuditDelivery(tmp_path, tenants, poll=0.005, retention=0)
+    try:
+        assert d.flush(15)
+        assert rows_of(memory_kind["a"]) == [0, 1, 2]
+        assert d._shipper is not None and d._shipper.undeliverable == 0
+    finally:
+        d.close()
+
+
+def test_a_later_page_kept_by_a_power_loss_is_not_read_past_a_lost_one(
+    tmp_path: Path, memory_kind: dict[str, Receiver]
+) -> None:
+    """A power loss may keep a later page of the unsynced frames and lose an earlier one (the
+    disk writes pages in any order): the zeros of the lost page end the frames, and the whole
+    frame behind them (never acknowledged) is not delivered out of order after a gap."""
+    tenants = {"acme": memory("a")}
+    dead = AuditDelivery(tmp_path, tenants, start=False)
+    for i in range(3):
+        record(dead, "acme", i)
+    wdir = killed(dead)
+    path = last_segment(wdir)
+    *_, (_, end, _, body) = _spool.read_frames(path)
+    uid = json.loads(body)["metadata"]["uid"]
+    body = body.replace(b'"rows":2', b'"rows":99').replace(uid.encode(), b"f" * len(uid))
+    later = _spool.frame("acme", body)  # a real event, never acknowledged
+    with open(path, "r+b") as f:
+        f.seek(end + 4096)  # the lost page stays zeros, the next one holds a whole frame
+        f.write(later)
+    d = AuditDelivery(tmp_path, tenants, poll=0.005, retention=0)
+    try:
+        assert d.flush(15)
+        got = memory_kind["a"].unique()
+        assert rows_of(memory_kind["a"]) == [0, 1, 2]
+        verify_chain([r.body for r in got])
+        deadline = time.monotonic() + 10
+        while os.path.exists(wdir):  # delivered, past retention: removed, zeros and all
+            assert time.monotonic() < deadline, "the dead writer's directory stays"
+            time.sleep(0.01)
+    finally:
+        d.close()
+
+
+# -- what the zeros cost ------------------------------------------------------------------------
+
+
+def _bytes_read() -> int:
+    """Bytes this process has read by ``read`` and ``pread``, whatever the reader calls."""
+    with open("/proc/self/io") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("rchar:"))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/io"), reason="needs Linux's /proc/self/io")
+def test_a_reader_stops_in_the_zeros_instead_of_reading_all_of_them(tmp_path: Path) -> None:
+    """Every reader read a segment to its size, zeros included: a shipper re-read each dead
+    writer's last segment (a MiB of zeros after a SIGKILL) in every pass, 20 times a second,
+    for the whole retention; ``audit status`` and ``tail`` read each live writer's MiB."""
+    writer = _spool.Writer(str(tmp_path), segment_bytes=16 << 20, max_bytes=1 << 30)
+    for i in range(10):
+        writer.append("acme", lambda i=i: b'{"n":%d}' % i)
+    path = last_segment(writer.dir)
+    assert os.path.getsize(path) == _spool.FILL
+    before = _bytes_read()
+    assert len(list(_spool.read_frames(path))) == 10
+    assert _bytes_read() - before <= 128 << 10
+    writer.close()
+
+
+def test_the_zeros_filled_ahead_stay_within_max_spool_bytes(tmp_path: Path) -> None:
+    """A spool sized below the fill (a small volume or tmpfs, ``max_spool_bytes`` 64 KiB) got
+    a MiB of zeros at its first event: sixteen times what it was allowed."""
+    writer = _spool.Writer(str(tmp_path), segment_bytes=16 << 20, max_bytes=64 << 10)
+    writer.append("acme", lambda: b'{"n":1}')
+    assert os.path.getsize(last_segment(writer.dir)) <= 64 << 10
+    while True:
+        try:
+            writer.append("acme", lambda: b'{"n":%d}' % (1 << 40))
+        except _spool.SpoolError:
+            break
+    assert os.path.getsize(last_segment(writer.dir)) <= (64 << 10) + 100
+    writer.close()
+
+
+# -- many rolls, read by the shipper while threads write ------------------------------------------
+
+
+@pytest.mark.parametrize("segment_bytes", [1, 900, 3 * 4096 + 17])
+def test_rolls_racing_the_shipper_lose_and_repeat_nothing(
+    tmp_path: Path, memory_kind: dict[str, Receiver], segment_bytes: int
+) -> None:
+    """Four threads record while the shipper reads the live segment up to the writer's
+    position and the writer rolls under it (segments smaller than a frame, than a page, than
+    the fill): every event arrives once, each writer's in order, and the segments behind the
+    scan are pruned by where their frames end."""
+    d = AuditDelivery(
+        tmp_path,
+        {"acme": memory("a")},
+        poll=0.001,
+        segment_bytes=segment_bytes,
+        retention=0,
+    )
+    errors: list[BaseException] = []
+
+    def work(base: int) -> None:
+        try:
+            for i in range(60):
+                record(d, "acme", base + i)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    try:
+        threads = [threading.Thread(target=work, args=(k * 1000,)) for k in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors
+        assert d.flush(30)
+        got = memory_kind["a"].records
+        assert len(got) == len({r.id for r in got}) == 240  # none lost, none twice
+        verify_chain([r.body for r in got])
+        assert d._writer is not None
+        wdir = d._writer.dir
+        deadline = time.monotonic() + 10
+        while len(_spool.segments(wdir)) > 2:
+            assert time.monotonic() < deadline, _spool.segments(wdir)
+            time.sleep(0.01)
+    finally:
+        d.close()
