@@ -6,11 +6,13 @@ event exactly once after de-duplication by id, in order per writer, with the cha
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
 import tempfile
 import threading
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -21,6 +23,7 @@ from sqlalchemy_cmk import _spool
 from sqlalchemy_cmk.audit import make_event
 from sqlalchemy_cmk.context import TenantContext
 from sqlalchemy_cmk.delivery import AuditDelivery, TenantAudit, spool_status, verify_chain
+from sqlalchemy_cmk.errors import AuditError
 from tests.audit import memory_kind
 from tests.audit._disk import tear
 from tests.audit.memory_kind import Receiver
@@ -43,6 +46,13 @@ class Registry:
         if self.down and threading.current_thread().name.startswith("cmk-audit"):
             raise ConnectionError("registry unreachable")
         return self.audits.get(tenant)
+
+
+def _is_segment(fd: int) -> bool:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}").endswith(_spool.SEGMENT_GLOB)
+    except OSError:
+        return False
 
 
 EXAMPLES = int(os.environ.get("SQLALCHEMY_CMK_STATEFUL_EXAMPLES", "60")) // 4 or 1
@@ -81,6 +91,18 @@ class Spool(RuleBasedStateMachine):
         self.delivery = self.new()
         self.recorded: dict[str, list[int]] = {t: [] for t in TENANTS}
         self.n = 0
+        self.disk = "ok"
+        self.real_pwrite = os.pwrite
+        os.pwrite = self.pwrite  # restored in teardown
+
+    def pwrite(self, fd: int, data: Any, offset: int) -> int:
+        """The spool's writes, through the disk's current state (see the ``disk`` rule)."""
+        if self.disk != "ok" and _is_segment(fd):
+            if not any(bytes(data[:64])):  # the zeros filled ahead of the frames
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            if self.disk == "full mid-frame":
+                return self.real_pwrite(fd, bytes(data)[: len(data) // 2], offset)
+        return self.real_pwrite(fd, data, offset)
 
     def new(self) -> AuditDelivery:
         # Tiny segments, no retention (prune runs right behind the slowest lane), lanes that
@@ -104,11 +126,21 @@ class Spool(RuleBasedStateMachine):
     def record(self, tenant: str, k: int) -> None:
         ctx = TenantContext(tenant, actor="a")
         for _ in range(k):
-            self.delivery.record(
-                make_event(ctx, "decrypt", "ok", tenant, table="t", rows=self.n), ctx
-            )
-            self.recorded[tenant].append(self.n)
+            try:
+                self.delivery.record(
+                    make_event(ctx, "decrypt", "ok", tenant, table="t", rows=self.n), ctx
+                )
+            except AuditError:
+                assert self.disk == "full mid-frame"  # refused: never to be delivered
+            else:
+                self.recorded[tenant].append(self.n)
             self.n += 1
+
+    @rule(disk=st.sampled_from(["ok", "no room for zeros", "full mid-frame"]))
+    def disk_fills(self, disk: str) -> None:
+        """The disk has no room for the zeros filled ahead (frames are appended), or none
+        for a whole frame either (a write stops halfway; the access is refused)."""
+        self.disk = disk
 
     @rule(
         receiver=st.sampled_from(RECEIVER_NAMES),
@@ -172,6 +204,7 @@ class Spool(RuleBasedStateMachine):
         for r in memory_kind.RECEIVERS.values():
             r.down = r.fail_after_accept = False
         self.registry.down = False
+        self.disk = "ok"
         assert self.delivery.flush(20)
         self.check()
 
@@ -200,10 +233,12 @@ class Spool(RuleBasedStateMachine):
             for r in memory_kind.RECEIVERS.values():
                 r.down = r.fail_after_accept = False
             self.registry.down = False
+            self.disk = "ok"
             if self.n:
                 assert self.delivery.flush(20)
                 self.check()
         finally:
+            os.pwrite = self.real_pwrite
             self.delivery.close()
             shutil.rmtree(self.dir, ignore_errors=True)
 

@@ -208,3 +208,44 @@ def test_rolls_racing_the_shipper_lose_and_repeat_nothing(
             time.sleep(0.01)
     finally:
         d.close()
+
+
+# -- readers on a live, zero-filled segment ------------------------------------------------------
+
+
+@pytest.mark.usefixtures("memory_kind")
+def test_audit_status_and_tail_read_a_prefix_of_a_live_writer(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``audit status``, ``tail`` and ``verify`` read the segments while the writer writes over
+    the zeros and rolls (pages caught half-written, segments cut back at a roll): each read
+    sees a prefix of every chain, events only, and no other tenant."""
+    from sqlalchemy_cmk.delivery import spool_events
+
+    d = AuditDelivery(tmp_path, {"acme": memory("a")}, start=False, segment_bytes=5000)
+    done = threading.Event()
+
+    def write() -> None:
+        try:
+            for i in range(400):
+                record(d, "acme", i)
+        finally:
+            done.set()
+
+    t = threading.Thread(target=write)
+    t.start()
+    reads = 0
+    try:
+        while not done.is_set() or reads < 3:
+            rows = [
+                json.loads(r.body)["resources"][0]["data"]["rows"]
+                for _, r in spool_events(tmp_path)
+            ]
+            assert rows == list(range(len(rows)))
+            verify_chain([r.body for _, r in spool_events(tmp_path)])
+            assert {r["tenant"] for r in spool_status(tmp_path)} <= {"acme"}
+            reads += 1
+    finally:
+        t.join()
+        d.close()
+    assert "not an event" not in caplog.text
