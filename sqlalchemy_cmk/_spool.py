@@ -323,10 +323,15 @@ class Writer:
         path = os.path.join(self.dir, segment_name(self._segment + 1))
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         if self._fd >= 0:
-            with contextlib.suppress(OSError):
+            kept = self._size
+            try:
                 os.ftruncate(self._fd, self._size)  # its zero-filled tail
+            except OSError:
+                # The zeros stay on disk: counted, as the shipper takes the file's whole size
+                # off when it prunes it.
+                kept = max(self._filled, self._size)
             self._retired.append(self._fd)
-            self._closed_bytes += self._size
+            self._closed_bytes += kept
         self._segment += 1
         self._fd = fd
         self._size = self._filled = self._fill_after = 0

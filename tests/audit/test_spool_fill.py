@@ -249,3 +249,37 @@ def test_audit_status_and_tail_read_a_prefix_of_a_live_writer(
         t.join()
         d.close()
     assert "not an event" not in caplog.text
+
+
+def test_a_segment_whose_zeros_could_not_be_cut_counts_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failed sync rolls to a new segment, and the old one is cut back to its frames; when
+    that cut fails too (the disk is failing), its zeros stay on disk. The writer counted its
+    frames only, and the shipper, pruning it, took its whole size off: ``max_spool_bytes``
+    then undercounted what the other segments hold by up to a MiB each time."""
+    real_sync, real_cut = os.fdatasync, os.ftruncate
+    failing = {"sync": True}
+
+    def fdatasync(fd: int) -> None:
+        if failing["sync"]:
+            failing["sync"] = False
+            raise OSError(5, os.strerror(5))
+        real_sync(fd)
+
+    def ftruncate(fd: int, n: int) -> None:
+        raise OSError(5, os.strerror(5))
+
+    writer = _spool.Writer(str(tmp_path), segment_bytes=16 << 20, max_bytes=1 << 30)
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    monkeypatch.setattr(os, "ftruncate", ftruncate)
+    with pytest.raises(_spool.SpoolError):
+        writer.append("acme", lambda: b'{"n":1}')
+    writer.append("acme", lambda: b'{"n":2}')  # in a new segment
+    monkeypatch.setattr(os, "ftruncate", real_cut)
+    first = os.path.join(writer.dir, _spool.segment_name(1))
+    assert os.path.getsize(first) == _spool.FILL  # the zeros stayed
+    assert writer._closed_bytes == os.path.getsize(first)
+    writer.forget_bytes(os.path.getsize(first))  # what the shipper takes off when it prunes it
+    assert writer._closed_bytes == 0
+    writer.close()
