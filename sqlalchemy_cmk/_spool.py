@@ -102,9 +102,9 @@ def read_frames(
     """``(offset, next_offset, tenant, body)`` of each whole frame from ``offset`` (to ``end``,
     if given: a live writer's position); stops at a torn tail or the zero-filled one.
 
-    The file is read ``READ`` bytes at a time, not to its size: a segment's size includes up to
-    ``FILL`` bytes of zeros after its frames, and a shipper re-reads a dead writer's last
-    segment from its last frame in every pass.
+    The file is read a page, then up to ``READ`` bytes, at a time, not to its size: a segment's
+    size includes up to ``FILL`` bytes of zeros after its frames, and a shipper re-reads a dead
+    writer's last segment from its last frame in every pass.
     """
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -112,6 +112,7 @@ def read_frames(
         at = offset  # the file offset of data[0]
         pos = 0
         more = True  # bytes may follow data in the file (before ``end``)
+        step = 4096  # doubled up to READ: most reads find a few frames, or none, then zeros
         while True:
             need = _HEAD.size
             if pos + _HEAD.size <= len(data):
@@ -125,7 +126,8 @@ def read_frames(
             if pos + need > len(data):
                 if not more:
                     return
-                want = max(READ, pos + need - len(data))
+                want = max(step, pos + need - len(data))
+                step = min(2 * step, READ)
                 if end is not None:
                     want = min(want, end - at - len(data))
                 chunk = os.pread(fd, want, at + len(data)) if want > 0 else b""
