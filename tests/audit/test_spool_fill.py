@@ -9,9 +9,12 @@ import json
 import os
 import threading
 import time
+import zlib
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from sqlalchemy_cmk import _spool
 from sqlalchemy_cmk.audit import make_event
@@ -287,3 +290,73 @@ def test_a_segment_whose_zeros_could_not_be_cut_counts_them(
     writer.forget_bytes(os.path.getsize(first))  # what the shipper takes off when it prunes it
     assert writer._closed_bytes == 0
     writer.close()
+
+
+# -- the reader, against the simplest one --------------------------------------------------------
+
+
+def _frames_of(data: bytes) -> list[tuple[int, int, str, bytes]]:
+    """The whole frames at the start of ``data``: the reader, read in one piece."""
+    out = []
+    pos = 0
+    head = 11
+    while pos + head <= len(data):
+        version, length = data[pos], int.from_bytes(data[pos + 1 : pos + 5], "big")
+        crc = int.from_bytes(data[pos + 5 : pos + 9], "big")
+        tlen = int.from_bytes(data[pos + 9 : pos + 11], "big")
+        stop = pos + head + tlen + length
+        if version != 1 or not 0 < length <= _spool.MAX_FRAME or stop > len(data):
+            break
+        if zlib.crc32(data[pos + head : stop]) != crc:
+            break
+        tenant = data[pos + head : pos + head + tlen].decode()
+        out.append((pos, stop, tenant, data[pos + head + tlen : stop]))
+        pos = stop
+    return out
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    sizes=st.lists(st.integers(1, 300_000), max_size=8),
+    cut=st.integers(0, 40),
+    zeros=st.sampled_from([0, 1, 4096, 70_000]),
+    start=st.integers(0, 10),
+    stop=st.none() | st.integers(0, 1_000_000),
+)
+def test_the_reader_reads_what_one_read_of_the_file_shows(
+    tmp_path: Path, sizes: list[int], cut: int, zeros: int, start: int, stop: int | None
+) -> None:
+    """Frames of any size across the reader's page and 64 KiB reads (one larger than both), a
+    torn frame, zeros, a start at any frame and an end anywhere: the reader reads as one read
+    of the whole file does."""
+    data = b"".join(_spool.frame(f"t{i}", b"x" * n) for i, n in enumerate(sizes))
+    data += _spool.frame("torn", b"y" * 50)[:cut] + bytes(zeros)
+    path = tmp_path / "s.seg"
+    path.write_bytes(data)
+    whole = _frames_of(data)
+    offset = whole[min(start, len(whole) - 1)][0] if whole else 0
+    expect = [f for f in whole if f[0] >= offset and (stop is None or f[1] <= stop)]
+    assert list(_spool.read_frames(str(path), offset, stop)) == expect
+
+
+@pytest.mark.parametrize("over", [0, 1, 7])
+def test_frames_and_a_torn_one_at_the_fill_boundary(tmp_path: Path, over: int) -> None:
+    """The last frame of a fill ending exactly at its end (``over`` 0), or the next one
+    straddling it; a power loss then tears the frame after it, where the next fill begins (or
+    beyond the file's end, where no fill came): every whole frame is read, the torn one not,
+    and the file is only extended by the next fill."""
+    writer = _spool.Writer(str(tmp_path), segment_bytes=16 << 20, max_bytes=1 << 30)
+    path = last_segment(writer.dir)
+    body = b"x" * 40_000
+    while writer.position.offset + len(_spool.frame("acme", body)) * 2 <= _spool.FILL:
+        writer.append("acme", lambda: body)
+    room = _spool.FILL - writer.position.offset - len(_spool.frame("acme", b"y")) + 1
+    writer.append("acme", lambda: b"y" * (room + over))  # ends at FILL, or `over` past it
+    n = len(list(_spool.read_frames(path)))
+    assert os.path.getsize(path) == (_spool.FILL if over == 0 else 2 * _spool.FILL)
+    writer.abandon_after_fork()  # killed
+    tear(path, _spool.frame("acme", b'{"never":"acknowledged"}')[:20])
+    assert len(list(_spool.read_frames(path))) == n
+    assert [nxt for _, nxt, _, _ in _spool.read_frames(path)][-1] == _spool.FILL + over
