@@ -360,3 +360,37 @@ def test_frames_and_a_torn_one_at_the_fill_boundary(tmp_path: Path, over: int) -
     tear(path, _spool.frame("acme", b'{"never":"acknowledged"}')[:20])
     assert len(list(_spool.read_frames(path))) == n
     assert [nxt for _, nxt, _, _ in _spool.read_frames(path)][-1] == _spool.FILL + over
+
+
+def test_a_roll_between_the_shipper_listing_and_reading_its_segment(
+    tmp_path: Path, memory_kind: dict[str, Receiver], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The writer rolls (every event here takes a segment of its own) right after the shipper
+    listed the segments, before it asks where the writer is: the listed segment is then read
+    whole (it was cut back at the roll), the new one at the next pass; nothing is read past a
+    live segment's last frame, lost, or delivered twice."""
+    d = AuditDelivery(tmp_path, {"acme": memory("a")}, poll=0.002, segment_bytes=1, retention=0)
+    real = _spool.segments
+    recorded = [1]
+
+    def segments(wdir: str) -> list[int]:
+        out = real(wdir)
+        if threading.current_thread().name == "cmk-audit-shipper" and recorded[0] < 40:
+            record(d, "acme", recorded[0])  # rolls: a segment the listing does not have
+            recorded[0] += 1
+        return out
+
+    monkeypatch.setattr(_spool, "segments", segments)
+    try:
+        record(d, "acme", 0)  # the shipper has a directory to list
+        deadline = time.monotonic() + 15
+        while recorded[0] < 40:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert d.flush(15)
+        got = memory_kind["a"].records
+        assert rows_of(memory_kind["a"]) == list(range(40))
+        assert len(got) == 40  # none twice
+        verify_chain([r.body for r in got])
+    finally:
+        d.close()
