@@ -394,3 +394,26 @@ def test_a_roll_between_the_shipper_listing_and_reading_its_segment(
         verify_chain([r.body for r in got])
     finally:
         d.close()
+
+
+@pytest.mark.parametrize("segment_bytes", [1, 100, 5000])
+def test_a_segment_smaller_than_the_fill_is_filled_to_its_size_only(
+    tmp_path: Path, segment_bytes: int
+) -> None:
+    """``segment_bytes`` below ``FILL`` (or below a frame): the zeros stop at the segment's
+    size, a frame past it extends the file to its end, and every rolled segment ends at its
+    last frame, so a previous release's shipper, which prunes at a segment's size, reads it."""
+    writer = _spool.Writer(str(tmp_path), segment_bytes=segment_bytes, max_bytes=1 << 30)
+    for i in range(60):
+        writer.append("acme", lambda i=i: b'{"n":%d,"pad":"%s"}' % (i, b"x" * 300))
+    segs = _spool.segments(writer.dir)
+    assert len(segs) > 1
+    for s in segs:
+        path = os.path.join(writer.dir, _spool.segment_name(s))
+        frames = list(_spool.read_frames(path))
+        assert frames
+        if s != segs[-1]:
+            assert os.path.getsize(path) == frames[-1][1]
+        else:
+            assert os.path.getsize(path) <= max(segment_bytes, frames[-1][1])
+    writer.close()
