@@ -88,6 +88,7 @@ class Spool(RuleBasedStateMachine):
         for rs in RECEIVERS.values():
             for r in rs:
                 memory_kind.RECEIVERS[r] = Receiver()
+        self.segment_bytes = 4096
         self.delivery = self.new()
         self.recorded: dict[str, list[int]] = {t: [] for t in TENANTS}
         self.n = 0
@@ -112,7 +113,7 @@ class Spool(RuleBasedStateMachine):
             self.registry,
             poll=0.005,
             max_backoff=0.02,
-            segment_bytes=4096,
+            segment_bytes=self.segment_bytes,
             retention=0,
             destinations_ttl=0,
             batch_max=2,  # a failing lane holds 2 in memory, the rest go back to the files
@@ -157,9 +158,12 @@ class Spool(RuleBasedStateMachine):
     def registry_down(self, down: bool) -> None:
         self.registry.down = down
 
-    @rule()
-    def crash_and_restart(self) -> None:
+    @rule(segment_bytes=st.sampled_from([1, 300, 4096, 1 << 20]))
+    def crash_and_restart(self, segment_bytes: int) -> None:
+        """The next process rolls its segments at another size: smaller than a frame, than a
+        page, or as large as the zeros filled ahead (``FILL``)."""
         crash(self.delivery)
+        self.segment_bytes = segment_bytes
         self.delivery = self.new()
 
     @rule(cut=st.integers(1, 38))  # the whole frame is 39 bytes
