@@ -149,7 +149,7 @@ def frame(tenant: str, body: bytes) -> bytes:
     """One frame (see the module docstring).
 
     Raises:
-        SpoolError: the tenant id or the body is too long for the format.
+        SpoolError: the tenant id or the body is too long for the format, or the body empty.
     """
     # Any str is a tenant id, lone surrogates included: they round-trip as their own code
     # points, so the reader's tenant is the writer's, byte for byte.
