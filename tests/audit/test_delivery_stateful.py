@@ -12,6 +12,7 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -211,6 +212,22 @@ class Spool(RuleBasedStateMachine):
         self.disk = "ok"
         assert self.delivery.flush(20)
         self.check()
+        self.pruned()
+
+    def pruned(self) -> None:
+        """Everything delivered, no retention: dead writers' directories are removed and the
+        live one keeps its current segment only (each pruned where its frames ended)."""
+        w = self.delivery._writer
+        deadline = time.monotonic() + 20
+        while True:
+            dirs = [os.path.join(self.dir, n) for n in os.listdir(self.dir) if n[:2] == "w-"]
+            left = {p: _spool.segments(p) for p in dirs}
+            if w is not None:
+                left = {p: s for p, s in left.items() if p != w.dir or len(s) > 1}
+            if not left:
+                return
+            assert time.monotonic() < deadline, left
+            time.sleep(0.01)
 
     def check(self) -> None:
         for t, receivers in RECEIVERS.items():
