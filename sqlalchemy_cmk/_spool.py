@@ -27,11 +27,13 @@ the zeros: an ``fdatasync`` then writes the frames' pages only. Appending to the
 changes the file's size, so each sync was also a journal commit (220-350 µs here against 115).
 A closed writer cuts its segments back to their last frame.
 
-A reader stops at the first frame that is short, fails its CRC, starts with a zero byte (the
-filled tail; no version is 0) or has an empty body (never written: a frame cut after its first
-byte, over zeros, would otherwise read as a whole empty one): that is where the frames end, or
-where a crash cut the file (only a power loss can leave a torn frame; SIGKILL keeps every
-completed ``write``). It reads the file a little at a time, so it stops in the zeros too.
+A reader stops at the first frame that is short, fails its CRC, or starts with a zero byte (the
+filled tail; no version is 0): that is where the frames end, or where a crash cut the file (only
+a power loss can leave a torn frame; SIGKILL keeps every completed ``write``). It reads the file
+a little at a time, so it stops in the zeros too. A frame with an empty tenant is no event (none
+is written) and is skipped: over zeros, a frame cut after its first 1-3 bytes reads as one
+(length 0, CRC 0, tenant length 0, and the CRC of nothing is 0), and the zeros after it end the
+frames.
 """
 
 from __future__ import annotations
@@ -117,10 +119,7 @@ def read_frames(
             need = _HEAD.size
             if pos + _HEAD.size <= len(data):
                 version, length, crc, tlen = _HEAD.unpack_from(data, pos)
-                # An empty body is never written (see frame()). Over zeros, a frame cut after
-                # its version byte reads as one: length 0, CRC 0, tenant length 0, and the CRC
-                # of nothing is 0.
-                if version != VERSION or length > MAX_FRAME or length == 0:
+                if version != VERSION or length > MAX_FRAME:
                     return
                 need = _HEAD.size + tlen + length
             if pos + need > len(data):
@@ -138,8 +137,9 @@ def read_frames(
             stop = pos + need
             if zlib.crc32(data[start:stop]) != crc:
                 return
-            tenant = data[start : start + tlen].decode("utf-8", "surrogatepass")
-            yield at + pos, at + stop, tenant, data[start + tlen : stop]
+            if tlen:  # else no event: a frame torn over zeros, see the module docstring
+                tenant = data[start : start + tlen].decode("utf-8", "surrogatepass")
+                yield at + pos, at + stop, tenant, data[start + tlen : stop]
             pos = stop
     finally:
         os.close(fd)
@@ -149,15 +149,13 @@ def frame(tenant: str, body: bytes) -> bytes:
     """One frame (see the module docstring).
 
     Raises:
-        SpoolError: the tenant id or the body is too long for the format, or the body empty.
+        SpoolError: the tenant id or the body is too long for the format.
     """
     # Any str is a tenant id, lone surrogates included: they round-trip as their own code
     # points, so the reader's tenant is the writer's, byte for byte.
     t = tenant.encode("utf-8", "surrogatepass")
     if len(t) > 0xFFFF or len(body) > MAX_FRAME:
         raise SpoolError("the audit event is too large for the spool (tenant id or body)")
-    if not body:
-        raise SpoolError("an audit event's body is never empty")  # where read_frames stops
     return _HEAD.pack(VERSION, len(body), zlib.crc32(t + body), len(t)) + t + body
 
 
@@ -361,6 +359,8 @@ class Writer:
             SpoolError: the spool is full or the disk failed (nothing is half-recorded: a frame
                 that was not synced is never reported as recorded).
         """
+        if not tenant:
+            raise SpoolError("an audit event needs a tenant")  # readers skip an empty one
         with self._lock:
             if self._closed_bytes + self._size >= self._max_bytes:
                 raise SpoolError("the audit spool is full")

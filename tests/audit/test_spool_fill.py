@@ -61,8 +61,8 @@ def test_a_frame_torn_after_its_first_bytes_is_not_read_as_an_empty_frame(
     """Over the zero-filled tail, a frame cut after its version byte (a power loss that kept
     the page holding its first bytes, not the next; or a reader that copied that page while
     the writer was in the middle of the frame) reads as version 1, length 0, CRC 0, tenant
-    length 0: and the CRC of nothing is 0. The reader took it for a whole frame of tenant ''.
-    Appended to the end of the file, the same bytes were a short header, and were not read."""
+    length 0: and the CRC of nothing is 0. The reader took it for a whole frame of tenant ''
+    (a frame of no tenant is now skipped: none is written)."""
     writer = _spool.Writer(str(tmp_path), segment_bytes=1 << 20, max_bytes=1 << 30)
     writer.append("acme", lambda: b'{"n":1}')
     path = last_segment(writer.dir)
@@ -305,12 +305,13 @@ def _frames_of(data: bytes) -> list[tuple[int, int, str, bytes]]:
         crc = int.from_bytes(data[pos + 5 : pos + 9], "big")
         tlen = int.from_bytes(data[pos + 9 : pos + 11], "big")
         stop = pos + head + tlen + length
-        if version != 1 or not 0 < length <= _spool.MAX_FRAME or stop > len(data):
+        if version != 1 or length > _spool.MAX_FRAME or stop > len(data):
             break
         if zlib.crc32(data[pos + head : stop]) != crc:
             break
-        tenant = data[pos + head : pos + head + tlen].decode()
-        out.append((pos, stop, tenant, data[pos + head + tlen : stop]))
+        if tlen:  # else no event
+            tenant = data[pos + head : pos + head + tlen].decode()
+            out.append((pos, stop, tenant, data[pos + head + tlen : stop]))
         pos = stop
     return out
 
@@ -319,19 +320,31 @@ def _frames_of(data: bytes) -> list[tuple[int, int, str, bytes]]:
     max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(
-    sizes=st.lists(st.integers(1, 300_000), max_size=8),
+    sizes=st.lists(st.integers(1, 300_000) | st.tuples(st.integers(0, 70_000)), max_size=8),
     cut=st.integers(0, 40),
     zeros=st.sampled_from([0, 1, 4096, 70_000]),
     start=st.integers(0, 10),
     stop=st.none() | st.integers(0, 1_000_000),
 )
 def test_the_reader_reads_what_one_read_of_the_file_shows(
-    tmp_path: Path, sizes: list[int], cut: int, zeros: int, start: int, stop: int | None
+    tmp_path: Path,
+    sizes: list[int | tuple[int]],
+    cut: int,
+    zeros: int,
+    start: int,
+    stop: int | None,
 ) -> None:
-    """Frames of any size across the reader's page and 64 KiB reads (one larger than both), a
-    torn frame, zeros, a start at any frame and an end anywhere: the reader reads as one read
-    of the whole file does."""
-    data = b"".join(_spool.frame(f"t{i}", b"x" * n) for i, n in enumerate(sizes))
+    """Frames of any size across the reader's page and 64 KiB reads (one larger than both),
+    frames of no tenant (a body of zeros, empty included: skipped, and read past), a torn
+    frame, zeros, a start at any frame and an end anywhere: the reader reads as one read of the
+    whole file does."""
+
+    def one(i: int, n: int | tuple[int]) -> bytes:
+        if isinstance(n, tuple):  # no tenant
+            return _spool._HEAD.pack(1, n[0], zlib.crc32(bytes(n[0])), 0) + bytes(n[0])
+        return _spool.frame(f"t{i}", b"x" * n)
+
+    data = b"".join(one(i, n) for i, n in enumerate(sizes))
     data += _spool.frame("torn", b"y" * 50)[:cut] + bytes(zeros)
     path = tmp_path / "s.seg"
     path.write_bytes(data)
@@ -416,4 +429,13 @@ def test_a_segment_smaller_than_the_fill_is_filled_to_its_size_only(
             assert os.path.getsize(path) == frames[-1][1]
         else:
             assert os.path.getsize(path) <= max(segment_bytes, frames[-1][1])
+    writer.close()
+
+
+def test_an_event_of_no_tenant_is_refused(tmp_path: Path) -> None:
+    """Readers skip a frame of no tenant (a torn one reads as such): none is written."""
+    writer = _spool.Writer(str(tmp_path), segment_bytes=1 << 20, max_bytes=1 << 30)
+    with pytest.raises(_spool.SpoolError):
+        writer.append("", lambda: b'{"n":1}')
+    assert writer.position.offset == 0
     writer.close()
