@@ -29,7 +29,11 @@ A closed writer cuts its segments back to their last frame.
 
 A reader stops at the first frame that is short, fails its CRC, or starts with a zero byte (the
 filled tail; no version is 0): that is where the frames end, or where a crash cut the file (only
-a power loss can leave a torn frame; SIGKILL keeps every completed ``write``).
+a power loss can leave a torn frame; SIGKILL keeps every completed ``write``). It reads the file
+a little at a time, so it stops in the zeros too. A frame with an empty tenant is no event (none
+is written) and is skipped: over zeros, a frame cut after its first 1-3 bytes reads as one
+(length 0, CRC 0, tenant length 0, and the CRC of nothing is 0), and the zeros after it end the
+frames.
 
 *Padding* frames have an empty tenant and a body of zeros: :func:`compact` puts them where
 delivered frames were, in a copy of the segment whose bodies are holes (no disk blocks), so that
@@ -58,6 +62,7 @@ VERSION = 1
 MAX_FRAME = 1 << 20  # an event is a few hundred bytes; a larger length is a torn or foreign file
 GATHER = 0.0005  # seconds a sync may wait for other threads' frames, see Writer._sync
 FILL = 1 << 20  # bytes of a segment zero-filled at a time, see the module docstring
+READ = 1 << 16  # bytes a reader reads at a time, see read_frames
 SEGMENT_GLOB = ".seg"
 
 
@@ -102,24 +107,47 @@ def read_frames(
     path: str, offset: int = 0, end: int | None = None
 ) -> Iterator[tuple[int, int, str, bytes]]:
     """``(offset, next_offset, tenant, body)`` of each whole frame from ``offset`` (to ``end``,
-    if given: a live writer's position, which spares reading its zero-filled tail); stops at a
-    torn tail."""
-    with open(path, "rb") as f:
-        f.seek(offset)
-        data = f.read() if end is None else f.read(max(0, end - offset))
-    pos = 0
-    while pos + _HEAD.size <= len(data):
-        version, length, crc, tlen = _HEAD.unpack_from(data, pos)
-        start = pos + _HEAD.size
-        end = start + tlen + length
-        if version != VERSION or length > MAX_FRAME or end > len(data):
-            return
-        if zlib.crc32(data[start:end]) != crc:
-            return
-        if tlen:  # else padding
-            tenant = data[start : start + tlen].decode("utf-8", "surrogatepass")
-            yield offset + pos, offset + end, tenant, data[start + tlen : end]
-        pos = end
+    if given: a live writer's position); stops at a torn tail or the zero-filled one.
+
+    The file is read a page, then up to ``READ`` bytes, at a time, not to its size: a segment's
+    size includes up to ``FILL`` bytes of zeros after its frames, and a shipper re-reads a dead
+    writer's last segment from its last frame in every pass.
+    """
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        data = b""
+        at = offset  # the file offset of data[0]
+        pos = 0
+        more = True  # bytes may follow data in the file (before ``end``)
+        step = 4096  # doubled up to READ: most reads find a few frames, or none, then zeros
+        while True:
+            need = _HEAD.size
+            if pos + _HEAD.size <= len(data):
+                version, length, crc, tlen = _HEAD.unpack_from(data, pos)
+                if version != VERSION or length > MAX_FRAME:
+                    return
+                need = _HEAD.size + tlen + length
+            if pos + need > len(data):
+                if not more:
+                    return
+                want = max(step, pos + need - len(data))
+                step = min(2 * step, READ)
+                if end is not None:
+                    want = min(want, end - at - len(data))
+                chunk = os.pread(fd, want, at + len(data)) if want > 0 else b""
+                more = len(chunk) == want and want > 0
+                data, at, pos = data[pos:] + chunk, at + pos, 0
+                continue
+            start = pos + _HEAD.size
+            stop = pos + need
+            if zlib.crc32(data[start:stop]) != crc:
+                return
+            if tlen:  # else no event: a frame torn over zeros, see the module docstring
+                tenant = data[start : start + tlen].decode("utf-8", "surrogatepass")
+                yield at + pos, at + stop, tenant, data[start + tlen : stop]
+            pos = stop
+    finally:
+        os.close(fd)
 
 
 def _padding_header(length: int) -> bytes:
@@ -186,8 +214,10 @@ def compact(path: str, drop: Any) -> int | None:
                 os.pwrite(fd, _padding_header(n), a)
                 a += n
             at = b
-        if at < len(data):
-            os.pwrite(fd, data[at:], at)  # kept frames and anything after the last frame
+        if at < pos:
+            os.pwrite(fd, data[at:pos], at)  # the kept frames after the last run
+        if data[pos:].strip(b"\0"):
+            os.pwrite(fd, data[pos:], pos)  # a torn tail, as it was; zeros stay a hole
         os.fdatasync(fd)
         kept = os.fstat(fd).st_blocks * 512
     except BaseException:
@@ -379,10 +409,15 @@ class Writer:
         path = os.path.join(self.dir, segment_name(self._segment + 1))
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         if self._fd >= 0:
-            with contextlib.suppress(OSError):
+            kept = self._size
+            try:
                 os.ftruncate(self._fd, self._size)  # its zero-filled tail
+            except OSError:
+                # The zeros stay on disk: counted, as the shipper takes the file's whole size
+                # off when it prunes it.
+                kept = max(self._filled, self._size)
             self._retired.append(self._fd)
-            self._closed_bytes += self._size
+            self._closed_bytes += kept
         self._segment += 1
         self._fd = fd
         self._size = self._filled = self._fill_after = 0
@@ -416,7 +451,7 @@ class Writer:
                 that was not synced is never reported as recorded).
         """
         if not tenant:
-            raise SpoolError("an audit event needs a tenant")  # an empty one marks padding
+            raise SpoolError("an audit event needs a tenant")  # an empty one: padding, no event
         with self._lock:
             if self.full:
                 raise SpoolError("the audit spool is full")
@@ -457,7 +492,10 @@ class Writer:
         """
         end = self._size + len(data)
         if end > self._filled and end > self._fill_after:
-            self._fill(max(end, min(self._filled + FILL, self._segment_bytes)))
+            # Never more zeros than the segment, or the spool, has room for: a spool sized
+            # below FILL would otherwise hold a MiB of zeros from its first event.
+            room = min(self._segment_bytes, self._max_bytes - self._closed_bytes)
+            self._fill(max(end, min(self._filled + FILL, room)))
         try:
             n = os.pwrite(self._fd, data, self._size)
             if n == len(data):

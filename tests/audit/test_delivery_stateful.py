@@ -6,11 +6,13 @@ event exactly once after de-duplication by id, in order per writer, with the cha
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
 import tempfile
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -21,7 +23,8 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from sqlalchemy_cmk import _spool
 from sqlalchemy_cmk.audit import make_event
 from sqlalchemy_cmk.context import TenantContext
-from sqlalchemy_cmk.delivery import AuditDelivery, TenantAudit, verify_chain
+from sqlalchemy_cmk.delivery import AuditDelivery, TenantAudit, spool_status, verify_chain
+from sqlalchemy_cmk.errors import AuditError
 from tests.audit import memory_kind
 from tests.audit._disk import tear
 from tests.audit.memory_kind import Receiver
@@ -44,6 +47,13 @@ class Registry:
         if self.down and threading.current_thread().name.startswith("cmk-audit"):
             raise ConnectionError("registry unreachable")
         return self.audits.get(tenant)
+
+
+def _is_segment(fd: int) -> bool:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}").endswith(_spool.SEGMENT_GLOB)
+    except OSError:
+        return False
 
 
 EXAMPLES = int(os.environ.get("SQLALCHEMY_CMK_STATEFUL_EXAMPLES", "60")) // 4 or 1
@@ -79,9 +89,22 @@ class Spool(RuleBasedStateMachine):
         for rs in RECEIVERS.values():
             for r in rs:
                 memory_kind.RECEIVERS[r] = Receiver()
+        self.segment_bytes = 4096
         self.delivery = self.new()
         self.recorded: dict[str, list[int]] = {t: [] for t in TENANTS}
         self.n = 0
+        self.disk = "ok"
+        self.real_pwrite = os.pwrite
+        os.pwrite = self.pwrite  # restored in teardown
+
+    def pwrite(self, fd: int, data: Any, offset: int) -> int:
+        """The spool's writes, through the disk's current state (see the ``disk`` rule)."""
+        if self.disk != "ok" and _is_segment(fd):
+            if not any(bytes(data[:64])):  # the zeros filled ahead of the frames
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            if self.disk == "full mid-frame":
+                return self.real_pwrite(fd, bytes(data)[: len(data) // 2], offset)
+        return self.real_pwrite(fd, data, offset)
 
     def new(self, **overrides: Any) -> AuditDelivery:
         # Tiny segments, no retention (prune runs right behind the slowest lane), lanes that
@@ -91,7 +114,7 @@ class Spool(RuleBasedStateMachine):
             self.registry,
             poll=0.005,
             max_backoff=0.02,
-            segment_bytes=4096,
+            segment_bytes=self.segment_bytes,
             retention=0,
             destinations_ttl=0,
             batch_max=2,  # a failing lane holds 2 in memory, the rest go back to the files
@@ -106,11 +129,21 @@ class Spool(RuleBasedStateMachine):
     def record(self, tenant: str, k: int) -> None:
         ctx = TenantContext(tenant, actor="a")
         for _ in range(k):
-            self.delivery.record(
-                make_event(ctx, "decrypt", "ok", tenant, table="t", rows=self.n), ctx
-            )
-            self.recorded[tenant].append(self.n)
+            try:
+                self.delivery.record(
+                    make_event(ctx, "decrypt", "ok", tenant, table="t", rows=self.n), ctx
+                )
+            except AuditError:
+                assert self.disk == "full mid-frame"  # refused: never to be delivered
+            else:
+                self.recorded[tenant].append(self.n)
             self.n += 1
+
+    @rule(disk=st.sampled_from(["ok", "no room for zeros", "full mid-frame"]))
+    def disk_fills(self, disk: str) -> None:
+        """The disk has no room for the zeros filled ahead (frames are appended), or none
+        for a whole frame either (a write stops halfway; the access is refused)."""
+        self.disk = disk
 
     @rule(
         receiver=st.sampled_from(RECEIVER_NAMES),
@@ -127,9 +160,12 @@ class Spool(RuleBasedStateMachine):
     def registry_down(self, down: bool) -> None:
         self.registry.down = down
 
-    @rule()
-    def crash_and_restart(self) -> None:
+    @rule(segment_bytes=st.sampled_from([1, 300, 4096, 1 << 20]))
+    def crash_and_restart(self, segment_bytes: int) -> None:
+        """The next process rolls its segments at another size: smaller than a frame, than a
+        page, or as large as the zeros filled ahead (``FILL``)."""
         crash(self.delivery)
+        self.segment_bytes = segment_bytes
         self.delivery = self.new()
 
     @rule(cut=st.integers(1, 38))  # the whole frame is 39 bytes
@@ -144,14 +180,55 @@ class Spool(RuleBasedStateMachine):
             tear(os.path.join(w.dir, _spool.segment_name(segs[-1])), torn)
         self.delivery = self.new()
 
+    @rule(cut=st.integers(0, 38), gap=st.sampled_from([1, 4096, 4096 * 3 + 5]))
+    def power_loss_later_page(self, cut: int, gap: int) -> None:
+        """A power loss that kept a later page of the unsynced frames and lost an earlier one:
+        after the dead writer's last whole frame, a torn frame over zeros, and ``gap`` bytes
+        on a whole frame nobody was told was recorded (a real event's, with its own id)."""
+        w = self.delivery._writer
+        crash(self.delivery)
+        if w is not None:
+            path = os.path.join(w.dir, _spool.segment_name(_spool.segments(w.dir)[-1]))
+            frames = list(_spool.read_frames(path))
+            end = frames[-1][1] if frames else 0
+            torn = _spool.frame("acme", b'{"never":"acknowledged"}')[:cut]
+            with open(path, "r+b") as f:
+                f.seek(end)
+                f.write(torn)
+                if frames:
+                    tenant, body = frames[-1][2], frames[-1][3]
+                    doc = json.loads(body)
+                    doc["metadata"]["uid"] += "-never"
+                    doc["resources"][0]["data"]["rows"] = -1
+                    f.seek(end + len(torn) + gap)
+                    f.write(_spool.frame(tenant, json.dumps(doc).encode()))
+        self.delivery = self.new()
+
     @precondition(lambda self: self.n > 0)
     @rule()
     def settle(self) -> None:
         for r in memory_kind.RECEIVERS.values():
             r.down = r.fail_after_accept = False
         self.registry.down = False
+        self.disk = "ok"
         assert self.delivery.flush(20)
         self.check()
+        self.pruned()
+
+    def pruned(self) -> None:
+        """Everything delivered, no retention: dead writers' directories are removed and the
+        live one keeps its current segment only (each pruned where its frames ended)."""
+        w = self.delivery._writer
+        deadline = time.monotonic() + 20
+        while True:
+            dirs = [os.path.join(self.dir, n) for n in os.listdir(self.dir) if n[:2] == "w-"]
+            left = {p: _spool.segments(p) for p in dirs}
+            if w is not None:
+                left = {p: s for p, s in left.items() if p != w.dir or len(s) > 1}
+            if not left:
+                return
+            assert time.monotonic() < deadline, left
+            time.sleep(0.01)
 
     def check(self) -> None:
         for t, receivers in RECEIVERS.items():
@@ -160,6 +237,11 @@ class Spool(RuleBasedStateMachine):
                 rows = sorted(json.loads(r.body)["resources"][0]["data"]["rows"] for r in got)
                 assert rows == self.recorded[t], name
                 verify_chain([r.body for r in got])  # per writer: in order, no gap, no edit
+        # Every frame read is one of these tenants' events: a torn frame is not read as a
+        # frame (of tenant '', say, which has no destination).
+        sh = self.delivery._shipper
+        assert sh is None or sh.undeliverable == 0
+        assert {r["tenant"] for r in spool_status(self.dir)} <= set(TENANTS)
 
     @invariant()
     def never_wrong_tenant(self) -> None:
@@ -173,10 +255,12 @@ class Spool(RuleBasedStateMachine):
             for r in memory_kind.RECEIVERS.values():
                 r.down = r.fail_after_accept = False
             self.registry.down = False
+            self.disk = "ok"
             if self.n:
                 assert self.delivery.flush(20)
                 self.check()
         finally:
+            os.pwrite = self.real_pwrite
             self.delivery.close()
             shutil.rmtree(self.dir, ignore_errors=True)
 
