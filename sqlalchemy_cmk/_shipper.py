@@ -284,7 +284,9 @@ class Shipper:
                 lane.tenant
                 for d in dirs
                 for lane in d.lanes.values()
-                if lane.attempts > 0 and lane.cursor[0] < d.scan[0]
+                # More than a whole segment behind: its oldest event is in a segment before
+                # the one before the scan's. (One failed batch right after a roll is not.)
+                if lane.attempts > 0 and lane.cursor[0] + 1 < d.scan[0]
             )
 
     def _isolated(self, work: Callable[[WriterDir], None], d: WriterDir) -> None:
@@ -780,7 +782,9 @@ class Shipper:
             if drop:
                 path = os.path.join(d.path, _spool.segment_name(s))
                 try:
-                    before = d.seg_bytes.get(s) or os.path.getsize(path)
+                    # What the writer counts for it: the end of its frames (its size once the
+                    # writer rolled), or what an earlier compaction left.
+                    counted = d.seg_bytes.get(s, d.seg_end.get(s) or os.path.getsize(path))
                     if not os.path.exists(os.path.join(d.path, "compacted")):
                         # Read by pruned_writers: a tenant's events may start past the first.
                         with open(os.path.join(d.path, "compacted"), "wb"):
@@ -789,10 +793,13 @@ class Shipper:
                     kept = _spool.compact(path, drop)
                 except FileNotFoundError:
                     return
-                if kept is not None:
+                if kept is not None and kept < counted:
+                    # Blocks can be more than the bytes counted (a small segment keeping a
+                    # frame takes a whole block): it is then counted as before, so that what
+                    # is forgotten now and when the segment goes adds up to what was counted.
                     d.seg_bytes[s] = kept
                     if self._writer is not None and d.lock_fd is None:
-                        self._writer.forget_bytes(max(0, before - kept))
+                        self._writer.forget_bytes(counted - kept)
                 with self._lock:
                     d.seg_tenants[s] -= drop
                     for t in drop:
