@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -134,4 +135,81 @@ def test_compaction_then_deletion_gives_back_what_was_counted_once(
         held = sum(min(os.path.getsize(p), os.stat(p).st_blocks * 512) for p in paths)
         assert held <= w._closed_bytes <= sum(os.path.getsize(p) for p in paths)
     assert uids(memory_kind["glbx"]) == [1, 4]
+    w.close()
+
+
+# -- frame sizes at the format's limit ---------------------------------------------------------
+
+
+def _every_frame(path: str) -> list[tuple[int, bytes]]:
+    """(offset, tenant) of every frame, padding included, as an earlier release's reader saw
+    them; asserts that the file reads to its end."""
+    with open(path, "rb") as f:
+        data = f.read()
+    pos, out = 0, []
+    while pos + 11 <= len(data) and data[pos] == _spool.VERSION:
+        length = int.from_bytes(data[pos + 1 : pos + 5], "big")
+        tlen = int.from_bytes(data[pos + 9 : pos + 11], "big")
+        assert length <= _spool.MAX_FRAME
+        end = pos + 11 + tlen + length
+        crc = int.from_bytes(data[pos + 5 : pos + 9], "big")
+        assert zlib.crc32(data[pos + 11 : end]) == crc
+        out.append((pos, data[pos + 11 : pos + 11 + tlen]))
+        pos = end
+    assert pos == len(data)
+    return out
+
+
+@pytest.mark.parametrize("tenant", ["a", "acme-corp-1", "x" * 11, "y" * 300])
+def test_frames_of_max_frame_and_runs_longer_than_it_compact_to_valid_padding(
+    tmp_path: Path, tenant: str
+) -> None:
+    """A dropped frame whose body is exactly MAX_FRAME, and runs of several such frames, are
+    cut into padding frames each within MAX_FRAME (a longer length reads as a torn file) and
+    none shorter than a header, whatever the tenant id's length; the kept frames stay put."""
+    w = _spool.Writer(str(tmp_path), segment_bytes=1 << 30, max_bytes=1 << 30)
+    big = b"z" * _spool.MAX_FRAME
+    for i, t in enumerate([tenant, tenant, "keep", tenant, "keep", tenant, tenant, tenant]):
+        w.append(t, lambda i=i: big if i % 2 == 0 else b"q" * (_spool.MAX_FRAME - 10 + i))
+    w.close()
+    path = os.path.join(w.dir, _spool.segment_name(1))
+    before = list(_spool.read_frames(path))
+    assert _spool.compact(path, {tenant}) is not None
+    assert list(_spool.read_frames(path)) == [f for f in before if f[2] == "keep"]
+    frames = _every_frame(path)
+    assert [t for _, t in frames if t] == [b"keep", b"keep"]
+
+
+# -- segments left with nothing but padding ----------------------------------------------------
+
+
+@pytest.mark.usefixtures("memory_kind")
+def test_segments_of_nothing_but_padding_do_not_fill_the_spool(
+    tmp_path: Path, memory_kind: dict[str, Receiver]
+) -> None:
+    """A segment whose every frame was delivered, behind the segment a failing tenant pins,
+    was compacted into padding rather than deleted (segments went oldest first). Padding
+    still takes a block per segment (its first header, one more per MAX_FRAME): with 16 kB
+    segments, a quarter of what the healthy tenant wrote stayed counted, and its accesses
+    were refused once four times the spool had gone through. Such a segment holds nothing
+    that anyone reads: it is deleted, whatever its place."""
+    memory_kind["acme"] = Receiver()
+    memory_kind["glbx"] = Receiver(down=True)
+    w = _spool.Writer(str(tmp_path), segment_bytes=16 << 10, max_bytes=64 << 10)
+    s = shipper(tmp_path, w)
+    append(w, "glbx", 0)  # pins segment 1
+    n = 1
+    for _ in range(40):  # 40 x 50 frames: 430 kB, near seven times the spool
+        for _ in range(50):
+            append(w, "acme", n)  # never refused (SpoolError)
+            n += 1
+        s.step()
+    assert uids(memory_kind["acme"]) == list(range(1, n))
+    assert _spool.segments(w.dir)[0] == 1  # glbx's event is still there
+    assert [f[2] for f in _spool.read_frames(os.path.join(w.dir, _spool.segment_name(1)))] == [
+        "glbx"
+    ]
+    memory_kind["glbx"].down = False
+    s.step()
+    assert uids(memory_kind["glbx"]) == [0]
     w.close()
