@@ -279,15 +279,17 @@ class Shipper:
         w = self._writer
         if w is None or not w.under_pressure:
             return frozenset()
+        out = set()
         with self._lock:
-            return frozenset(
-                lane.tenant
-                for d in dirs
-                for lane in d.lanes.values()
-                # More than a whole segment behind: its oldest event is in a segment before
-                # the one before the scan's. (One failed batch right after a roll is not.)
-                if lane.attempts > 0 and lane.cursor[0] + 1 < d.scan[0]
-            )
+            for d in dirs:
+                for lane in d.lanes.values():
+                    # Where its oldest undelivered event is (not its cursor: a lane that never
+                    # delivered has it at the start), more than a whole segment before the
+                    # scan's. One failed batch right after a roll is not.
+                    oldest = lane.pending[0][0] if lane.pending else lane.overflow_from
+                    if lane.attempts > 0 and oldest is not None and oldest[0] + 1 < d.scan[0]:
+                        out.add(lane.tenant)
+        return frozenset(out)
 
     def _isolated(self, work: Callable[[WriterDir], None], d: WriterDir) -> None:
         # One directory that cannot be read (a disk error in one segment, a file of a foreign

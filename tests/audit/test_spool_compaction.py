@@ -85,20 +85,20 @@ def test_one_failed_batch_across_a_segment_boundary_does_not_refuse_a_tenant(
     healthy ``deny`` tenant, one event behind, for as long as its back-off lasted."""
     memory_kind["acme"] = Receiver()
     memory_kind["glbx"] = Receiver(down=True)
-    w = _spool.Writer(str(tmp_path), segment_bytes=3 * FRAME, max_bytes=8 * FRAME)
+    w = _spool.Writer(str(tmp_path), segment_bytes=3 * FRAME, max_bytes=12 * FRAME)
     s = shipper(tmp_path, w)
-    for n, tenant in enumerate(("glbx", "acme", "acme", "acme", "acme", "acme")):
-        append(w, tenant, n)  # segments 1 and 2
+    for n, tenant in enumerate(("glbx", "acme", "acme") * 2 + ("acme",) * 3):
+        append(w, tenant, n)  # segments 1, 2 and 3
     s.step()  # acme delivered; glbx failing since segment 1
     assert w.under_pressure
     assert s.over_budget == {"glbx"}
     memory_kind["acme"].down = True  # one batch fails ...
-    append(w, "acme", 6)  # ... the first one of segment 3
+    append(w, "acme", 9)  # ... the first one of segment 4
     s.step()
     assert s.over_budget == {"glbx"}  # acme is one event behind, not a segment
     memory_kind["acme"].down = False
     s.step()
-    assert uids(memory_kind["acme"]) == [1, 2, 3, 4, 5, 6]
+    assert uids(memory_kind["acme"]) == [1, 2, 4, 5, 6, 7, 8, 9]
     w.close()
 
 
@@ -212,4 +212,28 @@ def test_segments_of_nothing_but_padding_do_not_fill_the_spool(
     memory_kind["glbx"].down = False
     s.step()
     assert uids(memory_kind["glbx"]) == [0]
+    w.close()
+
+
+@pytest.mark.usefixtures("memory_kind")
+def test_a_tenants_first_failed_batch_late_in_the_spool_does_not_refuse_it(
+    tmp_path: Path, memory_kind: dict[str, Receiver]
+) -> None:
+    """A lane starts at (0, 0) and its cursor moves only once a batch is taken: a tenant whose
+    first event came in segment 3 and whose first batch failed (one 503) looked three
+    segments behind, and under pressure its accesses were refused. How far behind a lane is
+    is where its oldest undelivered event is, not where its cursor starts."""
+    memory_kind["acme"] = Receiver(down=True)
+    memory_kind["glbx"] = Receiver(down=True)
+    w = _spool.Writer(str(tmp_path), segment_bytes=3 * FRAME, max_bytes=12 * FRAME)
+    s = shipper(tmp_path, w, workers=4)  # failing lanes may hold two
+    for n in range(7):
+        append(w, "glbx", n)  # segments 1, 2 and 3
+    append(w, "acme", 7)  # segment 3: acme's first event
+    s.step()  # both fail
+    assert w.under_pressure
+    assert s.over_budget == {"glbx"}
+    memory_kind["acme"].down = False
+    s.step()
+    assert uids(memory_kind["acme"]) == [7]
     w.close()
