@@ -817,6 +817,12 @@ class Shipper:
                 kept = _spool.compact(path, drop)
             except FileNotFoundError:
                 return
+            except OSError as exc:
+                # The disk full, say: the segment stays as it was (compact() leaves nothing
+                # half done), and the ones after it can still be deleted, which needs no space.
+                log.warning("audit spool segment %s not compacted: %s", path, exc)
+                older |= tenants
+                continue
             if kept is not None and kept < counted:
                 # Blocks can be more than the bytes counted (a small segment keeping a frame
                 # takes a whole block): it is then counted as before, so that what is

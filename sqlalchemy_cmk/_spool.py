@@ -140,6 +140,18 @@ def _zero_crc(n: int) -> int:
     return crc
 
 
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    """Write all of ``data`` at ``offset``. A disk that fills mid-write makes ``pwrite``
+    return short without an error: the rest is written again, which then raises (ENOSPC), or
+    a copy with a hole where kept frames were would replace the segment."""
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        if n <= 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        view, offset = view[n:], offset + n
+
+
 def compact(path: str, drop: Any) -> int | None:
     """Replace the frames of the tenants in ``drop`` with padding, at unchanged offsets.
 
@@ -178,25 +190,27 @@ def compact(path: str, drop: Any) -> int | None:
         at = 0
         for a, b in runs:
             if a > at:
-                os.pwrite(fd, data[at:a], at)  # the kept frames between two runs
+                _pwrite_all(fd, data[at:a], at)  # the kept frames between two runs
             while a < b:
                 n = min(b - a, MAX_FRAME + _HEAD.size)
                 if 0 < b - a - n < _HEAD.size:
                     n = b - a - _HEAD.size  # the last piece must hold a header too
-                os.pwrite(fd, _padding_header(n), a)
+                _pwrite_all(fd, _padding_header(n), a)
                 a += n
             at = b
         if at < len(data):
-            os.pwrite(fd, data[at:], at)  # kept frames and anything after the last frame
+            _pwrite_all(fd, data[at:], at)  # kept frames and anything after the last frame
         os.fdatasync(fd)
         kept = os.fstat(fd).st_blocks * 512
+        fd, done = -1, fd
+        os.close(done)
+        os.replace(tmp, path)
     except BaseException:
-        os.close(fd)
+        if fd >= 0:
+            os.close(fd)
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    os.close(fd)
-    os.replace(tmp, path)
     fsync_dir(os.path.dirname(path))
     return kept
 
