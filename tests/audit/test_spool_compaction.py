@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import time
 import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -18,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from sqlalchemy_cmk import _shipper, _spool
+from sqlalchemy_cmk import AuditError, _shipper, _spool
 from sqlalchemy_cmk.delivery import TenantAudit, spool_events
 from sqlalchemy_cmk.sinks import NetworkPolicy, SinkEnv
 from tests.audit.memory_kind import Receiver
@@ -327,3 +328,148 @@ def test_a_segment_that_cannot_be_compacted_does_not_stop_the_ones_after_it(
     seg1 = os.path.join(w.dir, _spool.segment_name(1))
     assert [f[2] for f in _spool.read_frames(seg1)] == ["glbx", "acme", "acme"]  # as it was
     w.close()
+
+
+# -- a serve tenant over its share -------------------------------------------------------------
+
+
+def test_a_serve_tenant_over_its_share_counts_its_drops_and_tells_them_in_its_chain(
+    tmp_path: Path, memory_kind: dict[str, Receiver]
+) -> None:
+    """Past its share, a ``serve`` tenant's accesses go on and its events are dropped: each
+    one counted, and announced in its chain (a ``dropped`` event with their number) before
+    its next event, so that its SIEM sees the gap and the chain still verifies."""
+    from sqlalchemy_cmk.audit import make_event
+    from sqlalchemy_cmk.context import TenantContext
+    from sqlalchemy_cmk.delivery import AuditDelivery, verify_chain
+
+    memory_kind["a"] = Receiver()
+    memory_kind["g"] = Receiver(down=True)
+    tenants = {
+        "acme": TenantAudit([{"kind": "memory", "receiver": "a"}]),
+        "globex": TenantAudit([{"kind": "memory", "receiver": "g"}], on_spool_failure="serve"),
+    }
+    d = AuditDelivery(
+        tmp_path,
+        tenants,
+        poll=0.005,
+        max_backoff=0.05,
+        retention=0,
+        max_spool_bytes=200_000,
+        segment_bytes=16_000,
+    )
+
+    def record(tenant: str, n: int) -> None:
+        ctx = TenantContext(tenant, actor="a")
+        d.record(make_event(ctx, "decrypt", "ok", tenant, table="t", rows=n), ctx)
+
+    try:
+        for i in range(1500):
+            record("acme", i)
+            if i % 5 == 0:
+                record("globex", i)  # never raises: serve
+            if i % 100 == 0:
+                d.flush(0.05)
+        dropped = d.dropped.get("globex", 0)
+        assert dropped > 0
+        memory_kind["g"].down = False
+        assert d.flush(15)
+        deadline = time.monotonic() + 10
+        while d._shipper is not None and d._shipper.over_budget:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        record("globex", 9999)  # the drops are announced first
+        assert d.flush(15)
+    finally:
+        d.close()
+    got = [json.loads(r.body) for r in memory_kind["g"].unique()]
+    notices = [g for g in got if g["status_code"] == "dropped"]
+    assert sum(g["resources"][0]["data"]["rows"] for g in notices) == dropped
+    assert got[-1]["resources"][0]["data"]["rows"] == 9999
+    verify_chain([r.body for r in memory_kind["g"].unique()])
+    rows = [g["resources"][0]["data"]["rows"] for g in got if g["status_code"] == "ok"]
+    assert len(rows) + dropped == 1500 // 5 + 1
+
+
+# -- a crash around a compaction, and the directory adopted ------------------------------------
+
+
+def test_a_compacted_directory_adopted_after_a_crash_delivers_everything(
+    tmp_path: Path, memory_kind: dict[str, Receiver]
+) -> None:
+    """The process dies (as SIGKILL leaves it) after compacting, with cursors saved from
+    before the compaction and a half-written copy left beside a segment. The next process
+    adopts the directory without knowing which tenant is in which segment: it re-delivers
+    what the old cursors do not cover (same ids), skips the padding, never compacts from the
+    stale cursors, and once the SIEM is back the failing tenant has every event it was told
+    was recorded; ``audit verify`` passes on what is left."""
+    from sqlalchemy_cmk.audit import make_event
+    from sqlalchemy_cmk.cli import main
+    from sqlalchemy_cmk.context import TenantContext
+    from sqlalchemy_cmk.delivery import AuditDelivery, verify_chain
+    from tests.audit.test_delivery_stateful import crash
+
+    memory_kind["a"] = Receiver()
+    memory_kind["g"] = Receiver(down=True)
+    tenants = {
+        "acme": TenantAudit([{"kind": "memory", "receiver": "a"}]),
+        "globex": TenantAudit([{"kind": "memory", "receiver": "g"}]),
+    }
+
+    def new() -> AuditDelivery:
+        return AuditDelivery(
+            tmp_path,
+            tenants,
+            poll=0.005,
+            max_backoff=0.05,
+            retention=0,
+            max_spool_bytes=200_000,
+            segment_bytes=16_000,
+        )
+
+    def record(d: AuditDelivery, tenant: str, n: int) -> bool:
+        ctx = TenantContext(tenant, actor="a")
+        try:
+            d.record(make_event(ctx, "decrypt", "ok", tenant, table="t", rows=n), ctx)
+        except AuditError:
+            return False
+        return True
+
+    d = new()
+    kept: list[int] = []
+    old_state = b""
+    for i in range(1200):
+        assert record(d, "acme", i)
+        if i % 7 == 0 and record(d, "globex", i):
+            kept.append(i)
+        if i % 100 == 0:
+            d.flush(0.05)
+        if i == 100:
+            assert d._writer is not None
+            with open(os.path.join(d._writer.dir, "state.json"), "rb") as f:
+                old_state = f.read()
+    w = d._writer
+    assert w is not None and os.path.exists(os.path.join(w.dir, "compacted"))
+    crash(d)
+    with open(os.path.join(w.dir, "state.json"), "wb") as f:
+        f.write(old_state)  # the cursors of before the compaction
+    seg = os.path.join(w.dir, _spool.segment_name(_spool.segments(w.dir)[0]))
+    with open(seg, "rb") as f, open(seg + ".compact", "wb") as g:
+        g.write(f.read()[:1000])  # a copy the crash cut
+    memory_kind["g"].down = False
+    d = new()
+    try:
+        d.start()
+        assert d.flush(20)
+    finally:
+        d.close()
+    assert [
+        json.loads(r.body)["resources"][0]["data"]["rows"] for r in memory_kind["g"].unique()
+    ] == kept
+    acme = sorted(
+        json.loads(r.body)["resources"][0]["data"]["rows"] for r in memory_kind["a"].unique()
+    )
+    assert acme == list(range(1200))
+    for name in ("a", "g"):
+        verify_chain([r.body for r in memory_kind[name].unique()])
+    assert not os.path.exists(w.dir) or main(["audit", "verify", "--spool", str(tmp_path)]) == 0
