@@ -198,8 +198,23 @@ class TightSpool(Spool):
     readers and lanes use them, and still every event recorded arrives, in order, once
     de-duplicated, and the spool's own chains verify."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.cursors: dict[str, tuple[int, int]] = {}  # an ``audit tail --follow``
+        self.followed: set[str] = set()
+
     def new(self, **overrides: Any) -> AuditDelivery:
         return super().new(max_spool_bytes=40_000, **overrides)
+
+    @rule()
+    def follow(self) -> None:
+        """A follower of the spool sees every event still there: the shipper only takes
+        events away (compaction, pruning) while it reads, and only this machine adds them."""
+        from sqlalchemy_cmk.delivery import spool_events
+
+        self.followed.update(r.id for _, r in spool_events(self.dir, cursors=self.cursors))
+        missed = {r.id for _, r in spool_events(self.dir)} - self.followed
+        assert not missed
 
     @rule(tenant=st.sampled_from(TENANTS), k=st.integers(1, 30))
     def record(self, tenant: str, k: int) -> None:
