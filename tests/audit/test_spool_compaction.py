@@ -473,3 +473,52 @@ def test_a_compacted_directory_adopted_after_a_crash_delivers_everything(
     for name in ("a", "g"):
         verify_chain([r.body for r in memory_kind[name].unique()])
     assert not os.path.exists(w.dir) or main(["audit", "verify", "--spool", str(tmp_path)]) == 0
+
+
+# -- compaction while a batch is in flight and a lane catches up from the files ----------------
+
+
+@pytest.mark.usefixtures("memory_kind")
+def test_compaction_during_a_batch_in_flight_and_a_catch_up_loses_nothing(
+    tmp_path: Path, memory_kind: dict[str, Receiver], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """acme's lane holds one event in memory (the rest go back to the files); its batch fails
+    while, in the middle of the send, the segments around its events are compacted (init's
+    delivered ones, interleaved with acme's, become padding) and then deleted out of turn.
+    The lane then catches up from the compacted files: every event of acme arrives, once, in
+    order."""
+    from tests.audit.memory_kind import MemorySink
+
+    memory_kind["acme"] = Receiver()
+    memory_kind["glbx"] = Receiver(down=True)
+    memory_kind["init"] = Receiver()
+    w = _spool.Writer(str(tmp_path), segment_bytes=4 * FRAME, max_bytes=24 * FRAME)
+    s = shipper(tmp_path, w, batch_max=1, lane_cap=1, workers=4)
+    append(w, "glbx", 0)  # pins segment 1
+    for n in range(1, 4):
+        append(w, "init", n)
+    s.step()  # init delivered, glbx failing
+    real = MemorySink.send
+    fails = [True]
+
+    def send(self: MemorySink, records: Any) -> None:
+        if fails and records[0].tenant == "acme":
+            fails.clear()
+            d = next(iter(s._dirs.values()))
+            s._compact(d)  # mid-send, as the shipper's thread could
+            raise _shipper.DeliveryError("reset", retryable=True)
+        real(self, records)
+
+    monkeypatch.setattr(MemorySink, "send", send)
+    for n in range(4, 40):
+        append(w, "acme" if n % 2 else "init", n)
+        s.step()  # one event per lane and pass (batch_max=1)
+    for _ in range(60):
+        s.step()
+    assert not fails  # the send that compacted did happen
+    assert os.path.exists(os.path.join(w.dir, "compacted"))
+    assert uids(memory_kind["acme"]) == list(range(5, 40, 2))
+    assert [r.id for r in memory_kind["acme"].records] == [
+        r.id for r in memory_kind["acme"].unique()
+    ]
+    w.close()
