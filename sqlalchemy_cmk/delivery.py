@@ -880,17 +880,30 @@ def verify_chain(
     return counts
 
 
-def pruned_writers(spool: str | os.PathLike[str]) -> set[str]:
+def pruned_writers(spool: str | os.PathLike[str], read: Iterable[str] = ()) -> set[str]:
     """The writers of a spool whose oldest segments retention has deleted (for
     :func:`verify_chain`'s ``pruned``): segments are numbered from 1 and deleted oldest first.
     Also those whose shipper compacted segments, which removes a tenant's oldest events the
-    same way, before the segment goes."""
+    same way, before the segment goes.
+
+    Args:
+        spool: The spool directory.
+        read: Writers whose events were read before this call (:func:`spool_events`). One
+            whose directory is gone since counts as pruned: a shipper delivered its events
+            and removed it, and its first segments may have gone while it was read. (Called
+            only before the read, it was not pruned yet; only after, it is not there.)
+    """
     out = set()
+    present = set()
     for wdir in _writer_dirs(spool):
+        writer = os.path.basename(wdir)[2:]
         segs = _spool.segments(wdir)
+        if not segs and not os.path.isdir(wdir):
+            continue  # removed since the listing
+        present.add(writer)
         if (segs and segs[0] > 1) or os.path.exists(os.path.join(wdir, "compacted")):
-            out.add(os.path.basename(wdir)[2:])
-    return out
+            out.add(writer)
+    return out | (set(read) - present)
 
 
 class ChainError(CMKError):

@@ -522,3 +522,47 @@ def test_compaction_during_a_batch_in_flight_and_a_catch_up_loses_nothing(
         r.id for r in memory_kind["acme"].unique()
     ]
     w.close()
+
+
+# -- audit verify while a shipper delivers and removes what it reads ---------------------------
+
+
+@pytest.mark.usefixtures("memory_kind")
+def test_audit_verify_while_a_delivered_writer_goes_away(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``audit verify`` lists the pruned writers before and after reading. A writer whose
+    first segment went while it was read, and whose directory was removed before the second
+    listing (its shipper delivered everything), was in neither: its events, read from its
+    second segment on, failed the chain ("event 1 is missing"). The state machine on a tight
+    spool met this in its own check, compaction and out-of-turn deletion making it likely."""
+    import shutil
+
+    from sqlalchemy_cmk.audit import make_event
+    from sqlalchemy_cmk.cli import audit as cli_audit
+    from sqlalchemy_cmk.cli import main
+    from sqlalchemy_cmk.context import TenantContext
+    from sqlalchemy_cmk.delivery import AuditDelivery
+
+    d = AuditDelivery(
+        tmp_path,
+        {"acme": TenantAudit([{"kind": "memory", "receiver": "a"}])},
+        segment_bytes=1500,
+        start=False,
+    )
+    ctx = TenantContext("acme", actor="a")
+    for n in range(8):
+        d.record(make_event(ctx, "decrypt", "ok", "acme", table="t", rows=n), ctx)
+    d.close()
+    (wdir,) = [p for p in tmp_path.iterdir() if p.name.startswith("w-")]
+    assert len(_spool.segments(str(wdir))) > 2
+    real = cli_audit.spool_events
+
+    def shipper_meanwhile(spool: Any, tenant: Any = None, **kw: Any) -> Any:
+        os.unlink(wdir / _spool.segment_name(1))  # delivered: pruned as the reading starts
+        yield from real(spool, tenant, **kw)
+        shutil.rmtree(wdir)  # all delivered: the directory goes
+
+    monkeypatch.setattr(cli_audit, "spool_events", shipper_meanwhile)
+    assert main(["audit", "verify", "--spool", str(tmp_path)]) == 0
+    assert "chain intact" in capsys.readouterr().out
