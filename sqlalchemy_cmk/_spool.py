@@ -162,6 +162,7 @@ def compact(path: str, drop: Any) -> int | None:
     """
     with open(path, "rb") as f:
         data = f.read()
+        st = os.fstat(f.fileno())
     runs: list[tuple[int, int]] = []  # [start, end) of dropped or padding frames, merged
     pos = 0
     changed = False
@@ -200,6 +201,8 @@ def compact(path: str, drop: Any) -> int | None:
             at = b
         if at < len(data):
             _pwrite_all(fd, data[at:], at)  # kept frames and anything after the last frame
+        # The segment's time, not the compaction's: retention counts from it.
+        os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
         os.fdatasync(fd)
         kept = os.fstat(fd).st_blocks * 512
         fd, done = -1, fd

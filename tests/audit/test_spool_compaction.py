@@ -566,3 +566,19 @@ def test_audit_verify_while_a_delivered_writer_goes_away(
     monkeypatch.setattr(cli_audit, "spool_events", shipper_meanwhile)
     assert main(["audit", "verify", "--spool", str(tmp_path)]) == 0
     assert "chain intact" in capsys.readouterr().out
+
+
+def test_compaction_keeps_the_segments_time(tmp_path: Path) -> None:
+    """Retention is counted from a segment's modification time (its last event). The copy
+    that compaction renames over the segment had the time of the compaction: the events it
+    kept were then held a whole retention longer after they were delivered, and every later
+    segment with them (pruning goes oldest first)."""
+    w = _spool.Writer(str(tmp_path), segment_bytes=1 << 30, max_bytes=1 << 30)
+    for n, tenant in enumerate(("acme", "glbx", "acme")):
+        append(w, tenant, n)
+    w.close()
+    path = os.path.join(w.dir, _spool.segment_name(1))
+    old = time.time_ns() - 7200 * 10**9
+    os.utime(path, ns=(old, old))
+    assert _spool.compact(path, {"acme"}) is not None
+    assert os.stat(path).st_mtime_ns == old
