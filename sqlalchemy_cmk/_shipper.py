@@ -315,6 +315,8 @@ class Shipper:
                 fd = _spool.try_lock(path)
                 if fd is None:
                     continue  # a live process owns it
+            if fd is not None:
+                _spool.remove_leftovers(path)  # its owner died: nobody writes them any more
             saved = _spool.load_state(path)
             segs = _spool.segments(path)
             d = WriterDir(path, fd, saved, scan=(segs[0], 0) if segs else (0, 0))

@@ -140,6 +140,19 @@ def _zero_crc(n: int) -> int:
     return crc
 
 
+def remove_leftovers(wdir: str) -> None:
+    """Remove the copies a compaction left when its process died before the rename (the
+    directory's lock held: nobody else compacts it). They are never read, but hold disk."""
+    try:
+        names = os.listdir(wdir)
+    except FileNotFoundError:
+        return
+    for name in names:
+        if name.endswith(SEGMENT_GLOB + ".compact"):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(wdir, name))
+
+
 def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
     """Write all of ``data`` at ``offset``. A disk that fills mid-write makes ``pwrite``
     return short without an error: the rest is written again, which then raises (ENOSPC), or

@@ -582,3 +582,26 @@ def test_compaction_keeps_the_segments_time(tmp_path: Path) -> None:
     os.utime(path, ns=(old, old))
     assert _spool.compact(path, {"acme"}) is not None
     assert os.stat(path).st_mtime_ns == old
+
+
+@pytest.mark.usefixtures("memory_kind")
+def test_a_copy_left_by_a_compaction_that_died_is_removed_on_adoption(
+    tmp_path: Path, memory_kind: dict[str, Receiver]
+) -> None:
+    """A process killed between writing the copy and renaming it leaves ``<segment>.compact``:
+    never read, but holding disk (and not counted) until the directory goes, which a pinned
+    tenant can put off for as long as its SIEM is down. The shipper that adopts the directory
+    removes it."""
+    memory_kind["acme"] = Receiver(down=True)
+    dead = _spool.Writer(str(tmp_path), segment_bytes=1 << 30, max_bytes=1 << 30)
+    append(dead, "acme", 0)
+    dead.close()  # its lock is free: the next shipper adopts the directory
+    seg = os.path.join(dead.dir, _spool.segment_name(1))
+    with open(seg + ".compact", "wb") as f:
+        f.write(bytes(5000))
+    w = _spool.Writer(str(tmp_path), segment_bytes=1 << 30, max_bytes=1 << 30)
+    s = shipper(tmp_path, w)
+    s.step()
+    assert not os.path.exists(seg + ".compact")
+    assert os.path.exists(seg)  # acme's event is still owed
+    w.close()
