@@ -279,13 +279,17 @@ class Shipper:
         w = self._writer
         if w is None or not w.under_pressure:
             return frozenset()
+        out = set()
         with self._lock:
-            return frozenset(
-                lane.tenant
-                for d in dirs
-                for lane in d.lanes.values()
-                if lane.attempts > 0 and lane.cursor[0] < d.scan[0]
-            )
+            for d in dirs:
+                for lane in d.lanes.values():
+                    # Where its oldest undelivered event is (not its cursor: a lane that never
+                    # delivered has it at the start), more than a whole segment before the
+                    # scan's. One failed batch right after a roll is not.
+                    oldest = lane.pending[0][0] if lane.pending else lane.overflow_from
+                    if lane.attempts > 0 and oldest is not None and oldest[0] + 1 < d.scan[0]:
+                        out.add(lane.tenant)
+        return frozenset(out)
 
     def _isolated(self, work: Callable[[WriterDir], None], d: WriterDir) -> None:
         # One directory that cannot be read (a disk error in one segment, a file of a foreign
@@ -311,6 +315,8 @@ class Shipper:
                 fd = _spool.try_lock(path)
                 if fd is None:
                     continue  # a live process owns it
+            if fd is not None:
+                _spool.remove_leftovers(path)  # its owner died: nobody writes them any more
             saved = _spool.load_state(path)
             segs = _spool.segments(path)
             d = WriterDir(path, fd, saved, scan=(segs[0], 0) if segs else (0, 0))
@@ -741,6 +747,15 @@ class Shipper:
             os.close(d.lock_fd)
             d.lock_fd = None
 
+    def _mark_compacted(self, d: WriterDir) -> None:
+        """Leave ``compacted`` in the directory, for :func:`pruned_writers`: a tenant's events
+        there may now start past its first, though segment 1 is still there."""
+        marker = os.path.join(d.path, "compacted")
+        if not os.path.exists(marker):
+            with open(marker, "wb"):
+                pass
+            _spool.fsync_dir(d.path)
+
     def _cursors(self, d: WriterDir, tenant: str, audit: Any) -> list[Pos]:
         return [lane.cursor for lane in self._lanes_for(d, tenant, audit)]
 
@@ -755,7 +770,8 @@ class Shipper:
         anyway; checked so that it holds whatever a lane does): what stays of each tenant is
         then the end of its sequence, as after deleting segments, so readers and ``audit
         verify`` read the spool as before. Cursors keep their meaning: the offsets do not
-        change.
+        change. A segment left with nothing owed to anyone is deleted instead, out of turn
+        (readers list the segments there are; none expects them without gaps).
         """
         try:
             segs = [s for s in _spool.segments(d.path) if s < d.scan[0]]
@@ -777,26 +793,49 @@ class Shipper:
                     for t in tenants - older
                     if t in last and all(c >= (s, last[t]) for c in self._cursors(d, t, audits[t]))
                 }
-            if drop:
-                path = os.path.join(d.path, _spool.segment_name(s))
-                try:
-                    before = d.seg_bytes.get(s) or os.path.getsize(path)
-                    if not os.path.exists(os.path.join(d.path, "compacted")):
-                        # Read by pruned_writers: a tenant's events may start past the first.
-                        with open(os.path.join(d.path, "compacted"), "wb"):
-                            pass
-                        _spool.fsync_dir(d.path)
-                    kept = _spool.compact(path, drop)
-                except FileNotFoundError:
-                    return
-                if kept is not None:
-                    d.seg_bytes[s] = kept
-                    if self._writer is not None and d.lock_fd is None:
-                        self._writer.forget_bytes(max(0, before - kept))
-                with self._lock:
-                    d.seg_tenants[s] -= drop
-                    for t in drop:
-                        d.seg_last[s].pop(t, None)
+            if not drop and tenants:
+                older |= tenants
+                continue
+            path = os.path.join(d.path, _spool.segment_name(s))
+            w = self._writer if d.lock_fd is None else None  # our own writer counts it
+            try:
+                # What the writer counts for it: the end of its frames (its size once the
+                # writer rolled), or what an earlier compaction left.
+                counted = d.seg_bytes.get(s, d.seg_end.get(s) or os.path.getsize(path))
+                self._mark_compacted(d)
+                if drop == tenants:
+                    # Nothing in it is owed to anyone: deleted, out of turn. Compacted, it
+                    # would keep a block per MAX_FRAME of padding (its headers) behind the
+                    # segment that pins it, and enough of those fill the spool.
+                    os.unlink(path)
+                    if w is not None:
+                        w.forget_bytes(counted)
+                    with self._lock:
+                        d.seg_tenants.pop(s, None)
+                        d.seg_end.pop(s, None)
+                        d.seg_last.pop(s, None)
+                        d.seg_bytes.pop(s, None)
+                    continue
+                kept = _spool.compact(path, drop)
+            except FileNotFoundError:
+                return
+            except OSError as exc:
+                # The disk full, say: the segment stays as it was (compact() leaves nothing
+                # half done), and the ones after it can still be deleted, which needs no space.
+                log.warning("audit spool segment %s not compacted: %s", path, exc)
+                older |= tenants
+                continue
+            if kept is not None and kept < counted:
+                # Blocks can be more than the bytes counted (a small segment keeping a frame
+                # takes a whole block): it is then counted as before, so that what is
+                # forgotten now and when the segment goes adds up to what was counted.
+                d.seg_bytes[s] = kept
+                if w is not None:
+                    w.forget_bytes(counted - kept)
+            with self._lock:
+                d.seg_tenants[s] -= drop
+                for t in drop:
+                    d.seg_last[s].pop(t, None)
             older |= tenants - drop
 
     # -- what the operator sees ----------------------------------------------------------------

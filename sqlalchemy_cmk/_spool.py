@@ -168,6 +168,31 @@ def _zero_crc(n: int) -> int:
     return crc
 
 
+def remove_leftovers(wdir: str) -> None:
+    """Remove the copies a compaction left when its process died before the rename (the
+    directory's lock held: nobody else compacts it). They are never read, but hold disk."""
+    try:
+        names = os.listdir(wdir)
+    except FileNotFoundError:
+        return
+    for name in names:
+        if name.endswith(SEGMENT_GLOB + ".compact"):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(wdir, name))
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    """Write all of ``data`` at ``offset``. A disk that fills mid-write makes ``pwrite``
+    return short without an error: the rest is written again, which then raises (ENOSPC), or
+    a copy with a hole where kept frames were would replace the segment."""
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        if n <= 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        view, offset = view[n:], offset + n
+
+
 def compact(path: str, drop: Any) -> int | None:
     """Replace the frames of the tenants in ``drop`` with padding, at unchanged offsets.
 
@@ -178,6 +203,7 @@ def compact(path: str, drop: Any) -> int | None:
     """
     with open(path, "rb") as f:
         data = f.read()
+        st = os.fstat(f.fileno())
     runs: list[tuple[int, int]] = []  # [start, end) of dropped or padding frames, merged
     pos = 0
     changed = False
@@ -206,27 +232,31 @@ def compact(path: str, drop: Any) -> int | None:
         at = 0
         for a, b in runs:
             if a > at:
-                os.pwrite(fd, data[at:a], at)  # the kept frames between two runs
+                _pwrite_all(fd, data[at:a], at)  # the kept frames between two runs
             while a < b:
                 n = min(b - a, MAX_FRAME + _HEAD.size)
                 if 0 < b - a - n < _HEAD.size:
                     n = b - a - _HEAD.size  # the last piece must hold a header too
-                os.pwrite(fd, _padding_header(n), a)
+                _pwrite_all(fd, _padding_header(n), a)
                 a += n
             at = b
         if at < pos:
-            os.pwrite(fd, data[at:pos], at)  # the kept frames after the last run
+            _pwrite_all(fd, data[at:pos], at)  # the kept frames after the last run
         if data[pos:].strip(b"\0"):
-            os.pwrite(fd, data[pos:], pos)  # a torn tail, as it was; zeros stay a hole
+            _pwrite_all(fd, data[pos:], pos)  # a torn tail, as it was; zeros stay a hole
+        # The segment's time, not the compaction's: retention counts from it.
+        os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
         os.fdatasync(fd)
         kept = os.fstat(fd).st_blocks * 512
+        fd, done = -1, fd
+        os.close(done)
+        os.replace(tmp, path)
     except BaseException:
-        os.close(fd)
+        if fd >= 0:
+            os.close(fd)
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    os.close(fd)
-    os.replace(tmp, path)
     fsync_dir(os.path.dirname(path))
     return kept
 

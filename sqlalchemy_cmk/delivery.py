@@ -729,6 +729,22 @@ def _writer_dirs(spool: str | os.PathLike[str]) -> list[str]:
     return sorted(os.path.join(root, n) for n in os.listdir(root) if n.startswith("w-"))
 
 
+def _frames_after(wdir: str, seg: int, offset: int) -> list[tuple[int, int, str, bytes]]:
+    """The whole frames of a segment that end past ``offset``, the end of a frame read before.
+
+    Compaction keeps the offsets of the frames it keeps, but a run of dropped frames becomes
+    one padding frame: an offset between two of them is no longer where a frame starts, and
+    read from there the segment seems to end (a hole reads as zeros). Only a complete
+    segment is compacted: if reading from ``offset`` finds nothing and a later segment exists,
+    the segment is read from its start instead.
+    """
+    path = os.path.join(wdir, _spool.segment_name(seg))
+    frames = list(_spool.read_frames(path, offset))
+    if offset and not frames and _spool.segments(wdir)[-1:] != [seg]:
+        frames = [f for f in _spool.read_frames(path) if f[1] > offset]
+    return frames
+
+
 def spool_events(
     spool: str | os.PathLike[str],
     tenant: str | None = None,
@@ -753,9 +769,8 @@ def spool_events(
         for seg in _spool.segments(wdir):
             if seg < start[0]:
                 continue
-            path = os.path.join(wdir, _spool.segment_name(seg))
             try:
-                frames = list(_spool.read_frames(path, start[1] if seg == start[0] else 0))
+                frames = _frames_after(wdir, seg, start[1] if seg == start[0] else 0)
             except FileNotFoundError:
                 continue  # pruned meanwhile
             for _, nxt, t, body in frames:
@@ -865,17 +880,30 @@ def verify_chain(
     return counts
 
 
-def pruned_writers(spool: str | os.PathLike[str]) -> set[str]:
+def pruned_writers(spool: str | os.PathLike[str], read: Iterable[str] = ()) -> set[str]:
     """The writers of a spool whose oldest segments retention has deleted (for
     :func:`verify_chain`'s ``pruned``): segments are numbered from 1 and deleted oldest first.
     Also those whose shipper compacted segments, which removes a tenant's oldest events the
-    same way, before the segment goes."""
+    same way, before the segment goes.
+
+    Args:
+        spool: The spool directory.
+        read: Writers whose events were read before this call (:func:`spool_events`). One
+            whose directory is gone since counts as pruned: a shipper delivered its events
+            and removed it, and its first segments may have gone while it was read. (Called
+            only before the read, it was not pruned yet; only after, it is not there.)
+    """
     out = set()
+    present = set()
     for wdir in _writer_dirs(spool):
+        writer = os.path.basename(wdir)[2:]
         segs = _spool.segments(wdir)
+        if not segs and not os.path.isdir(wdir):
+            continue  # removed since the listing
+        present.add(writer)
         if (segs and segs[0] > 1) or os.path.exists(os.path.join(wdir, "compacted")):
-            out.add(os.path.basename(wdir)[2:])
-    return out
+            out.add(writer)
+    return out | (set(read) - present)
 
 
 class ChainError(CMKError):

@@ -157,8 +157,10 @@ def _tail(args: argparse.Namespace, out: TextIO) -> int:
 def _verify(args: argparse.Namespace, out: TextIO) -> int:
     # Listed first: a segment pruned after it would otherwise look like a tampered head.
     pruned = pruned_writers(args.spool)
-    bodies = [rec.body for _, rec in spool_events(args.spool, args.tenant)]
-    pruned |= pruned_writers(args.spool)
+    read = [(writer, rec.body) for writer, rec in spool_events(args.spool, args.tenant)]
+    bodies = [body for _, body in read]
+    # And after: those pruned or compacted meanwhile, or removed once delivered.
+    pruned |= pruned_writers(args.spool, read={writer for writer, _ in read})
     counts = verify_chain(bodies, pruned=pruned)  # ChainError: one line, exit 1
     if args.json:
         out.write(
