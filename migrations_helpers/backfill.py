@@ -1010,6 +1010,26 @@ def _check_row_tenant(
         )
 
 
+def _check_row_claim(tgt: _Target, pk: Any, tenant: Any, companion: bytes, crypto: _Crypto) -> None:
+    """:func:`_check_row_tenant` for a row read by a tool that opens values: a row whose tenant
+    column is NULL is no row of its EDEK's tenant either (the column was emptied after the row
+    was encrypted, or the EDEK copied into a row of no tenant), so its values are never opened
+    for it: decrypted into it, they would be plaintext of that tenant in a row of none."""
+    if tenant is not None:
+        _check_row_tenant(tgt, pk, str(tenant), companion, crypto)
+        return
+    owner = crypto.tenant(companion)
+    assert tgt.tenant is not None
+    raise TenantMismatchError(
+        f"row {_pk_repr(pk)} of {tgt.label()!r} has no tenant (its {tgt.tenant.name} is NULL) "
+        f"but its EDEK belongs to tenant {owner!r}: the tenant column was emptied after the row "
+        "was encrypted, or the EDEK was copied into it; investigate the row (verify() lists all "
+        "such rows) before continuing",
+        row_tenant=owner,
+        table=tgt.name,
+    )
+
+
 def _note_claim(crypto: _Crypto, companion: bytes | None, tenant: Any) -> None:
     """Name, for the refusal about to be raised in the current access, the tenant the row
     claims (its envelope's, else its tenant column's): unauthenticated, so it goes in the
@@ -2192,6 +2212,17 @@ def _mover(
         # audited once, for the operator's cross-tenant context, before it propagates.
         with access(crypto.km, crypto.ctx, "decrypt") as acc:
             acc.table(tgt.name, names)
+            # Tenants first, as _open_batch checks them: nothing is unwrapped for a batch
+            # refused for another tenant's EDEK in one of its rows.
+            tenants: list[str] = []
+            for row in rows:
+                pk, tenant_raw = row[0], row[1]
+                tenant = (
+                    tenant_raw if type(tenant_raw) is str else _require_tenant(tgt, pk, tenant_raw)
+                )
+                if row[-1] is not None:
+                    _check_row_tenant(tgt, pk, tenant, bytes(row[-1]), crypto)
+                tenants.append(tenant)
             errors = crypto.load(
                 bytes(row[-1])[_SPLIT:]
                 for row in rows
@@ -2206,13 +2237,8 @@ def _mover(
             comps: list[bytes | None] = []
             opened: dict[str, int] = {}
             for i, row in enumerate(rows):
-                pk, tenant_raw = row[0], row[1]
-                tenant = (
-                    tenant_raw if type(tenant_raw) is str else _require_tenant(tgt, pk, tenant_raw)
-                )
+                pk, tenant = row[0], tenants[i]
                 comp = _as_bytes(row[-1])
-                if comp is not None:
-                    _check_row_tenant(tgt, pk, tenant, comp, crypto)
                 d: dict[str, bytes | str] = {}
                 witness: dict[str, bytes] | None = None
                 for s, t in pairs:
@@ -2403,8 +2429,8 @@ def _open_batch(
         # Another tenant's ciphertext in a row opens under that tenant's key: it is never
         # written back to the row in plaintext (or under a new key).
         for row in rows:
-            if row[-1] is not None and row[1] is not None:
-                _check_row_tenant(tgt, row[0], str(row[1]), bytes(row[-1]), crypto)
+            if row[-1] is not None:
+                _check_row_claim(tgt, row[0], row[1], bytes(row[-1]), crypto)
         errors = crypto.load(
             _as_bytes(row[-1])[_SPLIT:]  # type: ignore[index]
             for row in rows

@@ -546,6 +546,14 @@ class _Indexer:
     ) -> list[dict[int, Any]]:
         tgt = plan.tgt
         codecs = {i: m.codec for m, i, _ in plan.members}
+        # Tenants first, as a load and backfill's _open_batch check them: nothing is unwrapped
+        # for a batch refused for another tenant's EDEK in one of its rows.
+        for row in rows:
+            tenant = _require_tenant(tgt, row[0], row[1])
+            if row[-1] is not None and any(
+                tgt.ciphertext(i, row[2 + i]) is not None for i in source_idx
+            ):
+                _check_row_tenant(tgt, row[0], tenant, bytes(row[-1]), crypto)
         errors = crypto.load(bytes(row[-1])[_SPLIT:] for row in rows if row[-1] is not None)
         out: list[dict[int, Any]] = []
         by_tenant: dict[str, int] = {}
@@ -567,7 +575,6 @@ class _Indexer:
                         "but its EDEK column is NULL",
                         table=tgt.name,
                     )
-                _check_row_tenant(tgt, row[0], tenant, comp, crypto)
                 error = errors.get(comp[_SPLIT:])
                 if error is not None:
                     raise error

@@ -1,0 +1,298 @@
+"""Red team of the bulk migration paths: a value sealed under one tenant's key is never written,
+copied, re-keyed, indexed or revealed under another tenant (or under none) by a tool (issue 12).
+
+The attacker is a tenant (acme) who can write rows of its own, or an operator's slip: globex's
+ciphertexts and EDEK copied into a row, a row's tenant column changed to another tenant, to the
+empty string or to NULL. Each *cell* is one bulk path run over four rows (acme's 1 and 3,
+globex's 2 and 4, one batch, a cold key cache) after one such attack. Whatever the path does
+(refuse, or count the row as failed), every cell checks:
+
+* a row whose tenant column does not name its EDEK's tenant is left byte for byte as it was
+  (never decrypted into, re-sealed, moved or indexed);
+* no value of globex's appears in plaintext in a row not saying globex;
+* a path that refuses a row for its tenant unwraps no key for the batch first;
+* an event naming a tenant carries only that tenant's details (its key, no row tenant).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, String, Text, delete, text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+
+from migrations_helpers import backfill, search_index
+from sqlalchemy_cmk import CMK, EncryptedMixin, EncryptedType, tenant_column, tenant_context
+from sqlalchemy_cmk.errors import CMKError, TenantMismatchError
+from sqlalchemy_cmk.search import BlindIndex, search_tables
+from sqlalchemy_cmk.testing import FakeKeyProvider, MemoryAuditSink
+
+ACME, GLOBEX = "acme", "globex"
+TENANT_KEYS = {ACME: "fake://acme", GLOBEX: "fake://globex"}
+TABLE = "ba_people"
+INDEX = f"{TABLE}.email_bidx"
+ROWS = {1: ACME, 2: GLOBEX, 3: ACME, 4: GLOBEX}
+SECRETS = {"n2", "n4", "2@globex", "4@globex", "note 2", "note 4"}  # globex's plaintexts
+
+
+class PlainBase(DeclarativeBase):
+    pass
+
+
+class PlainPerson(EncryptedMixin, PlainBase):
+    """How the rows were written: before the email became searchable. The tenant column is
+    nullable, as a legacy schema's may be."""
+
+    __tablename__ = TABLE
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    tenant_id: Mapped[str | None] = tenant_column(String(20), nullable=True)
+    email: Mapped[str | None] = mapped_column(EncryptedType(String(100)), nullable=True)
+    note: Mapped[str | None] = mapped_column(
+        EncryptedType(Text, storage="text", allow_plaintext=True), nullable=True
+    )
+    note_bin: Mapped[str | None] = mapped_column(EncryptedType(Text), nullable=True)  # move target
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Person(EncryptedMixin, Base):
+    """The model the tools are given: the email searchable."""
+
+    __tablename__ = TABLE
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    tenant_id: Mapped[str | None] = tenant_column(String(20), nullable=True)
+    email: Mapped[str | None] = mapped_column(
+        EncryptedType(String(100), search=BlindIndex()), nullable=True
+    )
+    note: Mapped[str | None] = mapped_column(
+        EncryptedType(Text, storage="text", allow_plaintext=True), nullable=True
+    )
+    note_bin: Mapped[str | None] = mapped_column(EncryptedType(Text), nullable=True)  # move target
+
+
+STATES = search_tables(Base.metadata)[1]
+
+
+@dataclass
+class Env:
+    engine: Engine
+    cmk: CMK
+    kms: FakeKeyProvider
+    audit: MemoryAuditSink
+
+    def raw(self, sql: str, **params: Any) -> list[Any]:
+        with self.engine.begin() as conn:
+            result = conn.execute(text(sql), params)
+            return list(result.all()) if result.returns_rows else []
+
+
+@pytest.fixture
+def env(engine: Engine) -> Iterator[Env]:
+    Base.metadata.create_all(engine)
+    kms = FakeKeyProvider()
+    audit = MemoryAuditSink()
+    cmk = CMK(kms, tenant_keys=TENANT_KEYS, audit_sinks=[audit], retry_attempts=1)
+    yield Env(engine, cmk, kms, audit)
+
+
+# -- paths -------------------------------------------------------------------------------------
+
+
+def _plaintext_notes(env: Env) -> None:
+    for pk in ROWS:
+        env.raw(f"update {TABLE} set note = :n where id = :k", n=f"note {pk}", k=pk)
+
+
+def _build(env: Env) -> None:
+    search_index.build_index(env.engine, env.cmk, Base.metadata, INDEX, settle=0)
+
+
+@dataclass(frozen=True)
+class Path:
+    run: Callable[[Env], Any]
+    checker: bool = False  # counts failures instead of raising
+    prepare: Callable[[Env], None] | None = None  # after the rows are written
+
+
+KW: dict[str, Any] = {"metadata": Base.metadata, "batch_size": 10}
+PATHS: dict[str, Path] = {
+    "verify": Path(lambda env: backfill.verify(env.engine, env.cmk, TABLE, **KW), checker=True),
+    "rotate": Path(lambda env: backfill.rotate_data_keys(env.engine, env.cmk, TABLE, **KW)),
+    "decrypt": Path(
+        lambda env: backfill.decrypt_columns(env.engine, env.cmk, TABLE, ["note"], **KW)
+    ),
+    "encrypt": Path(
+        lambda env: backfill.encrypt_columns(env.engine, env.cmk, TABLE, ["note"], **KW),
+        prepare=_plaintext_notes,
+    ),
+    "move": Path(
+        lambda env: backfill.encrypt_columns(
+            env.engine, env.cmk, TABLE, ["note"], into={"note": "note_bin"}, **KW
+        )
+    ),
+    "rewrap": Path(lambda env: backfill.rewrap_keys(env.engine, env.cmk, TABLE, batch_size=10)),
+    "build_index": Path(
+        lambda env: search_index.build_index(
+            env.engine, env.cmk, Base.metadata, INDEX, batch_size=10, settle=0
+        )
+    ),
+    "rotate_index": Path(
+        lambda env: search_index.rotate_index(
+            env.engine, env.cmk, Base.metadata, INDEX, batch_size=10, settle=0
+        ),
+        prepare=_build,
+    ),
+    "verify_index": Path(
+        lambda env: search_index.verify_index(
+            env.engine, env.cmk, Base.metadata, INDEX, batch_size=10
+        ),
+        checker=True,
+        prepare=_build,
+    ),
+}
+
+# -- attacks -----------------------------------------------------------------------------------
+
+
+def _copy_globex_into(env: Env, pk: int, tenant: str | None) -> None:
+    """Globex's row 2's ciphertexts and EDEK, copied into row ``pk`` saying ``tenant``."""
+    (email, note, note_bin, comp) = env.raw(
+        f"select email, note, note_bin, cmk_edek from {TABLE} where id = 2"
+    )[0]
+    env.raw(
+        f"update {TABLE} set tenant_id = :t, email = :e, note = :n, note_bin = :b, "
+        "cmk_edek = :c where id = :k",
+        t=tenant,
+        e=email,
+        n=note,
+        b=note_bin,
+        c=comp,
+        k=pk,
+    )
+
+
+# name -> (the attack, the rows it makes claim another tenant than their EDEK's)
+ATTACKS: dict[str, tuple[Callable[[Env], None], frozenset[int]]] = {
+    "copied_into_acme": (lambda env: _copy_globex_into(env, 1, ACME), frozenset({1})),
+    "copied_into_null": (lambda env: _copy_globex_into(env, 1, None), frozenset({1})),
+    "copied_into_empty": (lambda env: _copy_globex_into(env, 1, ""), frozenset({1})),
+    "retenanted_acme": (
+        lambda env: env.raw(f"update {TABLE} set tenant_id = 'acme' where id = 2"),
+        frozenset({2}),
+    ),
+    "retenanted_null": (
+        lambda env: env.raw(f"update {TABLE} set tenant_id = NULL where id = 2"),
+        frozenset({2}),
+    ),
+    "retenanted_empty": (
+        lambda env: env.raw(f"update {TABLE} set tenant_id = '' where id = 2"),
+        frozenset({2}),
+    ),
+}
+
+
+def reset(env: Env, path: Path) -> None:
+    with env.engine.begin() as conn:
+        conn.execute(delete(Person))
+        conn.execute(delete(STATES))
+    maker = sessionmaker(env.engine)
+    env.cmk.install(maker)
+    try:
+        for pk, tenant in ROWS.items():
+            with tenant_context(tenant), maker.begin() as s:
+                s.add(PlainPerson(id=pk, tenant_id=tenant, email=f"{pk}@{tenant}", note=f"n{pk}"))
+    finally:
+        env.cmk.uninstall(maker)
+    if path.prepare is not None:
+        path.prepare(env)
+
+
+def rows(env: Env) -> dict[int, tuple[Any, ...]]:
+    return {
+        r[0]: tuple(bytes(v) if isinstance(v, memoryview) else v for v in r[1:])
+        for r in env.raw(f"select * from {TABLE} order by id")
+    }
+
+
+def run_cell(env: Env, path_name: str, attack_name: str) -> None:
+    path = PATHS[path_name]
+    attack, tampered = ATTACKS[attack_name]
+    cell = f"{path_name} x {attack_name}"
+    reset(env, path)
+    attack(env)
+    env.cmk.forget_tenant()  # a cold cache: every key comes from the KMS
+    before = rows(env)
+    env.audit.events.clear()
+    env.kms.reset_counts()
+    raised: CMKError | None = None
+    try:
+        path.run(env)
+    except CMKError as exc:
+        raised = exc
+    unwraps = env.kms.unwrap_count
+    after = rows(env)
+    for pk in tampered:
+        assert after[pk] == before[pk], (cell, "a tampered row was written", raised)
+    tenant_of = {r[0]: r[1] for r in env.raw(f"select id, tenant_id from {TABLE}")}
+    for pk, row in after.items():
+        if tenant_of[pk] != GLOBEX:
+            # (the attack itself may have copied plaintext: only what the tool wrote counts)
+            leaked = {v for v in row if isinstance(v, str)} - set(before[pk])
+            assert not leaked & SECRETS, (cell, pk, "globex's plaintext in another tenant's row")
+    if isinstance(raised, TenantMismatchError):
+        assert raised.row_tenant == GLOBEX, cell
+        # Refused on the rows' tenants alone: no key was unwrapped for the batch.
+        assert unwraps == 0, (cell, unwraps)
+    elif not path.checker and path_name != "rewrap":
+        # Every path that opens values must refuse the batch (rewrap never opens one: it
+        # re-wraps each EDEK under its own tenant's key, whatever row holds it).
+        assert raised is not None, (cell, "the tampered row was not refused")
+    for e in env.audit.events:
+        if e.tenant is not None:
+            assert e.row_tenant is None, (cell, e)
+            assert e.key_ref in (None, TENANT_KEYS.get(e.tenant)), (cell, e)
+
+
+@pytest.mark.parametrize("path_name", list(PATHS))
+def test_no_bulk_path_crosses_tenants(env: Env, path_name: str) -> None:
+    """Every attack, from a fresh start: the path refuses (or counts) the tampered rows and
+    crosses no tenant."""
+    for attack_name in ATTACKS:
+        run_cell(env, path_name, attack_name)
+
+
+def test_decrypt_refuses_a_row_of_no_tenant(env: Env) -> None:
+    """decrypt_columns checked a row's tenant against its EDEK only when the tenant column was
+    not NULL: globex's ciphertext and EDEK in a row of no tenant (its tenant column emptied, or
+    copied into such a row) were decrypted into that row, globex's plaintext readable by
+    whoever reads rows of no tenant. Now refused before any key is unwrapped, nothing written."""
+    reset(env, PATHS["decrypt"])
+    env.raw(f"update {TABLE} set tenant_id = NULL where id = 2")
+    env.cmk.forget_tenant()
+    before = rows(env)
+    env.kms.reset_counts()
+    with pytest.raises(TenantMismatchError) as info:
+        backfill.decrypt_columns(env.engine, env.cmk, TABLE, ["note"], metadata=Base.metadata)
+    assert info.value.row_tenant == GLOBEX and info.value.tenant is None
+    assert env.kms.unwrap_count == 0
+    assert rows(env) == before
+
+
+@pytest.mark.parametrize("path_name", ["move", "build_index"])
+def test_refused_batch_unwraps_no_key(env: Env, path_name: str) -> None:
+    """The move (encrypt into=) and the index build unwrapped every key of a batch before
+    checking its rows' tenants, so a row of acme holding globex's EDEK had globex's key
+    unwrapped (a KMS call on globex's key, audited to globex) for a batch then refused, as
+    decrypt_columns did before 87f0561. Now the tenants are checked first."""
+    reset(env, PATHS[path_name])
+    _copy_globex_into(env, 1, ACME)
+    env.cmk.forget_tenant()
+    env.kms.reset_counts()
+    with pytest.raises(TenantMismatchError):
+        PATHS[path_name].run(env)
+    assert env.kms.unwrap_count == 0
