@@ -1039,6 +1039,17 @@ def _note_claim(crypto: _Crypto, companion: bytes | None, tenant: Any) -> None:
         note_row_tenant(crypto.km, claimed)
 
 
+def _claims_own(crypto: _Crypto, row: Any) -> bool:
+    """Whether a row (``row[1]`` its tenant, ``row[-1]`` its companion) has an EDEK of the
+    tenant its tenant column names; a malformed companion claims nothing."""
+    if row[-1] is None or row[1] is None:
+        return False
+    try:
+        return crypto.tenant(bytes(row[-1])) == str(row[1])
+    except CMKError:
+        return False
+
+
 def _check_batch_args(batch_size: int, max_batches: int | None = None) -> None:
     if batch_size < 1:
         raise ConfigurationError(f"batch_size must be at least 1, not {batch_size}")
@@ -3194,7 +3205,9 @@ def verify(
         # Envelopes first, concurrently; then each row on its own, so one failure is one row.
         # The hot loop of verify: per envelope, its tenant, key and associated-data prefixes
         # are looked up once; per value, a base64 decode (text storage) and an AEAD open.
-        errors = crypto.load(bytes(r[-1])[_SPLIT:] for r in rows if r[-1] is not None)
+        # Only the keys of rows that claim their EDEK's tenant: a row of acme holding
+        # globex's EDEK is a mismatch whatever globex's key says, and is no reason to unwrap it.
+        errors = crypto.load(bytes(r[-1])[_SPLIT:] for r in rows if _claims_own(crypto, r))
         by_tenant: dict[str, int] = {}
         seen: dict[bytes, tuple[str, Any, list[bytes], type[CMKError] | None]] = {}
         for row in rows:
@@ -3231,12 +3244,12 @@ def verify(
                 if comp is not None and cts:
                     env = comp[_SPLIT:]
                     info = seen.get(env)
-                    if info is None:
+                    if info is None or (info[1] is None and info[3] is None and info[0] == t):
                         owner = crypto.tenant(comp)
                         aead: Any = None
                         prefixes: list[bytes] = []
                         failed = type(errors[env]) if env in errors else None
-                        if failed is None:
+                        if failed is None and row[1] is not None and owner == t:
                             entry = crypto._keys.get(env)
                             if entry is None:  # evicted by a batch of very many envelopes
                                 more = crypto.load([env])
@@ -3248,7 +3261,7 @@ def verify(
                         info = seen[env] = (owner, aead, prefixes, failed)
                     owner, aead, prefixes, failed = info
                     claimed = owner
-                    if owner != t:
+                    if row[1] is None or owner != t:  # (a NULL tenant is none, not "(null)")
                         error = TenantMismatchError
                     elif failed is not None:
                         error = failed

@@ -296,3 +296,23 @@ def test_refused_batch_unwraps_no_key(env: Env, path_name: str) -> None:
     with pytest.raises(TenantMismatchError):
         PATHS[path_name].run(env)
     assert env.kms.unwrap_count == 0
+
+
+def _unwrapped(env: Env) -> set[str]:
+    return {c.key_ref for c in env.kms.calls if c.operation == "unwrap"}
+
+
+@pytest.mark.parametrize("path_name", ["verify", "verify_index"])
+def test_checker_unwraps_only_keys_rows_claim(env: Env, path_name: str) -> None:
+    """verify unwrapped the key of every EDEK in a batch, so globex's EDEK copied into a row of
+    acme had globex's key unwrapped (a KMS call and an unwrap event for globex) to report a
+    mismatch no key decides (verify_index: the previous commit's check before the load)."""
+    path = PATHS[path_name]
+    reset(env, path)
+    _copy_globex_into(env, 1, ACME)
+    env.raw(f"delete from {TABLE} where id in (2, 4)")  # globex's own rows: none in the batch
+    env.cmk.forget_tenant()
+    env.kms.reset_counts()
+    report = path.run(env)
+    assert report.failed == {ACME: 1}
+    assert _unwrapped(env) == {TENANT_KEYS[ACME]}
