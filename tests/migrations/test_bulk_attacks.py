@@ -316,3 +316,54 @@ def test_checker_unwraps_only_keys_rows_claim(env: Env, path_name: str) -> None:
     report = path.run(env)
     assert report.failed == {ACME: 1}
     assert _unwrapped(env) == {TENANT_KEYS[ACME]}
+
+
+class NotesBase(DeclarativeBase):
+    pass
+
+
+class Note(EncryptedMixin, NotesBase):
+    """A searchable column of legacy plaintext, encrypted in place later."""
+
+    __tablename__ = "ba_notes"
+    id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    tenant_id: Mapped[str] = tenant_column(String(20))
+    body: Mapped[str | None] = mapped_column(
+        EncryptedType(Text, storage="text", allow_plaintext=True, search=BlindIndex()),
+        nullable=True,
+    )
+
+
+search_tables(NotesBase.metadata)
+
+
+@pytest.mark.parametrize("path_name", ["build_index", "verify_index"])
+def test_index_audits_no_decrypt_of_plaintext(env: Env, path_name: str) -> None:
+    """The index tools audited a ``decrypt`` for every row with a value to index, plaintext
+    ones included: a legacy row saying globex, whose tenant column is all that names globex,
+    put a decrypt of globex's data by the migration tool in globex's trail though nothing of
+    globex's was decrypted (and unwrapped the keys of rows with no ciphertext to open). Only
+    the rows whose values were decrypted are audited now."""
+    NotesBase.metadata.create_all(env.engine)
+    maker = sessionmaker(env.engine)
+    env.cmk.install(maker)
+    try:
+        with tenant_context(ACME), maker.begin() as s:
+            s.add(Note(id=1, tenant_id=ACME, body="sealed"))
+    finally:
+        env.cmk.uninstall(maker)
+    env.raw("insert into ba_notes (id, tenant_id, body) values (2, 'globex', 'legacy')")
+    index = "ba_notes.body_bidx"
+    if path_name == "verify_index":
+        search_index.build_index(env.engine, env.cmk, NotesBase.metadata, index, settle=0)
+    env.cmk.forget_tenant()
+    env.audit.events.clear()
+    env.kms.reset_counts()
+    if path_name == "build_index":
+        search_index.build_index(env.engine, env.cmk, NotesBase.metadata, index, settle=0)
+    else:
+        report = search_index.verify_index(env.engine, env.cmk, NotesBase.metadata, index)
+        assert report.ok == {ACME: 1, GLOBEX: 1}
+    decrypts = [(e.tenant, e.rows) for e in env.audit.events if e.operation == "decrypt"]
+    # (the build finds acme's row indexed by its write: only the legacy row is pending)
+    assert decrypts == ([] if path_name == "build_index" else [(ACME, 1)])
