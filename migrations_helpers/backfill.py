@@ -2218,6 +2218,8 @@ def _mover(
     str_tag = _codecs.STR.tag
 
     def move(conn: Connection, rows: Sequence[Any], part: Report, crypto: _Crypto) -> None:
+        for row in rows:  # a target written since the start is never overwritten
+            _refuse_occupied_row(tgt, row)
         # A text-storage value is opened under its row's key: load every such key at once.
         # One access per batch: a refusal (a value that does not decrypt, a KMS error) is
         # audited once, for the operator's cross-tenant context, before it propagates.
@@ -2365,11 +2367,31 @@ def _seal_groups(
     return new_comps, cts, new_envs
 
 
+def _refuse_occupied_row(tgt: _Target, row: Sequence[Any]) -> None:
+    """A move's batch (encrypt's or decrypt's ``into=``; ``row[2:]`` the target's columns):
+    refuse a row that holds a value in both a source and its target, as
+    :func:`_refuse_occupied_targets` refuses them all at the start: one written since (an
+    instance on the old model) would be overwritten, its value lost. Nothing of the batch is
+    written."""
+    for s, t in sorted(tgt.into.items()):
+        if row[2 + s] is not None and row[2 + t] is not None:
+            src, dst = tgt.cols[s].name, tgt.cols[t].name
+            raise ConfigurationError(
+                f"row {_pk_repr(row[0])} of {tgt.label()!r} holds a value in both {src!r} and "
+                f"{dst!r}: a move fills an empty target, and would overwrite it. Check that "
+                "every instance runs the model reading both columns (docs/migrations.md); "
+                "nothing of its batch was written",
+                table=tgt.name,
+                column=dst,
+            )
+
+
 def _refuse_occupied_targets(bind: Engine | Connection, tgt: _Target) -> None:
-    """encrypt's ``into=``: refuse, before any write, a target holding values in rows whose
-    source holds one too. Through the documented model the two never both hold one (a write
-    fills the target and empties the source), so such rows mean a target that is not the
-    column meant (its values would be overwritten) or an instance still on the old model."""
+    """A move (encrypt's or decrypt's ``into=``): refuse, before any write, a target holding
+    values in rows whose source holds one too. Through the documented model the two never both
+    hold one (a write fills the target and empties the source), so such rows mean a target
+    that is not the column meant (its values would be overwritten) or an instance still on the
+    old model. Each batch checks its rows again (:func:`_refuse_occupied_row`)."""
     with bind.connect() if isinstance(bind, Engine) else contextlib.nullcontext(bind) as conn:
         for s, t in sorted(tgt.into.items()):
             src, dst = tgt.cols[s], tgt.cols[t]
@@ -2563,6 +2585,8 @@ def decrypt_columns(
         declared = {
             c.name: c.type.codec for c in model.columns if isinstance(c.type, EncryptedType)
         }
+    if tgt.into:
+        _refuse_occupied_targets(engine, tgt)
     report = Report("decrypt", table, tuple(columns))
     pending = or_(*(tgt.encrypted(i) for i in range(len(tgt.cols))))
     total = _total(engine, tgt, pending) if progress is not None else None
@@ -2576,6 +2600,8 @@ def decrypt_columns(
         return _codecs.decode(codec, pt, table=tgt.name, column=name)
 
     def handle(conn: Connection, rows: Sequence[Any], part: Report, crypto: _Crypto) -> None:
+        for row in rows:  # a target written since the start is never overwritten
+            _refuse_occupied_row(tgt, row)
         opened = _open_batch(crypto, tgt, rows, 2)
         batch = _Batch(tgt)
         for row, out in zip(rows, opened, strict=True):

@@ -367,3 +367,53 @@ def test_index_audits_no_decrypt_of_plaintext(env: Env, path_name: str) -> None:
     decrypts = [(e.tenant, e.rows) for e in env.audit.events if e.operation == "decrypt"]
     # (the build finds acme's row indexed by its write: only the legacy row is pending)
     assert decrypts == ([] if path_name == "build_index" else [(ACME, 1)])
+
+
+@pytest.mark.parametrize("when", ["before", "during"])
+@pytest.mark.parametrize("direction", ["decrypt", "move"])
+def test_moves_never_overwrite_a_target(env: Env, direction: str, when: str) -> None:
+    """A move fills an empty target and empties its source in one update. A target holding a
+    value beside its source (written by an instance on the old model, before the run or while
+    it runs) was overwritten by decrypt_columns(into=), which did not look (the encrypt move
+    refused such rows only at its start, and neither looked at the rows it wrote): the value
+    was lost. Both refuse it now, at the start and in each batch, and write nothing of it."""
+    reset(env, PATHS["move"])
+    if direction == "decrypt":  # the notes moved into note_bin first: decrypt them back
+        PATHS["move"].run(env)
+        env.raw(f"update {TABLE} set note = NULL")
+    src, dst = ("note_bin", "note") if direction == "decrypt" else ("note", "note_bin")
+    value: Any = "the app's" if direction == "decrypt" else b"the app's"
+
+    def fill(*_: Any) -> None:
+        env.raw(f"update {TABLE} set {dst} = :v where id = 4 and {dst} is null", v=value)
+
+    progress = None
+    if when == "before":
+        fill()
+    else:
+        progress = fill  # after the first batch (rows 1 and 2): row 4 is yet to come
+    with pytest.raises(CMKError):
+        if direction == "decrypt":
+            backfill.decrypt_columns(
+                env.engine,
+                env.cmk,
+                TABLE,
+                [src],
+                into={src: dst},
+                metadata=Base.metadata,
+                batch_size=2,
+                progress=progress,
+            )
+        else:
+            backfill.encrypt_columns(
+                env.engine,
+                env.cmk,
+                TABLE,
+                [src],
+                into={src: dst},
+                metadata=Base.metadata,
+                batch_size=2,
+                progress=progress,
+            )
+    (kept,) = env.raw(f"select {dst} from {TABLE} where id = 4")[0]
+    assert (bytes(kept) if isinstance(kept, memoryview) else kept) == value
