@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from sqlalchemy import Engine, String, Text, delete, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
@@ -161,8 +163,13 @@ PATHS: dict[str, Path] = {
 
 def _copy_globex_into(env: Env, pk: int, tenant: str | None) -> None:
     """Globex's row 2's ciphertexts and EDEK, copied into row ``pk`` saying ``tenant``."""
+    _copy_into(env, 2, pk, tenant)
+
+
+def _copy_into(env: Env, src: int, pk: int, tenant: str | None) -> None:
+    """Row ``src``'s ciphertexts and EDEK, copied into row ``pk`` saying ``tenant``."""
     (email, note, note_bin, comp) = env.raw(
-        f"select email, note, note_bin, cmk_edek from {TABLE} where id = 2"
+        f"select email, note, note_bin, cmk_edek from {TABLE} where id = :k", k=src
     )[0]
     env.raw(
         f"update {TABLE} set tenant_id = :t, email = :e, note = :n, note_bin = :b, "
@@ -417,3 +424,97 @@ def test_moves_never_overwrite_a_target(env: Env, direction: str, when: str) -> 
             )
     (kept,) = env.raw(f"select {dst} from {TABLE} where id = 4")[0]
     assert (bytes(kept) if isinstance(kept, memoryview) else kept) == value
+
+
+# -- search: any rows, any mix of attacks, any batch size ------------------------------------
+
+TENANT_VALUES = [ACME, GLOBEX, None, ""]
+
+
+def _secret_owner(value: Any) -> str | None:
+    """The tenant whose plaintext ``value`` is, if it is one of the rows' plaintexts."""
+    for pk, tenant in ROWS.items():
+        if value in (f"{pk}@{tenant}", f"n{pk}", f"note {pk}"):
+            return tenant
+    return None
+
+
+# An attack on a row: copy another row's values and EDEK into it, or change its tenant
+# column only; either way the row then names (col) another tenant than its EDEK's.
+attack_st = st.tuples(
+    st.sampled_from(sorted(ROWS)),  # the row attacked
+    st.sampled_from(["copy", "retenant"]),
+    st.sampled_from(sorted(ROWS)),  # the row copied from (copy)
+    st.sampled_from(TENANT_VALUES),  # what its tenant column says afterwards
+)
+
+
+@settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    path_name=st.sampled_from(list(PATHS)),
+    attacks=st.lists(attack_st, min_size=1, max_size=3),
+    batch_size=st.integers(1, 4),
+)
+def test_search_bulk_paths_cross_no_tenant(
+    env: Env, path_name: str, attacks: list[tuple[int, str, int, str | None]], batch_size: int
+) -> None:
+    """Any path, any rows attacked in any of the ways, in batches of any size (earlier
+    batches commit before a later one is refused): no row naming another tenant than its
+    EDEK's is ever written, and no tenant's plaintext lands in a row naming another."""
+    path = PATHS[path_name]
+    reset(env, path)
+    owner = dict(ROWS)  # the tenant each row's EDEK is of
+    tampered: set[int] = set()
+    for pk, how, src, says in attacks:
+        if how == "copy" and src != pk:
+            if says == owner[src]:
+                continue  # a copy within a tenant crosses none
+            _copy_into(env, src, pk, says)
+            owner[pk] = owner[src]
+        elif how == "retenant":
+            if says == owner[pk]:
+                continue
+            env.raw(f"update {TABLE} set tenant_id = :t where id = :k", t=says, k=pk)
+        else:
+            continue
+        tampered.add(pk)
+    env.cmk.forget_tenant()
+    before = rows(env)
+    kw = dict(KW, batch_size=batch_size)
+    runs: dict[str, Callable[[], Any]] = {
+        "verify": lambda: backfill.verify(env.engine, env.cmk, TABLE, **kw),
+        "rotate": lambda: backfill.rotate_data_keys(env.engine, env.cmk, TABLE, **kw),
+        "decrypt": lambda: backfill.decrypt_columns(env.engine, env.cmk, TABLE, ["note"], **kw),
+        "encrypt": lambda: backfill.encrypt_columns(env.engine, env.cmk, TABLE, ["note"], **kw),
+        "move": lambda: backfill.encrypt_columns(
+            env.engine, env.cmk, TABLE, ["note"], into={"note": "note_bin"}, **kw
+        ),
+        "rewrap": lambda: backfill.rewrap_keys(env.engine, env.cmk, TABLE, batch_size=batch_size),
+        "build_index": lambda: search_index.build_index(
+            env.engine, env.cmk, Base.metadata, INDEX, batch_size=batch_size, settle=0
+        ),
+        "rotate_index": lambda: search_index.rotate_index(
+            env.engine, env.cmk, Base.metadata, INDEX, batch_size=batch_size, settle=0
+        ),
+        "verify_index": lambda: search_index.verify_index(
+            env.engine, env.cmk, Base.metadata, INDEX, batch_size=batch_size
+        ),
+    }
+    raised: CMKError | None = None
+    try:
+        runs[path_name]()
+    except CMKError as exc:
+        raised = exc
+    after = rows(env)
+    for pk in tampered:
+        assert after[pk] == before[pk], (path_name, attacks, pk, raised)
+    if tampered and not path.checker and path_name != "rewrap":
+        assert raised is not None, (path_name, attacks)
+    for pk, row in after.items():
+        for value in set(row) - set(before[pk]):
+            found = _secret_owner(value)
+            assert found is None or found == row[0], (path_name, attacks, pk)
