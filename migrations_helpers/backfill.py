@@ -874,14 +874,15 @@ def _encrypted_columns(
     """
     assert tgt.companion is not None
     model, _ = _model_table(tgt.name, tgt.raw.schema, metadata)
+    declared: list[str] | None = None
     if model is not None and any(isinstance(c.type, EncryptedType) for c in model.columns):
         # Only those the database has: in a migration, the model may be ahead of the schema.
-        return tuple(
+        declared = [
             c.name
             for c in model.columns
             if isinstance(c.type, EncryptedType) and c.name in tgt.types
-        )
-    skip = {tgt.pk.name, tgt.companion.name} | (
+        ]
+    skip = {tgt.pk.name, tgt.companion.name, *(declared or ())} | (
         {tgt.tenant.name} if tgt.tenant is not None else set()
     )
     candidates: list[tuple[str, str]] = []
@@ -918,6 +919,20 @@ def _encrypted_columns(
     with engine.connect() as conn:
         got = [int(v) for v in conn.execute(select(*counts).select_from(raw)).one()]
     with_companion = got[0]
+    if declared is not None:
+        # The model may also be behind the database (a column it declares plain still holds
+        # ciphertext: a decryption not finished, a column it no longer maps): a rotation that
+        # left such a column out would strand its values under the old companion for good.
+        # A text value starting with "cmk:" is ciphertext (plaintext may not start so). A
+        # binary column the model maps as plain is plain (a blind index's slots look sealed);
+        # one it does not map is taken if every value is sealed (a look-alike then makes a
+        # rotation refuse, never strand anything).
+        assert model is not None
+        for k, (name, kind) in enumerate(candidates):
+            sealed_n, other_n = got[1 + 2 * k], got[2 + 2 * k]
+            if sealed_n and (kind == "text" or (name not in model.columns and not other_n)):
+                declared.append(name)
+        return tuple(declared)
     found: list[str] = []
     ambiguous: list[tuple[str, int, int]] = []
     for k, (name, _) in enumerate(candidates):
