@@ -109,6 +109,7 @@ from sqlalchemy_cmk.errors import (
     ConfigurationError,
     DecryptionError,
     TenantMismatchError,
+    TenantNotConfiguredError,
 )
 from sqlalchemy_cmk.types import TEXT_MARKER, EncryptedType, _binary, _from_text
 
@@ -2841,6 +2842,7 @@ def rewrap_keys(
         .values({comp_col: bindparam("_ne")})
     )
     done = 0
+    refused: tuple[Any, CMKError] | None = None  # the first row whose EDEK did not rewrap
     while True:
         report.passes += 1
         conflicts_before = report.conflicts
@@ -2865,7 +2867,24 @@ def rewrap_keys(
                         table=table,
                     )
                 by_env.setdefault(comp[_SPLIT:], []).append((pk, comp))
-            moves = {env: m for env in by_env if (m := new_envelope(env)) is not None}
+            moves: dict[bytes, tuple[bytes, str]] = {}
+            for env, members in by_env.items():
+                try:
+                    m = new_envelope(env)
+                except TenantNotConfiguredError as exc:
+                    # An envelope naming a key that is not its tenant's (forged, or copied with
+                    # its tenant field changed) is that row's fault: it must not keep every
+                    # other tenant's rows on a key being retired. Left as it is, and raised
+                    # once the rest is done. (A DecryptionError may be the KMS's fault, as a
+                    # wrong key returned: that stops the call, nothing of the batch written.)
+                    memo[env] = None
+                    if refused is None:
+                        refused = (members[0][0], exc)
+                    continue
+                except DecryptionError as exc:
+                    raise _rewrap_refused(tgt, members[0][0], exc, done=False) from exc
+                if m is not None:
+                    moves[env] = m
             lo, hi = rows[0][0], rows[-1][0]
 
             def write(
@@ -2918,7 +2937,28 @@ def rewrap_keys(
         if report.conflicts == conflicts_before:
             break
     report.seconds = _now() - started
+    if refused is not None:
+        raise _rewrap_refused(tgt, refused[0], refused[1], done=True) from refused[1]
     return report
+
+
+def _rewrap_refused(tgt: _Target, pk: Any, error: CMKError, *, done: bool) -> CMKError:
+    """rewrap_keys' error for a row whose EDEK did not rewrap: the same class, naming the row
+    (the KMS's or key manager's error names none) and what became of the others."""
+    rest = (
+        "every other row was rewrapped"
+        if done
+        else "nothing of its batch was written, and the rows after it were not looked at"
+    )
+    return type(error)(
+        f"row {_pk_repr(pk)} of {tgt.label()!r}: its EDEK could not be rewrapped ({error}); it "
+        f"was left as it is, and {rest}. Investigate the row (verify() lists all such rows) "
+        "before retiring the old key",
+        tenant=error.tenant,
+        key_ref=error.key_ref,
+        provider=error.provider,
+        table=tgt.name,
+    )
 
 
 def _target_companion_only(

@@ -558,3 +558,39 @@ def test_rotate_strands_no_column_the_model_misses(env: Env) -> None:
         env.engine, env.cmk, TABLE, ["email", "note", "note_bin"], metadata=Base.metadata
     )
     assert check.failed == {} and check.encrypted_ok == {ACME: 2, GLOBEX: 2}
+
+
+@pytest.mark.parametrize("fault", ["tampered", "forged_tenant"])
+def test_one_bad_edek_blocks_no_other_tenants_rewrap(env: Env, fault: str) -> None:
+    """rewrap_keys stopped at the first EDEK that did not rewrap, before writing anything of
+    its batch, and named no row: one EDEK in a row of acme naming globex with acme's key
+    (forged, or its tenant field changed) kept every tenant's rows on the keys being retired.
+    The other rows are rewrapped now, the bad one is left as it was, and the error names it.
+    A tampered wrapped key still stops the call with nothing of its batch written (a KMS
+    returning a wrong key fails alike, test_rewrap_refuses_a_key_the_kms_unwrapped_wrongly...),
+    and now names the row too."""
+    reset(env, PATHS["verify"])
+    (comp,) = env.raw(f"select cmk_edek from {TABLE} where id = 1")[0]
+    comp = bytes(comp)
+    if fault == "tampered":  # a bit of the wrapped key
+        bad = comp[:-1] + bytes([comp[-1] ^ 1])
+    else:  # the envelope's tenant field says globex (u16 length, then the name)
+        n = int.from_bytes(comp[17:19], "big")
+        bad = comp[:17] + len(GLOBEX).to_bytes(2, "big") + GLOBEX.encode() + comp[19 + n :]
+    env.raw(f"update {TABLE} set cmk_edek = :c where id = 1", c=bad)
+    rotated = CMK(
+        env.kms,
+        tenant_keys={t: [f"fake://{t}-new", ref] for t, ref in TENANT_KEYS.items()},
+        audit_sinks=[env.audit],
+        retry_attempts=1,
+    )
+    before = rows(env)
+    with pytest.raises(CMKError) as info:
+        backfill.rewrap_keys(env.engine, rotated, TABLE, batch_size=10)
+    assert str(info.value).startswith("row 1 of ")
+    after = rows(env)
+    assert after[1] == before[1]
+    if fault == "tampered":
+        assert after == before
+    else:
+        assert all(after[pk][-1] != before[pk][-1] for pk in (2, 3, 4)), "not rewrapped"
