@@ -109,6 +109,7 @@ from sqlalchemy_cmk.errors import (
     ConfigurationError,
     DecryptionError,
     TenantMismatchError,
+    TenantNotConfiguredError,
 )
 from sqlalchemy_cmk.types import TEXT_MARKER, EncryptedType, _binary, _from_text
 
@@ -874,14 +875,15 @@ def _encrypted_columns(
     """
     assert tgt.companion is not None
     model, _ = _model_table(tgt.name, tgt.raw.schema, metadata)
+    declared: list[str] | None = None
     if model is not None and any(isinstance(c.type, EncryptedType) for c in model.columns):
         # Only those the database has: in a migration, the model may be ahead of the schema.
-        return tuple(
+        declared = [
             c.name
             for c in model.columns
             if isinstance(c.type, EncryptedType) and c.name in tgt.types
-        )
-    skip = {tgt.pk.name, tgt.companion.name} | (
+        ]
+    skip = {tgt.pk.name, tgt.companion.name, *(declared or ())} | (
         {tgt.tenant.name} if tgt.tenant is not None else set()
     )
     candidates: list[tuple[str, str]] = []
@@ -918,6 +920,20 @@ def _encrypted_columns(
     with engine.connect() as conn:
         got = [int(v) for v in conn.execute(select(*counts).select_from(raw)).one()]
     with_companion = got[0]
+    if declared is not None:
+        # The model may also be behind the database (a column it declares plain still holds
+        # ciphertext: a decryption not finished, a column it no longer maps): a rotation that
+        # left such a column out would strand its values under the old companion for good.
+        # A text value starting with "cmk:" is ciphertext (plaintext may not start so). A
+        # binary column the model maps as plain is plain (a blind index's slots look sealed);
+        # one it does not map is taken if every value is sealed (a look-alike then makes a
+        # rotation refuse, never strand anything).
+        assert model is not None
+        for k, (name, kind) in enumerate(candidates):
+            sealed_n, other_n = got[1 + 2 * k], got[2 + 2 * k]
+            if sealed_n and (kind == "text" or (name not in model.columns and not other_n)):
+                declared.append(name)
+        return tuple(declared)
     found: list[str] = []
     ambiguous: list[tuple[str, int, int]] = []
     for k, (name, _) in enumerate(candidates):
@@ -1010,6 +1026,26 @@ def _check_row_tenant(
         )
 
 
+def _check_row_claim(tgt: _Target, pk: Any, tenant: Any, companion: bytes, crypto: _Crypto) -> None:
+    """:func:`_check_row_tenant` for a row read by a tool that opens values: a row whose tenant
+    column is NULL is no row of its EDEK's tenant either (the column was emptied after the row
+    was encrypted, or the EDEK copied into a row of no tenant), so its values are never opened
+    for it: decrypted into it, they would be plaintext of that tenant in a row of none."""
+    if tenant is not None:
+        _check_row_tenant(tgt, pk, str(tenant), companion, crypto)
+        return
+    owner = crypto.tenant(companion)
+    assert tgt.tenant is not None
+    raise TenantMismatchError(
+        f"row {_pk_repr(pk)} of {tgt.label()!r} has no tenant (its {tgt.tenant.name} is NULL) "
+        f"but its EDEK belongs to tenant {owner!r}: the tenant column was emptied after the row "
+        "was encrypted, or the EDEK was copied into it; investigate the row (verify() lists all "
+        "such rows) before continuing",
+        row_tenant=owner,
+        table=tgt.name,
+    )
+
+
 def _note_claim(crypto: _Crypto, companion: bytes | None, tenant: Any) -> None:
     """Name, for the refusal about to be raised in the current access, the tenant the row
     claims (its envelope's, else its tenant column's): unauthenticated, so it goes in the
@@ -1017,6 +1053,17 @@ def _note_claim(crypto: _Crypto, companion: bytes | None, tenant: Any) -> None:
     claimed = crypto.claimed(companion, tenant)
     if claimed is not None:
         note_row_tenant(crypto.km, claimed)
+
+
+def _claims_own(crypto: _Crypto, row: Any) -> bool:
+    """Whether a row (``row[1]`` its tenant, ``row[-1]`` its companion) has an EDEK of the
+    tenant its tenant column names; a malformed companion claims nothing."""
+    if row[-1] is None or row[1] is None:
+        return False
+    try:
+        return crypto.tenant(bytes(row[-1])) == str(row[1])
+    except CMKError:
+        return False
 
 
 def _check_batch_args(batch_size: int, max_batches: int | None = None) -> None:
@@ -2187,11 +2234,24 @@ def _mover(
     str_tag = _codecs.STR.tag
 
     def move(conn: Connection, rows: Sequence[Any], part: Report, crypto: _Crypto) -> None:
+        for row in rows:  # a target written since the start is never overwritten
+            _refuse_occupied_row(tgt, row)
         # A text-storage value is opened under its row's key: load every such key at once.
         # One access per batch: a refusal (a value that does not decrypt, a KMS error) is
         # audited once, for the operator's cross-tenant context, before it propagates.
         with access(crypto.km, crypto.ctx, "decrypt") as acc:
             acc.table(tgt.name, names)
+            # Tenants first, as _open_batch checks them: nothing is unwrapped for a batch
+            # refused for another tenant's EDEK in one of its rows.
+            tenants: list[str] = []
+            for row in rows:
+                pk, tenant_raw = row[0], row[1]
+                tenant = (
+                    tenant_raw if type(tenant_raw) is str else _require_tenant(tgt, pk, tenant_raw)
+                )
+                if row[-1] is not None:
+                    _check_row_tenant(tgt, pk, tenant, bytes(row[-1]), crypto)
+                tenants.append(tenant)
             errors = crypto.load(
                 bytes(row[-1])[_SPLIT:]
                 for row in rows
@@ -2206,13 +2266,8 @@ def _mover(
             comps: list[bytes | None] = []
             opened: dict[str, int] = {}
             for i, row in enumerate(rows):
-                pk, tenant_raw = row[0], row[1]
-                tenant = (
-                    tenant_raw if type(tenant_raw) is str else _require_tenant(tgt, pk, tenant_raw)
-                )
+                pk, tenant = row[0], tenants[i]
                 comp = _as_bytes(row[-1])
-                if comp is not None:
-                    _check_row_tenant(tgt, pk, tenant, comp, crypto)
                 d: dict[str, bytes | str] = {}
                 witness: dict[str, bytes] | None = None
                 for s, t in pairs:
@@ -2328,11 +2383,31 @@ def _seal_groups(
     return new_comps, cts, new_envs
 
 
+def _refuse_occupied_row(tgt: _Target, row: Sequence[Any]) -> None:
+    """A move's batch (encrypt's or decrypt's ``into=``; ``row[2:]`` the target's columns):
+    refuse a row that holds a value in both a source and its target, as
+    :func:`_refuse_occupied_targets` refuses them all at the start: one written since (an
+    instance on the old model) would be overwritten, its value lost. Nothing of the batch is
+    written."""
+    for s, t in sorted(tgt.into.items()):
+        if row[2 + s] is not None and row[2 + t] is not None:
+            src, dst = tgt.cols[s].name, tgt.cols[t].name
+            raise ConfigurationError(
+                f"row {_pk_repr(row[0])} of {tgt.label()!r} holds a value in both {src!r} and "
+                f"{dst!r}: a move fills an empty target, and would overwrite it. Check that "
+                "every instance runs the model reading both columns (docs/migrations.md); "
+                "nothing of its batch was written",
+                table=tgt.name,
+                column=dst,
+            )
+
+
 def _refuse_occupied_targets(bind: Engine | Connection, tgt: _Target) -> None:
-    """encrypt's ``into=``: refuse, before any write, a target holding values in rows whose
-    source holds one too. Through the documented model the two never both hold one (a write
-    fills the target and empties the source), so such rows mean a target that is not the
-    column meant (its values would be overwritten) or an instance still on the old model."""
+    """A move (encrypt's or decrypt's ``into=``): refuse, before any write, a target holding
+    values in rows whose source holds one too. Through the documented model the two never both
+    hold one (a write fills the target and empties the source), so such rows mean a target
+    that is not the column meant (its values would be overwritten) or an instance still on the
+    old model. Each batch checks its rows again (:func:`_refuse_occupied_row`)."""
     with bind.connect() if isinstance(bind, Engine) else contextlib.nullcontext(bind) as conn:
         for s, t in sorted(tgt.into.items()):
             src, dst = tgt.cols[s], tgt.cols[t]
@@ -2403,8 +2478,8 @@ def _open_batch(
         # Another tenant's ciphertext in a row opens under that tenant's key: it is never
         # written back to the row in plaintext (or under a new key).
         for row in rows:
-            if row[-1] is not None and row[1] is not None:
-                _check_row_tenant(tgt, row[0], str(row[1]), bytes(row[-1]), crypto)
+            if row[-1] is not None:
+                _check_row_claim(tgt, row[0], row[1], bytes(row[-1]), crypto)
         errors = crypto.load(
             _as_bytes(row[-1])[_SPLIT:]  # type: ignore[index]
             for row in rows
@@ -2526,6 +2601,8 @@ def decrypt_columns(
         declared = {
             c.name: c.type.codec for c in model.columns if isinstance(c.type, EncryptedType)
         }
+    if tgt.into:
+        _refuse_occupied_targets(engine, tgt)
     report = Report("decrypt", table, tuple(columns))
     pending = or_(*(tgt.encrypted(i) for i in range(len(tgt.cols))))
     total = _total(engine, tgt, pending) if progress is not None else None
@@ -2539,6 +2616,8 @@ def decrypt_columns(
         return _codecs.decode(codec, pt, table=tgt.name, column=name)
 
     def handle(conn: Connection, rows: Sequence[Any], part: Report, crypto: _Crypto) -> None:
+        for row in rows:  # a target written since the start is never overwritten
+            _refuse_occupied_row(tgt, row)
         opened = _open_batch(crypto, tgt, rows, 2)
         batch = _Batch(tgt)
         for row, out in zip(rows, opened, strict=True):
@@ -2763,6 +2842,7 @@ def rewrap_keys(
         .values({comp_col: bindparam("_ne")})
     )
     done = 0
+    refused: tuple[Any, CMKError] | None = None  # the first row whose EDEK did not rewrap
     while True:
         report.passes += 1
         conflicts_before = report.conflicts
@@ -2787,7 +2867,24 @@ def rewrap_keys(
                         table=table,
                     )
                 by_env.setdefault(comp[_SPLIT:], []).append((pk, comp))
-            moves = {env: m for env in by_env if (m := new_envelope(env)) is not None}
+            moves: dict[bytes, tuple[bytes, str]] = {}
+            for env, members in by_env.items():
+                try:
+                    m = new_envelope(env)
+                except TenantNotConfiguredError as exc:
+                    # An envelope naming a key that is not its tenant's (forged, or copied with
+                    # its tenant field changed) is that row's fault: it must not keep every
+                    # other tenant's rows on a key being retired. Left as it is, and raised
+                    # once the rest is done. (A DecryptionError may be the KMS's fault, as a
+                    # wrong key returned: that stops the call, nothing of the batch written.)
+                    memo[env] = None
+                    if refused is None:
+                        refused = (members[0][0], exc)
+                    continue
+                except DecryptionError as exc:
+                    raise _rewrap_refused(tgt, members[0][0], exc, done=False) from exc
+                if m is not None:
+                    moves[env] = m
             lo, hi = rows[0][0], rows[-1][0]
 
             def write(
@@ -2840,7 +2937,28 @@ def rewrap_keys(
         if report.conflicts == conflicts_before:
             break
     report.seconds = _now() - started
+    if refused is not None:
+        raise _rewrap_refused(tgt, refused[0], refused[1], done=True) from refused[1]
     return report
+
+
+def _rewrap_refused(tgt: _Target, pk: Any, error: CMKError, *, done: bool) -> CMKError:
+    """rewrap_keys' error for a row whose EDEK did not rewrap: the same class, naming the row
+    (the KMS's or key manager's error names none) and what became of the others."""
+    rest = (
+        "every other row was rewrapped"
+        if done
+        else "nothing of its batch was written, and the rows after it were not looked at"
+    )
+    return type(error)(
+        f"row {_pk_repr(pk)} of {tgt.label()!r}: its EDEK could not be rewrapped ({error}); it "
+        f"was left as it is, and {rest}. Investigate the row (verify() lists all such rows) "
+        "before retiring the old key",
+        tenant=error.tenant,
+        key_ref=error.key_ref,
+        provider=error.provider,
+        table=tgt.name,
+    )
 
 
 def _target_companion_only(
@@ -3168,7 +3286,9 @@ def verify(
         # Envelopes first, concurrently; then each row on its own, so one failure is one row.
         # The hot loop of verify: per envelope, its tenant, key and associated-data prefixes
         # are looked up once; per value, a base64 decode (text storage) and an AEAD open.
-        errors = crypto.load(bytes(r[-1])[_SPLIT:] for r in rows if r[-1] is not None)
+        # Only the keys of rows that claim their EDEK's tenant: a row of acme holding
+        # globex's EDEK is a mismatch whatever globex's key says, and is no reason to unwrap it.
+        errors = crypto.load(bytes(r[-1])[_SPLIT:] for r in rows if _claims_own(crypto, r))
         by_tenant: dict[str, int] = {}
         seen: dict[bytes, tuple[str, Any, list[bytes], type[CMKError] | None]] = {}
         for row in rows:
@@ -3205,12 +3325,12 @@ def verify(
                 if comp is not None and cts:
                     env = comp[_SPLIT:]
                     info = seen.get(env)
-                    if info is None:
+                    if info is None or (info[1] is None and info[3] is None and info[0] == t):
                         owner = crypto.tenant(comp)
                         aead: Any = None
                         prefixes: list[bytes] = []
                         failed = type(errors[env]) if env in errors else None
-                        if failed is None:
+                        if failed is None and row[1] is not None and owner == t:
                             entry = crypto._keys.get(env)
                             if entry is None:  # evicted by a batch of very many envelopes
                                 more = crypto.load([env])
@@ -3222,7 +3342,7 @@ def verify(
                         info = seen[env] = (owner, aead, prefixes, failed)
                     owner, aead, prefixes, failed = info
                     claimed = owner
-                    if owner != t:
+                    if row[1] is None or owner != t:  # (a NULL tenant is none, not "(null)")
                         error = TenantMismatchError
                     elif failed is not None:
                         error = failed

@@ -546,13 +546,25 @@ class _Indexer:
     ) -> list[dict[int, Any]]:
         tgt = plan.tgt
         codecs = {i: m.codec for m, i, _ in plan.members}
-        errors = crypto.load(bytes(row[-1])[_SPLIT:] for row in rows if row[-1] is not None)
+        # Tenants first, as a load and backfill's _open_batch check them: nothing is unwrapped
+        # for a batch refused for another tenant's EDEK in one of its rows.
+        # Only the keys of rows with a value to open are unwrapped (not those of plaintext rows).
+        envelopes: list[bytes] = []
+        for row in rows:
+            tenant = _require_tenant(tgt, row[0], row[1])
+            if row[-1] is not None and any(
+                tgt.ciphertext(i, row[2 + i]) is not None for i in source_idx
+            ):
+                _check_row_tenant(tgt, row[0], tenant, bytes(row[-1]), crypto)
+                envelopes.append(bytes(row[-1])[_SPLIT:])
+        errors = crypto.load(envelopes)
         out: list[dict[int, Any]] = []
         by_tenant: dict[str, int] = {}
         for row in rows:
             comp = _as_bytes(row[-1])
             values: dict[int, Any] = {}
             tenant = _require_tenant(tgt, row[0], row[1])
+            decrypted = False
             for i in source_idx:
                 v = row[2 + i]
                 ct = tgt.ciphertext(i, v)
@@ -567,7 +579,6 @@ class _Indexer:
                         "but its EDEK column is NULL",
                         table=tgt.name,
                     )
-                _check_row_tenant(tgt, row[0], tenant, comp, crypto)
                 error = errors.get(comp[_SPLIT:])
                 if error is not None:
                     raise error
@@ -584,7 +595,11 @@ class _Indexer:
                 if not raw or raw[0] != codec.tag:
                     codec = _codec_of_tag(raw[0] if raw else 0, tgt.name, tgt.cols[i].name)
                 values[i] = _codecs.decode(codec, raw, table=tgt.name, column=tgt.cols[i].name)
-            if values:
+                decrypted = True
+            # Audited as decrypted under the tenant's key only if a value was: a row of plaintext
+            # (an in-place encryption not yet done) opens nothing, and its tenant column is the
+            # row's word alone, which puts no access in any tenant's trail.
+            if decrypted:
                 by_tenant[tenant] = by_tenant.get(tenant, 0) + 1
             out.append(values)
         if counts is None:
