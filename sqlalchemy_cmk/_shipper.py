@@ -132,6 +132,7 @@ class Shipper:
         retention: float,
         max_backoff: float,
         lane_cap: int,
+        max_lag: float = 300.0,
         sink_factory: Callable[[dict[str, Any], SinkEnv], Sink] = build_sink,
     ) -> None:
         self.root = root
@@ -146,6 +147,7 @@ class Shipper:
         self._retention = retention
         self._max_backoff = max_backoff
         self._lane_cap = lane_cap
+        self._max_lag_ns = max_lag * 1e9
         self._sink_factory = sink_factory
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -272,14 +274,16 @@ class Shipper:
         self.passes += 1
 
     def _over_budget(self, dirs: list[WriterDir]) -> frozenset[str]:
-        """Once half of the spool is used, the tenants whose destinations are failing and
-        whose undelivered events reach back past a whole segment: their new events are refused
-        (each tenant's ``on_spool_failure`` applies), so that one tenant's SIEM outage cannot
-        fill the spool that every other tenant's events need."""
+        """Once half of the spool is used, the tenants whose destinations are failing, or take
+        their events slower than they come (a slow SIEM, ``max_events_per_second``: the oldest
+        waits longer than ``max_lag``), and whose undelivered events reach back past a whole
+        segment: their new events are refused (each tenant's ``on_spool_failure`` applies), so
+        that one tenant's SIEM cannot fill the spool that every other tenant's events need."""
         w = self._writer
         if w is None or not w.under_pressure:
             return frozenset()
         out = set()
+        now = time.time_ns()
         with self._lock:
             for d in dirs:
                 for lane in d.lanes.values():
@@ -287,7 +291,12 @@ class Shipper:
                     # delivered has it at the start), more than a whole segment before the
                     # scan's. One failed batch right after a roll is not.
                     oldest = lane.pending[0][0] if lane.pending else lane.overflow_from
-                    if lane.attempts > 0 and oldest is not None and oldest[0] + 1 < d.scan[0]:
+                    if oldest is None or oldest[0] + 1 >= d.scan[0]:
+                        continue
+                    late = bool(lane.pending) and (
+                        now - lane.pending[0][1].time_ns > self._max_lag_ns
+                    )
+                    if lane.attempts > 0 or late:
                         out.add(lane.tenant)
         return frozenset(out)
 

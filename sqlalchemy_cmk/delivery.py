@@ -343,6 +343,7 @@ class AuditDelivery:
             retention=retention,
             max_backoff=max_backoff,
             lane_cap=10_000,
+            max_lag=max_lag,
         )
         self._lock = threading.Lock()
         self._id_prefix, self._ids = os.urandom(8).hex(), itertools.count()

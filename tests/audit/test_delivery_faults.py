@@ -778,3 +778,37 @@ def test_one_tenants_siem_outage_does_not_fill_the_spool_for_the_others(
     finally:
         d.close()
     capsys.readouterr()
+
+
+def test_a_tenant_whose_siem_is_slower_than_its_events_does_not_fill_the_spool(
+    tmp_path: Path, memory_kind: dict[str, Receiver], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Only failing destinations counted as over budget. A tenant held to
+    ``max_events_per_second`` (or a slow SIEM) never fails, its backlog grew as fast as its
+    events came, and once it filled the spool every other tenant's accesses were refused."""
+    tenants = {"acme": memory("a"), "globex": memory("g", max_events_per_second=100)}
+    d = AuditDelivery(
+        tmp_path,
+        tenants,
+        poll=0.005,
+        retention=0,
+        max_lag=0.2,
+        max_spool_bytes=1_000_000,
+        segment_bytes=64_000,
+    )
+    kept: list[int] = []
+    try:
+        for i in range(2500):
+            record(d, "acme", i)  # never refused
+            try:
+                record(d, "globex", i)
+                kept.append(i)
+            except AuditError:
+                pass
+        assert len(kept) < 2500  # globex was refused past its share...
+        assert d.flush(60)  # ...and everything it was told was recorded arrives
+        assert rows_of(memory_kind["a"]) == list(range(2500))
+        assert rows_of(memory_kind["g"]) == kept
+    finally:
+        d.close()
+    capsys.readouterr()
