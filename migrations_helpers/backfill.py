@@ -2099,34 +2099,18 @@ def encrypt_columns(
         with access(crypto.km, crypto.ctx, "encrypt") as acc:
             acc.table(tgt.name, names)
             sort_rows(rows, groups, values, witnesses, comps, crypto)
-        new_comps, cts, new_envs = _seal_groups(crypto, groups, values, comps, witnesses)
-        batch = _Batch(tgt)
-        for i, row in enumerate(rows):
-            d = values[i]
-            if not d:
-                continue  # nothing to seal (cannot happen: the row matched as plaintext)
-            old = row[2 : 2 + ncols]
-            new = list(old)
-            sealed: list[tuple[int, bytes]] = []
-            row_cts = iter(cts[i])
-            for j in range(ncols):
-                if names[j] in d:
-                    ct = next(row_cts)
-                    new[j] = TEXT_MARKER + b64encode(ct).decode("ascii")
-                    sealed.append((j, ct))
-            comp = comps[i]
-            new_comp = new_comps[i]
-            batch.add(
-                row[0],
-                row[1],
-                old,
-                new,
-                comp,
-                new_comp if new_comp is not None else comp,
-                str(row[1]),
-                sealed,
-            )
-        batch.apply(conn, part, lambda ours: crypto.check_written(ours, new_envs))
+        sealed = _seal_groups(crypto, groups, values, comps, witnesses)
+        _write_sealed(
+            tgt,
+            rows,
+            values,
+            comps,
+            sealed,
+            conn,
+            part,
+            crypto,
+            lambda ct: TEXT_MARKER + b64encode(ct).decode("ascii"),
+        )
 
     def sort_rows(
         rows: Sequence[Any],
@@ -2316,39 +2300,72 @@ def _mover(
                 witnesses.append(witness)
                 comps.append(comp)
             crypto.audit(opened)
-        new_comps, cts, new_envs = _seal_groups(crypto, groups, values, comps, witnesses)
-        batch = _Batch(tgt)
-        ncols = len(tgt.cols)
-        for i, row in enumerate(rows):
-            d = values[i]
-            if not d:
-                continue  # cannot happen: the row matched with a source value
-            old = row[2 : 2 + ncols]
-            new = list(old)
-            sealed: list[tuple[int, bytes]] = []
-            row_cts = iter(cts[i])
-            for j in range(ncols):  # the seal's flat order: the spec's, i.e. names' order
-                if names[j] in d:
-                    ct = next(row_cts)
-                    new[j] = ct
-                    sealed.append((j, ct))
-            for s, _ in pairs:
-                new[s] = None
-            comp = comps[i]
-            new_comp = new_comps[i]
-            batch.add(
-                row[0],
-                row[1],
-                old,
-                new,
-                comp,
-                new_comp if new_comp is not None else comp,
-                str(row[1]),
-                sealed,
-            )
-        batch.apply(conn, part, lambda ours: crypto.check_written(ours, new_envs))
+        sealed = _seal_groups(crypto, groups, values, comps, witnesses)
+        _write_sealed(
+            tgt,
+            rows,
+            values,
+            comps,
+            sealed,
+            conn,
+            part,
+            crypto,
+            lambda ct: ct,
+            cleared=[s for s, _ in pairs],
+        )
 
     return move
+
+
+def _write_sealed(
+    tgt: _Target,
+    rows: Sequence[Any],
+    values: Sequence[Mapping[str, bytes | str]],
+    comps: Sequence[bytes | None],
+    sealed: tuple[list[bytes | None], list[list[bytes]], set[bytes]],
+    conn: Connection,
+    part: Report,
+    crypto: _Crypto,
+    stored: Callable[[bytes], Any],
+    *,
+    cleared: Sequence[int] = (),
+) -> None:
+    """Write a batch's sealed values (``_seal_groups``' result): each row's columns in
+    ``values`` get their ciphertext as ``stored(ct)`` (the column's storage), the ``cleared``
+    columns NULL (a move's sources), in one compare-and-swap update per row, read back before
+    commit."""
+    new_comps, cts, new_envs = sealed
+    names = tgt.names
+    ncols = len(tgt.cols)
+    batch = _Batch(tgt)
+    for i, row in enumerate(rows):
+        d = values[i]
+        if not d:
+            continue  # nothing to seal (cannot happen: the row matched)
+        old = row[2 : 2 + ncols]
+        new = list(old)
+        written: list[tuple[int, bytes]] = []
+        row_cts = iter(cts[i])
+        for j in range(ncols):  # the seal's flat order: the spec's, i.e. names' order
+            if names[j] in d:
+                ct = next(row_cts)
+                new[j] = stored(ct)
+                written.append((j, ct))
+        for j in cleared:
+            new[j] = None
+        comp = comps[i]
+        new_comp = new_comps[i]
+        batch.add(
+            row[0],
+            row[1],
+            old,
+            new,
+            comp,
+            new_comp if new_comp is not None else comp,
+            str(row[1]),
+            written,
+        )
+    batch.apply(conn, part, lambda ours: crypto.check_written(ours, new_envs))
 
 
 def _seal_groups(
